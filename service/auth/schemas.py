@@ -1,0 +1,6 @@
+from pydantic import BaseModel
+
+
+class Me(BaseModel):
+    tenant_id: str
+    tenant: str

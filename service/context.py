@@ -1,0 +1,37 @@
+"""What both processes share at run time: settings, database, artifacts, Celery client."""
+
+from dataclasses import dataclass
+from functools import cached_property
+
+from celery import Celery
+
+from service.db import Database
+from service.settings import Settings
+from service.storage import ArtifactStore, LocalStore
+
+
+@dataclass
+class AppContext:
+    settings: Settings
+
+    @cached_property
+    def db(self) -> Database:
+        return Database(self.settings.resolved_database_url)
+
+    @cached_property
+    def store(self) -> ArtifactStore:
+        return LocalStore(self.settings.resolved_storage_dir)
+
+    @cached_property
+    def celery(self) -> Celery:
+        # Imported late: the API only needs the client, and only when it enqueues.
+        from worker.celery_app import create_celery
+
+        return create_celery(self.settings)
+
+    @property
+    def scratch_dir(self) -> str:
+        """Temporary work folder on the same file system as the store, so moves are renames."""
+        path = self.settings.data_dir.resolve() / "tmp"
+        path.mkdir(parents=True, exist_ok=True)
+        return str(path)

@@ -1,0 +1,74 @@
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from sqlalchemy import select
+
+from service.datasets import service
+from service.datasets.schemas import DatasetOut
+from service.deps import ContextDep, DatasetDep, SessionDep, TenantDep
+from service.pagination import Page, PageParams, page_params, paginate
+from service.tables import Dataset
+from service.uploads import receive_upload
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+UPLOAD_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "zip or tar(.gz/.bz2/.xz) with one folder per class, "
+                            "or images plus a CSV manifest (`path,label`) at the root.",
+                        },
+                        "name": {"type": "string", "description": "Default: the file name."},
+                        "val_fraction": {"type": "number", "default": 0.2},
+                        "seed": {"type": "integer", "default": 0},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+@router.post(
+    "",
+    status_code=202,
+    summary="Upload an image dataset archive",
+    description="Streams the archive to storage and answers at once; extraction and validation "
+    "run in the background. Poll `GET /v1/datasets/{id}` until `status` is `ready`.\n\n"
+    "`curl -H 'Authorization: Bearer $KEY' -F file=@pets.zip -F name=pets .../v1/datasets`",
+    openapi_extra=UPLOAD_BODY,
+)
+async def upload_dataset(request: Request, context: ContextDep, tenant: TenantDep) -> DatasetOut:
+    upload = await receive_upload(
+        request,
+        file_field="file",
+        max_bytes=context.settings.max_upload_bytes,
+        scratch_dir=context.scratch_dir,
+    )
+    dataset = service.create_dataset(context=context, tenant=tenant, upload=upload)
+    return DatasetOut.model_validate(dataset)
+
+
+@router.get("", summary="List datasets")
+def list_datasets(
+    session: SessionDep, tenant: TenantDep, params: Annotated[PageParams, Depends(page_params)]
+) -> Page[DatasetOut]:
+    query = select(Dataset).where(Dataset.tenant_id == tenant.id)
+    rows, has_more, last_id = paginate(session, query, Dataset.id, params)
+    return Page(
+        data=[DatasetOut.model_validate(r) for r in rows], has_more=has_more, last_id=last_id
+    )
+
+
+@router.get("/{dataset_id}", summary="Show a dataset: status, classes, counts, skipped files")
+def get_dataset(dataset: DatasetDep) -> DatasetOut:
+    return DatasetOut.model_validate(dataset)

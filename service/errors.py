@@ -1,0 +1,96 @@
+"""The error envelope `{"error": {"code", "message", "param"}}`: right status, never a trace."""
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        param: str | None = None,
+        *,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.param = param
+        self.headers = headers
+
+
+def not_found(kind: str, ident: str) -> ApiError:
+    return ApiError(404, f"{kind}_not_found", f"No {kind} {ident!r} in this tenant.", param=kind)
+
+
+def error_body(code: str, message: str, param: str | None = None, **extra: Any) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "param": param, **extra}}
+
+
+STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "rate_limited",
+    503: "unavailable",
+}
+
+
+def _param_of(loc: tuple[Any, ...]) -> str:
+    # Drop the "body"/"query" prefix so `param` names the field as the client wrote it.
+    parts = [str(p) for p in loc[1:]] if loc and loc[0] in ("body", "query", "path") else loc
+    return ".".join(str(p) for p in parts)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(
+            error_body(exc.code, exc.message, exc.param), exc.status, headers=exc.headers
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        details = [
+            {"param": _param_of(tuple(err["loc"])), "message": err["msg"], "type": err["type"]}
+            for err in exc.errors()
+        ]
+        param = str(details[0]["param"]) if details else None
+        message = str(details[0]["message"]) if details else "invalid request"
+        return JSONResponse(
+            error_body(
+                "invalid_request",
+                f"{param}: {message}" if param else message,
+                param,
+                details=details,
+            ),
+            422,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = STATUS_CODES.get(exc.status_code, "error")
+        return JSONResponse(error_body(code, str(exc.detail)), exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(
+            error_body("internal_error", "Something went wrong on our side; it was logged."), 500
+        )

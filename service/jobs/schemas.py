@@ -1,0 +1,126 @@
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+
+SPEC_EXAMPLE: dict[str, Any] = {
+    "dataset": "ds_0623f1c2a4b5e1a2b3c4d5e6",
+    "model": "digits-classifier",
+    "base_model": "efficientnet_lite0",
+    "strategy": "freeze_unfreeze",
+    "head": {"hidden": [256], "dropout": 0.2},
+    "epochs": 6,
+    "batch_size": 32,
+    "lr": 0.001,
+    "image_size": 224,
+    "seed": 7,
+}
+
+
+class HeadSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hidden: list[int] = Field(
+        default_factory=list,
+        max_length=4,
+        description="Sizes of hidden fully-connected layers before the classifier.",
+    )
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+    def model_post_init(self, _context: Any) -> None:
+        for width in self.hidden:
+            if not 1 <= width <= 8192:
+                raise ValueError("hidden layer sizes must be between 1 and 8192")
+
+
+class JobSpec(BaseModel):
+    """What to train: the transfer spec of DESIGN §4."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [SPEC_EXAMPLE]})
+
+    dataset: str = Field(description="A `ready` dataset id.")
+    model: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9._-]{0,99}$",
+        description="Registry name to publish under (a new version each run): lowercase "
+        "letters, digits, `.`, `_`, `-`.",
+    )
+    base_model: str = Field(default="efficientnet_lite0", description="A name from the zoo.")
+    strategy: Literal["feature_extraction", "fine_tune", "freeze_unfreeze"] = "freeze_unfreeze"
+    head: HeadSpec = Field(default_factory=HeadSpec)
+    epochs: int = Field(default=6, ge=1, le=1000)
+    batch_size: int = Field(default=32, ge=1, le=4096)
+    lr: float = Field(default=1e-3, gt=0.0, le=10.0)
+    image_size: int | None = Field(
+        default=None, ge=64, le=1024, description="Default: the base model's input size."
+    )
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = Field(default=0.01, ge=0.0, le=1.0)
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
+    schedule: Literal["constant", "cosine"] = "cosine"
+    lr_decay: float = Field(
+        default=2.6, ge=1.0, le=100.0, description="Discriminative rate: each lower group ÷ this."
+    )
+    head_epochs: int | None = Field(
+        default=None, ge=1, le=1000, description="freeze_unfreeze: epochs of the head-only stage."
+    )
+    early_stopping_patience: int | None = Field(default=None, ge=1, le=1000)
+    pretrained: bool = Field(default=True, description="Start from the zoo's pretrained weights.")
+    device: Literal["cpu", "cuda"] = Field(
+        default="cpu", description="`cuda` sends the job to the `gpu` queue."
+    )
+
+
+class StagePreview(BaseModel):
+    name: str
+    epochs: int
+    image_size: int
+    schedule: str
+    bn_mode: str
+    cache_features: bool
+    trainable_groups: list[dict[str, Any]]
+    trainable_parameters: int
+    total_parameters: int
+    steps: int
+
+
+class PlanOut(BaseModel):
+    base_model: str
+    num_classes: int
+    stages: list[StagePreview]
+    plan: dict[str, Any] = Field(description="The resolved plan the worker will run.")
+
+
+class JobOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    status: JobStatus
+    progress: float
+    dataset_id: str
+    model_name: str
+    base_model: str
+    strategy: str
+    queue: str
+    spec: dict[str, Any]
+    plan: dict[str, Any]
+    attempt: int
+    error_code: str | None
+    error_message: str | None
+    model_version_id: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobEventOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    kind: str
+    attempt: int
+    data: dict[str, Any]
+    created_at: datetime

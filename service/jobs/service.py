@@ -1,0 +1,186 @@
+"""Jobs: resolve a spec into a plan, record it, enqueue it by task name; cancel; events."""
+
+import logging
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.context import AppContext
+from service.db import utcnow
+from service.errors import ApiError
+from service.jobs.schemas import TERMINAL_STATUSES, JobSpec, PlanOut, StagePreview
+from service.tables import Dataset, Job, JobEvent, Tenant
+from worker.celery_app import CPU_QUEUE, GPU_QUEUE, TRAIN_TASK
+from worker.engine import (
+    HeadConfig,
+    Plan,
+    TransferConfig,
+    UnknownBaseModelError,
+    build_model,
+    compile_plan,
+    describe_plan,
+    weights_available,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def transfer_config(spec: JobSpec, *, num_classes: int) -> TransferConfig:
+    return TransferConfig(
+        base_model=spec.base_model,
+        strategy=spec.strategy,
+        num_classes=num_classes,
+        head=HeadConfig(hidden=tuple(spec.head.hidden), dropout=spec.head.dropout),
+        epochs=spec.epochs,
+        batch_size=spec.batch_size,
+        lr=spec.lr,
+        image_size=spec.image_size,
+        seed=spec.seed,
+        optimizer=spec.optimizer,
+        weight_decay=spec.weight_decay,
+        label_smoothing=spec.label_smoothing,
+        schedule=spec.schedule,
+        lr_decay=spec.lr_decay,
+        head_epochs=spec.head_epochs,
+        pretrained=spec.pretrained,
+        early_stopping_patience=spec.early_stopping_patience,
+        device=spec.device,
+    )
+
+
+def resolve_plan(
+    session: Session, *, context: AppContext, tenant: Tenant, spec: JobSpec
+) -> tuple[Dataset, Plan, PlanOut]:
+    """Check the spec against the tenant's dataset and the zoo and compile its plan."""
+    dataset = session.get(Dataset, spec.dataset)
+    if dataset is None or dataset.tenant_id != tenant.id:
+        raise ApiError(
+            404, "dataset_not_found", f"No dataset {spec.dataset!r} in this tenant.", "dataset"
+        )
+    if dataset.status != "ready":
+        detail = f": {dataset.error_message}" if dataset.status == "failed" else ""
+        raise ApiError(
+            409,
+            "dataset_not_ready",
+            f"Dataset {dataset.id} is {dataset.status}{detail}; jobs need a ready dataset.",
+            "dataset",
+        )
+    try:
+        plan = compile_plan(transfer_config(spec, num_classes=len(dataset.classes)))
+    except UnknownBaseModelError as exc:
+        raise ApiError(
+            422,
+            "unknown_base_model",
+            f"{exc} See GET /v1/base-models for the zoo.",
+            "base_model",
+        ) from None
+    except ValueError as exc:
+        raise ApiError(422, "invalid_spec", str(exc)) from None
+    weights_dir = context.settings.resolved_weights_dir
+    if spec.pretrained and not weights_available(spec.base_model, weights_dir):
+        raise ApiError(
+            422,
+            "weights_unavailable",
+            f"Pretrained weights for {spec.base_model} are not installed on this server "
+            f"(looked in {weights_dir}). Put them there, choose another base model "
+            '(GET /v1/base-models), or send "pretrained": false to train from scratch.',
+            "base_model",
+        )
+    model = build_model(plan, weights_dir=weights_dir, pretrained=False)
+    train_size = sum(int(c["train"]) for c in dataset.class_counts.values())
+    stages = [
+        StagePreview.model_validate(s) for s in describe_plan(plan, model, train_size=train_size)
+    ]
+    preview = PlanOut(
+        base_model=plan.base_model,
+        num_classes=plan.num_classes,
+        stages=stages,
+        plan=plan.to_dict(),
+    )
+    return dataset, plan, preview
+
+
+def record_event(session: Session, *, job: Job, kind: str, data: dict[str, Any]) -> None:
+    session.add(JobEvent(job_id=job.id, kind=kind, attempt=job.attempt, data=data))
+
+
+def create_job(
+    *, context: AppContext, tenant: Tenant, spec: JobSpec, idempotency_key: str | None
+) -> tuple[Job, bool]:
+    """The new job and True, or the job already made for this idempotency key and False."""
+    with context.db.session() as session:
+        if idempotency_key is not None:
+            existing = _job_for_key(session, tenant=tenant, key=idempotency_key)
+            if existing is not None:
+                return existing, False
+        dataset, plan, _ = resolve_plan(session, context=context, tenant=tenant, spec=spec)
+        job = Job(
+            tenant_id=tenant.id,
+            dataset_id=dataset.id,
+            model_name=spec.model,
+            base_model=spec.base_model,
+            strategy=spec.strategy,
+            spec=spec.model_dump(mode="json"),
+            plan=plan.to_dict(),
+            queue=GPU_QUEUE if spec.device == "cuda" else CPU_QUEUE,
+            idempotency_key=idempotency_key,
+        )
+        session.add(job)
+        session.flush()
+        record_event(session, job=job, kind="status", data={"status": "queued"})
+        try:
+            session.commit()
+        except IntegrityError:
+            # Two requests with one key raced: the other insert won, so answer with its job.
+            session.rollback()
+            assert idempotency_key is not None
+            winner = _job_for_key(session, tenant=tenant, key=idempotency_key)
+            if winner is None:
+                raise
+            return winner, False
+    try:
+        context.celery.send_task(TRAIN_TASK, args=[job.id], queue=job.queue)
+    except Exception as exc:
+        logger.exception("could not enqueue job %s", job.id)
+        fail_job(
+            context=context,
+            job_id=job.id,
+            code="broker_unavailable",
+            message="The task queue was unreachable when the job was submitted; submit it again.",
+        )
+        raise ApiError(
+            503, "broker_unavailable", "The task queue is unreachable; try again shortly."
+        ) from exc
+    return job, True
+
+
+def _job_for_key(session: Session, *, tenant: Tenant, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == key))
+
+
+def fail_job(*, context: AppContext, job_id: str, code: str, message: str) -> None:
+    with context.db.session() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.status in TERMINAL_STATUSES:
+            return
+        job.status, job.error_code, job.error_message = "failed", code, message
+        job.finished_at = utcnow()
+        record_event(session, job=job, kind="status", data={"status": "failed", "code": code})
+        session.commit()
+
+
+def cancel_job(session: Session, *, job: Job) -> Job:
+    """Queued jobs end at once; running ones are asked to stop between steps."""
+    if job.status in TERMINAL_STATUSES:
+        raise ApiError(
+            409, "job_not_cancellable", f"Job {job.id} already ended as {job.status}.", "job_id"
+        )
+    if job.status == "queued":
+        job.status, job.finished_at = "cancelled", utcnow()
+    elif job.status == "running":
+        job.status = "cancelling"
+    record_event(session, job=job, kind="status", data={"status": job.status})
+    session.commit()
+    return job

@@ -1,0 +1,94 @@
+"""The FastAPI application."""
+
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from service.auth.router import router as auth_router
+from service.base_models.router import router as base_models_router
+from service.context import AppContext
+from service.datasets.router import router as datasets_router
+from service.errors import error_body, install_error_handlers
+from service.inference.router import router as inference_router
+from service.inference.service import PredictorCache
+from service.jobs.reaper import start_reaper
+from service.jobs.router import router as jobs_router
+from service.models.router import router as models_router
+from service.settings import Settings, get_settings
+
+logger = logging.getLogger(__name__)
+
+DESCRIPTION = """
+Upload an image dataset, pick a pretrained backbone and a transfer strategy, and get back a
+registered, versioned model with metrics and an inference endpoint.
+
+Every call under `/v1` takes `Authorization: Bearer <api key>` (`thaw keys create --tenant TEAM`).
+Errors are `{"error": {"code", "message", "param"}}`.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    context = AppContext(settings or get_settings())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        stop = threading.Event()
+        reaper = start_reaper(context, interval=context.settings.reaper_interval_seconds, stop=stop)
+        yield
+        stop.set()
+        reaper.join(timeout=5)
+
+    app = FastAPI(title="thaw", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.context = context
+    app.state.predictors = PredictorCache(
+        store=context.store, capacity=context.settings.model_cache_size
+    )
+    install_error_handlers(app)
+    for router in (
+        auth_router,
+        datasets_router,
+        base_models_router,
+        jobs_router,
+        models_router,
+        inference_router,
+    ):
+        app.include_router(router)
+
+    @app.get("/healthz", tags=["ops"], summary="The process is up")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"], summary="Database, broker and storage are reachable")
+    def readyz() -> Any:
+        checks: dict[str, str] = {}
+        try:
+            with context.db.session() as session:
+                session.execute(text("SELECT 1"))
+            checks["database"] = "ok"
+        except Exception as exc:
+            checks["database"] = f"error: {type(exc).__name__}"
+        try:
+            with context.celery.connection_for_write() as connection:
+                connection.ensure_connection(max_retries=1, timeout=2)
+            checks["broker"] = "ok"
+        except Exception as exc:
+            checks["broker"] = f"error: {type(exc).__name__}"
+        try:
+            context.store.put_bytes(".readyz", b"ok")
+            checks["storage"] = "ok"
+        except OSError as exc:
+            checks["storage"] = f"error: {type(exc).__name__}"
+        if all(value == "ok" for value in checks.values()):
+            return {"status": "ready", "checks": checks}
+        failing = ", ".join(k for k, v in checks.items() if v != "ok")
+        return JSONResponse(
+            {**error_body("not_ready", f"Unreachable: {failing}."), "checks": checks}, 503
+        )
+
+    return app

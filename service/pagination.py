@@ -1,0 +1,58 @@
+"""Cursor pagination shared by every list: `?limit=&after=` → `{"data", "has_more", "last_id"}`."""
+
+from typing import Annotated, Any, Generic, TypeVar
+
+from fastapi import Query
+from pydantic import BaseModel
+from sqlalchemy import Select
+from sqlalchemy.orm import InstrumentedAttribute, Session
+
+from service.errors import ApiError
+
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    data: list[T]
+    has_more: bool
+    last_id: str | int | None
+
+
+class PageParams(BaseModel):
+    limit: int = 20
+    after: str | None = None
+
+
+def page_params(
+    limit: Annotated[int, Query(ge=1, le=200, description="Items per page.")] = 20,
+    after: Annotated[
+        str | None, Query(description="Return items after this id (the previous `last_id`).")
+    ] = None,
+) -> PageParams:
+    return PageParams(limit=limit, after=after)
+
+
+def _cursor(id_column: InstrumentedAttribute[Any], after: str) -> Any:
+    if id_column.type.python_type is not int:
+        return after
+    try:
+        return int(after)
+    except ValueError:
+        raise ApiError(
+            422, "invalid_request", "after: must be an integer id", param="after"
+        ) from None
+
+
+def paginate(
+    session: Session,
+    query: Select[Any],
+    id_column: InstrumentedAttribute[Any],
+    params: PageParams,
+) -> tuple[list[Any], bool, Any]:
+    """Rows after the cursor in id order, whether more exist, and the last row's id."""
+    if params.after is not None:
+        query = query.where(id_column > _cursor(id_column, params.after))
+    rows = list(session.scalars(query.order_by(id_column).limit(params.limit + 1)))
+    has_more = len(rows) > params.limit
+    rows = rows[: params.limit]
+    return rows, has_more, (getattr(rows[-1], id_column.key) if rows else None)

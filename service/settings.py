@@ -1,0 +1,80 @@
+"""The one settings object for the API and the worker; every value comes from `THAW_*`."""
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="THAW_", extra="ignore")
+
+    data_dir: Path = Field(
+        default=Path("thaw-data"),
+        description="Folder for the embedded database, artifacts and broker.",
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL; default: SQLite file `<data_dir>/thaw.db`.",
+    )
+    broker_url: str | None = Field(
+        default=None,
+        description="Celery broker URL; default: a filesystem broker under `<data_dir>/broker`.",
+    )
+    storage_dir: Path | None = Field(
+        default=None, description="Artifact store folder; default `<data_dir>/artifacts`."
+    )
+    weights_dir: Path | None = Field(
+        default=None,
+        description="Pretrained weights folder (torchvision cache file names); "
+        "default `<data_dir>/weights`.",
+    )
+    max_upload_bytes: int = Field(
+        default=2 * 2**30, description="Largest accepted dataset upload, in bytes."
+    )
+    max_archive_members: int = Field(default=100_000, description="Most entries in an archive.")
+    max_member_bytes: int = Field(default=50 * 2**20, description="Largest file in an archive.")
+    max_extracted_bytes: int = Field(
+        default=5 * 2**30, description="Most bytes extracted from one archive."
+    )
+    max_image_pixels: int = Field(default=40_000_000, description="Largest image, widthxheight.")
+    max_predict_images: int = Field(default=64, description="Most images in one predict call.")
+    max_predict_bytes: int = Field(
+        default=20 * 2**20, description="Largest image accepted by predict, in bytes."
+    )
+    model_cache_size: int = Field(
+        default=4, description="Model versions kept loaded for inference."
+    )
+    torch_threads: int | None = Field(
+        default=None, description="Torch CPU threads in the worker; default: all cores."
+    )
+    log_level: str = Field(default="INFO", description="Log level of the thaw processes.")
+    reaper_interval_seconds: float = Field(
+        default=15.0, description="How often the API re-queues jobs whose worker vanished."
+    )
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'thaw.db').resolve()}"
+
+    @property
+    def resolved_storage_dir(self) -> Path:
+        return (self.storage_dir or self.data_dir / "artifacts").resolve()
+
+    @property
+    def resolved_weights_dir(self) -> Path:
+        return (self.weights_dir or self.data_dir / "weights").resolve()
+
+    @property
+    def broker_folder(self) -> Path:
+        return (self.data_dir / "broker").resolve()
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

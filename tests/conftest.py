@@ -1,0 +1,133 @@
+"""Shared fixtures. Postgres and Redis are used for real; with THAW_REQUIRE_SERVICES=1 a missing
+service fails the run instead of skipping the tests that need it."""
+
+import io
+import os
+import secrets
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service.auth.service import create_key
+from service.cli import migrate_database
+from service.context import AppContext
+from service.main import create_app
+from service.settings import Settings
+
+REQUIRE_SERVICES = os.environ.get("THAW_REQUIRE_SERVICES") == "1"
+POSTGRES_ADMIN_URL = os.environ.get(
+    "THAW_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+REDIS_URL = os.environ.get("THAW_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def service_missing(what: str, exc: Exception) -> None:
+    message = f"{what} is not reachable: {exc}"
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{message} (THAW_REQUIRE_SERVICES=1)")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty Postgres database for this test session."""
+    from sqlalchemy import create_engine, text
+
+    name = f"thaw_test_{secrets.token_hex(4)}"
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:
+        service_missing("PostgreSQL", exc)
+    yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.ping()
+    except Exception as exc:
+        service_missing("Redis", exc)
+    client.flushdb()
+    return REDIS_URL
+
+
+def make_settings(data_dir: Path, **overrides: Any) -> Settings:
+    return Settings(data_dir=data_dir, reaper_interval_seconds=3600, **overrides)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """Embedded settings (SQLite, folder store, folder broker) in a fresh data folder."""
+    settings = make_settings(tmp_path / "data")
+    migrate_database(settings)
+    return settings
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def context(client: TestClient) -> AppContext:
+    app_context: AppContext = client.app.state.context  # type: ignore[attr-defined]
+    return app_context
+
+
+def new_key(context: AppContext, tenant: str) -> dict[str, str]:
+    with context.db.session() as session:
+        _, key = create_key(session, tenant_name=tenant)
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def auth(context: AppContext) -> dict[str, str]:
+    return new_key(context, "team-a")
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def digits_split(
+    holdout_per_class: int = 10,
+) -> tuple[list[tuple[np.ndarray, int]], list[tuple[np.ndarray, int]]]:
+    """sklearn's 8x8 digits as 8-bit images: (training pool, held-out set kept out of uploads)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images * (255.0 / 16.0)).astype(np.uint8)
+    pool: list[tuple[np.ndarray, int]] = []
+    held_out: list[tuple[np.ndarray, int]] = []
+    seen: dict[int, int] = {}
+    for image, label in zip(images, digits.target, strict=True):
+        count = seen.get(int(label), 0)
+        seen[int(label)] = count + 1
+        (held_out if count < holdout_per_class else pool).append((image, int(label)))
+    return pool, held_out
+
+
+def zip_of_classes(items: list[tuple[np.ndarray, int]], names: list[str] | None = None) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for index, (image, label) in enumerate(items):
+            folder = names[label] if names else f"digit_{label}"
+            archive.writestr(f"digits/{folder}/{index:05d}.png", png_bytes(image))
+    return buffer.getvalue()

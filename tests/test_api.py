@@ -1,0 +1,356 @@
+"""API behaviour on the embedded stack: errors, validation, auth, tenancy, jobs, registry, predict.
+
+Background work (ingestion, training) is run in-process by calling the same functions the Celery
+tasks call, so each test controls exactly when it happens."""
+
+import io
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service.context import AppContext
+from service.datasets.service import process_upload
+from tests.conftest import digits_split, new_key, png_bytes, zip_of_classes
+from worker import jobs
+
+
+def upload(
+    client: TestClient, auth: dict[str, str], archive: bytes, **fields: str
+) -> dict[str, Any]:
+    response = client.post(
+        "/v1/datasets", headers=auth, files={"file": ("digits.zip", archive)}, data=fields
+    )
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def ready_dataset(
+    client: TestClient,
+    context: AppContext,
+    auth: dict[str, str],
+    classes: int = 3,
+    per_class: int = 12,
+) -> str:
+    pool, _ = digits_split()
+    items = [item for item in pool if item[1] < classes]
+    chosen: list[tuple[np.ndarray, int]] = []
+    for label in range(classes):
+        chosen += [item for item in items if item[1] == label][:per_class]
+    dataset = upload(client, auth, zip_of_classes(chosen))
+    process_upload(context=context, dataset_id=dataset["id"])
+    shown = client.get(f"/v1/datasets/{dataset['id']}", headers=auth).json()
+    assert shown["status"] == "ready", shown
+    return str(dataset["id"])
+
+
+def small_spec(dataset_id: str, **overrides: Any) -> dict[str, Any]:
+    spec = {
+        "dataset": dataset_id,
+        "model": "digits",
+        "base_model": "efficientnet_lite0",
+        "strategy": "feature_extraction",
+        "epochs": 2,
+        "batch_size": 16,
+        "lr": 0.01,
+        "image_size": 64,
+        "seed": 1,
+    }
+    return {**spec, **overrides}
+
+
+def assert_error(response: Any, status: int, code: str, param: str | None = None) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code, error
+    if param is not None:
+        assert error["param"] == param, error
+    assert error["message"]
+    return dict(error)
+
+
+def test_health_and_readiness(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["checks"] == {"database": "ok", "broker": "ok", "storage": "ok"}
+
+
+@pytest.mark.parametrize("header", [None, "Bearer nope", "Basic abc", "Bearer thaw_" + "x" * 43])
+def test_bad_or_missing_key_is_401(client: TestClient, header: str | None) -> None:
+    headers = {"Authorization": header} if header else {}
+    response = client.get("/v1/datasets", headers=headers)
+    assert_error(response, 401, "unauthorized")
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_unknown_route_uses_envelope(client: TestClient, auth: dict[str, str]) -> None:
+    assert_error(client.get("/v1/nothing-here", headers=auth), 404, "not_found")
+
+
+def test_upload_must_be_multipart(client: TestClient, auth: dict[str, str]) -> None:
+    response = client.post("/v1/datasets", headers=auth, content=b"{}")
+    assert_error(response, 415, "unsupported_media_type")
+
+
+def test_upload_without_file_field(client: TestClient, auth: dict[str, str]) -> None:
+    response = client.post(
+        "/v1/datasets", headers=auth, data={"name": "x"}, files={"other": ("a", b"1")}
+    )
+    assert_error(response, 422, "missing_file", "file")
+
+
+def test_upload_over_cap_is_413_and_leaves_nothing(
+    client: TestClient, context: AppContext, auth: dict[str, str]
+) -> None:
+    context.settings.max_upload_bytes = 10_000
+    response = client.post("/v1/datasets", headers=auth, files={"file": ("big.zip", b"0" * 20_000)})
+    assert_error(response, 413, "upload_too_large", "file")
+    assert client.get("/v1/datasets", headers=auth).json()["data"] == []
+    assert list(Path(context.scratch_dir).iterdir()) == []
+
+
+def test_dataset_reports_skipped_files_and_counts(
+    client: TestClient, context: AppContext, auth: dict[str, str], tmp_path: Path
+) -> None:
+    pool, _ = digits_split()
+    good = [item for item in pool if item[1] < 2][:20]
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for index, (image, label) in enumerate(good):
+            archive.writestr(f"d/{label}/{index}.png", png_bytes(image))
+        archive.writestr("d/0/broken.png", png_bytes(good[0][0])[:-40])
+        archive.writestr("../escape.png", png_bytes(good[0][0]))
+        archive.writestr("d/1/notes.png", b"this is text, not an image")
+    dataset = upload(client, auth, buffer.getvalue(), name="two-digits", val_fraction="0.25")
+    assert dataset["status"] == "processing"
+    process_upload(context=context, dataset_id=dataset["id"])
+    shown = client.get(f"/v1/datasets/{dataset['id']}", headers=auth).json()
+    assert shown["status"] == "ready"
+    assert shown["name"] == "two-digits"
+    assert shown["classes"] == ["0", "1"]
+    assert shown["num_images"] == 20
+    counts = shown["class_counts"]
+    assert sum(c["total"] for c in counts.values()) == 20
+    assert all(c["val"] >= 1 and c["train"] >= 1 for c in counts.values())
+    skipped = {s["path"]: s for s in shown["skipped"]}
+    assert skipped["d/0/broken.png"]["code"] == "corrupt_image"
+    assert skipped["../escape.png"]["code"] == "unsafe_path"
+    assert skipped["d/1/notes.png"]["code"] == "not_an_image"
+    assert not (context.settings.resolved_storage_dir / "datasets" / "escape.png").exists()
+    assert not any(p.name == "escape.png" for p in context.settings.data_dir.rglob("*"))
+
+
+def test_bad_archive_fails_with_reason(
+    client: TestClient, context: AppContext, auth: dict[str, str]
+) -> None:
+    dataset = upload(client, auth, b"not an archive at all")
+    process_upload(context=context, dataset_id=dataset["id"])
+    shown = client.get(f"/v1/datasets/{dataset['id']}", headers=auth).json()
+    assert shown["status"] == "failed"
+    assert shown["error_code"] == "unsupported_archive"
+    assert "zip" in shown["error_message"]
+
+
+@pytest.mark.parametrize(
+    ("change", "param"),
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"lr": -1}, "lr"),
+        ({"strategy": "magic"}, "strategy"),
+        ({"head": {"hidden": [256], "dropout": 1.5}}, "head.dropout"),
+        ({"model": "Has Spaces"}, "model"),
+        ({"surprise": 1}, "surprise"),
+        ({"image_size": 4}, "image_size"),
+    ],
+)
+def test_spec_errors_name_the_field(
+    client: TestClient, auth: dict[str, str], change: dict[str, Any], param: str
+) -> None:
+    response = client.post("/v1/jobs", headers=auth, json=small_spec("ds_x", **change))
+    assert_error(response, 422, "invalid_request", param)
+
+
+def test_job_needs_a_ready_dataset(client: TestClient, auth: dict[str, str]) -> None:
+    pool, _ = digits_split()
+    dataset = upload(client, auth, zip_of_classes(pool[:30]))
+    response = client.post("/v1/jobs", headers=auth, json=small_spec(dataset["id"]))
+    assert_error(response, 409, "dataset_not_ready", "dataset")
+    missing = client.post("/v1/jobs", headers=auth, json=small_spec("ds_missing"))
+    assert_error(missing, 404, "dataset_not_found", "dataset")
+
+
+def test_zoo_and_weights_availability(
+    client: TestClient, context: AppContext, auth: dict[str, str]
+) -> None:
+    zoo = {m["name"]: m for m in client.get("/v1/base-models", headers=auth).json()["data"]}
+    assert zoo["efficientnet_lite0"]["weights_available"] is True
+    assert zoo["efficientnet_lite0"]["mean"] == [0.498, 0.498, 0.498]
+    assert zoo["resnet50"]["weights_available"] is False
+    assert [g["name"] for g in zoo["resnet18"]["groups"]][:2] == ["stem", "layer1"]
+    dataset_id = ready_dataset(client, context, auth)
+    response = client.post(
+        "/v1/jobs", headers=auth, json=small_spec(dataset_id, base_model="resnet50")
+    )
+    error = assert_error(response, 422, "weights_unavailable", "base_model")
+    assert "pretrained" in error["message"]
+    scratch = client.post(
+        "/v1/jobs/plan",
+        headers=auth,
+        json=small_spec(dataset_id, base_model="resnet50", pretrained=False),
+    )
+    assert scratch.status_code == 200, scratch.text
+    unknown = client.post(
+        "/v1/jobs", headers=auth, json=small_spec(dataset_id, base_model="alexnet9")
+    )
+    assert_error(unknown, 422, "unknown_base_model", "base_model")
+
+
+def test_plan_preview_lists_stages_and_parameters(
+    client: TestClient, context: AppContext, auth: dict[str, str]
+) -> None:
+    dataset_id = ready_dataset(client, context, auth)
+    spec = small_spec(dataset_id, strategy="freeze_unfreeze", epochs=3, head={"hidden": [32]})
+    preview = client.post("/v1/jobs/plan", headers=auth, json=spec).json()
+    head, unfreeze = preview["stages"]
+    assert preview["num_classes"] == 3
+    assert head["cache_features"] is True
+    assert [g["name"] for g in head["trainable_groups"]] == ["head"]
+    assert head["trainable_parameters"] < unfreeze["trainable_parameters"]
+    assert unfreeze["trainable_parameters"] == unfreeze["total_parameters"]
+    assert head["epochs"] + unfreeze["epochs"] == 3
+    rates = [g["lr"] for g in unfreeze["trainable_groups"]]
+    assert rates == sorted(rates), "lower groups train with lower rates"
+    assert client.get("/v1/jobs", headers=auth).json()["data"] == [], "a preview creates no job"
+
+
+def test_cancel_queued_job_never_starts(
+    client: TestClient, context: AppContext, auth: dict[str, str]
+) -> None:
+    dataset_id = ready_dataset(client, context, auth)
+    job = client.post("/v1/jobs", headers=auth, json=small_spec(dataset_id)).json()
+    assert job["status"] == "queued"
+    assert job["queue"] == "cpu"
+    cancelled = client.post(f"/v1/jobs/{job['id']}/cancel", headers=auth).json()
+    assert cancelled["status"] == "cancelled"
+    jobs.execute(context, job_id=job["id"])  # the task message arrives after the cancel
+    shown = client.get(f"/v1/jobs/{job['id']}", headers=auth).json()
+    assert shown["status"] == "cancelled"
+    assert shown["attempt"] == 0
+    again = client.post(f"/v1/jobs/{job['id']}/cancel", headers=auth)
+    assert_error(again, 409, "job_not_cancellable")
+    statuses = [
+        e["data"]["status"]
+        for e in client.get(f"/v1/jobs/{job['id']}/events", headers=auth).json()["data"]
+    ]
+    assert statuses == ["queued", "cancelled"]
+
+
+def test_idempotency_key_returns_the_same_job(
+    client: TestClient, context: AppContext, auth: dict[str, str]
+) -> None:
+    dataset_id = ready_dataset(client, context, auth)
+    headers = {**auth, "Idempotency-Key": "retry-1"}
+    first = client.post("/v1/jobs", headers=headers, json=small_spec(dataset_id))
+    second = client.post("/v1/jobs", headers=headers, json=small_spec(dataset_id))
+    assert (first.status_code, second.status_code) == (201, 200)
+    assert first.json()["id"] == second.json()["id"]
+    assert len(client.get("/v1/jobs", headers=auth).json()["data"]) == 1
+
+
+def test_cuda_jobs_go_to_the_gpu_queue(
+    client: TestClient, context: AppContext, auth: dict[str, str]
+) -> None:
+    dataset_id = ready_dataset(client, context, auth)
+    job = client.post("/v1/jobs", headers=auth, json=small_spec(dataset_id, device="cuda")).json()
+    assert job["queue"] == "gpu"
+
+
+def test_pagination(client: TestClient, context: AppContext, auth: dict[str, str]) -> None:
+    pool, _ = digits_split()
+    made = [upload(client, auth, zip_of_classes(pool[:10]), name=f"d{i}")["id"] for i in range(3)]
+    first = client.get("/v1/datasets?limit=2", headers=auth).json()
+    assert [d["id"] for d in first["data"]] == made[:2]
+    assert first["has_more"] is True
+    second = client.get(f"/v1/datasets?limit=2&after={first['last_id']}", headers=auth).json()
+    assert [d["id"] for d in second["data"]] == made[2:]
+    assert second["has_more"] is False
+    assert_error(client.get("/v1/datasets?limit=0", headers=auth), 422, "invalid_request", "limit")
+
+
+def test_train_publish_predict_and_tenant_isolation(
+    client: TestClient, context: AppContext, auth: dict[str, str]
+) -> None:
+    dataset_id = ready_dataset(client, context, auth)
+    job = client.post("/v1/jobs", headers=auth, json=small_spec(dataset_id)).json()
+    jobs.execute(context, job_id=job["id"])
+    done = client.get(f"/v1/jobs/{job['id']}", headers=auth).json()
+    assert done["status"] == "succeeded", done
+    assert done["progress"] == 1.0
+    events = client.get(f"/v1/jobs/{job['id']}/events", headers=auth).json()["data"]
+    epochs = [e["data"] for e in events if e["kind"] == "epoch"]
+    assert len(epochs) == 2
+    for field in (
+        "stage",
+        "epoch",
+        "train_loss",
+        "val_loss",
+        "val_accuracy",
+        "learning_rates",
+        "seconds",
+    ):
+        assert field in epochs[0]
+
+    version = client.get("/v1/models/digits/versions/1", headers=auth).json()
+    assert version["job_id"] == job["id"]
+    assert version["dataset_id"] == dataset_id
+    assert version["labels"] == ["digit_0", "digit_1", "digit_2"]
+    metrics = version["metrics"]
+    assert 0.0 <= metrics["val_accuracy"] <= 1.0
+    assert len(metrics["confusion_matrix"]) == 3
+    assert {c["label"] for c in metrics["per_class"]} == set(version["labels"])
+    assert {a["name"] for a in version["artifacts"]} == {"weights.safetensors", "config.json"}
+    config = client.get("/v1/models/digits/versions/1/artifacts/config.json", headers=auth).json()
+    assert config["preprocessing"]["image_size"] == 64
+    assert config["labels"] == version["labels"]
+
+    _pool, held_out = digits_split()
+    image = png_bytes(held_out[0][0])
+    predicted = client.post(
+        "/v1/models/digits/versions/1/predict",
+        headers=auth,
+        files=[("images", ("a.png", image)), ("images", ("bad.png", b"nope"))],
+        data={"top_k": "2"},
+    )
+    assert predicted.status_code == 200, predicted.text
+    good, bad = predicted.json()["predictions"]
+    assert good["image"] == "a.png"
+    assert len(good["top"]) == 2
+    assert bad["image"] == "bad.png"
+    assert bad["error"]["code"] == "invalid_image"
+
+    other = new_key(context, "team-b")
+    for path in (
+        f"/v1/datasets/{dataset_id}",
+        f"/v1/jobs/{job['id']}",
+        f"/v1/jobs/{job['id']}/events",
+        "/v1/models/digits",
+        "/v1/models/digits/versions",
+        "/v1/models/digits/versions/1",
+        "/v1/models/digits/versions/1/artifacts/config.json",
+    ):
+        response = client.get(path, headers=other)
+        assert response.status_code == 404, (path, response.text)
+        assert "digit_0" not in response.text
+    assert client.post(f"/v1/jobs/{job['id']}/cancel", headers=other).status_code == 404
+    stolen = client.post(
+        "/v1/models/digits/versions/1/predict", headers=other, files=[("images", ("a.png", image))]
+    )
+    assert stolen.status_code == 404
+    foreign_job = client.post("/v1/jobs", headers=other, json=small_spec(dataset_id))
+    assert_error(foreign_job, 404, "dataset_not_found", "dataset")
+    assert client.get("/v1/models", headers=other).json()["data"] == []
+    assert client.get("/v1/jobs", headers=other).json()["data"] == []

@@ -1,0 +1,53 @@
+"""Write a trained model as a self-describing folder: safetensors weights + config.json."""
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+
+from .plan import Plan
+from .train import TrainingResult
+from .zoo import get_base_model_info
+
+FORMAT = "thaw/1"
+WEIGHTS_FILE = "weights.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def model_config(plan: Plan, labels: list[str]) -> dict[str, Any]:
+    """Everything needed to rebuild the model and preprocess images exactly as in training."""
+    return {
+        "format": FORMAT,
+        "architecture": {
+            "base_model": plan.base_model,
+            "family": get_base_model_info(plan.base_model).family,
+            "head": asdict(plan.head),
+            "num_classes": plan.num_classes,
+        },
+        "labels": labels,
+        "preprocessing": {
+            "image_size": plan.image_size,
+            "mean": list(plan.mean),
+            "std": list(plan.std),
+            "resize": "bilinear",
+            "color": "RGB",
+        },
+        "plan": plan.to_dict(),
+    }
+
+
+def export_model(result: TrainingResult, plan: Plan, out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights_path = out_dir / WEIGHTS_FILE
+    config_path = out_dir / CONFIG_FILE
+    # safetensors refuses views and non-contiguous tensors; the copy also leaves the device.
+    state = {
+        name: tensor.detach().cpu().contiguous()
+        for name, tensor in result.model.state_dict().items()
+    }
+    save_file(state, weights_path, metadata={"format": FORMAT})
+    config = model_config(plan, result.metrics["classes"])
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    return {"weights": weights_path, "config": config_path}

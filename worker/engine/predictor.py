@@ -1,0 +1,63 @@
+"""Inference on an exported model folder."""
+
+import json
+from pathlib import Path
+from typing import Any, Self
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from .data import preprocess
+from .export import CONFIG_FILE, FORMAT, WEIGHTS_FILE
+from .model import TransferModel, build_model
+from .plan import Plan
+
+
+class Predictor:
+    def __init__(self, model: TransferModel, config: dict[str, Any], device: torch.device) -> None:
+        self.model = model
+        self.config = config
+        self.device = device
+        self.labels: list[str] = config["labels"]
+        self._preprocessing = config["preprocessing"]
+
+    @classmethod
+    def load(cls, model_dir: Path, device: str = "cpu") -> Self:
+        config = json.loads((model_dir / CONFIG_FILE).read_text())
+        if config.get("format") != FORMAT:
+            raise ValueError(f"{model_dir}: unsupported model format {config.get('format')!r}")
+        plan = Plan.from_dict(config["plan"])
+        # The exported weights replace everything, so no ImageNet weights are needed here.
+        model = build_model(plan, weights_dir=None, pretrained=False)
+        model.load_state_dict(load_file(model_dir / WEIGHTS_FILE), strict=True)
+        torch_device = torch.device(device)
+        model.to(torch_device).eval()
+        return cls(model, config, torch_device)
+
+    def predict(self, images: list[Image.Image], top_k: int = 5) -> list[list[tuple[str, float]]]:
+        """Top-k (label, probability) per image, most probable first."""
+        if not images:
+            return []
+        batch = torch.stack(
+            [
+                preprocess(
+                    image,
+                    image_size=self._preprocessing["image_size"],
+                    mean=self._preprocessing["mean"],
+                    std=self._preprocessing["std"],
+                )
+                for image in images
+            ]
+        ).to(self.device)
+        with torch.no_grad():
+            probabilities = self.model(batch).softmax(dim=1)
+        k = max(1, min(top_k, len(self.labels)))
+        values, indices = probabilities.topk(k, dim=1)
+        return [
+            [
+                (self.labels[index], value)
+                for index, value in zip(row_indices, row_values, strict=True)
+            ]
+            for row_indices, row_values in zip(indices.tolist(), values.tolist(), strict=True)
+        ]
