@@ -330,7 +330,7 @@ def test_train_publish_predict_and_tenant_isolation(
     assert good["image"] == "a.png"
     assert len(good["top"]) == 2
     assert bad["image"] == "bad.png"
-    assert bad["error"]["code"] == "invalid_image"
+    assert bad["error"]["code"] == "not_an_image"
 
     other = new_key(context, "team-b")
     for path in (

@@ -209,6 +209,22 @@ class _UnreadableMemberError(Exception):
     pass
 
 
+# Reading one member can fail in many unrelated ways: bad CRCs, truncated streams, broken
+# compressed data (bz2 and gzip report that as OSError), encryption (RuntimeError) and
+# compression methods zipfile lacks. Only archive reads go through these handlers, so OSError
+# here never hides a failure to write to dest.
+_MEMBER_READ_ERRORS = (
+    zipfile.BadZipFile,
+    tarfile.TarError,
+    EOFError,
+    OSError,
+    zlib.error,
+    lzma.LZMAError,
+    RuntimeError,
+    NotImplementedError,
+)
+
+
 def _list_members(archive: Path, stack: contextlib.ExitStack, max_members: int) -> list[_Member]:
     with archive.open("rb") as handle:
         fmt = _archive_format(handle.read(512))
@@ -315,23 +331,14 @@ def _corrupt_archive(exc: Exception) -> DatasetRejectedError:
 def _open_member(member: _Member) -> IO[bytes]:
     try:
         return member.opener()
-    except (zipfile.BadZipFile, tarfile.TarError, NotImplementedError, RuntimeError) as exc:
+    except _MEMBER_READ_ERRORS as exc:
         raise _UnreadableMemberError(str(exc)) from exc
 
 
 def _read_chunk(handle: IO[bytes]) -> bytes:
-    # Decompressors signal bad data through several unrelated exception types; OSError is
-    # safe to include because this call only ever reads from the archive.
     try:
         return handle.read(_CHUNK)
-    except (
-        zipfile.BadZipFile,
-        tarfile.TarError,
-        EOFError,
-        OSError,
-        zlib.error,
-        lzma.LZMAError,
-    ) as exc:
+    except _MEMBER_READ_ERRORS as exc:
         raise _UnreadableMemberError(str(exc)) from exc
 
 
@@ -693,38 +700,69 @@ def _copy(
     return None
 
 
-def _check_image(path: Path, limits: IngestLimits) -> tuple[SkipCode, str] | None:
+class ImageRejectedError(Exception):
+    """One image is unusable; `code` is a skip code and the message says why."""
+
+    def __init__(self, code: SkipCode, reason: str) -> None:
+        super().__init__(reason)
+        self.code: SkipCode = code
+        self.reason = reason
+
+
+def open_image(source: Path | IO[bytes], limits: IngestLimits) -> Image.Image:
+    """Open and fully decode an untrusted image under the allowlist and the pixel cap."""
     allowed = sorted(limits.allowed_formats)
     with warnings.catch_warnings():
         # Pillow only warns between 1x and 2x its MAX_IMAGE_PIXELS; a warning that is merely
         # logged would let the image through, so it must stop this file instead.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            with Image.open(path, formats=allowed) as img:
-                if img.format not in limits.allowed_formats:
-                    return "format_not_allowed", f"{img.format} images are not accepted."
-                width, height = img.size
-                if width * height > limits.max_image_pixels:
-                    return "too_many_pixels", (
-                        f"The image is {width}x{height}, over {limits.max_image_pixels} pixels."
-                    )
-                img.load()
+            img = Image.open(source, formats=allowed)
+            if img.format not in limits.allowed_formats:
+                raise ImageRejectedError(
+                    "format_not_allowed", f"{img.format} images are not accepted."
+                )
+            width, height = img.size
+            if width * height > limits.max_image_pixels:
+                raise ImageRejectedError(
+                    "too_many_pixels",
+                    f"The image is {width}x{height}, over {limits.max_image_pixels} pixels.",
+                )
+            img.load()
+            return img
+        except ImageRejectedError:
+            raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            return "too_many_pixels", f"The image is too large to decode safely: {exc}"
+            raise ImageRejectedError(
+                "too_many_pixels", f"The image is too large to decode safely: {exc}"
+            ) from None
         except UnidentifiedImageError:
-            return _unidentified(path, limits.allowed_formats)
+            raise ImageRejectedError(*_unidentified(source, limits.allowed_formats)) from None
         # Broken files make Pillow's decoders raise many unrelated exception types; any of
         # them means this one file is unusable, never that the ingest should stop.
         except Exception as exc:
-            return "corrupt_image", f"The image cannot be decoded: {exc}"
+            raise ImageRejectedError(
+                "corrupt_image", f"The image cannot be decoded: {exc}"
+            ) from None
+
+
+def _check_image(path: Path, limits: IngestLimits) -> tuple[SkipCode, str] | None:
+    try:
+        open_image(path, limits).close()
+    except ImageRejectedError as exc:
+        return exc.code, exc.reason
     return None
 
 
-def _unidentified(path: Path, allowed: frozenset[str]) -> tuple[SkipCode, str]:
+def _unidentified(source: Path | IO[bytes], allowed: frozenset[str]) -> tuple[SkipCode, str]:
     # Name the format from its magic bytes alone: opening it would parse a format we chose
     # not to expose to untrusted input.
-    with path.open("rb") as handle:
-        prefix = handle.read(_PILLOW_PREFIX)
+    if isinstance(source, Path):
+        with source.open("rb") as handle:
+            prefix = handle.read(_PILLOW_PREFIX)
+    else:
+        source.seek(0)
+        prefix = source.read(_PILLOW_PREFIX)
     if len(prefix) == _PILLOW_PREFIX:
         Image.init()
         for fmt, (_, accept) in Image.OPEN.items():

@@ -3,6 +3,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
+from service.datasets.service import ingest_limits
 from service.deps import ContextDep, VersionDep
 from service.errors import ApiError
 from service.inference.schemas import PredictOut
@@ -49,6 +50,6 @@ async def predict(
     # Loading and the forward pass are CPU-bound: keep them off the event loop.
     predictor = await run_in_threadpool(cache.get, version)
     predictions = await run_in_threadpool(
-        predict_images, predictor, payload, top_k=top_k, max_pixels=settings.max_image_pixels
+        predict_images, predictor, payload, top_k=top_k, limits=ingest_limits(context)
     )
     return PredictOut(model=version.model.name, version=version.version, predictions=predictions)

@@ -1,0 +1,94 @@
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from worker.engine import (
+    HeadConfig,
+    TransferConfig,
+    build_model,
+    compile_plan,
+    freeze,
+    make_param_groups,
+    set_batchnorm_mode,
+)
+
+
+def _batchnorm_modes(model: nn.Module) -> dict[str, bool]:
+    return {
+        name: module.training
+        for name, module in model.named_modules()
+        if isinstance(module, nn.BatchNorm2d)
+    }
+
+
+def test_head_layers(make_config: Callable[..., TransferConfig]) -> None:
+    plan = compile_plan(make_config(head=HeadConfig(hidden=(64,), dropout=0.25)))
+    model = build_model(plan, weights_dir=None)
+
+    assert [type(layer) for layer in model.head] == [
+        nn.Dropout,
+        nn.Linear,
+        nn.ReLU,
+        nn.Dropout,
+        nn.Linear,
+    ]
+    assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 3)
+    assert [name for name, _ in model.groups()][-1] == "head"
+
+
+def test_frozen_groups_keep_batchnorm_in_eval_after_train(
+    make_config: Callable[..., TransferConfig],
+) -> None:
+    plan = compile_plan(make_config("fine_tune"))
+    model = build_model(plan, weights_dir=None)
+    stage = plan.stages[0]
+    partial = replace(stage, trainable_groups=("layer4", "head"))
+
+    freeze(model, partial.trainable_groups)
+    set_batchnorm_mode(model, partial)
+    model.train()
+
+    modes = _batchnorm_modes(model)
+    assert modes
+    assert all(modes[name] == name.startswith("backbone.net.layer4.") for name in modes)
+    assert all(
+        p.requires_grad == name.startswith(("backbone.net.layer4.", "head."))
+        for name, p in model.named_parameters()
+    )
+
+    set_batchnorm_mode(model, stage)
+    model.train()
+    assert all(_batchnorm_modes(model).values())
+
+
+def test_bn_mode_frozen_freezes_every_batchnorm(
+    make_config: Callable[..., TransferConfig],
+) -> None:
+    plan = compile_plan(make_config("fine_tune"))
+    model = build_model(plan, weights_dir=None)
+    frozen_stage = replace(plan.stages[0], bn_mode="frozen")
+
+    set_batchnorm_mode(model, frozen_stage)
+    model.train()
+
+    assert not any(_batchnorm_modes(model).values())
+    assert model.head.training
+
+
+def test_param_groups_follow_the_stage(make_config: Callable[..., TransferConfig]) -> None:
+    plan = compile_plan(make_config("fine_tune", lr=0.01))
+    model = build_model(plan, weights_dir=None)
+    stage = plan.stages[0]
+    freeze(model, stage.trainable_groups)
+
+    groups = make_param_groups(model, stage)
+
+    assert [group["name"] for group in groups] == list(stage.trainable_groups)
+    assert {group["name"]: group["lr"] for group in groups} == stage.group_lrs
+    layer1 = next(group for group in groups if group["name"] == "layer1")
+    assert {id(p) for p in layer1["params"]} == {
+        id(p) for p in model.backbone.net.layer1.parameters()
+    }
+    assert sum(len(group["params"]) for group in groups) == len(list(model.parameters()))

