@@ -30,7 +30,7 @@ SPEC = {
     "base_model": "efficientnet_lite0",
     "strategy": "freeze_unfreeze",
     "head_epochs": 4,
-    "epochs": 5,
+    "epochs": 6,
     "batch_size": 32,
     "lr": 0.01,
     "image_size": 64,

@@ -64,6 +64,18 @@ class JobSpec(BaseModel):
     lr_decay: float = Field(
         default=2.6, ge=1.0, le=100.0, description="Discriminative rate: each lower group ÷ this."
     )
+    fine_tune_lr_factor: float = Field(
+        default=0.1,
+        gt=0.0,
+        le=1.0,
+        description="Once the backbone trains, the head's rate is lr * this (then ÷ lr_decay "
+        "per lower group).",
+    )
+    bn_mode: Literal["train", "frozen"] = Field(
+        default="frozen",
+        description="BatchNorm in stages that train the backbone: `frozen` keeps the "
+        "pretrained running statistics (best for small datasets), `train` updates them.",
+    )
     head_epochs: int | None = Field(
         default=None, ge=1, le=1000, description="freeze_unfreeze: epochs of the head-only stage."
     )

@@ -44,6 +44,8 @@ def transfer_config(spec: JobSpec, *, num_classes: int) -> TransferConfig:
         schedule=spec.schedule,
         lr_decay=spec.lr_decay,
         head_epochs=spec.head_epochs,
+        fine_tune_lr_factor=spec.fine_tune_lr_factor,
+        bn_mode=spec.bn_mode,
         pretrained=spec.pretrained,
         early_stopping_patience=spec.early_stopping_patience,
         device=spec.device,

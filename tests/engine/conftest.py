@@ -10,6 +10,8 @@ from PIL import Image
 
 from worker.engine import Sample, TransferConfig
 
+Data = tuple[list[Sample], list[Sample]]
+
 COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
 
 
@@ -29,7 +31,7 @@ def _write_colour_images(folder: Path, per_class: int, seed: int) -> list[Sample
 
 
 @pytest.fixture(scope="session")
-def colour_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Sample], list[Sample]]:
+def colour_data(tmp_path_factory: pytest.TempPathFactory) -> Data:
     root = tmp_path_factory.mktemp("colours")
     return (
         _write_colour_images(root / "train", per_class=8, seed=1),

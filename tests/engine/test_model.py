@@ -41,7 +41,7 @@ def test_head_layers(make_config: Callable[..., TransferConfig]) -> None:
 def test_frozen_groups_keep_batchnorm_in_eval_after_train(
     make_config: Callable[..., TransferConfig],
 ) -> None:
-    plan = compile_plan(make_config("fine_tune"))
+    plan = compile_plan(make_config("fine_tune", bn_mode="train"))
     model = build_model(plan, weights_dir=None)
     stage = plan.stages[0]
     partial = replace(stage, trainable_groups=("layer4", "head"))
@@ -66,11 +66,10 @@ def test_frozen_groups_keep_batchnorm_in_eval_after_train(
 def test_bn_mode_frozen_freezes_every_batchnorm(
     make_config: Callable[..., TransferConfig],
 ) -> None:
-    plan = compile_plan(make_config("fine_tune"))
+    plan = compile_plan(make_config("fine_tune", bn_mode="frozen"))
     model = build_model(plan, weights_dir=None)
-    frozen_stage = replace(plan.stages[0], bn_mode="frozen")
 
-    set_batchnorm_mode(model, frozen_stage)
+    set_batchnorm_mode(model, plan.stages[0])
     model.train()
 
     assert not any(_batchnorm_modes(model).values())
@@ -89,6 +88,6 @@ def test_param_groups_follow_the_stage(make_config: Callable[..., TransferConfig
     assert {group["name"]: group["lr"] for group in groups} == stage.group_lrs
     layer1 = next(group for group in groups if group["name"] == "layer1")
     assert {id(p) for p in layer1["params"]} == {
-        id(p) for p in model.backbone.net.layer1.parameters()
+        id(p) for p in model.backbone.net.get_submodule("layer1").parameters()
     }
     assert sum(len(group["params"]) for group in groups) == len(list(model.parameters()))

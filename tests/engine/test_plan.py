@@ -39,8 +39,17 @@ def test_fine_tune_uses_discriminative_rates(make_config: Callable[..., Transfer
         {"head": 0.005, "layer4": 0.0025, "layer3": 0.00125, "layer2": 0.000625,
          "layer1": 0.0003125, "stem": 0.00015625}
     )  # fmt: skip
-    assert stage.bn_mode == "train"
+    assert stage.bn_mode == "frozen"
     assert not stage.cache_features
+
+
+def test_bn_mode_applies_to_stages_that_train_the_backbone(
+    make_config: Callable[..., TransferConfig],
+) -> None:
+    head, unfreeze = compile_plan(make_config("freeze_unfreeze", bn_mode="train")).stages
+
+    assert head.bn_mode == "frozen"
+    assert unfreeze.bn_mode == "train"
 
 
 def test_freeze_unfreeze_trains_head_then_everything_slower(
@@ -57,12 +66,12 @@ def test_freeze_unfreeze_trains_head_then_everything_slower(
         RESNET_GROUPS,
         3,
     )
-    assert unfreeze.group_lrs["head"] == pytest.approx(0.001)
+    assert unfreeze.group_lrs["head"] == pytest.approx(0.0002)
     assert max(unfreeze.group_lrs.values()) < head.group_lrs["head"]
     rates = [unfreeze.group_lrs[group] for group in RESNET_GROUPS]
     assert rates == sorted(rates)
     assert not unfreeze.cache_features
-    assert unfreeze.bn_mode == "train"
+    assert unfreeze.bn_mode == "frozen"
 
 
 def test_image_size_defaults_to_the_zoo_input_size(
@@ -88,6 +97,7 @@ def test_image_size_defaults_to_the_zoo_input_size(
         ({"head_epochs": 1}, "only applies to the freeze_unfreeze"),
         ({"strategy": "linear_probe"}, "strategy must be one of"),
         ({"optimizer": "lion"}, "optimizer must be one of"),
+        ({"bn_mode": "sync"}, "bn_mode must be one of"),
         ({"head": HeadConfig(dropout=1.0)}, "dropout"),
         ({"early_stopping_patience": 0}, "early_stopping_patience"),
         ({"device": "toaster"}, "invalid device"),
@@ -134,6 +144,6 @@ def test_describe_plan_counts_parameters_and_steps(
     assert (head["epochs"], head["steps"], head["cache_features"]) == (1, 10, True)
     assert [group["name"] for group in unfreeze["trainable_groups"]] == list(RESNET_GROUPS)
     assert unfreeze["trainable_parameters"] == total
-    assert (unfreeze["epochs"], unfreeze["steps"], unfreeze["bn_mode"]) == (2, 20, "train")
+    assert (unfreeze["epochs"], unfreeze["steps"], unfreeze["bn_mode"]) == (2, 20, "frozen")
     assert unfreeze["image_size"] == 64
     assert describe_plan(plan, model)[0]["steps"] is None

@@ -31,7 +31,9 @@ class _Spy:
         self.model: TransferModel | None = None
         self.states: list[dict[str, Tensor]] = []
         self.backbone_images = 0
+        self.optimizers: list[torch.optim.Optimizer] = []
         build = train_module.build_model
+        make_optimizer = train_module.make_optimizer
 
         def spy(*args: Any, **kwargs: Any) -> TransferModel:
             model = build(*args, **kwargs)
@@ -40,7 +42,13 @@ class _Spy:
             model.backbone.register_forward_hook(self._count)
             return model
 
+        def spy_optimizer(*args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+            optimizer = make_optimizer(*args, **kwargs)
+            self.optimizers.append(optimizer)
+            return optimizer
+
         monkeypatch.setattr(train_module, "build_model", spy)
+        monkeypatch.setattr(train_module, "make_optimizer", spy_optimizer)
 
     def _count(self, module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
         self.backbone_images += args[0].shape[0]
@@ -72,12 +80,13 @@ def _names(model: TransferModel, prefixes: tuple[str, ...], *, buffers: bool) ->
 
 
 @pytest.mark.parametrize(
-    ("base_model", "strategy"),
+    ("base_model", "strategy", "bn_mode"),
     [
-        ("resnet18", "feature_extraction"),
-        ("resnet18", "fine_tune"),
-        ("resnet18", "freeze_unfreeze"),
-        ("efficientnet_lite0", "freeze_unfreeze"),
+        ("resnet18", "feature_extraction", "frozen"),
+        ("resnet18", "fine_tune", "frozen"),
+        ("resnet18", "fine_tune", "train"),
+        ("resnet18", "freeze_unfreeze", "frozen"),
+        ("efficientnet_lite0", "freeze_unfreeze", "train"),
     ],
 )
 def test_exactly_the_planned_parameters_change(
@@ -87,8 +96,9 @@ def test_exactly_the_planned_parameters_change(
     classes: list[str],
     base_model: str,
     strategy: str,
+    bn_mode: str,
 ) -> None:
-    plan = compile_plan(make_config(strategy, base_model=base_model, epochs=2))
+    plan = compile_plan(make_config(strategy, base_model=base_model, epochs=2, bn_mode=bn_mode))
     spy = _Spy(monkeypatch)
     hooks = _EpochSnapshots(spy)
     train, val = colour_data
@@ -98,20 +108,22 @@ def test_exactly_the_planned_parameters_change(
     assert spy.model is not None
     everything = _names(spy.model, ("",), buffers=False)
     head = _names(spy.model, ("head.",), buffers=False)
-    running_stats = {
-        name for name in _names(spy.model, ("backbone.",), buffers=True) if "running" in name
-    }
-    assert running_stats
+    batchnorm_statistics = _names(spy.model, ("",), buffers=True)
+    assert batchnorm_statistics
     states = spy.states  # [0]: as built, [n]: after global epoch n
     assert len(states) == 1 + sum(stage.epochs for stage in plan.stages)
     end = 0
-    for stage in plan.stages:
+    for stage, optimizer in zip(plan.stages, spy.optimizers, strict=True):
         start, end = end, end + stage.epochs
+        rates = {group["name"]: group["lr"] for group in optimizer.param_groups}
+        assert rates == pytest.approx(stage.group_lrs)
         changed = _changed(states[start], states[end])
         if stage.cache_features:
             assert changed == head, f"stage {stage.name}"
+        elif stage.bn_mode == "frozen":
+            assert changed == everything, f"stage {stage.name}"
         else:
-            assert everything | running_stats <= changed, f"stage {stage.name}"
+            assert changed == everything | batchnorm_statistics, f"stage {stage.name}"
         for result in hooks.results[start:end]:
             assert result.learning_rates == pytest.approx(stage.group_lrs)
 

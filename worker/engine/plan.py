@@ -6,9 +6,8 @@ what will happen can be shown (`describe_plan`) before anything runs.
 """
 
 import math
-import typing
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 
@@ -20,7 +19,7 @@ if TYPE_CHECKING:
 Strategy = Literal["feature_extraction", "fine_tune", "freeze_unfreeze"]
 Schedule = Literal["constant", "cosine"]
 BatchNormMode = Literal["train", "frozen"]
-Optimizer = Literal["adamw", "sgd"]
+OptimizerName = Literal["adamw", "sgd"]
 
 HEAD = "head"
 MIN_IMAGE_SIZE = 64
@@ -43,13 +42,26 @@ class TransferConfig:
     """What a user asks for.
 
     Learning rates: `lr` is the head's rate while the backbone is frozen. Whenever backbone
-    groups train (`fine_tune`, and the second stage of `freeze_unfreeze`), the head gets
-    `lr * fine_tune_lr_factor` and each group below it that rate divided by `lr_decay` once
-    more per step down (discriminative rates). The defaults follow fastai's `fine_tune`:
-    halve the rate after unfreezing, and span about two orders of magnitude over a ResNet.
+    groups train (`fine_tune`, and the second stage of `freeze_unfreeze`, as in fastai's
+    `fine_tune`), the head gets `lr * fine_tune_lr_factor` and each group below it that rate
+    divided by `lr_decay` once more per step down (discriminative rates, ULMFiT's 2.6, about
+    two orders of magnitude over a ResNet). fastai halves its base rate after unfreezing, but
+    its base rate is meant for the whole network; thaw's `lr` is usually set for the head on
+    frozen features, which tolerates about ten times more, hence the default factor of 0.1.
+
+    `bn_mode` applies to stages that train backbone groups; stages with a frozen backbone
+    always freeze BatchNorm. "frozen" keeps the ImageNet running statistics (the affine
+    parameters still train): the head then keeps seeing features normalised the way it was
+    trained on in a head-only stage, and small batches of a shifted domain cannot disturb the
+    statistics. This is the recommended setting for small datasets (Keras' transfer-learning
+    guide does the same). "train" uses batch statistics, as for training from scratch
+    (`pretrained=False`) or with large datasets and batches.
 
     `epochs` counts all epochs; for `freeze_unfreeze`, `head_epochs` of them (default 1)
     train the head alone before the whole network is unfrozen.
+
+    `early_stopping_patience`: end a stage when the val loss has not improved for this many
+    epochs, and keep the weights with the lowest val loss (see `train.run`).
     """
 
     base_model: str
@@ -61,13 +73,14 @@ class TransferConfig:
     lr: float = 1e-3
     image_size: int | None = None
     seed: int = 0
-    optimizer: Optimizer = "adamw"
+    optimizer: OptimizerName = "adamw"
     weight_decay: float = 0.01
     label_smoothing: float = 0.0
     schedule: Schedule = "cosine"
     lr_decay: float = 2.6
     head_epochs: int | None = None
-    fine_tune_lr_factor: float = 0.5
+    fine_tune_lr_factor: float = 0.1
+    bn_mode: BatchNormMode = "frozen"
     pretrained: bool = True
     early_stopping_patience: int | None = None
     device: str = "cpu"
@@ -94,7 +107,7 @@ class Plan:
     stages: tuple[Stage, ...]
     seed: int
     batch_size: int
-    optimizer: Optimizer
+    optimizer: OptimizerName
     weight_decay: float
     label_smoothing: float
     pretrained: bool
@@ -149,7 +162,7 @@ def _triple(values: list[float]) -> tuple[float, float, float]:
 
 
 def _check_choice(field_name: str, value: object, literal: Any) -> None:
-    choices = typing.get_args(literal)
+    choices = get_args(literal)
     if value not in choices:
         raise ValueError(f"{field_name} must be one of {', '.join(choices)}; got {value!r}")
 
@@ -157,7 +170,8 @@ def _check_choice(field_name: str, value: object, literal: Any) -> None:
 def _validate(config: TransferConfig) -> None:
     _check_choice("strategy", config.strategy, Strategy)
     _check_choice("schedule", config.schedule, Schedule)
-    _check_choice("optimizer", config.optimizer, Optimizer)
+    _check_choice("optimizer", config.optimizer, OptimizerName)
+    _check_choice("bn_mode", config.bn_mode, BatchNormMode)
     checks = [
         (config.num_classes >= 2, f"num_classes must be at least 2; got {config.num_classes}"),
         (config.epochs >= 1, f"epochs must be at least 1; got {config.epochs}"),
@@ -241,7 +255,7 @@ def compile_plan(config: TransferConfig) -> Plan:
         ),
         epochs=config.epochs,
         schedule=config.schedule,
-        bn_mode="train",
+        bn_mode=config.bn_mode,
         image_size=image_size,
         cache_features=False,
     )

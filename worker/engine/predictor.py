@@ -1,6 +1,7 @@
 """Inference on an exported model folder."""
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Self
 
@@ -35,7 +36,9 @@ class Predictor:
         model.to(torch_device).eval()
         return cls(model, config, torch_device)
 
-    def predict(self, images: list[Image.Image], top_k: int = 5) -> list[list[tuple[str, float]]]:
+    def predict(
+        self, images: Sequence[Image.Image], top_k: int = 5
+    ) -> list[list[tuple[str, float]]]:
         """Top-k (label, probability) per image, most probable first."""
         if not images:
             return []

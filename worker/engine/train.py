@@ -227,11 +227,112 @@ class _Progress:
         self.check_cancelled()
 
 
-@dataclass
-class _Best:
-    loss: float
-    state: dict[str, Tensor]
-    evaluation: Evaluation
+class _EarlyStopping:
+    """Tracks the epoch with the lowest val loss and, with a patience, its weights."""
+
+    def __init__(self, patience: int | None) -> None:
+        self.patience = patience
+        self.best_loss = math.inf
+        self.best_state: dict[str, Tensor] | None = None
+        self.kept: Evaluation | None = None
+        """The evaluation of the weights the run will return."""
+        self.epochs_without_improvement = 0
+
+    def start_stage(self) -> None:
+        # A new stage changes what trains, so it gets its own full patience.
+        self.epochs_without_improvement = 0
+
+    def update(self, model: nn.Module, evaluation: Evaluation) -> bool:
+        """Record an epoch's evaluation; True when the stage should stop."""
+        if self.patience is None:
+            self.kept = evaluation
+            return False
+        if evaluation.loss < self.best_loss:
+            self.best_loss = evaluation.loss
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            self.kept = evaluation
+            self.epochs_without_improvement = 0
+        else:
+            self.epochs_without_improvement += 1
+        return self.epochs_without_improvement >= self.patience
+
+    def restore_best(self, model: nn.Module) -> None:
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
+
+
+class _StageData:
+    """Batches for a stage: images, or backbone features computed once per image size."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        model: TransferModel,
+        train: list[Sample],
+        val: list[Sample],
+        *,
+        device: torch.device,
+        shuffle: torch.Generator,
+        num_workers: int,
+        check_cancelled: Callable[[], None],
+    ) -> None:
+        self.plan = plan
+        self.model = model
+        self.train = train
+        self.val = val
+        self.device = device
+        self.shuffle = shuffle
+        self.num_workers = num_workers
+        self.check_cancelled = check_cancelled
+        # Valid only while no stage has trained the backbone since they were computed.
+        self.features: dict[int, tuple[TensorDataset, TensorDataset]] = {}
+
+    def images(self, samples: list[Sample], stage: Stage, *, shuffled: bool) -> DataLoader[Any]:
+        dataset = ImageDataset(
+            samples, image_size=stage.image_size, mean=self.plan.mean, std=self.plan.std
+        )
+        return DataLoader(
+            dataset,
+            batch_size=self.plan.batch_size,
+            shuffle=shuffled,
+            generator=self.shuffle if shuffled else None,
+            num_workers=self.num_workers,
+        )
+
+    def _backbone_features(self, samples: list[Sample], stage: Stage) -> TensorDataset:
+        batches = self.images(samples, stage, shuffled=False)
+        features = compute_features(self.model.backbone, batches, self.device, self.check_cancelled)
+        return TensorDataset(*features)
+
+    def for_stage(self, stage: Stage) -> tuple[nn.Module, DataLoader[Any], DataLoader[Any]]:
+        """The module to train (head or whole model) with its train and val batches."""
+        if not stage.cache_features:
+            self.features.clear()
+            return (
+                self.model,
+                self.images(self.train, stage, shuffled=True),
+                self.images(self.val, stage, shuffled=False),
+            )
+        if stage.image_size not in self.features:
+            started = time.perf_counter()
+            self.features[stage.image_size] = (
+                self._backbone_features(self.train, stage),
+                self._backbone_features(self.val, stage),
+            )
+            logger.info(
+                "computed %s features of %d images at %dpx in %.1fs",
+                self.plan.base_model,
+                len(self.train) + len(self.val),
+                stage.image_size,
+                time.perf_counter() - started,
+            )
+        train_features, val_features = self.features[stage.image_size]
+        batch_size = self.plan.batch_size
+        return (
+            self.model.head,
+            DataLoader(train_features, batch_size=batch_size, shuffle=True, generator=self.shuffle),
+            DataLoader(val_features, batch_size=batch_size),
+        )
 
 
 def _check_inputs(plan: Plan, train: list[Sample], val: list[Sample], classes: list[str]) -> None:
@@ -255,9 +356,17 @@ def run(
     checkpoint_path: Path | None = None,
     num_workers: int = 0,
 ) -> TrainingResult:
-    """Train a model by `plan` and evaluate it on `val`; deterministic for a given seed."""
+    """Train a model by `plan` and evaluate it on `val` after every epoch.
+
+    Deterministic for a given seed, device and thread count. With early stopping, a stage
+    ends once its val loss has not improved on the best so far for `patience` epochs, and
+    the best weights are restored before the next stage and at the end. The final metrics
+    are those of the returned model: the best epoch's with early stopping, else the last's.
+    A checkpoint, when asked for, is rewritten after every epoch.
+    """
     _check_inputs(plan, train, val, classes)
-    hooks = hooks or TrainingHooks()
+    if hooks is None:
+        hooks = TrainingHooks()
     seed_everything(plan.seed)
     shuffle = torch.Generator().manual_seed(plan.seed)
     device = torch.device(plan.device)
@@ -266,74 +375,40 @@ def run(
     total_epochs = sum(stage.epochs for stage in plan.stages)
     progress = _Progress(hooks, total_epochs * steps_per_epoch(plan, len(train)))
 
-    def image_batches(samples: list[Sample], stage: Stage, *, shuffled: bool) -> DataLoader[Any]:
-        dataset = ImageDataset(samples, image_size=stage.image_size, mean=plan.mean, std=plan.std)
-        return DataLoader(
-            dataset,
-            batch_size=plan.batch_size,
-            shuffle=shuffled,
-            generator=shuffle if shuffled else None,
-            num_workers=num_workers,
-        )
-
-    def backbone_features(samples: list[Sample], stage: Stage) -> TensorDataset:
-        batches = image_batches(samples, stage, shuffled=False)
-        return TensorDataset(
-            *compute_features(model.backbone, batches, device, progress.check_cancelled)
-        )
-
-    # Backbone features per image size, valid while no stage has trained the backbone since.
-    cached: dict[int, tuple[TensorDataset, TensorDataset]] = {}
+    data = _StageData(
+        plan,
+        model,
+        train,
+        val,
+        device=device,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        check_cancelled=progress.check_cancelled,
+    )
+    stopping = _EarlyStopping(plan.early_stopping_patience)
     history: list[EpochResult] = []
-    best: _Best | None = None
-    last: Evaluation | None = None
     for stage_index, stage in enumerate(plan.stages):
         freeze(model, stage.trainable_groups)
         set_batchnorm_mode(model, stage)
         optimizer = make_optimizer(plan, make_param_groups(model, stage))
-        module: nn.Module
-        if stage.cache_features:
-            if stage.image_size not in cached:
-                started = time.perf_counter()
-                cached[stage.image_size] = (
-                    backbone_features(train, stage),
-                    backbone_features(val, stage),
-                )
-                logger.info(
-                    "computed %s features of %d images at %dpx in %.1fs",
-                    plan.base_model,
-                    len(train) + len(val),
-                    stage.image_size,
-                    time.perf_counter() - started,
-                )
-            train_features, val_features = cached[stage.image_size]
-            module = model.head
-            train_batches: DataLoader[Any] = DataLoader(
-                train_features, batch_size=plan.batch_size, shuffle=True, generator=shuffle
-            )
-            val_batches: DataLoader[Any] = DataLoader(val_features, batch_size=plan.batch_size)
-        else:
-            cached.clear()
-            module = model
-            train_batches = image_batches(train, stage, shuffled=True)
-            val_batches = image_batches(val, stage, shuffled=False)
+        module, train_batches, val_batches = data.for_stage(stage)
         scheduler = make_scheduler(optimizer, stage.schedule, stage.epochs * len(train_batches))
-        epochs_without_improvement = 0
+        stopping.start_stage()
         for epoch in range(1, stage.epochs + 1):
             progress.check_cancelled()
             started = time.perf_counter()
             train_loss = train_one_epoch(
                 module, train_batches, optimizer, scheduler, loss_fn, device, progress.step
             )
-            last = evaluate(module, val_batches, device)
+            evaluation = evaluate(module, val_batches, device)
             result = EpochResult(
                 stage=stage.name,
                 stage_index=stage_index,
                 epoch=epoch,
                 global_epoch=len(history) + 1,
                 train_loss=train_loss,
-                val_loss=last.loss,
-                val_accuracy=last.accuracy,
+                val_loss=evaluation.loss,
+                val_accuracy=evaluation.accuracy,
                 learning_rates={group["name"]: group["lr"] for group in optimizer.param_groups},
                 seconds=time.perf_counter() - started,
             )
@@ -344,8 +419,8 @@ def run(
                 epoch,
                 stage.epochs,
                 train_loss,
-                last.loss,
-                last.accuracy,
+                evaluation.loss,
+                evaluation.accuracy,
                 result.seconds,
             )
             if checkpoint_path is not None:
@@ -363,29 +438,17 @@ def run(
                     },
                 )
             hooks.on_epoch_end(result)
-            if plan.early_stopping_patience is None:
-                continue
-            if best is None or last.loss < best.loss:
-                state = {name: value.detach().clone() for name, value in model.state_dict().items()}
-                best = _Best(last.loss, state, last)
-                epochs_without_improvement = 0
-            else:
-                epochs_without_improvement += 1
-            if epochs_without_improvement >= plan.early_stopping_patience:
-                logger.info(
-                    "stage %s: val loss has not improved for %d epochs; stopping the stage",
-                    stage.name,
-                    epochs_without_improvement,
-                )
+            if stopping.update(model, evaluation):
+                logger.info("stage %s: val loss stopped improving; ending the stage", stage.name)
                 break
-        if best is not None:
-            # The next stage, and the final model, start from the best weights seen so far.
-            model.load_state_dict(best.state)
-    final = best.evaluation if best is not None else last
-    assert final is not None, "every plan has at least one epoch"
+        # The next stage, and the returned model, start from the best weights seen so far.
+        stopping.restore_best(model)
+    assert stopping.kept is not None, "every plan has at least one epoch"
     model.eval()
     targets = torch.tensor([sample.label for sample in val])
-    metrics = classification_metrics(targets, final.predictions, classes)
-    metrics["val_loss"] = final.loss
-    logger.info("finished: val accuracy %.4f, val loss %.4f", metrics["val_accuracy"], final.loss)
+    metrics = classification_metrics(targets, stopping.kept.predictions, classes)
+    metrics["val_loss"] = stopping.kept.loss
+    logger.info(
+        "finished: val accuracy %.4f, val loss %.4f", metrics["val_accuracy"], metrics["val_loss"]
+    )
     return TrainingResult(model=model, history=history, metrics=metrics)
