@@ -142,6 +142,7 @@ def test_dataset_reports_skipped_files_and_counts(
     assert skipped["d/1/notes.png"]["code"] == "not_an_image"
     assert not (context.settings.resolved_storage_dir / "datasets" / "escape.png").exists()
     assert not any(p.name == "escape.png" for p in context.settings.data_dir.rglob("*"))
+    assert not context.store.exists(f"uploads/{dataset['id']}/archive")
 
 
 def test_bad_archive_fails_with_reason(
@@ -172,6 +173,15 @@ def test_spec_errors_name_the_field(
 ) -> None:
     response = client.post("/v1/jobs", headers=auth, json=small_spec("ds_x", **change))
     assert_error(response, 422, "invalid_request", param)
+
+
+def test_engine_rules_name_the_field(
+    client: TestClient, context: AppContext, auth: dict[str, str]
+) -> None:
+    dataset_id = ready_dataset(client, context, auth)
+    spec = small_spec(dataset_id, strategy="fine_tune", head_epochs=2)
+    response = client.post("/v1/jobs", headers=auth, json=spec)
+    assert_error(response, 422, "invalid_spec", "head_epochs")
 
 
 def test_job_needs_a_ready_dataset(client: TestClient, auth: dict[str, str]) -> None:

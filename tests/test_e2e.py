@@ -139,22 +139,14 @@ def train_and_predict(client: httpx.Client) -> tuple[str, float]:
 
 
 def cancel_while_running(client: httpx.Client, dataset_id: str) -> None:
-    job = client.post(
-        "/v1/jobs",
-        json={
-            **SPEC,
-            "model": "never",
-            "strategy": "fine_tune",
-            "epochs": 50,
-            "dataset": dataset_id,
-        },
-    ).json()
-    poll(client, f"/v1/jobs/{job['id']}", {"running"}, 120)
-    assert client.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] in {
-        "cancelling",
-        "cancelled",
-    }
-    ended = poll(client, f"/v1/jobs/{job['id']}", {"cancelled", "succeeded", "failed"}, 60)
+    spec = {**SPEC, "model": "never", "strategy": "fine_tune", "epochs": 50, "dataset": dataset_id}
+    del spec["head_epochs"]
+    created = client.post("/v1/jobs", json=spec)
+    assert created.status_code == 201, created.text
+    job_id = created.json()["id"]
+    poll(client, f"/v1/jobs/{job_id}", {"running"}, 120)
+    assert client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] in {"cancelling", "cancelled"}
+    ended = poll(client, f"/v1/jobs/{job_id}", {"cancelled", "succeeded", "failed"}, 60)
     assert ended["status"] == "cancelled"
     assert ended["model_version_id"] is None
     assert client.get("/v1/models/never").status_code == 404

@@ -179,6 +179,9 @@ def _finish(
             dataset.num_images = len(result.samples)
             dataset.skipped = [_skipped_dict(s) for s in result.skipped]
         session.commit()
+    # The archive was only needed to build the files; a redelivered task finds the dataset
+    # no longer `processing` and never reads it again.
+    context.store.delete(archive_key(dataset_id))
     logger.info("dataset %s is %s", dataset_id, status)
 
 

@@ -79,7 +79,7 @@ def resolve_plan(
             "base_model",
         ) from None
     except ValueError as exc:
-        raise ApiError(422, "invalid_spec", str(exc)) from None
+        raise ApiError(422, "invalid_spec", str(exc), _field_named_in(str(exc))) from None
     weights_dir = context.settings.resolved_weights_dir
     if spec.pretrained and not weights_available(spec.base_model, weights_dir):
         raise ApiError(
@@ -102,6 +102,12 @@ def resolve_plan(
         plan=plan.to_dict(),
     )
     return dataset, plan, preview
+
+
+def _field_named_in(message: str) -> str | None:
+    """The spec field an engine validation message starts with (`head_epochs only applies…`)."""
+    first = message.split(" ", 1)[0].rstrip(":")
+    return first if first.split("[", 1)[0].split(".", 1)[0] in JobSpec.model_fields else None
 
 
 def record_event(session: Session, *, job: Job, kind: str, data: dict[str, Any]) -> None:
