@@ -19,13 +19,15 @@ def create_celery(settings: Settings) -> Celery:
     if settings.broker_url is None:
         # Embedded mode: a broker that is only a folder, shared by the API and worker processes.
         folder = settings.broker_folder
-        for sub in ("queue", "processed"):
+        for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         transport_options = {
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
             "processed_folder": str(folder / "processed"),
             "store_processed": False,
+            # Without this the transport's broadcast folder lands in the working directory.
+            "control_folder": str(folder / "control"),
         }
     app.conf.update(
         broker_transport_options=transport_options,
