@@ -7,7 +7,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from service.auth.router import router as auth_router
@@ -15,11 +16,13 @@ from service.base_models.router import router as base_models_router
 from service.context import AppContext
 from service.datasets.router import router as datasets_router
 from service.errors import error_body, install_error_handlers
+from service.inference.metrics import InferenceMetrics
 from service.inference.router import router as inference_router
-from service.inference.service import PredictorCache
+from service.inference.service import ModelCache
 from service.jobs.reaper import start_reaper
 from service.jobs.router import router as jobs_router
 from service.models.router import router as models_router
+from service.models.router import search_router as model_search_router
 from service.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -43,12 +46,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         stop.set()
         reaper.join(timeout=5)
+        predictors.close()
 
     app = FastAPI(title="thaw", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.context = context
-    app.state.predictors = PredictorCache(
-        store=context.store, capacity=context.settings.model_cache_size
-    )
+    metrics = InferenceMetrics()
+    predictors = ModelCache(store=context.store, settings=context.settings, metrics=metrics)
+    app.state.inference_metrics = metrics
+    app.state.predictors = predictors
     install_error_handlers(app)
     for router in (
         auth_router,
@@ -56,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         base_models_router,
         jobs_router,
         models_router,
+        model_search_router,
         inference_router,
     ):
         app.include_router(router)
@@ -63,6 +69,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/healthz", tags=["ops"], summary="The process is up")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get(
+        "/metrics",
+        tags=["ops"],
+        summary="Prometheus metrics: predict latency, batch sizes, queue depth, model cache",
+        response_class=Response,
+    )
+    def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/readyz", tags=["ops"], summary="Database, broker and storage are reachable")
     def readyz() -> Any:

@@ -2,6 +2,7 @@
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -45,6 +46,34 @@ class Settings(BaseSettings):
     )
     model_cache_size: int = Field(
         default=4, description="Model versions kept loaded for inference."
+    )
+    model_cache_bytes: int = Field(
+        default=2 * 2**30,
+        description="Memory budget of the inference model cache, in bytes (estimated from "
+        "parameters and buffers); least recently used models are unloaded first.",
+    )
+    inference_backend: Literal["torch", "onnx"] = Field(
+        default="torch",
+        description="`onnx` serves versions through ONNX Runtime when they have a `model.onnx` "
+        "(others fall back to PyTorch).",
+    )
+    batch_max_size: int = Field(
+        default=32,
+        ge=1,
+        description="Dynamic batching: most images in one forward pass; 1 turns batching off.",
+    )
+    batch_max_delay_ms: float = Field(
+        default=5.0,
+        ge=0.0,
+        description="Dynamic batching: longest wait for more requests before a forward pass.",
+    )
+    batch_queue_size: int = Field(
+        default=256,
+        ge=1,
+        description="Predict requests waiting per loaded model; beyond it predict answers 503.",
+    )
+    onnx_export: bool = Field(
+        default=True, description="Export `model.onnx` (checked against PyTorch) at publish."
     )
     torch_threads: int | None = Field(
         default=None, description="Torch CPU threads in the worker; default: all cores."

@@ -97,6 +97,9 @@ class RegisteredModel(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("mdl"))
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(100))
+    # The last version number handed out. Numbers are never reused, even after a delete, so a
+    # client holding "version 3" can never silently get a different model.
+    version_counter: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -118,9 +121,42 @@ class ModelVersion(Base):
     labels: Mapped[list[str]] = mapped_column(JSON)
     artifacts: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     artifact_prefix: Mapped[str] = mapped_column(String(200))
+    # How each optional export went, e.g. {"onnx": {"exported": true, "max_abs_diff": 3e-7}}.
+    exports: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    archived_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     model: Mapped[RegisteredModel] = relationship()
+
+
+class ModelTag(Base):
+    __tablename__ = "model_tags"
+
+    model_id: Mapped[str] = mapped_column(
+        ForeignKey("models.id", ondelete="CASCADE"), primary_key=True
+    )
+    tag: Mapped[str] = mapped_column(String(100), primary_key=True, index=True)
+
+
+class VersionTag(Base):
+    __tablename__ = "model_version_tags"
+
+    version_id: Mapped[str] = mapped_column(
+        ForeignKey("model_versions.id", ondelete="CASCADE"), primary_key=True
+    )
+    tag: Mapped[str] = mapped_column(String(100), primary_key=True, index=True)
+
+
+class VersionMetric(Base):
+    """A version's scalar metrics as rows, so lists can filter and sort on them in SQL."""
+
+    __tablename__ = "model_version_metrics"
+
+    version_id: Mapped[str] = mapped_column(
+        ForeignKey("model_versions.id", ondelete="CASCADE"), primary_key=True
+    )
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    value: Mapped[float] = mapped_column(Float)
 
 
 class ModelAlias(Base):
@@ -140,7 +176,10 @@ __all__ = [
     "Job",
     "JobEvent",
     "ModelAlias",
+    "ModelTag",
     "ModelVersion",
     "RegisteredModel",
     "Tenant",
+    "VersionMetric",
+    "VersionTag",
 ]

@@ -322,7 +322,13 @@ def test_train_publish_predict_and_tenant_isolation(
     assert 0.0 <= metrics["val_accuracy"] <= 1.0
     assert len(metrics["confusion_matrix"]) == 3
     assert {c["label"] for c in metrics["per_class"]} == set(version["labels"])
-    assert {a["name"] for a in version["artifacts"]} == {"weights.safetensors", "config.json"}
+    assert {a["name"] for a in version["artifacts"]} == {
+        "weights.safetensors",
+        "config.json",
+        "labels.json",
+        "card.md",
+        "model.onnx",
+    }
     config = client.get("/v1/models/digits/versions/1/artifacts/config.json", headers=auth).json()
     assert config["preprocessing"]["image_size"] == 64
     assert config["labels"] == version["labels"]

@@ -1,6 +1,7 @@
 """Runs one training job: claim it in the database, train with the engine, publish the result."""
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -9,6 +10,7 @@ import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import update
 
@@ -16,8 +18,9 @@ from service.context import AppContext
 from service.datasets.service import load_manifest
 from service.db import new_id, utcnow
 from service.jobs.service import fail_job, record_event
-from service.models.service import StaleAttemptError, publish_version
-from service.tables import Job
+from service.models.card import render_card
+from service.models.service import StaleAttemptError, epoch_history, publish_version
+from service.tables import Dataset, Job
 from worker.engine import (
     EpochResult,
     Plan,
@@ -28,10 +31,13 @@ from worker.engine import (
     export_model,
     run,
 )
+from worker.engine.onnx_export import ONNX_FILE, export_onnx
 
 logger = logging.getLogger(__name__)
 
 LEASE = timedelta(minutes=2)
+LABELS_FILE = "labels.json"
+CARD_FILE = "card.md"
 STATUS_CHECK_SECONDS = 1.0
 
 
@@ -149,9 +155,19 @@ def _train_and_publish(
     version_id = new_id("mv")
     prefix = f"models/{version_id}"
     export_dir = Path(tempfile.mkdtemp(dir=context.scratch_dir, prefix=f"export-{job_id}-"))
+    exports: dict[str, Any] = {}
     try:
-        files = export_model(result, plan, export_dir / "artifacts")
-        context.store.put_dir(prefix, export_dir / "artifacts")
+        out = export_dir / "artifacts"
+        export_model(result, plan, out)
+        (out / LABELS_FILE).write_text(json.dumps(manifest.classes, indent=2) + "\n")
+        if context.settings.onnx_export:
+            onnx = export_onnx(result.model, image_size=plan.image_size, out_path=out / ONNX_FILE)
+            exports["onnx"] = onnx.to_dict()
+        (out / CARD_FILE).write_text(
+            _model_card(context, job_id=job_id, metrics=result.metrics, onnx=exports.get("onnx"))
+        )
+        names = sorted(path.name for path in out.iterdir())
+        context.store.put_dir(prefix, out)
     finally:
         shutil.rmtree(export_dir, ignore_errors=True)
     artifacts = [
@@ -160,7 +176,7 @@ def _train_and_publish(
             "size": context.store.size(f"{prefix}/{name}"),
             "sha256": context.store.sha256(f"{prefix}/{name}"),
         }
-        for name in sorted(path.name for path in files.values())
+        for name in names
     ]
     try:
         with context.db.session() as session:
@@ -173,6 +189,7 @@ def _train_and_publish(
                 labels=manifest.classes,
                 artifacts=artifacts,
                 artifact_prefix=prefix,
+                exports=exports,
             )
     except BaseException:
         # Nothing may point at artifacts whose version was never committed.
@@ -180,6 +197,30 @@ def _train_and_publish(
         raise
     context.store.delete(f"jobs/{job_id}")
     logger.info("job %s published %s", job_id, version_id)
+
+
+def _model_card(
+    context: AppContext, *, job_id: str, metrics: dict[str, Any], onnx: dict[str, Any] | None
+) -> str:
+    with context.db.session() as session:
+        job = session.get_one(Job, job_id)
+        dataset = session.get_one(Dataset, job.dataset_id)
+        return render_card(
+            model_name=job.model_name,
+            job_id=job.id,
+            dataset={
+                "id": dataset.id,
+                "name": dataset.name,
+                "classes": dataset.classes,
+                "class_counts": dataset.class_counts,
+                "num_images": dataset.num_images,
+            },
+            spec=job.spec,
+            plan=job.plan,
+            metrics=metrics,
+            history=epoch_history(session, job_id=job.id),
+            onnx=onnx,
+        )
 
 
 def _end_cancelled(context: AppContext, *, job_id: str, attempt: int) -> None:

@@ -1,55 +1,207 @@
-from typing import Annotated
+import asyncio
+import binascii
+import time
+from base64 import b64decode
+from typing import Any, NoReturn
 
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
 
+from service.context import AppContext
 from service.datasets.service import ingest_limits
 from service.deps import ContextDep, VersionDep
 from service.errors import ApiError
-from service.inference.schemas import PredictOut
-from service.inference.service import PredictorCache, predict_images
+from service.inference.metrics import InferenceMetrics
+from service.inference.schemas import PREDICT_JSON_EXAMPLE, PredictJson, PredictOptions, PredictOut
+from service.inference.service import (
+    LoadedModel,
+    ModelCache,
+    ModelUnloadedError,
+    QueueFullError,
+    decode_images,
+    fill_predictions,
+)
+from service.tables import ModelVersion
 
 router = APIRouter(prefix="/v1/models", tags=["inference"])
+
+# Seconds a client refused for a full queue is told to wait: a few forward passes' worth.
+RETRY_AFTER_SECONDS = 1
+
+_REQUEST_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["images"],
+                "properties": {
+                    "images": {
+                        "type": "array",
+                        "items": {"type": "string", "format": "binary"},
+                        "description": "Images to classify, one part per image.",
+                    },
+                    "top_k": {"type": "integer", "minimum": 1, "maximum": 100, "default": 5},
+                    "task": {"type": "string"},
+                },
+            }
+        },
+        "application/json": {
+            "schema": PredictJson.model_json_schema(),
+            "example": PREDICT_JSON_EXAMPLE,
+        },
+    },
+}
+
+
+def _too_many(limit: int) -> ApiError:
+    return ApiError(413, "too_many_images", f"At most {limit} images per call.", param="images")
+
+
+def _too_large(name: str, limit: int) -> ApiError:
+    return ApiError(413, "image_too_large", f"{name} is over {limit} bytes.", param="images")
+
+
+async def _read_multipart(
+    request: Request, context: AppContext
+) -> tuple[list[tuple[str, bytes | None]], int, str | None]:
+    settings = context.settings
+    # One file over the cap is read so that "too many" is answered as such (413).
+    form = await request.form(max_files=settings.max_predict_images + 1, max_fields=10)
+    uploads = [item for item in form.getlist("images") if isinstance(item, UploadFile)]
+    if not uploads:
+        raise ApiError(422, "invalid_request", "images: at least one file is required", "images")
+    if len(uploads) > settings.max_predict_images:
+        raise _too_many(settings.max_predict_images)
+    images: list[tuple[str, bytes | None]] = []
+    for upload in uploads:
+        data = await upload.read(settings.max_predict_bytes + 1)
+        if len(data) > settings.max_predict_bytes:
+            raise _too_large(upload.filename or f"image-{len(images)}", settings.max_predict_bytes)
+        images.append((upload.filename or f"image-{len(images)}", data))
+    fields = {key: form.get(key) for key in ("top_k", "task") if form.get(key) is not None}
+    try:
+        options = PredictOptions.model_validate(fields)
+    except ValidationError as exc:
+        _raise_validation(exc)
+    return images, options.top_k, options.task
+
+
+async def _read_json(
+    request: Request, context: AppContext
+) -> tuple[list[tuple[str, bytes | None]], int, str | None]:
+    settings = context.settings
+    # Base64 takes 4 bytes per 3, plus room for names and the JSON around them.
+    cap = settings.max_predict_images * (settings.max_predict_bytes * 4 // 3 + 1024) + 65536
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > cap:
+            raise ApiError(413, "payload_too_large", f"The body is over {cap} bytes.", "images")
+    try:
+        parsed = PredictJson.model_validate_json(bytes(body))
+    except ValidationError as exc:
+        _raise_validation(exc)
+    if len(parsed.images) > settings.max_predict_images:
+        raise _too_many(settings.max_predict_images)
+    images: list[tuple[str, bytes | None]] = []
+    for index, image in enumerate(parsed.images):
+        name = image.name or f"image-{index}"
+        try:
+            data: bytes | None = b64decode(image.data, validate=True)
+        except (binascii.Error, ValueError):
+            data = None  # reported for this image alone, like an unreadable file
+        if data is not None and len(data) > settings.max_predict_bytes:
+            raise _too_large(name, settings.max_predict_bytes)
+        images.append((name, data))
+    return images, parsed.top_k, parsed.task
+
+
+def _raise_validation(exc: ValidationError) -> NoReturn:
+    # Through FastAPI's own handler, so the envelope names the field like any other 422.
+    raise RequestValidationError(
+        [{**error, "loc": ("body", *error["loc"])} for error in exc.errors(include_url=False)]
+    )
+
+
+async def _run_batch(
+    cache: ModelCache, version: ModelVersion, model: LoadedModel, inputs: Any
+) -> Any:
+    for _ in range(2):
+        assert model.batcher is not None
+        try:
+            future = model.batcher.submit(inputs)
+        except ModelUnloadedError:
+            # Unloaded between lookup and submit (cache pressure): load it again, once.
+            model = await run_in_threadpool(cache.get, version)
+            continue
+        except QueueFullError:
+            raise ApiError(
+                503,
+                "overloaded",
+                "Too many predict calls are waiting for this model; retry shortly.",
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            ) from None
+        return await asyncio.wrap_future(future)
+    raise ApiError(
+        503,
+        "overloaded",
+        "The model cache is too small for the models in use; retry shortly.",
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
 
 
 @router.post(
     "/{name}/versions/{version}/predict",
     summary="Classify images with a model version",
-    description="Multipart field `images`, once per image. Answers top-k labels per image, in the "
-    "order sent; an image that cannot be read gets an `error` entry instead of failing the "
-    "call.\n\n`curl -H 'Authorization: Bearer $KEY' -F images=@a.png -F images=@b.png "
-    ".../v1/models/digits/versions/1/predict`",
+    description="Send images as multipart field `images` (once per image) or as JSON "
+    '`{"images": [{"name": "a.png", "data": "<base64>"}], "top_k": 3}`. Answers the top-k '
+    "labels per image, in the order sent; an image that cannot be read gets an `error` "
+    "entry instead of failing the call. Calls for the same version are batched together; "
+    "when too many wait, the answer is 503 with `Retry-After`.\n\n"
+    "`curl -H 'Authorization: Bearer $KEY' -F images=@a.png -F images=@b.png "
+    ".../v1/models/digits/versions/production/predict`",
+    openapi_extra={"requestBody": _REQUEST_BODY},
 )
-async def predict(
-    request: Request,
-    version: VersionDep,
-    context: ContextDep,
-    images: Annotated[list[UploadFile], File(description="Images to classify.")],
-    top_k: Annotated[int, Form(ge=1, le=100)] = 5,
-) -> PredictOut:
-    settings = context.settings
-    if len(images) > settings.max_predict_images:
+async def predict(request: Request, version: VersionDep, context: ContextDep) -> PredictOut:
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        images, top_k, task = await _read_multipart(request, context)
+    elif content_type.startswith("application/json"):
+        images, top_k, task = await _read_json(request, context)
+    else:
         raise ApiError(
-            413,
-            "too_many_images",
-            f"At most {settings.max_predict_images} images per call.",
-            param="images",
+            415,
+            "unsupported_media_type",
+            "Send multipart/form-data (field `images`) or application/json.",
         )
-    payload: list[tuple[str, bytes]] = []
-    for upload in images:
-        data = await upload.read(settings.max_predict_bytes + 1)
-        if len(data) > settings.max_predict_bytes:
-            raise ApiError(
-                413,
-                "image_too_large",
-                f"{upload.filename} is over {settings.max_predict_bytes} bytes.",
-                param="images",
-            )
-        payload.append((upload.filename or f"image-{len(payload)}", data))
-    cache: PredictorCache = request.app.state.predictors
-    # Loading and the forward pass are CPU-bound: keep them off the event loop.
-    predictor = await run_in_threadpool(cache.get, version)
-    predictions = await run_in_threadpool(
-        predict_images, predictor, payload, top_k=top_k, limits=ingest_limits(context)
+    started = time.perf_counter()
+    cache: ModelCache = request.app.state.predictors
+    metrics: InferenceMetrics = request.app.state.inference_metrics
+    labels = (version.model.name, version.id)
+    # Loading and decoding are CPU-bound: keep them off the event loop.
+    model = await run_in_threadpool(cache.get, version)
+    if task is not None and task not in model.tasks:
+        raise ApiError(
+            422,
+            "unknown_task",
+            f"task: this model answers {', '.join(model.tasks)}, not {task!r}.",
+            param="task",
+        )
+    metrics.images.labels(*labels).inc(len(images))
+    results, good, inputs = await run_in_threadpool(
+        decode_images, model, images, limits=ingest_limits(context)
     )
-    return PredictOut(model=version.model.name, version=version.version, predictions=predictions)
+    if inputs is not None:
+        probabilities = await _run_batch(cache, version, model, inputs)
+        fill_predictions(model, results, good, probabilities, top_k=top_k)
+    metrics.request_seconds.labels(*labels).observe(time.perf_counter() - started)
+    return PredictOut(
+        model=version.model.name,
+        version=version.version,
+        task=task or model.tasks[0],
+        predictions=results,
+    )

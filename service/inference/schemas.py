@@ -1,4 +1,6 @@
-from pydantic import BaseModel, Field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class LabelScore(BaseModel):
@@ -20,6 +22,35 @@ class ImagePrediction(BaseModel):
 class PredictOut(BaseModel):
     model: str
     version: int
+    task: str
     predictions: list[ImagePrediction] = Field(
         description="One entry per image, in the order sent."
     )
+
+
+class ImageIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(default="", max_length=255, description="Echoed back as `image`.")
+    data: str = Field(description="The image file's bytes, base64-encoded.")
+
+
+PREDICT_JSON_EXAMPLE: dict[str, Any] = {
+    "images": [{"name": "a.png", "data": "iVBORw0KGgo..."}],
+    "top_k": 3,
+}
+
+
+class PredictOptions(BaseModel):
+    top_k: int = Field(default=5, ge=1, le=100)
+    task: str | None = Field(
+        default=None, description="Which of the model's tasks answers; default: its only one."
+    )
+
+
+class PredictJson(PredictOptions):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [PREDICT_JSON_EXAMPLE]}
+    )
+
+    images: list[ImageIn] = Field(min_length=1)

@@ -1,27 +1,126 @@
+from dataclasses import replace
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import FileResponse
-from sqlalchemy import select
 
 from service.deps import ContextDep, ModelDep, SessionDep, TenantDep, VersionDep
 from service.errors import ApiError
-from service.models.schemas import ModelOut, VersionOut
-from service.models.service import model_out, version_out
+from service.models.schemas import (
+    AliasIn,
+    AliasOut,
+    ModelOut,
+    ModelPatch,
+    VersionDetail,
+    VersionOut,
+    VersionPatch,
+)
+from service.models.service import (
+    VersionFilters,
+    delete_alias,
+    delete_model,
+    delete_version,
+    model_out,
+    models_query,
+    parse_metric_filter,
+    parse_order,
+    search_versions,
+    set_alias,
+    set_model_tags,
+    update_version,
+    version_detail,
+    version_out,
+)
 from service.pagination import Page, PageParams, page_params, paginate
-from service.tables import ModelVersion, RegisteredModel
+from service.tables import RegisteredModel
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
+search_router = APIRouter(prefix="/v1/model-versions", tags=["models"])
+
+PageDep = Annotated[PageParams, Depends(page_params)]
+AliasPath = Annotated[
+    str,
+    Path(
+        pattern=r"^[a-z][a-z0-9._-]{0,99}$",
+        description="Alias name such as `production`: lowercase, starting with a letter (so "
+        "it can never be mistaken for a version number).",
+    ),
+]
+
+
+def version_filters(
+    base_model: Annotated[str | None, Query(description="Zoo name, e.g. `resnet18`.")] = None,
+    dataset: Annotated[str | None, Query(description="Dataset id the version trained on.")] = None,
+    strategy: Annotated[str | None, Query(description="e.g. `fine_tune`.")] = None,
+    tag: Annotated[
+        list[str] | None,
+        Query(description="Carried by the version or its model; repeat to require several."),
+    ] = None,
+    metric: Annotated[
+        list[str] | None,
+        Query(
+            description="Metric condition `<name><op><number>`, op one of >=, <=, >, <, =; "
+            "repeat to require several. Example: `val_accuracy>=0.9`."
+        ),
+    ] = None,
+    order: Annotated[
+        str,
+        Query(
+            description="`created_at`, `version` or a metric name; `-` first for descending. "
+            "Versions without the metric come last."
+        ),
+    ] = "created_at",
+    include_archived: Annotated[bool, Query(description="Also list archived versions.")] = False,
+) -> VersionFilters:
+    return VersionFilters(
+        base_model=base_model,
+        dataset=dataset,
+        strategy=strategy,
+        tags=tag or [],
+        metrics=[parse_metric_filter(text) for text in metric or []],
+        include_archived=include_archived,
+        order=parse_order(order),
+    )
+
+
+FiltersDep = Annotated[VersionFilters, Depends(version_filters)]
 
 
 @router.get("", summary="List registered models")
 def list_models(
-    session: SessionDep, tenant: TenantDep, params: Annotated[PageParams, Depends(page_params)]
+    session: SessionDep,
+    tenant: TenantDep,
+    params: PageDep,
+    tag: Annotated[str | None, Query(description="Only models with this tag.")] = None,
 ) -> Page[ModelOut]:
-    query = select(RegisteredModel).where(RegisteredModel.tenant_id == tenant.id)
-    rows, has_more, last_id = paginate(session, query, RegisteredModel.id, params)
+    rows, has_more, last_id = paginate(
+        session, models_query(tenant=tenant, tag=tag), RegisteredModel.id, params
+    )
     return Page(
         data=[model_out(session, model=m) for m in rows], has_more=has_more, last_id=last_id
+    )
+
+
+@search_router.get(
+    "",
+    summary="Search versions across your models",
+    description="Filter by base model, dataset, strategy, tags and metric conditions, in any "
+    "order. `?metric=val_accuracy>=0.9&order=-val_accuracy&tag=shoes`",
+)
+def search_all_versions(
+    session: SessionDep,
+    tenant: TenantDep,
+    filters: FiltersDep,
+    params: PageDep,
+    model: Annotated[str | None, Query(description="Only this model's versions.")] = None,
+) -> Page[VersionOut]:
+    if model is not None:
+        filters = replace(filters, model=model)
+    rows, has_more, last_id = search_versions(
+        session, tenant=tenant, filters=filters, params=params
+    )
+    return Page(
+        data=[version_out(session, version=v) for v in rows], has_more=has_more, last_id=last_id
     )
 
 
@@ -30,12 +129,35 @@ def get_model(model: ModelDep, session: SessionDep) -> ModelOut:
     return model_out(session, model=model)
 
 
-@router.get("/{name}/versions", summary="List a model's versions")
+@router.patch("/{name}", summary="Set a model's tags")
+def patch_model(model: ModelDep, body: ModelPatch, session: SessionDep) -> ModelOut:
+    if body.tags is not None:
+        set_model_tags(session, model=model, tags=body.tags)
+    return model_out(session, model=model)
+
+
+@router.delete(
+    "/{name}",
+    status_code=204,
+    summary="Delete a model with no versions left (409 while it has any)",
+)
+def remove_model(model: ModelDep, session: SessionDep) -> Response:
+    delete_model(session, model=model)
+    return Response(status_code=204)
+
+
+@router.get("/{name}/versions", summary="List and filter a model's versions")
 def list_versions(
-    model: ModelDep, session: SessionDep, params: Annotated[PageParams, Depends(page_params)]
+    model: ModelDep,
+    session: SessionDep,
+    tenant: TenantDep,
+    filters: FiltersDep,
+    params: PageDep,
 ) -> Page[VersionOut]:
-    query = select(ModelVersion).where(ModelVersion.model_id == model.id)
-    rows, has_more, last_id = paginate(session, query, ModelVersion.id, params)
+    filters = replace(filters, model=model.name)
+    rows, has_more, last_id = search_versions(
+        session, tenant=tenant, filters=filters, params=params
+    )
     return Page(
         data=[version_out(session, version=v) for v in rows], has_more=has_more, last_id=last_id
     )
@@ -43,15 +165,57 @@ def list_versions(
 
 @router.get(
     "/{name}/versions/{version}",
-    summary="Show a version: metrics, lineage, artifacts",
+    summary="Show a version: metrics, history, lineage, artifacts",
 )
-def get_version(version: VersionDep, session: SessionDep) -> VersionOut:
-    return version_out(session, version=version)
+def get_version(version: VersionDep, session: SessionDep) -> VersionDetail:
+    return version_detail(session, version=version)
+
+
+@router.patch(
+    "/{name}/versions/{version}",
+    summary="Set a version's tags, archive or unarchive it",
+)
+def patch_version(version: VersionDep, body: VersionPatch, session: SessionDep) -> VersionDetail:
+    update_version(session, version=version, tags=body.tags, archived=body.archived)
+    return version_detail(session, version=version)
+
+
+@router.delete(
+    "/{name}/versions/{version}",
+    status_code=204,
+    summary="Delete a version and its artifacts (409 while an alias points at it)",
+    description="The version number is never reused; the model stays, even when this was "
+    "its last version (delete it with `DELETE /v1/models/{name}`).",
+)
+def remove_version(
+    request: Request, version: VersionDep, session: SessionDep, context: ContextDep
+) -> Response:
+    version_id = version.id
+    delete_version(session, store=context.store, version=version)
+    request.app.state.predictors.evict(version_id)
+    return Response(status_code=204)
+
+
+@router.put(
+    "/{name}/aliases/{alias}",
+    summary="Point an alias (e.g. `production`) at a version, creating or moving it",
+)
+def put_alias(model: ModelDep, alias: AliasPath, body: AliasIn, session: SessionDep) -> AliasOut:
+    return set_alias(session, model=model, alias=alias, version_number=body.version)
+
+
+@router.delete("/{name}/aliases/{alias}", status_code=204, summary="Delete an alias")
+def remove_alias(model: ModelDep, alias: AliasPath, session: SessionDep) -> Response:
+    delete_alias(session, model=model, alias=alias)
+    return Response(status_code=204)
 
 
 @router.get(
     "/{name}/versions/{version}/artifacts/{artifact}",
-    summary="Download an artifact (weights.safetensors, config.json)",
+    summary="Download an artifact",
+    description="`weights.safetensors`, `config.json`, `labels.json`, `card.md`, and "
+    "`model.onnx` when the export passed its parity check; the version's `artifacts` lists "
+    "each with its size and SHA-256.",
     response_class=FileResponse,
 )
 def download_artifact(version: VersionDep, artifact: str, context: ContextDep) -> FileResponse:

@@ -1,7 +1,13 @@
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+Tag = Annotated[
+    str,
+    StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/=-]{0,99}$"),
+]
+TAG_DESCRIPTION = "Up to 32 tags of letters, digits and `._:/=-`, 100 characters each."
 
 
 class ArtifactOut(BaseModel):
@@ -17,16 +23,58 @@ class VersionOut(BaseModel):
     model: str
     version: int
     aliases: list[str]
+    tags: list[str]
+    archived: bool
+    archived_at: datetime | None
     base_model: str
     strategy: str
     dataset_id: str
     job_id: str
     labels: list[str]
-    metrics: dict[str, Any]
+    metrics: dict[str, Any] = Field(
+        description="Final validation metrics: `val_accuracy`, `val_loss`, `per_class` "
+        "(precision, recall, f1, support), `confusion_matrix` (rows: true class)."
+    )
     spec: dict[str, Any]
     plan: dict[str, Any]
+    exports: dict[str, Any] = Field(
+        description="How optional exports went, e.g. `onnx`: `exported`, `max_abs_diff` "
+        "(ONNX Runtime vs PyTorch), `reason` when it was not exported."
+    )
     artifacts: list[ArtifactOut]
     created_at: datetime
+
+
+class DatasetRef(BaseModel):
+    id: str
+    name: str | None = Field(description="Null when the dataset row is gone.")
+    classes: list[str]
+    num_images: int
+
+
+class JobRef(BaseModel):
+    id: str
+    status: str | None
+    created_at: datetime | None
+    finished_at: datetime | None
+
+
+class BaseModelRef(BaseModel):
+    name: str
+    source: str = Field(description="`zoo`: a pretrained backbone from `/v1/base-models`.")
+
+
+class Lineage(BaseModel):
+    base_model: BaseModelRef
+    dataset: DatasetRef
+    job: JobRef
+
+
+class VersionDetail(VersionOut):
+    history: list[dict[str, Any]] = Field(
+        description="Per-epoch results from the job's epoch events, in order."
+    )
+    lineage: Lineage
 
 
 class VersionSummary(BaseModel):
@@ -39,6 +87,41 @@ class VersionSummary(BaseModel):
 class ModelOut(BaseModel):
     id: str
     name: str
+    tags: list[str]
     created_at: datetime
-    latest_version: VersionSummary | None
+    latest_version: VersionSummary | None = Field(
+        description="The highest-numbered version that is not archived."
+    )
     aliases: dict[str, int]
+
+
+class ModelPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"tags": ["shoes"]}]})
+
+    tags: list[Tag] | None = Field(default=None, max_length=32, description=TAG_DESCRIPTION)
+
+
+class VersionPatch(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"tags": ["reviewed"], "archived": False}]}
+    )
+
+    tags: list[Tag] | None = Field(
+        default=None, max_length=32, description=TAG_DESCRIPTION + " Replaces the version's tags."
+    )
+    archived: bool | None = Field(
+        default=None,
+        description="Archived versions leave default lists but stay addressable by number.",
+    )
+
+
+class AliasIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"version": 3}]})
+
+    version: int = Field(ge=1, description="The version number the alias points at.")
+
+
+class AliasOut(BaseModel):
+    model: str
+    alias: str
+    version: int

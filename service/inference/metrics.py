@@ -1,0 +1,57 @@
+"""Prometheus metrics of the inference path, on a registry per app (tests build many apps)."""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# `model` is the registry name (readable); `version_id` keeps two tenants' models apart.
+LABELS = ("model", "version_id")
+
+
+class InferenceMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.request_seconds = Histogram(
+            "thaw_predict_request_seconds",
+            "Predict call latency, from parsed request to answer.",
+            LABELS,
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.images = Counter(
+            "thaw_predict_images", "Images received by predict.", LABELS, registry=self.registry
+        )
+        self.batch_size = Histogram(
+            "thaw_inference_batch_size",
+            "Images per forward pass.",
+            LABELS,
+            registry=self.registry,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        )
+        self.queue_depth = Gauge(
+            "thaw_inference_queue_depth",
+            "Predict requests waiting for a forward pass.",
+            LABELS,
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "thaw_inference_rejected",
+            "Predict requests refused with 503 because the queue was full.",
+            LABELS,
+            registry=self.registry,
+        )
+        self.cache_hits = Counter(
+            "thaw_model_cache_hits",
+            "Predict calls served by a loaded model.",
+            LABELS,
+            registry=self.registry,
+        )
+        self.cache_loads = Counter(
+            "thaw_model_cache_loads", "Model loads (cache misses).", LABELS, registry=self.registry
+        )
+        self.cache_evictions = Counter(
+            "thaw_model_cache_evictions", "Models unloaded.", LABELS, registry=self.registry
+        )
+        self.cache_bytes = Gauge(
+            "thaw_model_cache_bytes",
+            "Estimated memory of the loaded models.",
+            registry=self.registry,
+        )

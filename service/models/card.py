@@ -1,0 +1,114 @@
+"""The model card (`card.md`) written next to a version's weights when it is published."""
+
+from typing import Any
+
+# Below this many training images a class's results say little; the card names such classes.
+FEW_EXAMPLES = 20
+# A class recalled less often than this on validation is called out as a weak spot.
+WEAK_RECALL = 0.7
+
+
+def _percent(value: Any) -> str:
+    return f"{100 * float(value):.1f}%" if isinstance(value, int | float) else "n/a"
+
+
+def render_card(
+    *,
+    model_name: str,
+    job_id: str,
+    dataset: dict[str, Any],
+    spec: dict[str, Any],
+    plan: dict[str, Any],
+    metrics: dict[str, Any],
+    history: list[dict[str, Any]],
+    onnx: dict[str, Any] | None,
+) -> str:
+    """Markdown: data, training, results, intended use and limits, from the job's own records."""
+    counts: dict[str, dict[str, int]] = dataset.get("class_counts", {})
+    classes: list[str] = list(metrics.get("classes") or dataset.get("classes", []))
+    lines = [
+        f"# Model card: {model_name}",
+        "",
+        f"Trained by job `{job_id}` from base model `{plan.get('base_model')}` with the "
+        f"`{spec.get('strategy')}` strategy.",
+        "",
+        "## Data",
+        "",
+        f"Dataset `{dataset.get('id')}` ({dataset.get('name')}): {dataset.get('num_images', 0)} "
+        f"images in {len(classes)} classes.",
+        "",
+        "| class | train | val | total |",
+        "|---|---|---|---|",
+    ]
+    for name in classes:
+        count = counts.get(name, {})
+        cells = [str(count.get(split, 0)) for split in ("train", "val", "total")]
+        lines.append(f"| {name} | {' | '.join(cells)} |")
+    lines += [
+        "",
+        "## Training",
+        "",
+        f"- Batch size {plan.get('batch_size')}, optimizer {plan.get('optimizer')}, "
+        f"seed {plan.get('seed')}, pretrained backbone: {plan.get('pretrained')}.",
+    ]
+    for stage in plan.get("stages", []):
+        lines.append(
+            f"- Stage `{stage.get('name')}`: {stage.get('epochs')} epoch(s) at "
+            f"{stage.get('image_size')} px, trains {', '.join(stage.get('trainable_groups', []))}"
+            f"; BatchNorm {stage.get('bn_mode')}."
+        )
+    lines += [
+        "",
+        "## Results",
+        "",
+        f"Validation accuracy {_percent(metrics.get('val_accuracy'))}, validation loss "
+        f"{metrics.get('val_loss', 'n/a')}, over {len(history)} epoch(s).",
+        "",
+        "| class | precision | recall | f1 | support |",
+        "|---|---|---|---|---|",
+    ]
+    per_class: list[dict[str, Any]] = metrics.get("per_class", [])
+    for row in per_class:
+        lines.append(
+            f"| {row['label']} | {_percent(row.get('precision'))} | {_percent(row.get('recall'))} "
+            f"| {_percent(row.get('f1'))} | {row.get('support')} |"
+        )
+    if onnx is not None:
+        lines += [
+            "",
+            "ONNX: "
+            + (
+                f"exported, max |ONNX Runtime - PyTorch| = {onnx.get('max_abs_diff'):.2g}."
+                if onnx.get("exported")
+                else f"not exported ({onnx.get('reason')})."
+            ),
+        ]
+    lines += [
+        "",
+        "## Intended use",
+        "",
+        f"Classifying images into exactly these classes: {', '.join(classes)}. Every input gets "
+        "one of them, so images of anything else still receive a confident-looking label; "
+        "check the probabilities and keep a human in the loop where mistakes are costly.",
+        "",
+        "## Limits",
+        "",
+    ]
+    few = [name for name in classes if counts.get(name, {}).get("train", 0) < FEW_EXAMPLES]
+    weak = [
+        str(row["label"])
+        for row in per_class
+        if isinstance(row.get("recall"), int | float) and row["recall"] < WEAK_RECALL
+    ]
+    val_total = sum(count.get("val", 0) for count in counts.values())
+    limits = [
+        f"- Results come from {val_total} validation images drawn from the same upload as the "
+        "training images; they overstate accuracy on images from elsewhere."
+    ]
+    if few:
+        limits.append(
+            f"- Classes with fewer than {FEW_EXAMPLES} training images: {', '.join(few)}."
+        )
+    if weak:
+        limits.append(f"- Classes recalled less than {_percent(WEAK_RECALL)}: {', '.join(weak)}.")
+    return "\n".join([*lines, *limits, ""])
