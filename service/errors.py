@@ -1,11 +1,13 @@
 """The error envelope `{"error": {"code", "message", "param"}}`: right status, never a trace."""
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
@@ -27,6 +29,38 @@ class ApiError(Exception):
         self.message = message
         self.param = param
         self.headers = headers
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    code: str
+    message: str
+    param: str | None = None
+
+
+class ErrorEnvelope(BaseModel):
+    """Every error answer: a machine `code`, a sentence for people, and the field at fault."""
+
+    error: ErrorDetail
+
+
+def _documented(description: str) -> dict[str, Any]:
+    return {"model": ErrorEnvelope, "description": description}
+
+
+# Declared on every operation so clients (and Postman) know the shape of every failure.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: _documented("Malformed request."),
+    401: _documented("Missing or invalid API key."),
+    404: _documented("Not found in your tenant."),
+    409: _documented("The resource is in a state that does not allow this."),
+    413: _documented("Too large."),
+    415: _documented("Unsupported content type."),
+    422: _documented("A field is invalid; `param` names it, `details` lists every problem."),
+    429: _documented("Too many requests; see Retry-After."),
+    503: _documented("A dependency is unavailable or the server is overloaded; retry later."),
+}
 
 
 def not_found(kind: str, ident: str) -> ApiError:
@@ -58,6 +92,22 @@ def _param_of(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in parts)
 
 
+def _methods_for_path(request: Request) -> set[str]:
+    """The documented methods of the path template that routes this request.
+
+    Like the router, a literal segment (`/v1/jobs/plan`) wins over a parameter (`{job_id}`).
+    """
+    matches = [
+        (template.count("{"), operations)
+        for template, operations in request.app.openapi()["paths"].items()
+        if re.fullmatch(re.sub(r"\{[^}]+\}", "[^/]+", template), request.url.path)
+    ]
+    if not matches:
+        return set()
+    fewest = min(count for count, _ in matches)
+    return {m.upper() for count, ops in matches if count == fewest for m in ops}
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -84,9 +134,14 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = STATUS_CODES.get(exc.status_code, "error")
-        return JSONResponse(error_body(code, str(exc.detail)), exc.status_code, headers=exc.headers)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names only the first route matching the path, but several routes
+            # (GET, PATCH, DELETE) can share one, and `Allow` must list all their methods.
+            headers["Allow"] = ", ".join(sorted(_methods_for_path(request)))
+        return JSONResponse(error_body(code, str(exc.detail)), exc.status_code, headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

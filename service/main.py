@@ -15,7 +15,7 @@ from service.auth.router import router as auth_router
 from service.base_models.router import router as base_models_router
 from service.context import AppContext
 from service.datasets.router import router as datasets_router
-from service.errors import error_body, install_error_handlers
+from service.errors import ERROR_RESPONSES, error_body, install_error_handlers
 from service.inference.metrics import InferenceMetrics
 from service.inference.router import router as inference_router
 from service.inference.service import ModelCache
@@ -24,6 +24,7 @@ from service.jobs.router import router as jobs_router
 from service.models.router import router as models_router
 from service.models.router import search_router as model_search_router
 from service.settings import Settings, get_settings
+from service.ui.router import router as ui_router
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         reaper.join(timeout=5)
         predictors.close()
 
-    app = FastAPI(title="thaw", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title="thaw",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        responses=ERROR_RESPONSES,
+    )
     app.state.context = context
     metrics = InferenceMetrics()
     predictors = ModelCache(store=context.store, settings=context.settings, metrics=metrics)
@@ -63,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         models_router,
         model_search_router,
         inference_router,
+        ui_router,
     ):
         app.include_router(router)
 

@@ -29,7 +29,8 @@ def page_params(
         str | None, Query(description="Return items after this id (the previous `last_id`).")
     ] = None,
 ) -> PageParams:
-    return PageParams(limit=limit, after=after)
+    # `?after=` with no value means the first page, as if it were absent.
+    return PageParams(limit=limit, after=after or None)
 
 
 def _cursor(id_column: InstrumentedAttribute[Any], after: str) -> Any:

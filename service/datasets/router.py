@@ -5,6 +5,7 @@ from sqlalchemy import select
 
 from service.datasets import service
 from service.datasets.schemas import DatasetOut
+from service.datasets.service import MAX_SEED
 from service.deps import ContextDep, DatasetDep, SessionDep, TenantDep
 from service.pagination import Page, PageParams, page_params, paginate
 from service.tables import Dataset
@@ -27,9 +28,25 @@ UPLOAD_BODY: dict[str, Any] = {
                             "description": "zip or tar(.gz/.bz2/.xz) with one folder per class, "
                             "or images plus a CSV manifest (`path,label`) at the root.",
                         },
-                        "name": {"type": "string", "description": "Default: the file name."},
-                        "val_fraction": {"type": "number", "default": 0.2},
-                        "seed": {"type": "integer", "default": 0},
+                        "name": {
+                            "type": "string",
+                            "maxLength": 200,
+                            "description": "Default: the file name.",
+                        },
+                        "val_fraction": {
+                            "type": "number",
+                            "default": 0.2,
+                            "exclusiveMinimum": 0,
+                            "exclusiveMaximum": 0.9,
+                            "description": "Share of each class held out for validation.",
+                        },
+                        "seed": {
+                            "type": "integer",
+                            "default": 0,
+                            "minimum": 0,
+                            "maximum": MAX_SEED,
+                            "description": "Seed of the train/validation split.",
+                        },
                     },
                 }
             }

@@ -17,6 +17,9 @@ from service.uploads import ReceivedUpload
 logger = logging.getLogger(__name__)
 
 
+MAX_SEED = 2**31 - 1
+
+
 def archive_key(dataset_id: str) -> str:
     return f"uploads/{dataset_id}/archive"
 
@@ -46,14 +49,19 @@ def _form_float(
     return value
 
 
+def _form_seed(fields: dict[str, str]) -> int:
+    raw = fields.get("seed") or "0"
+    if not raw.isdigit() or int(raw) > MAX_SEED:
+        raise ApiError(
+            422, "invalid_request", f"seed: an integer from 0 to {MAX_SEED}", param="seed"
+        )
+    return int(raw)
+
+
 def create_dataset(*, context: AppContext, tenant: Tenant, upload: ReceivedUpload) -> Dataset:
     fields = upload.fields
     try:
-        seed = int(fields.get("seed") or 0)
-    except ValueError:
-        upload.path.unlink(missing_ok=True)
-        raise ApiError(422, "invalid_request", "seed: not an integer", param="seed") from None
-    try:
+        seed = _form_seed(fields)
         val_fraction = _form_float(fields, "val_fraction", 0.2, 0.0, 0.9)
     except ApiError:
         upload.path.unlink(missing_ok=True)

@@ -1,7 +1,7 @@
-from datetime import datetime
-from typing import Any, Literal
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
@@ -23,17 +23,12 @@ SPEC_EXAMPLE: dict[str, Any] = {
 class HeadSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    hidden: list[int] = Field(
+    hidden: list[Annotated[int, Field(ge=1, le=8192)]] = Field(
         default_factory=list,
         max_length=4,
         description="Sizes of hidden fully-connected layers before the classifier.",
     )
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-
-    def model_post_init(self, _context: Any) -> None:
-        for width in self.hidden:
-            if not 1 <= width <= 8192:
-                raise ValueError("hidden layer sizes must be between 1 and 8192")
 
 
 class JobSpec(BaseModel):
@@ -127,6 +122,26 @@ class JobOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
 
+    @computed_field(  # type: ignore[prop-decorator]
+        description="Seconds left, estimated from the time this attempt has run and its "
+        "`progress`; null when unknown (queued, not started, or no progress yet)."
+    )
+    @property
+    def eta_seconds(self) -> float | None:
+        return estimate_eta(status=self.status, progress=self.progress, started_at=self.started_at)
+
+
+def estimate_eta(
+    *, status: str, progress: float, started_at: datetime | None, now: datetime | None = None
+) -> float | None:
+    if status == "succeeded":
+        return 0.0
+    # Before the first progress report (e.g. while features are cached) there is no rate yet.
+    if status != "running" or started_at is None or not 0.0 < progress < 1.0:
+        return None
+    elapsed = ((now or datetime.now(UTC)) - started_at).total_seconds()
+    return round(max(elapsed, 0.0) * (1.0 - progress) / progress, 1)
+
 
 class JobEventOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
@@ -136,3 +151,31 @@ class JobEventOut(BaseModel):
     attempt: int
     data: dict[str, Any]
     created_at: datetime
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(examples=["no_model_yet"])
+    message: str
+    param: str | None
+
+
+class ErrorOut(BaseModel):
+    """The error envelope every route answers with on failure."""
+
+    error: ErrorDetail
+
+
+STREAM_EXAMPLE = (
+    "retry: 2000\n\n"
+    'id: 41\nevent: status\ndata: {"id":41,"kind":"status","attempt":1,'
+    '"data":{"status":"running"},"created_at":"2025-01-01T12:00:00Z"}\n\n'
+    'event: progress\ndata: {"status":"running","progress":0.25,"eta_seconds":42.0}\n\n'
+    'id: 42\nevent: epoch\ndata: {"id":42,"kind":"epoch","attempt":1,"data":{"stage":"head",'
+    '"stage_index":0,"epoch":1,"global_epoch":1,"train_loss":1.2,"val_loss":0.9,'
+    '"val_accuracy":0.71,"learning_rates":{"head":0.01},"seconds":3.1},'
+    '"created_at":"2025-01-01T12:00:03Z"}\n\n'
+    ": keep-alive\n\n"
+    'id: 43\nevent: status\ndata: {"id":43,"kind":"status","attempt":1,'
+    '"data":{"status":"succeeded","model":"digits","version":1},'
+    '"created_at":"2025-01-01T12:00:09Z"}\n\n'
+)

@@ -16,6 +16,8 @@ from service.models.schemas import (
     VersionPatch,
 )
 from service.models.service import (
+    METRIC_FILTER_PATTERN,
+    ORDER_PATTERN,
     VersionFilters,
     delete_alias,
     delete_model,
@@ -60,14 +62,17 @@ def version_filters(
         list[str] | None,
         Query(
             description="Metric condition `<name><op><number>`, op one of >=, <=, >, <, =; "
-            "repeat to require several. Example: `val_accuracy>=0.9`."
+            "repeat to require several. Example: `val_accuracy>=0.9`.",
+            # Documented, not enforced here: parse_metric_filter explains a mismatch better.
+            json_schema_extra={"items": {"type": "string", "pattern": METRIC_FILTER_PATTERN}},
         ),
     ] = None,
     order: Annotated[
         str,
         Query(
             description="`created_at`, `version` or a metric name; `-` first for descending. "
-            "Versions without the metric come last."
+            "Versions without the metric come last.",
+            json_schema_extra={"pattern": ORDER_PATTERN},
         ),
     ] = "created_at",
     include_archived: Annotated[bool, Query(description="Also list archived versions.")] = False,

@@ -243,8 +243,14 @@ def delete_model(session: Session, *, model: RegisteredModel) -> None:
 
 # --- search ----------------------------------------------------------------------------------
 
-_METRIC_FILTER = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]{0,99})\s*(>=|<=|==|=|>|<)\s*(\S+)\s*$")
-_ORDER = re.compile(r"^(-?)([A-Za-z_][A-Za-z0-9_]{0,99})$")
+# Also published in the OpenAPI schema, so generated clients know what the server accepts.
+METRIC_FILTER_PATTERN = (
+    r"^([A-Za-z_][A-Za-z0-9_]{0,99})(>=|<=|==|=|>|<)([-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
+    r"(?:[eE][-+]?[0-9]+)?)$"
+)
+ORDER_PATTERN = r"^(-?)([A-Za-z_][A-Za-z0-9_]{0,99})$"
+_METRIC_FILTER = re.compile(METRIC_FILTER_PATTERN)
+_ORDER = re.compile(ORDER_PATTERN)
 _OPERATORS = {
     ">=": lambda column, value: column >= value,
     "<=": lambda column, value: column <= value,
@@ -498,5 +504,5 @@ def model_out(session: Session, *, model: RegisteredModel) -> ModelOut:
             val_accuracy=latest.metrics.get("val_accuracy"),
             created_at=latest.created_at,
         ),
-        aliases={alias: number for alias, number in aliases},
+        aliases={row.alias: row.version for row in aliases},
     )
