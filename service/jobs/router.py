@@ -1,11 +1,21 @@
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends, Header, Response
+from fastapi import APIRouter, Body, Depends, Header, Query, Response
+from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
 from service.deps import ContextDep, JobDep, SessionDep, TenantDep
-from service.jobs import service
-from service.jobs.schemas import SPEC_EXAMPLE, JobEventOut, JobOut, JobSpec, PlanOut
+from service.errors import ErrorEnvelope
+from service.jobs import plots, service
+from service.jobs.schemas import (
+    SPEC_EXAMPLE,
+    STREAM_EXAMPLE,
+    JobEventOut,
+    JobOut,
+    JobSpec,
+    PlanOut,
+)
+from service.jobs.stream import job_event_stream, resume_cursor
 from service.pagination import Page, PageParams, page_params, paginate
 from service.tables import Job, JobEvent
 
@@ -74,3 +84,73 @@ def list_events(
     return Page(
         data=[JobEventOut.model_validate(r) for r in rows], has_more=has_more, last_id=last_id
     )
+
+
+@router.get(
+    "/{job_id}/events/stream",
+    summary="Follow the job's events live (server-sent events)",
+    description="`text/event-stream`: each stored event as `id:` (event id), `event:` (`status` "
+    "or `epoch`) and `data:` (the event as JSON, as in `/events`); between them `progress` "
+    "events (no id) with `status`, `progress` and `eta_seconds`, and `: keep-alive` comments. "
+    "The stream ends after the terminal status event (`succeeded`, `failed`, `cancelled`). "
+    "Resume with the `Last-Event-ID` header (browsers' EventSource sends it on reconnect) or "
+    "`?after=<event id>`.\n\n`curl -N -H 'Authorization: Bearer $KEY' "
+    ".../v1/jobs/$JOB/events/stream`",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "The event stream.",
+            "content": {
+                "text/event-stream": {
+                    "schema": {"type": "string"},
+                    "example": STREAM_EXAMPLE,
+                }
+            },
+        }
+    },
+)
+def stream_events(
+    job: JobDep,
+    session: SessionDep,
+    context: ContextDep,
+    last_event_id: Annotated[str | None, Header(description="Resume after this event id.")] = None,
+    after: Annotated[
+        str | None, Query(description="Resume after this event id (when no Last-Event-ID).")
+    ] = None,
+) -> StreamingResponse:
+    cursor = resume_cursor(last_event_id=last_event_id, after=after)
+    # The stream opens its own short sessions; this one must not hold a connection meanwhile.
+    session.close()
+    return StreamingResponse(
+        job_event_stream(context, job_id=job.id, after=cursor),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.get(
+    "/{job_id}/plots/curves.svg",
+    summary="Training curves: train/val loss and val accuracy per epoch, stages marked",
+    response_class=Response,
+    responses={200: {"description": "An SVG image.", "content": {"image/svg+xml": {}}}},
+)
+def curves(job: JobDep, session: SessionDep) -> Response:
+    return Response(
+        plots.job_curves_svg(session, job=job),
+        media_type="image/svg+xml",
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+@router.get(
+    "/{job_id}/plots/confusion.png",
+    summary="Confusion matrix of the published version on the validation split",
+    description="409 `no_model_yet` until the job has published a model version.",
+    response_class=Response,
+    responses={
+        200: {"description": "A PNG image.", "content": {"image/png": {}}},
+        409: {"description": "No model version yet.", "model": ErrorEnvelope},
+    },
+)
+def confusion(job: JobDep, session: SessionDep) -> Response:
+    return Response(plots.job_confusion_png(session, job=job), media_type="image/png")

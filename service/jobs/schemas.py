@@ -153,18 +153,6 @@ class JobEventOut(BaseModel):
     created_at: datetime
 
 
-class ErrorDetail(BaseModel):
-    code: str = Field(examples=["no_model_yet"])
-    message: str
-    param: str | None
-
-
-class ErrorOut(BaseModel):
-    """The error envelope every route answers with on failure."""
-
-    error: ErrorDetail
-
-
 STREAM_EXAMPLE = (
     "retry: 2000\n\n"
     'id: 41\nevent: status\ndata: {"id":41,"kind":"status","attempt":1,'

@@ -1,0 +1,193 @@
+"""The dashboard at /ui: server-rendered pages over the same services as the API.
+
+Signing in stores the API key in an HttpOnly, SameSite=Strict cookie. The pages' scripts reach
+the API through `/ui/api/v1/...`, which forwards to `/v1/...` with that key as the bearer token,
+so the key never reaches JavaScript and the API itself keeps accepting bearer tokens only.
+"""
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Cookie, Depends, HTTPException, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+from sqlalchemy import select
+from starlette.types import Receive, Scope, Send
+
+from service.auth.service import authenticate
+from service.deps import SessionDep
+from service.models.service import model_out, version_out
+from service.tables import Dataset, Job, JobEvent, ModelVersion, RegisteredModel, Tenant
+
+router = APIRouter(prefix="/ui", include_in_schema=False)
+templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
+COOKIE = "thaw_key"
+UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
+LIST_LIMIT = 100
+
+
+def ui_tenant(session: SessionDep, thaw_key: Annotated[str | None, Cookie()] = None) -> Tenant:
+    tenant = authenticate(session, key=thaw_key) if thaw_key else None
+    if tenant is None:
+        # The app's HTTP error handler keeps the headers, so this is a plain redirect.
+        raise HTTPException(303, "Sign in first.", headers={"Location": "/ui/login"})
+    return tenant
+
+
+UiTenant = Annotated[Tenant, Depends(ui_tenant)]
+
+
+def _page(request: Request, name: str, **context: Any) -> HTMLResponse:
+    return templates.TemplateResponse(request, name, context)
+
+
+@router.get("/login")
+def login_form(request: Request, error: str | None = None) -> HTMLResponse:
+    return _page(request, "login.html", error=error)
+
+
+@router.post("/login")
+async def login(request: Request, session: SessionDep) -> Response:
+    form = await request.form()
+    key = str(form.get("api_key", "")).strip()
+    if not key or authenticate(session, key=key) is None:
+        return _page(request, "login.html", error="That API key is not valid.")
+    response = RedirectResponse("/ui/jobs", status_code=303)
+    response.set_cookie(
+        COOKIE,
+        key,
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+        path="/ui",
+    )
+    return response
+
+
+@router.post("/logout")
+def logout() -> Response:
+    response = RedirectResponse("/ui/login", status_code=303)
+    response.delete_cookie(COOKIE, path="/ui")
+    return response
+
+
+@router.get("")
+def home() -> Response:
+    return RedirectResponse("/ui/jobs", status_code=303)
+
+
+@router.get("/jobs")
+def jobs_page(request: Request, session: SessionDep, tenant: UiTenant) -> HTMLResponse:
+    jobs = session.scalars(
+        select(Job).where(Job.tenant_id == tenant.id).order_by(Job.id.desc()).limit(LIST_LIMIT)
+    ).all()
+    datasets = session.scalars(
+        select(Dataset)
+        .where(Dataset.tenant_id == tenant.id, Dataset.status == "ready")
+        .order_by(Dataset.id.desc())
+    ).all()
+    return _page(request, "jobs.html", tenant=tenant, jobs=jobs, datasets=datasets)
+
+
+@router.get("/jobs/{job_id}")
+def job_page(job_id: str, request: Request, session: SessionDep, tenant: UiTenant) -> Response:
+    job = session.get(Job, job_id)
+    if job is None or job.tenant_id != tenant.id:
+        return _page(request, "missing.html", tenant=tenant, what=f"job {job_id}")
+    events = session.scalars(
+        select(JobEvent).where(JobEvent.job_id == job.id).order_by(JobEvent.id)
+    ).all()
+    return _page(request, "job.html", tenant=tenant, job=job, events=events)
+
+
+@router.get("/datasets")
+def datasets_page(request: Request, session: SessionDep, tenant: UiTenant) -> HTMLResponse:
+    datasets = session.scalars(
+        select(Dataset)
+        .where(Dataset.tenant_id == tenant.id)
+        .order_by(Dataset.id.desc())
+        .limit(LIST_LIMIT)
+    ).all()
+    return _page(request, "datasets.html", tenant=tenant, datasets=datasets)
+
+
+def _models(session: SessionDep, tenant: Tenant) -> list[dict[str, Any]]:
+    models = session.scalars(
+        select(RegisteredModel)
+        .where(RegisteredModel.tenant_id == tenant.id)
+        .order_by(RegisteredModel.name)
+    ).all()
+    result = []
+    for model in models:
+        versions = session.scalars(
+            select(ModelVersion)
+            .where(ModelVersion.model_id == model.id)
+            .order_by(ModelVersion.version.desc())
+        ).all()
+        result.append(
+            {
+                "model": model_out(session, model=model),
+                "versions": [version_out(session, version=v) for v in versions],
+            }
+        )
+    return result
+
+
+@router.get("/models")
+def models_page(request: Request, session: SessionDep, tenant: UiTenant) -> HTMLResponse:
+    context = request.app.state.context
+    models = _models(session, tenant)
+    cards: dict[str, str] = {}
+    for entry in models:
+        for version in entry["versions"]:
+            row = session.get_one(ModelVersion, version.id)
+            if any(a.name == "card.md" for a in version.artifacts):
+                cards[version.id] = context.store.get_bytes(
+                    f"{row.artifact_prefix}/card.md"
+                ).decode(errors="replace")
+    return _page(request, "models.html", tenant=tenant, models=models, cards=cards)
+
+
+@router.get("/predict")
+def predict_page(request: Request, session: SessionDep, tenant: UiTenant) -> HTMLResponse:
+    return _page(request, "predict.html", tenant=tenant, models=_models(session, tenant))
+
+
+class _Forward(Response):
+    """Hands the request, body unread, to the app itself under `/v1/...` with the bearer key.
+
+    Going through the app (not an HTTP client) keeps streaming both ways: uploads are not
+    buffered here and server-sent events reach the browser as they are written.
+    """
+
+    def __init__(self, scope: Scope) -> None:
+        super().__init__()
+        self.forward_scope = scope
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.forward_scope["app"](self.forward_scope, receive, send)
+
+
+@router.api_route("/api/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+def api_bridge(
+    path: str, request: Request, thaw_key: Annotated[str | None, Cookie()] = None
+) -> Response:
+    if request.method in UNSAFE_METHODS and request.headers.get("x-thaw-ui") != "1":
+        # A custom header cannot be sent cross-site without a CORS preflight we never grant:
+        # a second wall against forged requests, behind the SameSite cookie.
+        return Response("missing X-Thaw-UI header", status_code=403)
+    headers = [
+        (name, value)
+        for name, value in request.scope["headers"]
+        if name not in (b"authorization", b"cookie")
+    ]
+    if thaw_key:
+        headers.append((b"authorization", f"Bearer {thaw_key}".encode()))
+    scope = {
+        **request.scope,
+        "path": f"/v1/{path}",
+        "raw_path": f"/v1/{path}".encode(),
+        "root_path": "",
+        "headers": headers,
+    }
+    return _Forward(scope)
