@@ -10,12 +10,16 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from service.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 app = typer.Typer(help="thaw: a self-hosted transfer-learning service.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
@@ -146,19 +150,58 @@ def _stop_children(children: list["subprocess.Popen[bytes]"], timeout: float = 2
 @keys_app.command("create")
 def create_key(
     tenant: Annotated[str, typer.Option(help="Team name; created if new.")],
+    expires_days: Annotated[
+        float | None, typer.Option(help="Days until the key stops working; default: never.")
+    ] = None,
 ) -> None:
     """Create an API key for a tenant. The key is printed once, alone on the last line."""
     from service.auth.service import create_key as create
-    from service.context import AppContext
+    from service.db import utcnow
 
-    migrate_database()
-    context = AppContext(get_settings())
-    with context.db.session() as session:
-        api_key, plaintext = create(session, tenant_name=tenant)
+    expires_at = None if expires_days is None else utcnow() + timedelta(days=expires_days)
+    with _admin_session() as session:
+        api_key, plaintext = create(session, tenant_name=tenant, expires_at=expires_at)
         typer.echo(
             f"Created key {api_key.prefix}… for tenant {tenant!r}. It is shown only once:", err=True
         )
     typer.echo(plaintext)
+
+
+@keys_app.command("revoke")
+def revoke_key(
+    prefix: Annotated[str, typer.Argument(help="The key's prefix, as `keys list` shows it.")],
+) -> None:
+    """Revoke a key at once: every request with it then gets 401."""
+    from service.auth.service import revoke_key as revoke
+
+    with _admin_session() as session:
+        if revoke(session, prefix=prefix) is None:
+            typer.echo(f"No key with prefix {prefix!r}.", err=True)
+            raise typer.Exit(1)
+    typer.echo(f"Revoked {prefix}.", err=True)
+
+
+@keys_app.command("list")
+def list_keys(
+    tenant: Annotated[str | None, typer.Option(help="Only this team's keys.")] = None,
+) -> None:
+    """List keys by prefix, with their tenant, expiry and whether they are revoked."""
+    from service.auth.service import list_keys as listed
+
+    with _admin_session() as session:
+        for api_key, name in listed(session, tenant_name=tenant):
+            state = "revoked" if api_key.revoked_at else "active"
+            expires = api_key.expires_at.isoformat() if api_key.expires_at else "never"
+            typer.echo(f"{api_key.prefix}\t{name}\t{state}\texpires {expires}")
+
+
+@contextmanager
+def _admin_session() -> Iterator["Session"]:
+    from service.context import AppContext
+
+    migrate_database()
+    with AppContext(get_settings()).db.session() as session:
+        yield session
 
 
 # --- client commands: talk to a running server over HTTP -------------------------------------

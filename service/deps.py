@@ -8,6 +8,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service.auth.ratelimit import RateLimiter
 from service.auth.service import authenticate
 from service.context import AppContext
 from service.errors import ApiError, not_found
@@ -34,11 +35,12 @@ _bearer = HTTPBearer(auto_error=False, description="An API key from `thaw keys c
 
 
 def get_tenant(
+    request: Request,
     session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Tenant:
-    tenant = authenticate(session, key=credentials.credentials) if credentials else None
-    if tenant is None:
+    api_key = authenticate(session, key=credentials.credentials) if credentials else None
+    if api_key is None:
         # One answer for missing, unknown, revoked and expired keys: nothing to probe.
         raise ApiError(
             401,
@@ -47,7 +49,16 @@ def get_tenant(
             "(create one with `thaw keys create --tenant TEAM`).",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    return tenant
+    limiter: RateLimiter = request.app.state.rate_limiter
+    wait = limiter.retry_after(api_key.id)
+    if wait is not None:
+        raise ApiError(
+            429,
+            "rate_limited",
+            f"Too many requests with this API key; retry in {wait} s.",
+            headers={"Retry-After": str(wait)},
+        )
+    return api_key.tenant
 
 
 TenantDep = Annotated[Tenant, Depends(get_tenant)]

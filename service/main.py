@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
+from service.auth.ratelimit import RateLimiter
 from service.auth.router import router as auth_router
 from service.base_models.router import router as base_models_router
 from service.context import AppContext
@@ -57,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses=ERROR_RESPONSES,
     )
     app.state.context = context
+    app.state.rate_limiter = RateLimiter(per_minute=context.settings.rate_limit_per_minute)
     metrics = InferenceMetrics()
     predictors = ModelCache(store=context.store, settings=context.settings, metrics=metrics)
     app.state.inference_metrics = metrics

@@ -78,6 +78,16 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         default=None, description="Torch CPU threads in the worker; default: all cores."
     )
+    rate_limit_per_minute: int = Field(
+        default=1200,
+        ge=0,
+        description="Requests per minute per API key, per API process; 0 turns it off.",
+    )
+    max_active_jobs_per_tenant: int = Field(
+        default=16,
+        ge=1,
+        description="Queued plus running jobs a team may have; more are refused with 429.",
+    )
     log_level: str = Field(default="INFO", description="Log level of the thaw processes.")
     reaper_interval_seconds: float = Field(
         default=15.0, description="How often the API re-queues jobs whose worker vanished."

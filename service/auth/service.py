@@ -2,6 +2,7 @@
 
 import hashlib
 import secrets
+from datetime import datetime
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -17,7 +18,9 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def create_key(session: Session, *, tenant_name: str) -> tuple[ApiKey, str]:
+def create_key(
+    session: Session, *, tenant_name: str, expires_at: datetime | None = None
+) -> tuple[ApiKey, str]:
     """Create the tenant if new and a key for it; returns the row and the plaintext key."""
     tenant = session.scalar(select(Tenant).where(Tenant.name == tenant_name))
     if tenant is None:
@@ -25,16 +28,38 @@ def create_key(session: Session, *, tenant_name: str) -> tuple[ApiKey, str]:
         session.add(tenant)
         session.flush()
     plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
-    api_key = ApiKey(tenant_id=tenant.id, key_hash=hash_key(plaintext), prefix=plaintext[:12])
+    api_key = ApiKey(
+        tenant_id=tenant.id,
+        key_hash=hash_key(plaintext),
+        prefix=plaintext[:12],
+        expires_at=expires_at,
+    )
     session.add(api_key)
     session.commit()
     return api_key, plaintext
 
 
-def authenticate(session: Session, *, key: str) -> Tenant | None:
+def authenticate(session: Session, *, key: str) -> ApiKey | None:
+    """The key's row if it is known, not revoked and not expired."""
     api_key = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key)))
     if api_key is None or api_key.revoked_at is not None:
         return None
     if api_key.expires_at is not None and api_key.expires_at <= utcnow():
         return None
-    return api_key.tenant
+    return api_key
+
+
+def revoke_key(session: Session, *, prefix: str) -> ApiKey | None:
+    """Revoke the key whose shown prefix (`thaw_…`, 12 characters) matches; None if unknown."""
+    api_key = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
+    if api_key is not None and api_key.revoked_at is None:
+        api_key.revoked_at = utcnow()
+        session.commit()
+    return api_key
+
+
+def list_keys(session: Session, *, tenant_name: str | None = None) -> list[tuple[ApiKey, str]]:
+    query = select(ApiKey, Tenant.name).join(Tenant).order_by(ApiKey.created_at)
+    if tenant_name is not None:
+        query = query.where(Tenant.name == tenant_name)
+    return [(api_key, name) for api_key, name in session.execute(query)]

@@ -3,7 +3,7 @@
 import logging
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -124,6 +124,7 @@ def create_job(
             if existing is not None:
                 return existing, False
         dataset, plan, _ = resolve_plan(session, context=context, tenant=tenant, spec=spec)
+        _check_active_job_cap(session, context=context, tenant=tenant)
         job = Job(
             tenant_id=tenant.id,
             dataset_id=dataset.id,
@@ -162,6 +163,23 @@ def create_job(
             503, "broker_unavailable", "The task queue is unreachable; try again shortly."
         ) from exc
     return job, True
+
+
+def _check_active_job_cap(session: Session, *, context: AppContext, tenant: Tenant) -> None:
+    cap = context.settings.max_active_jobs_per_tenant
+    active = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.tenant_id == tenant.id, Job.status.not_in(TERMINAL_STATUSES))
+    )
+    if active is not None and active >= cap:
+        raise ApiError(
+            429,
+            "too_many_active_jobs",
+            f"Your team already has {active} queued or running jobs (the limit is {cap}); "
+            "wait for one to finish or cancel one.",
+            headers={"Retry-After": "60"},
+        )
 
 
 def _job_for_key(session: Session, *, tenant: Tenant, key: str) -> Job | None:

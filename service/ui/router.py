@@ -27,11 +27,11 @@ LIST_LIMIT = 100
 
 
 def ui_tenant(session: SessionDep, thaw_key: Annotated[str | None, Cookie()] = None) -> Tenant:
-    tenant = authenticate(session, key=thaw_key) if thaw_key else None
-    if tenant is None:
+    api_key = authenticate(session, key=thaw_key) if thaw_key else None
+    if api_key is None:
         # The app's HTTP error handler keeps the headers, so this is a plain redirect.
         raise HTTPException(303, "Sign in first.", headers={"Location": "/ui/login"})
-    return tenant
+    return api_key.tenant
 
 
 UiTenant = Annotated[Tenant, Depends(ui_tenant)]

@@ -1,0 +1,93 @@
+"""API keys and limits (issue 5, item 13): stored hashed, revoke and expiry, one 401 for every
+kind of bad key, a per-key rate limit and a per-team cap on active jobs."""
+
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from service.auth.service import create_key, hash_key
+from service.context import AppContext
+from service.db import utcnow
+from service.settings import Settings
+from service.tables import ApiKey
+from tests.conftest import make_settings
+from tests.test_api import ready_dataset, small_spec
+
+
+def thaw(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {"THAW_DATA_DIR": str(settings.data_dir), "PATH": "/usr/bin:/bin"}
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args], env=env, capture_output=True, text=True
+    )
+
+
+def test_keys_are_hashed_and_every_bad_key_gets_the_same_401(
+    client: TestClient, context: AppContext, settings: Settings
+) -> None:
+    created = thaw(settings, "keys", "create", "--tenant", "team-a")
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip().splitlines()[-1]
+    expiring = thaw(settings, "keys", "create", "--tenant", "team-a", "--expires-days", "1")
+    soon = expiring.stdout.strip().splitlines()[-1]
+    with context.db.session() as session:
+        rows = session.scalars(select(ApiKey)).all()
+        stored = {value for row in rows for value in (row.key_hash, row.prefix)}
+        assert key not in stored
+        assert hash_key(key) in stored
+        _, expired = create_key(
+            session, tenant_name="team-a", expires_at=utcnow() - timedelta(seconds=1)
+        )
+
+    def answer(token: str) -> tuple[int, str]:
+        response = client.get("/v1/datasets", headers={"Authorization": f"Bearer {token}"})
+        return response.status_code, response.text
+
+    assert answer(key)[0] == 200
+    assert answer(soon)[0] == 200
+    unknown = answer("thaw_" + "A" * 43)
+    assert unknown[0] == 401
+    assert answer(expired) == unknown
+
+    listed = thaw(settings, "keys", "list", "--tenant", "team-a").stdout
+    assert key[:12] in listed
+    assert "expires never" in listed
+    revoked = thaw(settings, "keys", "revoke", key[:12])
+    assert revoked.returncode == 0, revoked.stderr
+    assert answer(key) == unknown
+    assert f"{key[:12]}\tteam-a\trevoked" in thaw(settings, "keys", "list").stdout
+    assert thaw(settings, "keys", "revoke", "thaw_nothing").returncode == 1
+
+
+def test_rate_limit_answers_429_with_retry_after(tmp_path: Path) -> None:
+    from service.cli import migrate_database
+    from service.main import create_app
+    from tests.conftest import new_key
+
+    settings = make_settings(tmp_path / "data", rate_limit_per_minute=5)
+    migrate_database(settings)
+    with TestClient(create_app(settings)) as client:
+        context: AppContext = client.app.state.context  # type: ignore[attr-defined]
+        first, second = new_key(context, "a"), new_key(context, "b")
+        statuses = [client.get("/v1/datasets", headers=first).status_code for _ in range(7)]
+        assert statuses == [200] * 5 + [429] * 2
+        limited = client.get("/v1/datasets", headers=first)
+        assert limited.json()["error"]["code"] == "rate_limited"
+        assert int(limited.headers["Retry-After"]) >= 1
+        assert client.get("/v1/datasets", headers=second).status_code == 200, "per key"
+
+
+def test_active_jobs_are_capped_per_team(
+    client: TestClient, context: AppContext, auth: dict[str, str]
+) -> None:
+    context.settings.max_active_jobs_per_tenant = 2
+    dataset_id = ready_dataset(client, context, auth)
+    made = [client.post("/v1/jobs", headers=auth, json=small_spec(dataset_id)) for _ in range(3)]
+    assert [r.status_code for r in made] == [201, 201, 429]
+    assert made[2].json()["error"]["code"] == "too_many_active_jobs"
+    assert made[2].headers["Retry-After"]
+    client.post(f"/v1/jobs/{made[0].json()['id']}/cancel", headers=auth)
+    assert client.post("/v1/jobs", headers=auth, json=small_spec(dataset_id)).status_code == 201
