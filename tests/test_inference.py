@@ -64,7 +64,7 @@ def test_json_and_multipart_give_the_same_answers_in_order(served: Registry) -> 
     answered = client.post("/v1/models/digits/versions/1/predict", headers=auth, json=body)
     assert answered.status_code == 200, answered.text
     out = answered.json()
-    assert (out["model"], out["version"], out["task"]) == ("digits", 1, "default")
+    assert (out["model"], out["version"], out["task"]) == ("digits", 1, "digits")
     a, junk, bad, unnamed = out["predictions"]
     assert [p["image"] for p in out["predictions"]] == ["a.png", "junk.png", "bad64", "image-3"]
     assert len(a["top"]) == 3
@@ -78,7 +78,7 @@ def test_json_and_multipart_give_the_same_answers_in_order(served: Registry) -> 
         "/v1/models/digits/versions/1/predict",
         headers=auth,
         files=[("images", ("a.png", first)), ("images", ("b.png", second))],
-        data={"top_k": "3", "task": "default"},
+        data={"top_k": "3", "task": "digits"},
     ).json()
     assert multipart["predictions"][0]["top"] == a["top"]
     assert multipart["predictions"][1]["top"] == unnamed["top"]
@@ -160,7 +160,7 @@ def test_full_queue_answers_503_with_retry_after(served: Registry) -> None:
         entered = threading.Event()
         real_forward = model.forward
 
-        def slow_forward(batch: torch.Tensor) -> np.ndarray:
+        def slow_forward(batch: torch.Tensor) -> list[np.ndarray]:
             entered.set()
             release.wait(10)
             return real_forward(batch)
@@ -188,8 +188,7 @@ def fake_model(forward: Any, name: str = "m") -> LoadedModel:
     return LoadedModel(
         version_id=f"mv_{name}",
         name=name,
-        labels=["a", "b"],
-        tasks=("default",),
+        tasks={"main": ["a", "b"]},
         preprocessing={"image_size": 8, "mean": [0, 0, 0], "std": [1, 1, 1]},
         backend="torch",
         nbytes=100,
@@ -201,10 +200,10 @@ def test_batcher_gathers_waiting_requests_up_to_the_maximum() -> None:
     sizes: list[int] = []
     gate = threading.Event()
 
-    def forward(batch: torch.Tensor) -> np.ndarray:
+    def forward(batch: torch.Tensor) -> list[np.ndarray]:
         gate.wait(10)
         sizes.append(len(batch))
-        return np.tile(batch[:, :1, 0, 0].numpy(), (1, 2))
+        return [np.tile(batch[:, :1, 0, 0].numpy(), (1, 2))]
 
     batcher = Batcher(
         fake_model(forward), max_size=4, max_delay=0.0, queue_size=10, metrics=InferenceMetrics()
@@ -213,7 +212,7 @@ def test_batcher_gathers_waiting_requests_up_to_the_maximum() -> None:
     gate.set()
     results = [f.result(10) for f in futures]
     # Each request gets back its own rows, however the passes were cut.
-    assert [float(r[0, 0]) for r in results] == [0, 1, 2, 3, 4, 5]
+    assert [float(r[0][0, 0]) for r in results] == [0, 1, 2, 3, 4, 5]
     assert sum(sizes) == 6
     assert max(sizes) <= 4
     assert len(sizes) < 6  # some requests shared a pass
@@ -221,7 +220,7 @@ def test_batcher_gathers_waiting_requests_up_to_the_maximum() -> None:
 
     blocked = threading.Event()
     slow = Batcher(
-        fake_model(lambda b: (blocked.wait(10), np.zeros((len(b), 2)))[1]),
+        fake_model(lambda b: (blocked.wait(10), [np.zeros((len(b), 2))])[1]),
         max_size=1,
         max_delay=0.0,
         queue_size=1,

@@ -227,7 +227,13 @@ def test_version_page_artifacts_and_card(registry: Registry) -> None:
     assert page["lineage"]["dataset"]["id"] == registry.dataset_id
     assert page["lineage"]["dataset"]["classes"] == page["labels"]
     assert page["lineage"]["job"]["status"] == "succeeded"
-    assert page["lineage"]["base_model"] == {"name": "efficientnet_lite0", "source": "zoo"}
+    assert page["lineage"]["base_model"] == {
+        "name": "efficientnet_lite0",
+        "source": "zoo",
+        "model": None,
+        "version": None,
+        "version_id": None,
+    }
     onnx = page["exports"]["onnx"]
     assert onnx["exported"] is True
     assert onnx["max_abs_diff"] < 1e-4

@@ -140,6 +140,13 @@ def _train_and_publish(
     hooks = JobHooks(context, job_id=job_id, attempt=attempt)
     checkpoint = context.store.local_path(f"jobs/{job_id}/checkpoint.pt")
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    resume_from = checkpoint if checkpoint.exists() else None
+    if resume_from is not None:
+        # An earlier attempt was lost (its lease expired): continue where it last saved.
+        with context.db.session() as session:
+            job = session.get_one(Job, job_id)
+            record_event(session, job=job, kind="status", data={"status": "resumed"})
+            session.commit()
     result = run(
         plan,
         train=train,
@@ -148,6 +155,7 @@ def _train_and_publish(
         hooks=hooks,
         weights_dir=context.settings.resolved_weights_dir,
         checkpoint_path=checkpoint,
+        resume_from=resume_from,
     )
     if hooks.should_stop():
         raise TrainingCancelled()

@@ -195,13 +195,14 @@ async def predict(request: Request, version: VersionDep, context: ContextDep) ->
     results, good, inputs = await run_in_threadpool(
         decode_images, model, images, limits=ingest_limits(context)
     )
+    answered = task or list(model.tasks)[-1]
     if inputs is not None:
         probabilities = await _run_batch(cache, version, model, inputs)
-        fill_predictions(model, results, good, probabilities, top_k=top_k)
+        fill_predictions(model, results, good, probabilities, task=answered, top_k=top_k)
     metrics.request_seconds.labels(*labels).observe(time.perf_counter() - started)
     return PredictOut(
         model=version.model.name,
         version=version.version,
-        task=task or model.tasks[0],
+        task=answered,
         predictions=results,
     )

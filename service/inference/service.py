@@ -35,8 +35,6 @@ from worker.engine.onnx_export import INPUT_NAME, ONNX_FILE, OUTPUT_NAME
 
 logger = logging.getLogger(__name__)
 
-# Models answer one task today; multi-task models will list theirs in config.json.
-DEFAULT_TASK = "default"
 # How long an idle batcher thread sleeps before checking whether it was shut down.
 IDLE_POLL_SECONDS = 0.5
 
@@ -53,13 +51,14 @@ class ModelUnloadedError(Exception):
 class LoadedModel:
     version_id: str
     name: str
-    labels: list[str]
-    tasks: tuple[str, ...]
+    tasks: dict[str, list[str]]
+    """Labels per task, oldest first: one task, or several for a Learning-without-Forgetting
+    model. The last is the newest, answered when a request names none."""
     preprocessing: dict[str, Any]
     backend: str
     nbytes: int
-    forward: Callable[[torch.Tensor], np.ndarray]
-    """A batch of preprocessed images → class probabilities, one row per image."""
+    forward: Callable[[torch.Tensor], list[np.ndarray]]
+    """A batch of preprocessed images → per task, class probabilities with a row per image."""
     batcher: "Batcher | None" = None
 
     def prepare(self, image: Image.Image) -> torch.Tensor:
@@ -81,15 +80,17 @@ def load_model(model_dir: Path, *, version: ModelVersion, backend: str) -> Loade
     """Load a version's artifacts with the requested backend, then warm it up."""
     config = json.loads((model_dir / "config.json").read_text())
     onnx_path = model_dir / ONNX_FILE
-    forward: Callable[[torch.Tensor], np.ndarray]
-    if backend == "onnx" and onnx_path.exists():
+    tasks = _tasks(config)
+    forward: Callable[[torch.Tensor], list[np.ndarray]]
+    # The ONNX graph holds the newest head only, so models that keep old tasks run in torch.
+    if backend == "onnx" and onnx_path.exists() and len(tasks) == 1:
         import onnxruntime
 
         session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
 
-        def forward(batch: torch.Tensor) -> np.ndarray:
+        def forward(batch: torch.Tensor) -> list[np.ndarray]:
             (logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})
-            return _softmax(np.asarray(logits))
+            return [_softmax(np.asarray(logits))]
 
         nbytes = onnx_path.stat().st_size
         used = "onnx"
@@ -97,9 +98,12 @@ def load_model(model_dir: Path, *, version: ModelVersion, backend: str) -> Loade
         predictor = Predictor.load(model_dir)
         module = predictor.model
 
-        def forward(batch: torch.Tensor) -> np.ndarray:
+        def forward(batch: torch.Tensor) -> list[np.ndarray]:
+            # Every head is a small layer on shared features: computing all of them lets one
+            # batch serve requests for different tasks.
             with torch.inference_mode():
-                return module(batch.to(predictor.device)).softmax(dim=1).cpu().numpy()
+                outputs = module.forward_tasks(batch.to(predictor.device))
+                return [logits.softmax(dim=1).cpu().numpy() for logits in outputs]
 
         nbytes = sum(
             t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()]
@@ -108,8 +112,7 @@ def load_model(model_dir: Path, *, version: ModelVersion, backend: str) -> Loade
     loaded = LoadedModel(
         version_id=version.id,
         name=version.model.name,
-        labels=list(config["labels"]),
-        tasks=tuple(config.get("tasks", [DEFAULT_TASK])),
+        tasks=tasks,
         preprocessing=config["preprocessing"],
         backend=used,
         nbytes=nbytes,
@@ -121,10 +124,17 @@ def load_model(model_dir: Path, *, version: ModelVersion, backend: str) -> Loade
     return loaded
 
 
+def _tasks(config: dict[str, Any]) -> dict[str, list[str]]:
+    listed = config.get("tasks") or [
+        {"name": config["plan"].get("task_name", "main"), "labels": config["labels"]}
+    ]
+    return {task["name"]: list(task["labels"]) for task in listed}
+
+
 @dataclass
 class _Request:
     inputs: torch.Tensor
-    future: Future[np.ndarray] = field(default_factory=Future)
+    future: Future[list[np.ndarray]] = field(default_factory=Future)
 
 
 class Batcher:
@@ -155,7 +165,7 @@ class Batcher:
         )
         self._thread.start()
 
-    def submit(self, inputs: torch.Tensor) -> Future[np.ndarray]:
+    def submit(self, inputs: torch.Tensor) -> Future[list[np.ndarray]]:
         request = _Request(inputs)
         with self._lock:
             if self._closed:
@@ -224,7 +234,7 @@ class Batcher:
         start = 0
         for request in batch:
             end = start + len(request.inputs)
-            request.future.set_result(probabilities[start:end])
+            request.future.set_result([task[start:end] for task in probabilities])
             start = end
 
 
@@ -347,13 +357,14 @@ def fill_predictions(
     model: LoadedModel,
     results: list[ImagePrediction],
     good: list[int],
-    probabilities: np.ndarray,
+    probabilities: list[np.ndarray],
     *,
+    task: str,
     top_k: int,
 ) -> None:
-    k = max(1, min(top_k, len(model.labels)))
-    for index, row in zip(good, probabilities, strict=True):
+    labels = model.tasks[task]
+    rows = probabilities[list(model.tasks).index(task)]
+    k = max(1, min(top_k, len(labels)))
+    for index, row in zip(good, rows, strict=True):
         top = np.argsort(-row, kind="stable")[:k]
-        results[index].top = [
-            LabelScore(label=model.labels[i], probability=float(row[i])) for i in top
-        ]
+        results[index].top = [LabelScore(label=labels[i], probability=float(row[i])) for i in top]

@@ -31,6 +31,34 @@ class HeadSpec(BaseModel):
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
 
 
+Schedule = Literal["constant", "cosine", "one_cycle", "slanted_triangular"]
+
+
+class StageIn(BaseModel):
+    """One explicitly written stage; unset fields follow the spec."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    groups: list[str] = Field(
+        default_factory=lambda: ["all"],
+        min_length=1,
+        description="Layer group names (see the base model's groups), or `head`, `all`, "
+        "or `top:<k>` (the top k backbone groups and the head).",
+    )
+    epochs: int = Field(default=1, ge=1, le=1000)
+    lr: float | None = Field(
+        default=None, gt=0.0, le=10.0, description="Rate of the top group; lower ones ÷ lr_decay."
+    )
+    lrs: dict[str, Annotated[float, Field(gt=0.0, le=10.0)]] | None = Field(
+        default=None, description="A rate for every trainable group instead of `lr`."
+    )
+    lr_decay: float | None = Field(default=None, ge=1.0, le=100.0)
+    schedule: Schedule | None = None
+    bn_mode: Literal["train", "frozen"] | None = None
+    image_size: int | None = Field(default=None, ge=64, le=1024)
+    name: str | None = Field(default=None, max_length=50)
+
+
 class JobSpec(BaseModel):
     """What to train: the transfer spec of DESIGN §4."""
 
@@ -42,8 +70,22 @@ class JobSpec(BaseModel):
         description="Registry name to publish under (a new version each run): lowercase "
         "letters, digits, `.`, `_`, `-`.",
     )
-    base_model: str = Field(default="efficientnet_lite0", description="A name from the zoo.")
-    strategy: Literal["feature_extraction", "fine_tune", "freeze_unfreeze"] = "freeze_unfreeze"
+    base_model: str = Field(
+        default="efficientnet_lite0",
+        max_length=300,
+        description="A name from the zoo (GET /v1/base-models), or `model:<name>:<version or "
+        "alias>` to start from one of your registered models (chained transfer; required "
+        "by `lwf`).",
+    )
+    strategy: Literal[
+        "feature_extraction",
+        "fine_tune",
+        "partial",
+        "freeze_unfreeze",
+        "gradual_unfreeze",
+        "lwf",
+        "scratch",
+    ] = Field(default="freeze_unfreeze", description="A preset; see the README's table.")
     head: HeadSpec = Field(default_factory=HeadSpec)
     epochs: int = Field(default=6, ge=1, le=1000)
     batch_size: int = Field(default=32, ge=1, le=4096)
@@ -55,7 +97,7 @@ class JobSpec(BaseModel):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     weight_decay: float = Field(default=0.01, ge=0.0, le=1.0)
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
-    schedule: Literal["constant", "cosine"] = "cosine"
+    schedule: Schedule = "cosine"
     lr_decay: float = Field(
         default=2.6, ge=1.0, le=100.0, description="Discriminative rate: each lower group ÷ this."
     )
@@ -73,6 +115,33 @@ class JobSpec(BaseModel):
     )
     head_epochs: int | None = Field(
         default=None, ge=1, le=1000, description="freeze_unfreeze: epochs of the head-only stage."
+    )
+    partial_groups: int = Field(
+        default=2, ge=1, le=100, description="partial: how many top backbone groups train."
+    )
+    stages: list[StageIn] | None = Field(
+        default=None,
+        max_length=50,
+        description="Explicit stages instead of the preset's (then `epochs` is their sum).",
+    )
+    progressive_resizing: list[Annotated[int, Field(ge=64, le=1024)]] | None = Field(
+        default=None,
+        max_length=8,
+        description="Increasing image sizes a stage's epochs move through, ending at the final "
+        "size, e.g. [96, 128, 160].",
+    )
+    task_name: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9][a-z0-9._-]{0,99}$",
+        description="Name of the task this model learns (default: the model's name); an `lwf` "
+        "model answers it beside its parent's tasks.",
+    )
+    lwf_temperature: float = Field(default=2.0, gt=0.0, le=100.0)
+    lwf_lambda: float = Field(
+        default=1.0, ge=0.0, le=100.0, description="lwf: weight of the distillation loss."
+    )
+    amp: bool = Field(
+        default=True, description="On CUDA: bf16 autocast (fp16 with loss scaling on older GPUs)."
     )
     early_stopping_patience: int | None = Field(default=None, ge=1, le=1000)
     pretrained: bool = Field(default=True, description="Start from the zoo's pretrained weights.")

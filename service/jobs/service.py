@@ -1,6 +1,7 @@
 """Jobs: resolve a spec into a plan, record it, enqueue it by task name; cancel; events."""
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
@@ -11,11 +12,13 @@ from service.context import AppContext
 from service.db import utcnow
 from service.errors import ApiError
 from service.jobs.schemas import TERMINAL_STATUSES, JobSpec, PlanOut, StagePreview
-from service.tables import Dataset, Job, JobEvent, Tenant
+from service.models.service import resolve_version
+from service.tables import Dataset, Job, JobEvent, ModelVersion, RegisteredModel, Tenant
 from worker.celery_app import CPU_QUEUE, GPU_QUEUE, TRAIN_TASK
 from worker.engine import (
     HeadConfig,
     Plan,
+    StageSpec,
     TransferConfig,
     UnknownBaseModelError,
     build_model,
@@ -27,7 +30,12 @@ from worker.engine import (
 logger = logging.getLogger(__name__)
 
 
-def transfer_config(spec: JobSpec, *, num_classes: int) -> TransferConfig:
+PARENT_PREFIX = "model:"
+
+
+def transfer_config(
+    spec: JobSpec, *, num_classes: int, parent_dir: Path | None = None
+) -> TransferConfig:
     return TransferConfig(
         base_model=spec.base_model,
         strategy=spec.strategy,
@@ -49,7 +57,54 @@ def transfer_config(spec: JobSpec, *, num_classes: int) -> TransferConfig:
         pretrained=spec.pretrained,
         early_stopping_patience=spec.early_stopping_patience,
         device=spec.device,
+        partial_groups=spec.partial_groups,
+        stages=None
+        if spec.stages is None
+        else tuple(
+            StageSpec(
+                groups=tuple(stage.groups),
+                epochs=stage.epochs,
+                lr=stage.lr,
+                lrs=stage.lrs,
+                lr_decay=stage.lr_decay,
+                schedule=stage.schedule,
+                bn_mode=stage.bn_mode,
+                image_size=stage.image_size,
+                name=stage.name,
+            )
+            for stage in spec.stages
+        ),
+        progressive_resizing=None
+        if spec.progressive_resizing is None
+        else tuple(spec.progressive_resizing),
+        parent_dir=parent_dir,
+        task_name=spec.task_name or spec.model,
+        lwf_temperature=spec.lwf_temperature,
+        lwf_lambda=spec.lwf_lambda,
+        amp=spec.amp,
     )
+
+
+def resolve_parent(
+    session: Session, *, context: AppContext, tenant: Tenant, reference: str
+) -> ModelVersion:
+    """`model:<name>:<version or alias>` → that registered version of the caller's tenant."""
+    name, _, ref = reference.removeprefix(PARENT_PREFIX).partition(":")
+    model = session.scalar(
+        select(RegisteredModel).where(
+            RegisteredModel.tenant_id == tenant.id, RegisteredModel.name == name
+        )
+    )
+    version = None if model is None or not ref else resolve_version(session, model=model, ref=ref)
+    if version is None:
+        raise ApiError(
+            404,
+            "base_model_not_found",
+            f"No registered model version {reference!r} in this tenant; write "
+            "`model:<name>:<version or alias>`, e.g. `model:shoes:production`.",
+            "base_model",
+        )
+    return version
 
 
 def resolve_plan(
@@ -69,8 +124,23 @@ def resolve_plan(
             f"Dataset {dataset.id} is {dataset.status}{detail}; jobs need a ready dataset.",
             "dataset",
         )
+    if spec.strategy == "lwf" and not spec.base_model.startswith(PARENT_PREFIX):
+        raise ApiError(
+            422,
+            "invalid_spec",
+            "base_model: Learning without Forgetting keeps the task of one of your registered "
+            "models; set base_model to `model:<name>:<version or alias>`.",
+            "base_model",
+        )
+    parent = (
+        resolve_parent(session, context=context, tenant=tenant, reference=spec.base_model)
+        if spec.base_model.startswith(PARENT_PREFIX)
+        else None
+    )
+    parent_dir = None if parent is None else context.store.local_path(parent.artifact_prefix)
     try:
-        plan = compile_plan(transfer_config(spec, num_classes=len(dataset.classes)))
+        config = transfer_config(spec, num_classes=len(dataset.classes), parent_dir=parent_dir)
+        plan = compile_plan(config)
     except UnknownBaseModelError as exc:
         raise ApiError(
             422,
@@ -81,7 +151,9 @@ def resolve_plan(
     except ValueError as exc:
         raise ApiError(422, "invalid_spec", str(exc), _field_named_in(str(exc))) from None
     weights_dir = context.settings.resolved_weights_dir
-    if spec.pretrained and not weights_available(spec.base_model, weights_dir):
+    if parent is not None:
+        plan.extra["parent_version_id"] = parent.id
+    elif spec.pretrained and not weights_available(spec.base_model, weights_dir):
         raise ApiError(
             422,
             "weights_unavailable",
@@ -129,7 +201,8 @@ def create_job(
             tenant_id=tenant.id,
             dataset_id=dataset.id,
             model_name=spec.model,
-            base_model=spec.base_model,
+            # The architecture, also for chained transfer (the spec keeps `model:…`).
+            base_model=plan.base_model,
             strategy=spec.strategy,
             spec=spec.model_dump(mode="json"),
             plan=plan.to_dict(),

@@ -60,8 +60,14 @@ class JobRef(BaseModel):
 
 
 class BaseModelRef(BaseModel):
-    name: str
-    source: str = Field(description="`zoo`: a pretrained backbone from `/v1/base-models`.")
+    name: str = Field(description="The zoo architecture the weights descend from.")
+    source: str = Field(
+        description="`zoo`: a pretrained backbone from `/v1/base-models`; `registry`: one of "
+        "your model versions (chained transfer), named in `model` and `version`."
+    )
+    model: str | None = None
+    version: int | None = None
+    version_id: str | None = None
 
 
 class Lineage(BaseModel):

@@ -451,11 +451,25 @@ def epoch_history(session: Session, *, job_id: str) -> list[dict[str, Any]]:
     return sorted(latest.values(), key=lambda d: d.get("global_epoch", 0))
 
 
+def _base_model_ref(session: Session, *, version: ModelVersion) -> BaseModelRef:
+    parent_id = version.plan.get("extra", {}).get("parent_version_id")
+    parent = session.get(ModelVersion, parent_id) if parent_id else None
+    if parent is None:
+        return BaseModelRef(name=version.base_model, source="zoo")
+    return BaseModelRef(
+        name=parent.base_model,
+        source="registry",
+        model=parent.model.name,
+        version=parent.version,
+        version_id=parent.id,
+    )
+
+
 def version_detail(session: Session, *, version: ModelVersion) -> VersionDetail:
     dataset = session.get(Dataset, version.dataset_id)
     job = session.get(Job, version.job_id)
     lineage = Lineage(
-        base_model=BaseModelRef(name=version.base_model, source="zoo"),
+        base_model=_base_model_ref(session, version=version),
         dataset=DatasetRef(
             id=version.dataset_id,
             name=dataset.name if dataset else None,

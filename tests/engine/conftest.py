@@ -1,5 +1,6 @@
 """Small synthetic datasets and fast configurations shared by the engine tests."""
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -7,8 +8,10 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors.torch import save_file
 
-from worker.engine import Sample, TransferConfig
+from worker.engine import HeadConfig, Sample, TransferConfig, build_model, compile_plan
+from worker.engine.export import CONFIG_FILE, WEIGHTS_FILE, model_config
 
 Data = tuple[list[Sample], list[Sample]]
 
@@ -63,3 +66,28 @@ def make_config() -> Callable[..., TransferConfig]:
         return TransferConfig(**settings)
 
     return make
+
+
+def write_parent(folder: Path, config: TransferConfig, labels: list[str]) -> Path:
+    """An exported model as `export_model` writes it, without training: random weights."""
+    plan = compile_plan(config)
+    model = build_model(plan, weights_dir=None, pretrained=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / WEIGHTS_FILE)
+    (folder / CONFIG_FILE).write_text(json.dumps(model_config(plan, labels)))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def parent_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-class resnet18 'previous version' with a hidden-layer head, for chained transfer."""
+    config = TransferConfig(
+        base_model="resnet18",
+        strategy="feature_extraction",
+        num_classes=2,
+        image_size=64,
+        pretrained=False,
+        head=HeadConfig(hidden=(8,)),
+        task_name="shapes",
+    )
+    return write_parent(tmp_path_factory.mktemp("parent"), config, ["circle", "square"])

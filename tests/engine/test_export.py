@@ -131,3 +131,57 @@ def test_predictor_refuses_mismatched_weights(
 
     with pytest.raises(RuntimeError, match="state_dict"):
         Predictor.load(tmp_path)
+
+
+def test_lwf_model_answers_both_tasks(
+    colour_data: Data,
+    tmp_path: Path,
+    make_config: Callable[..., TransferConfig],
+    parent_dir: Path,
+) -> None:
+    plan = compile_plan(
+        make_config("lwf", parent_dir=parent_dir, pretrained=True, task_name="colours")
+    )
+    train, val = colour_data
+    result = run(plan, train=train, val=val, classes=["red", "green", "blue"])
+    export_model(result, plan, tmp_path)
+    images = [Image.open(sample.path) for sample in val[:4]]
+    batch = torch.stack(
+        [preprocess(image, image_size=64, mean=plan.mean, std=plan.std) for image in images]
+    )
+    with torch.no_grad():
+        old, new = (logits.softmax(dim=1) for logits in result.model.eval().forward_tasks(batch))
+
+    predictor = Predictor.load(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+
+    assert config["tasks"] == [
+        {"name": "shapes", "labels": ["circle", "square"]},
+        {"name": "colours", "labels": ["red", "green", "blue"]},
+    ]
+    assert config["labels"] == ["red", "green", "blue"]
+    assert list(predictor.tasks) == ["shapes", "colours"]
+    for task, expected, labels in [
+        (None, new, ["red", "green", "blue"]),
+        ("colours", new, ["red", "green", "blue"]),
+        ("shapes", old, ["circle", "square"]),
+    ]:
+        predictions = predictor.predict(images, top_k=5, task=task)
+        for probabilities, ranked in zip(expected, predictions, strict=True):
+            assert dict(ranked) == pytest.approx(
+                {label: p.item() for label, p in zip(labels, probabilities, strict=True)},
+                abs=1e-6,
+            )
+    with pytest.raises(ValueError, match="unknown task 'weather'"):
+        predictor.predict(images, task="weather")
+
+
+def test_single_task_models_have_no_task_list(trained: tuple[TrainingResult, Plan, Path]) -> None:
+    _, _, out_dir = trained
+    config = json.loads((out_dir / "config.json").read_text())
+
+    assert "tasks" not in config
+    predictor = Predictor.load(out_dir)
+    assert list(predictor.tasks) == ["main"]
+    image = Image.new("RGB", (8, 8), (200, 40, 40))
+    assert predictor.predict([image], task="main") == predictor.predict([image])

@@ -1,7 +1,9 @@
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from worker.engine import (
@@ -10,6 +12,7 @@ from worker.engine import (
     build_model,
     compile_plan,
     freeze,
+    get_base_model_info,
     make_param_groups,
     set_batchnorm_mode,
 )
@@ -91,3 +94,37 @@ def test_param_groups_follow_the_stage(make_config: Callable[..., TransferConfig
         id(p) for p in model.backbone.net.get_submodule("layer1").parameters()
     }
     assert sum(len(group["params"]) for group in groups) == len(list(model.parameters()))
+
+
+def test_chained_transfer_starts_from_the_parents_backbone(
+    make_config: Callable[..., TransferConfig], parent_dir: Path
+) -> None:
+    parent = load_file(parent_dir / "weights.safetensors")
+    plan = compile_plan(make_config("fine_tune", parent_dir=parent_dir, pretrained=True))
+
+    model = build_model(plan, weights_dir=None)
+
+    backbone = model.backbone.state_dict()
+    assert backbone
+    assert all(torch.equal(parent[f"backbone.{k}"], v) for k, v in backbone.items())
+    assert model.head[-1].out_features == 3
+    assert len(model.old_heads) == 0
+    groups = [name for name, _ in model.groups()]
+    assert groups == [*get_base_model_info("resnet18").group_names, "head"]
+
+
+def test_lwf_model_keeps_the_parents_head_beside_a_new_one(
+    make_config: Callable[..., TransferConfig], parent_dir: Path
+) -> None:
+    parent = load_file(parent_dir / "weights.safetensors")
+    plan = compile_plan(make_config("lwf", parent_dir=parent_dir, pretrained=True))
+
+    model = build_model(plan, weights_dir=None)
+    old, new = model.forward_tasks(torch.zeros(2, 3, 64, 64))
+
+    assert (old.shape, new.shape) == ((2, 2), (2, 3))
+    old_head = model.old_heads[0].state_dict()
+    assert all(torch.equal(parent[f"head.{k}"], v) for k, v in old_head.items())
+    assert [name for name, _ in model.groups()][-2:] == ["old_heads", "head"]
+    image = torch.zeros(1, 3, 64, 64)
+    assert torch.equal(model.eval()(image), model.forward_tasks(image)[1])

@@ -1,11 +1,14 @@
 import json
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from worker.engine import (
     HeadConfig,
     Plan,
+    StageSpec,
+    TaskInfo,
     TransferConfig,
     UnknownBaseModelError,
     build_model,
@@ -147,3 +150,240 @@ def test_describe_plan_counts_parameters_and_steps(
     assert (unfreeze["epochs"], unfreeze["steps"], unfreeze["bn_mode"]) == (2, 20, "frozen")
     assert unfreeze["image_size"] == 64
     assert describe_plan(plan, model)[0]["steps"] is None
+
+
+def test_partial_trains_the_top_groups_and_the_head(
+    make_config: Callable[..., TransferConfig],
+) -> None:
+    plan = compile_plan(make_config("partial", partial_groups=2, lr=0.01, lr_decay=2.0))
+
+    (stage,) = plan.stages
+    assert stage.trainable_groups == ("layer3", "layer4", "head")
+    assert stage.group_lrs == pytest.approx({"head": 0.001, "layer4": 0.0005, "layer3": 0.00025})
+    assert not stage.cache_features
+    with pytest.raises(ValueError, match="partial_groups: resnet18 has 5 groups"):
+        compile_plan(make_config("partial", partial_groups=6))
+
+
+def test_gradual_unfreeze_adds_one_group_per_epoch_from_the_top(
+    make_config: Callable[..., TransferConfig],
+) -> None:
+    plan = compile_plan(make_config("gradual_unfreeze", epochs=8, lr=0.026))
+
+    assert [stage.trainable_groups for stage in plan.stages] == [
+        ("head",),
+        ("layer4", "head"),
+        ("layer3", "layer4", "head"),
+        ("layer2", "layer3", "layer4", "head"),
+        ("layer1", "layer2", "layer3", "layer4", "head"),
+        RESNET_GROUPS,
+    ]
+    assert [stage.epochs for stage in plan.stages] == [1, 1, 1, 1, 1, 3]
+    assert {stage.schedule for stage in plan.stages} == {"slanted_triangular"}
+    assert plan.stages[0].cache_features
+    assert plan.stages[0].group_lrs == {"head": 0.026}
+    assert plan.stages[2].group_lrs == pytest.approx(
+        {"head": 0.0026, "layer4": 0.001, "layer3": 0.001 / 2.6}
+    )
+    short = compile_plan(make_config("gradual_unfreeze", epochs=2))
+    assert [stage.trainable_groups for stage in short.stages] == [("head",), ("layer4", "head")]
+
+
+def test_scratch_trains_everything_from_random_weights(
+    make_config: Callable[..., TransferConfig],
+) -> None:
+    plan = compile_plan(make_config("scratch", pretrained=True, lr=0.01, bn_mode="frozen"))
+
+    (stage,) = plan.stages
+    assert not plan.pretrained
+    assert stage.trainable_groups == RESNET_GROUPS
+    assert stage.group_lrs == dict.fromkeys(RESNET_GROUPS, 0.01)
+    assert stage.bn_mode == "train"
+
+
+def test_lwf_keeps_the_parents_head_and_architecture(
+    make_config: Callable[..., TransferConfig], parent_dir: Path
+) -> None:
+    plan = compile_plan(
+        make_config(
+            "lwf", base_model="model:shapes:1", parent_dir=parent_dir, epochs=3, image_size=None
+        )
+    )
+
+    assert plan.base_model == "resnet18"
+    assert plan.parent_dir == str(parent_dir)
+    assert plan.image_size == 64
+    assert plan.old_tasks == (
+        TaskInfo(name="shapes", labels=("circle", "square"), head=HeadConfig(hidden=(8,))),
+    )
+    warmup, joint = plan.stages
+    assert (warmup.trainable_groups, warmup.epochs, warmup.distill) == (("head",), 1, False)
+    assert warmup.cache_features
+    assert joint.trainable_groups == (*RESNET_GROUPS[:-1], "old_heads", "head")
+    assert joint.epochs == 2
+    assert joint.distill
+    assert joint.group_lrs["old_heads"] == joint.group_lrs["head"]
+    assert (plan.lwf_temperature, plan.lwf_lambda) == (2.0, 1.0)
+
+
+def test_chained_transfer_records_the_parents_architecture(
+    make_config: Callable[..., TransferConfig], parent_dir: Path
+) -> None:
+    plan = compile_plan(
+        make_config("fine_tune", base_model="model:shapes:1", parent_dir=parent_dir)
+    )
+
+    assert plan.base_model == "resnet18"
+    assert plan.old_tasks == ()
+    assert plan.stages[0].trainable_groups == RESNET_GROUPS
+    assert not plan.stages[0].distill
+
+
+def test_explicit_stages(make_config: Callable[..., TransferConfig]) -> None:
+    stages = (
+        StageSpec(groups=("head",), epochs=2, lr=0.01),
+        StageSpec(groups=("top:2",), lr=0.004, lr_decay=2.0, schedule="one_cycle"),
+        StageSpec(groups=("stem", "layer4"), lrs={"stem": 1e-5, "layer4": 1e-4}, bn_mode="train"),
+        StageSpec(groups=("all",), epochs=3, image_size=96, name="everything"),
+    )
+    plan = compile_plan(make_config(stages=stages, lr=0.02, fine_tune_lr_factor=0.5, epochs=1))
+
+    first, second, third, fourth = plan.stages
+    assert (first.trainable_groups, first.epochs, first.group_lrs) == (("head",), 2, {"head": 0.01})
+    assert first.cache_features
+    assert second.trainable_groups == ("layer3", "layer4", "head")
+    assert second.group_lrs == pytest.approx({"head": 0.004, "layer4": 0.002, "layer3": 0.001})
+    assert second.schedule == "one_cycle"
+    assert third.group_lrs == {"stem": 1e-5, "layer4": 1e-4}
+    assert (third.bn_mode, third.cache_features) == ("train", False)
+    assert fourth.name == "everything"
+    assert fourth.trainable_groups == RESNET_GROUPS
+    assert fourth.group_lrs["head"] == pytest.approx(0.01)
+    assert (fourth.image_size, fourth.epochs, fourth.bn_mode) == (96, 3, "frozen")
+    assert plan.image_size == 96
+
+
+@pytest.mark.parametrize(
+    ("stage", "message"),
+    [
+        (
+            StageSpec(groups=("layer9",)),
+            r"stages\[1\]\.groups: unknown group 'layer9'; groups are stem, layer1, layer2, "
+            "layer3, layer4, head",
+        ),
+        (StageSpec(groups=("top:6",)), r"stages\[1\]\.groups: 'top:6' needs a count from 1 to 5"),
+        (StageSpec(groups=()), r"stages\[1\]\.groups: list at least one group"),
+        (StageSpec(epochs=0), r"stages\[1\]\.epochs must be at least 1"),
+        (StageSpec(lr=-1.0), r"stages\[1\]\.lr must be positive"),
+        (StageSpec(lr=0.1, lrs={"head": 0.1}), r"stages\[1\]: give lr or lrs, not both"),
+        (StageSpec(groups=("head",), lrs={"layer4": 0.1}), r"stages\[1\]\.lrs must give a rate"),
+        (StageSpec(schedule="linear"), r"stages\[1\]\.schedule must be one of"),  # type: ignore[arg-type]
+        (StageSpec(bn_mode="sync"), r"stages\[1\]\.bn_mode must be one of"),  # type: ignore[arg-type]
+        (StageSpec(image_size=32), r"stages\[1\]\.image_size must be between"),
+        (StageSpec(lr_decay=0.5), r"stages\[1\]\.lr_decay must be >= 1"),
+    ],
+)
+def test_invalid_stages_name_the_field(
+    make_config: Callable[..., TransferConfig], stage: StageSpec, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        compile_plan(make_config(stages=(StageSpec(groups=("head",)), stage)))
+
+
+def test_progressive_resizing_splits_each_stage(
+    make_config: Callable[..., TransferConfig],
+) -> None:
+    plan = compile_plan(
+        make_config(
+            "freeze_unfreeze",
+            epochs=6,
+            head_epochs=2,
+            image_size=128,
+            progressive_resizing=(64, 96, 128),
+        )
+    )
+
+    assert [(s.name, s.image_size, s.epochs) for s in plan.stages] == [
+        ("head@96", 96, 1),
+        ("head@128", 128, 1),
+        ("unfreeze@64", 64, 1),
+        ("unfreeze@96", 96, 1),
+        ("unfreeze@128", 128, 2),
+    ]
+    assert plan.image_size == 128
+    with pytest.raises(ValueError, match="progressive_resizing must end at image_size 96"):
+        compile_plan(make_config(image_size=96, progressive_resizing=(64, 128)))
+    with pytest.raises(ValueError, match="progressive_resizing must be strictly increasing"):
+        compile_plan(make_config(image_size=None, progressive_resizing=(96, 64)))
+
+
+def test_fixed_size_models_refuse_other_sizes(make_config: Callable[..., TransferConfig]) -> None:
+    with pytest.raises(ValueError, match="image_size: vit_b_16 only accepts 224px"):
+        compile_plan(make_config(base_model="vit_b_16", image_size=64))
+    with pytest.raises(ValueError, match="progressive_resizing: vit_b_16 only accepts 224px"):
+        compile_plan(
+            make_config(base_model="vit_b_16", image_size=224, progressive_resizing=(128, 224))
+        )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"strategy": "lwf"}, "lwf strategy needs parent_dir"),
+        ({"strategy": "scratch", "parent_dir": Path("/nowhere")}, "scratch strategy starts"),
+        ({"strategy": "fine_tune", "parent_dir": Path("/nowhere")}, "parent_dir: cannot read"),
+        ({"partial_groups": 0}, "partial_groups must be at least 1"),
+        ({"lwf_temperature": 0.0}, "lwf_temperature must be positive"),
+        ({"stages": ()}, "stages must list at least one stage"),
+        ({"schedule": "step"}, "schedule must be one of"),
+    ],
+)
+def test_invalid_new_fields_are_rejected(
+    make_config: Callable[..., TransferConfig], overrides: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        compile_plan(make_config(**overrides))
+
+
+def test_lwf_task_names_must_differ(
+    make_config: Callable[..., TransferConfig], parent_dir: Path
+) -> None:
+    with pytest.raises(ValueError, match="task_name: the parent already answers a task named"):
+        compile_plan(make_config("lwf", parent_dir=parent_dir, task_name="shapes"))
+
+
+def test_every_new_field_round_trips_through_json(
+    make_config: Callable[..., TransferConfig], parent_dir: Path
+) -> None:
+    plan = compile_plan(
+        make_config(
+            "lwf",
+            parent_dir=parent_dir,
+            epochs=4,
+            image_size=96,
+            progressive_resizing=(64, 96),
+            lwf_temperature=3.0,
+            lwf_lambda=0.5,
+            amp=False,
+            amp_cpu=True,
+            task_name="colours",
+            schedule="one_cycle",
+        )
+    )
+
+    restored = Plan.from_dict(json.loads(json.dumps(plan.to_dict())))
+
+    assert restored == plan
+    assert any(stage.distill for stage in restored.stages)
+
+
+def test_plans_stored_before_the_new_fields_still_load(
+    make_config: Callable[..., TransferConfig],
+) -> None:
+    stored = compile_plan(make_config()).to_dict()
+    for key in ("parent_dir", "task_name", "old_tasks", "lwf_temperature", "lwf_lambda", "amp"):
+        del stored[key]
+    for stage in stored["stages"]:
+        del stage["distill"]
+
+    assert Plan.from_dict(stored).old_tasks == ()

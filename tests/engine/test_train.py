@@ -11,15 +11,18 @@ from torch import Tensor, nn
 import worker.engine.train as train_module
 from worker.engine import (
     EpochResult,
+    HeadConfig,
     Sample,
+    StageSpec,
     TrainingCancelled,
     TrainingHooks,
+    TrainingResult,
     TransferConfig,
     TransferModel,
     compile_plan,
     run,
 )
-from worker.engine.train import make_scheduler
+from worker.engine.train import make_scheduler, schedule_factor
 
 Data = tuple[list[Sample], list[Sample]]
 
@@ -79,26 +82,69 @@ def _names(model: TransferModel, prefixes: tuple[str, ...], *, buffers: bool) ->
     return {name for name, _ in tensors if name.startswith(prefixes)}
 
 
+def _group_tensors(model: TransferModel) -> dict[str, tuple[set[str], set[str]]]:
+    """Per group: the state-dict names of its parameters and of its BatchNorm statistics."""
+    names = {id(tensor): name for name, tensor in model.state_dict(keep_vars=True).items()}
+    groups = {}
+    for group, modules in model.groups():
+        parameters = {names[id(p)] for m in modules for p in m.parameters()}
+        statistics = {
+            names[id(b)]
+            for m in modules
+            for sub in m.modules()
+            if isinstance(sub, nn.modules.batchnorm._BatchNorm)
+            for b in sub.buffers()
+        }
+        groups[group] = (parameters, statistics)
+    return groups
+
+
+PRESETS = [
+    ("resnet18", "feature_extraction", "frozen", {}),
+    ("resnet18", "fine_tune", "frozen", {}),
+    ("resnet18", "fine_tune", "train", {}),
+    ("resnet18", "partial", "train", {"partial_groups": 1}),
+    ("resnet18", "freeze_unfreeze", "frozen", {}),
+    ("efficientnet_lite0", "freeze_unfreeze", "train", {}),
+    ("mobilenet_v3_small", "gradual_unfreeze", "train", {"epochs": 3}),
+    ("resnet18", "lwf", "frozen", {"pretrained": True}),
+    ("mobilenet_v3_small", "scratch", "frozen", {"epochs": 1}),
+    (
+        "mobilenet_v3_small",
+        "fine_tune",
+        "frozen",
+        {
+            "stages": (
+                StageSpec(groups=("head",), lr=0.01),
+                StageSpec(groups=("stem", "top:1"), bn_mode="train", schedule="one_cycle"),
+            ),
+            "progressive_resizing": (64, 96),
+            "image_size": 96,
+        },
+    ),
+]
+
+
 @pytest.mark.parametrize(
-    ("base_model", "strategy", "bn_mode"),
-    [
-        ("resnet18", "feature_extraction", "frozen"),
-        ("resnet18", "fine_tune", "frozen"),
-        ("resnet18", "fine_tune", "train"),
-        ("resnet18", "freeze_unfreeze", "frozen"),
-        ("efficientnet_lite0", "freeze_unfreeze", "train"),
-    ],
+    ("base_model", "strategy", "bn_mode", "overrides"),
+    PRESETS,
+    ids=[f"{p[0]}-{p[1]}-{p[2]}{'-stages' if 'stages' in p[3] else ''}" for p in PRESETS],
 )
 def test_exactly_the_planned_parameters_change(
     monkeypatch: pytest.MonkeyPatch,
     make_config: Callable[..., TransferConfig],
     colour_data: Data,
     classes: list[str],
+    parent_dir: Path,
     base_model: str,
     strategy: str,
     bn_mode: str,
+    overrides: dict[str, Any],
 ) -> None:
-    plan = compile_plan(make_config(strategy, base_model=base_model, epochs=2, bn_mode=bn_mode))
+    if strategy == "lwf":
+        overrides = {**overrides, "parent_dir": parent_dir}
+    settings = {"epochs": 2, "bn_mode": bn_mode, **overrides}
+    plan = compile_plan(make_config(strategy, base_model=base_model, **settings))
     spy = _Spy(monkeypatch)
     hooks = _EpochSnapshots(spy)
     train, val = colour_data
@@ -106,26 +152,27 @@ def test_exactly_the_planned_parameters_change(
     run(plan, train=train, val=val, classes=classes, hooks=hooks)
 
     assert spy.model is not None
-    everything = _names(spy.model, ("",), buffers=False)
-    head = _names(spy.model, ("head.",), buffers=False)
-    batchnorm_statistics = _names(spy.model, ("",), buffers=True)
-    assert batchnorm_statistics
+    groups = _group_tensors(spy.model)
+    assert any(statistics for _, statistics in groups.values())
     states = spy.states  # [0]: as built, [n]: after global epoch n
     assert len(states) == 1 + sum(stage.epochs for stage in plan.stages)
     end = 0
     for stage, optimizer in zip(plan.stages, spy.optimizers, strict=True):
         start, end = end, end + stage.epochs
-        rates = {group["name"]: group["lr"] for group in optimizer.param_groups}
-        assert rates == pytest.approx(stage.group_lrs)
-        changed = _changed(states[start], states[end])
-        if stage.cache_features:
-            assert changed == head, f"stage {stage.name}"
-        elif stage.bn_mode == "frozen":
-            assert changed == everything, f"stage {stage.name}"
-        else:
-            assert changed == everything | batchnorm_statistics, f"stage {stage.name}"
+        expected = set()
+        for group in stage.trainable_groups:
+            parameters, statistics = groups[group]
+            expected |= parameters
+            if stage.bn_mode == "train":
+                expected |= statistics
+        assert _changed(states[start], states[end]) == expected, f"stage {stage.name}"
+        planned = {group["name"]: group["initial_lr"] for group in optimizer.param_groups}
+        assert planned == pytest.approx(stage.group_lrs)
         for result in hooks.results[start:end]:
-            assert result.learning_rates == pytest.approx(stage.group_lrs)
+            # The schedule scales every group alike, so the planned ratios hold throughout.
+            factors = {g: lr / stage.group_lrs[g] for g, lr in result.learning_rates.items()}
+            assert set(factors) == set(stage.trainable_groups)
+            assert max(factors.values()) == pytest.approx(min(factors.values()))
 
 
 def test_feature_cache_runs_the_backbone_once_per_image(
@@ -147,7 +194,11 @@ def test_feature_cache_runs_the_backbone_once_per_image(
 def test_same_seed_gives_identical_results(
     make_config: Callable[..., TransferConfig], colour_data: Data, classes: list[str]
 ) -> None:
-    plan = compile_plan(make_config("fine_tune", schedule="cosine", label_smoothing=0.1))
+    plan = compile_plan(
+        make_config(
+            "fine_tune", base_model="mobilenet_v3_small", schedule="cosine", label_smoothing=0.1
+        )
+    )
     train, val = colour_data
 
     first = run(plan, train=train, val=val, classes=classes)
@@ -272,3 +323,155 @@ def test_inputs_are_checked(
         run(plan, train=train, val=val, classes=classes[:2])
     with pytest.raises(ValueError, match="labels outside"):
         run(plan, train=[*train, Sample(train[0].path, 7)], val=val, classes=classes)
+
+
+def test_one_cycle_follows_torch_one_cycle_lr() -> None:
+    parameter = nn.Parameter(torch.zeros(1))
+    ours = torch.optim.SGD([{"params": [parameter], "lr": 0.1}])
+    theirs = torch.optim.SGD([{"params": [parameter], "lr": 0.1}])
+    scheduler = make_scheduler(ours, "one_cycle", total_steps=20)
+    reference = torch.optim.lr_scheduler.OneCycleLR(
+        theirs, max_lr=0.1, total_steps=20, cycle_momentum=False
+    )
+    for _ in range(20):
+        assert ours.param_groups[0]["lr"] == pytest.approx(theirs.param_groups[0]["lr"])
+        ours.step()
+        theirs.step()
+        scheduler.step()
+        reference.step()
+
+
+def test_slanted_triangular_rises_briefly_then_decays() -> None:
+    rates = [schedule_factor("slanted_triangular", step, 100) for step in range(100)]
+
+    assert rates[0] == pytest.approx(1 / 32)
+    assert max(rates) == rates[10] == pytest.approx(1.0)
+    assert rates[:11] == sorted(rates[:11])
+    assert rates[10:] == sorted(rates[10:], reverse=True)
+    assert rates[-1] == pytest.approx((1 + 31 / 90) / 32)
+
+
+def test_cpu_autocast_runs_a_job_in_bfloat16(
+    make_config: Callable[..., TransferConfig], colour_data: Data, classes: list[str]
+) -> None:
+    plan = compile_plan(
+        make_config("fine_tune", base_model="mobilenet_v3_small", epochs=1, amp_cpu=True)
+    )
+    dtypes: set[torch.dtype] = set()
+    build = train_module.build_model
+
+    def spy(*args: Any, **kwargs: Any) -> TransferModel:
+        model = build(*args, **kwargs)
+        model.backbone.register_forward_hook(lambda _m, _a, output: dtypes.add(output.dtype))
+        return model
+
+    train, val = colour_data
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module, "build_model", spy)
+        result = run(plan, train=train, val=val, classes=classes)
+
+    assert dtypes == {torch.bfloat16}
+    assert math.isfinite(result.history[0].train_loss)
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())
+
+
+class _StopAfterEpochs(TrainingHooks):
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+        self.done = 0
+
+    def on_epoch_end(self, result: EpochResult) -> None:
+        self.done += 1
+
+    def should_stop(self) -> bool:
+        return self.done >= self.epochs
+
+
+RESUMABLE = TransferConfig(
+    base_model="mobilenet_v3_small",
+    strategy="fine_tune",
+    num_classes=3,
+    image_size=64,
+    batch_size=8,
+    pretrained=False,
+    head=HeadConfig(hidden=(16,), dropout=0.3),
+    early_stopping_patience=5,
+    stages=(
+        StageSpec(groups=("head",), epochs=2, lr=0.01),
+        StageSpec(groups=("all",), epochs=3, bn_mode="train", schedule="cosine"),
+    ),
+)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(colour_data: Data) -> TrainingResult:
+    train, val = colour_data
+    return run(compile_plan(RESUMABLE), train=train, val=val, classes=["r", "g", "b"])
+
+
+@pytest.mark.parametrize(
+    "stop_after",
+    [1, 2, 4],
+    ids=["mid-cached-stage", "stage-boundary", "mid-fine-tune-stage"],
+)
+def test_resumed_run_ends_with_exactly_the_same_weights(
+    tmp_path: Path, colour_data: Data, uninterrupted: TrainingResult, stop_after: int
+) -> None:
+    plan = compile_plan(RESUMABLE)
+    checkpoint = tmp_path / "checkpoint.pt"
+    train, val = colour_data
+    with pytest.raises(TrainingCancelled):
+        run(
+            plan,
+            train=train,
+            val=val,
+            classes=["r", "g", "b"],
+            hooks=_StopAfterEpochs(stop_after),
+            checkpoint_path=checkpoint,
+        )
+    state = torch.load(checkpoint, weights_only=True)
+    assert len(state["history"]) == stop_after
+    assert [group["name"] for group in state["param_groups"]] == (
+        ["head"] if stop_after <= 2 else ["stem", "features.1", "features.2-3", "features.4-8",
+                                          "features.9-12", "head"]
+    )  # fmt: skip
+
+    resumed = run(
+        plan,
+        train=train,
+        val=val,
+        classes=["r", "g", "b"],
+        checkpoint_path=checkpoint,
+        resume_from=checkpoint,
+    )
+
+    expected = uninterrupted.model.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in resumed.model.state_dict().items())
+    assert [r.train_loss for r in resumed.history] == [r.train_loss for r in uninterrupted.history]
+    assert resumed.metrics == uninterrupted.metrics
+
+
+def test_resume_refuses_another_plans_checkpoint(
+    tmp_path: Path,
+    make_config: Callable[..., TransferConfig],
+    colour_data: Data,
+    classes: list[str],
+) -> None:
+    train, val = colour_data
+    checkpoint = tmp_path / "checkpoint.pt"
+    run(
+        compile_plan(make_config(epochs=1)),
+        train=train,
+        val=val,
+        classes=classes,
+        checkpoint_path=checkpoint,
+    )
+
+    with pytest.raises(ValueError, match="different plan"):
+        run(
+            compile_plan(make_config(epochs=2)),
+            train=train,
+            val=val,
+            classes=classes,
+            resume_from=checkpoint,
+        )

@@ -1,6 +1,8 @@
+import time
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import torchvision
 from PIL import Image
@@ -18,13 +20,27 @@ from worker.engine import (
     weights_available,
 )
 
-ZOO = ["resnet18", "resnet50", "efficientnet_lite0"]
+ZOO = [
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "vgg16_bn",
+    "mobilenet_v3_large",
+    "mobilenet_v3_small",
+    "efficientnet_b0",
+    "convnext_tiny",
+    "vit_b_16",
+    "efficientnet_lite0",
+]
+TIMM = ["timm:resnet18", "timm:vit_tiny_patch16_224", "timm:convnext_atto"]
 
 
 def test_list_base_models_reports_missing_weights_honestly(tmp_path: Path) -> None:
     models = {entry["name"]: entry for entry in list_base_models(tmp_path)}
 
-    assert set(models) == set(ZOO)
+    assert list(models) == ZOO
     assert models["resnet50"]["weights_available"] is False
     assert "resnet50-0676ba61.pth" in models["resnet50"]["weights_hint"]
     assert str(tmp_path) in models["resnet50"]["weights_hint"]
@@ -32,28 +48,50 @@ def test_list_base_models_reports_missing_weights_honestly(tmp_path: Path) -> No
     assert models["efficientnet_lite0"]["weights_hint"] is None
 
 
-@pytest.mark.parametrize("name", ZOO)
-def test_groups_partition_the_backbone(name: str) -> None:
-    backbone = build_backbone(name, pretrained=False, weights_dir=None)
+@pytest.mark.parametrize("name", [*ZOO, *TIMM])
+def test_groups_partition_the_backbone_input_to_output(name: str) -> None:
     info = get_base_model_info(name)
-    grouped = [id(p) for _, modules in backbone.groups() for m in modules for p in m.parameters()]
+    # Shapes are all this needs, and on the meta device even vit_b_16 builds instantly.
+    with torch.device("meta"):
+        backbone = build_backbone(name, pretrained=False, weights_dir=None)
+        groups = backbone.groups()
+        calls: list[int] = []
+        for index, (_, modules) in enumerate(groups):
+            for module in modules:
+                module.register_forward_hook(lambda *_, index=index: calls.append(index))
+        size = info.input_size if info.fixed_input_size else 64
+        features = backbone(torch.zeros(2, 3, size, size))
+    grouped = [id(p) for _, modules in groups for m in modules for p in m.parameters()]
 
-    assert [group for group, _ in backbone.groups()] == list(info.group_names)
-    assert sorted(grouped) == sorted(id(p) for p in backbone.parameters())
-    listed = next(entry for entry in list_base_models(None) if entry["name"] == name)
-    assert [group["name"] for group in listed["groups"]] == list(info.group_names)
-    assert sum(group["parameters"] for group in listed["groups"]) == sum(
-        p.numel() for p in backbone.parameters()
-    )
+    assert [group for group, _ in groups] == list(info.group_names)
+    assert len(grouped) == len(set(grouped))
+    assert set(grouped) == {id(p) for p in backbone.parameters()}
+    assert calls == sorted(calls)
+    assert set(calls) == set(range(len(groups)))
+    assert features.shape == (2, info.feature_dim)
+    if name in ZOO:
+        listed = next(entry for entry in list_base_models(None) if entry["name"] == name)
+        assert [group["name"] for group in listed["groups"]] == list(info.group_names)
+        assert [group["parameters"] for group in listed["groups"]] == [
+            sum(p.numel() for m in modules for p in m.parameters()) for _, modules in groups
+        ]
 
 
-@pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0"])
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0", "mobilenet_v3_small"])
 def test_backbone_returns_pooled_features(name: str) -> None:
     backbone = build_backbone(name, pretrained=False, weights_dir=None).eval()
 
     features = backbone(torch.zeros(2, 3, 64, 64))
 
     assert features.shape == (2, get_base_model_info(name).feature_dim)
+
+
+def test_list_base_models_is_cached_and_fast() -> None:
+    list_base_models(None)
+    started = time.perf_counter()
+    list_base_models(None)
+
+    assert time.perf_counter() - started < 0.5
 
 
 def test_missing_resnet_weights_raise(tmp_path: Path) -> None:
@@ -124,3 +162,39 @@ def test_efficientnet_lite0_pretrained_recognises_imagenet_classes() -> None:
 def test_unknown_base_model() -> None:
     with pytest.raises(UnknownBaseModelError, match="vgg"):
         get_base_model_info("vgg16")
+
+
+def test_unknown_timm_model() -> None:
+    with pytest.raises(UnknownBaseModelError, match="timm has no 'no_such_net'"):
+        get_base_model_info("timm:no_such_net")
+
+
+def test_torchvision_classifier_is_dropped_when_loading(tmp_path: Path) -> None:
+    torch.manual_seed(5)
+    reference = torchvision.models.mobilenet_v3_small(weights=None).state_dict()
+    save_file(reference, tmp_path / "mobilenet_v3_small.safetensors")
+
+    backbone = build_backbone("mobilenet_v3_small", pretrained=True, weights_dir=tmp_path)
+
+    loaded = backbone.net.state_dict()
+    assert set(reference) - set(loaded) == {k for k in reference if k.startswith("classifier.")}
+    assert all(torch.equal(loaded[key], reference[key]) for key in loaded)
+
+
+def test_timm_weights_come_only_from_the_weights_dir(tmp_path: Path) -> None:
+    assert not weights_available("timm:resnet18", tmp_path)
+    assert "timm:resnet18" not in {entry["name"] for entry in list_base_models(tmp_path)}
+    with pytest.raises(WeightsUnavailableError, match=r"timm/resnet18\.safetensors"):
+        build_backbone("timm:resnet18", pretrained=True, weights_dir=tmp_path)
+
+    torch.manual_seed(9)
+    reference = timm.create_model("resnet18", pretrained=False).state_dict()
+    (tmp_path / "timm").mkdir()
+    save_file(reference, tmp_path / "timm" / "resnet18.safetensors")
+    backbone = build_backbone("timm:resnet18", pretrained=True, weights_dir=tmp_path)
+
+    listed = {entry["name"]: entry for entry in list_base_models(tmp_path)}
+    assert listed["timm:resnet18"]["weights_available"] is True
+    loaded = backbone.net.state_dict()
+    assert set(reference) - set(loaded) == {"fc.weight", "fc.bias"}
+    assert all(torch.equal(loaded[key], reference[key]) for key in loaded)

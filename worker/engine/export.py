@@ -7,18 +7,23 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from .plan import Plan
+from .model import WEIGHTS_FILE
+from .plan import CONFIG_FILE, Plan
 from .train import TrainingResult
 from .zoo import get_base_model_info
 
 FORMAT = "thaw/1"
-WEIGHTS_FILE = "weights.safetensors"
-CONFIG_FILE = "config.json"
+
+__all__ = ["CONFIG_FILE", "FORMAT", "WEIGHTS_FILE", "export_model", "model_config"]
 
 
 def model_config(plan: Plan, labels: list[str]) -> dict[str, Any]:
-    """Everything needed to rebuild the model and preprocess images exactly as in training."""
-    return {
+    """Everything needed to rebuild the model and preprocess images exactly as in training.
+
+    An LwF model also lists its `tasks`, oldest first; the newest is the default one and
+    the one `labels` describes.
+    """
+    config: dict[str, Any] = {
         "format": FORMAT,
         "architecture": {
             "base_model": plan.base_model,
@@ -36,6 +41,12 @@ def model_config(plan: Plan, labels: list[str]) -> dict[str, Any]:
         },
         "plan": plan.to_dict(),
     }
+    if plan.old_tasks:
+        config["tasks"] = [
+            *({"name": task.name, "labels": list(task.labels)} for task in plan.old_tasks),
+            {"name": plan.task_name, "labels": labels},
+        ]
+    return config
 
 
 def export_model(result: TrainingResult, plan: Plan, out_dir: Path) -> dict[str, Path]:

@@ -1,12 +1,18 @@
 """The transfer model (zoo backbone + new head) and the knobs a stage turns on it."""
 
+import logging
 from pathlib import Path
 from typing import Any, Self
 
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from .plan import HEAD, HeadConfig, Plan, Stage
+from .plan import HEAD, OLD_HEADS, HeadConfig, Plan, Stage
 from .zoo import Backbone, build_backbone
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "weights.safetensors"
 
 
 def build_head(feature_dim: int, config: HeadConfig, num_classes: int) -> nn.Sequential:
@@ -24,19 +30,35 @@ def build_head(feature_dim: int, config: HeadConfig, num_classes: int) -> nn.Seq
 
 
 class TransferModel(nn.Module):
-    def __init__(self, backbone: Backbone, head: nn.Sequential) -> None:
+    """Backbone + the new task's head, and for LwF the heads of the tasks kept from a parent.
+
+    `forward` answers the new task; `forward_tasks` answers every task, oldest first. A model
+    without old tasks has exactly the state dict it had before LwF existed.
+    """
+
+    def __init__(
+        self, backbone: Backbone, head: nn.Sequential, old_heads: list[nn.Sequential] | None = None
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.old_heads = nn.ModuleList(old_heads or [])
         self._frozen_batchnorm: tuple[str, ...] = ()
 
     def forward(self, x: Tensor) -> Tensor:
         logits: Tensor = self.head(self.backbone(x))
         return logits
 
+    def forward_tasks(self, x: Tensor) -> list[Tensor]:
+        features = self.backbone(x)
+        return [head(features) for head in [*self.old_heads, self.head]]
+
     def groups(self) -> list[tuple[str, list[nn.Module]]]:
-        """Parameter groups, input to output; the head is always the last, named "head"."""
-        return [*self.backbone.groups(), (HEAD, [self.head])]
+        """Parameter groups, input to output; the new head is always the last, named "head"."""
+        old: list[tuple[str, list[nn.Module]]] = (
+            [(OLD_HEADS, [self.old_heads])] if len(self.old_heads) else []
+        )
+        return [*self.backbone.groups(), *old, (HEAD, [self.head])]
 
     def freeze_batchnorm(self, module_names: tuple[str, ...]) -> None:
         """Keep these BatchNorm modules in eval mode, whatever `train()` later asks for."""
@@ -52,17 +74,51 @@ class TransferModel(nn.Module):
         return self
 
 
+def _load_parent(model: TransferModel, parent_dir: Path) -> None:
+    """Start from an exported model: its backbone, and its heads as the old tasks' heads.
+
+    The parent's own old heads come first and its newest head last, matching `old_tasks`.
+    """
+    state = load_file(parent_dir / WEIGHTS_FILE)
+    backbone = {
+        k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")
+    }
+    model.backbone.load_state_dict(backbone, strict=True)
+    if len(model.old_heads):
+        parent_heads = len({k.split(".")[1] for k in state if k.startswith("old_heads.")})
+        heads = {
+            k.removeprefix("old_heads."): v for k, v in state.items() if k.startswith("old_heads.")
+        }
+        heads |= {
+            f"{parent_heads}.{k.removeprefix('head.')}": v
+            for k, v in state.items()
+            if k.startswith("head.")
+        }
+        model.old_heads.load_state_dict(heads, strict=True)
+    logger.info("started from the weights of %s", parent_dir)
+
+
 def build_model(
     plan: Plan, *, weights_dir: Path | None, pretrained: bool | None = None
 ) -> TransferModel:
-    """Build backbone + head; `pretrained=None` follows the plan."""
+    """Build backbone + head; `pretrained=None` follows the plan.
+
+    Pretrained weights come from the plan's parent model when it has one (chained transfer),
+    else from the zoo's ImageNet weights in `weights_dir`.
+    """
+    use_weights = plan.pretrained if pretrained is None else pretrained
     backbone = build_backbone(
         plan.base_model,
-        pretrained=plan.pretrained if pretrained is None else pretrained,
+        pretrained=use_weights and plan.parent_dir is None,
         weights_dir=weights_dir,
     )
-    head = build_head(backbone.info.feature_dim, plan.head, plan.num_classes)
-    return TransferModel(backbone, head)
+    feature_dim = backbone.info.feature_dim
+    head = build_head(feature_dim, plan.head, plan.num_classes)
+    old_heads = [build_head(feature_dim, task.head, len(task.labels)) for task in plan.old_tasks]
+    model = TransferModel(backbone, head, old_heads)
+    if use_weights and plan.parent_dir is not None:
+        _load_parent(model, Path(plan.parent_dir))
+    return model
 
 
 def freeze(model: TransferModel, trainable_groups: tuple[str, ...]) -> None:

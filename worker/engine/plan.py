@@ -1,12 +1,15 @@
 """Turn a user's transfer-learning request into an explicit, serialisable training plan.
 
 A plan is a list of stages; each says which parameter groups train, at which learning rate,
-for how many epochs, and how BatchNorm behaves. The training loop only executes plans, so
-what will happen can be shown (`describe_plan`) before anything runs.
+for how many epochs, with which schedule, at which image size, and how BatchNorm behaves.
+Every preset compiles to stages, and so do stages a user writes out. The training loop only
+executes plans, so what will happen can be shown (`describe_plan`) before anything runs.
 """
 
+import json
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
@@ -16,14 +19,27 @@ from .zoo import get_base_model_info
 if TYPE_CHECKING:
     from .model import TransferModel
 
-Strategy = Literal["feature_extraction", "fine_tune", "freeze_unfreeze"]
-Schedule = Literal["constant", "cosine"]
+Strategy = Literal[
+    "feature_extraction",
+    "fine_tune",
+    "partial",
+    "freeze_unfreeze",
+    "gradual_unfreeze",
+    "lwf",
+    "scratch",
+]
+Schedule = Literal["constant", "cosine", "one_cycle", "slanted_triangular"]
 BatchNormMode = Literal["train", "frozen"]
 OptimizerName = Literal["adamw", "sgd"]
 
 HEAD = "head"
+OLD_HEADS = "old_heads"
+"""The group holding a parent's heads in an LwF model (the tasks it must not forget)."""
+ALL = "all"
+TOP = "top:"
 MIN_IMAGE_SIZE = 64
 MAX_IMAGE_SIZE = 1024
+CONFIG_FILE = "config.json"
 
 
 @dataclass(frozen=True)
@@ -38,16 +54,40 @@ class HeadConfig:
 
 
 @dataclass(frozen=True)
+class StageSpec:
+    """One stage written out by the user instead of a preset.
+
+    `groups`: group names, or "head", "all", or "top:<k>" (the top k backbone groups and the
+    head). `lr` is the rate of the top trainable group; each group below gets `lr_decay`
+    (the config's unless given) times less. `lrs` sets every trainable group's rate instead.
+    Unset fields follow the config; without either rate, a head-only stage trains at
+    `config.lr` and others at `config.lr * fine_tune_lr_factor`.
+    """
+
+    groups: tuple[str, ...] = (ALL,)
+    epochs: int = 1
+    lr: float | None = None
+    lrs: dict[str, float] | None = None
+    lr_decay: float | None = None
+    schedule: Schedule | None = None
+    bn_mode: BatchNormMode | None = None
+    image_size: int | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True)
 class TransferConfig:
     """What a user asks for.
 
     Learning rates: `lr` is the head's rate while the backbone is frozen. Whenever backbone
-    groups train (`fine_tune`, and the second stage of `freeze_unfreeze`, as in fastai's
-    `fine_tune`), the head gets `lr * fine_tune_lr_factor` and each group below it that rate
-    divided by `lr_decay` once more per step down (discriminative rates, ULMFiT's 2.6, about
-    two orders of magnitude over a ResNet). fastai halves its base rate after unfreezing, but
-    its base rate is meant for the whole network; thaw's `lr` is usually set for the head on
-    frozen features, which tolerates about ten times more, hence the default factor of 0.1.
+    groups train (`fine_tune`, `partial`, and the later stages of `freeze_unfreeze`,
+    `gradual_unfreeze` and `lwf`, as in fastai's `fine_tune`), the head gets
+    `lr * fine_tune_lr_factor` and each group below it that rate divided by `lr_decay` once
+    more per step down (discriminative rates, ULMFiT's 2.6, about two orders of magnitude
+    over a ResNet). fastai halves its base rate after unfreezing, but its base rate is meant
+    for the whole network; thaw's `lr` is usually set for the head on frozen features, which
+    tolerates about ten times more, hence the default factor of 0.1. `scratch` trains every
+    group at `lr`: nothing pretrained needs protecting.
 
     `bn_mode` applies to stages that train backbone groups; stages with a frozen backbone
     always freeze BatchNorm. "frozen" keeps the ImageNet running statistics (the affine
@@ -55,10 +95,24 @@ class TransferConfig:
     trained on in a head-only stage, and small batches of a shifted domain cannot disturb the
     statistics. This is the recommended setting for small datasets (Keras' transfer-learning
     guide does the same). "train" uses batch statistics, as for training from scratch
-    (`pretrained=False`) or with large datasets and batches.
+    (`scratch` always does) or with large datasets and batches.
 
-    `epochs` counts all epochs; for `freeze_unfreeze`, `head_epochs` of them (default 1)
-    train the head alone before the whole network is unfrozen.
+    `epochs` counts all epochs; for `freeze_unfreeze` and `lwf`, `head_epochs` of them
+    (default 1) train the new head alone first. `gradual_unfreeze` trains the head alone
+    for one epoch, then unfreezes one more group per epoch from the top; epochs beyond the
+    last group train everything. `partial` trains the top `partial_groups` backbone groups
+    and the head. `stages`, when given, replaces the preset's stages (and `epochs`).
+
+    `progressive_resizing`: increasing image sizes; each stage's epochs are split into
+    consecutive sub-stages at these sizes, ending at the last, which is the final image size.
+
+    `parent_dir`: an exported thaw model folder to start from instead of ImageNet weights
+    (chained transfer); its architecture replaces `base_model`'s. `lwf` needs one: its
+    heads are kept and distilled (`lwf_temperature`, `lwf_lambda`) while a new head for
+    `task_name` learns the new classes.
+
+    `amp`: mixed precision on CUDA (bf16, or fp16 with loss scaling where bf16 is missing)
+    with channels-last tensors. CPU runs stay exact fp32 unless `amp_cpu` asks for bf16.
 
     `early_stopping_patience`: end a stage when the val loss has not improved for this many
     epochs, and keep the weights with the lowest val loss (see `train.run`).
@@ -84,6 +138,15 @@ class TransferConfig:
     pretrained: bool = True
     early_stopping_patience: int | None = None
     device: str = "cpu"
+    partial_groups: int = 2
+    stages: tuple[StageSpec, ...] | None = None
+    progressive_resizing: tuple[int, ...] | None = None
+    parent_dir: Path | None = None
+    task_name: str = "main"
+    lwf_temperature: float = 2.0
+    lwf_lambda: float = 1.0
+    amp: bool = True
+    amp_cpu: bool = False
 
 
 @dataclass(frozen=True)
@@ -97,6 +160,17 @@ class Stage:
     image_size: int
     cache_features: bool
     """True when no backbone group trains, so backbone features can be computed once."""
+    distill: bool = False
+    """LwF: the old heads' outputs are kept close to the parent's by a distillation loss."""
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """A task an LwF model keeps answering: its head's shape and its labels."""
+
+    name: str
+    labels: tuple[str, ...]
+    head: HeadConfig
 
 
 @dataclass(frozen=True)
@@ -115,6 +189,17 @@ class Plan:
     std: tuple[float, float, float]
     early_stopping_patience: int | None = None
     device: str = "cpu"
+    parent_dir: str | None = None
+    """Start from this exported model's weights instead of ImageNet's."""
+    task_name: str = "main"
+    old_tasks: tuple[TaskInfo, ...] = ()
+    """LwF: the parent's tasks, whose heads are kept beside the new one."""
+    lwf_temperature: float = 2.0
+    lwf_lambda: float = 1.0
+    amp: bool = True
+    amp_cpu: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form notes for people reading the plan (strategy name, parent reference)."""
 
     @property
     def image_size(self) -> int:
@@ -126,10 +211,11 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Plan":
+        """Inverse of `to_dict`; fields newer than the stored plan take their defaults."""
         return cls(
             base_model=data["base_model"],
             num_classes=data["num_classes"],
-            head=HeadConfig(hidden=tuple(data["head"]["hidden"]), dropout=data["head"]["dropout"]),
+            head=_head(data["head"]),
             stages=tuple(
                 Stage(
                     name=stage["name"],
@@ -140,6 +226,7 @@ class Plan:
                     bn_mode=stage["bn_mode"],
                     image_size=stage["image_size"],
                     cache_features=stage["cache_features"],
+                    distill=stage.get("distill", False),
                 )
                 for stage in data["stages"]
             ),
@@ -153,7 +240,22 @@ class Plan:
             std=_triple(data["std"]),
             early_stopping_patience=data["early_stopping_patience"],
             device=data["device"],
+            parent_dir=data.get("parent_dir"),
+            task_name=data.get("task_name", "main"),
+            old_tasks=tuple(
+                TaskInfo(name=task["name"], labels=tuple(task["labels"]), head=_head(task["head"]))
+                for task in data.get("old_tasks", ())
+            ),
+            lwf_temperature=data.get("lwf_temperature", 2.0),
+            lwf_lambda=data.get("lwf_lambda", 1.0),
+            amp=data.get("amp", True),
+            amp_cpu=data.get("amp_cpu", False),
+            extra=dict(data.get("extra", {})),
         )
+
+
+def _head(data: dict[str, Any]) -> HeadConfig:
+    return HeadConfig(hidden=tuple(data["hidden"]), dropout=data["dropout"])
 
 
 def _triple(values: list[float]) -> tuple[float, float, float]:
@@ -167,11 +269,16 @@ def _check_choice(field_name: str, value: object, literal: Any) -> None:
         raise ValueError(f"{field_name} must be one of {', '.join(choices)}; got {value!r}")
 
 
+def _image_size_ok(size: int | None) -> bool:
+    return size is None or MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE
+
+
 def _validate(config: TransferConfig) -> None:
     _check_choice("strategy", config.strategy, Strategy)
     _check_choice("schedule", config.schedule, Schedule)
     _check_choice("optimizer", config.optimizer, OptimizerName)
     _check_choice("bn_mode", config.bn_mode, BatchNormMode)
+    sizes = config.progressive_resizing
     checks = [
         (config.num_classes >= 2, f"num_classes must be at least 2; got {config.num_classes}"),
         (config.epochs >= 1, f"epochs must be at least 1; got {config.epochs}"),
@@ -196,7 +303,7 @@ def _validate(config: TransferConfig) -> None:
             f"head hidden widths must be positive; got {config.head.hidden}",
         ),
         (
-            config.image_size is None or MIN_IMAGE_SIZE <= config.image_size <= MAX_IMAGE_SIZE,
+            _image_size_ok(config.image_size),
             f"image_size must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE}; "
             f"got {config.image_size}",
         ),
@@ -204,21 +311,52 @@ def _validate(config: TransferConfig) -> None:
             config.early_stopping_patience is None or config.early_stopping_patience >= 1,
             f"early_stopping_patience must be at least 1; got {config.early_stopping_patience}",
         ),
+        (
+            config.partial_groups >= 1,
+            f"partial_groups must be at least 1; got {config.partial_groups}",
+        ),
+        (
+            config.lwf_temperature > 0,
+            f"lwf_temperature must be positive; got {config.lwf_temperature}",
+        ),
+        (config.lwf_lambda >= 0, f"lwf_lambda must be >= 0; got {config.lwf_lambda}"),
+        (bool(config.task_name), "task_name must not be empty"),
+        (
+            sizes is None
+            or (
+                len(sizes) >= 1
+                and all(_image_size_ok(size) for size in sizes)
+                and list(sizes) == sorted(set(sizes))
+            ),
+            f"progressive_resizing must be strictly increasing sizes between {MIN_IMAGE_SIZE} "
+            f"and {MAX_IMAGE_SIZE}; got {sizes}",
+        ),
+        (
+            sizes is None or config.image_size is None or sizes[-1] == config.image_size,
+            f"progressive_resizing must end at image_size {config.image_size}; got {sizes}",
+        ),
     ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
-    if config.head_epochs is not None and config.strategy != "freeze_unfreeze":
-        raise ValueError("head_epochs only applies to the freeze_unfreeze strategy")
-    if config.strategy == "freeze_unfreeze":
+    head_epoch_strategies = ("freeze_unfreeze", "lwf")
+    if config.head_epochs is not None and config.strategy not in head_epoch_strategies:
+        raise ValueError("head_epochs only applies to the freeze_unfreeze and lwf strategies")
+    if config.strategy in head_epoch_strategies and config.stages is None:
         if config.epochs < 2:
-            raise ValueError("freeze_unfreeze needs epochs >= 2 (head epochs, then the rest)")
+            raise ValueError(f"{config.strategy} needs epochs >= 2 (head epochs, then the rest)")
         head_epochs = config.head_epochs if config.head_epochs is not None else 1
         if not 1 <= head_epochs < config.epochs:
             raise ValueError(
                 f"head_epochs must be between 1 and epochs - 1 = {config.epochs - 1}; "
                 f"got {head_epochs}"
             )
+    if config.strategy == "lwf" and config.parent_dir is None:
+        raise ValueError("the lwf strategy needs parent_dir: the model whose task it keeps")
+    if config.strategy == "scratch" and config.parent_dir is not None:
+        raise ValueError("the scratch strategy starts from random weights; drop parent_dir")
+    if config.stages is not None and not config.stages:
+        raise ValueError("stages must list at least one stage when given")
     try:
         torch.device(config.device)
     except RuntimeError as error:
@@ -226,52 +364,304 @@ def _validate(config: TransferConfig) -> None:
 
 
 def _discriminative_lrs(top_lr: float, groups: tuple[str, ...], decay: float) -> dict[str, float]:
-    """The last group gets `top_lr`; each group below it gets `decay` times less."""
-    depth = len(groups) - 1
-    return {name: top_lr / decay ** (depth - index) for index, name in enumerate(groups)}
+    """The last group gets `top_lr`; each group below it gets `decay` times less.
+
+    An LwF model's old heads sit beside the new head, not below it, so they share its rate.
+    """
+    ladder = tuple(group for group in groups if group != OLD_HEADS)
+    depth = len(ladder) - 1
+    rates = {name: top_lr / decay ** (depth - index) for index, name in enumerate(ladder)}
+    if OLD_HEADS in groups:
+        rates[OLD_HEADS] = top_lr
+    return {name: rates[name] for name in groups}
+
+
+@dataclass(frozen=True)
+class _Base:
+    """What the stages are built on: the architecture's groups, sizes and the parent, if any."""
+
+    base_model: str
+    backbone_groups: tuple[str, ...]
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    parent_dir: Path | None
+    old_tasks: tuple[TaskInfo, ...]
+
+    @property
+    def head_groups(self) -> tuple[str, ...]:
+        return (OLD_HEADS, HEAD) if self.old_tasks else (HEAD,)
+
+    @property
+    def all_groups(self) -> tuple[str, ...]:
+        return (*self.backbone_groups, *self.head_groups)
+
+
+def read_parent_config(parent_dir: Path) -> dict[str, Any]:
+    path = parent_dir / CONFIG_FILE
+    try:
+        config: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"parent_dir: cannot read an exported model's {path}: {error}") from None
+    if "plan" not in config or "labels" not in config:
+        raise ValueError(f"parent_dir: {path} is not a thaw model config")
+    return config
+
+
+def parent_tasks(config: dict[str, Any]) -> tuple[TaskInfo, ...]:
+    """Every task an exported model answers, oldest first; its own head is the last."""
+    plan = Plan.from_dict(config["plan"])
+    return (
+        *plan.old_tasks,
+        TaskInfo(name=plan.task_name, labels=tuple(config["labels"]), head=plan.head),
+    )
+
+
+def _resolve_base(config: TransferConfig) -> _Base:
+    if config.parent_dir is None:
+        info = get_base_model_info(config.base_model)
+        if info.fixed_input_size and config.image_size not in (None, info.input_size):
+            raise ValueError(
+                f"image_size: {config.base_model} only accepts {info.input_size}px images; "
+                f"got {config.image_size}"
+            )
+        return _Base(
+            base_model=config.base_model,
+            backbone_groups=info.group_names,
+            image_size=config.image_size or info.input_size,
+            mean=info.mean,
+            std=info.std,
+            parent_dir=None,
+            old_tasks=(),
+        )
+    parent = read_parent_config(config.parent_dir)
+    parent_plan = Plan.from_dict(parent["plan"])
+    info = get_base_model_info(parent_plan.base_model)
+    old_tasks = parent_tasks(parent) if config.strategy == "lwf" else ()
+    clash = [task.name for task in old_tasks if task.name == config.task_name]
+    if clash:
+        raise ValueError(
+            f"task_name: the parent already answers a task named {clash[0]!r}; "
+            "give the new task another name"
+        )
+    return _Base(
+        base_model=parent_plan.base_model,
+        backbone_groups=info.group_names,
+        image_size=config.image_size or parent_plan.image_size,
+        mean=parent_plan.mean,
+        std=parent_plan.std,
+        parent_dir=config.parent_dir,
+        old_tasks=old_tasks,
+    )
+
+
+def _stage(
+    config: TransferConfig,
+    base: _Base,
+    *,
+    name: str,
+    trainable: tuple[str, ...],
+    epochs: int,
+    top_lr: float | None = None,
+    schedule: Schedule | None = None,
+    lr_decay: float | None = None,
+    bn_mode: BatchNormMode | None = None,
+) -> Stage:
+    """A stage with discriminative rates below `top_lr`, following the config's defaults."""
+    cache = not set(trainable) & set(base.backbone_groups)
+    if top_lr is None:
+        top_lr = config.lr if cache else config.lr * config.fine_tune_lr_factor
+    return Stage(
+        name=name,
+        trainable_groups=trainable,
+        group_lrs=_discriminative_lrs(
+            top_lr, trainable, config.lr_decay if lr_decay is None else lr_decay
+        ),
+        epochs=epochs,
+        schedule=schedule or config.schedule,
+        bn_mode="frozen" if cache else (bn_mode or config.bn_mode),
+        image_size=base.image_size,
+        cache_features=cache,
+        # The old heads learn nothing new without backbone changes, so there is nothing to keep.
+        distill=bool(base.old_tasks) and not cache,
+    )
+
+
+def _top(base: _Base, k: int) -> tuple[str, ...]:
+    return (*base.backbone_groups[len(base.backbone_groups) - k :], *base.head_groups)
+
+
+def _preset_stages(config: TransferConfig, base: _Base) -> tuple[Stage, ...]:
+    everything = base.all_groups
+    head_epochs = config.head_epochs if config.head_epochs is not None else 1
+    if config.strategy == "feature_extraction":
+        return (_stage(config, base, name=HEAD, trainable=(HEAD,), epochs=config.epochs),)
+    if config.strategy == "fine_tune":
+        return (_stage(config, base, name="fine_tune", trainable=everything, epochs=config.epochs),)
+    if config.strategy == "scratch":
+        return (
+            _stage(
+                config,
+                base,
+                name="scratch",
+                trainable=everything,
+                epochs=config.epochs,
+                top_lr=config.lr,
+                lr_decay=1.0,
+                bn_mode="train",
+            ),
+        )
+    if config.strategy == "partial":
+        if config.partial_groups > len(base.backbone_groups):
+            raise ValueError(
+                f"partial_groups: {base.base_model} has {len(base.backbone_groups)} groups; "
+                f"got {config.partial_groups}"
+            )
+        trainable = _top(base, config.partial_groups)
+        return (_stage(config, base, name="partial", trainable=trainable, epochs=config.epochs),)
+    if config.strategy == "gradual_unfreeze":
+        # ULMFiT: one more group per epoch from the top; the last stage takes what is left.
+        count = min(config.epochs, len(base.backbone_groups) + 1)
+        return tuple(
+            _stage(
+                config,
+                base,
+                name=HEAD if k == 0 else f"unfreeze_top_{k}",
+                trainable=(HEAD,) if k == 0 else _top(base, k),
+                epochs=1 if k < count - 1 else config.epochs - k,
+                schedule="slanted_triangular",
+            )
+            for k in range(count)
+        )
+    # freeze_unfreeze and lwf: the new head alone, then everything together.
+    return (
+        _stage(config, base, name=HEAD, trainable=(HEAD,), epochs=head_epochs),
+        _stage(
+            config,
+            base,
+            name="joint" if config.strategy == "lwf" else "unfreeze",
+            trainable=everything,
+            epochs=config.epochs - head_epochs,
+        ),
+    )
+
+
+def _spec_groups(spec: StageSpec, where: str, base: _Base) -> tuple[str, ...]:
+    known = base.all_groups
+    if not spec.groups:
+        raise ValueError(f"{where}.groups: list at least one group")
+    chosen: set[str] = set()
+    for group in spec.groups:
+        if group == ALL:
+            chosen |= set(known)
+        elif group.startswith(TOP):
+            count = group.removeprefix(TOP)
+            if not count.isdigit() or not 1 <= int(count) <= len(base.backbone_groups):
+                raise ValueError(
+                    f"{where}.groups: {group!r} needs a count from 1 to "
+                    f"{len(base.backbone_groups)}, as in 'top:2'"
+                )
+            chosen |= set(_top(base, int(count)))
+        elif group in known:
+            chosen.add(group)
+        else:
+            raise ValueError(
+                f"{where}.groups: unknown group {group!r}; groups are {', '.join(known)}, "
+                f"or {ALL!r}, or 'top:<k>'"
+            )
+    return tuple(group for group in known if group in chosen)
+
+
+def _spec_stage(config: TransferConfig, base: _Base, index: int, spec: StageSpec) -> Stage:
+    where = f"stages[{index}]"
+    if spec.schedule is not None:
+        _check_choice(f"{where}.schedule", spec.schedule, Schedule)
+    if spec.bn_mode is not None:
+        _check_choice(f"{where}.bn_mode", spec.bn_mode, BatchNormMode)
+    if spec.epochs < 1:
+        raise ValueError(f"{where}.epochs must be at least 1; got {spec.epochs}")
+    if spec.lr is not None and spec.lr <= 0:
+        raise ValueError(f"{where}.lr must be positive; got {spec.lr}")
+    if spec.lr_decay is not None and spec.lr_decay < 1:
+        raise ValueError(f"{where}.lr_decay must be >= 1; got {spec.lr_decay}")
+    if spec.lr is not None and spec.lrs is not None:
+        raise ValueError(f"{where}: give lr or lrs, not both")
+    if not _image_size_ok(spec.image_size):
+        raise ValueError(
+            f"{where}.image_size must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE}; "
+            f"got {spec.image_size}"
+        )
+    trainable = _spec_groups(spec, where, base)
+    stage = _stage(
+        config,
+        base,
+        name=spec.name or f"stage{index + 1}",
+        trainable=trainable,
+        epochs=spec.epochs,
+        top_lr=spec.lr,
+        schedule=spec.schedule,
+        lr_decay=spec.lr_decay,
+        bn_mode=spec.bn_mode,
+    )
+    if spec.lrs is not None:
+        if set(spec.lrs) != set(trainable):
+            raise ValueError(
+                f"{where}.lrs must give a rate for exactly the trainable groups "
+                f"{', '.join(trainable)}; got {', '.join(spec.lrs)}"
+            )
+        bad = [name for name, rate in spec.lrs.items() if not rate > 0]
+        if bad:
+            raise ValueError(
+                f"{where}.lrs: rates must be positive; {bad[0]!r} is {spec.lrs[bad[0]]}"
+            )
+        stage = replace(stage, group_lrs={name: spec.lrs[name] for name in trainable})
+    return replace(stage, image_size=spec.image_size or base.image_size)
+
+
+def _split_epochs(epochs: int, parts: int) -> list[int]:
+    """`epochs` into `parts` consecutive counts; the remainder goes to the last (largest)."""
+    return [epochs // parts] * (parts - 1) + [epochs // parts + epochs % parts]
+
+
+def _resize_progressively(stage: Stage, sizes: tuple[int, ...]) -> list[Stage]:
+    """Sub-stages at increasing sizes; a stage shorter than the list uses its largest sizes."""
+    used = sizes[-stage.epochs :] if stage.epochs < len(sizes) else sizes
+    return [
+        replace(stage, name=f"{stage.name}@{size}", epochs=epochs, image_size=size)
+        for size, epochs in zip(used, _split_epochs(stage.epochs, len(used)), strict=True)
+    ]
 
 
 def compile_plan(config: TransferConfig) -> Plan:
-    """Validate `config` and expand its strategy into stages; raises ValueError when invalid."""
-    info = get_base_model_info(config.base_model)
+    """Validate `config` and expand its strategy (or its stages) into a plan.
+
+    Raises ValueError, naming the offending field, when the config is invalid.
+    """
+    if config.parent_dir is None:
+        get_base_model_info(config.base_model)
     _validate(config)
-    image_size = config.image_size or info.input_size
-    groups = (*info.group_names, HEAD)
-    head_only = Stage(
-        name=HEAD,
-        trainable_groups=(HEAD,),
-        group_lrs={HEAD: config.lr},
-        epochs=config.epochs,
-        schedule=config.schedule,
-        bn_mode="frozen",
-        image_size=image_size,
-        cache_features=True,
+    base = _resolve_base(config)
+    stages = (
+        tuple(_spec_stage(config, base, i, spec) for i, spec in enumerate(config.stages))
+        if config.stages is not None
+        else _preset_stages(config, base)
     )
-    whole = Stage(
-        name=config.strategy,
-        trainable_groups=groups,
-        group_lrs=_discriminative_lrs(
-            config.lr * config.fine_tune_lr_factor, groups, config.lr_decay
-        ),
-        epochs=config.epochs,
-        schedule=config.schedule,
-        bn_mode=config.bn_mode,
-        image_size=image_size,
-        cache_features=False,
-    )
-    stages: tuple[Stage, ...]
-    if config.strategy == "feature_extraction":
-        stages = (head_only,)
-    elif config.strategy == "fine_tune":
-        stages = (whole,)
-    else:
-        head_epochs = config.head_epochs if config.head_epochs is not None else 1
-        stages = (
-            replace(head_only, epochs=head_epochs),
-            replace(whole, name="unfreeze", epochs=config.epochs - head_epochs),
+    if config.progressive_resizing is not None:
+        info = get_base_model_info(base.base_model)
+        if info.fixed_input_size:
+            raise ValueError(
+                f"progressive_resizing: {base.base_model} only accepts {info.input_size}px images"
+            )
+        stages = tuple(
+            sub
+            for stage in stages
+            for sub in _resize_progressively(stage, config.progressive_resizing)
         )
+    extra: dict[str, Any] = {"strategy": config.strategy}
+    if config.parent_dir is not None:
+        extra["parent"] = config.base_model
     return Plan(
-        base_model=config.base_model,
+        base_model=base.base_model,
         num_classes=config.num_classes,
         head=config.head,
         stages=stages,
@@ -280,11 +670,19 @@ def compile_plan(config: TransferConfig) -> Plan:
         optimizer=config.optimizer,
         weight_decay=config.weight_decay,
         label_smoothing=config.label_smoothing,
-        pretrained=config.pretrained,
-        mean=info.mean,
-        std=info.std,
+        pretrained=config.pretrained and config.strategy != "scratch",
+        mean=base.mean,
+        std=base.std,
         early_stopping_patience=config.early_stopping_patience,
         device=config.device,
+        parent_dir=None if base.parent_dir is None else str(base.parent_dir),
+        task_name=config.task_name,
+        old_tasks=base.old_tasks,
+        lwf_temperature=config.lwf_temperature,
+        lwf_lambda=config.lwf_lambda,
+        amp=config.amp,
+        amp_cpu=config.amp_cpu,
+        extra=extra,
     )
 
 

@@ -21,6 +21,11 @@ class Predictor:
         self.config = config
         self.device = device
         self.labels: list[str] = config["labels"]
+        """The default (newest) task's labels."""
+        own_task = {"name": config["plan"].get("task_name", "main"), "labels": self.labels}
+        tasks = config.get("tasks") or [own_task]
+        self.tasks: dict[str, list[str]] = {task["name"]: task["labels"] for task in tasks}
+        """Labels per task name, oldest first; a single-task model has just its own."""
         self._preprocessing = config["preprocessing"]
 
     @classmethod
@@ -37,9 +42,17 @@ class Predictor:
         return cls(model, config, torch_device)
 
     def predict(
-        self, images: Sequence[Image.Image], top_k: int = 5
+        self, images: Sequence[Image.Image], top_k: int = 5, task: str | None = None
     ) -> list[list[tuple[str, float]]]:
-        """Top-k (label, probability) per image, most probable first."""
+        """Top-k (label, probability) per image, most probable first.
+
+        `task` picks one of a multi-task (LwF) model's tasks by name; None is the newest.
+        """
+        names = list(self.tasks)
+        if task is not None and task not in names:
+            raise ValueError(f"unknown task {task!r}; this model answers {names}")
+        index = len(names) - 1 if task is None else names.index(task)
+        labels = self.tasks[names[index]]
         if not images:
             return []
         batch = torch.stack(
@@ -54,13 +67,11 @@ class Predictor:
             ]
         ).to(self.device)
         with torch.no_grad():
-            probabilities = self.model(batch).softmax(dim=1)
-        k = max(1, min(top_k, len(self.labels)))
+            logits = self.model.forward_tasks(batch)[index]
+        probabilities = logits.softmax(dim=1)
+        k = max(1, min(top_k, len(labels)))
         values, indices = probabilities.topk(k, dim=1)
         return [
-            [
-                (self.labels[index], value)
-                for index, value in zip(row_indices, row_values, strict=True)
-            ]
+            [(labels[i], value) for i, value in zip(row_indices, row_values, strict=True)]
             for row_indices, row_values in zip(indices.tolist(), values.tolist(), strict=True)
         ]

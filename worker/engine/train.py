@@ -1,7 +1,10 @@
 """Execute a Plan: stage by stage, epoch by epoch, evaluating on the validation set each epoch.
 
-Stages whose backbone is entirely frozen train the head on backbone features computed once,
-so their epochs cost a pass over the head only.
+Stages whose backbone is entirely frozen train the head on backbone features computed once
+per image size, so their epochs cost a pass over the head only. LwF stages also fit the old
+heads to outputs the parent model gave on the new images, recorded once before training.
+A checkpoint written after every epoch lets `run(..., resume_from=...)` continue a job with
+exactly the weights an uninterrupted run would have reached.
 """
 
 import logging
@@ -10,6 +13,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .data import ImageDataset, Sample
 from .model import TransferModel, build_model, freeze, make_param_groups, set_batchnorm_mode
@@ -26,7 +30,14 @@ from .plan import Plan, Schedule, Stage, steps_per_epoch
 
 logger = logging.getLogger(__name__)
 
-Batches = Iterable[tuple[Tensor, Tensor]]
+Targets = Tensor | Sequence[Tensor]
+Batches = Iterable[tuple[Tensor, Targets]]
+
+ONE_CYCLE_PCT_START = 0.3
+ONE_CYCLE_DIV_FACTOR = 25.0
+ONE_CYCLE_FINAL_DIV_FACTOR = 1e4
+STLR_CUT_FRAC = 0.1
+STLR_RATIO = 32.0
 
 
 @dataclass
@@ -77,6 +88,38 @@ class Evaluation:
     predictions: Tensor
 
 
+@dataclass(frozen=True)
+class Precision:
+    """How tensors are computed: fp32, or autocast to `dtype`, optionally channels-last."""
+
+    device_type: str
+    dtype: torch.dtype | None = None
+    channels_last: bool = False
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        return torch.autocast(
+            self.device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None
+        )
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        # Only fp16 can underflow gradients; bf16 has fp32's range.
+        return torch.amp.GradScaler(self.device_type, enabled=self.dtype == torch.float16)
+
+    def inputs(self, tensor: Tensor, device: torch.device) -> Tensor:
+        if self.channels_last and tensor.dim() == 4:
+            return tensor.to(device, memory_format=torch.channels_last, non_blocking=True)
+        return tensor.to(device, non_blocking=True)
+
+
+def precision_for(plan: Plan, device: torch.device) -> Precision:
+    if device.type == "cuda" and plan.amp:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return Precision("cuda", dtype, channels_last=True)
+    if device.type == "cpu" and plan.amp_cpu:
+        return Precision("cpu", torch.bfloat16)
+    return Precision(device.type)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -89,17 +132,44 @@ def make_optimizer(plan: Plan, param_groups: list[dict[str, Any]]) -> torch.opti
     return torch.optim.AdamW(param_groups, weight_decay=plan.weight_decay)
 
 
+def _annealed(start: float, end: float, pct: float) -> float:
+    return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
+
+
+def schedule_factor(schedule: Schedule, step: int, total_steps: int) -> float:
+    """The multiplier on every group's top rate at `step` (0-based) of `total_steps`."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return _annealed(1.0, 0.0, min(step, total_steps) / total_steps)
+    if schedule == "one_cycle":
+        # torch.optim.lr_scheduler.OneCycleLR's two cosine phases with its defaults.
+        warm_end = ONE_CYCLE_PCT_START * total_steps - 1
+        initial = 1.0 / ONE_CYCLE_DIV_FACTOR
+        if step <= warm_end:
+            return _annealed(initial, 1.0, step / warm_end)
+        pct = (step - warm_end) / (total_steps - 1 - warm_end)
+        return _annealed(1.0, initial / ONE_CYCLE_FINAL_DIV_FACTOR, pct)
+    # Slanted triangular (Howard & Ruder 2018): a short linear warm-up, a long linear decay.
+    cut = max(1, math.floor(total_steps * STLR_CUT_FRAC))
+    if step < cut:
+        progress = step / cut
+    else:
+        progress = max(0.0, 1 - (step - cut) / (cut * (1 / STLR_CUT_FRAC - 1)))
+    return (1 + progress * (STLR_RATIO - 1)) / STLR_RATIO
+
+
 def make_scheduler(
     optimizer: torch.optim.Optimizer, schedule: Schedule, total_steps: int
 ) -> LambdaLR:
-    """Per-step multiplier on every group's rate: 1, or a cosine from 1 down to 0."""
+    """Per-step multiplier on every group's rate, restarted for each stage."""
+    return LambdaLR(optimizer, lambda step: schedule_factor(schedule, step, total_steps))
 
-    def factor(step: int) -> float:
-        if schedule == "constant":
-            return 1.0
-        return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
 
-    return LambdaLR(optimizer, factor)
+def _to_device(targets: Targets, device: torch.device) -> Targets:
+    if isinstance(targets, Tensor):
+        return targets.to(device, non_blocking=True)
+    return [tensor.to(device, non_blocking=True) for tensor in targets]
 
 
 def train_one_epoch(
@@ -110,51 +180,135 @@ def train_one_epoch(
     loss_fn: nn.Module,
     device: torch.device,
     after_step: Callable[[], None],
+    *,
+    precision: Precision | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> float:
-    """One pass over `batches`; returns the mean training loss."""
+    """One pass over `batches`; returns the mean training loss.
+
+    The loss is summed on the device and read once at the end: reading it every step would
+    wait for the accelerator to finish each step before queueing the next.
+    """
+    precision = precision or Precision(device.type)
+    scaler = scaler or precision.grad_scaler()
     module.train()
-    total_loss, count = 0.0, 0
+    total_loss = torch.zeros((), device=device)
+    count = 0
     for inputs, targets in batches:
-        inputs, targets = inputs.to(device), targets.to(device)
-        loss = loss_fn(module(inputs), targets)
+        inputs = precision.inputs(inputs, device)
+        with precision.autocast():
+            loss = loss_fn(module(inputs), _to_device(targets, device))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
-        total_loss += loss.item() * len(targets)
-        count += len(targets)
+        total_loss += loss.detach().float() * len(inputs)
+        count += len(inputs)
         after_step()
-    return total_loss / count
+    return float(total_loss) / count
 
 
-def evaluate(module: nn.Module, batches: Batches, device: torch.device) -> Evaluation:
+def evaluate(
+    module: nn.Module, batches: Batches, device: torch.device, precision: Precision | None = None
+) -> Evaluation:
+    precision = precision or Precision(device.type)
     module.eval()
-    total_loss, correct, count = 0.0, 0, 0
+    total_loss = torch.zeros((), device=device)
     predictions = []
-    with torch.no_grad():
+    targets_seen = []
+    with torch.no_grad(), precision.autocast():
         for inputs, targets in batches:
-            inputs, targets = inputs.to(device), targets.to(device)
-            logits = module(inputs)
-            total_loss += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
-            predicted = logits.argmax(dim=1)
-            correct += int((predicted == targets).sum().item())
-            count += len(targets)
-            predictions.append(predicted.cpu())
-    return Evaluation(total_loss / count, correct / count, torch.cat(predictions))
+            assert isinstance(targets, Tensor)
+            logits = module(precision.inputs(inputs, device)).float()
+            labels = targets.to(device)
+            total_loss += nn.functional.cross_entropy(logits, labels, reduction="sum")
+            predictions.append(logits.argmax(dim=1))
+            targets_seen.append(labels)
+    predicted = torch.cat(predictions)
+    correct = int((predicted == torch.cat(targets_seen)).sum())
+    count = len(predicted)
+    return Evaluation(float(total_loss) / count, correct / count, predicted.cpu())
 
 
 def compute_features(
-    backbone: nn.Module, batches: Batches, device: torch.device, after_batch: Callable[[], None]
+    backbone: nn.Module,
+    batches: Batches,
+    device: torch.device,
+    after_batch: Callable[[], None],
+    precision: Precision | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Pooled backbone features and labels for every batch, in order."""
+    precision = precision or Precision(device.type)
     backbone.eval()
     features, labels = [], []
-    with torch.no_grad():
+    with torch.no_grad(), precision.autocast():
         for inputs, targets in batches:
-            features.append(backbone(inputs.to(device)))
+            assert isinstance(targets, Tensor)
+            # Stored in fp32 so the head trains on them as on any fp32 input.
+            features.append(backbone(precision.inputs(inputs, device)).float())
             labels.append(targets.to(device))
             after_batch()
     return torch.cat(features), torch.cat(labels)
+
+
+def soft_cross_entropy(logits: Tensor, reference: Tensor, temperature: float) -> Tensor:
+    """Li & Hoiem's distillation loss: cross-entropy between temperature-softened outputs."""
+    target = (reference / temperature).softmax(dim=1)
+    return -(target * (logits / temperature).log_softmax(dim=1)).sum(dim=1).mean()
+
+
+class LwFLoss(nn.Module):
+    """New-task cross-entropy + lambda * distillation of each old head towards its recording.
+
+    Called with every head's logits (oldest first, new last) and targets
+    (labels, recorded old logits concatenated along classes).
+    """
+
+    def __init__(
+        self, label_smoothing: float, old_sizes: list[int], temperature: float, weight: float
+    ) -> None:
+        super().__init__()
+        self.cross_entropy = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.old_sizes = old_sizes
+        self.temperature = temperature
+        self.weight = weight
+
+    def forward(self, outputs: list[Tensor], targets: Sequence[Tensor]) -> Tensor:
+        labels, recorded = targets
+        *old, new = outputs
+        loss: Tensor = self.cross_entropy(new.float(), labels)
+        for logits, reference in zip(old, recorded.split(self.old_sizes, dim=1), strict=True):
+            loss = loss + self.weight * soft_cross_entropy(
+                logits.float(), reference, self.temperature
+            )
+        return loss
+
+
+class _AllTasks(nn.Module):
+    """Trains an LwF model: forward answers every task, oldest first."""
+
+    def __init__(self, model: TransferModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return self.model.forward_tasks(x)
+
+
+class _WithRecording(Dataset[tuple[Tensor, tuple[int, Tensor]]]):
+    """Each training image with its label and the parent's outputs on it."""
+
+    def __init__(self, images: ImageDataset, recorded: Tensor) -> None:
+        self.images = images
+        self.recorded = recorded
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, tuple[int, Tensor]]:
+        image, label = self.images[index]
+        return image, (label, self.recorded[index])
 
 
 def classification_metrics(
@@ -199,7 +353,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 def _rng_state(shuffle: torch.Generator) -> dict[str, Any]:
     numpy_state = np.random.get_state(legacy=False)
-    return {
+    state = {
         "python": random.getstate(),
         # Stored as plain lists so the checkpoint loads with weights_only=True.
         "numpy": {
@@ -209,6 +363,27 @@ def _rng_state(shuffle: torch.Generator) -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "shuffle": shuffle.get_state(),
     }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict[str, Any], shuffle: torch.Generator) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {
+                "key": np.array(state["numpy"]["key"], dtype=np.uint32),
+                "pos": state["numpy"]["pos"],
+            },
+        }
+    )
+    torch.set_rng_state(state["torch"])
+    shuffle.set_state(state["shuffle"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class _Progress:
@@ -260,6 +435,21 @@ class _EarlyStopping:
         if self.best_state is not None:
             model.load_state_dict(self.best_state)
 
+    def state_dict(self) -> dict[str, Any]:
+        assert self.kept is not None, "saved after an epoch"
+        return {
+            "best_loss": self.best_loss,
+            "best_state": self.best_state,
+            "kept": asdict(self.kept),
+            "epochs_without_improvement": self.epochs_without_improvement,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_loss = state["best_loss"]
+        self.best_state = state["best_state"]
+        self.kept = Evaluation(**state["kept"])
+        self.epochs_without_improvement = state["epochs_without_improvement"]
+
 
 class _StageData:
     """Batches for a stage: images, or backbone features computed once per image size."""
@@ -272,6 +462,7 @@ class _StageData:
         val: list[Sample],
         *,
         device: torch.device,
+        precision: Precision,
         shuffle: torch.Generator,
         num_workers: int,
         check_cancelled: Callable[[], None],
@@ -281,38 +472,66 @@ class _StageData:
         self.train = train
         self.val = val
         self.device = device
+        self.precision = precision
         self.shuffle = shuffle
         self.num_workers = num_workers
         self.check_cancelled = check_cancelled
         # Valid only while no stage has trained the backbone since they were computed.
         self.features: dict[int, tuple[TensorDataset, TensorDataset]] = {}
+        self.recorded: dict[int, Tensor] = {}
+        """LwF: the parent's old-head logits on every training image, per image size."""
 
-    def images(self, samples: list[Sample], stage: Stage, *, shuffled: bool) -> DataLoader[Any]:
-        dataset = ImageDataset(
-            samples, image_size=stage.image_size, mean=self.plan.mean, std=self.plan.std
-        )
+    def _loader(self, dataset: Dataset[Any], *, shuffled: bool) -> DataLoader[Any]:
         return DataLoader(
             dataset,
             batch_size=self.plan.batch_size,
             shuffle=shuffled,
             generator=self.shuffle if shuffled else None,
             num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=self.num_workers > 0,
         )
+
+    def _dataset(self, samples: list[Sample], image_size: int) -> ImageDataset:
+        return ImageDataset(samples, image_size=image_size, mean=self.plan.mean, std=self.plan.std)
+
+    def images(self, samples: list[Sample], stage: Stage, *, shuffled: bool) -> DataLoader[Any]:
+        return self._loader(self._dataset(samples, stage.image_size), shuffled=shuffled)
+
+    def record_old_outputs(self) -> None:
+        """Run the untouched model once over the training images at every distilled size."""
+        sizes = sorted({stage.image_size for stage in self.plan.stages if stage.distill})
+        self.model.eval()
+        for size in sizes:
+            outputs = []
+            loader = self._loader(self._dataset(self.train, size), shuffled=False)
+            with torch.no_grad(), self.precision.autocast():
+                for inputs, _ in loader:
+                    *old, _new = self.model.forward_tasks(
+                        self.precision.inputs(inputs, self.device)
+                    )
+                    outputs.append(torch.cat(old, dim=1).float())
+                    self.check_cancelled()
+            self.recorded[size] = torch.cat(outputs).cpu()
 
     def _backbone_features(self, samples: list[Sample], stage: Stage) -> TensorDataset:
         batches = self.images(samples, stage, shuffled=False)
-        features = compute_features(self.model.backbone, batches, self.device, self.check_cancelled)
+        features = compute_features(
+            self.model.backbone, batches, self.device, self.check_cancelled, self.precision
+        )
         return TensorDataset(*features)
 
     def for_stage(self, stage: Stage) -> tuple[nn.Module, DataLoader[Any], DataLoader[Any]]:
-        """The module to train (head or whole model) with its train and val batches."""
+        """The module to train (head, whole model, or every task's output) with its batches."""
         if not stage.cache_features:
             self.features.clear()
-            return (
-                self.model,
-                self.images(self.train, stage, shuffled=True),
-                self.images(self.val, stage, shuffled=False),
-            )
+            val = self.images(self.val, stage, shuffled=False)
+            if stage.distill:
+                train = _WithRecording(
+                    self._dataset(self.train, stage.image_size), self.recorded[stage.image_size]
+                )
+                return _AllTasks(self.model), self._loader(train, shuffled=True), val
+            return self.model, self.images(self.train, stage, shuffled=True), val
         if stage.image_size not in self.features:
             started = time.perf_counter()
             self.features[stage.image_size] = (
@@ -345,6 +564,21 @@ def _check_inputs(plan: Plan, train: list[Sample], val: list[Sample], classes: l
         raise ValueError(f"labels outside 0..{plan.num_classes - 1}: {sorted(labels)}")
 
 
+def _param_group_layout(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    return [
+        {"name": group["name"], "parameters": [tuple(p.shape) for p in group["params"]]}
+        for group in optimizer.param_groups
+    ]
+
+
+def load_checkpoint(path: Path, plan: Plan) -> dict[str, Any]:
+    """A checkpoint `run` wrote for this same plan; raises ValueError for another plan's."""
+    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    if Plan.from_dict(state["plan"]) != plan:
+        raise ValueError(f"{path} was written for a different plan")
+    return state
+
+
 def run(
     plan: Plan,
     *,
@@ -355,6 +589,7 @@ def run(
     weights_dir: Path | None = None,
     checkpoint_path: Path | None = None,
     num_workers: int = 0,
+    resume_from: Path | None = None,
 ) -> TrainingResult:
     """Train a model by `plan` and evaluate it on `val` after every epoch.
 
@@ -362,7 +597,9 @@ def run(
     ends once its val loss has not improved on the best so far for `patience` epochs, and
     the best weights are restored before the next stage and at the end. The final metrics
     are those of the returned model: the best epoch's with early stopping, else the last's.
-    A checkpoint, when asked for, is rewritten after every epoch.
+    A checkpoint, when asked for, is rewritten after every epoch; `resume_from` continues
+    from one (same plan, data and device) and ends with the weights the uninterrupted run
+    would have had.
     """
     _check_inputs(plan, train, val, classes)
     if hooks is None:
@@ -370,37 +607,91 @@ def run(
     seed_everything(plan.seed)
     shuffle = torch.Generator().manual_seed(plan.seed)
     device = torch.device(plan.device)
+    precision = precision_for(plan, device)
     model = build_model(plan, weights_dir=weights_dir).to(device)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=plan.label_smoothing)
+    if precision.channels_last:
+        model.to(memory_format=torch.channels_last)
     total_epochs = sum(stage.epochs for stage in plan.stages)
-    progress = _Progress(hooks, total_epochs * steps_per_epoch(plan, len(train)))
-
+    steps = steps_per_epoch(plan, len(train))
+    progress = _Progress(hooks, total_epochs * steps)
     data = _StageData(
         plan,
         model,
         train,
         val,
         device=device,
+        precision=precision,
         shuffle=shuffle,
         num_workers=num_workers,
         check_cancelled=progress.check_cancelled,
     )
+    # Before any training, so the recording is of the parent as it was (also on resume).
+    data.record_old_outputs()
+    plain_loss = nn.CrossEntropyLoss(label_smoothing=plan.label_smoothing)
+    lwf_loss = LwFLoss(
+        plan.label_smoothing,
+        [len(task.labels) for task in plan.old_tasks],
+        plan.lwf_temperature,
+        plan.lwf_lambda,
+    )
     stopping = _EarlyStopping(plan.early_stopping_patience)
     history: list[EpochResult] = []
+    start_stage, start_epoch = 0, 1
+    resumed = load_checkpoint(resume_from, plan) if resume_from is not None else None
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        history = [EpochResult(**entry) for entry in resumed["history"]]
+        stopping.load_state_dict(resumed["early_stopping"])
+        progress.done_steps = len(history) * steps
+        start_stage, start_epoch = resumed["stage_index"], resumed["epoch"] + 1
+        if resumed["stage_done"]:
+            stopping.restore_best(model)
+            start_stage, start_epoch = start_stage + 1, 1
+        logger.info("resuming from %s at stage %d epoch %d", resume_from, start_stage, start_epoch)
     for stage_index, stage in enumerate(plan.stages):
+        if stage_index < start_stage:
+            continue
+        resuming = resumed if stage_index == start_stage else None
+        # The RNG streams are restored where the interrupted run saved them: before setting
+        # up the stage (which may draw from them) when it had finished the previous stage.
+        if resuming is not None and start_epoch == 1:
+            _restore_rng(resuming["rng"], shuffle)
         freeze(model, stage.trainable_groups)
         set_batchnorm_mode(model, stage)
         optimizer = make_optimizer(plan, make_param_groups(model, stage))
         module, train_batches, val_batches = data.for_stage(stage)
         scheduler = make_scheduler(optimizer, stage.schedule, stage.epochs * len(train_batches))
+        scaler = precision.grad_scaler()
+        loss_fn = lwf_loss if stage.distill else plain_loss
         stopping.start_stage()
-        for epoch in range(1, stage.epochs + 1):
+        first_epoch = 1
+        if resuming is not None and start_epoch > 1:
+            if _param_group_layout(optimizer) != resuming["param_groups"]:
+                raise ValueError(f"{resume_from}: optimizer groups differ from the plan's")
+            optimizer.load_state_dict(resuming["optimizer"])
+            scheduler.load_state_dict(resuming["scheduler"])
+            scaler.load_state_dict(resuming["scaler"])
+            stopping.epochs_without_improvement = resuming["early_stopping"][
+                "epochs_without_improvement"
+            ]
+            _restore_rng(resuming["rng"], shuffle)
+            first_epoch = start_epoch
+        for epoch in range(first_epoch, stage.epochs + 1):
             progress.check_cancelled()
             started = time.perf_counter()
             train_loss = train_one_epoch(
-                module, train_batches, optimizer, scheduler, loss_fn, device, progress.step
+                module,
+                train_batches,
+                optimizer,
+                scheduler,
+                loss_fn,
+                device,
+                progress.step,
+                precision=precision,
+                scaler=scaler,
             )
-            evaluation = evaluate(module, val_batches, device)
+            evaluated = model.head if stage.cache_features else model
+            evaluation = evaluate(evaluated, val_batches, device, precision)
             result = EpochResult(
                 stage=stage.name,
                 stage_index=stage_index,
@@ -423,6 +714,7 @@ def run(
                 evaluation.accuracy,
                 result.seconds,
             )
+            stop = stopping.update(model, evaluation)
             if checkpoint_path is not None:
                 save_checkpoint(
                     checkpoint_path,
@@ -430,15 +722,19 @@ def run(
                         "plan": plan.to_dict(),
                         "stage_index": stage_index,
                         "epoch": epoch,
+                        "stage_done": stop or epoch == stage.epochs,
                         "model": model.state_dict(),
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "param_groups": _param_group_layout(optimizer),
                         "history": [asdict(entry) for entry in history],
+                        "early_stopping": stopping.state_dict(),
                         "rng": _rng_state(shuffle),
                     },
                 )
             hooks.on_epoch_end(result)
-            if stopping.update(model, evaluation):
+            if stop:
                 logger.info("stage %s: val loss stopped improving; ending the stage", stage.name)
                 break
         # The next stage, and the returned model, start from the best weights seen so far.
