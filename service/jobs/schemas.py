@@ -3,6 +3,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
+from worker.engine import BatchNormMode, Schedule, Strategy
+
 JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 
@@ -31,9 +33,6 @@ class HeadSpec(BaseModel):
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
 
 
-Schedule = Literal["constant", "cosine", "one_cycle", "slanted_triangular"]
-
-
 class StageIn(BaseModel):
     """One explicitly written stage; unset fields follow the spec."""
 
@@ -54,7 +53,7 @@ class StageIn(BaseModel):
     )
     lr_decay: float | None = Field(default=None, ge=1.0, le=100.0)
     schedule: Schedule | None = None
-    bn_mode: Literal["train", "frozen"] | None = None
+    bn_mode: BatchNormMode | None = None
     image_size: int | None = Field(default=None, ge=64, le=1024)
     name: str | None = Field(default=None, max_length=50)
 
@@ -77,15 +76,9 @@ class JobSpec(BaseModel):
         "alias>` to start from one of your registered models (chained transfer; required "
         "by `lwf`).",
     )
-    strategy: Literal[
-        "feature_extraction",
-        "fine_tune",
-        "partial",
-        "freeze_unfreeze",
-        "gradual_unfreeze",
-        "lwf",
-        "scratch",
-    ] = Field(default="freeze_unfreeze", description="A preset; see the README's table.")
+    strategy: Strategy = Field(
+        default="freeze_unfreeze", description="A preset; see the README's table."
+    )
     head: HeadSpec = Field(default_factory=HeadSpec)
     epochs: int = Field(default=6, ge=1, le=1000)
     batch_size: int = Field(default=32, ge=1, le=4096)
@@ -108,7 +101,7 @@ class JobSpec(BaseModel):
         description="Once the backbone trains, the head's rate is lr * this (then ÷ lr_decay "
         "per lower group).",
     )
-    bn_mode: Literal["train", "frozen"] = Field(
+    bn_mode: BatchNormMode = Field(
         default="frozen",
         description="BatchNorm in stages that train the backbone: `frozen` keeps the "
         "pretrained running statistics (best for small datasets), `train` updates them.",
