@@ -18,6 +18,8 @@ UPLOAD_BODY: dict[str, Any] = {
         "required": True,
         "content": {
             "multipart/form-data": {
+                # Files cannot be shown inline: curl sends one with -F file=@digits.zip.
+                "example": {"name": "digits", "val_fraction": 0.2, "seed": 0},
                 "schema": {
                     "type": "object",
                     "required": ["file"],
@@ -48,7 +50,7 @@ UPLOAD_BODY: dict[str, Any] = {
                             "description": "Seed of the train/validation split.",
                         },
                     },
-                }
+                },
             }
         },
     }

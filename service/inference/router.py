@@ -35,6 +35,8 @@ _REQUEST_BODY: dict[str, Any] = {
     "required": True,
     "content": {
         "multipart/form-data": {
+            # Files cannot be shown inline: curl sends them with -F images=@a.png.
+            "example": {"top_k": 3, "task": "digits"},
             "schema": {
                 "type": "object",
                 "required": ["images"],
@@ -47,7 +49,7 @@ _REQUEST_BODY: dict[str, Any] = {
                     "top_k": {"type": "integer", "minimum": 1, "maximum": 100, "default": 5},
                     "task": {"type": "string"},
                 },
-            }
+            },
         },
         "application/json": {
             "schema": PredictJson.model_json_schema(),
