@@ -127,9 +127,13 @@ def seed_everything(seed: int) -> None:
 
 
 def make_optimizer(plan: Plan, param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    # torch picks the multi-tensor ("foreach") kernels by default only on CUDA; on the CPU the
+    # per-tensor loop costs several percent of a fine-tuning step, more so with many groups.
     if plan.optimizer == "sgd":
-        return torch.optim.SGD(param_groups, momentum=0.9, weight_decay=plan.weight_decay)
-    return torch.optim.AdamW(param_groups, weight_decay=plan.weight_decay)
+        return torch.optim.SGD(
+            param_groups, momentum=0.9, weight_decay=plan.weight_decay, foreach=True
+        )
+    return torch.optim.AdamW(param_groups, weight_decay=plan.weight_decay, foreach=True)
 
 
 def _annealed(start: float, end: float, pct: float) -> float:
