@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -276,6 +276,16 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     _consoles()[0].print(table)
 
 
+def _listing(
+    items: list[Any], *, as_json: bool, title: str, columns: dict[str, Callable[[Any], Any]]
+) -> None:
+    """A list command's output: JSON for scripts, or a table of the named columns for people."""
+    if as_json:
+        _print_json(items)
+        return
+    _table(title, list(columns), [[cell(item) for cell in columns.values()] for item in items])
+
+
 def _load_spec(path: Path, **overrides: Any) -> dict[str, Any]:
     import yaml
 
@@ -385,24 +395,19 @@ def datasets_ls(
     """Your datasets."""
     with _client(url, api_key) as client:
         datasets = list(client.list_datasets())
-    if as_json:
-        _print_json(datasets)
-        return
-    _table(
-        "datasets",
-        ["id", "name", "status", "images", "classes", "skipped", "created"],
-        [
-            [
-                d.id,
-                d.name,
-                d.status,
-                d.num_images,
-                len(d.classes),
-                len(d.skipped),
-                f"{d.created_at:%Y-%m-%d %H:%M}",
-            ]
-            for d in datasets
-        ],
+    _listing(
+        datasets,
+        as_json=as_json,
+        title="datasets",
+        columns={
+            "id": lambda d: d.id,
+            "name": lambda d: d.name,
+            "status": lambda d: d.status,
+            "images": lambda d: d.num_images,
+            "classes": lambda d: len(d.classes),
+            "skipped": lambda d: len(d.skipped),
+            "created": lambda d: f"{d.created_at:%Y-%m-%d %H:%M}",
+        },
     )
 
 
@@ -555,24 +560,19 @@ def jobs_ls(
     """Your jobs."""
     with _client(url, api_key) as client:
         jobs = list(client.list_jobs())
-    if as_json:
-        _print_json(jobs)
-        return
-    _table(
-        "jobs",
-        ["id", "status", "progress", "model", "base model", "strategy", "created"],
-        [
-            [
-                j.id,
-                j.status,
-                f"{j.progress:.0%}",
-                j.model_name,
-                j.base_model,
-                j.strategy,
-                f"{j.created_at:%Y-%m-%d %H:%M}",
-            ]
-            for j in jobs
-        ],
+    _listing(
+        jobs,
+        as_json=as_json,
+        title="jobs",
+        columns={
+            "id": lambda j: j.id,
+            "status": lambda j: j.status,
+            "progress": lambda j: f"{j.progress:.0%}",
+            "model": lambda j: j.model_name,
+            "base model": lambda j: j.base_model,
+            "strategy": lambda j: j.strategy,
+            "created": lambda j: f"{j.created_at:%Y-%m-%d %H:%M}",
+        },
     )
 
 
@@ -633,22 +633,17 @@ def models_ls(
     """Your registered models."""
     with _client(url, api_key) as client:
         models = list(client.list_models())
-    if as_json:
-        _print_json(models)
-        return
-    _table(
-        "models",
-        ["name", "latest", "val accuracy", "aliases", "tags"],
-        [
-            [
-                m.name,
-                m.latest_version.version if m.latest_version else None,
-                m.latest_version.val_accuracy if m.latest_version else None,
-                ", ".join(f"{a}→{v}" for a, v in m.aliases.items()),
-                ", ".join(m.tags),
-            ]
-            for m in models
-        ],
+    _listing(
+        models,
+        as_json=as_json,
+        title="models",
+        columns={
+            "name": lambda m: m.name,
+            "latest": lambda m: m.latest_version.version if m.latest_version else None,
+            "val accuracy": lambda m: m.latest_version.val_accuracy if m.latest_version else None,
+            "aliases": lambda m: ", ".join(f"{a}→{v}" for a, v in m.aliases.items()),
+            "tags": lambda m: ", ".join(m.tags),
+        },
     )
 
 
