@@ -314,6 +314,11 @@ def test_train_publish_predict_and_tenant_isolation(
     ):
         assert field in epochs[0]
 
+    history = client.get(f"/v1/jobs/{job['id']}/metrics", headers=auth).json()["epochs"]
+    assert history == epochs
+    # The checkpoint exists only while the job trains; a finished job has none left.
+    assert client.get(f"/v1/jobs/{job['id']}/checkpoints", headers=auth).json() == []
+
     version = client.get("/v1/models/digits/versions/1", headers=auth).json()
     assert version["job_id"] == job["id"]
     assert version["dataset_id"] == dataset_id
@@ -370,3 +375,14 @@ def test_train_publish_predict_and_tenant_isolation(
     assert_error(foreign_job, 404, "dataset_not_found", "dataset")
     assert client.get("/v1/models", headers=other).json()["data"] == []
     assert client.get("/v1/jobs", headers=other).json()["data"] == []
+
+
+def test_checkpoints_lists_the_saved_checkpoint(
+    client: TestClient, context: AppContext, auth: dict[str, str]
+) -> None:
+    dataset_id = ready_dataset(client, context, auth)
+    job = client.post("/v1/jobs", headers=auth, json=small_spec(dataset_id)).json()
+    assert client.get(f"/v1/jobs/{job['id']}/checkpoints", headers=auth).json() == []
+    context.store.put_bytes(f"jobs/{job['id']}/checkpoint.pt", b"x" * 10)
+    (saved,) = client.get(f"/v1/jobs/{job['id']}/checkpoints", headers=auth).json()
+    assert (saved["name"], saved["size"]) == ("checkpoint.pt", 10)

@@ -7,7 +7,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.context import AppContext
-from service.jobs.plots import curves_svg, epoch_rows
+from service.jobs.history import epoch_rows
+from service.jobs.plots import curves_svg
 from tests.conftest import new_key
 from tests.test_api import assert_error, ready_dataset, small_spec
 from worker import jobs

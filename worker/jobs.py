@@ -17,9 +17,10 @@ from sqlalchemy import update
 from service.context import AppContext
 from service.datasets.service import load_manifest
 from service.db import new_id, utcnow
-from service.jobs.service import fail_job, record_event
+from service.jobs.history import epoch_history
+from service.jobs.service import checkpoint_key, fail_job, record_event
 from service.models.card import render_card
-from service.models.service import StaleAttemptError, epoch_history, publish_version
+from service.models.service import StaleAttemptError, publish_version
 from service.tables import Dataset, Job
 from worker.engine import (
     EpochResult,
@@ -138,7 +139,7 @@ def _train_and_publish(
     ]
     val = [Sample(path=root / s.path, label=s.label) for s in manifest.samples if s.split == "val"]
     hooks = JobHooks(context, job_id=job_id, attempt=attempt)
-    checkpoint = context.store.local_path(f"jobs/{job_id}/checkpoint.pt")
+    checkpoint = context.store.local_path(checkpoint_key(job_id))
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     resume_from = checkpoint if checkpoint.exists() else None
     if resume_from is not None:

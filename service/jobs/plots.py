@@ -9,24 +9,16 @@ from typing import Any
 
 import matplotlib
 from matplotlib.figure import Figure
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.errors import ApiError
-from service.tables import Job, JobEvent, ModelVersion
+from service.jobs.history import epoch_history, epoch_rows
+from service.tables import Job, ModelVersion
 
 # No display here: should anything reach for pyplot, it must not try to open a window.
 matplotlib.use("Agg")
 # SVG text as text, not paths: smaller files, and the labels stay searchable and testable.
 matplotlib.rcParams["svg.fonttype"] = "none"
-
-
-def epoch_rows(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per global epoch, the latest attempt's when a resumed job ran an epoch again."""
-    by_epoch: dict[int, dict[str, Any]] = {}
-    for data in events:
-        by_epoch[int(data["global_epoch"])] = data
-    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
 
 
 def curves_svg(events: list[dict[str, Any]], *, title: str) -> bytes:
@@ -126,12 +118,8 @@ def _render(figure: Figure, fmt: str) -> bytes:
 
 
 def job_curves_svg(session: Session, *, job: Job) -> bytes:
-    rows = session.scalars(
-        select(JobEvent.data)
-        .where(JobEvent.job_id == job.id, JobEvent.kind == "epoch")
-        .order_by(JobEvent.id)
-    )
-    return curves_svg(list(rows), title=f"{job.model_name} · {job.strategy} · {job.id}")
+    rows = epoch_history(session, job_id=job.id)
+    return curves_svg(rows, title=f"{job.model_name} · {job.strategy} · {job.id}")
 
 
 def job_confusion_png(session: Session, *, job: Job) -> bytes:

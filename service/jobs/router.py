@@ -1,3 +1,4 @@
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Response
@@ -7,14 +8,18 @@ from sqlalchemy import select
 from service.deps import ContextDep, JobDep, SessionDep, TenantDep
 from service.errors import ErrorEnvelope
 from service.jobs import plots, service
+from service.jobs.history import epoch_history
 from service.jobs.schemas import (
     SPEC_EXAMPLE,
     STREAM_EXAMPLE,
+    CheckpointOut,
     JobEventOut,
+    JobMetricsOut,
     JobOut,
     JobSpec,
     PlanOut,
 )
+from service.jobs.service import checkpoint_key
 from service.jobs.stream import job_event_stream, resume_cursor
 from service.pagination import Page, PageParams, page_params, paginate
 from service.tables import Job, JobEvent
@@ -154,3 +159,23 @@ def curves(job: JobDep, session: SessionDep) -> Response:
 )
 def confusion(job: JobDep, session: SessionDep) -> Response:
     return Response(plots.job_confusion_png(session, job=job), media_type="image/png")
+
+
+@router.get("/{job_id}/metrics", summary="Per-epoch history: losses, accuracy, learning rates")
+def job_metrics(job: JobDep, session: SessionDep) -> JobMetricsOut:
+    return JobMetricsOut(job_id=job.id, epochs=epoch_history(session, job_id=job.id))
+
+
+@router.get(
+    "/{job_id}/checkpoints",
+    summary="The job's saved checkpoint while it trains",
+    description="Written after every epoch (model, optimizer, scheduler, RNG state) and used "
+    "to resume the job if its worker is lost; removed once the job ends.",
+)
+def job_checkpoints(job: JobDep, context: ContextDep) -> list[CheckpointOut]:
+    key = checkpoint_key(job.id)
+    if not context.store.exists(key):
+        return []
+    path = context.store.local_path(key)
+    saved_at = datetime.fromtimestamp(path.stat().st_mtime, UTC)
+    return [CheckpointOut(name=path.name, size=path.stat().st_size, saved_at=saved_at)]

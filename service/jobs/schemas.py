@@ -229,3 +229,17 @@ STREAM_EXAMPLE = (
     '"data":{"status":"succeeded","model":"digits","version":1},'
     '"created_at":"2025-01-01T12:00:09Z"}\n\n'
 )
+
+
+class JobMetricsOut(BaseModel):
+    job_id: str
+    epochs: list[dict[str, Any]] = Field(
+        description="One entry per epoch in order: stage, stage_index, epoch, global_epoch, "
+        "train_loss, val_loss, val_accuracy, learning_rates, seconds."
+    )
+
+
+class CheckpointOut(BaseModel):
+    name: str
+    size: int
+    saved_at: datetime

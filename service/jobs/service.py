@@ -182,6 +182,10 @@ def _field_named_in(message: str) -> str | None:
     return first if first.split("[", 1)[0].split(".", 1)[0] in JobSpec.model_fields else None
 
 
+def checkpoint_key(job_id: str) -> str:
+    return f"jobs/{job_id}/checkpoint.pt"
+
+
 def record_event(session: Session, *, job: Job, kind: str, data: dict[str, Any]) -> None:
     session.add(JobEvent(job_id=job.id, kind=kind, attempt=job.attempt, data=data))
 

@@ -11,6 +11,7 @@ from sqlalchemy.orm import InstrumentedAttribute, Session, aliased
 
 from service.db import utcnow
 from service.errors import ApiError
+from service.jobs.history import epoch_history
 from service.models.schemas import (
     AliasOut,
     BaseModelRef,
@@ -438,17 +439,6 @@ def version_out(session: Session, *, version: ModelVersion) -> VersionOut:
         artifacts=version.artifacts,
         created_at=version.created_at,
     )
-
-
-def epoch_history(session: Session, *, job_id: str) -> list[dict[str, Any]]:
-    """The job's epoch results in order; a resumed job's repeated epochs keep the last run."""
-    latest: dict[tuple[Any, Any], dict[str, Any]] = {}
-    events = session.scalars(
-        select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.kind == "epoch")
-    ).all()
-    for event in sorted(events, key=lambda e: e.id):
-        latest[(event.data.get("stage_index"), event.data.get("epoch"))] = event.data
-    return sorted(latest.values(), key=lambda d: d.get("global_epoch", 0))
 
 
 def _base_model_ref(session: Session, *, version: ModelVersion) -> BaseModelRef:
