@@ -18,7 +18,7 @@ from service.context import AppContext
 from service.datasets.service import load_manifest
 from service.db import new_id, utcnow
 from service.jobs.history import epoch_history
-from service.jobs.service import checkpoint_key, fail_job, record_event
+from service.jobs.service import checkpoint_key, fail_job, job_files_prefix, record_event
 from service.models.card import render_card
 from service.models.service import StaleAttemptError, publish_version
 from service.tables import Dataset, Job
@@ -204,7 +204,7 @@ def _train_and_publish(
         # Nothing may point at artifacts whose version was never committed.
         context.store.delete(prefix)
         raise
-    context.store.delete(f"jobs/{job_id}")
+    context.store.delete(job_files_prefix(job_id))
     logger.info("job %s published %s", job_id, version_id)
 
 
@@ -243,7 +243,7 @@ def _end_cancelled(context: AppContext, *, job_id: str, attempt: int) -> None:
             job = session.get_one(Job, job_id)
             record_event(session, job=job, kind="status", data={"status": "cancelled"})
         session.commit()
-    context.store.delete(f"jobs/{job_id}")
+    context.store.delete(job_files_prefix(job_id))
 
 
 def _failure_reason(exc: Exception) -> dict[str, str]:
@@ -254,8 +254,11 @@ def _failure_reason(exc: Exception) -> dict[str, str]:
             "message": "Training ran out of memory: lower batch_size or image_size and resubmit.",
         }
     if isinstance(exc, FileNotFoundError):
+        # Both the dataset and a parent model version (chained transfer, lwf) are read from
+        # storage; either may have been deleted after the job was queued.
         return {
-            "code": "dataset_files_missing",
-            "message": f"Dataset files are gone from storage ({exc.filename}); upload it again.",
+            "code": "files_missing",
+            "message": f"A file the job reads is gone from storage ({exc.filename}): upload the "
+            "dataset again, or choose a base model version that still exists, and resubmit.",
         }
     return {"code": "training_error", "message": f"Training failed: {type(exc).__name__}: {text}"}

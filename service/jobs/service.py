@@ -182,8 +182,13 @@ def _field_named_in(message: str) -> str | None:
     return first if first.split("[", 1)[0].split(".", 1)[0] in JobSpec.model_fields else None
 
 
+def job_files_prefix(job_id: str) -> str:
+    """Where a job keeps what it needs only while it runs (its checkpoint)."""
+    return f"jobs/{job_id}"
+
+
 def checkpoint_key(job_id: str) -> str:
-    return f"jobs/{job_id}/checkpoint.pt"
+    return f"{job_files_prefix(job_id)}/checkpoint.pt"
 
 
 def record_event(session: Session, *, job: Job, kind: str, data: dict[str, Any]) -> None:
