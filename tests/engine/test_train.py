@@ -16,6 +16,7 @@ from worker.engine import (
     StageSpec,
     TrainingCancelled,
     TrainingHooks,
+    TrainingPaused,
     TrainingResult,
     TransferConfig,
     TransferModel,
@@ -387,6 +388,24 @@ class _StopAfterEpochs(TrainingHooks):
         return self.done >= self.epochs
 
 
+class _PauseAfterSteps(TrainingHooks):
+    """Pauses once the run's step count reaches `steps` (never when None); records resumes."""
+
+    def __init__(self, steps: int | None = None) -> None:
+        self.steps = steps
+        self.progress: list[tuple[int, int]] = []
+        self.resumed: list[tuple[int, int]] = []
+
+    def on_progress(self, done_steps: int, total_steps: int) -> None:
+        self.progress.append((done_steps, total_steps))
+
+    def should_pause(self) -> bool:
+        return self.steps is not None and self.progress[-1][0] >= self.steps
+
+    def on_resume(self, completed_epochs: int, steps_into_epoch: int) -> None:
+        self.resumed.append((completed_epochs, steps_into_epoch))
+
+
 RESUMABLE = TransferConfig(
     base_model="mobilenet_v3_small",
     strategy="fine_tune",
@@ -436,6 +455,121 @@ def test_resumed_run_ends_with_exactly_the_same_weights(
                                           "features.9-12", "head"]
     )  # fmt: skip
 
+    hooks = _PauseAfterSteps()
+    resumed = run(
+        plan,
+        train=train,
+        val=val,
+        classes=["r", "g", "b"],
+        hooks=hooks,
+        checkpoint_path=checkpoint,
+        resume_from=checkpoint,
+    )
+
+    assert hooks.resumed == [(stop_after, 0)]
+    _assert_same_run(resumed, uninterrupted)
+
+
+def _assert_same_run(resumed: TrainingResult, uninterrupted: TrainingResult) -> None:
+    expected = uninterrupted.model.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in resumed.model.state_dict().items())
+
+    def losses(result: TrainingResult) -> list[tuple[float, float, float]]:
+        return [(r.train_loss, r.val_loss, r.val_accuracy) for r in result.history]
+
+    assert losses(resumed) == losses(uninterrupted)
+    assert resumed.metrics == uninterrupted.metrics
+
+
+# RESUMABLE trains 24 images in batches of 8: 3 steps an epoch, 6 in the cached head stage
+# (epochs 1-2) and 9 in the fine-tuning stage (epochs 3-5).
+@pytest.mark.parametrize(
+    ("pause_after", "completed_epochs", "steps_into_epoch"),
+    [(2, 0, 2), (5, 1, 2), (6, 1, 3), (8, 2, 2), (11, 3, 2)],
+    ids=[
+        "first-epoch",
+        "cached-stage-second-epoch",
+        "after-an-epochs-last-step",
+        "fine-tune-stage-first-epoch",
+        "fine-tune-stage-second-epoch",
+    ],
+)
+def test_run_paused_mid_epoch_resumes_at_the_next_step(
+    tmp_path: Path,
+    colour_data: Data,
+    uninterrupted: TrainingResult,
+    pause_after: int,
+    completed_epochs: int,
+    steps_into_epoch: int,
+) -> None:
+    plan = compile_plan(RESUMABLE)
+    checkpoint = tmp_path / "checkpoint.pt"
+    train, val = colour_data
+    with pytest.raises(TrainingPaused):
+        run(
+            plan,
+            train=train,
+            val=val,
+            classes=["r", "g", "b"],
+            hooks=_PauseAfterSteps(pause_after),
+            checkpoint_path=checkpoint,
+        )
+    state = torch.load(checkpoint, weights_only=True)
+    assert (state["stage_index"], state["epoch"], state["stage_done"]) == (
+        int(completed_epochs >= 2),
+        completed_epochs if completed_epochs < 2 else completed_epochs - 2,
+        False,
+    )
+    assert len(state["history"]) == completed_epochs
+    assert state["partial"]["steps"] == steps_into_epoch
+    assert state["partial"]["samples"] == 8 * steps_into_epoch
+
+    hooks = _PauseAfterSteps()
+    resumed = run(
+        plan,
+        train=train,
+        val=val,
+        classes=["r", "g", "b"],
+        hooks=hooks,
+        checkpoint_path=checkpoint,
+        resume_from=checkpoint,
+    )
+
+    assert hooks.resumed == [(completed_epochs, steps_into_epoch)]
+    assert hooks.progress[0] == (pause_after + 1, 15)
+    assert hooks.progress[-1] == (15, 15)
+    _assert_same_run(resumed, uninterrupted)
+
+
+def test_run_paused_twice_in_one_epoch_resumes_exactly(
+    tmp_path: Path, colour_data: Data, uninterrupted: TrainingResult
+) -> None:
+    plan = compile_plan(RESUMABLE)
+    checkpoint = tmp_path / "checkpoint.pt"
+    train, val = colour_data
+    with pytest.raises(TrainingPaused):
+        run(
+            plan,
+            train=train,
+            val=val,
+            classes=["r", "g", "b"],
+            hooks=_PauseAfterSteps(10),
+            checkpoint_path=checkpoint,
+        )
+    hooks = _PauseAfterSteps(11)
+    with pytest.raises(TrainingPaused):
+        run(
+            plan,
+            train=train,
+            val=val,
+            classes=["r", "g", "b"],
+            hooks=hooks,
+            checkpoint_path=checkpoint,
+            resume_from=checkpoint,
+        )
+    assert hooks.progress == [(11, 15)]
+    assert torch.load(checkpoint, weights_only=True)["partial"]["steps"] == 2
+
     resumed = run(
         plan,
         train=train,
@@ -445,10 +579,39 @@ def test_resumed_run_ends_with_exactly_the_same_weights(
         resume_from=checkpoint,
     )
 
-    expected = uninterrupted.model.state_dict()
-    assert all(torch.equal(v, expected[k]) for k, v in resumed.model.state_dict().items())
-    assert [r.train_loss for r in resumed.history] == [r.train_loss for r in uninterrupted.history]
-    assert resumed.metrics == uninterrupted.metrics
+    _assert_same_run(resumed, uninterrupted)
+
+
+def test_pause_without_a_checkpoint_path_still_stops(
+    tmp_path: Path,
+    make_config: Callable[..., TransferConfig],
+    colour_data: Data,
+    classes: list[str],
+) -> None:
+    hooks = _PauseAfterSteps(1)
+    train, val = colour_data
+
+    with pytest.raises(TrainingPaused):
+        run(compile_plan(make_config()), train=train, val=val, classes=classes, hooks=hooks)
+
+    assert hooks.progress == [(1, 6)]
+
+
+def test_cancel_wins_over_pause(
+    make_config: Callable[..., TransferConfig], colour_data: Data, classes: list[str]
+) -> None:
+    class CancelAndPause(TrainingHooks):
+        def should_stop(self) -> bool:
+            return True
+
+        def should_pause(self) -> bool:
+            return True
+
+    train, val = colour_data
+    plan = compile_plan(make_config())
+
+    with pytest.raises(TrainingCancelled):
+        run(plan, train=train, val=val, classes=classes, hooks=CancelAndPause())
 
 
 def test_resume_refuses_another_plans_checkpoint(

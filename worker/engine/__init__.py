@@ -24,9 +24,11 @@ from .plan import (
 )
 from .predictor import Predictor
 from .train import (
+    EpochPosition,
     EpochResult,
     TrainingCancelled,
     TrainingHooks,
+    TrainingPaused,
     TrainingResult,
     evaluate,
     load_checkpoint,
@@ -48,6 +50,7 @@ __all__ = [
     "Backbone",
     "BaseModelInfo",
     "BatchNormMode",
+    "EpochPosition",
     "EpochResult",
     "HeadConfig",
     "ImageDataset",
@@ -61,6 +64,7 @@ __all__ = [
     "TaskInfo",
     "TrainingCancelled",
     "TrainingHooks",
+    "TrainingPaused",
     "TrainingResult",
     "TransferConfig",
     "TransferModel",

@@ -4,7 +4,10 @@ Stages whose backbone is entirely frozen train the head on backbone features com
 per image size, so their epochs cost a pass over the head only. LwF stages also fit the old
 heads to outputs the parent model gave on the new images, recorded once before training.
 A checkpoint written after every epoch lets `run(..., resume_from=...)` continue a job with
-exactly the weights an uninterrupted run would have reached.
+exactly the weights an uninterrupted run would have reached. A run can also be paused after
+any training step (`TrainingHooks.should_pause`, e.g. on SIGTERM): it then checkpoints its
+position inside the epoch, and a run resumed from that continues at the next step instead of
+redoing the epoch, again ending where the uninterrupted run would have.
 """
 
 import logging
@@ -12,9 +15,10 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +69,29 @@ class TrainingHooks:
         """Polled between steps; returning True makes `run` raise TrainingCancelled."""
         return False
 
+    def should_pause(self) -> bool:
+        """Polled after every training step, after `should_stop`, so keep it cheap.
+
+        Returning True makes `run` checkpoint its position inside the epoch (when it has a
+        `checkpoint_path`) and raise TrainingPaused; `run(..., resume_from=...)` continues
+        from the next step.
+        """
+        return False
+
     def on_progress(self, done_steps: int, total_steps: int) -> None:
+        return None
+
+    def on_resume(self, completed_epochs: int, steps_into_epoch: int) -> None:
+        """Called once, before training, by a run that continues from a checkpoint."""
         return None
 
 
 class TrainingCancelled(Exception):  # noqa: N818 - public name other code catches
     """`TrainingHooks.should_stop` asked the run to end."""
+
+
+class TrainingPaused(Exception):  # noqa: N818 - public name other code catches
+    """`TrainingHooks.should_pause` asked the run to stop where it can be resumed."""
 
 
 @dataclass
@@ -176,6 +197,23 @@ def _to_device(targets: Targets, device: torch.device) -> Targets:
     return [tensor.to(device, non_blocking=True) for tensor in targets]
 
 
+@dataclass
+class EpochPosition:
+    """How far training has gone through an epoch."""
+
+    steps: int
+    loss_sum: Tensor
+    """The training loss summed over samples, kept on the training device."""
+    samples: int
+
+    @classmethod
+    def start(cls, device: torch.device) -> "EpochPosition":
+        return cls(0, torch.zeros((), device=device), 0)
+
+    def mean_loss(self) -> float:
+        return float(self.loss_sum) / self.samples
+
+
 def train_one_epoch(
     module: nn.Module,
     batches: Batches,
@@ -187,17 +225,20 @@ def train_one_epoch(
     *,
     precision: Precision | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    position: EpochPosition | None = None,
 ) -> float:
-    """One pass over `batches`; returns the mean training loss.
+    """A pass over `batches`; returns the mean training loss of the epoch.
 
-    The loss is summed on the device and read once at the end: reading it every step would
-    wait for the accelerator to finish each step before queueing the next.
+    `position`, when given, holds the steps of the epoch already done (the losses of those
+    count towards the mean) and is advanced before every `after_step`, so it stays accurate
+    when `after_step` raises. The loss is summed on the device and read once at the end:
+    reading it every step would wait for the accelerator to finish each step before queueing
+    the next.
     """
     precision = precision or Precision(device.type)
     scaler = scaler or precision.grad_scaler()
+    position = position or EpochPosition.start(device)
     module.train()
-    total_loss = torch.zeros((), device=device)
-    count = 0
     for inputs, targets in batches:
         inputs = precision.inputs(inputs, device)
         with precision.autocast():
@@ -207,10 +248,11 @@ def train_one_epoch(
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        total_loss += loss.detach().float() * len(inputs)
-        count += len(inputs)
+        position.loss_sum += loss.detach().float() * len(inputs)
+        position.samples += len(inputs)
+        position.steps += 1
         after_step()
-    return float(total_loss) / count
+    return position.mean_loss()
 
 
 def evaluate(
@@ -404,6 +446,8 @@ class _Progress:
         self.done_steps += 1
         self.hooks.on_progress(self.done_steps, self.total_steps)
         self.check_cancelled()
+        if self.hooks.should_pause():
+            raise TrainingPaused(f"paused after {self.done_steps} steps")
 
 
 class _EarlyStopping:
@@ -440,18 +484,18 @@ class _EarlyStopping:
             model.load_state_dict(self.best_state)
 
     def state_dict(self) -> dict[str, Any]:
-        assert self.kept is not None, "saved after an epoch"
         return {
             "best_loss": self.best_loss,
             "best_state": self.best_state,
-            "kept": asdict(self.kept),
+            # None while paused in the first epoch, before any evaluation.
+            "kept": asdict(self.kept) if self.kept is not None else None,
             "epochs_without_improvement": self.epochs_without_improvement,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best_loss = state["best_loss"]
         self.best_state = state["best_state"]
-        self.kept = Evaluation(**state["kept"])
+        self.kept = Evaluation(**state["kept"]) if state["kept"] is not None else None
         self.epochs_without_improvement = state["epochs_without_improvement"]
 
 
@@ -575,6 +619,58 @@ def _param_group_layout(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]
     ]
 
 
+def _checkpoint(
+    *,
+    plan: Plan,
+    model: TransferModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LambdaLR,
+    scaler: torch.amp.GradScaler,
+    history: list[EpochResult],
+    stopping: _EarlyStopping,
+    shuffle: torch.Generator,
+    stage_index: int,
+    epoch: int,
+    stage_done: bool,
+) -> dict[str, Any]:
+    """What `run` needs to continue after the last completed `epoch` of the stage."""
+    return {
+        "plan": plan.to_dict(),
+        "stage_index": stage_index,
+        "epoch": epoch,
+        "stage_done": stage_done,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "param_groups": _param_group_layout(optimizer),
+        "history": [asdict(entry) for entry in history],
+        "early_stopping": stopping.state_dict(),
+        "rng": _rng_state(shuffle),
+    }
+
+
+def _continue_epoch(
+    batches: DataLoader[Any],
+    checkpoint: dict[str, Any],
+    shuffle: torch.Generator,
+    device: torch.device,
+) -> tuple[Iterator[Any], EpochPosition]:
+    """The batches a paused epoch had left, in the same order, and its position at the pause."""
+    partial = checkpoint["partial"]
+    # The iterator draws the epoch's batch order from the shuffle stream, so it is drawn again
+    # from where the epoch began; the batches done before the pause are passed over (their
+    # images still load, but nothing trains) and the streams then set to where the pause left
+    # them, which includes the dropout draws of those steps.
+    _restore_rng(partial["epoch_start_rng"], shuffle)
+    remaining = iter(batches)
+    for _ in range(partial["steps"]):
+        next(remaining)
+    _restore_rng(checkpoint["rng"], shuffle)
+    loss_sum = torch.tensor(partial["loss_sum"], device=device)
+    return remaining, EpochPosition(partial["steps"], loss_sum, partial["samples"])
+
+
 def load_checkpoint(path: Path, plan: Plan) -> dict[str, Any]:
     """A checkpoint `run` wrote for this same plan; raises ValueError for another plan's."""
     state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
@@ -604,6 +700,14 @@ def run(
     A checkpoint, when asked for, is rewritten after every epoch; `resume_from` continues
     from one (same plan, data and device) and ends with the weights the uninterrupted run
     would have had.
+
+    After every training step `hooks.should_pause` is polled (after `should_stop`); when it
+    returns True the checkpoint is rewritten with the position inside the current epoch
+    (steps done, their summed loss, and the random state at the epoch's start and now) and
+    TrainingPaused is raised. Resuming from such a checkpoint re-creates the epoch's batch
+    order, skips the batches already trained on and trains the rest, so the epoch's history
+    entry and the final weights are again those of the uninterrupted run. A resumed run
+    reports where it continues from through `hooks.on_resume`.
     """
     _check_inputs(plan, train, val, classes)
     if hooks is None:
@@ -646,19 +750,30 @@ def run(
         model.load_state_dict(resumed["model"])
         history = [EpochResult(**entry) for entry in resumed["history"]]
         stopping.load_state_dict(resumed["early_stopping"])
-        progress.done_steps = len(history) * steps
+        steps_into_epoch = resumed["partial"]["steps"] if "partial" in resumed else 0
+        progress.done_steps = len(history) * steps + steps_into_epoch
         start_stage, start_epoch = resumed["stage_index"], resumed["epoch"] + 1
         if resumed["stage_done"]:
             stopping.restore_best(model)
             start_stage, start_epoch = start_stage + 1, 1
-        logger.info("resuming from %s at stage %d epoch %d", resume_from, start_stage, start_epoch)
+        logger.info(
+            "resuming from %s at stage %d epoch %d after step %d of it",
+            resume_from,
+            start_stage,
+            start_epoch,
+            steps_into_epoch,
+        )
+        hooks.on_resume(len(history), steps_into_epoch)
     for stage_index, stage in enumerate(plan.stages):
         if stage_index < start_stage:
             continue
         resuming = resumed if stage_index == start_stage else None
+        paused = resuming if resuming is not None and "partial" in resuming else None
         # The RNG streams are restored where the interrupted run saved them: before setting
-        # up the stage (which may draw from them) when it had finished the previous stage.
-        if resuming is not None and start_epoch == 1:
+        # up the stage (which may draw from them) when it had finished the previous stage,
+        # after it when it had finished an epoch of this one. A paused epoch restores them
+        # itself, when it re-creates its batches.
+        if resuming is not None and start_epoch == 1 and paused is None:
             _restore_rng(resuming["rng"], shuffle)
         freeze(model, stage.trainable_groups)
         set_batchnorm_mode(model, stage)
@@ -669,7 +784,7 @@ def run(
         loss_fn = lwf_loss if stage.distill else plain_loss
         stopping.start_stage()
         first_epoch = 1
-        if resuming is not None and start_epoch > 1:
+        if resuming is not None and (start_epoch > 1 or paused is not None):
             if _param_group_layout(optimizer) != resuming["param_groups"]:
                 raise ValueError(f"{resume_from}: optimizer groups differ from the plan's")
             optimizer.load_state_dict(resuming["optimizer"])
@@ -678,22 +793,61 @@ def run(
             stopping.epochs_without_improvement = resuming["early_stopping"][
                 "epochs_without_improvement"
             ]
-            _restore_rng(resuming["rng"], shuffle)
+            if paused is None:
+                _restore_rng(resuming["rng"], shuffle)
             first_epoch = start_epoch
+        checkpoint_state = partial(
+            _checkpoint,
+            plan=plan,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            history=history,
+            stopping=stopping,
+            shuffle=shuffle,
+            stage_index=stage_index,
+        )
         for epoch in range(first_epoch, stage.epochs + 1):
             progress.check_cancelled()
             started = time.perf_counter()
-            train_loss = train_one_epoch(
-                module,
-                train_batches,
-                optimizer,
-                scheduler,
-                loss_fn,
-                device,
-                progress.step,
-                precision=precision,
-                scaler=scaler,
-            )
+            if paused is not None and epoch == first_epoch:
+                epoch_rng = paused["partial"]["epoch_start_rng"]
+                batches, position = _continue_epoch(train_batches, paused, shuffle, device)
+            else:
+                # Taken before the iterator draws the epoch's batch order, for a pause to save.
+                epoch_rng = _rng_state(shuffle)
+                batches, position = iter(train_batches), EpochPosition.start(device)
+            try:
+                train_loss = train_one_epoch(
+                    module,
+                    batches,
+                    optimizer,
+                    scheduler,
+                    loss_fn,
+                    device,
+                    progress.step,
+                    precision=precision,
+                    scaler=scaler,
+                    position=position,
+                )
+            except TrainingPaused:
+                if checkpoint_path is not None:
+                    state = checkpoint_state(epoch=epoch - 1, stage_done=False)
+                    state["partial"] = {
+                        "steps": position.steps,
+                        "loss_sum": float(position.loss_sum),
+                        "samples": position.samples,
+                        "epoch_start_rng": epoch_rng,
+                    }
+                    save_checkpoint(checkpoint_path, state)
+                logger.info(
+                    "paused in stage %s epoch %d after step %d of it",
+                    stage.name,
+                    epoch,
+                    position.steps,
+                )
+                raise
             evaluated = model.head if stage.cache_features else model
             evaluation = evaluate(evaluated, val_batches, device, precision)
             result = EpochResult(
@@ -722,20 +876,7 @@ def run(
             if checkpoint_path is not None:
                 save_checkpoint(
                     checkpoint_path,
-                    {
-                        "plan": plan.to_dict(),
-                        "stage_index": stage_index,
-                        "epoch": epoch,
-                        "stage_done": stop or epoch == stage.epochs,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict(),
-                        "param_groups": _param_group_layout(optimizer),
-                        "history": [asdict(entry) for entry in history],
-                        "early_stopping": stopping.state_dict(),
-                        "rng": _rng_state(shuffle),
-                    },
+                    checkpoint_state(epoch=epoch, stage_done=stop or epoch == stage.epochs),
                 )
             hooks.on_epoch_end(result)
             if stop:
