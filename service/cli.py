@@ -143,7 +143,8 @@ def _stop_children(children: list["subprocess.Popen[bytes]"], timeout: float = 2
         try:
             child.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            # A training task can outlast any wait: its job is re-queued from its lease.
+            # A training worker hands its job back after the current step; one busy in a
+            # step-less phase (caching features) is killed, and its lease re-queues the job.
             child.kill()
 
 

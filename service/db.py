@@ -1,15 +1,21 @@
 """Engine, sessions and the declarative base shared by every table."""
 
+import logging
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import DateTime, Engine, MetaData, create_engine, event
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -77,3 +83,22 @@ class Database:
     def session(self) -> Iterator[Session]:
         with self.sessionmaker() as session:
             yield session
+
+    def retrying(self, operation: Callable[[Session], T], *, for_seconds: float) -> T:
+        """Run `operation` in a session of its own, again while the database is unreachable.
+
+        For the worker, whose job must outlive a database restart. A transaction cut off with
+        its connection was rolled back, so running the whole operation again is safe.
+        """
+        give_up_at = time.monotonic() + for_seconds
+        delay = 0.5
+        while True:
+            try:
+                with self.session() as session:
+                    return operation(session)
+            except (OperationalError, InterfaceError) as exc:
+                if time.monotonic() + delay > give_up_at:
+                    raise
+                logger.warning("database unreachable (%s); retrying in %.1fs", exc.orig, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)

@@ -90,7 +90,29 @@ class Settings(BaseSettings):
     )
     log_level: str = Field(default="INFO", description="Log level of the thaw processes.")
     reaper_interval_seconds: float = Field(
-        default=15.0, description="How often the API re-queues jobs whose worker vanished."
+        default=15.0,
+        gt=0,
+        description="How often the API re-queues jobs whose worker vanished, fails jobs past "
+        "their deadline and re-sends queued work a restarted or flushed broker lost.",
+    )
+    lease_seconds: float = Field(
+        default=120.0,
+        gt=0,
+        description="A running job's lease, renewed every second by its worker; once it "
+        "expires the job is handed to another worker. Also how long a worker retries "
+        "database writes before giving the job up.",
+    )
+    max_worker_losses: int = Field(
+        default=3,
+        ge=1,
+        description="Times a job's worker may vanish (lease expired) before the job fails "
+        "with `worker_lost` instead of being retried.",
+    )
+    job_max_runtime_seconds: int = Field(
+        default=24 * 3600,
+        ge=1,
+        description="Default of the job spec's `max_runtime_seconds`: how long a job may take "
+        "from its first start before it fails with `deadline_exceeded`.",
     )
 
     @property

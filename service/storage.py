@@ -45,6 +45,10 @@ class ArtifactStore(ABC):
     def delete(self, prefix: str) -> None:
         """Delete a key or everything under a prefix; missing keys are fine."""
 
+    @abstractmethod
+    def children(self, prefix: str) -> list[str]:
+        """Names directly under a prefix, sorted; none when it does not exist."""
+
     def sha256(self, key: str) -> str:
         digest = hashlib.sha256()
         with self.local_path(key).open("rb") as handle:
@@ -107,3 +111,7 @@ class LocalStore(ArtifactStore):
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
+
+    def children(self, prefix: str) -> list[str]:
+        path = self._path(prefix)
+        return sorted(child.name for child in path.iterdir()) if path.is_dir() else []

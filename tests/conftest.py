@@ -6,6 +6,7 @@ import os
 import secrets
 import zipfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,22 +35,32 @@ def service_missing(what: str, exc: Exception) -> None:
     pytest.skip(message)
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A fresh, empty Postgres database for this test session."""
+@contextmanager
+def fresh_postgres_database() -> Iterator[str]:
+    """A new, empty Postgres database, dropped afterwards; yields its URL."""
     from sqlalchemy import create_engine, text
 
     name = f"thaw_test_{secrets.token_hex(4)}"
-    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    # Pre-ping: the reliability tests restart Postgres under this engine's pooled connection.
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
     try:
         with admin.connect() as connection:
             connection.execute(text(f'CREATE DATABASE "{name}"'))
     except Exception as exc:
         service_missing("PostgreSQL", exc)
-    yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    try:
+        yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty Postgres database for this test session."""
+    with fresh_postgres_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -98,6 +109,15 @@ def new_key(context: AppContext, tenant: str) -> dict[str, str]:
 @pytest.fixture
 def auth(context: AppContext) -> dict[str, str]:
     return new_key(context, "team-a")
+
+
+def version_folder(context: AppContext, version_id: str) -> Path:
+    """Where storage holds a model version's artifacts."""
+    from service.tables import ModelVersion
+
+    with context.db.session() as session:
+        prefix = session.get_one(ModelVersion, version_id).artifact_prefix
+    return context.store.local_path(prefix)
 
 
 def png_bytes(array: np.ndarray) -> bytes:

@@ -7,23 +7,16 @@
 Each uploads sklearn's digits (minus a held-out set), fine-tunes a pretrained EfficientNet-Lite0,
 and classifies the held-out digits through the predict endpoint."""
 
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from tests.conftest import digits_split, png_bytes, zip_of_classes
+from tests.processes import THAW, create_key, free_port, poll, running, thaw_env, wait_ready
 
-THAW = [sys.executable, "-m", "service.cli"]
 JOB_TIMEOUT = 420.0
 SPEC = {
     "model": "digits",
@@ -36,71 +29,6 @@ SPEC = {
     "image_size": 64,
     "seed": 7,
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def thaw_env(data_dir: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("THAW_")}
-    env.update({"THAW_DATA_DIR": str(data_dir), "THAW_TORCH_THREADS": "2", **extra})
-    return env
-
-
-def create_key(env: dict[str, str], tenant: str) -> dict[str, str]:
-    done = subprocess.run(
-        [*THAW, "keys", "create", "--tenant", tenant],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return {"Authorization": f"Bearer {done.stdout.strip().splitlines()[-1]}"}
-
-
-@contextmanager
-def running(
-    command: list[str], env: dict[str, str], log: Path
-) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            yield process
-        finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGINT)
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-
-
-def wait_ready(base: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"server exited early:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"server not ready after {timeout}s:\n{log.read_text()[-3000:]}")
-
-
-def poll(client: httpx.Client, path: str, until: set[str], timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        body: dict[str, Any] = client.get(path).raise_for_status().json()
-        if body["status"] in until:
-            return body
-        time.sleep(1)
-    pytest.fail(f"{path} did not reach {until} in {timeout}s: {body}")
 
 
 def train_and_predict(client: httpx.Client) -> tuple[str, float]:

@@ -20,7 +20,7 @@ from service.inference.metrics import InferenceMetrics
 from service.inference.service import Batcher, LoadedModel, ModelCache, QueueFullError
 from service.main import create_app
 from service.tables import ModelVersion
-from tests.conftest import digits_split, make_settings, new_key, png_bytes
+from tests.conftest import digits_split, make_settings, new_key, png_bytes, version_folder
 from tests.test_api import assert_error, ready_dataset
 from tests.test_registry import Registry, publish
 from worker.engine import Predictor
@@ -100,7 +100,7 @@ def test_batched_answers_match_the_plain_predictor(served: Registry) -> None:
             )
         )
     version = client.get("/v1/models/digits/versions/1", headers=auth).json()
-    predictor = Predictor.load(served.context.store.local_path(f"models/{version['id']}"))
+    predictor = Predictor.load(version_folder(served.context, version["id"]))
     expected = predictor.predict([Image.open(BytesIO(png)) for png in images], top_k=3)
     for answer, want in zip(answers, expected, strict=True):
         got = answer["predictions"][0]["top"]

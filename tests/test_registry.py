@@ -17,7 +17,7 @@ from PIL import Image
 from service.cli import migrate_database
 from service.context import AppContext
 from service.main import create_app
-from tests.conftest import digits_split, make_settings, new_key
+from tests.conftest import digits_split, make_settings, new_key, version_folder
 from tests.test_api import assert_error, ready_dataset, small_spec
 from worker import jobs
 from worker.engine import Predictor, TransferConfig, build_model, compile_plan, preprocess
@@ -251,7 +251,7 @@ def test_version_page_artifacts_and_card(registry: Registry) -> None:
 def test_onnx_model_matches_pytorch_on_real_images(registry: Registry) -> None:
     version = registry.client.get("/v1/models/digits/versions/1", headers=registry.auth).json()
     assert version["exports"]["onnx"]["exported"]
-    folder = registry.context.store.local_path(f"models/{version['id']}")
+    folder = version_folder(registry.context, version["id"])
     predictor = Predictor.load(folder)
     _, held_out = digits_split()
 
@@ -303,7 +303,7 @@ def test_delete_is_refused_while_aliased_and_removes_artifacts(
 ) -> None:
     registry = Registry(client, context, auth, ready_dataset(client, context, auth))
     first = publish(registry, epochs=1)
-    prefix = context.store.local_path(f"models/{first['id']}")
+    prefix = version_folder(context, first["id"])
     assert (prefix / "weights.safetensors").exists()
     client.put("/v1/models/digits/aliases/production", headers=auth, json={"version": 1})
     assert_error(

@@ -1,4 +1,9 @@
-"""Runs one training job: claim it in the database, train with the engine, publish the result."""
+"""Runs one training job: claim it in the database, train with the engine, publish the result.
+
+Every database write retries while the database is unreachable (for up to a lease), so a
+database restart pauses a job rather than failing it. A worker asked to stop (SIGTERM) saves
+where it is and hands the job back to the queue, for another worker to continue.
+"""
 
 import dataclasses
 import json
@@ -7,18 +12,28 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
-from datetime import timedelta
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import update
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from service.context import AppContext
 from service.datasets.service import load_manifest
 from service.db import new_id, utcnow
 from service.jobs.history import epoch_history
-from service.jobs.service import checkpoint_key, fail_job, job_files_prefix, record_event
+from service.jobs.service import (
+    attempt_artifacts_prefix,
+    checkpoint_key,
+    discard_job_files,
+    fail_job,
+    record_event,
+)
 from service.models.card import render_card
 from service.models.service import StaleAttemptError, publish_version
 from service.tables import Dataset, Job
@@ -28,6 +43,7 @@ from worker.engine import (
     Sample,
     TrainingCancelled,
     TrainingHooks,
+    TrainingPaused,
     WeightsUnavailableError,
     export_model,
     run,
@@ -36,20 +52,46 @@ from worker.engine.onnx_export import ONNX_FILE, export_onnx
 
 logger = logging.getLogger(__name__)
 
-LEASE = timedelta(minutes=2)
 LABELS_FILE = "labels.json"
 CARD_FILE = "card.md"
-STATUS_CHECK_SECONDS = 1.0
+LEASE_RENEWAL_SECONDS = 1.0
+STATUS_POLL_SECONDS = 0.05
+"""How stale a worker's view of its job's status may be: a cancel stops training at the first
+step boundary after it; a few small reads a second cost nothing beside a training step."""
+
+shutdown_requested = threading.Event()
+"""Set when this worker process is asked to stop: the running job is handed back."""
+
+T = TypeVar("T")
+
+
+class DeadlineExceededError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Claim:
+    attempt: int
+    deadline_at: datetime
 
 
 def worker_identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def claim(context: AppContext, *, job_id: str, owner: str) -> int | None:
-    """Move a queued job to running and return its attempt number; None if it is not ours to run."""
-    now = utcnow()
-    with context.db.session() as session:
+def _db(context: AppContext, operation: Callable[[Session], T]) -> T:
+    return context.db.retrying(operation, for_seconds=context.settings.lease_seconds)
+
+
+def _lease(context: AppContext) -> timedelta:
+    return timedelta(seconds=context.settings.lease_seconds)
+
+
+def claim(context: AppContext, *, job_id: str, owner: str) -> Claim | None:
+    """Move a queued job to running and return its attempt; None if it is not ours to run."""
+
+    def claim_in(session: Session) -> Claim | None:
+        now = utcnow()
         claimed = session.execute(
             update(Job)
             .where(Job.id == job_id, Job.status == "queued")
@@ -57,97 +99,151 @@ def claim(context: AppContext, *, job_id: str, owner: str) -> int | None:
                 status="running",
                 attempt=Job.attempt + 1,
                 lease_owner=owner,
-                lease_expires_at=now + LEASE,
-                started_at=now,
+                lease_expires_at=now + _lease(context),
             )
         )
         if claimed.rowcount != 1:  # type: ignore[attr-defined]
             session.rollback()
             return None
         job = session.get_one(Job, job_id)
+        # The deadline runs from the first start, across hand-backs and lost workers.
+        if job.started_at is None:
+            job.started_at = now
+            job.deadline_at = now + timedelta(seconds=job.max_runtime_seconds)
+        assert job.deadline_at is not None
         record_event(session, job=job, kind="status", data={"status": "running", "worker": owner})
         session.commit()
-        return job.attempt
+        return Claim(attempt=job.attempt, deadline_at=job.deadline_at)
+
+    return _db(context, claim_in)
 
 
 class JobHooks(TrainingHooks):
-    """Writes an event per epoch and the job's progress; stops training when asked to."""
+    """Writes an event per epoch and the job's progress; renews the lease; stops training when
+    the job was cancelled, taken over, is past its deadline, or the worker must shut down."""
 
-    def __init__(self, context: AppContext, *, job_id: str, attempt: int) -> None:
+    def __init__(self, context: AppContext, *, job_id: str, claim: Claim) -> None:
         self.context = context
         self.job_id = job_id
-        self.attempt = attempt
+        self.attempt = claim.attempt
+        self.deadline_at = claim.deadline_at
         self.fraction_done = 0.0
-        self._last_check = 0.0
+        self._last_renewal = self._last_poll = time.monotonic()
+
+    def _event(self, kind: str, data: dict[str, Any]) -> None:
+        def write(session: Session) -> None:
+            job = session.get_one(Job, self.job_id)
+            record_event(session, job=job, kind=kind, data=data)
+            session.commit()
+
+        _db(self.context, write)
 
     def on_epoch_end(self, result: EpochResult) -> None:
-        with self.context.db.session() as session:
-            job = session.get_one(Job, self.job_id)
-            record_event(session, job=job, kind="epoch", data=dataclasses.asdict(result))
-            session.commit()
+        self._event("epoch", dataclasses.asdict(result))
+
+    def on_resume(self, completed_epochs: int, steps_into_epoch: int) -> None:
+        self._event(
+            "status",
+            {
+                "status": "resumed",
+                "completed_epochs": completed_epochs,
+                "steps_into_epoch": steps_into_epoch,
+            },
+        )
 
     def on_progress(self, done_steps: int, total_steps: int) -> None:
         self.fraction_done = done_steps / max(total_steps, 1)
 
+    def should_pause(self) -> bool:
+        return shutdown_requested.is_set()
+
     def should_stop(self) -> bool:
-        # Called between steps: one small write a second renews the lease, records progress and
-        # learns whether a cancel arrived or another attempt took the job over.
-        if time.monotonic() - self._last_check < STATUS_CHECK_SECONDS:
-            return False
-        self._last_check = time.monotonic()
-        with self.context.db.session() as session:
-            renewed = session.execute(
-                update(Job)
-                .where(Job.id == self.job_id, Job.attempt == self.attempt, Job.status == "running")
-                .values(lease_expires_at=utcnow() + LEASE, progress=round(self.fraction_done, 4))
+        if utcnow() >= self.deadline_at:
+            raise DeadlineExceededError()
+        now = time.monotonic()
+        if now - self._last_renewal >= LEASE_RENEWAL_SECONDS:
+            self._last_renewal = self._last_poll = now
+            return not _db(self.context, self._renew)
+        if now - self._last_poll >= STATUS_POLL_SECONDS:
+            self._last_poll = now
+            return not _db(self.context, self._still_ours)
+        return False
+
+    def _renew(self, session: Session) -> bool:
+        renewed = session.execute(
+            update(Job)
+            .where(Job.id == self.job_id, Job.attempt == self.attempt, Job.status == "running")
+            .values(
+                lease_expires_at=utcnow() + _lease(self.context),
+                progress=round(self.fraction_done, 4),
             )
-            session.commit()
-            return renewed.rowcount != 1  # type: ignore[attr-defined]
+        )
+        session.commit()
+        return bool(renewed.rowcount == 1)  # type: ignore[attr-defined]
+
+    def _still_ours(self, session: Session) -> bool:
+        row = session.execute(
+            select(Job.status, Job.attempt).where(Job.id == self.job_id)
+        ).one_or_none()
+        return row is not None and tuple(row) == ("running", self.attempt)
 
 
 def execute(context: AppContext, *, job_id: str) -> None:
-    attempt = claim(context, job_id=job_id, owner=worker_identity())
-    if attempt is None:
+    claimed = claim(context, job_id=job_id, owner=worker_identity())
+    if claimed is None:
         logger.info("job %s is not queued; this delivery does nothing", job_id)
         return
-    with context.db.session() as session:
-        job = session.get_one(Job, job_id)
-        plan = Plan.from_dict(job.plan)
-        dataset_id = job.dataset_id
+    attempt = claimed.attempt
+    plan, dataset_id = _db(context, lambda session: _plan_of(session, job_id))
     logger.info("job %s attempt %d: training %s", job_id, attempt, plan.base_model)
-    try:
-        _train_and_publish(
-            context, job_id=job_id, attempt=attempt, plan=plan, dataset_id=dataset_id
+    hooks = JobHooks(context, job_id=job_id, claim=claimed)
+
+    def fail(code: str, message: str) -> None:
+        fail_job(
+            context=context,
+            job_id=job_id,
+            attempt=attempt,
+            code=code,
+            message=message,
+            retry_for=context.settings.lease_seconds,
         )
+
+    try:
+        _train_and_publish(context, job_id=job_id, hooks=hooks, plan=plan, dataset_id=dataset_id)
+    except TrainingPaused:
+        _hand_back(context, job_id=job_id, attempt=attempt, progress=hooks.fraction_done)
     except TrainingCancelled:
-        _end_cancelled(context, job_id=job_id, attempt=attempt)
+        _end_stopped(context, job_id=job_id, attempt=attempt, progress=hooks.fraction_done)
     except StaleAttemptError:
         logger.warning("job %s attempt %d lost the job; its result was discarded", job_id, attempt)
+    except DeadlineExceededError:
+        fail(
+            "deadline_exceeded",
+            f"The job did not finish by its deadline ({claimed.deadline_at.isoformat()}): "
+            "resubmit with a larger max_runtime_seconds, or fewer epochs or a smaller image_size.",
+        )
     except WeightsUnavailableError as exc:
-        fail_job(context=context, job_id=job_id, code="weights_unavailable", message=str(exc))
+        fail("weights_unavailable", str(exc))
     except Exception as exc:
         logger.exception("job %s failed", job_id)
-        fail_job(context=context, job_id=job_id, **_failure_reason(exc))
+        fail(*_failure_reason(exc))
+
+
+def _plan_of(session: Session, job_id: str) -> tuple[Plan, str]:
+    job = session.get_one(Job, job_id)
+    return Plan.from_dict(job.plan), job.dataset_id
 
 
 def _train_and_publish(
-    context: AppContext, *, job_id: str, attempt: int, plan: Plan, dataset_id: str
+    context: AppContext, *, job_id: str, hooks: JobHooks, plan: Plan, dataset_id: str
 ) -> None:
     manifest, root = load_manifest(context=context, dataset_id=dataset_id)
     train = [
         Sample(path=root / s.path, label=s.label) for s in manifest.samples if s.split == "train"
     ]
     val = [Sample(path=root / s.path, label=s.label) for s in manifest.samples if s.split == "val"]
-    hooks = JobHooks(context, job_id=job_id, attempt=attempt)
     checkpoint = context.store.local_path(checkpoint_key(job_id))
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    resume_from = checkpoint if checkpoint.exists() else None
-    if resume_from is not None:
-        # An earlier attempt was lost (its lease expired): continue where it last saved.
-        with context.db.session() as session:
-            job = session.get_one(Job, job_id)
-            record_event(session, job=job, kind="status", data={"status": "resumed"})
-            session.commit()
     result = run(
         plan,
         train=train,
@@ -156,13 +252,14 @@ def _train_and_publish(
         hooks=hooks,
         weights_dir=context.settings.resolved_weights_dir,
         checkpoint_path=checkpoint,
-        resume_from=resume_from,
+        # An earlier attempt was handed back or lost: continue where it last saved.
+        resume_from=checkpoint if checkpoint.exists() else None,
     )
     if hooks.should_stop():
         raise TrainingCancelled()
 
     version_id = new_id("mv")
-    prefix = f"models/{version_id}"
+    prefix = attempt_artifacts_prefix(job_id, hooks.attempt)
     export_dir = Path(tempfile.mkdtemp(dir=context.scratch_dir, prefix=f"export-{job_id}-"))
     exports: dict[str, Any] = {}
     try:
@@ -172,9 +269,13 @@ def _train_and_publish(
         if context.settings.onnx_export:
             onnx = export_onnx(result.model, image_size=plan.image_size, out_path=out / ONNX_FILE)
             exports["onnx"] = onnx.to_dict()
-        (out / CARD_FILE).write_text(
-            _model_card(context, job_id=job_id, metrics=result.metrics, onnx=exports.get("onnx"))
+        card = _db(
+            context,
+            lambda session: _model_card(
+                session, job_id=job_id, metrics=result.metrics, onnx=exports.get("onnx")
+            ),
         )
+        (out / CARD_FILE).write_text(card)
         names = sorted(path.name for path in out.iterdir())
         context.store.put_dir(prefix, out)
     finally:
@@ -187,78 +288,124 @@ def _train_and_publish(
         }
         for name in names
     ]
+
+    def publish(session: Session) -> None:
+        publish_version(
+            session,
+            job_id=job_id,
+            attempt=hooks.attempt,
+            version_id=version_id,
+            metrics=result.metrics,
+            labels=manifest.classes,
+            artifacts=artifacts,
+            artifact_prefix=prefix,
+            exports=exports,
+        )
+
     try:
-        with context.db.session() as session:
-            publish_version(
-                session,
-                job_id=job_id,
-                attempt=attempt,
-                version_id=version_id,
-                metrics=result.metrics,
-                labels=manifest.classes,
-                artifacts=artifacts,
-                artifact_prefix=prefix,
-                exports=exports,
-            )
+        _db(context, publish)
+    except StaleAttemptError:
+        # A retried commit may have gone through before its connection dropped.
+        if _db(context, lambda session: session.get_one(Job, job_id).model_version_id) != (
+            version_id
+        ):
+            context.store.delete(prefix)
+            raise
     except BaseException:
         # Nothing may point at artifacts whose version was never committed.
         context.store.delete(prefix)
         raise
-    context.store.delete(job_files_prefix(job_id))
+    discard_job_files(context=context, job_id=job_id)
     logger.info("job %s published %s", job_id, version_id)
 
 
 def _model_card(
-    context: AppContext, *, job_id: str, metrics: dict[str, Any], onnx: dict[str, Any] | None
+    session: Session, *, job_id: str, metrics: dict[str, Any], onnx: dict[str, Any] | None
 ) -> str:
-    with context.db.session() as session:
-        job = session.get_one(Job, job_id)
-        dataset = session.get_one(Dataset, job.dataset_id)
-        return render_card(
-            model_name=job.model_name,
-            job_id=job.id,
-            dataset={
-                "id": dataset.id,
-                "name": dataset.name,
-                "classes": dataset.classes,
-                "class_counts": dataset.class_counts,
-                "num_images": dataset.num_images,
-            },
-            spec=job.spec,
-            plan=job.plan,
-            metrics=metrics,
-            history=epoch_history(session, job_id=job.id),
-            onnx=onnx,
+    job = session.get_one(Job, job_id)
+    dataset = session.get_one(Dataset, job.dataset_id)
+    return render_card(
+        model_name=job.model_name,
+        job_id=job.id,
+        dataset={
+            "id": dataset.id,
+            "name": dataset.name,
+            "classes": dataset.classes,
+            "class_counts": dataset.class_counts,
+            "num_images": dataset.num_images,
+        },
+        spec=job.spec,
+        plan=job.plan,
+        metrics=metrics,
+        history=epoch_history(session, job_id=job.id),
+        onnx=onnx,
+    )
+
+
+def _hand_back(context: AppContext, *, job_id: str, attempt: int, progress: float) -> None:
+    """Give the job back to the queue (it checkpointed where it stopped) for another worker."""
+    from worker.celery_app import TRAIN_TASK
+
+    def release(session: Session) -> str | None:
+        released = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.attempt == attempt, Job.status == "running")
+            .values(status="queued", lease_owner=None, lease_expires_at=None, progress=progress)
         )
+        if released.rowcount != 1:  # type: ignore[attr-defined]
+            session.rollback()
+            return None
+        job = session.get_one(Job, job_id)
+        record_event(
+            session, job=job, kind="status", data={"status": "queued", "reason": "worker_shutdown"}
+        )
+        session.commit()
+        return job.queue
+
+    queue = _db(context, release)
+    if queue is None:
+        # Cancelled or taken over meanwhile: whoever did that decides what happens next.
+        _end_stopped(context, job_id=job_id, attempt=attempt, progress=progress)
+        return
+    context.celery.send_task(TRAIN_TASK, args=[job_id], queue=queue)
+    logger.info("job %s attempt %d handed back for another worker", job_id, attempt)
 
 
-def _end_cancelled(context: AppContext, *, job_id: str, attempt: int) -> None:
-    with context.db.session() as session:
+def _end_stopped(context: AppContext, *, job_id: str, attempt: int, progress: float) -> None:
+    """Training stopped because the job was cancelled, or is no longer this attempt's.
+
+    A cancelled job keeps the exact progress it stopped at, so it shows how far it got.
+    """
+
+    def end(session: Session) -> None:
         ended = session.execute(
             update(Job)
             .where(Job.id == job_id, Job.attempt == attempt, Job.status == "cancelling")
-            .values(status="cancelled", finished_at=utcnow())
+            .values(status="cancelled", finished_at=utcnow(), progress=progress)
         )
         if ended.rowcount == 1:  # type: ignore[attr-defined]
             job = session.get_one(Job, job_id)
             record_event(session, job=job, kind="status", data={"status": "cancelled"})
         session.commit()
-    context.store.delete(job_files_prefix(job_id))
+
+    _db(context, end)
+    discard_job_files(context=context, job_id=job_id)
 
 
-def _failure_reason(exc: Exception) -> dict[str, str]:
+def _failure_reason(exc: Exception) -> tuple[str, str]:
+    """An error code and a message saying what the user can do about it."""
     text = str(exc)
     if isinstance(exc, MemoryError) or "out of memory" in text.lower():
-        return {
-            "code": "out_of_memory",
-            "message": "Training ran out of memory: lower batch_size or image_size and resubmit.",
-        }
+        return (
+            "out_of_memory",
+            "Training ran out of memory: lower batch_size or image_size and resubmit.",
+        )
     if isinstance(exc, FileNotFoundError):
         # Both the dataset and a parent model version (chained transfer, lwf) are read from
         # storage; either may have been deleted after the job was queued.
-        return {
-            "code": "files_missing",
-            "message": f"A file the job reads is gone from storage ({exc.filename}): upload the "
+        return (
+            "files_missing",
+            f"A file the job reads is gone from storage ({exc.filename}): upload the "
             "dataset again, or choose a base model version that still exists, and resubmit.",
-        }
-    return {"code": "training_error", "message": f"Training failed: {type(exc).__name__}: {text}"}
+        )
+    return "training_error", f"Training failed: {type(exc).__name__}: {text}"

@@ -4,7 +4,7 @@ import logging
 from functools import cache
 
 import torch
-from celery.signals import worker_init, worker_process_init
+from celery.signals import worker_init, worker_process_init, worker_shutting_down
 
 from service.context import AppContext
 from service.datasets.service import process_upload
@@ -26,6 +26,14 @@ def _configure_torch(**_: object) -> None:
     threads = get_settings().torch_threads
     if threads:
         torch.set_num_threads(threads)
+
+
+@worker_shutting_down.connect
+def _hand_back_running_job(**_: object) -> None:
+    # Sent from the signal handler of the process running the task (the solo pool): training
+    # stops after its current step, checkpoints and re-queues the job, and Celery's warm
+    # shutdown, which waits for the task, then completes in seconds instead of hours.
+    jobs.shutdown_requested.set()
 
 
 @app.task(name=TRAIN_TASK)

@@ -1,68 +1,127 @@
-"""Gives back work whose worker vanished: jobs with expired leases, and queue messages lost with
-an embedded broker or a flushed Redis. Safe to run in every API replica at once: each change is a
-conditional update, and a duplicate task message is a no-op for the worker that receives it."""
+"""Ends or gives back work whose worker is gone, from the API process, every
+`THAW_REAPER_INTERVAL_SECONDS`:
+
+- jobs past their deadline fail with `deadline_exceeded`;
+- jobs whose lease expired are re-queued, or fail with `worker_lost` once their workers have
+  vanished `THAW_MAX_WORKER_LOSSES` times (a job that kills its worker must not loop);
+- when the broker lost its messages (Redis restarted or flushed), every queued job and
+  processing dataset is sent again: the database, not the broker, holds what is pending.
+
+Safe in every API replica at once: each change is a conditional update, and a duplicate task
+message is a no-op for the worker that receives it (it cannot claim a job that is not queued).
+"""
 
 import logging
 import threading
+from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from service.context import AppContext
 from service.db import utcnow
-from service.jobs.service import record_event
+from service.jobs.service import discard_job_files, record_event
 from service.tables import Dataset, Job
 
 logger = logging.getLogger(__name__)
 
-MAX_ATTEMPTS = 3
+BROKER_MARKER = "thaw:broker-marker"
+"""A key kept in the broker: when it is missing, the broker started empty."""
+
+
+def _change(session: Session, job: Job, values: dict[str, Any], reason: str) -> bool:
+    """Apply `values` unless the job moved on since it was read (another replica, its worker)."""
+    changed = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.attempt == job.attempt, Job.status == job.status)
+        .values(**values)
+    )
+    if changed.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    data = {"status": values["status"], "reason": reason}
+    record_event(session, job=job, kind="status", data=data)
+    return True
+
+
+def fail_overdue_jobs(context: AppContext) -> int:
+    """End every unfinished job past its deadline; returns how many were ended."""
+    now = utcnow()
+    ended: list[str] = []
+    with context.db.session() as session:
+        overdue = session.scalars(
+            select(Job).where(
+                Job.status.in_(("queued", "running", "cancelling")), Job.deadline_at < now
+            )
+        ).all()
+        for job in overdue:
+            if job.status == "cancelling":
+                values: dict[str, Any] = {"status": "cancelled", "finished_at": now}
+            else:
+                values = {
+                    "status": "failed",
+                    "finished_at": now,
+                    "error_code": "deadline_exceeded",
+                    "error_message": f"The job did not finish within {job.max_runtime_seconds}s "
+                    "of its first start: resubmit with a larger max_runtime_seconds, or fewer "
+                    "epochs or a smaller image_size.",
+                }
+            if _change(session, job, values, "deadline_exceeded"):
+                ended.append(job.id)
+        session.commit()
+    for job_id in ended:
+        discard_job_files(context=context, job_id=job_id)
+    return len(ended)
 
 
 def reap_expired_leases(context: AppContext) -> int:
     """Re-queue running jobs whose lease expired; returns how many were re-queued."""
     from worker.celery_app import TRAIN_TASK
 
+    now = utcnow()
+    max_losses = context.settings.max_worker_losses
     requeued: list[Job] = []
+    ended: list[str] = []
     with context.db.session() as session:
         expired = session.scalars(
-            select(Job).where(
-                Job.status.in_(("running", "cancelling")), Job.lease_expires_at < utcnow()
-            )
+            select(Job).where(Job.status.in_(("running", "cancelling")), Job.lease_expires_at < now)
         ).all()
         for job in expired:
+            losses = job.worker_losses + 1
             if job.status == "cancelling":
-                values = {"status": "cancelled", "finished_at": utcnow()}
-            elif job.attempt >= MAX_ATTEMPTS:
+                values: dict[str, Any] = {"status": "cancelled", "finished_at": now}
+            elif losses >= max_losses:
                 values = {
                     "status": "failed",
-                    "finished_at": utcnow(),
+                    "finished_at": now,
+                    "worker_losses": losses,
                     "error_code": "worker_lost",
-                    "error_message": f"The worker running this job was lost {job.attempt} times; "
-                    "the job may be crashing its worker (memory?): lower batch_size or image_size.",
+                    "error_message": f"The worker running this job vanished {losses} times; "
+                    "the job may be crashing it (out of memory?): lower batch_size or "
+                    "image_size and resubmit.",
                 }
             else:
-                values = {"status": "queued", "lease_owner": None, "lease_expires_at": None}
-            changed = session.execute(
-                update(Job)
-                .where(Job.id == job.id, Job.attempt == job.attempt, Job.status == job.status)
-                .values(**values)
-            )
-            if changed.rowcount == 1:  # type: ignore[attr-defined]
-                record_event(
-                    session,
-                    job=job,
-                    kind="status",
-                    data={"status": values["status"], "reason": "lease_expired"},
-                )
-                if values["status"] == "queued":
-                    requeued.append(job)
+                values = {
+                    "status": "queued",
+                    "worker_losses": losses,
+                    "lease_owner": None,
+                    "lease_expires_at": None,
+                }
+            if not _change(session, job, values, "lease_expired"):
+                continue
+            if values["status"] == "queued":
+                requeued.append(job)
+            else:
+                ended.append(job.id)
         session.commit()
     for job in requeued:
         context.celery.send_task(TRAIN_TASK, args=[job.id], queue=job.queue)
+    for job_id in ended:
+        discard_job_files(context=context, job_id=job_id)
     return len(requeued)
 
 
 def resend_pending(context: AppContext) -> None:
-    """Re-send a task message for every queued job and processing dataset (e.g. at start-up)."""
+    """Re-send a task message for every queued job and processing dataset."""
     from worker.celery_app import INGEST_TASK, TRAIN_TASK
 
     with context.db.session() as session:
@@ -76,13 +135,34 @@ def resend_pending(context: AppContext) -> None:
         logger.info("re-sent %d queued jobs and %d datasets", len(jobs), len(datasets))
 
 
+def broker_started_empty(context: AppContext) -> bool:
+    """True once each time a Redis broker comes up without its data (restarted or flushed).
+
+    The embedded folder broker keeps its files; `thaw serve` re-sends at start-up instead.
+    """
+    with context.celery.connection_for_write() as connection:
+        client = getattr(connection.default_channel, "client", None)
+        if client is None:
+            return False
+        return bool(client.set(BROKER_MARKER, "1", nx=True))
+
+
+def reap(context: AppContext) -> None:
+    # Deadlines first: a job both overdue and abandoned fails rather than runs again.
+    fail_overdue_jobs(context)
+    reap_expired_leases(context)
+    if broker_started_empty(context):
+        logger.warning("the broker lost its messages; re-sending pending work from the database")
+        resend_pending(context)
+
+
 def start_reaper(
     context: AppContext, *, interval: float, stop: threading.Event
 ) -> threading.Thread:
     def loop() -> None:
         while not stop.wait(interval):
             try:
-                reap_expired_leases(context)
+                reap(context)
             except Exception:
                 logger.exception("reaper pass failed; will retry")
 

@@ -138,6 +138,14 @@ class JobSpec(BaseModel):
     )
     early_stopping_patience: int | None = Field(default=None, ge=1, le=1000)
     pretrained: bool = Field(default=True, description="Start from the zoo's pretrained weights.")
+    max_runtime_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        le=30 * 24 * 3600,
+        description="Deadline: the job fails with `deadline_exceeded` this long after it first "
+        "started, including time spent re-queued. Default: the server's "
+        "THAW_JOB_MAX_RUNTIME_SECONDS.",
+    )
     device: Literal["cpu", "cuda"] = Field(
         default="cpu", description="`cuda` sends the job to the `gpu` queue."
     )
@@ -176,7 +184,11 @@ class JobOut(BaseModel):
     queue: str
     spec: dict[str, Any]
     plan: dict[str, Any]
-    attempt: int
+    attempt: int = Field(description="How many times a worker has started this job.")
+    deadline_at: datetime | None = Field(
+        description="When the job fails with `deadline_exceeded` if it has not ended; set when "
+        "it first starts."
+    )
     error_code: str | None
     error_message: str | None
     model_version_id: str | None

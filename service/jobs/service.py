@@ -191,6 +191,32 @@ def checkpoint_key(job_id: str) -> str:
     return f"{job_files_prefix(job_id)}/checkpoint.pt"
 
 
+def job_artifacts_prefix(job_id: str) -> str:
+    return f"models/{job_id}"
+
+
+def attempt_artifacts_prefix(job_id: str, attempt: int) -> str:
+    """Each attempt exports to its own place, so a stale attempt never touches the live one's."""
+    return f"{job_artifacts_prefix(job_id)}/attempt-{attempt}"
+
+
+def discard_job_files(*, context: AppContext, job_id: str) -> None:
+    """Delete what an ended job left in storage that no model version points at: its checkpoint,
+    and artifacts of attempts that crashed before committing their version."""
+    with context.db.session() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.status not in TERMINAL_STATUSES:
+            return
+        published = session.scalar(
+            select(ModelVersion.artifact_prefix).where(ModelVersion.job_id == job_id)
+        )
+    context.store.delete(job_files_prefix(job_id))
+    for name in context.store.children(job_artifacts_prefix(job_id)):
+        prefix = f"{job_artifacts_prefix(job_id)}/{name}"
+        if prefix != published:
+            context.store.delete(prefix)
+
+
 def record_event(session: Session, *, job: Job, kind: str, data: dict[str, Any]) -> None:
     session.add(JobEvent(job_id=job.id, kind=kind, attempt=job.attempt, data=data))
 
@@ -217,6 +243,8 @@ def create_job(
             plan=plan.to_dict(),
             queue=GPU_QUEUE if spec.device == "cuda" else CPU_QUEUE,
             idempotency_key=idempotency_key,
+            max_runtime_seconds=spec.max_runtime_seconds
+            or context.settings.job_max_runtime_seconds,
         )
         session.add(job)
         session.flush()
@@ -268,15 +296,30 @@ def _job_for_key(session: Session, *, tenant: Tenant, key: str) -> Job | None:
     return session.scalar(select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == key))
 
 
-def fail_job(*, context: AppContext, job_id: str, code: str, message: str) -> None:
-    with context.db.session() as session:
+def fail_job(
+    *,
+    context: AppContext,
+    job_id: str,
+    code: str,
+    message: str,
+    attempt: int | None = None,
+    retry_for: float = 0.0,
+) -> None:
+    """End a job `failed` unless it already ended, or (given `attempt`) another attempt owns it."""
+
+    def fail(session: Session) -> None:
         job = session.get(Job, job_id)
         if job is None or job.status in TERMINAL_STATUSES:
+            return
+        if attempt is not None and job.attempt != attempt:
             return
         job.status, job.error_code, job.error_message = "failed", code, message
         job.finished_at = utcnow()
         record_event(session, job=job, kind="status", data={"status": "failed", "code": code})
         session.commit()
+
+    context.db.retrying(fail, for_seconds=retry_for)
+    discard_job_files(context=context, job_id=job_id)
 
 
 def cancel_job(session: Session, *, job: Job) -> Job:
