@@ -132,8 +132,10 @@ class JobHooks(TrainingHooks):
 
     def _event(self, kind: str, data: dict[str, Any]) -> None:
         def write(session: Session) -> None:
-            job = session.get_one(Job, self.job_id)
-            record_event(session, job=job, kind=kind, data=data)
+            # Fenced like every other write: an attempt that lost the job records nothing more.
+            job = session.get_one(Job, self.job_id, with_for_update=True)
+            if job.attempt == self.attempt and job.status in ("running", "cancelling"):
+                record_event(session, job=job, kind=kind, data=data)
             session.commit()
 
         _db(self.context, write)
