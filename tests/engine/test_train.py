@@ -436,18 +436,9 @@ def uninterrupted(colour_data: Data) -> TrainingResult:
 def test_resumed_run_ends_with_exactly_the_same_weights(
     tmp_path: Path, colour_data: Data, uninterrupted: TrainingResult, stop_after: int
 ) -> None:
-    plan = compile_plan(RESUMABLE)
     checkpoint = tmp_path / "checkpoint.pt"
-    train, val = colour_data
     with pytest.raises(TrainingCancelled):
-        run(
-            plan,
-            train=train,
-            val=val,
-            classes=["r", "g", "b"],
-            hooks=_StopAfterEpochs(stop_after),
-            checkpoint_path=checkpoint,
-        )
+        _run_resumable(colour_data, checkpoint, _StopAfterEpochs(stop_after))
     state = torch.load(checkpoint, weights_only=True)
     assert len(state["history"]) == stop_after
     assert [group["name"] for group in state["param_groups"]] == (
@@ -456,18 +447,26 @@ def test_resumed_run_ends_with_exactly_the_same_weights(
     )  # fmt: skip
 
     hooks = _PauseAfterSteps()
-    resumed = run(
-        plan,
+    resumed = _run_resumable(colour_data, checkpoint, hooks, resume=True)
+
+    assert hooks.resumed == [(stop_after, 0)]
+    _assert_same_run(resumed, uninterrupted)
+
+
+def _run_resumable(
+    data: Data, checkpoint: Path, hooks: TrainingHooks, *, resume: bool = False
+) -> TrainingResult:
+    """RESUMABLE on the colour data, checkpointing to (and, with `resume`, from) `checkpoint`."""
+    train, val = data
+    return run(
+        compile_plan(RESUMABLE),
         train=train,
         val=val,
         classes=["r", "g", "b"],
         hooks=hooks,
         checkpoint_path=checkpoint,
-        resume_from=checkpoint,
+        resume_from=checkpoint if resume else None,
     )
-
-    assert hooks.resumed == [(stop_after, 0)]
-    _assert_same_run(resumed, uninterrupted)
 
 
 def _assert_same_run(resumed: TrainingResult, uninterrupted: TrainingResult) -> None:
@@ -502,18 +501,9 @@ def test_run_paused_mid_epoch_resumes_at_the_next_step(
     completed_epochs: int,
     steps_into_epoch: int,
 ) -> None:
-    plan = compile_plan(RESUMABLE)
     checkpoint = tmp_path / "checkpoint.pt"
-    train, val = colour_data
     with pytest.raises(TrainingPaused):
-        run(
-            plan,
-            train=train,
-            val=val,
-            classes=["r", "g", "b"],
-            hooks=_PauseAfterSteps(pause_after),
-            checkpoint_path=checkpoint,
-        )
+        _run_resumable(colour_data, checkpoint, _PauseAfterSteps(pause_after))
     state = torch.load(checkpoint, weights_only=True)
     assert (state["stage_index"], state["epoch"], state["stage_done"]) == (
         int(completed_epochs >= 2),
@@ -525,15 +515,7 @@ def test_run_paused_mid_epoch_resumes_at_the_next_step(
     assert state["partial"]["samples"] == 8 * steps_into_epoch
 
     hooks = _PauseAfterSteps()
-    resumed = run(
-        plan,
-        train=train,
-        val=val,
-        classes=["r", "g", "b"],
-        hooks=hooks,
-        checkpoint_path=checkpoint,
-        resume_from=checkpoint,
-    )
+    resumed = _run_resumable(colour_data, checkpoint, hooks, resume=True)
 
     assert hooks.resumed == [(completed_epochs, steps_into_epoch)]
     assert hooks.progress[0] == (pause_after + 1, 15)
@@ -548,25 +530,10 @@ def test_run_paused_twice_in_one_epoch_resumes_exactly(
     checkpoint = tmp_path / "checkpoint.pt"
     train, val = colour_data
     with pytest.raises(TrainingPaused):
-        run(
-            plan,
-            train=train,
-            val=val,
-            classes=["r", "g", "b"],
-            hooks=_PauseAfterSteps(10),
-            checkpoint_path=checkpoint,
-        )
+        _run_resumable(colour_data, checkpoint, _PauseAfterSteps(10))
     hooks = _PauseAfterSteps(11)
     with pytest.raises(TrainingPaused):
-        run(
-            plan,
-            train=train,
-            val=val,
-            classes=["r", "g", "b"],
-            hooks=hooks,
-            checkpoint_path=checkpoint,
-            resume_from=checkpoint,
-        )
+        _run_resumable(colour_data, checkpoint, hooks, resume=True)
     assert hooks.progress == [(11, 15)]
     assert torch.load(checkpoint, weights_only=True)["partial"]["steps"] == 2
 
