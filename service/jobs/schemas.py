@@ -1,9 +1,10 @@
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
-from worker.engine import BatchNormMode, Schedule, Strategy
+from service.jobs.spec_schema import model_of
+from worker.engine.spec import NAME_PATTERN, TransferSettings, decode
 
 JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
@@ -22,122 +23,17 @@ SPEC_EXAMPLE: dict[str, Any] = {
 }
 
 
-class HeadSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    hidden: list[Annotated[int, Field(ge=1, le=8192)]] = Field(
-        default_factory=list,
-        max_length=4,
-        description="Sizes of hidden fully-connected layers before the classifier.",
-    )
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-
-
-class StageIn(BaseModel):
-    """One explicitly written stage; unset fields follow the spec."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    groups: list[str] = Field(
-        default_factory=lambda: ["all"],
-        min_length=1,
-        description="Layer group names (see the base model's groups), or `head`, `all`, "
-        "or `top:<k>` (the top k backbone groups and the head).",
-    )
-    epochs: int = Field(default=1, ge=1, le=1000)
-    lr: float | None = Field(
-        default=None, gt=0.0, le=10.0, description="Rate of the top group; lower ones ÷ lr_decay."
-    )
-    lrs: dict[str, Annotated[float, Field(gt=0.0, le=10.0)]] | None = Field(
-        default=None, description="A rate for every trainable group instead of `lr`."
-    )
-    lr_decay: float | None = Field(default=None, ge=1.0, le=100.0)
-    schedule: Schedule | None = None
-    bn_mode: BatchNormMode | None = None
-    image_size: int | None = Field(default=None, ge=64, le=1024)
-    name: str | None = Field(default=None, max_length=50)
-
-
-class JobSpec(BaseModel):
-    """What to train: the transfer spec of DESIGN §4."""
+class JobFields(BaseModel):
+    """A job's own fields; the transfer settings beside them come from the engine's declaration."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [SPEC_EXAMPLE]})
 
     dataset: str = Field(description="A `ready` dataset id.")
     model: str = Field(
-        pattern=r"^[a-z0-9][a-z0-9._-]{0,99}$",
+        pattern=NAME_PATTERN,
         description="Registry name to publish under (a new version each run): lowercase "
         "letters, digits, `.`, `_`, `-`.",
     )
-    base_model: str = Field(
-        default="efficientnet_lite0",
-        max_length=300,
-        description="A name from the zoo (GET /v1/base-models), or `model:<name>:<version or "
-        "alias>` to start from one of your registered models (chained transfer; required "
-        "by `lwf`).",
-    )
-    strategy: Strategy = Field(
-        default="freeze_unfreeze", description="A preset; see the README's table."
-    )
-    head: HeadSpec = Field(default_factory=HeadSpec)
-    epochs: int = Field(default=6, ge=1, le=1000)
-    batch_size: int = Field(default=32, ge=1, le=4096)
-    lr: float = Field(default=1e-3, gt=0.0, le=10.0)
-    image_size: int | None = Field(
-        default=None, ge=64, le=1024, description="Default: the base model's input size."
-    )
-    seed: int = Field(default=0, ge=0, le=2**31 - 1)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    weight_decay: float = Field(default=0.01, ge=0.0, le=1.0)
-    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
-    schedule: Schedule = "cosine"
-    lr_decay: float = Field(
-        default=2.6, ge=1.0, le=100.0, description="Discriminative rate: each lower group ÷ this."
-    )
-    fine_tune_lr_factor: float = Field(
-        default=0.1,
-        gt=0.0,
-        le=1.0,
-        description="Once the backbone trains, the head's rate is lr * this (then ÷ lr_decay "
-        "per lower group).",
-    )
-    bn_mode: BatchNormMode = Field(
-        default="frozen",
-        description="BatchNorm in stages that train the backbone: `frozen` keeps the "
-        "pretrained running statistics (best for small datasets), `train` updates them.",
-    )
-    head_epochs: int | None = Field(
-        default=None, ge=1, le=1000, description="freeze_unfreeze: epochs of the head-only stage."
-    )
-    partial_groups: int = Field(
-        default=2, ge=1, le=100, description="partial: how many top backbone groups train."
-    )
-    stages: list[StageIn] | None = Field(
-        default=None,
-        max_length=50,
-        description="Explicit stages instead of the preset's (then `epochs` is their sum).",
-    )
-    progressive_resizing: list[Annotated[int, Field(ge=64, le=1024)]] | None = Field(
-        default=None,
-        max_length=8,
-        description="Increasing image sizes a stage's epochs move through, ending at the final "
-        "size, e.g. [96, 128, 160].",
-    )
-    task_name: str | None = Field(
-        default=None,
-        pattern=r"^[a-z0-9][a-z0-9._-]{0,99}$",
-        description="Name of the task this model learns (default: the model's name); an `lwf` "
-        "model answers it beside its parent's tasks.",
-    )
-    lwf_temperature: float = Field(default=2.0, gt=0.0, le=100.0)
-    lwf_lambda: float = Field(
-        default=1.0, ge=0.0, le=100.0, description="lwf: weight of the distillation loss."
-    )
-    amp: bool = Field(
-        default=True, description="On CUDA: bf16 autocast (fp16 with loss scaling on older GPUs)."
-    )
-    early_stopping_patience: int | None = Field(default=None, ge=1, le=1000)
-    pretrained: bool = Field(default=True, description="Start from the zoo's pretrained weights.")
     max_runtime_seconds: int | None = Field(
         default=None,
         ge=1,
@@ -146,8 +42,20 @@ class JobSpec(BaseModel):
         "started, including time spent re-queued. Default: the server's "
         "THAW_JOB_MAX_RUNTIME_SECONDS.",
     )
-    device: Literal["cpu", "cuda"] = Field(
-        default="cpu", description="`cuda` sends the job to the `gpu` queue."
+
+    def transfer_settings(self) -> TransferSettings:
+        """The transfer settings of this spec, typed as the engine declares them."""
+        return decode(TransferSettings, self.model_dump(exclude=set(JobFields.model_fields)))
+
+
+if TYPE_CHECKING:
+    JobSpec = JobFields
+else:
+    JobSpec = model_of(
+        TransferSettings,
+        name="JobSpec",
+        doc="What to train: the transfer spec of DESIGN §4.",
+        base=JobFields,
     )
 
 

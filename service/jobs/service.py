@@ -1,7 +1,7 @@
 """Jobs: resolve a spec into a plan, record it, enqueue it by task name; cancel; events."""
 
+import json
 import logging
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
@@ -11,14 +11,13 @@ from sqlalchemy.orm import Session
 from service.context import AppContext
 from service.db import utcnow
 from service.errors import ApiError
-from service.jobs.schemas import TERMINAL_STATUSES, JobSpec, PlanOut, StagePreview
+from service.jobs.schemas import TERMINAL_STATUSES, JobFields, JobSpec, PlanOut, StagePreview
 from service.models.service import resolve_version
 from service.tables import Dataset, Job, JobEvent, ModelVersion, RegisteredModel, Tenant
 from worker.celery_app import CPU_QUEUE, GPU_QUEUE, TRAIN_TASK
 from worker.engine import (
-    HeadConfig,
+    ParentModel,
     Plan,
-    StageSpec,
     TransferConfig,
     UnknownBaseModelError,
     build_model,
@@ -26,6 +25,8 @@ from worker.engine import (
     describe_plan,
     weights_available,
 )
+from worker.engine.plan import CONFIG_FILE
+from worker.engine.spec import decode
 
 logger = logging.getLogger(__name__)
 
@@ -34,55 +35,12 @@ PARENT_PREFIX = "model:"
 
 
 def transfer_config(
-    spec: JobSpec, *, num_classes: int, parent_dir: Path | None = None
+    spec: JobSpec, *, num_classes: int, parent: ParentModel | None = None
 ) -> TransferConfig:
-    return TransferConfig(
-        base_model=spec.base_model,
-        strategy=spec.strategy,
-        num_classes=num_classes,
-        head=HeadConfig(hidden=tuple(spec.head.hidden), dropout=spec.head.dropout),
-        epochs=spec.epochs,
-        batch_size=spec.batch_size,
-        lr=spec.lr,
-        image_size=spec.image_size,
-        seed=spec.seed,
-        optimizer=spec.optimizer,
-        weight_decay=spec.weight_decay,
-        label_smoothing=spec.label_smoothing,
-        schedule=spec.schedule,
-        lr_decay=spec.lr_decay,
-        head_epochs=spec.head_epochs,
-        fine_tune_lr_factor=spec.fine_tune_lr_factor,
-        bn_mode=spec.bn_mode,
-        pretrained=spec.pretrained,
-        early_stopping_patience=spec.early_stopping_patience,
-        device=spec.device,
-        partial_groups=spec.partial_groups,
-        stages=None
-        if spec.stages is None
-        else tuple(
-            StageSpec(
-                groups=tuple(stage.groups),
-                epochs=stage.epochs,
-                lr=stage.lr,
-                lrs=stage.lrs,
-                lr_decay=stage.lr_decay,
-                schedule=stage.schedule,
-                bn_mode=stage.bn_mode,
-                image_size=stage.image_size,
-                name=stage.name,
-            )
-            for stage in spec.stages
-        ),
-        progressive_resizing=None
-        if spec.progressive_resizing is None
-        else tuple(spec.progressive_resizing),
-        parent_dir=parent_dir,
-        task_name=spec.task_name or spec.model,
-        lwf_temperature=spec.lwf_temperature,
-        lwf_lambda=spec.lwf_lambda,
-        amp=spec.amp,
-    )
+    """The engine's config for a spec: its transfer settings, the dataset's classes, the parent."""
+    settings = spec.model_dump(exclude=set(JobFields.model_fields))
+    settings["task_name"] = settings["task_name"] or spec.model
+    return decode(TransferConfig, {**settings, "num_classes": num_classes, "parent": parent})
 
 
 def resolve_parent(
@@ -124,7 +82,8 @@ def resolve_plan(
             f"Dataset {dataset.id} is {dataset.status}{detail}; jobs need a ready dataset.",
             "dataset",
         )
-    if spec.strategy == "lwf" and not spec.base_model.startswith(PARENT_PREFIX):
+    settings = spec.transfer_settings()
+    if settings.strategy == "lwf" and not settings.base_model.startswith(PARENT_PREFIX):
         raise ApiError(
             422,
             "invalid_spec",
@@ -133,13 +92,16 @@ def resolve_plan(
             "base_model",
         )
     parent = (
-        resolve_parent(session, context=context, tenant=tenant, reference=spec.base_model)
-        if spec.base_model.startswith(PARENT_PREFIX)
+        resolve_parent(session, context=context, tenant=tenant, reference=settings.base_model)
+        if settings.base_model.startswith(PARENT_PREFIX)
         else None
     )
-    parent_dir = None if parent is None else context.store.local_path(parent.artifact_prefix)
     try:
-        config = transfer_config(spec, num_classes=len(dataset.classes), parent_dir=parent_dir)
+        config = transfer_config(
+            spec,
+            num_classes=len(dataset.classes),
+            parent=None if parent is None else _parent_model(context, parent),
+        )
         plan = compile_plan(config)
     except UnknownBaseModelError as exc:
         raise ApiError(
@@ -153,11 +115,11 @@ def resolve_plan(
     weights_dir = context.settings.resolved_weights_dir
     if parent is not None:
         plan.extra["parent_version_id"] = parent.id
-    elif spec.pretrained and not weights_available(spec.base_model, weights_dir):
+    elif settings.pretrained and not weights_available(settings.base_model, weights_dir):
         raise ApiError(
             422,
             "weights_unavailable",
-            f"Pretrained weights for {spec.base_model} are not installed on this server "
+            f"Pretrained weights for {settings.base_model} are not installed on this server "
             f"(looked in {weights_dir}). Put them there, choose another base model "
             '(GET /v1/base-models), or send "pretrained": false to train from scratch.',
             "base_model",
@@ -174,6 +136,24 @@ def resolve_plan(
         plan=plan.to_dict(),
     )
     return dataset, plan, preview
+
+
+def _parent_model(context: AppContext, version: ModelVersion) -> ParentModel:
+    """A registered version as the engine's parent: its files' place and its config as data."""
+    config_key = f"{version.artifact_prefix}/{CONFIG_FILE}"
+    try:
+        config = json.loads(context.store.get_bytes(config_key))
+    except (OSError, ValueError) as error:
+        raise ApiError(
+            409,
+            "files_missing",
+            f"The config of version {version.id} cannot be read from storage ({error}); "
+            "train from another version or re-publish this one.",
+            "base_model",
+        ) from None
+    return ParentModel(
+        location=str(context.store.local_path(version.artifact_prefix)), config=config
+    )
 
 
 def _field_named_in(message: str) -> str | None:
@@ -238,10 +218,10 @@ def create_job(
             model_name=spec.model,
             # The architecture, also for chained transfer (the spec keeps `model:…`).
             base_model=plan.base_model,
-            strategy=spec.strategy,
+            strategy=plan.extra["strategy"],
             spec=spec.model_dump(mode="json"),
             plan=plan.to_dict(),
-            queue=GPU_QUEUE if spec.device == "cuda" else CPU_QUEUE,
+            queue=GPU_QUEUE if plan.device == "cuda" else CPU_QUEUE,
             idempotency_key=idempotency_key,
             max_runtime_seconds=spec.max_runtime_seconds
             or context.settings.job_max_runtime_seconds,

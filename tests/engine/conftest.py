@@ -10,7 +10,14 @@ import pytest
 from PIL import Image
 from safetensors.torch import save_file
 
-from worker.engine import HeadConfig, Sample, TransferConfig, build_model, compile_plan
+from worker.engine import (
+    HeadConfig,
+    ParentModel,
+    Sample,
+    TransferConfig,
+    build_model,
+    compile_plan,
+)
 from worker.engine.export import CONFIG_FILE, WEIGHTS_FILE, model_config
 
 Data = tuple[list[Sample], list[Sample]]
@@ -63,6 +70,8 @@ def make_config() -> Callable[..., TransferConfig]:
             "schedule": "constant",
             **overrides,
         }
+        if "parent_dir" in settings:
+            settings["parent"] = ParentModel.from_folder(settings.pop("parent_dir"))
         return TransferConfig(**settings)
 
     return make

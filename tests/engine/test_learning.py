@@ -9,6 +9,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from worker.engine import (
+    ParentModel,
     Predictor,
     Sample,
     StageSpec,
@@ -96,7 +97,7 @@ def test_lwf_remembers_the_old_task_where_fine_tuning_forgets(
             TransferConfig(
                 base_model="model:digits:1",
                 strategy=strategy,  # type: ignore[arg-type]
-                parent_dir=tmp_path / "old",
+                parent=ParentModel.from_folder(tmp_path / "old"),
                 stages=stages,
                 task_name="high",
                 **common,

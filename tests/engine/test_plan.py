@@ -6,6 +6,7 @@ import pytest
 
 from worker.engine import (
     HeadConfig,
+    ParentModel,
     Plan,
     StageSpec,
     TaskInfo,
@@ -330,7 +331,10 @@ def test_fixed_size_models_refuse_other_sizes(make_config: Callable[..., Transfe
     ("overrides", "message"),
     [
         ({"strategy": "lwf"}, "lwf strategy needs parent_dir"),
-        ({"strategy": "scratch", "parent_dir": Path("/nowhere")}, "scratch strategy starts"),
+        (
+            {"strategy": "scratch", "parent": ParentModel(location="/nowhere", config={})},
+            "scratch strategy starts",
+        ),
         ({"strategy": "fine_tune", "parent_dir": Path("/nowhere")}, "parent_dir: cannot read"),
         ({"partial_groups": 0}, "partial_groups must be at least 1"),
         ({"lwf_temperature": 0.0}, "lwf_temperature must be positive"),

@@ -1,89 +1,95 @@
-"""Pure-PyTorch transfer learning: zoo backbones, training plans, training, export, inference."""
+"""Pure-PyTorch transfer learning: zoo backbones, training plans, training, export, inference.
 
-from .data import ImageDataset, Sample, preprocess
-from .export import export_model
-from .model import (
-    TransferModel,
-    build_model,
-    freeze,
-    make_param_groups,
-    set_batchnorm_mode,
-)
-from .plan import (
-    BatchNormMode,
-    HeadConfig,
-    Plan,
-    Schedule,
-    Stage,
-    StageSpec,
-    Strategy,
-    TaskInfo,
-    TransferConfig,
-    compile_plan,
-    describe_plan,
-)
-from .predictor import Predictor
-from .train import (
-    EpochPosition,
-    EpochResult,
-    TrainingCancelled,
-    TrainingHooks,
-    TrainingPaused,
-    TrainingResult,
-    evaluate,
-    load_checkpoint,
-    run,
-    train_one_epoch,
-)
-from .zoo import (
-    Backbone,
-    BaseModelInfo,
-    UnknownBaseModelError,
-    WeightsUnavailableError,
-    build_backbone,
-    get_base_model_info,
-    list_base_models,
-    weights_available,
-)
+Names are loaded on first use, so that `worker.engine.spec` (the settings declaration, standard
+library only) can be imported without importing torch.
+"""
 
-__all__ = [
-    "Backbone",
-    "BaseModelInfo",
-    "BatchNormMode",
-    "EpochPosition",
-    "EpochResult",
-    "HeadConfig",
-    "ImageDataset",
-    "Plan",
-    "Predictor",
-    "Sample",
-    "Schedule",
-    "Stage",
-    "StageSpec",
-    "Strategy",
-    "TaskInfo",
-    "TrainingCancelled",
-    "TrainingHooks",
-    "TrainingPaused",
-    "TrainingResult",
-    "TransferConfig",
-    "TransferModel",
-    "UnknownBaseModelError",
-    "WeightsUnavailableError",
-    "build_backbone",
-    "build_model",
-    "compile_plan",
-    "describe_plan",
-    "evaluate",
-    "export_model",
-    "freeze",
-    "get_base_model_info",
-    "list_base_models",
-    "load_checkpoint",
-    "make_param_groups",
-    "preprocess",
-    "run",
-    "set_batchnorm_mode",
-    "train_one_epoch",
-    "weights_available",
-]
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .data import ImageDataset, Sample, preprocess
+    from .export import export_model
+    from .model import (
+        TransferModel,
+        build_model,
+        describe_plan,
+        freeze,
+        make_param_groups,
+        set_batchnorm_mode,
+    )
+    from .plan import ParentModel, Plan, Stage, TaskInfo, TransferConfig, compile_plan
+    from .predictor import Predictor
+    from .spec import BatchNormMode, HeadConfig, Schedule, StageSpec, Strategy
+    from .train import (
+        EpochPosition,
+        EpochResult,
+        TrainingCancelled,
+        TrainingHooks,
+        TrainingPaused,
+        TrainingResult,
+        evaluate,
+        load_checkpoint,
+        run,
+        train_one_epoch,
+    )
+    from .zoo import (
+        Backbone,
+        BaseModelInfo,
+        UnknownBaseModelError,
+        WeightsUnavailableError,
+        build_backbone,
+        get_base_model_info,
+        list_base_models,
+        weights_available,
+    )
+
+_HOMES = {
+    "data": ("ImageDataset", "Sample", "preprocess"),
+    "export": ("export_model",),
+    "model": (
+        "TransferModel",
+        "build_model",
+        "describe_plan",
+        "freeze",
+        "make_param_groups",
+        "set_batchnorm_mode",
+    ),
+    "plan": ("ParentModel", "Plan", "Stage", "TaskInfo", "TransferConfig", "compile_plan"),
+    "predictor": ("Predictor",),
+    "spec": ("BatchNormMode", "HeadConfig", "Schedule", "StageSpec", "Strategy"),
+    "train": (
+        "EpochPosition",
+        "EpochResult",
+        "TrainingCancelled",
+        "TrainingHooks",
+        "TrainingPaused",
+        "TrainingResult",
+        "evaluate",
+        "load_checkpoint",
+        "run",
+        "train_one_epoch",
+    ),
+    "zoo": (
+        "Backbone",
+        "BaseModelInfo",
+        "UnknownBaseModelError",
+        "WeightsUnavailableError",
+        "build_backbone",
+        "get_base_model_info",
+        "list_base_models",
+        "weights_available",
+    ),
+}
+_MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

@@ -7,7 +7,7 @@ from typing import Any, Self
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from .plan import HEAD, OLD_HEADS, HeadConfig, Plan, Stage
+from .plan import HEAD, OLD_HEADS, HeadConfig, Plan, Stage, steps_per_epoch
 from .zoo import Backbone, build_backbone
 
 logger = logging.getLogger(__name__)
@@ -163,3 +163,37 @@ def make_param_groups(model: TransferModel, stage: Stage) -> list[dict[str, Any]
         for name, modules in model.groups()
         if name in stage.trainable_groups
     ]
+
+
+def describe_plan(
+    plan: Plan, model: TransferModel, *, train_size: int | None = None
+) -> list[dict[str, Any]]:
+    """Per stage: what trains at which rate, parameter counts, and optimizer steps."""
+    group_sizes = {
+        name: sum(p.numel() for module in modules for p in module.parameters())
+        for name, modules in model.groups()
+    }
+    total = sum(group_sizes.values())
+    described = []
+    for stage in plan.stages:
+        trainable: list[dict[str, Any]] = [
+            {"name": name, "lr": stage.group_lrs[name], "parameters": group_sizes[name]}
+            for name in stage.trainable_groups
+        ]
+        described.append(
+            {
+                "name": stage.name,
+                "trainable_groups": trainable,
+                "trainable_parameters": sum(group_sizes[name] for name in stage.trainable_groups),
+                "total_parameters": total,
+                "image_size": stage.image_size,
+                "epochs": stage.epochs,
+                "schedule": stage.schedule,
+                "bn_mode": stage.bn_mode,
+                "cache_features": stage.cache_features,
+                "steps": (
+                    None if train_size is None else steps_per_epoch(plan, train_size) * stage.epochs
+                ),
+            }
+        )
+    return described

@@ -8,76 +8,57 @@ executes plans, so what will happen can be shown (`describe_plan`) before anythi
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import Any
 
-import torch
-
+from .spec import (
+    ALL,
+    MAX_IMAGE_SIZE,
+    MIN_IMAGE_SIZE,
+    BatchNormMode,
+    HeadConfig,
+    RunSettings,
+    Schedule,
+    StageSpec,
+    TransferSettings,
+    check_settings,
+    decode,
+)
 from .zoo import get_base_model_info
-
-if TYPE_CHECKING:
-    from .model import TransferModel
-
-Strategy = Literal[
-    "feature_extraction",
-    "fine_tune",
-    "partial",
-    "freeze_unfreeze",
-    "gradual_unfreeze",
-    "lwf",
-    "scratch",
-]
-Schedule = Literal["constant", "cosine", "one_cycle", "slanted_triangular"]
-BatchNormMode = Literal["train", "frozen"]
-OptimizerName = Literal["adamw", "sgd"]
 
 HEAD = "head"
 OLD_HEADS = "old_heads"
 """The group holding a parent's heads in an LwF model (the tasks it must not forget)."""
-ALL = "all"
 TOP = "top:"
-MIN_IMAGE_SIZE = 64
-MAX_IMAGE_SIZE = 1024
 CONFIG_FILE = "config.json"
+DEFAULT_TASK = "main"
 
 
 @dataclass(frozen=True)
-class HeadConfig:
-    """Classifier on the pooled features: `hidden` Linear+ReLU layers, then a final Linear.
+class ParentModel:
+    """An exported thaw model to start from (chained transfer): where its files are, and its
+    `config.json` as data, so that compiling a plan reads nothing."""
 
-    `dropout` is applied to the input of every Linear layer.
-    """
+    location: str
+    config: dict[str, Any]
 
-    hidden: tuple[int, ...] = ()
-    dropout: float = 0.0
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    """One stage written out by the user instead of a preset.
-
-    `groups`: group names, or "head", "all", or "top:<k>" (the top k backbone groups and the
-    head). `lr` is the rate of the top trainable group; each group below gets `lr_decay`
-    (the config's unless given) times less. `lrs` sets every trainable group's rate instead.
-    Unset fields follow the config; without either rate, a head-only stage trains at
-    `config.lr` and others at `config.lr * fine_tune_lr_factor`.
-    """
-
-    groups: tuple[str, ...] = (ALL,)
-    epochs: int = 1
-    lr: float | None = None
-    lrs: dict[str, float] | None = None
-    lr_decay: float | None = None
-    schedule: Schedule | None = None
-    bn_mode: BatchNormMode | None = None
-    image_size: int | None = None
-    name: str | None = None
+    @classmethod
+    def from_folder(cls, folder: Path) -> "ParentModel":
+        path = folder / CONFIG_FILE
+        try:
+            config: dict[str, Any] = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"parent_dir: cannot read an exported model's {path}: {error}"
+            ) from None
+        return cls(location=str(folder), config=config)
 
 
-@dataclass(frozen=True)
-class TransferConfig:
-    """What a user asks for.
+@dataclass(frozen=True, kw_only=True)
+class TransferConfig(TransferSettings):
+    """What a user asks for (the settings of `TransferSettings`), for a dataset of
+    `num_classes` classes, optionally starting from a `parent` model.
 
     Learning rates: `lr` is the head's rate while the backbone is frozen. Whenever backbone
     groups train (`fine_tune`, `partial`, and the later stages of `freeze_unfreeze`,
@@ -106,10 +87,10 @@ class TransferConfig:
     `progressive_resizing`: increasing image sizes; each stage's epochs are split into
     consecutive sub-stages at these sizes, ending at the last, which is the final image size.
 
-    `parent_dir`: an exported thaw model folder to start from instead of ImageNet weights
-    (chained transfer); its architecture replaces `base_model`'s. `lwf` needs one: its
-    heads are kept and distilled (`lwf_temperature`, `lwf_lambda`) while a new head for
-    `task_name` learns the new classes.
+    `parent`: an exported thaw model to start from instead of ImageNet weights (chained
+    transfer); its architecture replaces `base_model`'s. `lwf` needs one: its heads are kept
+    and distilled (`lwf_temperature`, `lwf_lambda`) while a new head for `task_name` learns
+    the new classes.
 
     `amp`: mixed precision on CUDA (bf16, or fp16 with loss scaling where bf16 is missing)
     with channels-last tensors. CPU runs stay exact fp32 unless `amp_cpu` asks for bf16.
@@ -118,35 +99,8 @@ class TransferConfig:
     epochs, and keep the weights with the lowest val loss (see `train.run`).
     """
 
-    base_model: str
-    strategy: Strategy
     num_classes: int
-    head: HeadConfig = HeadConfig()
-    epochs: int = 6
-    batch_size: int = 32
-    lr: float = 1e-3
-    image_size: int | None = None
-    seed: int = 0
-    optimizer: OptimizerName = "adamw"
-    weight_decay: float = 0.01
-    label_smoothing: float = 0.0
-    schedule: Schedule = "cosine"
-    lr_decay: float = 2.6
-    head_epochs: int | None = None
-    fine_tune_lr_factor: float = 0.1
-    bn_mode: BatchNormMode = "frozen"
-    pretrained: bool = True
-    early_stopping_patience: int | None = None
-    device: str = "cpu"
-    partial_groups: int = 2
-    stages: tuple[StageSpec, ...] | None = None
-    progressive_resizing: tuple[int, ...] | None = None
-    parent_dir: Path | None = None
-    task_name: str = "main"
-    lwf_temperature: float = 2.0
-    lwf_lambda: float = 1.0
-    amp: bool = True
-    amp_cpu: bool = False
+    parent: ParentModel | None = None
 
 
 @dataclass(frozen=True)
@@ -173,31 +127,23 @@ class TaskInfo:
     head: HeadConfig
 
 
-@dataclass(frozen=True)
-class Plan:
+@dataclass(frozen=True, kw_only=True)
+class Plan(RunSettings):
+    """A compiled plan: the run settings as asked, plus everything resolved from the zoo,
+    the preset and the parent. Its JSON form (`to_dict`) is stored with jobs and versions."""
+
     base_model: str
     num_classes: int
     head: HeadConfig
     stages: tuple[Stage, ...]
-    seed: int
-    batch_size: int
-    optimizer: OptimizerName
-    weight_decay: float
-    label_smoothing: float
     pretrained: bool
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    early_stopping_patience: int | None = None
-    device: str = "cpu"
     parent_dir: str | None = None
     """Start from this exported model's weights instead of ImageNet's."""
-    task_name: str = "main"
+    task_name: str = DEFAULT_TASK
     old_tasks: tuple[TaskInfo, ...] = ()
     """LwF: the parent's tasks, whose heads are kept beside the new one."""
-    lwf_temperature: float = 2.0
-    lwf_lambda: float = 1.0
-    amp: bool = True
-    amp_cpu: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes for people reading the plan (strategy name, parent reference)."""
 
@@ -212,133 +158,23 @@ class Plan:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Plan":
         """Inverse of `to_dict`; fields newer than the stored plan take their defaults."""
-        return cls(
-            base_model=data["base_model"],
-            num_classes=data["num_classes"],
-            head=_head(data["head"]),
-            stages=tuple(
-                Stage(
-                    name=stage["name"],
-                    trainable_groups=tuple(stage["trainable_groups"]),
-                    group_lrs=dict(stage["group_lrs"]),
-                    epochs=stage["epochs"],
-                    schedule=stage["schedule"],
-                    bn_mode=stage["bn_mode"],
-                    image_size=stage["image_size"],
-                    cache_features=stage["cache_features"],
-                    distill=stage.get("distill", False),
-                )
-                for stage in data["stages"]
-            ),
-            seed=data["seed"],
-            batch_size=data["batch_size"],
-            optimizer=data["optimizer"],
-            weight_decay=data["weight_decay"],
-            label_smoothing=data["label_smoothing"],
-            pretrained=data["pretrained"],
-            mean=_triple(data["mean"]),
-            std=_triple(data["std"]),
-            early_stopping_patience=data["early_stopping_patience"],
-            device=data["device"],
-            parent_dir=data.get("parent_dir"),
-            task_name=data.get("task_name", "main"),
-            old_tasks=tuple(
-                TaskInfo(name=task["name"], labels=tuple(task["labels"]), head=_head(task["head"]))
-                for task in data.get("old_tasks", ())
-            ),
-            lwf_temperature=data.get("lwf_temperature", 2.0),
-            lwf_lambda=data.get("lwf_lambda", 1.0),
-            amp=data.get("amp", True),
-            amp_cpu=data.get("amp_cpu", False),
-            extra=dict(data.get("extra", {})),
-        )
-
-
-def _head(data: dict[str, Any]) -> HeadConfig:
-    return HeadConfig(hidden=tuple(data["hidden"]), dropout=data["dropout"])
-
-
-def _triple(values: list[float]) -> tuple[float, float, float]:
-    first, second, third = values
-    return (first, second, third)
-
-
-def _check_choice(field_name: str, value: object, literal: Any) -> None:
-    choices = get_args(literal)
-    if value not in choices:
-        raise ValueError(f"{field_name} must be one of {', '.join(choices)}; got {value!r}")
-
-
-def _image_size_ok(size: int | None) -> bool:
-    return size is None or MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE
+        return decode(cls, data)
 
 
 def _validate(config: TransferConfig) -> None:
-    _check_choice("strategy", config.strategy, Strategy)
-    _check_choice("schedule", config.schedule, Schedule)
-    _check_choice("optimizer", config.optimizer, OptimizerName)
-    _check_choice("bn_mode", config.bn_mode, BatchNormMode)
+    check_settings(config)
+    if config.num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2; got {config.num_classes}")
     sizes = config.progressive_resizing
-    checks = [
-        (config.num_classes >= 2, f"num_classes must be at least 2; got {config.num_classes}"),
-        (config.epochs >= 1, f"epochs must be at least 1; got {config.epochs}"),
-        (config.batch_size >= 1, f"batch_size must be at least 1; got {config.batch_size}"),
-        (config.lr > 0, f"lr must be positive; got {config.lr}"),
-        (config.weight_decay >= 0, f"weight_decay must be >= 0; got {config.weight_decay}"),
-        (
-            0 <= config.label_smoothing < 1,
-            f"label_smoothing must be in [0, 1); got {config.label_smoothing}",
-        ),
-        (config.lr_decay >= 1, f"lr_decay must be >= 1; got {config.lr_decay}"),
-        (
-            config.fine_tune_lr_factor > 0,
-            f"fine_tune_lr_factor must be positive; got {config.fine_tune_lr_factor}",
-        ),
-        (
-            0 <= config.head.dropout < 1,
-            f"head dropout must be in [0, 1); got {config.head.dropout}",
-        ),
-        (
-            all(width >= 1 for width in config.head.hidden),
-            f"head hidden widths must be positive; got {config.head.hidden}",
-        ),
-        (
-            _image_size_ok(config.image_size),
-            f"image_size must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE}; "
-            f"got {config.image_size}",
-        ),
-        (
-            config.early_stopping_patience is None or config.early_stopping_patience >= 1,
-            f"early_stopping_patience must be at least 1; got {config.early_stopping_patience}",
-        ),
-        (
-            config.partial_groups >= 1,
-            f"partial_groups must be at least 1; got {config.partial_groups}",
-        ),
-        (
-            config.lwf_temperature > 0,
-            f"lwf_temperature must be positive; got {config.lwf_temperature}",
-        ),
-        (config.lwf_lambda >= 0, f"lwf_lambda must be >= 0; got {config.lwf_lambda}"),
-        (bool(config.task_name), "task_name must not be empty"),
-        (
-            sizes is None
-            or (
-                len(sizes) >= 1
-                and all(_image_size_ok(size) for size in sizes)
-                and list(sizes) == sorted(set(sizes))
-            ),
+    if sizes is not None and (not sizes or list(sizes) != sorted(set(sizes))):
+        raise ValueError(
             f"progressive_resizing must be strictly increasing sizes between {MIN_IMAGE_SIZE} "
-            f"and {MAX_IMAGE_SIZE}; got {sizes}",
-        ),
-        (
-            sizes is None or config.image_size is None or sizes[-1] == config.image_size,
-            f"progressive_resizing must end at image_size {config.image_size}; got {sizes}",
-        ),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
+            f"and {MAX_IMAGE_SIZE}; got {sizes}"
+        )
+    if sizes is not None and config.image_size is not None and sizes[-1] != config.image_size:
+        raise ValueError(
+            f"progressive_resizing must end at image_size {config.image_size}; got {sizes}"
+        )
     head_epoch_strategies = ("freeze_unfreeze", "lwf")
     if config.head_epochs is not None and config.strategy not in head_epoch_strategies:
         raise ValueError("head_epochs only applies to the freeze_unfreeze and lwf strategies")
@@ -351,16 +187,12 @@ def _validate(config: TransferConfig) -> None:
                 f"head_epochs must be between 1 and epochs - 1 = {config.epochs - 1}; "
                 f"got {head_epochs}"
             )
-    if config.strategy == "lwf" and config.parent_dir is None:
+    if config.strategy == "lwf" and config.parent is None:
         raise ValueError("the lwf strategy needs parent_dir: the model whose task it keeps")
-    if config.strategy == "scratch" and config.parent_dir is not None:
+    if config.strategy == "scratch" and config.parent is not None:
         raise ValueError("the scratch strategy starts from random weights; drop parent_dir")
     if config.stages is not None and not config.stages:
         raise ValueError("stages must list at least one stage when given")
-    try:
-        torch.device(config.device)
-    except RuntimeError as error:
-        raise ValueError(f"invalid device {config.device!r}: {error}") from None
 
 
 def _discriminative_lrs(top_lr: float, groups: tuple[str, ...], decay: float) -> dict[str, float]:
@@ -385,7 +217,7 @@ class _Base:
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    parent_dir: Path | None
+    parent_location: str | None
     old_tasks: tuple[TaskInfo, ...]
 
     @property
@@ -395,17 +227,6 @@ class _Base:
     @property
     def all_groups(self) -> tuple[str, ...]:
         return (*self.backbone_groups, *self.head_groups)
-
-
-def read_parent_config(parent_dir: Path) -> dict[str, Any]:
-    path = parent_dir / CONFIG_FILE
-    try:
-        config: dict[str, Any] = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise ValueError(f"parent_dir: cannot read an exported model's {path}: {error}") from None
-    if "plan" not in config or "labels" not in config:
-        raise ValueError(f"parent_dir: {path} is not a thaw model config")
-    return config
 
 
 def parent_tasks(config: dict[str, Any]) -> tuple[TaskInfo, ...]:
@@ -418,7 +239,7 @@ def parent_tasks(config: dict[str, Any]) -> tuple[TaskInfo, ...]:
 
 
 def _resolve_base(config: TransferConfig) -> _Base:
-    if config.parent_dir is None:
+    if config.parent is None:
         info = get_base_model_info(config.base_model)
         if info.fixed_input_size and config.image_size not in (None, info.input_size):
             raise ValueError(
@@ -431,14 +252,16 @@ def _resolve_base(config: TransferConfig) -> _Base:
             image_size=config.image_size or info.input_size,
             mean=info.mean,
             std=info.std,
-            parent_dir=None,
+            parent_location=None,
             old_tasks=(),
         )
-    parent = read_parent_config(config.parent_dir)
+    parent = config.parent.config
+    if "plan" not in parent or "labels" not in parent:
+        raise ValueError(f"parent_dir: {config.parent.location} holds no thaw model config")
     parent_plan = Plan.from_dict(parent["plan"])
     info = get_base_model_info(parent_plan.base_model)
     old_tasks = parent_tasks(parent) if config.strategy == "lwf" else ()
-    clash = [task.name for task in old_tasks if task.name == config.task_name]
+    clash = [task.name for task in old_tasks if task.name == _task_name(config)]
     if clash:
         raise ValueError(
             f"task_name: the parent already answers a task named {clash[0]!r}; "
@@ -450,7 +273,7 @@ def _resolve_base(config: TransferConfig) -> _Base:
         image_size=config.image_size or parent_plan.image_size,
         mean=parent_plan.mean,
         std=parent_plan.std,
-        parent_dir=config.parent_dir,
+        parent_location=config.parent.location,
         old_tasks=old_tasks,
     )
 
@@ -574,23 +397,8 @@ def _spec_groups(spec: StageSpec, where: str, base: _Base) -> tuple[str, ...]:
 
 def _spec_stage(config: TransferConfig, base: _Base, index: int, spec: StageSpec) -> Stage:
     where = f"stages[{index}]"
-    if spec.schedule is not None:
-        _check_choice(f"{where}.schedule", spec.schedule, Schedule)
-    if spec.bn_mode is not None:
-        _check_choice(f"{where}.bn_mode", spec.bn_mode, BatchNormMode)
-    if spec.epochs < 1:
-        raise ValueError(f"{where}.epochs must be at least 1; got {spec.epochs}")
-    if spec.lr is not None and spec.lr <= 0:
-        raise ValueError(f"{where}.lr must be positive; got {spec.lr}")
-    if spec.lr_decay is not None and spec.lr_decay < 1:
-        raise ValueError(f"{where}.lr_decay must be >= 1; got {spec.lr_decay}")
     if spec.lr is not None and spec.lrs is not None:
         raise ValueError(f"{where}: give lr or lrs, not both")
-    if not _image_size_ok(spec.image_size):
-        raise ValueError(
-            f"{where}.image_size must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE}; "
-            f"got {spec.image_size}"
-        )
     trainable = _spec_groups(spec, where, base)
     stage = _stage(
         config,
@@ -632,12 +440,17 @@ def _resize_progressively(stage: Stage, sizes: tuple[int, ...]) -> list[Stage]:
     ]
 
 
+def _task_name(config: TransferConfig) -> str:
+    return config.task_name or DEFAULT_TASK
+
+
 def compile_plan(config: TransferConfig) -> Plan:
     """Validate `config` and expand its strategy (or its stages) into a plan.
 
+    A pure function of the config (the parent, if any, comes as data): it reads no files.
     Raises ValueError, naming the offending field, when the config is invalid.
     """
-    if config.parent_dir is None:
+    if config.parent is None:
         get_base_model_info(config.base_model)
     _validate(config)
     base = _resolve_base(config)
@@ -658,67 +471,24 @@ def compile_plan(config: TransferConfig) -> Plan:
             for sub in _resize_progressively(stage, config.progressive_resizing)
         )
     extra: dict[str, Any] = {"strategy": config.strategy}
-    if config.parent_dir is not None:
+    if config.parent is not None:
         extra["parent"] = config.base_model
+    run_settings = {item.name: getattr(config, item.name) for item in fields(RunSettings)}
     return Plan(
+        **run_settings,
         base_model=base.base_model,
         num_classes=config.num_classes,
         head=config.head,
         stages=stages,
-        seed=config.seed,
-        batch_size=config.batch_size,
-        optimizer=config.optimizer,
-        weight_decay=config.weight_decay,
-        label_smoothing=config.label_smoothing,
         pretrained=config.pretrained and config.strategy != "scratch",
         mean=base.mean,
         std=base.std,
-        early_stopping_patience=config.early_stopping_patience,
-        device=config.device,
-        parent_dir=None if base.parent_dir is None else str(base.parent_dir),
-        task_name=config.task_name,
+        parent_dir=base.parent_location,
+        task_name=_task_name(config),
         old_tasks=base.old_tasks,
-        lwf_temperature=config.lwf_temperature,
-        lwf_lambda=config.lwf_lambda,
-        amp=config.amp,
-        amp_cpu=config.amp_cpu,
         extra=extra,
     )
 
 
 def steps_per_epoch(plan: Plan, train_size: int) -> int:
     return math.ceil(train_size / plan.batch_size)
-
-
-def describe_plan(
-    plan: Plan, model: "TransferModel", *, train_size: int | None = None
-) -> list[dict[str, Any]]:
-    """Per stage: what trains at which rate, parameter counts, and optimizer steps."""
-    group_sizes = {
-        name: sum(p.numel() for module in modules for p in module.parameters())
-        for name, modules in model.groups()
-    }
-    total = sum(group_sizes.values())
-    described = []
-    for stage in plan.stages:
-        trainable: list[dict[str, Any]] = [
-            {"name": name, "lr": stage.group_lrs[name], "parameters": group_sizes[name]}
-            for name in stage.trainable_groups
-        ]
-        described.append(
-            {
-                "name": stage.name,
-                "trainable_groups": trainable,
-                "trainable_parameters": sum(group_sizes[name] for name in stage.trainable_groups),
-                "total_parameters": total,
-                "image_size": stage.image_size,
-                "epochs": stage.epochs,
-                "schedule": stage.schedule,
-                "bn_mode": stage.bn_mode,
-                "cache_features": stage.cache_features,
-                "steps": (
-                    None if train_size is None else steps_per_epoch(plan, train_size) * stage.epochs
-                ),
-            }
-        )
-    return described

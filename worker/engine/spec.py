@@ -1,0 +1,358 @@
+"""The transfer settings a user writes, declared once.
+
+Every setting is a dataclass field made by `setting(...)`: its type, default, bounds and
+description live there and nowhere else. From this one declaration come:
+- the HTTP schema: `service/jobs/schemas.py` builds its pydantic models from these classes;
+- the engine's config: `TransferConfig` (plan.py) extends `TransferSettings`;
+- the plan's serialised form: `Plan` carries `RunSettings` verbatim, and `decode` fills what a
+  stored plan lacks with these defaults;
+- the engine's own checks: `check_settings` enforces the same bounds for notebook callers.
+
+Standard library only, so the API process validates JSON with it without importing torch.
+"""
+
+import re
+import types
+import typing
+from collections.abc import Iterator
+from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+Strategy = Literal[
+    "feature_extraction",
+    "fine_tune",
+    "partial",
+    "freeze_unfreeze",
+    "gradual_unfreeze",
+    "lwf",
+    "scratch",
+]
+Schedule = Literal["constant", "cosine", "one_cycle", "slanted_triangular"]
+BatchNormMode = Literal["train", "frozen"]
+OptimizerName = Literal["adamw", "sgd"]
+Device = Literal["cpu", "cuda"]
+
+MIN_IMAGE_SIZE = 64
+MAX_IMAGE_SIZE = 1024
+MAX_LR = 10.0
+MAX_EPOCHS = 1000
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,99}$"
+ALL = "all"
+IMAGE_SIZE_RANGE = f" must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE}"
+
+_SETTING = "thaw.setting"
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Limits on a value (numbers), its length (strings, lists) or its text (a pattern)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    min_length: int | None = None
+    max_length: int | None = None
+    pattern: str | None = None
+    message: str | None = None
+    """What follows the field's name in the error when a bound is broken, if not the default
+    (`epochs must be at least 1`, `lr_decay must be >= 1`)."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    description: str | None
+    bounds: Bounds
+    items: Bounds | None
+    """Bounds on each element of a list, or each value of a mapping."""
+    public: bool
+    """False for engine-only knobs that the HTTP spec does not offer."""
+
+
+def setting(
+    default: Any = MISSING,
+    *,
+    description: str | None = None,
+    items: Bounds | None = None,
+    public: bool = True,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    min_length: int | None = None,
+    max_length: int | None = None,
+    pattern: str | None = None,
+    message: str | None = None,
+) -> Any:
+    bounds = Bounds(ge, gt, le, lt, min_length, max_length, pattern, message)
+    metadata = {_SETTING: Setting(description, bounds, items, public)}
+    return field(default=default, metadata=metadata)
+
+
+def settings_of(cls: type) -> Iterator[tuple[Field[Any], Setting]]:
+    """The declared settings of a settings class, in declaration order (inherited first)."""
+    for item in fields(cls):
+        declared = item.metadata.get(_SETTING)
+        if declared is not None:
+            yield item, declared
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeadConfig:
+    """Classifier on the pooled features: `hidden` Linear+ReLU layers, then a final Linear.
+
+    `dropout` is applied to the input of every Linear layer.
+    """
+
+    hidden: tuple[int, ...] = setting(
+        (),
+        max_length=4,
+        items=Bounds(ge=1, le=8192),
+        description="Sizes of hidden fully-connected layers before the classifier.",
+    )
+    dropout: float = setting(0.0, ge=0.0, lt=1.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageSpec:
+    """One stage written out by the user instead of a preset; unset fields follow the spec.
+
+    `groups`: group names, or "head", "all", or "top:<k>" (the top k backbone groups and the
+    head). `lr` is the rate of the top trainable group; each group below gets `lr_decay`
+    (the config's unless given) times less. `lrs` sets every trainable group's rate instead.
+    Without either rate, a head-only stage trains at `config.lr` and others at
+    `config.lr * fine_tune_lr_factor`.
+    """
+
+    groups: tuple[str, ...] = setting(
+        (ALL,),
+        min_length=1,
+        message=": list at least one group",
+        description="Layer group names (see the base model's groups), or `head`, `all`, "
+        "or `top:<k>` (the top k backbone groups and the head).",
+    )
+    epochs: int = setting(1, ge=1, le=MAX_EPOCHS)
+    lr: float | None = setting(
+        None, gt=0.0, le=MAX_LR, description="Rate of the top group; lower ones ÷ lr_decay."
+    )
+    lrs: dict[str, float] | None = setting(
+        None,
+        items=Bounds(gt=0.0, le=MAX_LR),
+        description="A rate for every trainable group instead of `lr`.",
+    )
+    lr_decay: float | None = setting(None, ge=1.0, le=100.0)
+    schedule: Schedule | None = setting(None)
+    bn_mode: BatchNormMode | None = setting(None)
+    image_size: int | None = setting(
+        None, ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE, message=IMAGE_SIZE_RANGE
+    )
+    name: str | None = setting(None, max_length=50)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSettings:
+    """Settings a plan carries unchanged from the request into training."""
+
+    seed: int = setting(0, ge=0, le=2**31 - 1)
+    batch_size: int = setting(32, ge=1, le=4096)
+    optimizer: OptimizerName = setting("adamw")
+    weight_decay: float = setting(0.01, ge=0.0, le=1.0)
+    label_smoothing: float = setting(0.0, ge=0.0, lt=1.0)
+    early_stopping_patience: int | None = setting(
+        None,
+        ge=1,
+        le=MAX_EPOCHS,
+        description="End a stage when the val loss has not improved for this many epochs, "
+        "and keep the weights with the lowest val loss.",
+    )
+    device: Device = setting("cpu", description="`cuda` sends the job to the `gpu` queue.")
+    lwf_temperature: float = setting(2.0, gt=0.0, le=100.0)
+    lwf_lambda: float = setting(
+        1.0, ge=0.0, le=100.0, description="lwf: weight of the distillation loss."
+    )
+    amp: bool = setting(
+        True, description="On CUDA: bf16 autocast (fp16 with loss scaling on older GPUs)."
+    )
+    amp_cpu: bool = setting(False, public=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TransferSettings(RunSettings):
+    """What a user asks for (see `TransferConfig` for how the rates and stages follow)."""
+
+    base_model: str = setting(
+        "efficientnet_lite0",
+        max_length=300,
+        description="A name from the zoo (GET /v1/base-models), or `model:<name>:<version or "
+        "alias>` to start from one of your registered models (chained transfer; required "
+        "by `lwf`).",
+    )
+    strategy: Strategy = setting("freeze_unfreeze", description="A preset; see the README's table.")
+    head: HeadConfig = setting(HeadConfig())
+    epochs: int = setting(6, ge=1, le=MAX_EPOCHS)
+    lr: float = setting(1e-3, gt=0.0, le=MAX_LR)
+    image_size: int | None = setting(
+        None,
+        ge=MIN_IMAGE_SIZE,
+        le=MAX_IMAGE_SIZE,
+        message=IMAGE_SIZE_RANGE,
+        description="Default: the base model's input size.",
+    )
+    schedule: Schedule = setting("cosine")
+    lr_decay: float = setting(
+        2.6, ge=1.0, le=100.0, description="Discriminative rate: each lower group ÷ this."
+    )
+    fine_tune_lr_factor: float = setting(
+        0.1,
+        gt=0.0,
+        le=1.0,
+        description="Once the backbone trains, the head's rate is lr * this (then ÷ lr_decay "
+        "per lower group).",
+    )
+    bn_mode: BatchNormMode = setting(
+        "frozen",
+        description="BatchNorm in stages that train the backbone: `frozen` keeps the "
+        "pretrained running statistics (best for small datasets), `train` updates them.",
+    )
+    head_epochs: int | None = setting(
+        None,
+        ge=1,
+        le=MAX_EPOCHS,
+        description="freeze_unfreeze: epochs of the head-only stage.",
+    )
+    partial_groups: int = setting(
+        2, ge=1, le=100, description="partial: how many top backbone groups train."
+    )
+    stages: tuple[StageSpec, ...] | None = setting(
+        None,
+        max_length=50,
+        description="Explicit stages instead of the preset's (then `epochs` is their sum).",
+    )
+    progressive_resizing: tuple[int, ...] | None = setting(
+        None,
+        max_length=8,
+        items=Bounds(ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE, message=IMAGE_SIZE_RANGE),
+        description="Increasing image sizes a stage's epochs move through, ending at the final "
+        "size, e.g. [96, 128, 160].",
+    )
+    task_name: str | None = setting(
+        None,
+        pattern=NAME_PATTERN,
+        description="Name of the task this model learns (default: the model's name); an `lwf` "
+        "model answers it beside its parent's tasks.",
+    )
+    pretrained: bool = setting(True, description="Start from the zoo's pretrained weights.")
+
+
+def check_settings(value: Any, where: str = "") -> None:
+    """Raise ValueError, naming the field (`stages[0].epochs …`), where a bound is broken."""
+    for item, declared in settings_of(type(value)):
+        name = f"{where}{item.name}"
+        current = getattr(value, item.name)
+        if current is None:
+            continue
+        _check_choice(name, current, item.type)
+        _check_bounds(name, current, declared.bounds)
+        members: list[tuple[str, Any]] = []
+        if isinstance(current, tuple):
+            members = [(f"{name}[{index}]", member) for index, member in enumerate(current)]
+        elif isinstance(current, dict):
+            members = [(f"{name}[{key!r}]", member) for key, member in current.items()]
+        for member_name, member in members:
+            if declared.items is not None:
+                _check_bounds(member_name, member, declared.items)
+            if is_dataclass(member):
+                check_settings(member, f"{member_name}.")
+        if is_dataclass(current):
+            check_settings(current, f"{name}.")
+
+
+def _check_choice(name: str, value: Any, annotation: Any) -> None:
+    choices = _literal_choices(annotation)
+    if choices and value not in choices:
+        raise ValueError(
+            f"invalid {name} {value!r}: {name} must be one of {', '.join(map(str, choices))}"
+        )
+
+
+def _literal_choices(annotation: Any) -> tuple[Any, ...]:
+    if get_origin(annotation) is Literal:
+        return get_args(annotation)
+    if _is_union(annotation):
+        return tuple(c for arg in get_args(annotation) for c in _literal_choices(arg))
+    return ()
+
+
+def _check_bounds(name: str, value: Any, bounds: Bounds) -> None:
+    broken = _broken_bound(value, bounds)
+    if broken is not None:
+        raise ValueError(f"{name}{bounds.message or broken}; got {value!r}")
+
+
+def _broken_bound(value: Any, bounds: Bounds) -> str | None:
+    """The default wording of the first bound `value` breaks, or None."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        # Counts read "at least 1"; rates and factors read ">= 1".
+        at_least, at_most = ("at least", "at most") if isinstance(value, int) else (">=", "<=")
+        checks = (
+            (bounds.gt, lambda limit: value > limit, "positive" if bounds.gt == 0 else ">"),
+            (bounds.ge, lambda limit: value >= limit, at_least),
+            (bounds.lt, lambda limit: value < limit, "<"),
+            (bounds.le, lambda limit: value <= limit, at_most),
+        )
+        for limit, holds, wording in checks:
+            if limit is not None and not holds(limit):
+                bound = "" if wording == "positive" else f" {limit:g}"
+                return f" must be {wording}{bound}"
+    if isinstance(value, str | tuple | dict):
+        if bounds.min_length is not None and len(value) < bounds.min_length:
+            return f" must have at least {bounds.min_length} item(s)"
+        if bounds.max_length is not None and len(value) > bounds.max_length:
+            return f" must have at most {bounds.max_length} item(s)"
+    if isinstance(value, str) and bounds.pattern and not re.fullmatch(bounds.pattern, value):
+        return f" must match {bounds.pattern}"
+    return None
+
+
+T = TypeVar("T")
+
+
+def decode(cls: type[T], data: Any) -> T:
+    """Build `cls` (a dataclass) from JSON-like data; fields the data lacks take their defaults.
+
+    Lists become the declared tuples and nested dictionaries the declared dataclasses, so
+    `decode(type(x), to_json(x)) == x` for every plan and config; values already of the
+    declared type pass through.
+    """
+    return typing.cast(T, _decode(cls, data))
+
+
+def _decode(annotation: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(annotation, type) and is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
+        hints = typing.get_type_hints(annotation)
+        known = {item.name for item in fields(annotation)}
+        unknown = set(value) - known
+        if unknown:
+            raise ValueError(f"unknown field(s) {', '.join(sorted(unknown))}")
+        return annotation(**{name: _decode(hints[name], v) for name, v in value.items()})
+    origin, args = get_origin(annotation), get_args(annotation)
+    if _is_union(annotation):
+        (inner,) = (arg for arg in args if arg is not type(None))
+        return _decode(inner, value)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_decode(args[0], member) for member in value)
+        return tuple(_decode(arg, member) for arg, member in zip(args, value, strict=True))
+    if origin is dict:
+        return {key: _decode(args[1], member) for key, member in value.items()}
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _is_union(annotation: Any) -> bool:
+    return get_origin(annotation) in (typing.Union, types.UnionType)
