@@ -3,7 +3,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from service.deps import ContextDep, TenantDep
-from worker.engine import list_base_models
+from worker import engine
 
 router = APIRouter(prefix="/v1/base-models", tags=["base-models"])
 
@@ -15,4 +15,4 @@ router = APIRouter(prefix="/v1/base-models", tags=["base-models"])
     "input size, mean/std, and the layer groups with their parameter counts.",
 )
 def list_zoo(context: ContextDep, _tenant: TenantDep) -> dict[str, list[dict[str, Any]]]:
-    return {"data": list_base_models(context.settings.resolved_weights_dir)}
+    return {"data": engine.list_base_models(context.settings.resolved_weights_dir)}

@@ -1,8 +1,13 @@
-"""Jobs: resolve a spec into a plan, record it, enqueue it by task name; cancel; events."""
+"""Jobs: resolve a spec into a plan, record it, enqueue it by task name; cancel; events.
+
+The engine (torch) is reached through `engine.<name>` at call time, so the API process loads it
+on its first plan preview rather than at start-up."""
+
+from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -14,19 +19,12 @@ from service.errors import ApiError
 from service.jobs.schemas import TERMINAL_STATUSES, JobFields, JobSpec, PlanOut, StagePreview
 from service.models.service import resolve_version
 from service.tables import Dataset, Job, JobEvent, ModelVersion, RegisteredModel, Tenant
+from worker import engine
 from worker.celery_app import CPU_QUEUE, GPU_QUEUE, TRAIN_TASK
-from worker.engine import (
-    ParentModel,
-    Plan,
-    TransferConfig,
-    UnknownBaseModelError,
-    build_model,
-    compile_plan,
-    describe_plan,
-    weights_available,
-)
-from worker.engine.plan import CONFIG_FILE
 from worker.engine.spec import decode
+
+if TYPE_CHECKING:
+    from worker.engine import ParentModel, Plan, TransferConfig
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +38,7 @@ def transfer_config(
     """The engine's config for a spec: its transfer settings, the dataset's classes, the parent."""
     settings = spec.model_dump(exclude=set(JobFields.model_fields))
     settings["task_name"] = settings["task_name"] or spec.model
-    return decode(TransferConfig, {**settings, "num_classes": num_classes, "parent": parent})
+    return decode(engine.TransferConfig, {**settings, "num_classes": num_classes, "parent": parent})
 
 
 def resolve_parent(
@@ -102,8 +100,8 @@ def resolve_plan(
             num_classes=len(dataset.classes),
             parent=None if parent is None else _parent_model(context, parent),
         )
-        plan = compile_plan(config)
-    except UnknownBaseModelError as exc:
+        plan = engine.compile_plan(config)
+    except engine.UnknownBaseModelError as exc:
         raise ApiError(
             422,
             "unknown_base_model",
@@ -115,7 +113,7 @@ def resolve_plan(
     weights_dir = context.settings.resolved_weights_dir
     if parent is not None:
         plan.extra["parent_version_id"] = parent.id
-    elif settings.pretrained and not weights_available(settings.base_model, weights_dir):
+    elif settings.pretrained and not engine.weights_available(settings.base_model, weights_dir):
         raise ApiError(
             422,
             "weights_unavailable",
@@ -124,11 +122,10 @@ def resolve_plan(
             '(GET /v1/base-models), or send "pretrained": false to train from scratch.',
             "base_model",
         )
-    model = build_model(plan, weights_dir=weights_dir, pretrained=False)
+    model = engine.build_model(plan, weights_dir=weights_dir, pretrained=False)
     train_size = sum(int(c["train"]) for c in dataset.class_counts.values())
-    stages = [
-        StagePreview.model_validate(s) for s in describe_plan(plan, model, train_size=train_size)
-    ]
+    described = engine.describe_plan(plan, model, train_size=train_size)
+    stages = [StagePreview.model_validate(stage) for stage in described]
     preview = PlanOut(
         base_model=plan.base_model,
         num_classes=plan.num_classes,
@@ -140,7 +137,7 @@ def resolve_plan(
 
 def _parent_model(context: AppContext, version: ModelVersion) -> ParentModel:
     """A registered version as the engine's parent: its files' place and its config as data."""
-    config_key = f"{version.artifact_prefix}/{CONFIG_FILE}"
+    config_key = f"{version.artifact_prefix}/{engine.CONFIG_FILE}"
     try:
         config = json.loads(context.store.get_bytes(config_key))
     except (OSError, ValueError) as error:
@@ -151,7 +148,7 @@ def _parent_model(context: AppContext, version: ModelVersion) -> ParentModel:
             "train from another version or re-publish this one.",
             "base_model",
         ) from None
-    return ParentModel(
+    return engine.ParentModel(
         location=str(context.store.local_path(version.artifact_prefix)), config=config
     )
 

@@ -5,6 +5,7 @@ the API through `/ui/api/v1/...`, which forwards to `/v1/...` with that key as t
 so the key never reaches JavaScript and the API itself keeps accepting bearer tokens only.
 """
 
+from functools import cache
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,6 +17,7 @@ from starlette.types import Receive, Scope, Send
 
 from service.auth.service import authenticate
 from service.deps import SessionDep
+from service.jobs.schemas import JobSpec
 from service.models.service import model_out, version_out
 from service.tables import Dataset, Job, JobEvent, ModelVersion, RegisteredModel, Tenant
 
@@ -86,7 +88,16 @@ def jobs_page(request: Request, session: SessionDep, tenant: UiTenant) -> HTMLRe
         .where(Dataset.tenant_id == tenant.id, Dataset.status == "ready")
         .order_by(Dataset.id.desc())
     ).all()
-    return _page(request, "jobs.html", tenant=tenant, jobs=jobs, datasets=datasets)
+    return _page(
+        request, "jobs.html", tenant=tenant, jobs=jobs, datasets=datasets, spec=_spec_fields()
+    )
+
+
+@cache
+def _spec_fields() -> dict[str, Any]:
+    """The spec's fields as the JSON schema states them, so the form's limits are the API's."""
+    properties: dict[str, Any] = JobSpec.model_json_schema()["properties"]
+    return properties
 
 
 @router.get("/jobs/{job_id}")

@@ -18,7 +18,15 @@ if TYPE_CHECKING:
         make_param_groups,
         set_batchnorm_mode,
     )
-    from .plan import ParentModel, Plan, Stage, TaskInfo, TransferConfig, compile_plan
+    from .plan import (
+        CONFIG_FILE,
+        ParentModel,
+        Plan,
+        Stage,
+        TaskInfo,
+        TransferConfig,
+        compile_plan,
+    )
     from .predictor import Predictor
     from .spec import BatchNormMode, HeadConfig, Schedule, StageSpec, Strategy
     from .train import (
@@ -55,7 +63,15 @@ _HOMES = {
         "make_param_groups",
         "set_batchnorm_mode",
     ),
-    "plan": ("ParentModel", "Plan", "Stage", "TaskInfo", "TransferConfig", "compile_plan"),
+    "plan": (
+        "CONFIG_FILE",
+        "ParentModel",
+        "Plan",
+        "Stage",
+        "TaskInfo",
+        "TransferConfig",
+        "compile_plan",
+    ),
     "predictor": ("Predictor",),
     "spec": ("BatchNormMode", "HeadConfig", "Schedule", "StageSpec", "Strategy"),
     "train": (
