@@ -54,7 +54,7 @@ else:
     JobSpec = model_of(
         TransferSettings,
         name="JobSpec",
-        doc="What to train: the transfer spec of DESIGN §4.",
+        doc="What to train: the transfer spec (ARCHITECTURE.md §5).",
         base=JobFields,
     )
 
