@@ -3,10 +3,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
+from service.jobs.states import JobStatus
 from worker.engine import BatchNormMode, Schedule, Strategy
-
-JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
-TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 
 SPEC_EXAMPLE: dict[str, Any] = {
     "dataset": "ds_0623f1c2a4b5e1a2b3c4d5e6",
