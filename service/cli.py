@@ -62,12 +62,10 @@ def migrate() -> None:
 
 
 def worker_command(queues: str, *, name: str) -> list[str]:
+    """A Celery worker process; `python -m worker` builds thaw's app when it starts."""
     return [
         sys.executable,
         "-m",
-        "celery",
-        "--app",
-        "worker.celery_app",
         "worker",
         "--queues",
         queues,

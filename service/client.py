@@ -25,7 +25,8 @@ from pydantic import BaseModel
 
 from service.datasets.schemas import DatasetOut
 from service.inference.schemas import PredictOut
-from service.jobs.schemas import TERMINAL_STATUSES, JobEventOut, JobOut, PlanOut
+from service.jobs.schemas import JobEventOut, JobOut, PlanOut
+from service.jobs.states import TERMINAL_STATUSES
 from service.models.schemas import AliasOut, ModelOut, VersionDetail, VersionOut
 
 logger = logging.getLogger(__name__)

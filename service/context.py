@@ -6,6 +6,7 @@ from functools import cached_property
 from celery import Celery
 
 from service.db import Database
+from service.queues import create_celery
 from service.settings import Settings
 from service.storage import ArtifactStore, LocalStore
 
@@ -24,9 +25,7 @@ class AppContext:
 
     @cached_property
     def celery(self) -> Celery:
-        # Imported late: the API only needs the client, and only when it enqueues.
-        from worker.celery_app import create_celery
-
+        # Built when first used: the API only needs the client, and only when it enqueues.
         return create_celery(self.settings)
 
     @property

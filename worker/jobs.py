@@ -20,22 +20,24 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.context import AppContext
 from service.datasets.service import load_manifest
 from service.db import new_id, utcnow
+from service.jobs import transitions
 from service.jobs.history import epoch_history
 from service.jobs.service import (
     attempt_artifacts_prefix,
     checkpoint_key,
     discard_job_files,
-    fail_job,
     record_event,
 )
+from service.jobs.states import LEASED_STATUSES, IllegalTransitionError, JobStatus
 from service.models.card import render_card
-from service.models.service import StaleAttemptError, publish_version
+from service.models.service import publish_version
+from service.queues import TRAIN_TASK
 from service.tables import Dataset, Job
 from worker.engine import (
     EpochResult,
@@ -87,32 +89,14 @@ def _lease(context: AppContext) -> timedelta:
     return timedelta(seconds=context.settings.lease_seconds)
 
 
-def claim(context: AppContext, *, job_id: str, owner: str) -> Claim | None:
-    """Move a queued job to running and return its attempt; None if it is not ours to run."""
+def claim(context: AppContext, *, job_id: str, owner: str) -> Claim:
+    """Move a queued job to running and return its attempt; IllegalTransitionError if it is not
+    queued (this delivery of its task is a duplicate)."""
 
-    def claim_in(session: Session) -> Claim | None:
-        now = utcnow()
-        claimed = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == "queued")
-            .values(
-                status="running",
-                attempt=Job.attempt + 1,
-                lease_owner=owner,
-                lease_expires_at=now + _lease(context),
-            )
-        )
-        if claimed.rowcount != 1:  # type: ignore[attr-defined]
-            session.rollback()
-            return None
-        job = session.get_one(Job, job_id)
-        # The deadline runs from the first start, across hand-backs and lost workers.
-        if job.started_at is None:
-            job.started_at = now
-            job.deadline_at = now + timedelta(seconds=job.max_runtime_seconds)
-        assert job.deadline_at is not None
-        record_event(session, job=job, kind="status", data={"status": "running", "worker": owner})
+    def claim_in(session: Session) -> Claim:
+        job = transitions.claim(session, job_id=job_id, owner=owner, lease=_lease(context))
         session.commit()
+        assert job.deadline_at is not None
         return Claim(attempt=job.attempt, deadline_at=job.deadline_at)
 
     return _db(context, claim_in)
@@ -134,7 +118,7 @@ class JobHooks(TrainingHooks):
         def write(session: Session) -> None:
             # Fenced like every other write: an attempt that lost the job records nothing more.
             job = session.get_one(Job, self.job_id, with_for_update=True)
-            if job.attempt == self.attempt and job.status in ("running", "cancelling"):
+            if job.attempt == self.attempt and job.status in LEASED_STATUSES:
                 record_event(session, job=job, kind=kind, data=data)
             session.commit()
 
@@ -172,27 +156,31 @@ class JobHooks(TrainingHooks):
         return False
 
     def _renew(self, session: Session) -> bool:
-        renewed = session.execute(
-            update(Job)
-            .where(Job.id == self.job_id, Job.attempt == self.attempt, Job.status == "running")
-            .values(
-                lease_expires_at=utcnow() + _lease(self.context),
+        """Whether the job is still this attempt's to run (cancelled or taken over if not)."""
+        try:
+            transitions.renew(
+                session,
+                job_id=self.job_id,
+                attempt=self.attempt,
+                lease=_lease(self.context),
                 progress=round(self.fraction_done, 4),
             )
-        )
+        except IllegalTransitionError:
+            return False
         session.commit()
-        return bool(renewed.rowcount == 1)  # type: ignore[attr-defined]
+        return True
 
     def _still_ours(self, session: Session) -> bool:
         row = session.execute(
             select(Job.status, Job.attempt).where(Job.id == self.job_id)
         ).one_or_none()
-        return row is not None and tuple(row) == ("running", self.attempt)
+        return row is not None and tuple(row) == (JobStatus.RUNNING, self.attempt)
 
 
 def execute(context: AppContext, *, job_id: str) -> None:
-    claimed = claim(context, job_id=job_id, owner=worker_identity())
-    if claimed is None:
+    try:
+        claimed = claim(context, job_id=job_id, owner=worker_identity())
+    except IllegalTransitionError:
         logger.info("job %s is not queued; this delivery does nothing", job_id)
         return
     attempt = claimed.attempt
@@ -201,14 +189,15 @@ def execute(context: AppContext, *, job_id: str) -> None:
     hooks = JobHooks(context, job_id=job_id, claim=claimed)
 
     def fail(code: str, message: str) -> None:
-        fail_job(
-            context=context,
-            job_id=job_id,
-            attempt=attempt,
-            code=code,
-            message=message,
-            retry_for=context.settings.lease_seconds,
-        )
+        def end(session: Session) -> None:
+            transitions.fail(session, job_id=job_id, attempt=attempt, code=code, message=message)
+            session.commit()
+
+        try:
+            _db(context, end)
+        except IllegalTransitionError as exc:
+            logger.warning("job %s attempt %d did not record its failure: %s", job_id, attempt, exc)
+        discard_job_files(context=context, job_id=job_id)
 
     try:
         _train_and_publish(context, job_id=job_id, hooks=hooks, plan=plan, dataset_id=dataset_id)
@@ -216,8 +205,10 @@ def execute(context: AppContext, *, job_id: str) -> None:
         _hand_back(context, job_id=job_id, attempt=attempt, progress=hooks.fraction_done)
     except TrainingCancelled:
         _end_stopped(context, job_id=job_id, attempt=attempt, progress=hooks.fraction_done)
-    except StaleAttemptError:
-        logger.warning("job %s attempt %d lost the job; its result was discarded", job_id, attempt)
+    except IllegalTransitionError as exc:
+        logger.warning(
+            "job %s attempt %d lost the job; its result was discarded: %s", job_id, attempt, exc
+        )
     except DeadlineExceededError:
         fail(
             "deadline_exceeded",
@@ -306,7 +297,7 @@ def _train_and_publish(
 
     try:
         _db(context, publish)
-    except StaleAttemptError:
+    except IllegalTransitionError:
         # A retried commit may have gone through before its connection dropped.
         if _db(context, lambda session: session.get_one(Job, job_id).model_version_id) != (
             version_id
@@ -346,26 +337,15 @@ def _model_card(
 
 def _hand_back(context: AppContext, *, job_id: str, attempt: int, progress: float) -> None:
     """Give the job back to the queue (it checkpointed where it stopped) for another worker."""
-    from worker.celery_app import TRAIN_TASK
 
-    def release(session: Session) -> str | None:
-        released = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.attempt == attempt, Job.status == "running")
-            .values(status="queued", lease_owner=None, lease_expires_at=None, progress=progress)
-        )
-        if released.rowcount != 1:  # type: ignore[attr-defined]
-            session.rollback()
-            return None
-        job = session.get_one(Job, job_id)
-        record_event(
-            session, job=job, kind="status", data={"status": "queued", "reason": "worker_shutdown"}
-        )
+    def release(session: Session) -> str:
+        job = transitions.hand_back(session, job_id=job_id, attempt=attempt, progress=progress)
         session.commit()
         return job.queue
 
-    queue = _db(context, release)
-    if queue is None:
+    try:
+        queue = _db(context, release)
+    except IllegalTransitionError:
         # Cancelled or taken over meanwhile: whoever did that decides what happens next.
         _end_stopped(context, job_id=job_id, attempt=attempt, progress=progress)
         return
@@ -380,17 +360,15 @@ def _end_stopped(context: AppContext, *, job_id: str, attempt: int, progress: fl
     """
 
     def end(session: Session) -> None:
-        ended = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.attempt == attempt, Job.status == "cancelling")
-            .values(status="cancelled", finished_at=utcnow(), progress=progress)
-        )
-        if ended.rowcount == 1:  # type: ignore[attr-defined]
-            job = session.get_one(Job, job_id)
-            record_event(session, job=job, kind="status", data={"status": "cancelled"})
+        transitions.finish_cancel(session, job_id=job_id, attempt=attempt, progress=progress)
         session.commit()
 
-    _db(context, end)
+    try:
+        _db(context, end)
+    except IllegalTransitionError as exc:
+        logger.info(
+            "job %s attempt %d stopped and leaves the job as it is: %s", job_id, attempt, exc
+        )
     discard_job_files(context=context, job_id=job_id)
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from service.context import AppContext
 from service.datasets.ingest import DatasetRejectedError, IngestLimits, IngestResult, ingest_archive
 from service.errors import ApiError
+from service.queues import INGEST_TASK
 from service.tables import Dataset, Tenant
 from service.uploads import ReceivedUpload
 
@@ -84,8 +85,6 @@ def create_dataset(*, context: AppContext, tenant: Tenant, upload: ReceivedUploa
 
 
 def _enqueue_ingest(context: AppContext, dataset: Dataset) -> None:
-    from worker.celery_app import INGEST_TASK
-
     try:
         context.celery.send_task(INGEST_TASK, args=[dataset.id])
     except Exception as exc:

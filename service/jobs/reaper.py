@@ -13,14 +13,15 @@ message is a no-op for the worker that receives it (it cannot claim a job that i
 
 import logging
 import threading
-from typing import Any
 
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import select
 
 from service.context import AppContext
 from service.db import utcnow
-from service.jobs.service import discard_job_files, record_event
+from service.jobs import transitions
+from service.jobs.service import discard_job_files
+from service.jobs.states import ACTIVE_STATUSES, LEASED_STATUSES, IllegalTransitionError, JobStatus
+from service.queues import INGEST_TASK, TRAIN_TASK
 from service.tables import Dataset, Job
 
 logger = logging.getLogger(__name__)
@@ -29,44 +30,22 @@ BROKER_MARKER = "thaw:broker-marker"
 """A key kept in the broker: when it is missing, the broker started empty."""
 
 
-def _change(session: Session, job: Job, values: dict[str, Any], reason: str) -> bool:
-    """Apply `values` unless the job moved on since it was read (another replica, its worker)."""
-    changed = session.execute(
-        update(Job)
-        .where(Job.id == job.id, Job.attempt == job.attempt, Job.status == job.status)
-        .values(**values)
-    )
-    if changed.rowcount != 1:  # type: ignore[attr-defined]
-        return False
-    data = {"status": values["status"], "reason": reason}
-    record_event(session, job=job, kind="status", data=data)
-    return True
-
-
 def fail_overdue_jobs(context: AppContext) -> int:
     """End every unfinished job past its deadline; returns how many were ended."""
     now = utcnow()
     ended: list[str] = []
     with context.db.session() as session:
         overdue = session.scalars(
-            select(Job).where(
-                Job.status.in_(("queued", "running", "cancelling")), Job.deadline_at < now
-            )
+            select(Job).where(Job.status.in_(sorted(ACTIVE_STATUSES)), Job.deadline_at < now)
         ).all()
         for job in overdue:
-            if job.status == "cancelling":
-                values: dict[str, Any] = {"status": "cancelled", "finished_at": now}
-            else:
-                values = {
-                    "status": "failed",
-                    "finished_at": now,
-                    "error_code": "deadline_exceeded",
-                    "error_message": f"The job did not finish within {job.max_runtime_seconds}s "
-                    "of its first start: resubmit with a larger max_runtime_seconds, or fewer "
-                    "epochs or a smaller image_size.",
-                }
-            if _change(session, job, values, "deadline_exceeded"):
-                ended.append(job.id)
+            try:
+                transitions.exceed_deadline(session, job=job, now=now)
+            except IllegalTransitionError as exc:
+                # Another replica, or the job's worker, changed it since this pass read it.
+                logger.info("reaper left a job as it is: %s", exc)
+                continue
+            ended.append(job.id)
         session.commit()
     for job_id in ended:
         discard_job_files(context=context, job_id=job_id)
@@ -75,43 +54,26 @@ def fail_overdue_jobs(context: AppContext) -> int:
 
 def reap_expired_leases(context: AppContext) -> int:
     """Re-queue running jobs whose lease expired; returns how many were re-queued."""
-    from worker.celery_app import TRAIN_TASK
-
     now = utcnow()
-    max_losses = context.settings.max_worker_losses
     requeued: list[Job] = []
     ended: list[str] = []
     with context.db.session() as session:
         expired = session.scalars(
-            select(Job).where(Job.status.in_(("running", "cancelling")), Job.lease_expires_at < now)
+            select(Job).where(Job.status.in_(sorted(LEASED_STATUSES)), Job.lease_expires_at < now)
         ).all()
         for job in expired:
-            losses = job.worker_losses + 1
-            if job.status == "cancelling":
-                values: dict[str, Any] = {"status": "cancelled", "finished_at": now}
-            elif losses >= max_losses:
-                values = {
-                    "status": "failed",
-                    "finished_at": now,
-                    "worker_losses": losses,
-                    "error_code": "worker_lost",
-                    "error_message": f"The worker running this job vanished {losses} times; "
-                    "the job may be crashing it (out of memory?): lower batch_size or "
-                    "image_size and resubmit.",
-                }
-            else:
-                values = {
-                    "status": "queued",
-                    "worker_losses": losses,
-                    "lease_owner": None,
-                    "lease_expires_at": None,
-                }
-            if not _change(session, job, values, "lease_expired"):
+            try:
+                changed = transitions.expire_lease(
+                    session, job=job, max_worker_losses=context.settings.max_worker_losses, now=now
+                )
+            except IllegalTransitionError as exc:
+                # Another replica, or the job's worker, changed it since this pass read it.
+                logger.info("reaper left a job as it is: %s", exc)
                 continue
-            if values["status"] == "queued":
-                requeued.append(job)
+            if changed.status == JobStatus.QUEUED:
+                requeued.append(changed)
             else:
-                ended.append(job.id)
+                ended.append(changed.id)
         session.commit()
     for job in requeued:
         context.celery.send_task(TRAIN_TASK, args=[job.id], queue=job.queue)
@@ -122,10 +84,10 @@ def reap_expired_leases(context: AppContext) -> int:
 
 def resend_pending(context: AppContext) -> None:
     """Re-send a task message for every queued job and processing dataset."""
-    from worker.celery_app import INGEST_TASK, TRAIN_TASK
-
     with context.db.session() as session:
-        jobs = session.execute(select(Job.id, Job.queue).where(Job.status == "queued")).all()
+        jobs = session.execute(
+            select(Job.id, Job.queue).where(Job.status == JobStatus.QUEUED)
+        ).all()
         datasets = session.scalars(select(Dataset.id).where(Dataset.status == "processing")).all()
     for job_id, queue in jobs:
         context.celery.send_task(TRAIN_TASK, args=[job_id], queue=queue)

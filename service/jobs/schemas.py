@@ -1,13 +1,11 @@
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from service.jobs.spec_schema import model_of
+from service.jobs.states import JobStatus
 from worker.engine.spec import NAME_PATTERN, TransferSettings, decode
-
-JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
-TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 
 SPEC_EXAMPLE: dict[str, Any] = {
     "dataset": "ds_0623f1c2a4b5e1a2b3c4d5e6",

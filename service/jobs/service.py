@@ -14,13 +14,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.context import AppContext
-from service.db import utcnow
 from service.errors import ApiError
-from service.jobs.schemas import TERMINAL_STATUSES, JobFields, JobSpec, PlanOut, StagePreview
+from service.jobs import transitions
+from service.jobs.schemas import JobFields, JobSpec, PlanOut, StagePreview
+from service.jobs.states import ACTIVE_STATUSES, TERMINAL_STATUSES, IllegalTransitionError
 from service.models.service import resolve_version
+from service.queues import CPU_QUEUE, GPU_QUEUE, TRAIN_TASK
 from service.tables import Dataset, Job, JobEvent, ModelVersion, RegisteredModel, Tenant
 from worker import engine
-from worker.celery_app import CPU_QUEUE, GPU_QUEUE, TRAIN_TASK
 from worker.engine.spec import decode
 
 if TYPE_CHECKING:
@@ -223,9 +224,7 @@ def create_job(
             max_runtime_seconds=spec.max_runtime_seconds
             or context.settings.job_max_runtime_seconds,
         )
-        session.add(job)
-        session.flush()
-        record_event(session, job=job, kind="status", data={"status": "queued"})
+        transitions.create(session, job=job)
         try:
             session.commit()
         except IntegrityError:
@@ -240,12 +239,7 @@ def create_job(
         context.celery.send_task(TRAIN_TASK, args=[job.id], queue=job.queue)
     except Exception as exc:
         logger.exception("could not enqueue job %s", job.id)
-        fail_job(
-            context=context,
-            job_id=job.id,
-            code="broker_unavailable",
-            message="The task queue was unreachable when the job was submitted; submit it again.",
-        )
+        _fail_unsent(context, job_id=job.id)
         raise ApiError(
             503, "broker_unavailable", "The task queue is unreachable; try again shortly."
         ) from exc
@@ -257,7 +251,7 @@ def _check_active_job_cap(session: Session, *, context: AppContext, tenant: Tena
     active = session.scalar(
         select(func.count())
         .select_from(Job)
-        .where(Job.tenant_id == tenant.id, Job.status.not_in(TERMINAL_STATUSES))
+        .where(Job.tenant_id == tenant.id, Job.status.in_(sorted(ACTIVE_STATUSES)))
     )
     if active is not None and active >= cap:
         raise ApiError(
@@ -273,42 +267,33 @@ def _job_for_key(session: Session, *, tenant: Tenant, key: str) -> Job | None:
     return session.scalar(select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == key))
 
 
-def fail_job(
-    *,
-    context: AppContext,
-    job_id: str,
-    code: str,
-    message: str,
-    attempt: int | None = None,
-    retry_for: float = 0.0,
-) -> None:
-    """End a job `failed` unless it already ended, or (given `attempt`) another attempt owns it."""
-
-    def fail(session: Session) -> None:
-        job = session.get(Job, job_id)
-        if job is None or job.status in TERMINAL_STATUSES:
-            return
-        if attempt is not None and job.attempt != attempt:
-            return
-        job.status, job.error_code, job.error_message = "failed", code, message
-        job.finished_at = utcnow()
-        record_event(session, job=job, kind="status", data={"status": "failed", "code": code})
-        session.commit()
-
-    context.db.retrying(fail, for_seconds=retry_for)
+def _fail_unsent(context: AppContext, *, job_id: str) -> None:
+    with context.db.session() as session:
+        try:
+            transitions.fail_unsent(
+                session,
+                job_id=job_id,
+                code="broker_unavailable",
+                message="The task queue was unreachable when the job was submitted; "
+                "submit it again.",
+            )
+            session.commit()
+        except IllegalTransitionError:
+            # Cancelled meanwhile: it ended either way, and the client still hears of the outage.
+            pass
     discard_job_files(context=context, job_id=job_id)
 
 
 def cancel_job(session: Session, *, job: Job) -> Job:
     """Queued jobs end at once; running ones are asked to stop between steps."""
-    if job.status in TERMINAL_STATUSES:
+    try:
+        cancelled = transitions.request_cancel(session, job_id=job.id)
+    except IllegalTransitionError as exc:
         raise ApiError(
-            409, "job_not_cancellable", f"Job {job.id} already ended as {job.status}.", "job_id"
-        )
-    if job.status == "queued":
-        job.status, job.finished_at = "cancelled", utcnow()
-    elif job.status == "running":
-        job.status = "cancelling"
-    record_event(session, job=job, kind="status", data={"status": job.status})
+            409,
+            "job_not_cancellable",
+            f"Job {job.id} already ended as {exc.from_status}.",
+            "job_id",
+        ) from None
     session.commit()
-    return job
+    return cancelled

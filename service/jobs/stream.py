@@ -18,7 +18,8 @@ from sqlalchemy import select
 
 from service.context import AppContext
 from service.errors import ApiError
-from service.jobs.schemas import TERMINAL_STATUSES, JobEventOut, estimate_eta
+from service.jobs.schemas import JobEventOut, estimate_eta
+from service.jobs.states import TERMINAL_STATUSES
 from service.tables import Job, JobEvent
 
 POLL_SECONDS = 0.5

@@ -11,7 +11,9 @@ from sqlalchemy.orm import InstrumentedAttribute, Session, aliased
 
 from service.db import utcnow
 from service.errors import ApiError
+from service.jobs import transitions
 from service.jobs.history import epoch_history
+from service.jobs.states import IllegalTransitionError
 from service.models.schemas import (
     AliasOut,
     BaseModelRef,
@@ -28,7 +30,6 @@ from service.storage import ArtifactStore
 from service.tables import (
     Dataset,
     Job,
-    JobEvent,
     ModelAlias,
     ModelTag,
     ModelVersion,
@@ -37,10 +38,6 @@ from service.tables import (
     VersionMetric,
     VersionTag,
 )
-
-
-class StaleAttemptError(Exception):
-    """The job moved on (another attempt owns it, or it was cancelled): this writer must stop."""
 
 
 def resolve_version(session: Session, *, model: RegisteredModel, ref: str) -> ModelVersion | None:
@@ -97,60 +94,61 @@ def publish_version(
 ) -> ModelVersion:
     """Record the job's model version and end the job `succeeded`, in one transaction.
 
-    Fenced by attempt: only the attempt that owns the running job may publish, and the unique
-    `job_id` on versions makes a second publish of the same job impossible.
+    Fenced by attempt: only the attempt that owns the running job may publish (any other gets
+    IllegalTransitionError, having written nothing), and the unique `job_id` on versions makes
+    a second publish of the same job impossible.
     """
-    claimed = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.attempt == attempt, Job.status == "running")
-        .values(status="succeeded", progress=1.0, finished_at=utcnow(), model_version_id=version_id)
-    )
-    if claimed.rowcount != 1:  # type: ignore[attr-defined]
-        session.rollback()
-        raise StaleAttemptError(f"job {job_id} attempt {attempt} may no longer publish")
-    job = session.get_one(Job, job_id)
-    model = _get_or_create_model(session, tenant_id=job.tenant_id, name=job.model_name)
-    # The increment locks the model row until commit, so concurrent publishes get distinct
-    # numbers, and a deleted version's number is never handed out again.
-    session.execute(
-        update(RegisteredModel)
-        .where(RegisteredModel.id == model.id)
-        .values(version_counter=RegisteredModel.version_counter + 1)
-    )
-    number = session.scalar(
-        select(RegisteredModel.version_counter).where(RegisteredModel.id == model.id)
-    )
-    assert number is not None
-    version = ModelVersion(
-        id=version_id,
-        model_id=model.id,
-        version=number,
-        job_id=job.id,
-        dataset_id=job.dataset_id,
-        base_model=job.base_model,
-        strategy=job.strategy,
-        spec=job.spec,
-        plan=job.plan,
-        metrics=metrics,
-        labels=labels,
-        artifacts=artifacts,
-        artifact_prefix=artifact_prefix,
-        exports=exports or {},
-    )
-    session.add(version)
-    session.flush()
-    session.add_all(
-        VersionMetric(version_id=version_id, name=name, value=value)
-        for name, value in scalar_metrics(metrics).items()
-    )
-    session.add(
-        JobEvent(
-            job_id=job.id,
-            kind="status",
-            attempt=attempt,
-            data={"status": "succeeded", "model": model.name, "version": number},
+
+    def register_version(job: Job) -> int:
+        model = _get_or_create_model(session, tenant_id=job.tenant_id, name=job.model_name)
+        # The increment locks the model row until commit, so concurrent publishes get distinct
+        # numbers, and a deleted version's number is never handed out again.
+        session.execute(
+            update(RegisteredModel)
+            .where(RegisteredModel.id == model.id)
+            .values(version_counter=RegisteredModel.version_counter + 1)
         )
-    )
+        number = session.scalar(
+            select(RegisteredModel.version_counter).where(RegisteredModel.id == model.id)
+        )
+        assert number is not None
+        session.add(
+            ModelVersion(
+                id=version_id,
+                model_id=model.id,
+                version=number,
+                job_id=job.id,
+                dataset_id=job.dataset_id,
+                base_model=job.base_model,
+                strategy=job.strategy,
+                spec=job.spec,
+                plan=job.plan,
+                metrics=metrics,
+                labels=labels,
+                artifacts=artifacts,
+                artifact_prefix=artifact_prefix,
+                exports=exports or {},
+            )
+        )
+        session.flush()
+        session.add_all(
+            VersionMetric(version_id=version_id, name=name, value=value)
+            for name, value in scalar_metrics(metrics).items()
+        )
+        return number
+
+    try:
+        transitions.succeed(
+            session,
+            job_id=job_id,
+            attempt=attempt,
+            version_id=version_id,
+            register_version=register_version,
+        )
+    except IllegalTransitionError:
+        session.rollback()
+        raise
+    version = session.get_one(ModelVersion, version_id)
     session.commit()
     return version
 

@@ -12,8 +12,8 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
+from service.queues import CPU_QUEUE, TRAIN_TASK, create_celery
 from tests.reliability.conftest import LEASE_SECONDS, MAX_WORKER_LOSSES, Fleet
-from worker.celery_app import CPU_QUEUE, TRAIN_TASK, create_celery
 
 pytestmark = pytest.mark.reliability
 

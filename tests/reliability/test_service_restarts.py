@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from service.queues import CPU_QUEUE
 from tests.reliability.conftest import Fleet
-from worker.celery_app import CPU_QUEUE
 
 pytestmark = pytest.mark.reliability
 

@@ -1,0 +1,110 @@
+"""The job's state machine: its states, which states each transition may start from, and the
+error an illegal transition raises.
+
+Pure (stdlib only), so the table, the HTTP schemas and the client all import it without a
+database or the training stack. `service/jobs/transitions.py` applies these transitions to the
+database, each as one conditional update:
+
+- create: a new job is `queued`; claim: `queued` → `running` (a new attempt, under a lease);
+- renew: `running` keeps its lease; hand back: `running` → `queued` (the worker shuts down);
+- cancel: `queued` → `cancelled`, `running` → `cancelling`; finish cancel: `cancelling` →
+  `cancelled` (the worker stopped);
+- lease expired (the reaper): `running` → `queued`, or `failed` once workers were lost too
+  often; `cancelling` → `cancelled`; deadline: `cancelling` → `cancelled`, else → `failed`;
+- fail: `running`/`cancelling` → `failed` (the worker); fail unsent: `queued` → `failed` (the API
+  could not send the task); succeed: `running` → `succeeded` (with its model version).
+"""
+
+from enum import StrEnum
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    CANCELLING = "cancelling"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+ACTIVE_STATUSES = frozenset(JobStatus) - TERMINAL_STATUSES
+"""Not ended yet: these count against a tenant's cap on active jobs."""
+LEASED_STATUSES = frozenset({JobStatus.RUNNING, JobStatus.CANCELLING})
+"""A worker holds the job (under a lease, as one attempt) and writes its events."""
+
+
+class Transition(StrEnum):
+    CREATE = "create"
+    CLAIM = "claim"
+    RENEW = "renew"
+    CANCEL = "cancel"
+    HAND_BACK = "hand_back"
+    FINISH_CANCEL = "finish_cancel"
+    EXPIRE_LEASE = "expire_lease"
+    EXCEED_DEADLINE = "exceed_deadline"
+    FAIL = "fail"
+    FAIL_UNSENT = "fail_unsent"
+    SUCCEED = "succeed"
+
+
+SOURCES: dict[Transition, frozenset[JobStatus]] = {
+    # A new job has no state before this one.
+    Transition.CREATE: frozenset(),
+    Transition.CLAIM: frozenset({JobStatus.QUEUED}),
+    # The worker keeps its lease only while it runs: a cancelled job's worker is told to stop.
+    Transition.RENEW: frozenset({JobStatus.RUNNING}),
+    # Cancelling again records the request again, as it always has, and changes nothing else.
+    Transition.CANCEL: ACTIVE_STATUSES,
+    Transition.HAND_BACK: frozenset({JobStatus.RUNNING}),
+    Transition.FINISH_CANCEL: frozenset({JobStatus.CANCELLING}),
+    Transition.EXPIRE_LEASE: LEASED_STATUSES,
+    Transition.EXCEED_DEADLINE: ACTIVE_STATUSES,
+    Transition.FAIL: LEASED_STATUSES,
+    # The API could not send the job's task message, so no worker can hold it.
+    Transition.FAIL_UNSENT: frozenset({JobStatus.QUEUED}),
+    Transition.SUCCEED: frozenset({JobStatus.RUNNING}),
+}
+"""The states each transition may start from; every other state makes it illegal."""
+
+FENCED = frozenset(
+    {
+        Transition.RENEW,
+        Transition.HAND_BACK,
+        Transition.FINISH_CANCEL,
+        Transition.EXPIRE_LEASE,
+        Transition.EXCEED_DEADLINE,
+        Transition.FAIL,
+        Transition.SUCCEED,
+    }
+)
+"""Transitions that also require the attempt their caller saw: a worker's own attempt, or the
+attempt the reaper read, so a writer that lost the job changes nothing."""
+
+
+class IllegalTransitionError(Exception):
+    """The job is not in a state this transition may start from (or, for a fenced transition,
+    another attempt owns it). Nothing was written."""
+
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        transition: Transition,
+        from_status: JobStatus | None,
+        attempt: int | None = None,
+        current_attempt: int | None = None,
+    ) -> None:
+        caller = "" if attempt is None else f" as attempt {attempt}"
+        if from_status is None:
+            found = "there is no such job"
+        elif attempt is not None and current_attempt != attempt:
+            found = f"it is {from_status} as attempt {current_attempt}"
+        else:
+            found = f"it is {from_status}"
+        super().__init__(f"job {job_id}: cannot {transition}{caller}: {found}")
+        self.job_id = job_id
+        self.transition = transition
+        self.from_status = from_status
+        self.attempt = attempt
+        self.current_attempt = current_attempt

@@ -1,0 +1,461 @@
+"""The job's state machine, walked whole on SQLite and Postgres: every transition from every
+state, and from a stale attempt where it is fenced. A legal one changes the row and records its
+status event; an illegal one raises IllegalTransitionError and changes nothing at all."""
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from service.cli import migrate_database
+from service.context import AppContext
+from service.db import Database, new_id, utcnow
+from service.jobs import transitions
+from service.jobs.states import (
+    FENCED,
+    SOURCES,
+    IllegalTransitionError,
+    JobStatus,
+    Transition,
+)
+from service.models.service import publish_version
+from service.settings import Settings
+from service.tables import Dataset, Job, JobEvent, ModelVersion, RegisteredModel, Tenant
+from tests.conftest import fresh_postgres_database
+
+LEASE = timedelta(seconds=30)
+MAX_WORKER_LOSSES = 3
+ALL = frozenset(JobStatus)
+LEASED = frozenset({JobStatus.RUNNING, JobStatus.CANCELLING})
+ACTIVE = frozenset({JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANCELLING})
+
+EXPECTED_SOURCES = {
+    Transition.CREATE: frozenset(),
+    Transition.CLAIM: frozenset({JobStatus.QUEUED}),
+    Transition.RENEW: frozenset({JobStatus.RUNNING}),
+    Transition.CANCEL: ACTIVE,
+    Transition.HAND_BACK: frozenset({JobStatus.RUNNING}),
+    Transition.FINISH_CANCEL: frozenset({JobStatus.CANCELLING}),
+    Transition.EXPIRE_LEASE: LEASED,
+    Transition.EXCEED_DEADLINE: ACTIVE,
+    Transition.FAIL: LEASED,
+    Transition.FAIL_UNSENT: frozenset({JobStatus.QUEUED}),
+    Transition.SUCCEED: frozenset({JobStatus.RUNNING}),
+}
+"""The machine as issue 16 and DESIGN describe it, written out independently of the module."""
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def database(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Database]:
+    data_dir = tmp_path_factory.mktemp("states") / "data"
+    if request.param == "sqlite":
+        yield from _migrated(Settings(data_dir=data_dir))
+    else:
+        with fresh_postgres_database() as url:
+            yield from _migrated(Settings(data_dir=data_dir, database_url=url))
+
+
+def _migrated(settings: Settings) -> Iterator[Database]:
+    migrate_database(settings)
+    database = Database(settings.resolved_database_url)
+    yield database
+    database.engine.dispose()
+
+
+def new_job(
+    database: Database,
+    status: JobStatus,
+    *,
+    attempt: int = 1,
+    worker_losses: int = 0,
+    tenant_id: str | None = None,
+) -> str:
+    """A job put straight into `status`, its lease and deadline already past, so that only its
+    status and attempt decide whether a transition may happen."""
+    past = utcnow() - timedelta(minutes=5)
+    with database.session() as session:
+        if tenant_id is None:
+            tenant = Tenant(name=new_id("team"))
+            session.add(tenant)
+            session.flush()
+            tenant_id = tenant.id
+        dataset = Dataset(tenant_id=tenant_id, name="digits", status="ready")
+        session.add(dataset)
+        session.flush()
+        job = Job(
+            tenant_id=tenant_id,
+            dataset_id=dataset.id,
+            model_name="digits",
+            base_model="efficientnet_lite0",
+            strategy="feature_extraction",
+            spec={},
+            plan={},
+            queue="cpu",
+            max_runtime_seconds=600,
+            status=status,
+            attempt=attempt,
+            worker_losses=worker_losses,
+            lease_owner="host:1" if status in LEASED else None,
+            lease_expires_at=past if status in LEASED else None,
+            started_at=past if attempt else None,
+            deadline_at=past if attempt else None,
+        )
+        session.add(job)
+        session.commit()
+        return job.id
+
+
+def snapshot(database: Database, job_id: str) -> tuple[dict[str, Any], list[tuple[str, int, Any]]]:
+    """Everything a transition may write: the job's row and its events."""
+    with database.session() as session:
+        job = session.get_one(Job, job_id)
+        row = {column.key: getattr(job, column.key) for column in Job.__table__.columns}
+        events = session.execute(
+            select(JobEvent.kind, JobEvent.attempt, JobEvent.data)
+            .where(JobEvent.job_id == job_id)
+            .order_by(JobEvent.id)
+        ).all()
+    return row, [tuple(event) for event in events]
+
+
+Call = Callable[[Session, Job, int], Job]
+"""A transition made by a caller that read `job` and works as attempt `int`."""
+
+CALLS: dict[Transition, Call] = {
+    Transition.CLAIM: lambda s, job, _: transitions.claim(
+        s, job_id=job.id, owner="host:2", lease=LEASE
+    ),
+    Transition.RENEW: lambda s, job, attempt: transitions.renew(
+        s, job_id=job.id, attempt=attempt, lease=LEASE, progress=0.5
+    ),
+    Transition.CANCEL: lambda s, job, _: transitions.request_cancel(s, job_id=job.id),
+    Transition.HAND_BACK: lambda s, job, attempt: transitions.hand_back(
+        s, job_id=job.id, attempt=attempt, progress=0.4
+    ),
+    Transition.FINISH_CANCEL: lambda s, job, attempt: transitions.finish_cancel(
+        s, job_id=job.id, attempt=attempt, progress=0.3
+    ),
+    Transition.EXPIRE_LEASE: lambda s, job, _: transitions.expire_lease(
+        s, job=job, max_worker_losses=MAX_WORKER_LOSSES, now=utcnow()
+    ),
+    Transition.EXCEED_DEADLINE: lambda s, job, _: transitions.exceed_deadline(
+        s, job=job, now=utcnow()
+    ),
+    Transition.FAIL: lambda s, job, attempt: transitions.fail(
+        s, job_id=job.id, attempt=attempt, code="training_error", message="Training failed."
+    ),
+    Transition.FAIL_UNSENT: lambda s, job, _: transitions.fail_unsent(
+        s, job_id=job.id, code="broker_unavailable", message="The queue was unreachable."
+    ),
+    Transition.SUCCEED: lambda s, job, attempt: transitions.succeed(
+        s, job_id=job.id, attempt=attempt, version_id="mv_1", register_version=lambda _: 3
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: JobStatus
+    event: dict[str, Any] | None
+    """The status event recorded; None when the transition records none."""
+    columns: dict[str, Any]
+    """Other columns that must hold these values after it."""
+
+
+def expected(transition: Transition, source: JobStatus, before: dict[str, Any]) -> Outcome:
+    attempt = before["attempt"]
+    if transition is Transition.CLAIM:
+        return Outcome(
+            JobStatus.RUNNING,
+            {"status": "running", "worker": "host:2"},
+            {"attempt": attempt + 1, "lease_owner": "host:2", "started_at": before["started_at"]},
+        )
+    if transition is Transition.RENEW:
+        return Outcome(JobStatus.RUNNING, None, {"progress": 0.5, "attempt": attempt})
+    if transition is Transition.CANCEL:
+        status = JobStatus.CANCELLED if source == JobStatus.QUEUED else JobStatus.CANCELLING
+        return Outcome(status, {"status": str(status)}, {"attempt": attempt})
+    if transition is Transition.HAND_BACK:
+        return Outcome(
+            JobStatus.QUEUED,
+            {"status": "queued", "reason": "worker_shutdown"},
+            {"lease_owner": None, "lease_expires_at": None, "progress": 0.4},
+        )
+    if transition is Transition.FINISH_CANCEL:
+        return Outcome(JobStatus.CANCELLED, {"status": "cancelled"}, {"progress": 0.3})
+    if transition is Transition.EXPIRE_LEASE:
+        if source == JobStatus.CANCELLING:
+            return Outcome(
+                JobStatus.CANCELLED, {"status": "cancelled", "reason": "lease_expired"}, {}
+            )
+        return Outcome(
+            JobStatus.QUEUED,
+            {"status": "queued", "reason": "lease_expired"},
+            {"worker_losses": 1, "lease_owner": None, "lease_expires_at": None},
+        )
+    if transition is Transition.EXCEED_DEADLINE:
+        if source == JobStatus.CANCELLING:
+            return Outcome(
+                JobStatus.CANCELLED, {"status": "cancelled", "reason": "deadline_exceeded"}, {}
+            )
+        return Outcome(
+            JobStatus.FAILED,
+            {"status": "failed", "reason": "deadline_exceeded"},
+            {"error_code": "deadline_exceeded"},
+        )
+    if transition is Transition.FAIL:
+        return Outcome(
+            JobStatus.FAILED,
+            {"status": "failed", "code": "training_error"},
+            {"error_code": "training_error", "error_message": "Training failed."},
+        )
+    if transition is Transition.FAIL_UNSENT:
+        return Outcome(
+            JobStatus.FAILED,
+            {"status": "failed", "code": "broker_unavailable"},
+            {"error_code": "broker_unavailable"},
+        )
+    assert transition is Transition.SUCCEED
+    return Outcome(
+        JobStatus.SUCCEEDED,
+        {"status": "succeeded", "model": "digits", "version": 3},
+        {"progress": 1.0, "model_version_id": "mv_1"},
+    )
+
+
+ENDS = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED}
+
+
+def test_the_module_declares_the_expected_machine() -> None:
+    assert SOURCES == EXPECTED_SOURCES
+    assert set(CALLS) == set(Transition) - {Transition.CREATE}
+    # Worker writes are fenced by attempt, and so are the reaper's, by the attempt it read.
+    unfenced = {Transition.CREATE, Transition.CLAIM, Transition.CANCEL, Transition.FAIL_UNSENT}
+    assert set(Transition) - unfenced == FENCED
+
+
+def test_create_records_a_queued_job(database: Database) -> None:
+    queued = new_job(database, JobStatus.QUEUED, attempt=0)
+    with database.session() as session:
+        template = session.get_one(Job, queued)
+        job = Job(
+            tenant_id=template.tenant_id,
+            dataset_id=template.dataset_id,
+            model_name="digits",
+            base_model="efficientnet_lite0",
+            strategy="feature_extraction",
+            spec={},
+            plan={},
+            queue="cpu",
+            max_runtime_seconds=600,
+        )
+        transitions.create(session, job=job)
+        session.commit()
+    row, events = snapshot(database, job.id)
+    assert row["status"] is JobStatus.QUEUED
+    assert row["attempt"] == 0
+    assert events == [("status", 0, {"status": "queued"})]
+
+
+LEGAL = [(t, s) for t in CALLS for s in sorted(EXPECTED_SOURCES[t])]
+ILLEGAL = [(t, s) for t in CALLS for s in sorted(ALL - EXPECTED_SOURCES[t])]
+
+
+@pytest.mark.parametrize(("transition", "source"), LEGAL, ids=[f"{t}-from-{s}" for t, s in LEGAL])
+def test_legal_transition_changes_the_job_and_records_its_event(
+    database: Database, transition: Transition, source: JobStatus
+) -> None:
+    job_id = new_job(database, source)
+    before, events_before = snapshot(database, job_id)
+    started = utcnow()
+    with database.session() as session:
+        job = session.get_one(Job, job_id)
+        returned = CALLS[transition](session, job, before["attempt"])
+        session.commit()
+    after, events_after = snapshot(database, job_id)
+
+    outcome = expected(transition, source, before)
+    assert returned.id == job_id
+    assert returned.status == outcome.status
+    assert after["status"] is outcome.status
+    for column, value in outcome.columns.items():
+        assert after[column] == value, column
+    new_events = events_after[len(events_before) :]
+    if outcome.event is None:
+        assert new_events == []
+    else:
+        assert new_events == [("status", after["attempt"], outcome.event)]
+    if outcome.status in ENDS and source not in ENDS:
+        assert after["finished_at"] is not None
+        assert after["finished_at"] >= started
+    if transition in (Transition.CLAIM, Transition.RENEW):
+        assert after["lease_expires_at"] >= started + LEASE
+
+
+@pytest.mark.parametrize(
+    ("transition", "source"), ILLEGAL, ids=[f"{t}-from-{s}" for t, s in ILLEGAL]
+)
+def test_illegal_transition_raises_and_changes_nothing(
+    database: Database, transition: Transition, source: JobStatus
+) -> None:
+    job_id = new_job(database, source)
+    before = snapshot(database, job_id)
+    with database.session() as session:
+        job = session.get_one(Job, job_id)
+        with pytest.raises(IllegalTransitionError) as raised:
+            CALLS[transition](session, job, before[0]["attempt"])
+        session.commit()
+    assert snapshot(database, job_id) == before
+    assert raised.value.job_id == job_id
+    assert raised.value.from_status is source
+    assert raised.value.transition is transition
+
+
+FENCED_LEGAL = [(t, s) for t, s in LEGAL if t in FENCED]
+
+
+@pytest.mark.parametrize(
+    ("transition", "source"), FENCED_LEGAL, ids=[f"{t}-from-{s}" for t, s in FENCED_LEGAL]
+)
+def test_fenced_transition_from_a_stale_attempt_raises_and_changes_nothing(
+    database: Database, transition: Transition, source: JobStatus
+) -> None:
+    job_id = new_job(database, source, attempt=1)
+    with database.session() as session:
+        # The caller read the job as attempt 1; then another worker took it over as attempt 2.
+        job = session.get_one(Job, job_id)
+        with database.session() as other:
+            other.execute(update(Job).where(Job.id == job_id).values(attempt=2))
+            other.commit()
+        before = snapshot(database, job_id)
+        with pytest.raises(IllegalTransitionError) as raised:
+            CALLS[transition](session, job, 1)
+        session.commit()
+    assert snapshot(database, job_id) == before
+    assert (raised.value.attempt, raised.value.current_attempt) == (1, 2)
+    assert raised.value.from_status is source
+
+
+def test_the_first_claim_starts_the_deadline(database: Database) -> None:
+    job_id = new_job(database, JobStatus.QUEUED, attempt=0)
+    with database.session() as session:
+        claimed = transitions.claim(session, job_id=job_id, owner="host:2", lease=LEASE)
+        session.commit()
+    row, _ = snapshot(database, job_id)
+    assert row["attempt"] == claimed.attempt == 1
+    assert row["started_at"] is not None
+    assert row["deadline_at"] == row["started_at"] + timedelta(seconds=row["max_runtime_seconds"])
+
+
+def test_lease_expiry_fails_the_job_once_workers_were_lost_too_often(database: Database) -> None:
+    job_id = new_job(database, JobStatus.RUNNING, worker_losses=MAX_WORKER_LOSSES - 1)
+    with database.session() as session:
+        CALLS[Transition.EXPIRE_LEASE](session, session.get_one(Job, job_id), 1)
+        session.commit()
+    row, events = snapshot(database, job_id)
+    assert (row["status"], row["error_code"], row["worker_losses"]) == (
+        JobStatus.FAILED,
+        "worker_lost",
+        MAX_WORKER_LOSSES,
+    )
+    assert events[-1] == ("status", 1, {"status": "failed", "reason": "lease_expired"})
+
+
+@pytest.mark.parametrize("transition", [Transition.EXPIRE_LEASE, Transition.EXCEED_DEADLINE])
+def test_reaper_transitions_need_the_time_to_have_passed(
+    database: Database, transition: Transition
+) -> None:
+    job_id = new_job(database, JobStatus.RUNNING)
+    later = utcnow() + timedelta(minutes=5)
+    with database.session() as session:
+        # The worker renewed its lease, and the deadline is still ahead.
+        session.execute(
+            update(Job).where(Job.id == job_id).values(lease_expires_at=later, deadline_at=later)
+        )
+        session.commit()
+    before = snapshot(database, job_id)
+    with database.session() as session, pytest.raises(IllegalTransitionError):
+        CALLS[transition](session, session.get_one(Job, job_id), 1)
+    assert snapshot(database, job_id) == before
+
+
+def test_a_stale_publish_writes_no_version(database: Database) -> None:
+    job_id = new_job(database, JobStatus.CANCELLING)
+    before = snapshot(database, job_id)
+    with database.session() as session, pytest.raises(IllegalTransitionError):
+        publish_version(
+            session,
+            job_id=job_id,
+            attempt=1,
+            version_id="mv_stale",
+            metrics={"val_accuracy": 0.9},
+            labels=["a", "b"],
+            artifacts=[],
+            artifact_prefix="models/x/attempt-1",
+        )
+    assert snapshot(database, job_id) == before
+    with database.session() as session:
+        assert session.get(ModelVersion, "mv_stale") is None
+        tenant_id = session.get_one(Job, job_id).tenant_id
+        assert (
+            session.scalars(
+                select(RegisteredModel).where(RegisteredModel.tenant_id == tenant_id)
+            ).all()
+            == []
+        )
+
+
+def test_cancelling_an_ended_job_is_409_and_changes_nothing(
+    client: TestClient, context: AppContext, auth: dict[str, str]
+) -> None:
+    with context.db.session() as session:
+        tenant_id = session.scalars(select(Tenant.id).where(Tenant.name == "team-a")).one()
+    job_id = new_job(context.db, JobStatus.SUCCEEDED, tenant_id=tenant_id)
+    before = snapshot(context.db, job_id)
+
+    response = client.post(f"/v1/jobs/{job_id}/cancel", headers=auth)
+
+    assert response.status_code == 409
+    assert response.json() == {
+        "error": {
+            "code": "job_not_cancellable",
+            "message": f"Job {job_id} already ended as succeeded.",
+            "param": "job_id",
+        }
+    }
+    assert snapshot(context.db, job_id) == before
+
+
+def test_importing_the_states_and_queue_names_builds_no_celery_app(tmp_path: Path) -> None:
+    # `service.queues` is what the jobs router's service imports for queue and task names.
+    code = (
+        "import sys\n"
+        "import service.jobs.states, service.jobs.transitions\n"
+        "assert 'celery' not in sys.modules, 'the state machine imports Celery'\n"
+        "import service.queues\n"
+        "print(sorted(name for name in sys.modules if name.split('.')[0] == 'worker'))\n"
+    )
+    env = {**os.environ, "THAW_DATA_DIR": str(tmp_path / "data")}
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+    # An app built on import would have made the folder broker's folders under the data dir.
+    assert list(tmp_path.iterdir()) == []
