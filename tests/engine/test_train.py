@@ -605,3 +605,52 @@ def test_resume_refuses_another_plans_checkpoint(
             classes=classes,
             resume_from=checkpoint,
         )
+
+
+CHECKPOINT_KEYS = {
+    "plan",
+    "stage_index",
+    "epoch",
+    "stage_done",
+    "model",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "param_groups",
+    "history",
+    "early_stopping",
+    "rng",
+}
+
+
+@pytest.mark.parametrize(
+    ("make_hooks", "stopped_by", "extra_keys"),
+    [
+        (lambda: _StopAfterEpochs(1), TrainingCancelled, set()),
+        (lambda: _PauseAfterSteps(2), TrainingPaused, {"partial"}),
+    ],
+    ids=["epoch-end", "paused"],
+)
+def test_checkpoint_keeps_the_layout_paused_jobs_resume_from(
+    tmp_path: Path,
+    colour_data: Data,
+    make_hooks: Callable[[], TrainingHooks],
+    stopped_by: type[Exception],
+    extra_keys: set[str],
+) -> None:
+    """Jobs checkpointed by a deployed worker resume on the next one: the keys it reads stay."""
+    checkpoint = tmp_path / "checkpoint.pt"
+    with pytest.raises(stopped_by):
+        _run_resumable(colour_data, checkpoint, make_hooks())
+
+    state = torch.load(checkpoint, weights_only=True)
+    assert set(state) == CHECKPOINT_KEYS | extra_keys
+    assert set(state["early_stopping"]) == {
+        "best_loss",
+        "best_state",
+        "kept",
+        "epochs_without_improvement",
+    }
+    assert {"python", "numpy", "torch", "shuffle"} <= set(state["rng"])
+    if extra_keys:
+        assert set(state["partial"]) == {"steps", "loss_sum", "samples", "epoch_start_rng"}
