@@ -23,6 +23,7 @@ from worker.engine import (
     compile_plan,
     run,
 )
+from worker.engine.resume import PausedEpoch, ResumeState, StageStart
 from worker.engine.train import make_scheduler, schedule_factor
 
 Data = tuple[list[Sample], list[Sample]]
@@ -605,3 +606,108 @@ def test_resume_refuses_another_plans_checkpoint(
             classes=classes,
             resume_from=checkpoint,
         )
+
+
+CHECKPOINT_KEYS = {
+    "plan",
+    "stage_index",
+    "epoch",
+    "stage_done",
+    "model",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "param_groups",
+    "history",
+    "early_stopping",
+    "rng",
+}
+
+
+@pytest.mark.parametrize(
+    ("make_hooks", "stopped_by", "extra_keys"),
+    [
+        (lambda: _StopAfterEpochs(1), TrainingCancelled, set()),
+        (lambda: _PauseAfterSteps(2), TrainingPaused, {"partial"}),
+    ],
+    ids=["epoch-end", "paused"],
+)
+def test_checkpoint_keeps_the_layout_paused_jobs_resume_from(
+    tmp_path: Path,
+    colour_data: Data,
+    make_hooks: Callable[[], TrainingHooks],
+    stopped_by: type[Exception],
+    extra_keys: set[str],
+) -> None:
+    """Jobs checkpointed by a deployed worker resume on the next one: the keys it reads stay."""
+    checkpoint = tmp_path / "checkpoint.pt"
+    with pytest.raises(stopped_by):
+        _run_resumable(colour_data, checkpoint, make_hooks())
+
+    state = torch.load(checkpoint, weights_only=True)
+    assert set(state) == CHECKPOINT_KEYS | extra_keys
+    assert set(state["early_stopping"]) == {
+        "best_loss",
+        "best_state",
+        "kept",
+        "epochs_without_improvement",
+    }
+    assert {"python", "numpy", "torch", "shuffle"} <= set(state["rng"])
+    if extra_keys:
+        assert set(state["partial"]) == {"steps", "loss_sum", "samples", "epoch_start_rng"}
+
+
+def _checkpoint_at(stage_index: int, epoch: int, **moment: Any) -> dict[str, Any]:
+    """A checkpoint's entries that decide where a run resumes; the rest are placeholders."""
+    return {
+        "stage_index": stage_index,
+        "epoch": epoch,
+        "model": {},
+        "optimizer": {"state": "optimizer"},
+        "scheduler": {"state": "scheduler"},
+        "scaler": {"state": "scaler"},
+        "param_groups": [{"name": "head", "parameters": [(3, 16)]}],
+        "history": [],
+        "early_stopping": {"epochs_without_improvement": 1},
+        "rng": {"stream": "at checkpoint"},
+        **moment,
+    }
+
+
+def test_resume_state_restores_the_random_streams_where_each_checkpoint_took_them() -> None:
+    source = Path("checkpoint.pt")
+    after_stage = ResumeState.from_checkpoint(_checkpoint_at(0, 2, stage_done=True), source)
+    after_epoch = ResumeState.from_checkpoint(_checkpoint_at(1, 1, stage_done=False), source)
+    partial = {"steps": 2, "loss_sum": 1.5, "samples": 16, "epoch_start_rng": {"stream": "start"}}
+    paused = ResumeState.from_checkpoint(
+        _checkpoint_at(1, 1, stage_done=False, partial=partial), source
+    )
+
+    assert (after_stage.stage_index, after_stage.stage_start) == (
+        1,
+        StageStart(rng_before_setup={"stream": "at checkpoint"}, source=source),
+    )
+    assert after_stage.ended_stage
+
+    assert (after_epoch.stage_index, after_epoch.stage_start.first_epoch) == (1, 2)
+    assert after_epoch.stage_start.rng_before_setup is None
+    assert after_epoch.stage_start.rng_after_setup == {"stream": "at checkpoint"}
+    assert after_epoch.stage_start.training is not None
+    assert after_epoch.stage_start.training.epochs_without_improvement == 1
+    assert after_epoch.stage_start.paused is None
+    assert not after_epoch.ended_stage
+
+    assert (paused.stage_index, paused.stage_start.first_epoch, paused.steps_into_epoch) == (
+        1,
+        2,
+        2,
+    )
+    assert paused.stage_start.rng_before_setup is None
+    assert paused.stage_start.rng_after_setup is None
+    assert paused.stage_start.paused == PausedEpoch(
+        steps=2,
+        loss_sum=1.5,
+        samples=16,
+        epoch_start_rng={"stream": "start"},
+        rng_at_pause={"stream": "at checkpoint"},
+    )
