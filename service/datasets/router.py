@@ -1,10 +1,15 @@
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Body, Depends, Request
 from sqlalchemy import select
 
 from service.datasets import service
-from service.datasets.schemas import DatasetOut
+from service.datasets.schemas import (
+    TRANSFERABILITY_EXAMPLE,
+    DatasetOut,
+    TransferabilityIn,
+    TransferabilityOut,
+)
 from service.datasets.service import MAX_SEED
 from service.deps import ContextDep, DatasetDep, SessionDep, TenantDep
 from service.pagination import Page, PageParams, page_params, paginate
@@ -91,3 +96,20 @@ def list_datasets(
 @router.get("/{dataset_id}", summary="Show a dataset: status, classes, counts, skipped files")
 def get_dataset(dataset: DatasetDep) -> DatasetOut:
     return DatasetOut.model_validate(dataset)
+
+
+@router.post(
+    "/{dataset_id}/transferability",
+    summary="Score base models for this dataset before training (LogME, linear probe)",
+    description="Runs each base model's pretrained backbone once over (a seeded, per-class "
+    "sample of) the training split and scores the frozen features: LogME (You et al., ICML "
+    "2021), a cross-validated linear probe, and LogME after every layer group with the freeze "
+    "depth it suggests for `partial`. Answers when done, in seconds for a few hundred images "
+    "per base model on a CPU; `max_images` bounds the work.",
+)
+def transferability(
+    dataset: DatasetDep,
+    context: ContextDep,
+    request: Annotated[TransferabilityIn, Body(examples=[TRANSFERABILITY_EXAMPLE])],
+) -> TransferabilityOut:
+    return service.score_transferability(context=context, dataset=dataset, request=request)

@@ -1,7 +1,9 @@
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from worker.engine.spec import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 
 
 class SkippedFileOut(BaseModel):
@@ -34,3 +36,63 @@ class DatasetOut(BaseModel):
     skipped: list[SkippedFileOut]
     created_at: datetime
     updated_at: datetime
+
+
+TRANSFERABILITY_EXAMPLE: dict[str, Any] = {"base_models": ["efficientnet_lite0"], "max_images": 500}
+
+
+class TransferabilityIn(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [TRANSFERABILITY_EXAMPLE]}
+    )
+
+    base_models: list[str] = Field(
+        default_factory=lambda: ["efficientnet_lite0"],
+        min_length=1,
+        max_length=8,
+        description="Zoo names (GET /v1/base-models) whose pretrained weights are installed.",
+    )
+    max_images: int = Field(
+        default=500,
+        ge=20,
+        le=5000,
+        description="Score on at most this many training images, drawn per class with `seed`.",
+    )
+    image_size: int | None = Field(
+        default=None,
+        ge=MIN_IMAGE_SIZE,
+        le=MAX_IMAGE_SIZE,
+        description="Default: each base model's input size.",
+    )
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+
+
+class GroupScoreOut(BaseModel):
+    group: str
+    logme: float
+
+
+class BaseModelScoreOut(BaseModel):
+    base_model: str
+    logme: float = Field(
+        description="LogME (You et al., 2021) of the pooled features: the per-sample log "
+        "evidence of a linear model from features to labels. Higher transfers better; compare "
+        "base models on the same dataset."
+    )
+    linear_probe_accuracy: float = Field(
+        description="5-fold cross-validated accuracy of a linear classifier on the frozen "
+        "features: about what `feature_extraction` can reach."
+    )
+    groups: list[GroupScoreOut] = Field(
+        description="LogME of the features pooled after each layer group, input to output."
+    )
+    suggested_partial_groups: int = Field(
+        description="For `partial`: train the groups after the one where LogME peaks."
+    )
+    seconds: float
+
+
+class TransferabilityOut(BaseModel):
+    dataset_id: str
+    images: int = Field(description="Training images scored (the same for every base model).")
+    ranking: list[BaseModelScoreOut] = Field(description="Best LogME first.")

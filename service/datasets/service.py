@@ -2,18 +2,22 @@
 
 import json
 import logging
+import random
 import shutil
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from service.context import AppContext
 from service.datasets.ingest import DatasetRejectedError, IngestLimits, IngestResult, ingest_archive
+from service.datasets.schemas import BaseModelScoreOut, TransferabilityIn, TransferabilityOut
 from service.errors import ApiError
 from service.queues import INGEST_TASK
 from service.tables import Dataset, Tenant
 from service.uploads import ReceivedUpload
+from worker import engine
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +198,75 @@ def _finish(
 
 def _skipped_dict(skipped: Any) -> dict[str, str]:
     return {"path": skipped.path, "code": skipped.code, "reason": skipped.reason}
+
+
+def require_ready(dataset: Dataset, *, needed_by: str, param: str | None = None) -> None:
+    """409 unless the dataset finished ingesting successfully."""
+    if dataset.status != "ready":
+        detail = f": {dataset.error_message}" if dataset.status == "failed" else ""
+        raise ApiError(
+            409,
+            "dataset_not_ready",
+            f"Dataset {dataset.id} is {dataset.status}{detail}; {needed_by} need a ready dataset.",
+            param,
+        )
+
+
+def score_transferability(
+    *, context: AppContext, dataset: Dataset, request: TransferabilityIn
+) -> TransferabilityOut:
+    """Rank base models for this dataset from their frozen features (LogME, linear probe)."""
+    require_ready(dataset, needed_by="transferability scores")
+    weights_dir = context.settings.resolved_weights_dir
+    for index, name in enumerate(request.base_models):
+        param = f"base_models[{index}]"
+        try:
+            engine.get_base_model_info(name)
+        except engine.UnknownBaseModelError as exc:
+            raise ApiError(422, "unknown_base_model", f"{exc}", param) from None
+        if not engine.weights_available(name, weights_dir):
+            raise ApiError(
+                422,
+                "weights_unavailable",
+                f"Pretrained weights for {name} are not installed on this server (looked in "
+                f"{weights_dir}); transferability scores pretrained features.",
+                param,
+            )
+    manifest, root = load_manifest(context=context, dataset_id=dataset.id)
+    train = [s for s in manifest.samples if s.split == "train"]
+    chosen = _stratified_subset(train, limit=request.max_images, seed=request.seed)
+    samples = [engine.Sample(path=root / s.path, label=s.label) for s in chosen]
+    scores = [
+        engine.score_base_model(
+            name,
+            samples,
+            weights_dir=weights_dir,
+            image_size=request.image_size,
+            seed=request.seed,
+        )
+        for name in request.base_models
+    ]
+    ranking = sorted(scores, key=lambda score: score.logme, reverse=True)
+    return TransferabilityOut(
+        dataset_id=dataset.id,
+        images=len(samples),
+        ranking=[BaseModelScoreOut.model_validate(asdict(score)) for score in ranking],
+    )
+
+
+def _stratified_subset(samples: list[Any], *, limit: int, seed: int) -> list[Any]:
+    """At most `limit` samples, each class keeping its share, the same for the same seed."""
+    if len(samples) <= limit:
+        return samples
+    rng = random.Random(seed)
+    by_class: dict[int, list[Any]] = {}
+    for sample in samples:
+        by_class.setdefault(sample.label, []).append(sample)
+    chosen: list[Any] = []
+    for members in by_class.values():
+        share = max(1, round(limit * len(members) / len(samples)))
+        chosen += rng.sample(members, min(share, len(members)))
+    return chosen
 
 
 def load_manifest(*, context: AppContext, dataset_id: str) -> tuple[IngestResult, Path]:

@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.context import AppContext
+from service.datasets.service import require_ready
 from service.errors import ApiError
 from service.jobs import transitions
 from service.jobs.schemas import JobFields, JobSpec, PlanOut, StagePreview
@@ -73,14 +74,7 @@ def resolve_plan(
         raise ApiError(
             404, "dataset_not_found", f"No dataset {spec.dataset!r} in this tenant.", "dataset"
         )
-    if dataset.status != "ready":
-        detail = f": {dataset.error_message}" if dataset.status == "failed" else ""
-        raise ApiError(
-            409,
-            "dataset_not_ready",
-            f"Dataset {dataset.id} is {dataset.status}{detail}; jobs need a ready dataset.",
-            "dataset",
-        )
+    require_ready(dataset, needed_by="jobs", param="dataset")
     settings = spec.transfer_settings()
     if settings.strategy == "lwf" and not settings.base_model.startswith(PARENT_PREFIX):
         raise ApiError(

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
         run,
         train_one_epoch,
     )
+    from .transferability import Transferability, score_base_model
     from .zoo import (
         Backbone,
         BaseModelInfo,
@@ -86,6 +87,7 @@ _HOMES = {
         "run",
         "train_one_epoch",
     ),
+    "transferability": ("Transferability", "score_base_model"),
     "zoo": (
         "Backbone",
         "BaseModelInfo",
