@@ -8,9 +8,12 @@ from dataclasses import MISSING, fields
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
+from service.context import AppContext
 from service.jobs.schemas import JobFields, JobSpec
+from tests.test_api import assert_error, ready_dataset
 from worker.engine import Plan, TransferConfig, compile_plan
 from worker.engine.spec import (
     RunSettings,
@@ -129,3 +132,19 @@ def test_validating_a_spec_does_not_import_torch() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert done.stdout.strip() == "none"
+
+
+def test_a_plan_preview_needs_no_model_name(
+    client: TestClient, context: AppContext, auth: dict[str, str]
+) -> None:
+    dataset = ready_dataset(client, context, auth, classes=2, per_class=6)
+    spec = {"dataset": dataset, "strategy": "fine_tune", "image_size": 64}
+
+    preview = client.post("/v1/jobs/plan", headers=auth, json=spec)
+    assert preview.status_code == 200, preview.text
+    assert preview.json()["plan"]["task_name"] == "main"
+    named = client.post("/v1/jobs/plan", headers=auth, json={**spec, "model": "digits"})
+    assert named.json()["plan"]["task_name"] == "digits"
+    # A job still needs the registry name it publishes under.
+    job = client.post("/v1/jobs", headers=auth, json=spec)
+    assert_error(job, 422, "invalid_request", "model")

@@ -18,6 +18,7 @@ from service.jobs.schemas import (
     JobOut,
     JobSpec,
     PlanOut,
+    PreviewSpec,
 )
 from service.jobs.service import checkpoint_key
 from service.jobs.stream import job_event_stream, resume_cursor
@@ -31,9 +32,14 @@ SpecBody = Annotated[JobSpec, Body(examples=[SPEC_EXAMPLE])]
 
 @router.post("/plan", summary="Preview the resolved plan of a spec without running it")
 def preview_plan(
-    spec: SpecBody, session: SessionDep, context: ContextDep, tenant: TenantDep
+    spec: Annotated[PreviewSpec, Body(examples=[SPEC_EXAMPLE])],
+    session: SessionDep,
+    context: ContextDep,
+    tenant: TenantDep,
 ) -> PlanOut:
-    _, _, preview = service.resolve_plan(session, context=context, tenant=tenant, spec=spec)
+    _, _, preview = service.resolve_plan(
+        session, context=context, tenant=tenant, spec=spec, model_name=spec.model
+    )
     return preview
 
 

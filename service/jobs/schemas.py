@@ -5,7 +5,7 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from service.jobs.spec_schema import model_of
 from service.jobs.states import JobStatus
-from worker.engine.spec import NAME_PATTERN, TransferSettings, decode
+from worker.engine.spec import NAME_PATTERN, TransferSettings, decode, settings_of
 
 SPEC_EXAMPLE: dict[str, Any] = {
     "dataset": "ds_0623f1c2a4b5e1a2b3c4d5e6",
@@ -21,17 +21,19 @@ SPEC_EXAMPLE: dict[str, Any] = {
 }
 
 
-class JobFields(BaseModel):
-    """A job's own fields; the transfer settings beside them come from the engine's declaration."""
+MODEL_NAME_HELP = (
+    "Registry name to publish under (a new version each run): lowercase letters, digits, "
+    "`.`, `_`, `-`."
+)
+
+
+class SpecFields(BaseModel):
+    """A request's own fields; the transfer settings beside them come from the engine's
+    declaration (`worker/engine/spec.py`)."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [SPEC_EXAMPLE]})
 
     dataset: str = Field(description="A `ready` dataset id.")
-    model: str = Field(
-        pattern=NAME_PATTERN,
-        description="Registry name to publish under (a new version each run): lowercase "
-        "letters, digits, `.`, `_`, `-`.",
-    )
     max_runtime_seconds: int | None = Field(
         default=None,
         ge=1,
@@ -43,17 +45,41 @@ class JobFields(BaseModel):
 
     def transfer_settings(self) -> TransferSettings:
         """The transfer settings of this spec, typed as the engine declares them."""
-        return decode(TransferSettings, self.model_dump(exclude=set(JobFields.model_fields)))
+        return decode(TransferSettings, self.model_dump(include=TRANSFER_SETTING_NAMES))
+
+
+TRANSFER_SETTING_NAMES = {
+    item.name for item, declared in settings_of(TransferSettings) if declared.public
+}
+
+
+class JobFields(SpecFields):
+    model: str = Field(pattern=NAME_PATTERN, description=MODEL_NAME_HELP)
+
+
+class PreviewFields(SpecFields):
+    model: str | None = Field(
+        default=None,
+        pattern=NAME_PATTERN,
+        description=f"Optional in a preview. {MODEL_NAME_HELP}",
+    )
 
 
 if TYPE_CHECKING:
     JobSpec = JobFields
+    PreviewSpec = PreviewFields
 else:
     JobSpec = model_of(
         TransferSettings,
         name="JobSpec",
         doc="What to train: the transfer spec (ARCHITECTURE.md §5).",
         base=JobFields,
+    )
+    PreviewSpec = model_of(
+        TransferSettings,
+        name="PreviewSpec",
+        doc="A transfer spec to preview: a job's spec, where `model` may be left out.",
+        base=PreviewFields,
     )
 
 

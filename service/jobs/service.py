@@ -17,7 +17,13 @@ from service.context import AppContext
 from service.datasets.service import require_ready
 from service.errors import ApiError
 from service.jobs import transitions
-from service.jobs.schemas import JobFields, JobSpec, PlanOut, StagePreview
+from service.jobs.schemas import (
+    TRANSFER_SETTING_NAMES,
+    JobSpec,
+    PlanOut,
+    SpecFields,
+    StagePreview,
+)
 from service.jobs.states import ACTIVE_STATUSES, TERMINAL_STATUSES, IllegalTransitionError
 from service.models.service import resolve_version
 from service.queues import CPU_QUEUE, GPU_QUEUE, TRAIN_TASK
@@ -35,11 +41,16 @@ PARENT_PREFIX = "model:"
 
 
 def transfer_config(
-    spec: JobSpec, *, num_classes: int, parent: ParentModel | None = None
+    spec: SpecFields,
+    *,
+    model_name: str | None,
+    num_classes: int,
+    parent: ParentModel | None = None,
 ) -> TransferConfig:
-    """The engine's config for a spec: its transfer settings, the dataset's classes, the parent."""
-    settings = spec.model_dump(exclude=set(JobFields.model_fields))
-    settings["task_name"] = settings["task_name"] or spec.model
+    """The engine's config for a spec: its transfer settings, the dataset's classes, the parent;
+    the task is named after the registry model unless the spec names it."""
+    settings = spec.model_dump(include=TRANSFER_SETTING_NAMES)
+    settings["task_name"] = settings["task_name"] or model_name
     return decode(engine.TransferConfig, {**settings, "num_classes": num_classes, "parent": parent})
 
 
@@ -66,7 +77,12 @@ def resolve_parent(
 
 
 def resolve_plan(
-    session: Session, *, context: AppContext, tenant: Tenant, spec: JobSpec
+    session: Session,
+    *,
+    context: AppContext,
+    tenant: Tenant,
+    spec: SpecFields,
+    model_name: str | None,
 ) -> tuple[Dataset, Plan, PlanOut]:
     """Check the spec against the tenant's dataset and the zoo and compile its plan."""
     dataset = session.get(Dataset, spec.dataset)
@@ -92,6 +108,7 @@ def resolve_plan(
     try:
         config = transfer_config(
             spec,
+            model_name=model_name,
             num_classes=len(dataset.classes),
             parent=None if parent is None else _parent_model(context, parent),
         )
@@ -202,7 +219,9 @@ def create_job(
             existing = _job_for_key(session, tenant=tenant, key=idempotency_key)
             if existing is not None:
                 return existing, False
-        dataset, plan, _ = resolve_plan(session, context=context, tenant=tenant, spec=spec)
+        dataset, plan, _ = resolve_plan(
+            session, context=context, tenant=tenant, spec=spec, model_name=spec.model
+        )
         _check_active_job_cap(session, context=context, tenant=tenant)
         job = Job(
             tenant_id=tenant.id,
