@@ -23,8 +23,8 @@ from worker.engine import (
     compile_plan,
     run,
 )
+from worker.engine.optim import make_scheduler, schedule_factor
 from worker.engine.resume import PausedEpoch, ResumeState, StageStart
-from worker.engine.train import make_scheduler, schedule_factor
 
 Data = tuple[list[Sample], list[Sample]]
 

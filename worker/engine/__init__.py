@@ -8,8 +8,18 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .checkpoint import load_checkpoint
     from .data import ImageDataset, Sample, preprocess
     from .export import export_model
+    from .loop import (
+        EpochPosition,
+        EpochResult,
+        TrainingCancelled,
+        TrainingHooks,
+        TrainingPaused,
+        evaluate,
+        train_one_epoch,
+    )
     from .model import (
         TransferModel,
         build_model,
@@ -29,18 +39,7 @@ if TYPE_CHECKING:
     )
     from .predictor import Predictor
     from .spec import BatchNormMode, HeadConfig, Schedule, StageSpec, Strategy
-    from .train import (
-        EpochPosition,
-        EpochResult,
-        TrainingCancelled,
-        TrainingHooks,
-        TrainingPaused,
-        TrainingResult,
-        evaluate,
-        load_checkpoint,
-        run,
-        train_one_epoch,
-    )
+    from .train import TrainingResult, run
     from .transferability import Transferability, score_base_model
     from .zoo import (
         Backbone,
@@ -75,18 +74,17 @@ _HOMES = {
     ),
     "predictor": ("Predictor",),
     "spec": ("BatchNormMode", "HeadConfig", "Schedule", "StageSpec", "Strategy"),
-    "train": (
+    "checkpoint": ("load_checkpoint",),
+    "loop": (
         "EpochPosition",
         "EpochResult",
         "TrainingCancelled",
         "TrainingHooks",
         "TrainingPaused",
-        "TrainingResult",
         "evaluate",
-        "load_checkpoint",
-        "run",
         "train_one_epoch",
     ),
+    "train": ("TrainingResult", "run"),
     "transferability": ("Transferability", "score_base_model"),
     "zoo": (
         "Backbone",

@@ -26,14 +26,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import checkpoint_state, load_checkpoint, partial_epoch, save_checkpoint
+from .checkpoint import checkpoint_state, partial_epoch, save_checkpoint
 from .data import Sample
 from .loop import (
-    EpochPosition,
     EpochResult,
     Precision,
     Progress,
-    TrainingCancelled,
     TrainingHooks,
     TrainingPaused,
     classification_metrics,
@@ -43,25 +41,10 @@ from .loop import (
 )
 from .lwf import LwFLoss
 from .model import TransferModel, build_model, freeze, make_param_groups, set_batchnorm_mode
-from .optim import EarlyStopping, make_optimizer, make_scheduler, schedule_factor
+from .optim import EarlyStopping, make_optimizer, make_scheduler
 from .plan import Plan, Stage, steps_per_epoch
 from .resume import ResumeState, StageStart
 from .stage_data import ImageStageData, StageBatches
-
-__all__ = [
-    "EpochPosition",
-    "EpochResult",
-    "TrainingCancelled",
-    "TrainingHooks",
-    "TrainingPaused",
-    "TrainingResult",
-    "evaluate",
-    "load_checkpoint",
-    "make_scheduler",
-    "run",
-    "schedule_factor",
-    "train_one_epoch",
-]
 
 logger = logging.getLogger(__name__)
 
