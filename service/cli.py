@@ -196,11 +196,50 @@ def list_keys(
 
 @contextmanager
 def _admin_session() -> Iterator["Session"]:
+    """A session on the database of the service these settings describe, which must exist:
+    making an empty one here (say, from another directory) would hand out keys that the
+    running service has never heard of."""
     from service.context import AppContext
 
-    migrate_database()
-    with AppContext(get_settings()).db.session() as session:
+    settings = get_settings()
+    typer.echo(f"Database: {_shown_url(settings.resolved_database_url)}", err=True)
+    problem = _database_problem(settings)
+    if problem is not None:
+        typer.echo(problem, err=True)
+        raise typer.Exit(1)
+    migrate_database(settings)
+    with AppContext(settings).db.session() as session:
         yield session
+
+
+def _shown_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _database_problem(settings: Settings) -> str | None:
+    """Why these settings do not point at a thaw database yet, or None when they do."""
+    from sqlalchemy import create_engine, inspect
+    from sqlalchemy.engine import make_url
+
+    url = make_url(settings.resolved_database_url)
+    fix = (
+        "Run the command where the service runs (its THAW_DATA_DIR, default ./thaw-data, or "
+        "its THAW_DATABASE_URL), or create the database first with `thaw migrate` (or by "
+        "starting `thaw serve` once)."
+    )
+    if url.get_backend_name() == "sqlite" and not Path(url.database or "").is_file():
+        return f"No thaw database at {url.database}. {fix}"
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            migrated = inspect(connection).has_table("alembic_version")
+    except Exception as exc:
+        return f"Cannot reach the database: {exc}"
+    finally:
+        engine.dispose()
+    return None if migrated else f"The database has no thaw tables yet. {fix}"
 
 
 # --- client commands: talk to a running server over HTTP -------------------------------------
