@@ -24,6 +24,7 @@ from tests.conftest import digits_split, make_settings, new_key, png_bytes, vers
 from tests.test_api import assert_error, ready_dataset
 from tests.test_registry import Registry, publish
 from worker.engine import Predictor
+from worker.engine.artifacts import Preprocessing
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +190,7 @@ def fake_model(forward: Any, name: str = "m") -> LoadedModel:
         version_id=f"mv_{name}",
         name=name,
         tasks={"main": ["a", "b"]},
-        preprocessing={"image_size": 8, "mean": [0, 0, 0], "std": [1, 1, 1]},
+        preprocessing=Preprocessing(image_size=8, mean=(0, 0, 0), std=(1, 1, 1)),
         backend="torch",
         nbytes=100,
         forward=forward,

@@ -8,7 +8,6 @@ is full the call is refused at once (503), so no caller waits without bound.
 """
 
 import io
-import json
 import logging
 import queue
 import threading
@@ -18,7 +17,6 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +29,13 @@ from service.settings import Settings
 from service.storage import ArtifactStore
 from service.tables import ModelVersion
 from worker.engine import Predictor, preprocess
-from worker.engine.onnx_export import INPUT_NAME, ONNX_FILE, OUTPUT_NAME
+from worker.engine.artifacts import (
+    ONNX_FILE,
+    ONNX_INPUT,
+    ONNX_OUTPUT,
+    Preprocessing,
+    read_model_config,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +58,7 @@ class LoadedModel:
     tasks: dict[str, list[str]]
     """Labels per task, oldest first: one task, or several for a Learning-without-Forgetting
     model. The last is the newest, answered when a request names none."""
-    preprocessing: dict[str, Any]
+    preprocessing: Preprocessing
     backend: str
     nbytes: int
     forward: Callable[[torch.Tensor], list[np.ndarray]]
@@ -64,9 +68,9 @@ class LoadedModel:
     def prepare(self, image: Image.Image) -> torch.Tensor:
         return preprocess(
             image,
-            image_size=self.preprocessing["image_size"],
-            mean=self.preprocessing["mean"],
-            std=self.preprocessing["std"],
+            image_size=self.preprocessing.image_size,
+            mean=self.preprocessing.mean,
+            std=self.preprocessing.std,
         )
 
 
@@ -78,9 +82,9 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 def load_model(model_dir: Path, *, version: ModelVersion, backend: str) -> LoadedModel:
     """Load a version's artifacts with the requested backend, then warm it up."""
-    config = json.loads((model_dir / "config.json").read_text())
+    config = read_model_config(model_dir)
     onnx_path = model_dir / ONNX_FILE
-    tasks = _tasks(config)
+    tasks = config.task_labels()
     forward: Callable[[torch.Tensor], list[np.ndarray]]
     # The ONNX graph holds the newest head only, so models that keep old tasks run in torch.
     if backend == "onnx" and onnx_path.exists() and len(tasks) == 1:
@@ -89,7 +93,7 @@ def load_model(model_dir: Path, *, version: ModelVersion, backend: str) -> Loade
         session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
 
         def forward(batch: torch.Tensor) -> list[np.ndarray]:
-            (logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})
+            (logits,) = session.run([ONNX_OUTPUT], {ONNX_INPUT: batch.numpy()})
             return [_softmax(np.asarray(logits))]
 
         nbytes = onnx_path.stat().st_size
@@ -113,22 +117,15 @@ def load_model(model_dir: Path, *, version: ModelVersion, backend: str) -> Loade
         version_id=version.id,
         name=version.model.name,
         tasks=tasks,
-        preprocessing=config["preprocessing"],
+        preprocessing=config.preprocessing,
         backend=used,
         nbytes=nbytes,
         forward=forward,
     )
     # The first pass allocates and picks kernels; pay for it here, not in a caller's request.
-    size = int(loaded.preprocessing["image_size"])
+    size = loaded.preprocessing.image_size
     loaded.forward(torch.zeros(1, 3, size, size))
     return loaded
-
-
-def _tasks(config: dict[str, Any]) -> dict[str, list[str]]:
-    listed = config.get("tasks") or [
-        {"name": config["plan"].get("task_name", "main"), "labels": config["labels"]}
-    ]
-    return {task["name"]: list(task["labels"]) for task in listed}
 
 
 @dataclass

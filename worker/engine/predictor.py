@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from .artifacts import CONFIG_FILE, WEIGHTS_FILE, ModelConfig, parse_model_config
 from .data import preprocess
-from .export import CONFIG_FILE, FORMAT, WEIGHTS_FILE
 from .model import TransferModel, build_model
 from .plan import Plan
 
@@ -19,21 +19,18 @@ class Predictor:
     def __init__(self, model: TransferModel, config: dict[str, Any], device: torch.device) -> None:
         self.model = model
         self.config = config
+        """`config.json` as written; `exported` is the same, read."""
         self.device = device
-        self.labels: list[str] = config["labels"]
+        self.exported: ModelConfig = parse_model_config(config)
+        self.labels: list[str] = list(self.exported.labels)
         """The default (newest) task's labels."""
-        own_task = {"name": config["plan"].get("task_name", "main"), "labels": self.labels}
-        tasks = config.get("tasks") or [own_task]
-        self.tasks: dict[str, list[str]] = {task["name"]: task["labels"] for task in tasks}
+        self.tasks: dict[str, list[str]] = self.exported.task_labels()
         """Labels per task name, oldest first; a single-task model has just its own."""
-        self._preprocessing = config["preprocessing"]
 
     @classmethod
     def load(cls, model_dir: Path, device: str = "cpu") -> Self:
         config = json.loads((model_dir / CONFIG_FILE).read_text())
-        if config.get("format") != FORMAT:
-            raise ValueError(f"{model_dir}: unsupported model format {config.get('format')!r}")
-        plan = Plan.from_dict(config["plan"])
+        plan = Plan.from_dict(parse_model_config(config, source=str(model_dir)).plan)
         # The exported weights replace everything, so no ImageNet weights are needed here.
         model = build_model(plan, weights_dir=None, pretrained=False)
         model.load_state_dict(load_file(model_dir / WEIGHTS_FILE), strict=True)
@@ -59,9 +56,9 @@ class Predictor:
             [
                 preprocess(
                     image,
-                    image_size=self._preprocessing["image_size"],
-                    mean=self._preprocessing["mean"],
-                    std=self._preprocessing["std"],
+                    image_size=self.exported.preprocessing.image_size,
+                    mean=self.exported.preprocessing.mean,
+                    std=self.exported.preprocessing.std,
                 )
                 for image in images
             ]
