@@ -18,6 +18,7 @@ from service.context import AppContext
 from service.datasets.router import router as datasets_router
 from service.errors import ERROR_RESPONSES, error_body, install_error_handlers
 from service.inference.metrics import InferenceMetrics
+from service.inference.resolution import ResolutionCache
 from service.inference.router import router as inference_router
 from service.inference.service import ModelCache
 from service.jobs.reaper import start_reaper
@@ -63,6 +64,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     predictors = ModelCache(store=context.store, settings=context.settings, metrics=metrics)
     app.state.inference_metrics = metrics
     app.state.predictors = predictors
+    resolutions = ResolutionCache(ttl_seconds=context.settings.resolution_cache_seconds)
+    resolutions.watch(context.db.sessionmaker)
+    app.state.resolutions = resolutions
     install_error_handlers(app)
     for router in (
         auth_router,

@@ -50,6 +50,13 @@ class InferenceMetrics:
         self.cache_evictions = Counter(
             "thaw_model_cache_evictions", "Models unloaded.", LABELS, registry=self.registry
         )
+        self.backend = Gauge(
+            "thaw_inference_backend",
+            "1 per loaded version: the backend serving it (onnx or torch) and, for torch, why "
+            "not ONNX Runtime.",
+            (*LABELS, "backend", "reason"),
+            registry=self.registry,
+        )
         self.cache_bytes = Gauge(
             "thaw_model_cache_bytes",
             "Estimated memory of the loaded models.",

@@ -2,19 +2,25 @@ import asyncio
 import binascii
 import time
 from base64 import b64decode
-from typing import Any, NoReturn
+from functools import partial
+from typing import Annotated, Any, NoReturn
 
-from fastapi import APIRouter, Request
+import numpy as np
+import orjson
+from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from service.context import AppContext
 from service.datasets.service import ingest_limits
-from service.deps import ContextDep, VersionDep
+from service.deps import _bearer as bearer
+from service.deps import get_tenant, load_model, load_version
 from service.errors import ApiError
 from service.inference.metrics import InferenceMetrics
+from service.inference.resolution import ResolutionCache, ServedVersion
 from service.inference.schemas import PREDICT_JSON_EXAMPLE, PredictJson, PredictOptions, PredictOut
 from service.inference.service import (
     LoadedModel,
@@ -24,7 +30,8 @@ from service.inference.service import (
     decode_images,
     fill_predictions,
 )
-from service.tables import ModelVersion
+
+Credentials = HTTPAuthorizationCredentials | None
 
 router = APIRouter(prefix="/v1/models", tags=["inference"])
 
@@ -129,13 +136,30 @@ def _raise_validation(exc: ValidationError) -> NoReturn:
     )
 
 
+def _resolve(request: Request, credentials: Credentials, name: str, ref: str) -> ServedVersion:
+    """The caller's tenant (the key is checked on every call), then the version it names,
+    from the resolution cache when it can; the session is closed before the call goes on."""
+    context: AppContext = request.app.state.context
+    resolutions: ResolutionCache = request.app.state.resolutions
+    with context.db.session() as session:
+        tenant = get_tenant(request, session, credentials)
+        key = (tenant.id, name, ref)
+        served = resolutions.get(key)
+        if served is None:
+            generation = resolutions.generation()
+            model = load_model(name, session, tenant)
+            served = ServedVersion.of(load_version(model, ref, session))
+            resolutions.put(key, served, generation=generation)
+    return served
+
+
 async def _run_batch(
-    cache: ModelCache, version: ModelVersion, model: LoadedModel, inputs: Any
-) -> Any:
+    cache: ModelCache, version: ServedVersion, model: LoadedModel, pixels: np.ndarray
+) -> list[np.ndarray]:
     for _ in range(2):
         assert model.batcher is not None
         try:
-            future = model.batcher.submit(inputs)
+            future = model.batcher.submit(pixels)
         except ModelUnloadedError:
             # Unloaded between lookup and submit (cache pressure): load it again, once.
             model = await run_in_threadpool(cache.get, version)
@@ -167,8 +191,18 @@ async def _run_batch(
     "`curl -H 'Authorization: Bearer $KEY' -F images=@a.png -F images=@b.png "
     ".../v1/models/digits/versions/production/predict`",
     openapi_extra={"requestBody": _REQUEST_BODY},
+    response_model=PredictOut,
 )
-async def predict(request: Request, version: VersionDep, context: ContextDep) -> PredictOut:
+async def predict(
+    request: Request,
+    name: Annotated[str, Path(description="Model name, unique in your tenant.")],
+    version: Annotated[str, Path(description="Version number, or an alias such as `production`.")],
+    credentials: Annotated[Credentials, Depends(bearer)],
+) -> Response:
+    # The lean path: one thread hop for the key and the version (cached), none for a loaded
+    # model, one for decoding, and the answer encoded by orjson without a response model pass.
+    served = await run_in_threadpool(_resolve, request, credentials, name, version)
+    context: AppContext = request.app.state.context
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         images, top_k, task = await _read_multipart(request, context)
@@ -183,9 +217,11 @@ async def predict(request: Request, version: VersionDep, context: ContextDep) ->
     started = time.perf_counter()
     cache: ModelCache = request.app.state.predictors
     metrics: InferenceMetrics = request.app.state.inference_metrics
-    labels = (version.model.name, version.id)
-    # Loading and decoding are CPU-bound: keep them off the event loop.
-    model = await run_in_threadpool(cache.get, version)
+    labels = (served.model_name, served.id)
+    # Loading is slow and CPU-bound: keep it off the event loop.
+    model = cache.peek(served)
+    if model is None:
+        model = await run_in_threadpool(cache.get, served)
     if task is not None and task not in model.tasks:
         raise ApiError(
             422,
@@ -194,17 +230,24 @@ async def predict(request: Request, version: VersionDep, context: ContextDep) ->
             param="task",
         )
     metrics.images.labels(*labels).inc(len(images))
-    results, good, inputs = await run_in_threadpool(
-        decode_images, model, images, limits=ingest_limits(context)
+    decoded = partial(
+        decode_images,
+        images,
+        image_size=model.preprocessing.image_size,
+        limits=ingest_limits(context),
+    )
+    results, good, pixels = await asyncio.get_running_loop().run_in_executor(
+        cache.decode_pool, decoded
     )
     answered = task or list(model.tasks)[-1]
-    if inputs is not None:
-        probabilities = await _run_batch(cache, version, model, inputs)
+    if pixels is not None:
+        probabilities = await _run_batch(cache, served, model, pixels)
         fill_predictions(model, results, good, probabilities, task=answered, top_k=top_k)
     metrics.request_seconds.labels(*labels).observe(time.perf_counter() - started)
-    return PredictOut(
-        model=version.model.name,
-        version=version.version,
-        task=answered,
-        predictions=results,
-    )
+    body = {
+        "model": served.model_name,
+        "version": served.version,
+        "task": answered,
+        "predictions": results,
+    }
+    return Response(orjson.dumps(body), media_type="application/json")
