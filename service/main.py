@@ -3,6 +3,7 @@
 import logging
 import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -30,6 +31,10 @@ from service.ui.router import router as ui_router
 
 logger = logging.getLogger(__name__)
 
+RESOLVE_THREADS = 4
+"""Threads resolving predict calls' keys and versions: below SQLAlchemy's default pool of 5
+connections, so they never open overflow connections."""
+
 DESCRIPTION = """
 Upload an image dataset, pick a pretrained backbone and a transfer strategy, and get back a
 registered, versioned model with metrics and an inference endpoint.
@@ -50,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         stop.set()
         reaper.join(timeout=5)
         predictors.close()
+        resolve_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="thaw",
@@ -67,6 +73,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     resolutions = ResolutionCache(ttl_seconds=context.settings.resolution_cache_seconds)
     resolutions.watch(context.db.sessionmaker)
     app.state.resolutions = resolutions
+    resolve_pool = ThreadPoolExecutor(max_workers=RESOLVE_THREADS, thread_name_prefix="resolve")
+    app.state.resolve_pool = resolve_pool
     install_error_handlers(app)
     for router in (
         auth_router,
@@ -81,7 +89,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
 
     @app.get("/healthz", tags=["ops"], summary="The process is up")
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:
+        # async: answered on the event loop, without a thread-pool hop.
         return {"status": "ok"}
 
     @app.get(

@@ -13,6 +13,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 
 from service.context import AppContext
 from service.datasets.service import ingest_limits
@@ -201,19 +202,27 @@ async def predict(
 ) -> Response:
     # The lean path: one thread hop for the key and the version (cached), none for a loaded
     # model, one for decoding, and the answer encoded by orjson without a response model pass.
-    served = await run_in_threadpool(_resolve, request, credentials, name, version)
+    # Resolution has its own few threads, fewer than the database pool's connections, so a
+    # burst of calls queues for them instead of opening (and closing) overflow connections.
+    loop = asyncio.get_running_loop()
+    resolve = partial(_resolve, request, credentials, name, version)
+    served = await loop.run_in_executor(request.app.state.resolve_pool, resolve)
     context: AppContext = request.app.state.context
     content_type = request.headers.get("content-type", "")
-    if content_type.startswith("multipart/form-data"):
-        images, top_k, task = await _read_multipart(request, context)
-    elif content_type.startswith("application/json"):
-        images, top_k, task = await _read_json(request, context)
-    else:
-        raise ApiError(
-            415,
-            "unsupported_media_type",
-            "Send multipart/form-data (field `images`) or application/json.",
-        )
+    try:
+        if content_type.startswith("multipart/form-data"):
+            images, top_k, task = await _read_multipart(request, context)
+        elif content_type.startswith("application/json"):
+            images, top_k, task = await _read_json(request, context)
+        else:
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                "Send multipart/form-data (field `images`) or application/json.",
+            )
+    except ClientDisconnect:
+        # The caller hung up mid-body: nobody reads an answer, and it is no server error.
+        return Response(status_code=400)
     started = time.perf_counter()
     cache: ModelCache = request.app.state.predictors
     metrics: InferenceMetrics = request.app.state.inference_metrics
@@ -236,9 +245,7 @@ async def predict(
         image_size=model.preprocessing.image_size,
         limits=ingest_limits(context),
     )
-    results, good, pixels = await asyncio.get_running_loop().run_in_executor(
-        cache.decode_pool, decoded
-    )
+    results, good, pixels = await loop.run_in_executor(cache.decode_pool, decoded)
     answered = task or list(model.tasks)[-1]
     if pixels is not None:
         probabilities = await _run_batch(cache, served, model, pixels)
