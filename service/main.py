@@ -75,18 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.resolutions = resolutions
     resolve_pool = ThreadPoolExecutor(max_workers=RESOLVE_THREADS, thread_name_prefix="resolve")
     app.state.resolve_pool = resolve_pool
-    install_error_handlers(app)
-    for router in (
-        auth_router,
-        datasets_router,
-        base_models_router,
-        jobs_router,
-        models_router,
-        model_search_router,
-        inference_router,
-        ui_router,
-    ):
-        app.include_router(router)
+    app.state.predicts_in_flight = 0
 
     @app.get("/healthz", tags=["ops"], summary="The process is up")
     async def healthz() -> dict[str, str]:
@@ -128,5 +117,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse(
             {**error_body("not_ready", f"Unreachable: {failing}."), "checks": checks}, 503
         )
+
+    install_error_handlers(app)
+    # Routes are matched in order: the ops probes and predict, the hot paths, go first.
+    for router in (
+        inference_router,
+        auth_router,
+        datasets_router,
+        base_models_router,
+        jobs_router,
+        models_router,
+        model_search_router,
+        ui_router,
+    ):
+        app.include_router(router)
 
     return app

@@ -87,6 +87,13 @@ class Settings(BaseSettings):
         ge=1,
         description="Predict requests waiting per loaded model; beyond it predict answers 503.",
     )
+    predict_max_in_flight: int = Field(
+        default=256,
+        ge=1,
+        description="Predict calls one API process works on at once (reading, decoding, "
+        "queued or in a forward pass); beyond it predict answers 503 with `Retry-After` at "
+        "once, before any other work, so the calls it accepts finish in bounded time.",
+    )
     onnx_export: bool = Field(
         default=True, description="Export `model.onnx` (checked against PyTorch) at publish."
     )

@@ -439,10 +439,17 @@ def _record_into(statements: list[str]) -> Any:
     return record
 
 
-def test_overload_answers_503_with_retry_after_and_every_call_ends(served: Registry) -> None:
-    # Many more concurrent calls than the queue holds, on a model slowed down: each call is
-    # either answered or refused at once; none waits without bound.
-    settings = make_settings(served.context.settings.data_dir, batch_queue_size=2)
+@pytest.mark.parametrize(
+    "limit",
+    [{"batch_queue_size": 2}, {"predict_max_in_flight": 2}],
+    ids=["model queue", "admission"],
+)
+def test_overload_answers_503_with_retry_after_and_every_call_ends(
+    served: Registry, limit: dict[str, int]
+) -> None:
+    # Many more concurrent calls than the limit, on a model slowed down: each call is either
+    # answered or refused at once; none waits without bound.
+    settings = make_settings(served.context.settings.data_dir, **limit)
     path = "/v1/models/digits/versions/1/predict"
     body = {"images": [{"data": b64(held_out_pngs(1)[0])}]}
     with TestClient(create_app(settings)) as client:
@@ -461,7 +468,13 @@ def test_overload_answers_503_with_retry_after_and_every_call_ends(served: Regis
         with ThreadPoolExecutor(16) as pool:
             calls = [pool.submit(client.post, path, headers=auth, json=body) for _ in range(48)]
             answers = [call.result(timeout=60) for call in calls]
+        text = client.get("/metrics").text
     statuses = Counter(answer.status_code for answer in answers)
+    at_admission = sample(text, "thaw_predict_rejected_at_admission_total")
+    at_queue = sample(text, "thaw_inference_rejected_total", model="digits")
+    # Each refusal is counted where it happened, and only there.
+    assert at_admission + at_queue == statuses[503]
+    assert (at_admission > 0) == ("predict_max_in_flight" in limit)
     assert set(statuses) == {200, 503}, statuses
     for answer in answers:
         if answer.status_code == 503:

@@ -38,6 +38,12 @@ class InferenceMetrics:
             LABELS,
             registry=self.registry,
         )
+        self.rejected_at_admission = Counter(
+            "thaw_predict_rejected_at_admission",
+            "Predict calls refused with 503 on arrival: THAW_PREDICT_MAX_IN_FLIGHT calls were "
+            "already in progress in this process.",
+            registry=self.registry,
+        )
         self.cache_hits = Counter(
             "thaw_model_cache_hits",
             "Predict calls served by a loaded model.",

@@ -204,6 +204,26 @@ async def predict(
     # model, one for decoding, and the answer encoded by orjson without a response model pass.
     # Resolution has its own few threads, fewer than the database pool's connections, so a
     # burst of calls queues for them instead of opening (and closing) overflow connections.
+    # Admission first, before the key is even checked: under a load this process cannot
+    # serve, refusing costs next to nothing and the accepted calls keep a bounded latency.
+    # Only the event loop touches the count, so it needs no lock.
+    state = request.app.state
+    if state.predicts_in_flight >= state.context.settings.predict_max_in_flight:
+        state.inference_metrics.rejected_at_admission.inc()
+        raise ApiError(
+            503,
+            "overloaded",
+            "This server is working on as many predict calls as it can; retry shortly.",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
+    state.predicts_in_flight += 1
+    try:
+        return await _predict(request, credentials, name, version)
+    finally:
+        state.predicts_in_flight -= 1
+
+
+async def _predict(request: Request, credentials: Credentials, name: str, version: str) -> Response:
     loop = asyncio.get_running_loop()
     resolve = partial(_resolve, request, credentials, name, version)
     served = await loop.run_in_executor(request.app.state.resolve_pool, resolve)
