@@ -3,7 +3,6 @@
 import logging
 import threading
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -31,10 +30,6 @@ from service.ui.router import router as ui_router
 
 logger = logging.getLogger(__name__)
 
-RESOLVE_THREADS = 4
-"""Threads resolving predict calls' keys and versions: below SQLAlchemy's default pool of 5
-connections, so they never open overflow connections."""
-
 DESCRIPTION = """
 Upload an image dataset, pick a pretrained backbone and a transfer strategy, and get back a
 registered, versioned model with metrics and an inference endpoint.
@@ -55,7 +50,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         stop.set()
         reaper.join(timeout=5)
         predictors.close()
-        resolve_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="thaw",
@@ -73,8 +67,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     resolutions = ResolutionCache(ttl_seconds=context.settings.resolution_cache_seconds)
     resolutions.watch(context.db.sessionmaker)
     app.state.resolutions = resolutions
-    resolve_pool = ThreadPoolExecutor(max_workers=RESOLVE_THREADS, thread_name_prefix="resolve")
-    app.state.resolve_pool = resolve_pool
     app.state.predicts_in_flight = 0
 
     @app.get("/healthz", tags=["ops"], summary="The process is up")

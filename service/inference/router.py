@@ -29,7 +29,9 @@ from service.inference.service import (
     ModelUnloadedError,
     QueueFullError,
     decode_images,
+    decode_pool,
     fill_predictions,
+    resolve_pool,
 )
 
 Credentials = HTTPAuthorizationCredentials | None
@@ -202,8 +204,6 @@ async def predict(
 ) -> Response:
     # The lean path: one thread hop for the key and the version (cached), none for a loaded
     # model, one for decoding, and the answer encoded by orjson without a response model pass.
-    # Resolution has its own few threads, fewer than the database pool's connections, so a
-    # burst of calls queues for them instead of opening (and closing) overflow connections.
     # Admission first, before the key is even checked: under a load this process cannot
     # serve, refusing costs next to nothing and the accepted calls keep a bounded latency.
     # Only the event loop touches the count, so it needs no lock.
@@ -226,7 +226,7 @@ async def predict(
 async def _predict(request: Request, credentials: Credentials, name: str, version: str) -> Response:
     loop = asyncio.get_running_loop()
     resolve = partial(_resolve, request, credentials, name, version)
-    served = await loop.run_in_executor(request.app.state.resolve_pool, resolve)
+    served = await loop.run_in_executor(resolve_pool(), resolve)
     context: AppContext = request.app.state.context
     content_type = request.headers.get("content-type", "")
     try:
@@ -265,7 +265,7 @@ async def _predict(request: Request, credentials: Credentials, name: str, versio
         image_size=model.preprocessing.image_size,
         limits=ingest_limits(context),
     )
-    results, good, pixels = await loop.run_in_executor(cache.decode_pool, decoded)
+    results, good, pixels = await loop.run_in_executor(decode_pool(), decoded)
     answered = task or list(model.tasks)[-1]
     if pixels is not None:
         probabilities = await _run_batch(cache, served, model, pixels)

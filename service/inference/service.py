@@ -22,6 +22,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,24 @@ IDLE_POLL_SECONDS = 0.5
 
 Prediction = dict[str, Any]
 """One image's entry in a predict answer: `image`, and `top` or `error`."""
+
+
+RESOLVE_THREADS = 4
+"""Threads resolving predict calls' keys and versions: below SQLAlchemy's default pool of 5
+connections, so a burst of calls queues for them instead of opening overflow connections."""
+
+
+@cache
+def decode_pool() -> ThreadPoolExecutor:
+    """Image decoding and resizing, off the event loop (Pillow releases the GIL). One per
+    process, like the cores it shares out; apps started and stopped in it share it."""
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="decode")
+
+
+@cache
+def resolve_pool() -> ThreadPoolExecutor:
+    """The key check and version resolution of predict calls, one per process."""
+    return ThreadPoolExecutor(max_workers=RESOLVE_THREADS, thread_name_prefix="resolve")
 
 
 class QueueFullError(Exception):
@@ -288,10 +307,6 @@ class ModelCache:
         self._lock = threading.Lock()
         # One lock per version being loaded, so concurrent first calls load it once.
         self._loading: dict[str, threading.Lock] = {}
-        self.decode_pool = ThreadPoolExecutor(
-            max_workers=os.cpu_count() or 1, thread_name_prefix="decode"
-        )
-        """Image decoding and resizing, off the event loop; Pillow releases the GIL."""
 
     def peek(self, version: ServedVersion) -> LoadedModel | None:
         """The loaded model, or None when it needs loading (`get`, off the event loop)."""
@@ -388,7 +403,6 @@ class ModelCache:
             for model in self._loaded.values():
                 self._unload(model)
             self._loaded.clear()
-        self.decode_pool.shutdown(wait=False, cancel_futures=True)
 
 
 def decode_images(
