@@ -202,8 +202,6 @@ async def predict(
     version: Annotated[str, Path(description="Version number, or an alias such as `production`.")],
     credentials: Annotated[Credentials, Depends(bearer)],
 ) -> Response:
-    # The lean path: one thread hop for the key and the version (cached), none for a loaded
-    # model, one for decoding, and the answer encoded by orjson without a response model pass.
     # Admission first, before the key is even checked: under a load this process cannot
     # serve, refusing costs next to nothing and the accepted calls keep a bounded latency.
     # Only the event loop touches the count, so it needs no lock.
@@ -224,6 +222,8 @@ async def predict(
 
 
 async def _predict(request: Request, credentials: Credentials, name: str, version: str) -> Response:
+    # The lean path: one thread hop for the key and the version (cached), none for a loaded
+    # model, one for decoding, and the answer encoded by orjson without a response model pass.
     loop = asyncio.get_running_loop()
     resolve = partial(_resolve, request, credentials, name, version)
     served = await loop.run_in_executor(resolve_pool(), resolve)

@@ -228,10 +228,6 @@ class Batcher:
         self._depth.set(self._queue.qsize())
         return request.future
 
-    def waiting(self) -> int:
-        """Requests queued, not yet taken into a forward pass."""
-        return self._queue.qsize()
-
     def stop(self) -> None:
         """Finish what is queued, then end the thread; later submits raise ModelUnloadedError."""
         self._stopping = True
