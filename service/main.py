@@ -18,6 +18,7 @@ from service.context import AppContext
 from service.datasets.router import router as datasets_router
 from service.errors import ERROR_RESPONSES, error_body, install_error_handlers
 from service.inference.metrics import InferenceMetrics
+from service.inference.resolution import ResolutionCache
 from service.inference.router import router as inference_router
 from service.inference.service import ModelCache
 from service.jobs.reaper import start_reaper
@@ -63,21 +64,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     predictors = ModelCache(store=context.store, settings=context.settings, metrics=metrics)
     app.state.inference_metrics = metrics
     app.state.predictors = predictors
-    install_error_handlers(app)
-    for router in (
-        auth_router,
-        datasets_router,
-        base_models_router,
-        jobs_router,
-        models_router,
-        model_search_router,
-        inference_router,
-        ui_router,
-    ):
-        app.include_router(router)
+    resolutions = ResolutionCache(ttl_seconds=context.settings.resolution_cache_seconds)
+    resolutions.watch(context.db.sessionmaker)
+    app.state.resolutions = resolutions
+    app.state.predicts_in_flight = 0
 
     @app.get("/healthz", tags=["ops"], summary="The process is up")
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:
+        # async: answered on the event loop, without a thread-pool hop.
         return {"status": "ok"}
 
     @app.get(
@@ -115,5 +109,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse(
             {**error_body("not_ready", f"Unreachable: {failing}."), "checks": checks}, 503
         )
+
+    install_error_handlers(app)
+    # Routes are matched in order: the ops probes and predict, the hot paths, go first.
+    for router in (
+        inference_router,
+        auth_router,
+        datasets_router,
+        base_models_router,
+        jobs_router,
+        models_router,
+        model_search_router,
+        ui_router,
+    ):
+        app.include_router(router)
 
     return app

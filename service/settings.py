@@ -1,5 +1,6 @@
 """The one settings object for the API and the worker; every value comes from `THAW_*`."""
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -53,9 +54,23 @@ class Settings(BaseSettings):
         "parameters and buffers); least recently used models are unloaded first.",
     )
     inference_backend: Literal["torch", "onnx"] = Field(
-        default="torch",
-        description="`onnx` serves versions through ONNX Runtime when they have a `model.onnx` "
-        "(others fall back to PyTorch).",
+        default="onnx",
+        description="`onnx` serves a version through ONNX Runtime when its `model.onnx` passed "
+        "the parity check at publish (others run in PyTorch, the reason in `/metrics`); `torch` "
+        "serves every version in PyTorch.",
+    )
+    inference_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="CPU threads of one forward pass (ONNX Runtime intra-op, or torch); "
+        "default: half the cores, at least 1, leaving the rest to decoding and HTTP.",
+    )
+    resolution_cache_seconds: float = Field(
+        default=5.0,
+        ge=0.0,
+        description="How long predict reuses a resolved (model, version or alias) without a "
+        "database read; changes made through this API process apply at once, others (CLI, "
+        "other replicas) within this time. 0 turns the cache off.",
     )
     batch_max_size: int = Field(
         default=32,
@@ -71,6 +86,13 @@ class Settings(BaseSettings):
         default=256,
         ge=1,
         description="Predict requests waiting per loaded model; beyond it predict answers 503.",
+    )
+    predict_max_in_flight: int = Field(
+        default=256,
+        ge=1,
+        description="Predict calls one API process works on at once (reading, decoding, "
+        "queued or in a forward pass); beyond it predict answers 503 with `Retry-After` at "
+        "once, before any other work, so the calls it accepts finish in bounded time.",
     )
     onnx_export: bool = Field(
         default=True, description="Export `model.onnx` (checked against PyTorch) at publish."
@@ -114,6 +136,10 @@ class Settings(BaseSettings):
         description="Default of the job spec's `max_runtime_seconds`: how long a job may take "
         "from its first start before it fails with `deadline_exceeded`.",
     )
+
+    @property
+    def resolved_inference_threads(self) -> int:
+        return self.inference_threads or max(1, (os.cpu_count() or 1) // 2)
 
     @property
     def resolved_database_url(self) -> str:

@@ -2,21 +2,27 @@
 queue, the memory-budgeted model cache, the ONNX backend and the Prometheus metrics."""
 
 import base64
+import dataclasses
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
+import sqlalchemy
 from fastapi.testclient import TestClient
 from PIL import Image
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.cli import migrate_database
 from service.inference.metrics import InferenceMetrics
+from service.inference.resolution import ServedVersion
 from service.inference.service import Batcher, LoadedModel, ModelCache, QueueFullError
 from service.main import create_app
 from service.tables import ModelVersion
@@ -24,6 +30,8 @@ from tests.conftest import digits_split, make_settings, new_key, png_bytes, vers
 from tests.test_api import assert_error, ready_dataset
 from tests.test_registry import Registry, publish
 from worker.engine import Predictor
+from worker.engine.artifacts import Preprocessing
+from worker.engine.onnx_export import export_onnx
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +168,7 @@ def test_full_queue_answers_503_with_retry_after(served: Registry) -> None:
         entered = threading.Event()
         real_forward = model.forward
 
-        def slow_forward(batch: torch.Tensor) -> list[np.ndarray]:
+        def slow_forward(batch: np.ndarray) -> list[np.ndarray]:
             entered.set()
             release.wait(10)
             return real_forward(batch)
@@ -189,49 +197,57 @@ def fake_model(forward: Any, name: str = "m") -> LoadedModel:
         version_id=f"mv_{name}",
         name=name,
         tasks={"main": ["a", "b"]},
-        preprocessing={"image_size": 8, "mean": [0, 0, 0], "std": [1, 1, 1]},
+        preprocessing=Preprocessing(image_size=8, mean=(0, 0, 0), std=(1, 1, 1)),
         backend="torch",
         nbytes=100,
         forward=forward,
     )
 
 
+def pixels(value: int) -> np.ndarray:
+    """One 8x8 image whose every channel is `value`, as the decoder hands it to the batcher."""
+    return np.full((1, 8, 8, 3), value, dtype=np.uint8)
+
+
 def test_batcher_gathers_waiting_requests_up_to_the_maximum() -> None:
     sizes: list[int] = []
     gate = threading.Event()
 
-    def forward(batch: torch.Tensor) -> list[np.ndarray]:
+    def forward(batch: np.ndarray) -> list[np.ndarray]:
         gate.wait(10)
         sizes.append(len(batch))
-        return [np.tile(batch[:, :1, 0, 0].numpy(), (1, 2))]
+        return [np.tile(batch[:, :1, 0, 0], (1, 2))]
 
     batcher = Batcher(
         fake_model(forward), max_size=4, max_delay=0.0, queue_size=10, metrics=InferenceMetrics()
     )
-    futures = [batcher.submit(torch.full((1, 3, 8, 8), float(i))) for i in range(6)]
+    futures = [batcher.submit(pixels(i)) for i in range(6)]
     gate.set()
     results = [f.result(10) for f in futures]
-    # Each request gets back its own rows, however the passes were cut.
-    assert [float(r[0][0, 0]) for r in results] == [0, 1, 2, 3, 4, 5]
+    # Each request gets back its own rows (normalised as one batch), however the passes were cut.
+    assert [float(r[0][0, 0]) for r in results] == pytest.approx([i / 255 for i in range(6)])
     assert sum(sizes) == 6
     assert max(sizes) <= 4
     assert len(sizes) < 6  # some requests shared a pass
     batcher.stop()
 
     blocked = threading.Event()
+    taken = threading.Event()
+
+    def stuck(batch: np.ndarray) -> list[np.ndarray]:
+        taken.set()
+        blocked.wait(10)
+        return [np.zeros((len(batch), 2))]
+
     slow = Batcher(
-        fake_model(lambda b: (blocked.wait(10), [np.zeros((len(b), 2))])[1]),
-        max_size=1,
-        max_delay=0.0,
-        queue_size=1,
-        metrics=InferenceMetrics(),
+        fake_model(stuck), max_size=1, max_delay=0.0, queue_size=1, metrics=InferenceMetrics()
     )
     try:
-        slow.submit(torch.zeros(1, 3, 8, 8))
-        time.sleep(0.2)  # taken by the worker, which now blocks
-        slow.submit(torch.zeros(1, 3, 8, 8))
+        slow.submit(pixels(0))
+        assert taken.wait(10)  # the worker took it and now blocks in its forward pass
+        slow.submit(pixels(0))
         with pytest.raises(QueueFullError):
-            slow.submit(torch.zeros(1, 3, 8, 8))
+            slow.submit(pixels(0))
     finally:
         blocked.set()
         slow.stop()
@@ -248,7 +264,7 @@ def test_cache_unloads_least_recently_used_within_the_budget(served: Registry) -
         )
         metrics = InferenceMetrics()
         cache = ModelCache(store=served.context.store, settings=settings, metrics=metrics)
-        first, second = session_versions
+        first, second = (ServedVersion.of(version) for version in session_versions)
         loaded = cache.get(first)
         assert loaded.backend == "onnx"
         assert cache.get(first) is loaded
@@ -263,48 +279,207 @@ def test_cache_unloads_least_recently_used_within_the_budget(served: Registry) -
         cache.close()
 
 
-def test_onnx_backend_agrees_with_torch(served: Registry) -> None:
-    png = b64(held_out_pngs(1)[0])
-    answers = []
+def test_onnx_and_torch_backends_give_the_same_probabilities(served: Registry) -> None:
+    # Every label's probability (top_k = all of them), on several held-out images.
+    files = [("images", (f"{i}.png", png)) for i, png in enumerate(held_out_pngs(8))]
+    answers = {}
     for backend in ("torch", "onnx"):
-        settings = make_settings(
-            served.context.settings.data_dir,
-            inference_backend=backend,
-        )
+        settings = make_settings(served.context.settings.data_dir, inference_backend=backend)
         with TestClient(create_app(settings)) as client:
             response = client.post(
                 "/v1/models/digits/versions/1/predict",
                 headers=served.auth,
-                json={"images": [{"data": png}], "top_k": 2},
+                files=files,
+                data={"top_k": "100"},
             )
             assert response.status_code == 200, response.text
-            answers.append(response.json()["predictions"][0]["top"])
+            answers[backend] = [
+                {t["label"]: t["probability"] for t in p["top"]}
+                for p in response.json()["predictions"]
+            ]
             cache = client.app.state.predictors  # type: ignore[attr-defined]
             assert {cache._loaded[v].backend for v in cache.loaded()} == {backend}
-    torch_top, onnx_top = answers
-    assert [t["label"] for t in torch_top] == [t["label"] for t in onnx_top]
-    assert np.allclose(
-        [t["probability"] for t in torch_top], [t["probability"] for t in onnx_top], atol=1e-5
-    )
+    for torch_scores, onnx_scores in zip(answers["torch"], answers["onnx"], strict=True):
+        assert torch_scores.keys() == onnx_scores.keys()
+        assert len(torch_scores) == 3
+        for label, probability in torch_scores.items():
+            assert onnx_scores[label] == pytest.approx(probability, abs=1e-4)
 
 
-def test_metrics_report_latency_batches_queue_and_cache(served: Registry) -> None:
+def test_onnx_is_the_default_and_a_failed_parity_check_is_served_by_torch(
+    served: Registry, tmp_path: Path
+) -> None:
+    with served.context.db.session() as session:
+        row = session.query(ModelVersion).filter_by(version=1).one()
+        passed = ServedVersion.of(row)
+    assert passed.exports["onnx"]["exported"] is True
+    # A real failed check: no export agrees with PyTorch within a tolerance of zero.
+    folder = served.context.store.local_path(passed.artifact_prefix)
+    module = Predictor.load(folder).model
+    failed = export_onnx(module, image_size=64, out_path=tmp_path / "model.onnx", tolerance=0.0)
+    assert not failed.exported
+    refused = dataclasses.replace(passed, id="mv_failed", exports={"onnx": failed.to_dict()})
+
+    metrics = InferenceMetrics()
+    settings = served.context.settings  # the default backend
+    cache = ModelCache(store=served.context.store, settings=settings, metrics=metrics)
+    try:
+        assert cache.get(passed).backend == "onnx"
+        assert cache.get(passed).backend_reason is None
+        fallback = cache.get(refused)
+        assert fallback.backend == "torch"
+        assert fallback.backend_reason == f"ONNX export did not pass: {failed.reason}"
+        assert "differs from PyTorch" in fallback.backend_reason
+        text = generate_latest(metrics.registry).decode()
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        backends = {
+            (s.labels["version_id"], s.labels["backend"], s.labels["reason"]): s.value
+            for s in families["thaw_inference_backend"].samples
+        }
+        assert backends == {
+            (passed.id, "onnx", ""): 1.0,
+            ("mv_failed", "torch", fallback.backend_reason): 1.0,
+        }
+    finally:
+        cache.close()
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in a Prometheus exposition, 0 when it is not there yet."""
+    for family in text_string_to_metric_families(text):
+        for found in family.samples:
+            if found.name == name and all(found.labels.get(k) == v for k, v in labels.items()):
+                return float(found.value)
+    return 0.0
+
+
+def test_metrics_report_latency_batches_queue_and_cache_by_value(served: Registry) -> None:
     client = served.client
-    client.post(
-        "/v1/models/digits/versions/1/predict",
-        headers=served.auth,
-        json={"images": [{"data": b64(held_out_pngs(1)[0])}]},
+    version_id = client.get("/v1/models/digits/versions/1", headers=served.auth).json()["id"]
+    labels = {"model": "digits", "version_id": version_id}
+    names = (
+        "thaw_predict_request_seconds_count",
+        "thaw_predict_request_seconds_sum",
+        "thaw_predict_images_total",
+        "thaw_inference_batch_size_count",
+        "thaw_inference_batch_size_sum",
+        "thaw_model_cache_hits_total",
     )
-    text = client.get("/metrics").text
-    for name in (
-        'thaw_predict_request_seconds_count{model="digits"',
-        "thaw_inference_batch_size_bucket",
-        'thaw_inference_queue_depth{model="digits"',
-        'thaw_model_cache_hits_total{model="digits"',
-        'thaw_model_cache_loads_total{model="digits"',
-        "thaw_model_cache_bytes",
-    ):
-        assert name in text, name
+    before = client.get("/metrics").text
+    calls, images_per_call = 3, 2
+    began = time.perf_counter()
+    for _ in range(calls):
+        answer = client.post(
+            "/v1/models/digits/versions/1/predict",
+            headers=served.auth,
+            json={"images": [{"data": b64(png)} for png in held_out_pngs(images_per_call)]},
+        )
+        assert answer.status_code == 200, answer.text
+    elapsed = time.perf_counter() - began
+    after = client.get("/metrics").text
+    grew = {name: sample(after, name, **labels) - sample(before, name, **labels) for name in names}
+
+    assert grew["thaw_predict_request_seconds_count"] == calls
+    # Each observed latency is positive and within the calls' wall-clock time.
+    assert 0 < grew["thaw_predict_request_seconds_sum"] <= elapsed
+    assert grew["thaw_predict_images_total"] == calls * images_per_call
+    # One call at a time: each is its own forward pass of its two images.
+    assert grew["thaw_inference_batch_size_count"] == calls
+    assert grew["thaw_inference_batch_size_sum"] == calls * images_per_call
+    assert grew["thaw_model_cache_hits_total"] == calls
+    assert sample(after, "thaw_inference_queue_depth", **labels) == 0
+    assert sample(after, "thaw_model_cache_loads_total", **labels) == 1
+    assert sample(after, "thaw_model_cache_bytes") > 0
+    assert sample(after, "thaw_inference_backend", **labels, backend="onnx", reason="") == 1
+
+
+def test_resolution_is_cached_and_a_deleted_version_or_moved_alias_is_not_served_stale(
+    served: Registry,
+) -> None:
+    # A cache that would otherwise hold entries for an hour: only invalidation can explain
+    # a fresh answer.
+    settings = make_settings(served.context.settings.data_dir, resolution_cache_seconds=3600)
+    body = {"images": [{"data": b64(held_out_pngs(1)[0])}]}
+    with TestClient(create_app(settings)) as client:
+        context = client.app.state.context  # type: ignore[attr-defined]
+        auth = served.auth
+        registry = Registry(client, context, auth, served.dataset_id)
+        third = publish(registry, epochs=1, seed=3)
+        path = f"/v1/models/digits/versions/{third['version']}/predict"
+        put = client.put("/v1/models/digits/aliases/canary", headers=auth, json={"version": 1})
+        assert put.status_code == 200, put.text
+        canary = "/v1/models/digits/versions/canary/predict"
+        for target in (path, canary):
+            assert client.post(target, headers=auth, json=body).status_code == 200
+
+        statements: list[str] = []
+        listen = sqlalchemy.event.listen
+        listen(context.db.engine, "before_cursor_execute", _record_into(statements))
+        assert client.post(path, headers=auth, json=body).status_code == 200
+        # The key is checked, the version is not looked up again.
+        assert statements, "the API key is checked on every call"
+        assert not [s for s in statements if "model_versions" in s or "model_aliases" in s]
+
+        moved = client.put("/v1/models/digits/aliases/canary", headers=auth, json={"version": 2})
+        assert moved.status_code == 200
+        assert client.post(canary, headers=auth, json=body).json()["version"] == 2
+        client.delete("/v1/models/digits/aliases/canary", headers=auth)
+        assert_error(client.post(canary, headers=auth, json=body), 404, "version_not_found")
+
+        assert client.delete(path.removesuffix("/predict"), headers=auth).status_code == 204
+        assert_error(client.post(path, headers=auth, json=body), 404, "version_not_found")
+        cache = client.app.state.predictors  # type: ignore[attr-defined]
+        assert third["id"] not in cache.loaded()
+
+
+def _record_into(statements: list[str]) -> Any:
+    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        statements.append(statement)
+
+    return record
+
+
+@pytest.mark.parametrize(
+    "limit",
+    [{"batch_queue_size": 2}, {"predict_max_in_flight": 2}],
+    ids=["model queue", "admission"],
+)
+def test_overload_answers_503_with_retry_after_and_every_call_ends(
+    served: Registry, limit: dict[str, int]
+) -> None:
+    # Many more concurrent calls than the limit, on a model slowed down: each call is either
+    # answered or refused at once; none waits without bound.
+    settings = make_settings(served.context.settings.data_dir, **limit)
+    path = "/v1/models/digits/versions/1/predict"
+    body = {"images": [{"data": b64(held_out_pngs(1)[0])}]}
+    with TestClient(create_app(settings)) as client:
+        auth = served.auth
+        assert client.post(path, headers=auth, json=body).status_code == 200  # loads the model
+        cache: ModelCache = client.app.state.predictors  # type: ignore[attr-defined]
+        (loaded,) = cache.loaded()
+        model = cache._loaded[loaded]
+        real_forward = model.forward
+
+        def slow_forward(batch: np.ndarray) -> list[np.ndarray]:
+            time.sleep(0.05)  # a slow model, not synchronisation
+            return real_forward(batch)
+
+        model.forward = slow_forward
+        with ThreadPoolExecutor(16) as pool:
+            calls = [pool.submit(client.post, path, headers=auth, json=body) for _ in range(48)]
+            answers = [call.result(timeout=60) for call in calls]
+        text = client.get("/metrics").text
+    statuses = Counter(answer.status_code for answer in answers)
+    at_admission = sample(text, "thaw_predict_rejected_at_admission_total")
+    at_queue = sample(text, "thaw_inference_rejected_total", model="digits")
+    # Each refusal is counted where it happened, and only there.
+    assert at_admission + at_queue == statuses[503]
+    assert (at_admission > 0) == ("predict_max_in_flight" in limit)
+    assert set(statuses) == {200, 503}, statuses
+    for answer in answers:
+        if answer.status_code == 503:
+            assert_error(answer, 503, "overloaded")
+            assert answer.headers["Retry-After"] == "1"
 
 
 def test_other_tenants_cannot_predict(served: Registry) -> None:

@@ -50,12 +50,11 @@ from worker.engine import (
     export_model,
     run,
 )
-from worker.engine.onnx_export import ONNX_FILE, export_onnx
+from worker.engine.artifacts import CARD_FILE, LABELS_FILE, ONNX_FILE
+from worker.engine.onnx_export import export_onnx
 
 logger = logging.getLogger(__name__)
 
-LABELS_FILE = "labels.json"
-CARD_FILE = "card.md"
 LEASE_RENEWAL_SECONDS = 1.0
 STATUS_POLL_SECONDS = 0.05
 """How stale a worker's view of its job's status may be: a cancel stops training at the first

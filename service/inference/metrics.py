@@ -38,6 +38,12 @@ class InferenceMetrics:
             LABELS,
             registry=self.registry,
         )
+        self.rejected_at_admission = Counter(
+            "thaw_predict_rejected_at_admission",
+            "Predict calls refused with 503 on arrival: THAW_PREDICT_MAX_IN_FLIGHT calls were "
+            "already in progress in this process.",
+            registry=self.registry,
+        )
         self.cache_hits = Counter(
             "thaw_model_cache_hits",
             "Predict calls served by a loaded model.",
@@ -49,6 +55,13 @@ class InferenceMetrics:
         )
         self.cache_evictions = Counter(
             "thaw_model_cache_evictions", "Models unloaded.", LABELS, registry=self.registry
+        )
+        self.backend = Gauge(
+            "thaw_inference_backend",
+            "1 per loaded version: the backend serving it (onnx or torch) and, for torch, why "
+            "not ONNX Runtime.",
+            (*LABELS, "backend", "reason"),
+            registry=self.registry,
         )
         self.cache_bytes = Gauge(
             "thaw_model_cache_bytes",

@@ -2,19 +2,26 @@ import asyncio
 import binascii
 import time
 from base64 import b64decode
-from typing import Any, NoReturn
+from functools import partial
+from typing import Annotated, Any, NoReturn
 
-from fastapi import APIRouter, Request
+import numpy as np
+import orjson
+from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 
 from service.context import AppContext
 from service.datasets.service import ingest_limits
-from service.deps import ContextDep, VersionDep
+from service.deps import _bearer as bearer
+from service.deps import get_tenant, load_model, load_version
 from service.errors import ApiError
 from service.inference.metrics import InferenceMetrics
+from service.inference.resolution import ResolutionCache, ServedVersion
 from service.inference.schemas import PREDICT_JSON_EXAMPLE, PredictJson, PredictOptions, PredictOut
 from service.inference.service import (
     LoadedModel,
@@ -22,9 +29,12 @@ from service.inference.service import (
     ModelUnloadedError,
     QueueFullError,
     decode_images,
+    decode_pool,
     fill_predictions,
+    resolve_pool,
 )
-from service.tables import ModelVersion
+
+Credentials = HTTPAuthorizationCredentials | None
 
 router = APIRouter(prefix="/v1/models", tags=["inference"])
 
@@ -129,13 +139,30 @@ def _raise_validation(exc: ValidationError) -> NoReturn:
     )
 
 
+def _resolve(request: Request, credentials: Credentials, name: str, ref: str) -> ServedVersion:
+    """The caller's tenant (the key is checked on every call), then the version it names,
+    from the resolution cache when it can; the session is closed before the call goes on."""
+    context: AppContext = request.app.state.context
+    resolutions: ResolutionCache = request.app.state.resolutions
+    with context.db.session() as session:
+        tenant = get_tenant(request, session, credentials)
+        key = (tenant.id, name, ref)
+        served = resolutions.get(key)
+        if served is None:
+            generation = resolutions.generation()
+            model = load_model(name, session, tenant)
+            served = ServedVersion.of(load_version(model, ref, session))
+            resolutions.put(key, served, generation=generation)
+    return served
+
+
 async def _run_batch(
-    cache: ModelCache, version: ModelVersion, model: LoadedModel, inputs: Any
-) -> Any:
+    cache: ModelCache, version: ServedVersion, model: LoadedModel, pixels: np.ndarray
+) -> list[np.ndarray]:
     for _ in range(2):
         assert model.batcher is not None
         try:
-            future = model.batcher.submit(inputs)
+            future = model.batcher.submit(pixels)
         except ModelUnloadedError:
             # Unloaded between lookup and submit (cache pressure): load it again, once.
             model = await run_in_threadpool(cache.get, version)
@@ -167,25 +194,63 @@ async def _run_batch(
     "`curl -H 'Authorization: Bearer $KEY' -F images=@a.png -F images=@b.png "
     ".../v1/models/digits/versions/production/predict`",
     openapi_extra={"requestBody": _REQUEST_BODY},
+    response_model=PredictOut,
 )
-async def predict(request: Request, version: VersionDep, context: ContextDep) -> PredictOut:
-    content_type = request.headers.get("content-type", "")
-    if content_type.startswith("multipart/form-data"):
-        images, top_k, task = await _read_multipart(request, context)
-    elif content_type.startswith("application/json"):
-        images, top_k, task = await _read_json(request, context)
-    else:
+async def predict(
+    request: Request,
+    name: Annotated[str, Path(description="Model name, unique in your tenant.")],
+    version: Annotated[str, Path(description="Version number, or an alias such as `production`.")],
+    credentials: Annotated[Credentials, Depends(bearer)],
+) -> Response:
+    # Admission first, before the key is even checked: under a load this process cannot
+    # serve, refusing costs next to nothing and the accepted calls keep a bounded latency.
+    # Only the event loop touches the count, so it needs no lock.
+    state = request.app.state
+    if state.predicts_in_flight >= state.context.settings.predict_max_in_flight:
+        state.inference_metrics.rejected_at_admission.inc()
         raise ApiError(
-            415,
-            "unsupported_media_type",
-            "Send multipart/form-data (field `images`) or application/json.",
+            503,
+            "overloaded",
+            "This server is working on as many predict calls as it can; retry shortly.",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
         )
+    state.predicts_in_flight += 1
+    try:
+        return await _predict(request, credentials, name, version)
+    finally:
+        state.predicts_in_flight -= 1
+
+
+async def _predict(request: Request, credentials: Credentials, name: str, version: str) -> Response:
+    # The lean path: one thread hop for the key and the version (cached), none for a loaded
+    # model, one for decoding, and the answer encoded by orjson without a response model pass.
+    loop = asyncio.get_running_loop()
+    resolve = partial(_resolve, request, credentials, name, version)
+    served = await loop.run_in_executor(resolve_pool(), resolve)
+    context: AppContext = request.app.state.context
+    content_type = request.headers.get("content-type", "")
+    try:
+        if content_type.startswith("multipart/form-data"):
+            images, top_k, task = await _read_multipart(request, context)
+        elif content_type.startswith("application/json"):
+            images, top_k, task = await _read_json(request, context)
+        else:
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                "Send multipart/form-data (field `images`) or application/json.",
+            )
+    except ClientDisconnect:
+        # The caller hung up mid-body: nobody reads an answer, and it is no server error.
+        return Response(status_code=400)
     started = time.perf_counter()
     cache: ModelCache = request.app.state.predictors
     metrics: InferenceMetrics = request.app.state.inference_metrics
-    labels = (version.model.name, version.id)
-    # Loading and decoding are CPU-bound: keep them off the event loop.
-    model = await run_in_threadpool(cache.get, version)
+    labels = (served.model_name, served.id)
+    # Loading is slow and CPU-bound: keep it off the event loop.
+    model = cache.peek(served)
+    if model is None:
+        model = await run_in_threadpool(cache.get, served)
     if task is not None and task not in model.tasks:
         raise ApiError(
             422,
@@ -194,17 +259,22 @@ async def predict(request: Request, version: VersionDep, context: ContextDep) ->
             param="task",
         )
     metrics.images.labels(*labels).inc(len(images))
-    results, good, inputs = await run_in_threadpool(
-        decode_images, model, images, limits=ingest_limits(context)
+    decoded = partial(
+        decode_images,
+        images,
+        image_size=model.preprocessing.image_size,
+        limits=ingest_limits(context),
     )
+    results, good, pixels = await loop.run_in_executor(decode_pool(), decoded)
     answered = task or list(model.tasks)[-1]
-    if inputs is not None:
-        probabilities = await _run_batch(cache, version, model, inputs)
+    if pixels is not None:
+        probabilities = await _run_batch(cache, served, model, pixels)
         fill_predictions(model, results, good, probabilities, task=answered, top_k=top_k)
     metrics.request_seconds.labels(*labels).observe(time.perf_counter() - started)
-    return PredictOut(
-        model=version.model.name,
-        version=version.version,
-        task=answered,
-        predictions=results,
-    )
+    body = {
+        "model": served.model_name,
+        "version": served.version,
+        "task": answered,
+        "predictions": results,
+    }
+    return Response(orjson.dumps(body), media_type="application/json")

@@ -1,42 +1,75 @@
 """Inference: loaded models in a memory-budgeted LRU cache, each behind a dynamic batcher.
 
-A predict call decodes and preprocesses its images on its own (thread pool) thread, then hands
-the tensors to the model's batcher. The batcher's one worker thread gathers waiting requests
-into a single forward pass (up to `batch_max_size` images, waiting at most `batch_max_delay_ms`
-for more), and answers each request with its rows. The queue in front of it is bounded: when it
-is full the call is refused at once (503), so no caller waits without bound.
+A predict call decodes and resizes its images in the decode pool (Pillow works outside the
+GIL), then hands their uint8 pixels to the model's batcher. The batcher's one worker thread
+gathers waiting requests into a single forward pass (up to `batch_max_size` images, waiting at
+most `batch_max_delay_ms` for more), normalises the whole batch in one operation, and answers
+each request with its rows. The queue in front of it is bounded: when it is full the call is
+refused at once (503), so no caller waits without bound.
+
+A version is served by ONNX Runtime when its `model.onnx` passed the publisher's parity check,
+by PyTorch otherwise; `LoadedModel.backend_reason` (and the `thaw_inference_backend` metric)
+says why a version runs in PyTorch.
 """
 
 import io
-import json
 import logging
+import os
 import queue
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from service.datasets.ingest import ImageRejectedError, IngestLimits, open_image
 from service.inference.metrics import InferenceMetrics
-from service.inference.schemas import ImageError, ImagePrediction, LabelScore
+from service.inference.resolution import ServedVersion
 from service.settings import Settings
 from service.storage import ArtifactStore
-from service.tables import ModelVersion
-from worker.engine import Predictor, preprocess
-from worker.engine.onnx_export import INPUT_NAME, ONNX_FILE, OUTPUT_NAME
+from worker.engine import Predictor
+from worker.engine.artifacts import (
+    ONNX_FILE,
+    ONNX_INPUT,
+    ONNX_OUTPUT,
+    ModelConfig,
+    Preprocessing,
+    read_model_config,
+)
+from worker.engine.predictor import image_pixels, normalise
 
 logger = logging.getLogger(__name__)
 
 # How long an idle batcher thread sleeps before checking whether it was shut down.
 IDLE_POLL_SECONDS = 0.5
+
+Prediction = dict[str, Any]
+"""One image's entry in a predict answer: `image`, and `top` or `error`."""
+
+
+RESOLVE_THREADS = 4
+"""Threads resolving predict calls' keys and versions: below SQLAlchemy's default pool of 5
+connections, so a burst of calls queues for them instead of opening overflow connections."""
+
+
+@cache
+def decode_pool() -> ThreadPoolExecutor:
+    """Image decoding and resizing, off the event loop (Pillow releases the GIL). One per
+    process, like the cores it shares out; apps started and stopped in it share it."""
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="decode")
+
+
+@cache
+def resolve_pool() -> ThreadPoolExecutor:
+    """The key check and version resolution of predict calls, one per process."""
+    return ThreadPoolExecutor(max_workers=RESOLVE_THREADS, thread_name_prefix="resolve")
 
 
 class QueueFullError(Exception):
@@ -54,20 +87,14 @@ class LoadedModel:
     tasks: dict[str, list[str]]
     """Labels per task, oldest first: one task, or several for a Learning-without-Forgetting
     model. The last is the newest, answered when a request names none."""
-    preprocessing: dict[str, Any]
+    preprocessing: Preprocessing
     backend: str
     nbytes: int
-    forward: Callable[[torch.Tensor], list[np.ndarray]]
-    """A batch of preprocessed images → per task, class probabilities with a row per image."""
+    forward: Callable[[np.ndarray], list[np.ndarray]]
+    """A normalised (N, 3, H, W) float32 batch → per task, class probabilities, a row per image."""
+    backend_reason: str | None = None
+    """Why this version runs in PyTorch rather than ONNX Runtime; None when it runs in ONNX."""
     batcher: "Batcher | None" = None
-
-    def prepare(self, image: Image.Image) -> torch.Tensor:
-        return preprocess(
-            image,
-            image_size=self.preprocessing["image_size"],
-            mean=self.preprocessing["mean"],
-            std=self.preprocessing["std"],
-        )
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -76,64 +103,91 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return result
 
 
-def load_model(model_dir: Path, *, version: ModelVersion, backend: str) -> LoadedModel:
-    """Load a version's artifacts with the requested backend, then warm it up."""
-    config = json.loads((model_dir / "config.json").read_text())
-    onnx_path = model_dir / ONNX_FILE
-    tasks = _tasks(config)
-    forward: Callable[[torch.Tensor], list[np.ndarray]]
-    # The ONNX graph holds the newest head only, so models that keep old tasks run in torch.
-    if backend == "onnx" and onnx_path.exists() and len(tasks) == 1:
+def choose_backend(
+    version: ServedVersion, config: ModelConfig, model_dir: Path, *, requested: str
+) -> tuple[str, str | None]:
+    """ONNX Runtime where the version's `model.onnx` passed its parity check, else PyTorch and
+    the reason."""
+    if requested == "torch":
+        return "torch", "THAW_INFERENCE_BACKEND is torch"
+    if len(config.tasks) > 1:
+        # The ONNX graph holds the newest head only; the old tasks' heads need PyTorch.
+        return "torch", f"the model answers {len(config.tasks)} tasks; model.onnx has one head"
+    onnx = version.exports.get("onnx")
+    if onnx is None:
+        return "torch", "no ONNX export at publish (THAW_ONNX_EXPORT was off)"
+    if not onnx.get("exported"):
+        return "torch", f"ONNX export did not pass: {onnx.get('reason')}"
+    if not (model_dir / ONNX_FILE).exists():
+        return "torch", f"{ONNX_FILE} is missing from the version's artifacts"
+    return "onnx", None
+
+
+def load_model(
+    model_dir: Path, *, version: ServedVersion, backend: str, threads: int
+) -> LoadedModel:
+    """Load a version's artifacts with the backend `choose_backend` picks, then warm it up."""
+    config = read_model_config(model_dir)
+    used, reason = choose_backend(version, config, model_dir, requested=backend)
+    forward: Callable[[np.ndarray], list[np.ndarray]]
+    if used == "onnx":
         import onnxruntime
 
-        session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        options = onnxruntime.SessionOptions()
+        # The batcher runs one pass at a time: intra-op threads are all the parallelism it
+        # can use, and spinning threads would take cores from the request path.
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = onnxruntime.InferenceSession(
+            str(model_dir / ONNX_FILE), options, providers=["CPUExecutionProvider"]
+        )
 
-        def forward(batch: torch.Tensor) -> list[np.ndarray]:
-            (logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})
+        def forward(batch: np.ndarray) -> list[np.ndarray]:
+            (logits,) = session.run([ONNX_OUTPUT], {ONNX_INPUT: batch})
             return [_softmax(np.asarray(logits))]
 
-        nbytes = onnx_path.stat().st_size
-        used = "onnx"
+        nbytes = (model_dir / ONNX_FILE).stat().st_size
     else:
+        # Process-wide; the API process's other torch work (previews) is light.
+        torch.set_num_threads(threads)
         predictor = Predictor.load(model_dir)
-        module = predictor.model
+        # Channels-last ran faster than the default layout at batch 1 and 32 in every
+        # bench/inference.py run (e.g. 248 against 188 images/s at batch 32, one thread);
+        # torch.compile was faster still but took minutes to compile, too long for a load.
+        module = predictor.model.to(memory_format=torch.channels_last)
 
-        def forward(batch: torch.Tensor) -> list[np.ndarray]:
+        def forward(batch: np.ndarray) -> list[np.ndarray]:
+            inputs = torch.from_numpy(batch).to(predictor.device)
             # Every head is a small layer on shared features: computing all of them lets one
             # batch serve requests for different tasks.
             with torch.inference_mode():
-                outputs = module.forward_tasks(batch.to(predictor.device))
+                outputs = module.forward_tasks(inputs.contiguous(memory_format=torch.channels_last))
                 return [logits.softmax(dim=1).cpu().numpy() for logits in outputs]
 
         nbytes = sum(
             t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()]
         )
-        used = "torch"
     loaded = LoadedModel(
         version_id=version.id,
-        name=version.model.name,
-        tasks=tasks,
-        preprocessing=config["preprocessing"],
+        name=version.model_name,
+        tasks=config.task_labels(),
+        preprocessing=config.preprocessing,
         backend=used,
+        backend_reason=reason,
         nbytes=nbytes,
         forward=forward,
     )
     # The first pass allocates and picks kernels; pay for it here, not in a caller's request.
-    size = int(loaded.preprocessing["image_size"])
-    loaded.forward(torch.zeros(1, 3, size, size))
+    size = loaded.preprocessing.image_size
+    loaded.forward(np.zeros((1, 3, size, size), dtype=np.float32))
     return loaded
-
-
-def _tasks(config: dict[str, Any]) -> dict[str, list[str]]:
-    listed = config.get("tasks") or [
-        {"name": config["plan"].get("task_name", "main"), "labels": config["labels"]}
-    ]
-    return {task["name"]: list(task["labels"]) for task in listed}
 
 
 @dataclass
 class _Request:
-    inputs: torch.Tensor
+    pixels: np.ndarray
+    """(N, H, W, 3) uint8, as `image_pixels` makes them."""
     future: Future[list[np.ndarray]] = field(default_factory=Future)
 
 
@@ -165,8 +219,8 @@ class Batcher:
         )
         self._thread.start()
 
-    def submit(self, inputs: torch.Tensor) -> Future[list[np.ndarray]]:
-        request = _Request(inputs)
+    def submit(self, pixels: np.ndarray) -> Future[list[np.ndarray]]:
+        request = _Request(pixels)
         with self._lock:
             if self._closed:
                 raise ModelUnloadedError(self.model.version_id)
@@ -200,18 +254,18 @@ class Batcher:
                         return
                 continue
             batch = [first]
-            count = len(first.inputs)
+            count = len(first.pixels)
             deadline = time.monotonic() + self.max_delay
             while count < self.max_size:
                 waiting = deadline - time.monotonic()
                 request = self._next(waiting) if waiting > 0 else self._next_nowait()
                 if request is None:
                     break
-                if count + len(request.inputs) > self.max_size:
+                if count + len(request.pixels) > self.max_size:
                     held = request  # would overflow this pass; it opens the next one
                     break
                 batch.append(request)
-                count += len(request.inputs)
+                count += len(request.pixels)
             self._depth.set(self._queue.qsize())
             self._forward(batch, count)
 
@@ -224,8 +278,10 @@ class Batcher:
     def _forward(self, batch: list[_Request], count: int) -> None:
         self._batch_size.observe(count)
         try:
-            inputs = batch[0].inputs if len(batch) == 1 else torch.cat([r.inputs for r in batch])
-            probabilities = self.model.forward(inputs)
+            pixels = (
+                batch[0].pixels if len(batch) == 1 else np.concatenate([r.pixels for r in batch])
+            )
+            probabilities = self.model.forward(normalise(pixels, self.model.preprocessing))
         except Exception as exc:
             logger.exception("forward pass of %s failed", self.model.version_id)
             for request in batch:
@@ -233,7 +289,7 @@ class Batcher:
             return
         start = 0
         for request in batch:
-            end = start + len(request.inputs)
+            end = start + len(request.pixels)
             request.future.set_result([task[start:end] for task in probabilities])
             start = end
 
@@ -252,8 +308,16 @@ class ModelCache:
         # One lock per version being loaded, so concurrent first calls load it once.
         self._loading: dict[str, threading.Lock] = {}
 
-    def get(self, version: ModelVersion) -> LoadedModel:
-        labels = (version.model.name, version.id)
+    def peek(self, version: ServedVersion) -> LoadedModel | None:
+        """The loaded model, or None when it needs loading (`get`, off the event loop)."""
+        with self._lock:
+            model = self._hit(version.id)
+        if model is not None:
+            self.metrics.cache_hits.labels(version.model_name, version.id).inc()
+        return model
+
+    def get(self, version: ServedVersion) -> LoadedModel:
+        labels = (version.model_name, version.id)
         with self._lock:
             model = self._hit(version.id)
             if model is not None:
@@ -271,6 +335,7 @@ class ModelCache:
                 self.store.local_path(version.artifact_prefix),
                 version=version,
                 backend=self.settings.inference_backend,
+                threads=self.settings.resolved_inference_threads,
             )
             model.batcher = Batcher(
                 model,
@@ -280,7 +345,14 @@ class ModelCache:
                 metrics=self.metrics,
             )
             self.metrics.cache_loads.labels(*labels).inc()
-            logger.info("loaded %s (%s, %d bytes)", version.id, model.backend, model.nbytes)
+            self.metrics.backend.labels(*labels, model.backend, model.backend_reason or "").set(1)
+            logger.info(
+                "loaded %s (%s%s, %d bytes)",
+                version.id,
+                model.backend,
+                f": {model.backend_reason}" if model.backend_reason else "",
+                model.nbytes,
+            )
             with self._lock:
                 self._loaded[version.id] = model
                 self._shrink()
@@ -310,6 +382,9 @@ class ModelCache:
         if model.batcher is not None:
             model.batcher.stop()
         self.metrics.cache_evictions.labels(model.name, model.version_id).inc()
+        self.metrics.backend.remove(
+            model.name, model.version_id, model.backend, model.backend_reason or ""
+        )
         logger.info("unloaded %s", model.version_id)
 
     def evict(self, version_id: str) -> None:
@@ -331,31 +406,33 @@ class ModelCache:
 
 
 def decode_images(
-    model: LoadedModel, images: list[tuple[str, bytes | None]], *, limits: IngestLimits
-) -> tuple[list[ImagePrediction], list[int], torch.Tensor | None]:
-    """Per-image results (errors filled in), the indexes that decoded, and their batch.
+    images: list[tuple[str, bytes | None]], *, image_size: int, limits: IngestLimits
+) -> tuple[list[Prediction], list[int], np.ndarray | None]:
+    """Per-image results (errors filled in), the indexes that decoded, and their pixels.
 
     An entry whose bytes are None was already found unreadable (bad base64)."""
-    results = [ImagePrediction(image=name) for name, _ in images]
+    results: list[Prediction] = [{"image": name, "top": None, "error": None} for name, _ in images]
     good: list[int] = []
-    tensors: list[torch.Tensor] = []
+    pixels: list[np.ndarray] = []
     for index, (_, data) in enumerate(images):
         if data is None:
-            results[index].error = ImageError(
-                code="invalid_base64", message="`data` is not valid base64."
-            )
+            results[index]["error"] = {
+                "code": "invalid_base64",
+                "message": "`data` is not valid base64.",
+            }
             continue
         try:
-            tensors.append(model.prepare(open_image(io.BytesIO(data), limits)))
+            with open_image(io.BytesIO(data), limits) as image:
+                pixels.append(image_pixels(image, image_size))
             good.append(index)
         except ImageRejectedError as exc:
-            results[index].error = ImageError(code=exc.code, message=exc.reason)
-    return results, good, (torch.stack(tensors) if tensors else None)
+            results[index]["error"] = {"code": exc.code, "message": exc.reason}
+    return results, good, (np.stack(pixels) if pixels else None)
 
 
 def fill_predictions(
     model: LoadedModel,
-    results: list[ImagePrediction],
+    results: list[Prediction],
     good: list[int],
     probabilities: list[np.ndarray],
     *,
@@ -367,4 +444,6 @@ def fill_predictions(
     k = max(1, min(top_k, len(labels)))
     for index, row in zip(good, rows, strict=True):
         top = np.argsort(-row, kind="stable")[:k]
-        results[index].top = [LabelScore(label=labels[i], probability=float(row[i])) for i in top]
+        results[index]["top"] = [
+            {"label": labels[i], "probability": float(row[i])} for i in top.tolist()
+        ]

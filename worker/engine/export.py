@@ -7,13 +7,12 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from .model import WEIGHTS_FILE
-from .plan import CONFIG_FILE, Plan
+from .artifacts import CONFIG_FILE, FORMAT, WEIGHTS_FILE
+from .plan import Plan
 from .train import TrainingResult
 from .zoo import get_base_model_info
 
-FORMAT = "thaw/1"
-
+# The names are re-exported for callers that write or check exported folders.
 __all__ = ["CONFIG_FILE", "FORMAT", "WEIGHTS_FILE", "export_model", "model_config"]
 
 

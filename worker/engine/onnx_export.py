@@ -10,11 +10,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .artifacts import ONNX_INPUT, ONNX_OUTPUT
+
 logger = logging.getLogger(__name__)
 
-ONNX_FILE = "model.onnx"
-INPUT_NAME = "images"
-OUTPUT_NAME = "logits"
 PARITY_TOLERANCE = 1e-4
 # Batch sizes the parity check runs: 1 and more than 1, so the dynamic batch axis is exercised.
 PARITY_BATCHES = (1, 4)
@@ -61,9 +60,9 @@ def export_onnx(
                 model,
                 (samples[0].to(device),),
                 str(out_path),
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                input_names=[ONNX_INPUT],
+                output_names=[ONNX_OUTPUT],
+                dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}},
                 opset_version=17,
                 dynamo=False,
             )
@@ -74,7 +73,7 @@ def export_onnx(
         for batch in samples:
             with torch.no_grad():
                 expected = model(batch.to(device)).cpu().numpy()
-            (actual,) = session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})
+            (actual,) = session.run([ONNX_OUTPUT], {ONNX_INPUT: batch.numpy()})
             max_diff = max(max_diff, float(np.abs(np.asarray(actual) - expected).max()))
     except Exception as exc:
         logger.warning("ONNX export failed: %s: %s", type(exc).__name__, exc)

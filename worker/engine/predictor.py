@@ -5,35 +5,52 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Self
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from safetensors.torch import load_file
 
-from .data import preprocess
-from .export import CONFIG_FILE, FORMAT, WEIGHTS_FILE
+from .artifacts import CONFIG_FILE, WEIGHTS_FILE, ModelConfig, Preprocessing, parse_model_config
 from .model import TransferModel, build_model
 from .plan import Plan
+
+
+def image_pixels(image: Image.Image, image_size: int) -> np.ndarray:
+    """An image as the model's (image_size, image_size, 3) uint8 RGB input, before normalising.
+
+    The same steps as training's `data.preprocess` (upright by EXIF, RGB, bilinear squash), split
+    so that a batch is normalised in one operation (`normalise`) instead of image by image.
+    """
+    upright = ImageOps.exif_transpose(image)
+    resized = upright.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.uint8)
+
+
+def normalise(pixels: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
+    """(N, H, W, 3) uint8 → (N, 3, H, W) float32, normalised as training's `preprocess` does:
+    the same float32 operations in the same order, so the values are identical."""
+    scaled = pixels.astype(np.float32) / np.float32(255)
+    mean = np.asarray(preprocessing.mean, dtype=np.float32)
+    std = np.asarray(preprocessing.std, dtype=np.float32)
+    return np.ascontiguousarray(((scaled - mean) / std).transpose(0, 3, 1, 2))
 
 
 class Predictor:
     def __init__(self, model: TransferModel, config: dict[str, Any], device: torch.device) -> None:
         self.model = model
         self.config = config
+        """`config.json` as written; `exported` is the same, read."""
         self.device = device
-        self.labels: list[str] = config["labels"]
+        self.exported: ModelConfig = parse_model_config(config)
+        self.labels: list[str] = list(self.exported.labels)
         """The default (newest) task's labels."""
-        own_task = {"name": config["plan"].get("task_name", "main"), "labels": self.labels}
-        tasks = config.get("tasks") or [own_task]
-        self.tasks: dict[str, list[str]] = {task["name"]: task["labels"] for task in tasks}
+        self.tasks: dict[str, list[str]] = self.exported.task_labels()
         """Labels per task name, oldest first; a single-task model has just its own."""
-        self._preprocessing = config["preprocessing"]
 
     @classmethod
     def load(cls, model_dir: Path, device: str = "cpu") -> Self:
         config = json.loads((model_dir / CONFIG_FILE).read_text())
-        if config.get("format") != FORMAT:
-            raise ValueError(f"{model_dir}: unsupported model format {config.get('format')!r}")
-        plan = Plan.from_dict(config["plan"])
+        plan = Plan.from_dict(parse_model_config(config, source=str(model_dir)).plan)
         # The exported weights replace everything, so no ImageNet weights are needed here.
         model = build_model(plan, weights_dir=None, pretrained=False)
         model.load_state_dict(load_file(model_dir / WEIGHTS_FILE), strict=True)
@@ -55,18 +72,10 @@ class Predictor:
         labels = self.tasks[names[index]]
         if not images:
             return []
-        batch = torch.stack(
-            [
-                preprocess(
-                    image,
-                    image_size=self._preprocessing["image_size"],
-                    mean=self._preprocessing["mean"],
-                    std=self._preprocessing["std"],
-                )
-                for image in images
-            ]
-        ).to(self.device)
-        with torch.no_grad():
+        preprocessing = self.exported.preprocessing
+        pixels = np.stack([image_pixels(image, preprocessing.image_size) for image in images])
+        batch = torch.from_numpy(normalise(pixels, preprocessing)).to(self.device)
+        with torch.inference_mode():
             logits = self.model.forward_tasks(batch)[index]
         probabilities = logits.softmax(dim=1)
         k = max(1, min(top_k, len(labels)))

@@ -1,0 +1,121 @@
+"""The export format, in one place: the files of an exported model folder, the names of its
+ONNX graph's input and output, and the reading of its `config.json` into a typed object.
+
+The writer is `export.py` (and `onnx_export.py` for `model.onnx`); the readers are the
+predictor, the inference service and the worker. Standard library only, so anything may import
+it without the training stack.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FORMAT = "thaw/1"
+"""The `format` field of `config.json` (and the safetensors metadata) this code reads and writes."""
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.safetensors"
+ONNX_FILE = "model.onnx"
+LABELS_FILE = "labels.json"
+CARD_FILE = "card.md"
+
+ONNX_INPUT = "images"
+ONNX_OUTPUT = "logits"
+"""The ONNX graph's one input (a float batch, NCHW, preprocessed) and one output (the newest
+task's logits)."""
+
+
+class ModelConfigError(ValueError):
+    """A folder's `config.json` is missing, unreadable, or not a thaw model config."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images were prepared in training, and so must be prepared for inference."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize: str = "bilinear"
+    color: str = "RGB"
+
+
+@dataclass(frozen=True)
+class ExportedTask:
+    name: str
+    labels: tuple[str, ...]
+    head: dict[str, Any]
+    """The head's shape as the plan serialises it (`HeadConfig` fields)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """An exported model's `config.json`, read."""
+
+    tasks: tuple[ExportedTask, ...]
+    """Oldest first; the last is the model's own (newest) task, answered by default. A
+    Learning-without-Forgetting model keeps its parents' tasks before it."""
+    preprocessing: Preprocessing
+    plan: dict[str, Any]
+    """The training plan as `Plan.to_dict()` wrote it."""
+
+    @property
+    def newest(self) -> ExportedTask:
+        return self.tasks[-1]
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The newest task's labels."""
+        return self.newest.labels
+
+    def task_labels(self) -> dict[str, list[str]]:
+        """Labels per task name, oldest first."""
+        return {task.name: list(task.labels) for task in self.tasks}
+
+
+def parse_model_config(data: dict[str, Any], *, source: str = CONFIG_FILE) -> ModelConfig:
+    """Read a `config.json` already parsed as JSON; `source` names it in errors."""
+    if data.get("format") != FORMAT:
+        raise ModelConfigError(f"{source}: unsupported model format {data.get('format')!r}")
+    try:
+        plan: dict[str, Any] = data["plan"]
+        labels = tuple(data["labels"])
+        prep = data["preprocessing"]
+        preprocessing = Preprocessing(
+            image_size=int(prep["image_size"]),
+            mean=_triple(prep["mean"]),
+            std=_triple(prep["std"]),
+            resize=prep.get("resize", "bilinear"),
+            color=prep.get("color", "RGB"),
+        )
+        # Heads come from the plan; the listed `tasks` (present only with old tasks) give the
+        # labels in the order the model's heads answer them.
+        heads = {task["name"]: task["head"] for task in plan.get("old_tasks", ())}
+        own_name = plan.get("task_name", "main")
+        heads[own_name] = plan["head"]
+        listed = data.get("tasks") or [{"name": own_name, "labels": labels}]
+        tasks = tuple(
+            ExportedTask(name=task["name"], labels=tuple(task["labels"]), head=heads[task["name"]])
+            for task in listed
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise ModelConfigError(f"{source}: not a thaw model config ({error!r})") from None
+    return ModelConfig(tasks=tasks, preprocessing=preprocessing, plan=plan)
+
+
+def read_model_config(model_dir: Path) -> ModelConfig:
+    """Read `model_dir/config.json`; ModelConfigError names the file when it cannot."""
+    path = model_dir / CONFIG_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ModelConfigError(f"cannot read an exported model's {path}: {error}") from None
+    if not isinstance(data, dict):
+        raise ModelConfigError(f"{path}: not a thaw model config")
+    return parse_model_config(data, source=str(path))
+
+
+def _triple(values: Any) -> tuple[float, float, float]:
+    first, second, third = (float(value) for value in values)
+    return (first, second, third)
