@@ -27,14 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from service.datasets.ingest import ImageRejectedError, IngestLimits, open_image
 from service.inference.metrics import InferenceMetrics
 from service.inference.resolution import ServedVersion
 from service.settings import Settings
 from service.storage import ArtifactStore
-from worker.engine import Predictor
+from worker import engine
 from worker.engine.artifacts import (
     ONNX_FILE,
     ONNX_INPUT,
@@ -43,7 +42,7 @@ from worker.engine.artifacts import (
     Preprocessing,
     read_model_config,
 )
-from worker.engine.predictor import image_pixels, normalise
+from worker.engine.pixels import image_pixels, normalise
 
 logger = logging.getLogger(__name__)
 
@@ -149,25 +148,7 @@ def load_model(
 
         nbytes = (model_dir / ONNX_FILE).stat().st_size
     else:
-        # Process-wide; the API process's other torch work (previews) is light.
-        torch.set_num_threads(threads)
-        predictor = Predictor.load(model_dir)
-        # Channels-last ran faster than the default layout at batch 1 and 32 in every
-        # bench/inference.py run (e.g. 248 against 188 images/s at batch 32, one thread);
-        # torch.compile was faster still but took minutes to compile, too long for a load.
-        module = predictor.model.to(memory_format=torch.channels_last)
-
-        def forward(batch: np.ndarray) -> list[np.ndarray]:
-            inputs = torch.from_numpy(batch).to(predictor.device)
-            # Every head is a small layer on shared features: computing all of them lets one
-            # batch serve requests for different tasks.
-            with torch.inference_mode():
-                outputs = module.forward_tasks(inputs.contiguous(memory_format=torch.channels_last))
-                return [logits.softmax(dim=1).cpu().numpy() for logits in outputs]
-
-        nbytes = sum(
-            t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()]
-        )
+        forward, nbytes = _torch_forward(model_dir, threads)
     loaded = LoadedModel(
         version_id=version.id,
         name=version.model_name,
@@ -182,6 +163,34 @@ def load_model(
     size = loaded.preprocessing.image_size
     loaded.forward(np.zeros((1, 3, size, size), dtype=np.float32))
     return loaded
+
+
+def _torch_forward(
+    model_dir: Path, threads: int
+) -> tuple[Callable[[np.ndarray], list[np.ndarray]], int]:
+    """The PyTorch forward pass of a version, and the bytes its weights take."""
+    # Imported here, as onnxruntime is above: an API process that serves only ONNX versions
+    # never loads torch.
+    import torch
+
+    # Process-wide; the API process's other torch work (previews) is light.
+    torch.set_num_threads(threads)
+    predictor = engine.Predictor.load(model_dir)
+    # Channels-last ran faster than the default layout at batch 1 and 32 in every
+    # bench/inference.py run (e.g. 248 against 188 images/s at batch 32, one thread);
+    # torch.compile was faster still but took minutes to compile, too long for a load.
+    module = predictor.model.to(memory_format=torch.channels_last)
+
+    def forward(batch: np.ndarray) -> list[np.ndarray]:
+        inputs = torch.from_numpy(batch).to(predictor.device)
+        # Every head is a small layer on shared features: computing all of them lets one
+        # batch serve requests for different tasks.
+        with torch.inference_mode():
+            outputs = module.forward_tasks(inputs.contiguous(memory_format=torch.channels_last))
+            return [logits.softmax(dim=1).cpu().numpy() for logits in outputs]
+
+    nbytes = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+    return forward, nbytes
 
 
 @dataclass

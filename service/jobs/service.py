@@ -29,6 +29,7 @@ from service.models.service import resolve_version
 from service.queues import CPU_QUEUE, GPU_QUEUE, TRAIN_TASK
 from service.tables import Dataset, Job, JobEvent, ModelVersion, RegisteredModel, Tenant
 from worker import engine
+from worker.engine.artifacts import CONFIG_FILE, parse_model_config
 from worker.engine.spec import decode
 
 if TYPE_CHECKING:
@@ -149,9 +150,9 @@ def resolve_plan(
 
 def _parent_model(context: AppContext, version: ModelVersion) -> ParentModel:
     """A registered version as the engine's parent: its files' place and its config as data."""
-    config_key = f"{version.artifact_prefix}/{engine.CONFIG_FILE}"
+    config_key = f"{version.artifact_prefix}/{CONFIG_FILE}"
     try:
-        config = json.loads(context.store.get_bytes(config_key))
+        config = parse_model_config(json.loads(context.store.get_bytes(config_key)))
     except (OSError, ValueError) as error:
         raise ApiError(
             409,

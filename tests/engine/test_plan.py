@@ -17,6 +17,7 @@ from worker.engine import (
     describe_plan,
     get_base_model_info,
 )
+from worker.engine.artifacts import ModelConfig, Preprocessing
 
 RESNET_GROUPS = ("stem", "layer1", "layer2", "layer3", "layer4", "head")
 
@@ -327,12 +328,18 @@ def test_fixed_size_models_refuse_other_sizes(make_config: Callable[..., Transfe
         )
 
 
+NO_CONFIG = ModelConfig(
+    tasks=(), preprocessing=Preprocessing(image_size=64, mean=(0, 0, 0), std=(1, 1, 1)), plan={}
+)
+"""A parent the scratch check refuses before reading anything of it."""
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
         ({"strategy": "lwf"}, "lwf strategy needs parent_dir"),
         (
-            {"strategy": "scratch", "parent": ParentModel(location="/nowhere", config={})},
+            {"strategy": "scratch", "parent": ParentModel(location="/nowhere", config=NO_CONFIG)},
             "scratch strategy starts",
         ),
         ({"strategy": "fine_tune", "parent_dir": Path("/nowhere")}, "parent_dir: cannot read"),

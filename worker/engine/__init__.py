@@ -29,7 +29,6 @@ if TYPE_CHECKING:
         set_batchnorm_mode,
     )
     from .plan import (
-        CONFIG_FILE,
         ParentModel,
         Plan,
         Stage,
@@ -64,7 +63,6 @@ _HOMES = {
         "set_batchnorm_mode",
     ),
     "plan": (
-        "CONFIG_FILE",
         "ParentModel",
         "Plan",
         "Stage",

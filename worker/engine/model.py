@@ -7,12 +7,11 @@ from typing import Any, Self
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from .artifacts import WEIGHTS_FILE
 from .plan import HEAD, OLD_HEADS, HeadConfig, Plan, Stage, steps_per_epoch
 from .zoo import Backbone, build_backbone
 
 logger = logging.getLogger(__name__)
-
-WEIGHTS_FILE = "weights.safetensors"
 
 
 def build_head(feature_dim: int, config: HeadConfig, num_classes: int) -> nn.Sequential:

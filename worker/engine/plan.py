@@ -6,12 +6,12 @@ Every preset compiles to stages, and so do stages a user writes out. The trainin
 executes plans, so what will happen can be shown (`describe_plan`) before anything runs.
 """
 
-import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .artifacts import ModelConfig, ModelConfigError, read_model_config
 from .spec import (
     ALL,
     MAX_IMAGE_SIZE,
@@ -31,7 +31,6 @@ HEAD = "head"
 OLD_HEADS = "old_heads"
 """The group holding a parent's heads in an LwF model (the tasks it must not forget)."""
 TOP = "top:"
-CONFIG_FILE = "config.json"
 DEFAULT_TASK = "main"
 
 
@@ -41,17 +40,14 @@ class ParentModel:
     `config.json` as data, so that compiling a plan reads nothing."""
 
     location: str
-    config: dict[str, Any]
+    config: ModelConfig
 
     @classmethod
     def from_folder(cls, folder: Path) -> "ParentModel":
-        path = folder / CONFIG_FILE
         try:
-            config: dict[str, Any] = json.loads(path.read_text())
-        except (OSError, ValueError) as error:
-            raise ValueError(
-                f"parent_dir: cannot read an exported model's {path}: {error}"
-            ) from None
+            config = read_model_config(folder)
+        except ModelConfigError as error:
+            raise ValueError(f"parent_dir: {error}") from None
         return cls(location=str(folder), config=config)
 
 
@@ -229,12 +225,11 @@ class _Base:
         return (*self.backbone_groups, *self.head_groups)
 
 
-def parent_tasks(config: dict[str, Any]) -> tuple[TaskInfo, ...]:
+def parent_tasks(config: ModelConfig) -> tuple[TaskInfo, ...]:
     """Every task an exported model answers, oldest first; its own head is the last."""
-    plan = Plan.from_dict(config["plan"])
-    return (
-        *plan.old_tasks,
-        TaskInfo(name=plan.task_name, labels=tuple(config["labels"]), head=plan.head),
+    return tuple(
+        TaskInfo(name=task.name, labels=task.labels, head=decode(HeadConfig, task.head))
+        for task in config.tasks
     )
 
 
@@ -256,9 +251,7 @@ def _resolve_base(config: TransferConfig) -> _Base:
             old_tasks=(),
         )
     parent = config.parent.config
-    if "plan" not in parent or "labels" not in parent:
-        raise ValueError(f"parent_dir: {config.parent.location} holds no thaw model config")
-    parent_plan = Plan.from_dict(parent["plan"])
+    parent_plan = Plan.from_dict(parent.plan)
     info = get_base_model_info(parent_plan.base_model)
     old_tasks = parent_tasks(parent) if config.strategy == "lwf" else ()
     clash = [task.name for task in old_tasks if task.name == _task_name(config)]

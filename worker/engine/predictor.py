@@ -7,32 +7,13 @@ from typing import Any, Self
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from safetensors.torch import load_file
 
-from .artifacts import CONFIG_FILE, WEIGHTS_FILE, ModelConfig, Preprocessing, parse_model_config
+from .artifacts import CONFIG_FILE, WEIGHTS_FILE, ModelConfig, parse_model_config
 from .model import TransferModel, build_model
+from .pixels import image_pixels, normalise
 from .plan import Plan
-
-
-def image_pixels(image: Image.Image, image_size: int) -> np.ndarray:
-    """An image as the model's (image_size, image_size, 3) uint8 RGB input, before normalising.
-
-    The same steps as training's `data.preprocess` (upright by EXIF, RGB, bilinear squash), split
-    so that a batch is normalised in one operation (`normalise`) instead of image by image.
-    """
-    upright = ImageOps.exif_transpose(image)
-    resized = upright.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
-    return np.asarray(resized, dtype=np.uint8)
-
-
-def normalise(pixels: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
-    """(N, H, W, 3) uint8 → (N, 3, H, W) float32, normalised as training's `preprocess` does:
-    the same float32 operations in the same order, so the values are identical."""
-    scaled = pixels.astype(np.float32) / np.float32(255)
-    mean = np.asarray(preprocessing.mean, dtype=np.float32)
-    std = np.asarray(preprocessing.std, dtype=np.float32)
-    return np.ascontiguousarray(((scaled - mean) / std).transpose(0, 3, 1, 2))
 
 
 class Predictor:
