@@ -168,6 +168,10 @@ class _Forward(Response):
         await self.forward_scope["app"](self.forward_scope, receive, send)
 
 
+def _own_origin(request: Request) -> str:
+    return f"{request.url.scheme}://{request.headers.get('host', request.url.netloc)}"
+
+
 @router.api_route("/api/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
 def api_bridge(
     path: str, request: Request, thaw_key: Annotated[str | None, Cookie()] = None
@@ -176,6 +180,11 @@ def api_bridge(
         # A custom header cannot be sent cross-site without a CORS preflight we never grant:
         # a second wall against forged requests, behind the SameSite cookie.
         return Response("missing X-Thaw-UI header", status_code=403)
+    origin = request.headers.get("origin")
+    if request.method in UNSAFE_METHODS and origin is not None and origin != _own_origin(request):
+        # A third wall: should a browser ever let another site send the header, its Origin
+        # still names that site.
+        return Response("cross-origin request refused", status_code=403)
     headers = [
         (name, value)
         for name, value in request.scope["headers"]
