@@ -44,18 +44,39 @@ def create_key(env: dict[str, str], tenant: str) -> dict[str, str]:
 def running(
     command: list[str], env: dict[str, str], log: Path
 ) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a process for the block's duration, then stop it as an operator does (Ctrl-C).
+
+    A process still running at the end must shut down cleanly: exit code 0 within 30 s, or
+    the test fails with the end of its log. One that exited earlier (a test killed it on
+    purpose) is the test's to check."""
     with log.open("wb") as out:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
             yield process
-        finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGINT)
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+        except BaseException:
+            stop(process)
+            raise
+        if process.poll() is not None:
+            return
+        code = stop(process)
+    if code != 0:
+        pytest.fail(
+            f"{' '.join(command[-4:])} did not shut down cleanly (exit code {code}):\n"
+            + log.read_text(errors="replace")[-3000:]
+        )
+
+
+def stop(process: subprocess.Popen[bytes]) -> int | None:
+    """SIGINT, then SIGKILL after 30 s; the exit code of a clean stop, None if it was killed."""
+    if process.poll() is not None:
+        return process.returncode
+    process.send_signal(signal.SIGINT)
+    try:
+        return process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        return None
 
 
 def wait_ready(base: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 90) -> None:
