@@ -42,9 +42,14 @@ def create_key(env: dict[str, str], tenant: str) -> dict[str, str]:
 
 @contextmanager
 def running(
-    command: list[str], env: dict[str, str], log: Path
+    command: list[str],
+    env: dict[str, str],
+    log: Path,
+    stop_signal: signal.Signals = signal.SIGINT,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Run a process for the block's duration, then stop it as an operator does (Ctrl-C).
+    """Run a process for the block's duration, then stop it as its operator does: Ctrl-C for
+    the API (uvicorn exits 0 on it, and re-raises SIGTERM), SIGTERM for a Celery worker (it
+    takes Ctrl-C for a failure and exits 1).
 
     A process still running at the end must shut down cleanly: exit code 0 within 30 s, or
     the test fails with the end of its log. One that exited earlier (a test killed it on
@@ -54,11 +59,11 @@ def running(
         try:
             yield process
         except BaseException:
-            stop(process)
+            stop(process, stop_signal)
             raise
         if process.poll() is not None:
             return
-        code = stop(process)
+        code = stop(process, stop_signal)
     if code != 0:
         pytest.fail(
             f"{' '.join(command[-4:])} did not shut down cleanly (exit code {code}):\n"
@@ -66,11 +71,11 @@ def running(
         )
 
 
-def stop(process: subprocess.Popen[bytes]) -> int | None:
-    """SIGINT, then SIGKILL after 30 s; the exit code of a clean stop, None if it was killed."""
+def stop(process: subprocess.Popen[bytes], stop_signal: signal.Signals) -> int | None:
+    """The signal, then SIGKILL after 30 s; the exit code of a clean stop, None if killed."""
     if process.poll() is not None:
         return process.returncode
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop_signal)
     try:
         return process.wait(timeout=30)
     except subprocess.TimeoutExpired:
