@@ -29,6 +29,8 @@ BODIES: dict[tuple[str, str], dict[str, Any]] = {
     },
     ("post", "/v1/jobs"): {"json": {}},
     ("post", "/v1/jobs/plan"): {"json": {}},
+    # The transferability endpoint (on main, not yet on this branch): its defaults suffice.
+    ("post", "/v1/datasets/{dataset_id}/transferability"): {"json": {}},
 }
 
 
