@@ -30,6 +30,9 @@ def thaw_env(data_dir: Path, **extra: str) -> dict[str, str]:
 
 
 def create_key(env: dict[str, str], tenant: str) -> dict[str, str]:
+    """An API key, made as an operator makes the first one: migrate, then `thaw keys create`
+    (which refuses a database that has no tables)."""
+    subprocess.run([*THAW, "migrate"], env=env, capture_output=True, check=True)
     done = subprocess.run(
         [*THAW, "keys", "create", "--tenant", tenant],
         env=env,
