@@ -76,14 +76,42 @@ def redis_url() -> str:
     return REDIS_URL
 
 
+ON_POSTGRES_TOO = "on_postgres_too"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{ON_POSTGRES_TOO}: run an API test on Postgres as well as SQLite, for the job "
+        "lifecycle and its conditional updates, which SQLite's whole-file lock cannot race",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    marked = metafunc.definition.get_closest_marker(ON_POSTGRES_TOO)
+    if marked and "job_database" in metafunc.fixturenames:
+        metafunc.parametrize("job_database", ["sqlite", "postgresql"], indirect=True)
+
+
+@pytest.fixture
+def job_database(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """The API's database: SQLite in the data folder (None), or a fresh Postgres database."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        yield None
+        return
+    with fresh_postgres_database() as url:
+        yield url
+
+
 def make_settings(data_dir: Path, **overrides: Any) -> Settings:
     return Settings(data_dir=data_dir, reaper_interval_seconds=3600, **overrides)
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    """Embedded settings (SQLite, folder store, folder broker) in a fresh data folder."""
-    settings = make_settings(tmp_path / "data")
+def settings(tmp_path: Path, job_database: str | None) -> Settings:
+    """Embedded settings (folder store, folder broker) in a fresh data folder, on SQLite, or
+    on Postgres too for tests marked `on_postgres_too`."""
+    settings = make_settings(tmp_path / "data", database_url=job_database)
     migrate_database(settings)
     return settings
 

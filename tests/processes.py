@@ -30,6 +30,9 @@ def thaw_env(data_dir: Path, **extra: str) -> dict[str, str]:
 
 
 def create_key(env: dict[str, str], tenant: str) -> dict[str, str]:
+    """An API key, made as an operator makes the first one: migrate, then `thaw keys create`
+    (which refuses a database that has no tables)."""
+    subprocess.run([*THAW, "migrate"], env=env, capture_output=True, check=True)
     done = subprocess.run(
         [*THAW, "keys", "create", "--tenant", tenant],
         env=env,
@@ -42,20 +45,46 @@ def create_key(env: dict[str, str], tenant: str) -> dict[str, str]:
 
 @contextmanager
 def running(
-    command: list[str], env: dict[str, str], log: Path
+    command: list[str],
+    env: dict[str, str],
+    log: Path,
+    stop_signal: signal.Signals = signal.SIGINT,
 ) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a process for the block's duration, then stop it as its operator does: Ctrl-C for
+    the API (uvicorn exits 0 on it, and re-raises SIGTERM), SIGTERM for a Celery worker (it
+    takes Ctrl-C for a failure and exits 1).
+
+    A process still running at the end must shut down cleanly: exit code 0 within 30 s, or
+    the test fails with the end of its log. One that exited earlier (a test killed it on
+    purpose) is the test's to check."""
     with log.open("wb") as out:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
             yield process
-        finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGINT)
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+        except BaseException:
+            stop(process, stop_signal)
+            raise
+        if process.poll() is not None:
+            return
+        code = stop(process, stop_signal)
+    if code != 0:
+        pytest.fail(
+            f"{' '.join(command[-4:])} did not shut down cleanly (exit code {code}):\n"
+            + log.read_text(errors="replace")[-3000:]
+        )
+
+
+def stop(process: subprocess.Popen[bytes], stop_signal: signal.Signals) -> int | None:
+    """The signal, then SIGKILL after 30 s; the exit code of a clean stop, None if killed."""
+    if process.poll() is not None:
+        return process.returncode
+    process.send_signal(stop_signal)
+    try:
+        return process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        return None
 
 
 def wait_ready(base: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 90) -> None:

@@ -1,8 +1,8 @@
 """The dashboard in a real browser (Debian's chromium driven by Playwright): sign in, upload a
 dataset, start a job, watch its curves update live, classify an image on the predict page.
 
-Screenshots go to test-artifacts/. Without a browser the test skips, or fails under
-THAW_REQUIRE_SERVICES=1 (CI installs chromium in .ci/run)."""
+Screenshots go to test-artifacts/. Without Playwright or a browser the test skips, or fails
+under THAW_REQUIRE_SERVICES=1 (CI installs chromium in .ci/run)."""
 
 import re
 from pathlib import Path
@@ -27,13 +27,19 @@ ARGS = [
 ]
 
 
+def browser_missing(message: str) -> None:
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{message} (THAW_REQUIRE_SERVICES=1)")
+    pytest.skip(message)
+
+
 def test_dashboard_end_to_end(server: Server, tmp_path: Path) -> None:
-    playwright_api = pytest.importorskip("playwright.sync_api")
+    try:
+        import playwright.sync_api as playwright_api
+    except ImportError as exc:
+        browser_missing(f"Playwright cannot be imported: {exc}")
     if not CHROMIUM.exists():
-        message = f"no browser at {CHROMIUM} (apt-get install chromium)"
-        if REQUIRE_SERVICES:
-            pytest.fail(f"{message} (THAW_REQUIRE_SERVICES=1)")
-        pytest.skip(message)
+        browser_missing(f"no browser at {CHROMIUM} (apt-get install chromium)")
     pool, _ = digits_split()
     archive = tmp_path / "browser-digits.zip"
     archive.write_bytes(zip_of_classes([item for item in pool if item[1] < 3][:45]))

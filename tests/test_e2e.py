@@ -7,6 +7,7 @@
 Each uploads sklearn's digits (minus a held-out set), fine-tunes a pretrained EfficientNet-Lite0,
 and classifies the held-out digits through the predict endpoint."""
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -100,7 +101,7 @@ def test_fleet_processes_on_postgres_and_redis(
         str(port),
     ]
     with (
-        running([*THAW, "worker", "--queues", "cpu,datasets"], env, worker_log),
+        running([*THAW, "worker", "--queues", "cpu,datasets"], env, worker_log, signal.SIGTERM),
         running([sys.executable, "-m", *api], env, api_log) as server,
     ):
         wait_ready(base, server, api_log)
@@ -124,7 +125,9 @@ def test_embedded_serve_survives_restart(tmp_path: Path) -> None:
             job_id, accuracy = train_and_predict(client)
             assert accuracy >= 0.85
             version = client.get("/v1/models/digits/versions/1").json()
-    assert server.returncode is not None
+    # `running` stopped it as an operator would; a crash on the way out would
+    # leave the restart below to start from whatever it left behind.
+    assert server.returncode == 0
 
     with running(serve, env, tmp_path / "serve2.log") as server:
         wait_ready(base, server, tmp_path / "serve2.log")

@@ -2,7 +2,6 @@
 
 import json
 import threading
-import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -43,17 +42,29 @@ def test_stream_follows_a_job_to_its_end_and_resumes(
 ) -> None:
     dataset_id = ready_dataset(client, context, auth, classes=2, per_class=10)
     job = client.post("/v1/jobs", headers=auth, json=small_spec(dataset_id)).json()
-    # The worker starts once the stream is open, so the stream sees the job live from queued.
-    worker = threading.Timer(1.0, jobs.execute, args=(context,), kwargs={"job_id": job["id"]})
-    worker.start()
-    started = time.monotonic()
-    response = client.get(f"/v1/jobs/{job['id']}/events/stream", headers=auth)
+    worker = threading.Thread(target=jobs.execute, args=(context,), kwargs={"job_id": job["id"]})
+
+    async def follow() -> list[str]:
+        chunks: list[str] = []
+        async for chunk in stream.job_event_stream(context, job_id=job["id"], after=0):
+            chunks.append(chunk)
+            if chunk.startswith("event: progress") and worker.ident is None:
+                # The stream has shown the job queued and is waiting on it: only now does the
+                # worker start, so everything after this the stream must see live.
+                assert '"status":"queued"' in chunk, chunk
+                worker.start()
+        return chunks
+
+    live = parse_sse("".join(anyio.run(follow)))
     worker.join()
+    response = client.get(f"/v1/jobs/{job['id']}/events/stream", headers=auth)
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/event-stream")
     assert response.text.startswith("retry: ")
-    assert time.monotonic() - started > 1.0  # it waited for the job instead of ending early
     messages = parse_sse(response.text)
+    replayed = [m for m in messages if "id" in m]
+    assert replayed == [m for m in live if "id" in m], "the replay is what the live stream sent"
+    messages = live
 
     stored = [m for m in messages if "id" in m]
     assert [m["event"] for m in stored] == ["status", "status", "epoch", "epoch", "status"]

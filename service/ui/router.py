@@ -8,6 +8,7 @@ so the key never reaches JavaScript and the API itself keeps accepting bearer to
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Cookie, Depends, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -179,6 +180,12 @@ class _Forward(Response):
         await self.forward_scope["app"](self.forward_scope, receive, send)
 
 
+def _from_another_site(request: Request) -> bool:
+    # Hosts only: behind a TLS-terminating proxy the page's https origin reaches us as http.
+    origin = request.headers.get("origin")
+    return origin is not None and urlsplit(origin).netloc != request.headers.get("host")
+
+
 @router.api_route("/api/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
 def api_bridge(
     path: str, request: Request, thaw_key: Annotated[str | None, Cookie()] = None
@@ -187,6 +194,10 @@ def api_bridge(
         # A custom header cannot be sent cross-site without a CORS preflight we never grant:
         # a second wall against forged requests, behind the SameSite cookie.
         return Response("missing X-Thaw-UI header", status_code=403)
+    if request.method in UNSAFE_METHODS and _from_another_site(request):
+        # A third wall: should a browser ever let another site send the header, its Origin
+        # still names that site.
+        return Response("cross-origin request refused", status_code=403)
     headers = [
         (name, value)
         for name, value in request.scope["headers"]

@@ -81,7 +81,7 @@ class Fleet:
         name = f"w{len(self.workers) + 1}"
         log = self.root / f"{name}.log"
         command = [*THAW, "worker", "--queues", queues, "--name", name]
-        process = self.stack.enter_context(running(command, self.env, log))
+        process = self.stack.enter_context(running(command, self.env, log, signal.SIGTERM))
         worker = Worker(name=name, process=process, log=log)
         self.workers.append(worker)
         worker.wait_ready()
@@ -213,15 +213,23 @@ def digits(fleet: Fleet) -> str:
     return dataset_id
 
 
+ACTIVE_STATUSES = {"queued", "running", "cancelling"}
+
+
 @pytest.fixture(autouse=True)
 def no_active_jobs_left(request: pytest.FixtureRequest) -> Iterator[None]:
-    """A test that failed midway must not leave work for the next test's workers."""
+    """Every test ends its jobs. One that leaves a job active fails (a bug may have left it
+    running); its workers are stopped and its jobs cancelled first, so that the next test's
+    workers find no work that is not theirs."""
     yield
     if "fleet" not in request.fixturenames:
         return
     fleet: Fleet = request.getfixturevalue("fleet")
     fleet.stop_workers()
-    active = fleet.client.get("/v1/jobs", params={"limit": 200}).json()["data"]
-    for job in active:
+    jobs = fleet.client.get("/v1/jobs", params={"limit": 200}).json()["data"]
+    left = [f"{job['id']} ({job['status']})" for job in jobs if job["status"] in ACTIVE_STATUSES]
+    for job in jobs:
         if job["status"] in {"queued", "running"}:
             fleet.client.post(f"/v1/jobs/{job['id']}/cancel")
+    if left:
+        pytest.fail(f"the test left jobs active: {', '.join(left)}")

@@ -3,6 +3,7 @@ real to real worker processes (SIGKILL, SIGTERM, a duplicate task message, a cra
 of publishing) on Postgres and Redis, and checks what the registry and the storage hold after."""
 
 import hashlib
+import re
 import signal
 import time
 from functools import partial
@@ -17,6 +18,8 @@ from tests.reliability.conftest import LEASE_SECONDS, MAX_WORKER_LOSSES, Fleet
 
 pytestmark = pytest.mark.reliability
 
+HELD_QUEUE = f"{CPU_QUEUE}-held"
+"""Where the duplicate-delivery test keeps the task messages while its workers start."""
 STEPS_PER_EPOCH = 12
 """The fleet's digits: 192 training images (80%) in batches of 16."""
 
@@ -30,6 +33,20 @@ def wait_for_step(fleet: Fleet, job_id: str, step: int) -> dict[str, Any]:
 
     fleet.wait_until(f"job {job_id} past step {step}", passed)
     return fleet.job(job_id)
+
+
+def seconds_per_step(fleet: Fleet, job_id: str) -> float:
+    """This machine's step time now, from the job's progress as it moves: timeouts that wait
+    on training scale with it instead of assuming a quiet machine."""
+    total = fleet.job(job_id)["plan"]["stages"][0]["epochs"] * STEPS_PER_EPOCH
+    first = fleet.job(job_id)["progress"]
+    started = time.monotonic()
+    fleet.wait_until(
+        f"job {job_id} to run two more steps",
+        lambda: (fleet.job(job_id)["progress"] - first) * total >= 2,
+    )
+    steps = (fleet.job(job_id)["progress"] - first) * total
+    return (time.monotonic() - started) / steps
 
 
 def assert_published_once(fleet: Fleet, job_id: str, model: str) -> dict[str, Any]:
@@ -54,8 +71,10 @@ def assert_published_once(fleet: Fleet, job_id: str, model: str) -> dict[str, An
 def test_sigkill_mid_epoch_resumes_from_last_checkpoint(fleet: Fleet, digits: str) -> None:
     first = fleet.start_worker()
     job_id = fleet.submit(digits, "killed", epochs=3)
-    # Inside the second epoch: the first epoch's checkpoint exists, the second's not yet.
-    wait_for_step(fleet, job_id, STEPS_PER_EPOCH + 4)
+    # Inside the second epoch: the first epoch's checkpoint exists, the second's not yet. The
+    # kill follows the first progress write past the epoch boundary, leaving the most steps
+    # of margin before the second epoch's checkpoint, whatever this machine's step time.
+    wait_for_step(fleet, job_id, STEPS_PER_EPOCH + 1)
     assert fleet.epochs(job_id) == [1]
     first.kill(signal.SIGKILL)
     first.wait_exit()
@@ -77,19 +96,33 @@ def test_sigkill_mid_epoch_resumes_from_last_checkpoint(fleet: Fleet, digits: st
 
 def test_duplicate_delivery_runs_once(fleet: Fleet, digits: str) -> None:
     # The API sends the task once; a broker redelivery sends the same message again. Both are
-    # waiting when two workers start together, so each worker takes one at the same moment.
+    # held aside while two workers start and block on the empty queue, then put back in one
+    # step: each blocked worker takes one at the same moment, and both race to claim the job.
+    broker = fleet.broker()
     job_id = fleet.submit(digits, "twice", epochs=1)
     create_celery_for(fleet).send_task(TRAIN_TASK, args=[job_id], queue=CPU_QUEUE)
-    assert fleet.broker().llen(CPU_QUEUE) == 2
+    assert broker.llen(CPU_QUEUE) == 2
+    broker.rename(CPU_QUEUE, HELD_QUEUE)
     workers = [fleet.start_worker(), fleet.start_worker()]
+    fleet.wait_until("both workers blocked on the queue", lambda: blocked_consumers(fleet) == 2)
+    broker.rename(HELD_QUEUE, CPU_QUEUE)
     fleet.wait(job_id, {"succeeded", "failed", "cancelled"})
-    logs = "".join(worker.text() for worker in workers)
-    assert logs.count(f"Task {TRAIN_TASK}[") >= 2, "both deliveries reached a worker"
-    assert logs.count(f"job {job_id} is not queued; this delivery does nothing") == 1
+    received = re.compile(rf"Task {re.escape(TRAIN_TASK)}\[[^\]]+\] received")
+    for worker in workers:
+        assert len(received.findall(worker.text())) == 1, f"{worker.name}: not one delivery"
+    # The database holds the claims: one move to running, one attempt.
     running = [s for s in fleet.statuses(job_id) if s["status"] == "running"]
-    assert len(running) == 1
+    assert len(running) == 1, running
+    assert running[0]["worker"] in {worker.identity for worker in workers}
     assert fleet.job(job_id)["attempt"] == 1
     assert_published_once(fleet, job_id, "twice")
+
+
+def blocked_consumers(fleet: Fleet) -> int:
+    """Connections to the fleet's Redis database that wait in BRPOP for a task message."""
+    broker = fleet.broker()
+    database = str(broker.connection_pool.connection_kwargs.get("db", 0))
+    return sum(1 for c in broker.client_list() if c["db"] == database and c["cmd"] == "brpop")
 
 
 def create_celery_for(fleet: Fleet) -> Any:
@@ -111,9 +144,11 @@ def test_job_that_kills_its_worker_fails_after_configured_losses(fleet: Fleet, d
     assert failed["status"] == "failed"
     assert failed["error_code"] == "worker_lost"
     assert f"vanished {MAX_WORKER_LOSSES} times" in failed["error_message"]
-    # It does not loop: a fresh worker finds nothing to run.
+    # It does not loop: a fresh worker finds nothing to run. Once it waits on the queue, the
+    # queue is empty and the job is terminal, no message for it can come any more.
     idle = fleet.start_worker()
-    time.sleep(LEASE_SECONDS)
+    fleet.wait_until("the fresh worker blocked on the queue", lambda: blocked_consumers(fleet) == 1)
+    assert fleet.broker().llen(CPU_QUEUE) == 0
     assert f"Task {TRAIN_TASK}[" not in idle.text()
     assert fleet.job(job_id)["attempt"] == MAX_WORKER_LOSSES
     assert not (fleet.storage / "jobs" / job_id).exists()
@@ -141,14 +176,14 @@ def test_job_past_its_deadline_fails(fleet: Fleet, digits: str) -> None:
 def test_sigterm_checkpoints_and_hands_the_job_back(fleet: Fleet, digits: str) -> None:
     first = fleet.start_worker()
     job_id = fleet.submit(digits, "handed", epochs=3)
-    wait_for_step(fleet, job_id, STEPS_PER_EPOCH + 5)
+    wait_for_step(fleet, job_id, STEPS_PER_EPOCH + 1)
     first.kill(signal.SIGTERM)
     assert first.wait_exit(timeout=60) == 0
     queued = fleet.job(job_id)
     assert queued["status"] == "queued"
     assert fleet.statuses(job_id)[-1] == {"status": "queued", "reason": "worker_shutdown"}
     done_before = round(queued["progress"] * 3 * STEPS_PER_EPOCH)
-    assert done_before > STEPS_PER_EPOCH + 5
+    assert STEPS_PER_EPOCH < done_before < 2 * STEPS_PER_EPOCH, "handed back inside epoch 2"
 
     fleet.start_worker()
     fleet.wait(job_id, {"succeeded", "failed", "cancelled"})
@@ -219,9 +254,13 @@ def test_cancel_stops_a_running_job_within_a_step(fleet: Fleet, digits: str) -> 
     # Larger images: a step of about a second, longer than the one-second progress writes.
     job_id = fleet.submit(digits, "stopped", epochs=20, image_size=160)
     total_steps = 20 * STEPS_PER_EPOCH
-    seen = wait_for_step(fleet, job_id, 3)
+    wait_for_step(fleet, job_id, 1)
+    step_seconds = seconds_per_step(fleet, job_id)
+    seen = fleet.job(job_id)
     assert fleet.client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelling"
-    ended = fleet.wait(job_id, {"succeeded", "failed", "cancelled"}, timeout=60)
+    # Generous: a stop takes a step or two; the bound only turns a hang into a failure.
+    timeout = max(60.0, 30 * step_seconds)
+    ended = fleet.wait(job_id, {"succeeded", "failed", "cancelled"}, timeout=timeout)
     assert ended["status"] == "cancelled"
     steps_after_cancel = round((ended["progress"] - seen["progress"]) * total_steps)
     print(f"steps run after the cancel was sent: {steps_after_cancel}")
@@ -252,13 +291,16 @@ def test_cancel_survives_a_worker_restart(fleet: Fleet, digits: str) -> None:
 
 def test_abandoned_job_past_its_deadline_fails_without_a_worker(fleet: Fleet, digits: str) -> None:
     worker = fleet.start_worker()
-    job_id = fleet.submit(digits, "abandoned", epochs=50, max_runtime_seconds=LEASE_SECONDS + 6)
+    # The deadline must come after the lease lapses: room for a slow start, the lease, and
+    # several reaper passes, yet before fifty epochs could end.
+    deadline = 4 * LEASE_SECONDS
+    job_id = fleet.submit(digits, "abandoned", epochs=50, max_runtime_seconds=deadline)
     wait_for_step(fleet, job_id, 1)
     worker.kill(signal.SIGKILL)
     worker.wait_exit()
     # No worker is left: the lease lapses, the job is queued again, and the reaper ends it at
     # its deadline rather than leaving it queued for ever.
-    failed = fleet.wait(job_id, {"succeeded", "failed", "cancelled"}, timeout=60)
+    failed = fleet.wait(job_id, {"succeeded", "failed", "cancelled"}, timeout=deadline + 60)
     assert (failed["status"], failed["error_code"]) == ("failed", "deadline_exceeded")
     statuses = fleet.statuses(job_id)
     assert {"status": "queued", "reason": "lease_expired"} in statuses
