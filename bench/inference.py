@@ -52,6 +52,7 @@ from PIL import Image
 from service.auth.service import create_key
 from service.cli import migrate_database
 from service.datasets.service import process_upload
+from service.inference.service import onnx_session
 from service.main import create_app
 from service.settings import Settings
 from service.tables import ModelVersion
@@ -152,21 +153,13 @@ def images_per_second(forward: Callable[[], object], batch: int, seconds: float)
 
 def raw_model(model_dir: Path, seconds: float, *, compile_model: bool) -> dict[str, float]:
     """Images/s per backend, variant, thread count and batch size, in this process."""
-    import onnxruntime
-
     predictor = Predictor.load(model_dir)
     module = predictor.model.eval()
     size = predictor.exported.preprocessing.image_size
     results: dict[str, float] = {}
     for threads in sorted({1, os.cpu_count() or 1}):
         torch.set_num_threads(threads)
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = onnxruntime.InferenceSession(
-            str(model_dir / ONNX_FILE), options, providers=["CPUExecutionProvider"]
-        )
+        session = onnx_session(model_dir / ONNX_FILE, threads)
         for batch in (1, 32):
             inputs = torch.randn(batch, 3, size, size)
             last = inputs.contiguous(memory_format=torch.channels_last)

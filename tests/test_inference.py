@@ -152,6 +152,16 @@ def test_bad_requests_name_the_parameter(served: Registry) -> None:
     assert_error(client.post(path, headers=auth, json=many), 413, "too_many_images", "images")
 
 
+def _load_served_model(
+    client: TestClient, path: str, auth: dict[str, str], body: dict[str, Any]
+) -> LoadedModel:
+    """Predict once, so the app loads the version, and hand back what it loaded."""
+    assert client.post(path, headers=auth, json=body).status_code == 200
+    cache: ModelCache = client.app.state.predictors  # type: ignore[attr-defined]
+    (loaded,) = cache.loaded()
+    return cache._loaded[loaded]
+
+
 def test_full_queue_answers_503_with_retry_after(served: Registry) -> None:
     # A second app on the same data, whose model takes one waiting request at most.
     settings = make_settings(served.context.settings.data_dir, batch_queue_size=1)
@@ -159,10 +169,7 @@ def test_full_queue_answers_503_with_retry_after(served: Registry) -> None:
     body = {"images": [{"data": b64(held_out_pngs(1)[0])}]}
     with TestClient(create_app(settings)) as client:
         auth = served.auth
-        assert client.post(path, headers=auth, json=body).status_code == 200  # loads the model
-        cache: ModelCache = client.app.state.predictors  # type: ignore[attr-defined]
-        (loaded,) = cache.loaded()
-        model = cache._loaded[loaded]
+        model = _load_served_model(client, path, auth, body)
         assert model.batcher is not None
         release = threading.Event()
         entered = threading.Event()
@@ -454,10 +461,7 @@ def test_overload_answers_503_with_retry_after_and_every_call_ends(
     body = {"images": [{"data": b64(held_out_pngs(1)[0])}]}
     with TestClient(create_app(settings)) as client:
         auth = served.auth
-        assert client.post(path, headers=auth, json=body).status_code == 200  # loads the model
-        cache: ModelCache = client.app.state.predictors  # type: ignore[attr-defined]
-        (loaded,) = cache.loaded()
-        model = cache._loaded[loaded]
+        model = _load_served_model(client, path, auth, body)
         real_forward = model.forward
 
         def slow_forward(batch: np.ndarray) -> list[np.ndarray]:

@@ -130,17 +130,7 @@ def load_model(
     used, reason = choose_backend(version, config, model_dir, requested=backend)
     forward: Callable[[np.ndarray], list[np.ndarray]]
     if used == "onnx":
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        # The batcher runs one pass at a time: intra-op threads are all the parallelism it
-        # can use, and spinning threads would take cores from the request path.
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = onnxruntime.InferenceSession(
-            str(model_dir / ONNX_FILE), options, providers=["CPUExecutionProvider"]
-        )
+        session = onnx_session(model_dir / ONNX_FILE, threads)
 
         def forward(batch: np.ndarray) -> list[np.ndarray]:
             (logits,) = session.run([ONNX_OUTPUT], {ONNX_INPUT: batch})
@@ -163,6 +153,20 @@ def load_model(
     size = loaded.preprocessing.image_size
     loaded.forward(np.zeros((1, 3, size, size), dtype=np.float32))
     return loaded
+
+
+def onnx_session(path: Path, threads: int) -> Any:
+    """An ONNX Runtime session configured as predict runs it (bench/inference.py measures this)."""
+    # Imported here: only a process that serves an ONNX version needs the runtime.
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    # The batcher runs one pass at a time: intra-op threads are all the parallelism it
+    # can use, and spinning threads would take cores from the request path.
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _torch_forward(
