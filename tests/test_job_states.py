@@ -54,6 +54,18 @@ EXPECTED_SOURCES = {
 """The machine as issue 16 and DESIGN describe it, written out independently of the module."""
 
 
+JOB_FIELDS: dict[str, Any] = {
+    "model_name": "digits",
+    "base_model": "efficientnet_lite0",
+    "strategy": "feature_extraction",
+    "spec": {},
+    "plan": {},
+    "queue": "cpu",
+    "max_runtime_seconds": 600,
+}
+"""What every job row here has besides its tenant, dataset and state."""
+
+
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def database(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -96,13 +108,7 @@ def new_job(
         job = Job(
             tenant_id=tenant_id,
             dataset_id=dataset.id,
-            model_name="digits",
-            base_model="efficientnet_lite0",
-            strategy="feature_extraction",
-            spec={},
-            plan={},
-            queue="cpu",
-            max_runtime_seconds=600,
+            **JOB_FIELDS,
             status=status,
             attempt=attempt,
             worker_losses=worker_losses,
@@ -252,13 +258,7 @@ def test_create_records_a_queued_job(database: Database) -> None:
         job = Job(
             tenant_id=template.tenant_id,
             dataset_id=template.dataset_id,
-            model_name="digits",
-            base_model="efficientnet_lite0",
-            strategy="feature_extraction",
-            spec={},
-            plan={},
-            queue="cpu",
-            max_runtime_seconds=600,
+            **JOB_FIELDS,
         )
         transitions.create(session, job=job)
         session.commit()
