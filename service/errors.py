@@ -10,6 +10,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.jobs.states import IllegalTransitionError
+
 logger = logging.getLogger(__name__)
 
 
@@ -114,6 +116,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(
             error_body(exc.code, exc.message, exc.param), exc.status, headers=exc.headers
         )
+
+    @app.exception_handler(IllegalTransitionError)
+    async def _illegal_transition(_: Request, exc: IllegalTransitionError) -> JSONResponse:
+        # A route that knows better (cancel: `job_not_cancellable`) answers before this; any
+        # other transition refused by the job's state is a conflict, never a 500.
+        return JSONResponse(error_body("illegal_transition", str(exc), "job_id"), 409)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

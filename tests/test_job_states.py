@@ -459,3 +459,28 @@ def test_importing_the_states_and_queue_names_builds_no_celery_app(tmp_path: Pat
     assert result.stdout.strip() == "[]"
     # An app built on import would have made the folder broker's folders under the data dir.
     assert list(tmp_path.iterdir()) == []
+
+
+def test_any_illegal_transition_reaching_the_api_is_a_409_envelope() -> None:
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from service.errors import install_error_handlers
+
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.post("/refused")
+    def refused() -> None:
+        raise IllegalTransitionError(
+            job_id="job_1", transition=Transition.HAND_BACK, from_status=JobStatus.SUCCEEDED
+        )
+
+    response = TestClient(app).post("/refused")
+
+    assert response.status_code == 409
+    error = response.json()["error"]
+    assert error["code"] == "illegal_transition"
+    assert error["param"] == "job_id"
+    assert "job_1" in error["message"]
+    assert "succeeded" in error["message"]
