@@ -40,8 +40,8 @@ def ui_tenant(session: SessionDep, thaw_key: Annotated[str | None, Cookie()] = N
 UiTenant = Annotated[Tenant, Depends(ui_tenant)]
 
 
-def _page(request: Request, name: str, **context: Any) -> HTMLResponse:
-    return templates.TemplateResponse(request, name, context)
+def _page(request: Request, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+    return templates.TemplateResponse(request, name, context, status_code=status_code)
 
 
 @router.get("/login")
@@ -105,7 +105,7 @@ def _spec_fields() -> dict[str, Any]:
 def job_page(job_id: str, request: Request, session: SessionDep, tenant: UiTenant) -> Response:
     job = session.get(Job, job_id)
     if job is None or job.tenant_id != tenant.id:
-        return _page(request, "missing.html", tenant=tenant, what=f"job {job_id}")
+        return _page(request, "missing.html", status_code=404, tenant=tenant, what=f"job {job_id}")
     events = session.scalars(
         select(JobEvent).where(JobEvent.job_id == job.id).order_by(JobEvent.id)
     ).all()
