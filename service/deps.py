@@ -13,7 +13,7 @@ from service.auth.service import authenticate
 from service.context import AppContext
 from service.errors import ApiError, not_found
 from service.models.service import resolve_version
-from service.tables import Dataset, Job, ModelVersion, RegisteredModel, Tenant
+from service.tables import Dataset, Experiment, Job, ModelVersion, RegisteredModel, Tenant
 
 
 def get_context(request: Request) -> AppContext:
@@ -123,3 +123,17 @@ def load_version(
 DatasetDep = Annotated[Dataset, Depends(load_dataset)]
 JobDep = Annotated[Job, Depends(load_job)]
 VersionDep = Annotated[ModelVersion, Depends(load_version)]
+
+
+def load_experiment(
+    experiment_id: Annotated[str, Path(description="Experiment id, `exp_...`.")],
+    session: SessionDep,
+    tenant: TenantDep,
+) -> Experiment:
+    experiment = session.get(Experiment, experiment_id)
+    if experiment is None or experiment.tenant_id != tenant.id:
+        raise not_found("experiment", experiment_id)
+    return experiment
+
+
+ExperimentDep = Annotated[Experiment, Depends(load_experiment)]

@@ -17,6 +17,7 @@ from service.base_models.router import router as base_models_router
 from service.context import AppContext
 from service.datasets.router import router as datasets_router
 from service.errors import ERROR_RESPONSES, error_body, install_error_handlers
+from service.experiments.router import router as experiments_router
 from service.inference.metrics import InferenceMetrics
 from service.inference.resolution import ResolutionCache
 from service.inference.router import router as inference_router
@@ -118,6 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         datasets_router,
         base_models_router,
         jobs_router,
+        experiments_router,
         models_router,
         model_search_router,
         ui_router,

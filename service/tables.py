@@ -189,9 +189,69 @@ class ModelAlias(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
 
+class Experiment(Base):
+    """Several trials (base model x strategy x seed, each an ordinary job) on one dataset, scored
+    on a test split that no trial trains or selects on (its item keys in storage)."""
+
+    __tablename__ = "experiments"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("exp"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"), index=True)
+    model_name: Mapped[str] = mapped_column(String(100))
+    status: Mapped[str] = mapped_column(String(20), default="running", index=True)
+    request: Mapped[dict[str, Any]] = mapped_column(JSON)
+    max_parallel: Mapped[int] = mapped_column(Integer)
+    deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    test_split_key: Mapped[str] = mapped_column(String(200))
+    test_size: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class ExperimentTrial(Base):
+    """One trial. Before it has a job its `state` is `pending` (or `not_started`, with the
+    reason); once started, its status is its job's."""
+
+    __tablename__ = "experiment_trials"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("trl"))
+    experiment_id: Mapped[str] = mapped_column(
+        ForeignKey("experiments.id", ondelete="CASCADE"), index=True
+    )
+    position: Mapped[int] = mapped_column(Integer)
+    base_model: Mapped[str] = mapped_column(String(300))
+    strategy: Mapped[str] = mapped_column(String(50))
+    seed: Mapped[int] = mapped_column(Integer)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(20), default="pending")
+    reason: Mapped[str | None] = mapped_column(Text)
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), unique=True)
+    trainable_parameters: Mapped[int] = mapped_column(Integer)
+    total_parameters: Mapped[int] = mapped_column(Integer)
+    # Set once, by whichever pass first sees the job ended: its event is written exactly once.
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ExperimentEvent(Base):
+    __tablename__ = "experiment_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    experiment_id: Mapped[str] = mapped_column(
+        ForeignKey("experiments.id", ondelete="CASCADE"), index=True
+    )
+    kind: Mapped[str] = mapped_column(String(20))
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 __all__ = [
     "ApiKey",
     "Dataset",
+    "Experiment",
+    "ExperimentEvent",
+    "ExperimentTrial",
     "Job",
     "JobEvent",
     "ModelAlias",

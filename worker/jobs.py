@@ -39,6 +39,7 @@ from service.models.card import render_card
 from service.models.service import publish_version
 from service.queues import TRAIN_TASK
 from service.tables import Dataset, Job
+from worker import trials
 from worker.engine import (
     EpochResult,
     Plan,
@@ -219,6 +220,7 @@ def execute(context: AppContext, *, job_id: str) -> None:
     except Exception as exc:
         logger.exception("job %s failed", job_id)
         fail(*_failure_reason(exc))
+    trials.advance_after_job(context, job_id=job_id)
 
 
 def _plan_of(session: Session, job_id: str) -> tuple[Plan, str]:
@@ -230,6 +232,7 @@ def _train_and_publish(
     context: AppContext, *, job_id: str, hooks: JobHooks, plan: Plan, dataset_id: str
 ) -> None:
     manifest, root = load_manifest(context=context, dataset_id=dataset_id)
+    manifest, test = trials.without_test_split(context, job_id=job_id, manifest=manifest)
     train = [
         Sample(path=root / s.path, label=s.label) for s in manifest.samples if s.split == "train"
     ]
@@ -261,6 +264,9 @@ def _train_and_publish(
         if context.settings.onnx_export:
             onnx = export_onnx(result.model, image_size=plan.image_size, out_path=out / ONNX_FILE)
             exports["onnx"] = onnx.to_dict()
+        result.metrics.update(
+            trials.evaluate_on_test(out, test, root=root, classes=manifest.classes)
+        )
         card = _db(
             context,
             lambda session: _model_card(

@@ -4,6 +4,8 @@
 - jobs past their deadline fail with `deadline_exceeded`;
 - jobs whose lease expired are re-queued, or fail with `worker_lost` once their workers have
   vanished `THAW_MAX_WORKER_LOSSES` times (a job that kills its worker must not loop);
+- experiments move on (`service.experiments.service.advance`): trials ended by the above, or
+  cancelled directly, are noted and the next pending trials start;
 - when the broker lost its messages (Redis restarted or flushed), every queued job and
   processing dataset is sent again: the database, not the broker, holds what is pending.
 
@@ -18,6 +20,7 @@ from sqlalchemy import select
 
 from service.context import AppContext
 from service.db import utcnow
+from service.experiments.service import advance_all as advance_experiments
 from service.jobs import transitions
 from service.jobs.service import discard_job_files
 from service.jobs.states import ACTIVE_STATUSES, LEASED_STATUSES, IllegalTransitionError, JobStatus
@@ -113,6 +116,8 @@ def reap(context: AppContext) -> None:
     # Deadlines first: a job both overdue and abandoned fails rather than runs again.
     fail_overdue_jobs(context)
     reap_expired_leases(context)
+    # Experiments whose trials ended here, or were cancelled directly, move on.
+    advance_experiments(context)
     if broker_started_empty(context):
         logger.warning("the broker lost its messages; re-sending pending work from the database")
         resend_pending(context)

@@ -1,0 +1,205 @@
+"""Experiments over HTTP on digits: trials run as ordinary jobs by an in-process worker, a
+complete leaderboard, a test split no trial trains or selects on, the diagnosis, promote."""
+
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+import worker.jobs
+from service.context import AppContext
+from service.datasets.service import load_manifest
+from service.tables import Job
+from tests.test_api import assert_error
+from tests.test_strategies_api import digits_dataset
+from worker import jobs
+
+STRATEGIES = ["scratch", "feature_extraction", "freeze_unfreeze", "fine_tune"]
+
+
+def experiment_request(dataset: str, **overrides: Any) -> dict[str, Any]:
+    request = {
+        "dataset": dataset,
+        "model": "digits-exp",
+        "base_models": ["efficientnet_lite0"],
+        "strategies": STRATEGIES,
+        "settings": {"epochs": 2, "batch_size": 16, "lr": 0.01, "image_size": 64, "seed": 1},
+        "test_fraction": 0.25,
+        "test_seed": 3,
+        "budget": {"max_parallel": 2},
+    }
+    return {**request, **overrides}
+
+
+def queued_trial_jobs(context: AppContext, experiment: dict[str, Any]) -> list[str]:
+    with context.db.session() as session:
+        return [
+            t["job_id"]
+            for t in experiment["trials"]
+            if t["job_id"] and session.get_one(Job, t["job_id"]).status == "queued"
+        ]
+
+
+def test_an_experiment_runs_scores_diagnoses_and_promotes(
+    client: TestClient,
+    context: AppContext,
+    auth: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    dataset = digits_dataset(client, context, auth, [0, 1, 2])
+    trained_on: dict[str, set[str]] = {}
+    real_run = worker.jobs.run
+
+    def recording_run(plan: Any, *, train: list[Any], val: list[Any], **rest: Any) -> Any:
+        trained_on[plan.extra["strategy"]] = {str(s.path) for s in [*train, *val]}
+        return real_run(plan, train=train, val=val, **rest)
+
+    monkeypatch.setattr(worker.jobs, "run", recording_run)
+
+    created = client.post("/v1/experiments", headers=auth, json=experiment_request(dataset))
+    assert created.status_code == 201, created.text
+    experiment = created.json()
+    exp_id = experiment["id"]
+    assert experiment["status"] == "running"
+    assert [t["strategy"] for t in experiment["trials"]] == STRATEGIES
+    # The budget: two trials at once, the rest wait for room.
+    assert [t["status"] for t in experiment["trials"]] == ["queued", "queued", "pending", "pending"]
+
+    for _ in range(len(STRATEGIES) + 1):  # the worker: run whatever is queued, until done
+        waiting = queued_trial_jobs(context, experiment)
+        if not waiting:
+            break
+        jobs.execute(context, job_id=waiting[0])
+        experiment = client.get(f"/v1/experiments/{exp_id}", headers=auth).json()
+    assert experiment["status"] == "succeeded", experiment["trials"]
+
+    # The test split: disjoint from what every trial trained and validated on, and together
+    # with it the whole dataset.
+    split = client.get(f"/v1/experiments/{exp_id}/test-split", headers=auth).json()["items"]
+    manifest, root = load_manifest(context=context, dataset_id=dataset)
+    test_paths = {str(root / item) for item in split}
+    everything = {str(root / s.path) for s in manifest.samples}
+    assert len(split) == experiment["test_size"] >= 9  # a quarter of 45, per class and split
+    assert set(trained_on) == set(STRATEGIES)
+    for strategy, seen in trained_on.items():
+        assert not seen & test_paths, strategy
+        assert seen | test_paths == everything, strategy
+
+    board = experiment["leaderboard"]
+    assert len(board) == len(STRATEGIES)
+    assert {row["strategy"] for row in board} == set(STRATEGIES)
+    accuracies = [row["test_accuracy"] for row in board]
+    assert accuracies == sorted(accuracies, reverse=True)
+    assert [row["rank"] for row in board] == [1, 2, 3, 4]
+    for row in board:
+        assert row["status"] == "succeeded"
+        low, high = row["test_accuracy_interval"]
+        assert 0.0 <= low <= row["test_accuracy"] <= high <= 1.0
+        assert row["test_loss"] > 0
+        assert 0.0 <= row["test_macro_f1"] <= 1.0
+        assert row["val_accuracy"] is not None
+        assert row["val_loss"] is not None
+        assert row["epochs_run"] == 2
+        assert row["epochs_to_best"] in (1, 2)
+        assert row["wall_seconds"] > 0
+        assert row["latency_ms_per_item"] > 0
+        assert 0 < row["trainable_parameters"] <= row["total_parameters"]
+        assert row["artifact_bytes"] > 0
+        version = client.get(
+            f"/v1/models/digits-exp/versions/{row['version']}", headers=auth
+        ).json()
+        assert {f"experiment:{exp_id}", f"trial:{row['trial_id']}"} <= set(version["tags"])
+        assert version["metrics"]["test_items"] == len(split)
+    by_strategy = {row["strategy"]: row for row in board}
+    # Feature extraction trains the head alone; scratch trains everything.
+    assert (
+        by_strategy["feature_extraction"]["trainable_parameters"]
+        < by_strategy["scratch"]["trainable_parameters"]
+        == by_strategy["scratch"]["total_parameters"]
+    )
+    assert sorted(row["version"] for row in board) == [1, 2, 3, 4]
+
+    diagnosis = experiment["diagnosis"]
+    (base,) = diagnosis["base_models"]
+    assert base["base_model"] == "efficientnet_lite0"
+    assert {c["strategy"] for c in base["comparisons"]} == set(STRATEGIES) - {"scratch"}
+    for comparison in base["comparisons"]:
+        assert comparison["asymptote"]["test_items"] == len(split)
+        assert set(comparison["start"]) == {"transfer", "scratch", "difference"}
+        assert comparison["slope"]["area_under_val_curve"]["epochs"] == 2
+    assert len(diagnosis["summary"]) >= 3 * 3
+
+    kinds = [
+        (e["kind"], e["data"].get("status"))
+        for e in client.get(f"/v1/experiments/{exp_id}/events", headers=auth).json()["data"]
+    ]
+    assert kinds[0] == ("status", "running")
+    assert kinds[-1] == ("status", "succeeded")
+    assert kinds.count(("trial", "started")) == 4
+    assert kinds.count(("trial", "succeeded")) == 4
+
+    # Promote: a chosen trial first, then the leader (the default) moves the alias.
+    last = board[-1]
+    promoted = client.post(
+        f"/v1/experiments/{exp_id}/promote", headers=auth, json={"trial": last["trial_id"]}
+    )
+    assert promoted.status_code == 200, promoted.text
+    production = client.get("/v1/models/digits-exp/versions/production", headers=auth).json()
+    assert production["version"] == last["version"]
+    leader = client.post(f"/v1/experiments/{exp_id}/promote", headers=auth)
+    assert leader.json() == {
+        "experiment_id": exp_id,
+        "trial_id": board[0]["trial_id"],
+        "model": "digits-exp",
+        "alias": "production",
+        "version": board[0]["version"],
+        "test_accuracy": board[0]["test_accuracy"],
+    }
+    production = client.get("/v1/models/digits-exp/versions/production", headers=auth).json()
+    assert production["version"] == board[0]["version"]
+
+    assert_error(
+        client.post(f"/v1/experiments/{exp_id}/promote", headers=auth, json={"trial": "trl_x"}),
+        404,
+        "trial_not_found",
+        "trial",
+    )
+    assert_error(
+        client.post(f"/v1/experiments/{exp_id}/cancel", headers=auth),
+        409,
+        "experiment_not_cancellable",
+    )
+    listed = client.get("/v1/experiments?limit=1", headers=auth).json()
+    assert [e["id"] for e in listed["data"]] == [exp_id]
+    assert listed["has_more"] is False
+
+
+def test_cancel_stops_every_trial_and_bad_requests_are_refused(
+    client: TestClient, context: AppContext, auth: dict[str, str]
+) -> None:
+    dataset = digits_dataset(client, context, auth, [0, 1])
+    request = experiment_request(dataset, budget={"max_parallel": 1})
+    experiment = client.post("/v1/experiments", headers=auth, json=request).json()
+    assert [t["status"] for t in experiment["trials"]] == ["queued"] + ["pending"] * 3
+    cancelled = client.post(f"/v1/experiments/{experiment['id']}/cancel", headers=auth).json()
+    assert cancelled["status"] == "cancelled"
+    assert [t["status"] for t in cancelled["trials"]] == ["cancelled"] + ["not_started"] * 3
+    assert cancelled["trials"][1]["reason"] == "the experiment was cancelled"
+    assert cancelled["diagnosis"]["base_models"] == []
+
+    def refused(status: int, code: str, param: str | None, **changes: Any) -> None:
+        answer = client.post("/v1/experiments", headers=auth, json={**request, **changes})
+        assert_error(answer, status, code, param)
+
+    refused(404, "dataset_not_found", "dataset", dataset="ds_missing")
+    refused(422, "unknown_base_model", "base_models", base_models=["no_such_net"])
+    refused(422, "invalid_request", None, strategies=["scratch", "scratch"])
+    refused(422, "invalid_request", None, settings={"base_model": "resnet18"})
+    refused(422, "invalid_request", None, settings={"epochs": 0})
+    refused(422, "invalid_request", None, strategies=["no_such_strategy"])
+    assert_error(
+        client.get("/v1/experiments/exp_missing", headers=auth),
+        404,
+        "experiment_not_found",
+        "experiment",
+    )

@@ -1,0 +1,152 @@
+"""The experiment diagnosis and its statistics on recorded curves: negative transfer raised where
+transfer truly hurts and not where it clearly helps, overfitting, the intervals themselves."""
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score
+
+from service.experiments.diagnosis import EpochPoint, TrialRecord, diagnose, overfitting
+from service.experiments.statistics import bootstrap_interval, macro_f1
+
+TEST_ITEMS = 200
+
+
+def curve(val_accuracy: list[float], val_loss: list[float] | None = None) -> list[EpochPoint]:
+    losses = val_loss or [1.0 - a for a in val_accuracy]
+    return [
+        EpochPoint(train_loss=1.0 / (e + 1), val_loss=loss, val_accuracy=acc)
+        for e, (acc, loss) in enumerate(zip(val_accuracy, losses, strict=True))
+    ]
+
+
+def correct(share: float, *, seed: int) -> list[float]:
+    """Per-item results with exactly `share` of TEST_ITEMS right, in a seeded order."""
+    hits = round(share * TEST_ITEMS)
+    values = np.array([1.0] * hits + [0.0] * (TEST_ITEMS - hits))
+    np.random.default_rng(seed).shuffle(values)
+    return values.tolist()
+
+
+def record(strategy: str, val: list[float], test_share: float, seed: int = 0) -> TrialRecord:
+    return TrialRecord(
+        trial_id=f"trl_{strategy}_{seed}",
+        base_model="resnet18",
+        strategy=strategy,
+        curve=curve(val),
+        test_correct=correct(test_share, seed=seed + len(strategy)),
+        wall_seconds={"scratch": 90.0, "fine_tune": 100.0, "feature_extraction": 10.0}.get(
+            strategy, 50.0
+        ),
+    )
+
+
+def comparison(diagnosis: dict, strategy: str) -> dict:
+    (base,) = diagnosis["base_models"]
+    return next(c for c in base["comparisons"] if c["strategy"] == strategy)
+
+
+def test_negative_transfer_is_raised_where_the_pretrained_start_hurts() -> None:
+    # Recorded shape of a task whose labels depend on what ImageNet features discard: the
+    # frozen backbone plateaus low while scratch keeps learning.
+    scratch = record("scratch", [0.30, 0.55, 0.70, 0.82, 0.88], 0.86)
+    frozen = record("feature_extraction", [0.35, 0.45, 0.50, 0.52, 0.53], 0.52)
+    diagnosis = diagnose([scratch, frozen])
+    found = comparison(diagnosis, "feature_extraction")
+    assert found["negative_transfer"] is True
+    assert found["helps"] is False
+    low, high = found["asymptote"]["interval"]
+    assert low < found["asymptote"]["difference"] < high < 0
+    assert found["asymptote"]["difference"] == pytest.approx(0.52 - 0.86)
+    assert diagnosis["negative_transfer"] == ["resnet18/feature_extraction"]
+    line = next(s for s in diagnosis["summary"] if "negative transfer" in s)
+    # The claim carries its numbers: both accuracies, the difference and the interval.
+    assert "52.0 %" in line
+    assert "86.0 %" in line
+    assert "-34.0 points" in line
+
+
+def test_transfer_that_clearly_helps_is_not_flagged() -> None:
+    scratch = record("scratch", [0.20, 0.40, 0.55, 0.62], 0.60)
+    tuned = record("fine_tune", [0.80, 0.90, 0.93, 0.94], 0.93)
+    frozen = record("feature_extraction", [0.75, 0.86, 0.89, 0.90], 0.90)
+    diagnosis = diagnose([scratch, tuned, frozen])
+    for strategy in ("fine_tune", "feature_extraction"):
+        found = comparison(diagnosis, strategy)
+        assert found["negative_transfer"] is False
+        assert found["helps"] is True
+        assert found["asymptote"]["interval"][0] > 0
+    assert diagnosis["negative_transfer"] == []
+    tuned_found = comparison(diagnosis, "fine_tune")
+    assert tuned_found["start"]["difference"] == pytest.approx(0.60)
+    # 90 % of scratch's best (0.62) is 0.558: fine_tune is there after 1 epoch, scratch after 4.
+    assert tuned_found["slope"]["epochs_to_threshold"] == {"transfer": 1, "scratch": 4}
+    assert tuned_found["slope"]["area_under_val_curve"]["transfer"] == pytest.approx(0.8925)
+    assert any("beat scratch" in s and "fine_tune" in s for s in diagnosis["summary"])
+    # feature extraction: 0.90 / 0.93 = 97 % of the best at a tenth of the wall time.
+    assert any(
+        "feature_extraction reached 97% of fine_tune" in s and "1/10.0" in s
+        for s in diagnosis["summary"]
+    )
+
+
+def test_an_equal_result_raises_neither_flag() -> None:
+    scratch = record("scratch", [0.5, 0.7, 0.8], 0.80)
+    same = record("partial", [0.6, 0.75, 0.8], 0.80, seed=1)  # other items right
+    found = comparison(diagnose([scratch, same]), "partial")
+    assert not found["negative_transfer"]
+    assert not found["helps"]
+    low, high = found["asymptote"]["interval"]
+    assert low < 0 < high
+
+
+def test_seeds_are_pooled_and_missing_scratch_is_said() -> None:
+    runs = [record("fine_tune", [0.8, 0.9], 0.9, seed=s) for s in range(3)]
+    diagnosis = diagnose(runs)
+    (base,) = diagnosis["base_models"]
+    assert base["scratch"] is None
+    assert base["comparisons"] == []
+    assert any("no finished scratch trial" in s for s in diagnosis["summary"])
+    pooled = diagnose([*runs, record("scratch", [0.4, 0.6], 0.6)])
+    assert comparison(pooled, "fine_tune")["trials"] == 3
+
+
+def test_overfitting_needs_val_loss_up_while_train_loss_goes_down() -> None:
+    diverging = curve([0.7, 0.8, 0.8, 0.79], val_loss=[0.6, 0.4, 0.5, 0.6])
+    flagged = overfitting(diverging)
+    assert flagged["flag"] is True
+    assert flagged["best_val_loss_epoch"] == 2
+    assert flagged["val_loss_rise"] == pytest.approx(0.5)
+    assert overfitting(curve([0.5, 0.6, 0.7], val_loss=[0.9, 0.7, 0.5]))["flag"] is False
+    scratch = record("scratch", [0.4, 0.6, 0.6, 0.6], 0.6)
+    overfit = TrialRecord(
+        trial_id="trl_over",
+        base_model="resnet18",
+        strategy="fine_tune",
+        curve=diverging,
+        test_correct=correct(0.8, seed=3),
+        wall_seconds=5.0,
+    )
+    diagnosis = diagnose([scratch, overfit])
+    assert any("overfitting" in s and "trl_over" in s for s in diagnosis["summary"])
+
+
+def test_bootstrap_interval_matches_the_normal_approximation() -> None:
+    values = correct(0.7, seed=1) * 10  # 2000 items, 70 % right
+    low, high = bootstrap_interval(values, seed=3)
+    half_width = 1.96 * math.sqrt(0.7 * 0.3 / len(values))
+    assert low == pytest.approx(0.7 - half_width, abs=0.006)
+    assert high == pytest.approx(0.7 + half_width, abs=0.006)
+    assert bootstrap_interval([1.0, 1.0, 1.0]) == (1.0, 1.0)
+    with pytest.raises(ValueError, match="at least one value"):
+        bootstrap_interval([])
+
+
+def test_macro_f1_matches_sklearn() -> None:
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 4, size=300)
+    predictions = np.where(rng.random(300) < 0.6, targets, rng.integers(0, 4, size=300))
+    assert macro_f1(targets.tolist(), predictions.tolist(), 4) == pytest.approx(
+        f1_score(targets, predictions, average="macro")
+    )
