@@ -24,6 +24,7 @@ import httpx
 from pydantic import BaseModel
 
 from service.datasets.schemas import DatasetOut
+from service.experiments.schemas import ExperimentOut, ExperimentSummaryOut, PromoteOut
 from service.inference.schemas import PredictOut
 from service.jobs.schemas import JobEventOut, JobOut, PlanOut
 from service.jobs.states import TERMINAL_STATUSES
@@ -270,6 +271,29 @@ class ThawClient:
                     raise
                 logger.info("event stream dropped (%s); reconnecting after %s", exc, last_id)
                 time.sleep(min(2.0 * failures, 10.0))
+
+    # --- experiments --------------------------------------------------------------------------
+
+    def create_experiment(self, request: dict[str, Any]) -> ExperimentOut:
+        response = self._request("POST", "/v1/experiments", json=request)
+        return ExperimentOut.model_validate(response.json())
+
+    def get_experiment(self, experiment_id: str) -> ExperimentOut:
+        return self._get(ExperimentOut, f"/v1/experiments/{experiment_id}")
+
+    def list_experiments(self) -> Iterator[ExperimentSummaryOut]:
+        return self._pages(ExperimentSummaryOut, "/v1/experiments")
+
+    def cancel_experiment(self, experiment_id: str) -> ExperimentOut:
+        response = self._request("POST", f"/v1/experiments/{experiment_id}/cancel")
+        return ExperimentOut.model_validate(response.json())
+
+    def promote_experiment(
+        self, experiment_id: str, *, trial: str | None = None, alias: str = "production"
+    ) -> PromoteOut:
+        body = {"alias": alias, **({"trial": trial} if trial else {})}
+        response = self._request("POST", f"/v1/experiments/{experiment_id}/promote", json=body)
+        return PromoteOut.model_validate(response.json())
 
     # --- models -------------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """Experiments over HTTP on digits: trials run as ordinary jobs by an in-process worker, a
 complete leaderboard, a test split no trial trains or selects on, the diagnosis, promote."""
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -9,7 +10,10 @@ from fastapi.testclient import TestClient
 import worker.jobs
 from service.context import AppContext
 from service.datasets.service import load_manifest
-from service.tables import Job
+from service.db import utcnow
+from service.experiments.service import advance
+from service.tables import Experiment, Job
+from tests.conftest import new_key
 from tests.test_api import assert_error
 from tests.test_strategies_api import digits_dataset
 from worker import jobs
@@ -129,6 +133,12 @@ def test_an_experiment_runs_scores_diagnoses_and_promotes(
         assert comparison["slope"]["area_under_val_curve"]["epochs"] == 2
     assert len(diagnosis["summary"]) >= 3 * 3
 
+    plot = client.get(f"/v1/experiments/{exp_id}/plots/curves.svg", headers=auth)
+    assert plot.headers["content-type"] == "image/svg+xml"
+    for strategy in STRATEGIES:
+        assert f"efficientnet_lite0/{strategy}" in plot.text
+    assert "stroke-dasharray" in plot.text  # scratch, dashed
+
     kinds = [
         (e["kind"], e["data"].get("status"))
         for e in client.get(f"/v1/experiments/{exp_id}/events", headers=auth).json()["data"]
@@ -203,3 +213,29 @@ def test_cancel_stops_every_trial_and_bad_requests_are_refused(
         "experiment_not_found",
         "experiment",
     )
+    other_team = new_key(context, "team-b")
+    assert_error(
+        client.get(f"/v1/experiments/{experiment['id']}", headers=other_team),
+        404,
+        "experiment_not_found",
+    )
+    assert client.get("/v1/experiments", headers=other_team).json()["data"] == []
+
+
+def test_trials_not_started_by_the_deadline_are_said_so(
+    client: TestClient, context: AppContext, auth: dict[str, str]
+) -> None:
+    dataset = digits_dataset(client, context, auth, [0, 1])
+    request = experiment_request(dataset, budget={"max_parallel": 1, "deadline_seconds": 600})
+    experiment = client.post("/v1/experiments", headers=auth, json=request).json()
+    first_job = experiment["trials"][0]["job_id"]
+    with context.db.session() as session:
+        # The first trial's job may not outlive the experiment's deadline.
+        assert session.get_one(Job, first_job).max_runtime_seconds <= 600
+        session.get_one(Experiment, experiment["id"]).deadline_at = utcnow() - timedelta(1)
+        session.commit()
+    advance(context, experiment_id=experiment["id"])
+    after = client.get(f"/v1/experiments/{experiment['id']}", headers=auth).json()
+    assert [t["status"] for t in after["trials"]] == ["queued"] + ["not_started"] * 3
+    assert after["trials"][3]["reason"] == "the experiment's deadline passed before it started"
+    assert after["status"] == "running"  # until its one started trial ends

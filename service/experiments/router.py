@@ -1,6 +1,6 @@
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends, Header, Query
+from fastapi import APIRouter, Body, Depends, Header, Query, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
@@ -8,6 +8,7 @@ from service.deps import ContextDep, ExperimentDep, SessionDep, TenantDep
 from service.experiments import service
 from service.experiments.schemas import (
     EXPERIMENT_EXAMPLE,
+    PROMOTE_EXAMPLE,
     ExperimentEventOut,
     ExperimentIn,
     ExperimentOut,
@@ -95,6 +96,20 @@ def test_split(experiment: ExperimentDep, context: ContextDep) -> TestSplitOut:
     return TestSplitOut(experiment_id=experiment.id, items=items)
 
 
+@router.get(
+    "/{experiment_id}/plots/curves.svg",
+    summary="Every trial's val accuracy per epoch on one plot, scratch dashed",
+    response_class=Response,
+    responses={200: {"description": "An SVG image.", "content": {"image/svg+xml": {}}}},
+)
+def curves(experiment: ExperimentDep, session: SessionDep) -> Response:
+    return Response(
+        service.curves_svg(session, experiment=experiment),
+        media_type="image/svg+xml",
+        headers={"Cache-Control": "no-store"},
+    )
+
+
 @router.post(
     "/{experiment_id}/promote",
     summary="Point an alias (default `production`) at a trial's version (default: the leader's)",
@@ -103,7 +118,10 @@ def promote(
     experiment: ExperimentDep,
     session: SessionDep,
     context: ContextDep,
-    request: Annotated[PromoteIn, Body(examples=[{"alias": "production"}])] = PromoteIn(),
+    request: Annotated[
+        PromoteIn,
+        Body(openapi_examples={"leader": {"value": {}}, "trial": {"value": PROMOTE_EXAMPLE}}),
+    ] = PromoteIn(),
 ) -> PromoteOut:
     return service.promote(session, context=context, experiment=experiment, request=request)
 

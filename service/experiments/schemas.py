@@ -228,8 +228,14 @@ class ExperimentEventOut(BaseModel):
     created_at: datetime
 
 
+PROMOTE_EXAMPLE: dict[str, Any] = {"trial": "trl_0623f1c2a4b5e1a2b3c4d5e6", "alias": "production"}
+
+
 class PromoteIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{}, PROMOTE_EXAMPLE]},
+    )
 
     trial: str | None = Field(
         default=None, description="A trial id; default: the leaderboard's first."

@@ -25,6 +25,7 @@ from service.datasets.service import load_manifest, require_ready
 from service.db import new_id, utcnow
 from service.errors import ApiError
 from service.experiments.diagnosis import EpochPoint, TrialRecord, diagnose
+from service.experiments.plots import trial_curves_svg
 from service.experiments.schemas import (
     ExperimentIn,
     ExperimentOut,
@@ -572,6 +573,26 @@ def trial_counts(session: Session, *, experiment: Experiment) -> dict[str, int]:
         .where(ExperimentTrial.experiment_id == experiment.id)
     ).all()
     return dict(Counter(_trial_status(trial, job) for trial, job in rows))
+
+
+def curves_svg(session: Session, *, experiment: Experiment) -> bytes:
+    trials = session.scalars(
+        select(ExperimentTrial)
+        .where(ExperimentTrial.experiment_id == experiment.id)
+        .order_by(ExperimentTrial.position)
+    ).all()
+    repeated = len({t.seed for t in trials}) > 1
+    return trial_curves_svg(
+        [
+            (
+                f"{t.base_model}/{t.strategy}" + (f" seed {t.seed}" if repeated else ""),
+                t.strategy,
+                epoch_history(session, job_id=t.job_id) if t.job_id else [],
+            )
+            for t in trials
+        ],
+        title=f"{experiment.model_name} · {experiment.id}: val accuracy per trial",
+    )
 
 
 # --- promote -----------------------------------------------------------------------------------

@@ -1,0 +1,200 @@
+"""What an experiment costs against the same trials run by hand, and against scoring first.
+
+In a temporary data folder, through the real API and job path (one in-process worker running one
+job at a time, as one training worker does), on sklearn's digits:
+
+1. an experiment of the default strategies on one backbone: its wall time from the request to
+   its end (every trial trained, scored on the test split, the experiment ended);
+2. the same trials (same specs) submitted as separate jobs one after another: the sum of their
+   wall times from submit to end;
+3. `POST /v1/datasets/{id}/transferability` for the same backbone: its wall time.
+
+It prints experiment ÷ separate jobs (the issue's target is ≤ 0.8, from sharing frozen
+features across trials) and transferability ÷ experiment (target ≤ 0.05), then the
+leaderboard and the diagnosis it got. Separate jobs train on the whole train split (the
+experiment holds out its test split) and are not scored on a test split, so they do a little
+more training and a little less evaluation than the trials.
+
+    .venv/bin/python bench/experiments.py [--classes 4] [--per-class 40] [--epochs 3]
+        [--image-size 64] [--base-model efficientnet_lite0] [--device cpu]
+
+The machine may be shared: compare figures within one run.
+"""
+
+import argparse
+import io
+import logging
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi.testclient import TestClient
+from PIL import Image
+from sqlalchemy import select
+
+from service.auth.service import create_key
+from service.cli import migrate_database
+from service.context import AppContext
+from service.datasets.service import process_upload
+from service.experiments.schemas import DEFAULT_STRATEGIES
+from service.main import create_app
+from service.settings import Settings
+from service.tables import Job
+from worker import jobs
+
+
+def digits_zip(classes: int, per_class: int) -> bytes:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images * (255.0 / 16.0)).astype(np.uint8)
+    buffer = io.BytesIO()
+    taken: dict[int, int] = {}
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for index, (image, label) in enumerate(zip(images, digits.target, strict=True)):
+            label = int(label)
+            if label >= classes or taken.get(label, 0) >= per_class:
+                continue
+            taken[label] = taken.get(label, 0) + 1
+            png = io.BytesIO()
+            Image.fromarray(image).save(png, format="PNG")
+            archive.writestr(f"digits/digit_{label}/{index:05d}.png", png.getvalue())
+    return buffer.getvalue()
+
+
+def run_queued(context: AppContext) -> int:
+    """Run queued jobs one at a time until none is left; returns how many ran."""
+    ran = 0
+    while True:
+        with context.db.session() as session:
+            job_id = session.scalar(
+                select(Job.id).where(Job.status == "queued").order_by(Job.created_at)
+            )
+        if job_id is None:
+            return ran
+        jobs.execute(context, job_id=job_id)
+        ran += 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--classes", type=int, default=4)
+    parser.add_argument("--per-class", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--base-model", default="efficientnet_lite0")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    with tempfile.TemporaryDirectory(prefix="thaw-bench-") as folder:
+        settings = Settings(data_dir=Path(folder), reaper_interval_seconds=3600)
+        migrate_database(settings)
+        with TestClient(create_app(settings)) as client:
+            context: AppContext = client.app.state.context  # type: ignore[attr-defined]
+            with context.db.session() as session:
+                _, key = create_key(session, tenant_name="bench")
+            auth = {"Authorization": f"Bearer {key}"}
+            upload = client.post(
+                "/v1/datasets",
+                headers=auth,
+                files={"file": ("d.zip", digits_zip(args.classes, args.per_class))},
+            )
+            dataset = upload.json()["id"]
+            process_upload(context=context, dataset_id=dataset)
+            settings_shared = {
+                "epochs": args.epochs,
+                "batch_size": 16,
+                "lr": 0.01,
+                "image_size": args.image_size,
+                "seed": 1,
+                "device": args.device,
+            }
+            print(
+                f"{args.base_model}, {args.classes} classes x {args.per_class} images, "
+                f"{args.epochs} epochs at {args.image_size} px on {args.device}, "
+                f"strategies: {', '.join(DEFAULT_STRATEGIES)}"
+            )
+
+            began = time.perf_counter()
+            created = client.post(
+                "/v1/experiments",
+                headers=auth,
+                json={
+                    "dataset": dataset,
+                    "model": "bench-exp",
+                    "base_models": [args.base_model],
+                    "settings": settings_shared,
+                    "budget": {"max_parallel": 1},
+                },
+            )
+            created.raise_for_status()
+            experiment_id = created.json()["id"]
+            run_queued(context)
+            experiment: dict[str, Any] = client.get(
+                f"/v1/experiments/{experiment_id}", headers=auth
+            ).json()
+            experiment_seconds = time.perf_counter() - began
+            assert experiment["status"] == "succeeded", experiment["trials"]
+
+            separate_seconds = 0.0
+            for strategy in DEFAULT_STRATEGIES:
+                began = time.perf_counter()
+                submitted = client.post(
+                    "/v1/jobs",
+                    headers=auth,
+                    json={
+                        **settings_shared,
+                        "dataset": dataset,
+                        "model": "bench-separate",
+                        "base_model": args.base_model,
+                        "strategy": strategy,
+                    },
+                )
+                submitted.raise_for_status()
+                run_queued(context)
+                separate_seconds += time.perf_counter() - began
+
+            began = time.perf_counter()
+            scored = client.post(
+                f"/v1/datasets/{dataset}/transferability",
+                headers=auth,
+                json={"base_models": [args.base_model], "image_size": args.image_size},
+            )
+            scored.raise_for_status()
+            transferability_seconds = time.perf_counter() - began
+
+    print(f"experiment wall time:            {experiment_seconds:8.1f} s")
+    print(f"same trials as separate jobs:    {separate_seconds:8.1f} s")
+    print(f"transferability call:            {transferability_seconds:8.1f} s")
+    print(
+        f"experiment / separate jobs:      {experiment_seconds / separate_seconds:8.2f} "
+        "(target <= 0.8)"
+    )
+    print(
+        f"transferability / experiment:    {transferability_seconds / experiment_seconds:8.3f} "
+        "(target <= 0.05)"
+    )
+    print(f"\nleaderboard (test split: {experiment['test_size']} items)")
+    print(
+        f"{'#':>2} {'strategy':<18} {'val':>6} {'test':>6} {'95% interval':>15} {'F1':>5} "
+        f"{'best ep':>7} {'wall s':>7} {'trainable':>10} {'ms/item':>8}"
+    )
+    for row in experiment["leaderboard"]:
+        low, high = row["test_accuracy_interval"]
+        print(
+            f"{row['rank']:>2} {row['strategy']:<18} {row['val_accuracy']:6.3f} "
+            f"{row['test_accuracy']:6.3f} {f'{low:.3f}-{high:.3f}':>15} "
+            f"{row['test_macro_f1']:5.3f} {row['epochs_to_best']:>7} {row['wall_seconds']:7.1f} "
+            f"{row['trainable_parameters']:>10,} {row['latency_ms_per_item']:8.2f}"
+        )
+    print("\ndiagnosis")
+    for line in experiment["diagnosis"]["summary"]:
+        print(f"- {line}")
+
+
+if __name__ == "__main__":
+    main()
