@@ -1,6 +1,7 @@
 """Experiments over HTTP on digits: trials run as ordinary jobs by an in-process worker, a
 complete leaderboard, a test split no trial trains or selects on, the diagnosis, promote."""
 
+import json
 from datetime import timedelta
 from typing import Any
 
@@ -12,6 +13,9 @@ from service.context import AppContext
 from service.datasets.service import load_manifest
 from service.db import utcnow
 from service.experiments.service import advance
+from service.jobs import transitions
+from service.jobs.reaper import reap
+from service.jobs.service import record_event
 from service.tables import Experiment, Job
 from tests.conftest import new_key
 from tests.test_api import assert_error
@@ -143,6 +147,12 @@ def test_an_experiment_runs_scores_diagnoses_and_promotes(
         (e["kind"], e["data"].get("status"))
         for e in client.get(f"/v1/experiments/{exp_id}/events", headers=auth).json()["data"]
     ]
+    # The live stream replays the same events, then ends after the terminal one.
+    stream = client.get(f"/v1/experiments/{exp_id}/events/stream", headers=auth)
+    assert stream.headers["content-type"].startswith("text/event-stream")
+    assert stream.text.count("\nevent: trial\n") == 8
+    last = [line for line in stream.text.splitlines() if line.startswith("data: ")][-1]
+    assert json.loads(last.removeprefix("data: "))["data"] == {"status": "succeeded"}
     assert kinds[0] == ("status", "running")
     assert kinds[-1] == ("status", "succeeded")
     assert kinds.count(("trial", "started")) == 4
@@ -239,3 +249,77 @@ def test_trials_not_started_by_the_deadline_are_said_so(
     assert [t["status"] for t in after["trials"]] == ["queued"] + ["not_started"] * 3
     assert after["trials"][3]["reason"] == "the experiment's deadline passed before it started"
     assert after["status"] == "running"  # until its one started trial ends
+
+
+def test_a_trial_cancelled_directly_frees_its_place_on_the_reaper_pass(
+    client: TestClient, context: AppContext, auth: dict[str, str]
+) -> None:
+    dataset = digits_dataset(client, context, auth, [0, 1])
+    request = experiment_request(dataset, budget={"max_parallel": 1})
+    experiment = client.post("/v1/experiments", headers=auth, json=request).json()
+    first = experiment["trials"][0]["job_id"]
+    assert client.post(f"/v1/jobs/{first}/cancel", headers=auth).json()["status"] == "cancelled"
+    reap(context)
+    after = client.get(f"/v1/experiments/{experiment['id']}", headers=auth).json()
+    assert [t["status"] for t in after["trials"]] == ["cancelled", "queued", "pending", "pending"]
+    events = client.get(f"/v1/experiments/{experiment['id']}/events", headers=auth).json()
+    assert {"trial_id": after["trials"][0]["id"], "status": "cancelled", "job_id": first} in [
+        e["data"] for e in events["data"]
+    ]
+    reap(context)  # a second pass changes nothing: each trial's end is noted once
+    again = client.get(f"/v1/experiments/{experiment['id']}/events", headers=auth).json()
+    assert len(again["data"]) == len(events["data"])
+
+
+def test_successive_halving_prunes_a_lagging_trial_and_shows_it(
+    client: TestClient, context: AppContext, auth: dict[str, str]
+) -> None:
+    dataset = digits_dataset(client, context, auth, [0, 1])
+    request = experiment_request(dataset, budget={"max_parallel": 4, "prune": True})
+    experiment = client.post("/v1/experiments", headers=auth, json=request).json()
+    first_epoch = {"scratch": 0.3, "feature_extraction": 0.9, "freeze_unfreeze": 0.8}
+    first_epoch["fine_tune"] = 0.2
+    with context.db.session() as session:
+        # Four workers each finished epoch 1 (as their hooks record it).
+        for trial in experiment["trials"]:
+            job = transitions.claim(
+                session, job_id=trial["job_id"], owner="test", lease=timedelta(minutes=5)
+            )
+            record_event(
+                session,
+                job=job,
+                kind="epoch",
+                data={
+                    "global_epoch": 1,
+                    "val_accuracy": first_epoch[trial["strategy"]],
+                    "val_loss": 1.0,
+                    "train_loss": 1.0,
+                },
+            )
+        session.commit()
+    advance(context, experiment_id=experiment["id"])
+    after = client.get(f"/v1/experiments/{experiment['id']}", headers=auth).json()
+    status = {t["strategy"]: t["status"] for t in after["trials"]}
+    # Top half at epoch 1 is 0.9 and 0.8; scratch (0.3) is the baseline and never pruned.
+    assert status == {
+        "scratch": "running",
+        "feature_extraction": "running",
+        "freeze_unfreeze": "running",
+        "fine_tune": "pruned",
+    }
+    pruned = next(t for t in after["trials"] if t["strategy"] == "fine_tune")
+    assert "val accuracy 0.200 below 0.800" in pruned["reason"]
+    with context.db.session() as session:
+        assert session.get_one(Job, pruned["job_id"]).status == "cancelling"
+    row = next(r for r in after["leaderboard"] if r["strategy"] == "fine_tune")
+    assert row["status"] == "pruned"
+    events = client.get(f"/v1/experiments/{experiment['id']}/events", headers=auth).json()
+    assert {
+        "trial_id": pruned["id"],
+        "status": "pruned",
+        "job_id": pruned["job_id"],
+        "epoch": 1,
+        "val_accuracy": 0.2,
+        "cutoff": 0.8,
+        "peers": 4,
+    } in [e["data"] for e in events["data"]]

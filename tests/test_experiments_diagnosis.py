@@ -8,6 +8,7 @@ import pytest
 from sklearn.metrics import f1_score
 
 from service.experiments.diagnosis import EpochPoint, TrialRecord, diagnose, overfitting
+from service.experiments.pruning import decide, is_rung
 from service.experiments.statistics import bootstrap_interval, macro_f1
 
 TEST_ITEMS = 200
@@ -150,3 +151,19 @@ def test_macro_f1_matches_sklearn() -> None:
     assert macro_f1(targets.tolist(), predictions.tolist(), 4) == pytest.approx(
         f1_score(targets, predictions, average="macro")
     )
+
+
+def test_successive_halving_keeps_the_top_half_at_each_rung() -> None:
+    peers = {"a": [0.9, 0.92], "b": [0.8, 0.85], "c": [0.3, 0.35]}
+    # At epoch 1 with three peers (four trials): the top two are 0.9 and 0.8.
+    pruned = decide(strategy="fine_tune", val_accuracy=[0.5], peers=peers)
+    assert pruned is not None
+    assert (pruned.epoch, pruned.cutoff, pruned.peers) == (1, 0.8, 4)
+    assert "0.500 below 0.800" in pruned.reason
+    assert decide(strategy="fine_tune", val_accuracy=[0.85], peers=peers) is None
+    # Scratch is the baseline: never pruned. Epoch 3 is no rung.
+    assert decide(strategy="scratch", val_accuracy=[0.1], peers=peers) is None
+    assert decide(strategy="partial", val_accuracy=[0.9, 0.9, 0.1], peers=peers) is None
+    # Too few trials at the rung to judge.
+    assert decide(strategy="partial", val_accuracy=[0.1], peers={"a": [0.9]}) is None
+    assert [e for e in range(1, 17) if is_rung(e)] == [1, 2, 4, 8, 16]

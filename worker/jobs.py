@@ -126,6 +126,7 @@ class JobHooks(TrainingHooks):
 
     def on_epoch_end(self, result: EpochResult) -> None:
         self._event("epoch", dataclasses.asdict(result))
+        trials.after_epoch(self.context, job_id=self.job_id)
 
     def on_resume(self, completed_epochs: int, steps_into_epoch: int) -> None:
         self._event(

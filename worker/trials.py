@@ -6,6 +6,8 @@
   `test_predictions.json` is published with the version) and the test metrics join the
   version's metrics: accuracy with its bootstrap 95 % interval, loss, macro F1, and the median
   latency of a one-item prediction;
+- `after_epoch`: in an experiment that prunes, a trial is judged at each rung (successive
+  halving), so a hopeless one stops at the next step;
 - `advance_after_job`: a trial's end moves its experiment on.
 
 A job that is no trial gets its manifest unchanged and no test metrics.
@@ -117,6 +119,14 @@ def evaluate_on_test(
         "test_items": len(items),
         "latency_ms_per_item": 1000 * statistics.median(latencies[1:]),
     }
+
+
+def after_epoch(context: AppContext, *, job_id: str) -> None:
+    """An epoch ended: a trial of an experiment that prunes may be judged at this rung."""
+    try:
+        experiments.advance_after_job(context, job_id=job_id, pruning_only=True)
+    except Exception:
+        logger.exception("job %s: could not judge it for pruning; the reaper will", job_id)
 
 
 def advance_after_job(context: AppContext, *, job_id: str) -> None:

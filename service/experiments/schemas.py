@@ -78,6 +78,13 @@ class Budget(BaseModel):
         "that has not started by then is `not_started`, one still running fails "
         "`deadline_exceeded`. Default: none beyond each job's own deadline.",
     )
+    prune: bool = Field(
+        default=False,
+        description="Stop hopeless trials early by successive halving on val accuracy: at "
+        "epochs 1, 2, 4, … a trial must be in the top half of the trials that reached that "
+        "epoch (once three have), or its job is cancelled and it shows `pruned` with the "
+        "numbers. `scratch` is never pruned.",
+    )
 
 
 class ExperimentIn(BaseModel):
@@ -143,7 +150,8 @@ class TrialOut(BaseModel):
     seed: int
     status: str = Field(
         description="`pending` until it has a job, then its job's status (`queued`, "
-        "`running`, `succeeded`, ...); `not_started` (with `reason`) when it never got one."
+        "`running`, `succeeded`, ...); `not_started` (with `reason`) when it never got one; "
+        "`pruned` (with `reason`) when successive halving stopped it."
     )
     reason: str | None
     job_id: str | None

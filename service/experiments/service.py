@@ -12,6 +12,7 @@ created, so it never holds a database lock across another session's write.
 import json
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from contextlib import suppress
 from datetime import timedelta
 from typing import Any
@@ -24,6 +25,7 @@ from service.context import AppContext
 from service.datasets.service import load_manifest, require_ready
 from service.db import new_id, utcnow
 from service.errors import ApiError
+from service.experiments import pruning
 from service.experiments.diagnosis import EpochPoint, TrialRecord, diagnose
 from service.experiments.plots import trial_curves_svg
 from service.experiments.schemas import (
@@ -65,6 +67,7 @@ RUNNING = "running"
 PENDING = "pending"
 STARTED = "started"
 NOT_STARTED = "not_started"
+PRUNED = "pruned"
 
 
 def trial_idempotency_key(trial_id: str) -> str:
@@ -202,7 +205,9 @@ def create_experiment(*, context: AppContext, tenant: Tenant, request: Experimen
 
 
 def _trial_status(trial: ExperimentTrial, job: Job | None) -> str:
-    return str(job.status.value) if job is not None else trial.state
+    if trial.state == PRUNED or job is None:
+        return trial.state
+    return str(job.status.value)
 
 
 def _note_ended(session: Session, trial: ExperimentTrial, job: Job) -> None:
@@ -215,7 +220,11 @@ def _note_ended(session: Session, trial: ExperimentTrial, job: Job) -> None:
     )
     if claimed.rowcount != 1:  # type: ignore[attr-defined]
         return
-    data: dict[str, Any] = {"trial_id": trial.id, "status": job.status.value, "job_id": job.id}
+    data: dict[str, Any] = {
+        "trial_id": trial.id,
+        "status": _trial_status(trial, job),
+        "job_id": job.id,
+    }
     if job.model_version_id is not None:
         version = session.get(ModelVersion, job.model_version_id)
         if version is not None:
@@ -242,6 +251,45 @@ def _not_started(session: Session, trial: ExperimentTrial, reason: str) -> None:
     )
 
 
+def _prune(session: Session, rows: Sequence[tuple[ExperimentTrial, Job | None]]) -> None:
+    """Successive halving: cancel the running trials that fell out of the top at a rung."""
+    curves = {
+        trial.id: [float(e["val_accuracy"]) for e in epoch_history(session, job_id=job.id)]
+        for trial, job in rows
+        if job is not None
+    }
+    for trial, job in rows:
+        if job is None or job.status != JobStatus.RUNNING or trial.state != STARTED:
+            continue
+        decision = pruning.decide(
+            strategy=trial.strategy,
+            val_accuracy=curves[trial.id],
+            peers={other: curve for other, curve in curves.items() if other != trial.id},
+        )
+        if decision is None:
+            continue
+        try:
+            transitions.request_cancel(session, job_id=job.id)
+        except IllegalTransitionError:
+            continue  # it ended meanwhile: its own end stands
+        trial.state = PRUNED
+        trial.reason = decision.reason
+        record_event(
+            session,
+            experiment_id=trial.experiment_id,
+            kind="trial",
+            data={
+                "trial_id": trial.id,
+                "status": PRUNED,
+                "job_id": job.id,
+                "epoch": decision.epoch,
+                "val_accuracy": decision.val_accuracy,
+                "cutoff": decision.cutoff,
+                "peers": decision.peers,
+            },
+        )
+
+
 def _settle(session: Session, experiment: Experiment) -> list[ExperimentTrial]:
     """Note ended trials, retire pending ones past the deadline, end a finished experiment;
     returns the pending trials there is room to start now."""
@@ -256,6 +304,8 @@ def _settle(session: Session, experiment: Experiment) -> list[ExperimentTrial]:
             _note_ended(session, trial, job)
     if experiment.status != RUNNING:
         return []
+    if experiment.request.get("budget", {}).get("prune"):
+        _prune(session, [(trial, job) for trial, job in rows])
     pending = [trial for trial, job in rows if job is None and trial.state == PENDING]
     if experiment.deadline_at is not None and utcnow() >= experiment.deadline_at:
         for trial in pending:
@@ -347,13 +397,19 @@ def _link(
         session.commit()
 
 
-def advance_after_job(context: AppContext, *, job_id: str) -> None:
-    """The job ended (or was handed back): move its experiment on, if it is a trial."""
+def advance_after_job(context: AppContext, *, job_id: str, pruning_only: bool = False) -> None:
+    """The job ended, was handed back, or (`pruning_only`) finished an epoch: move its
+    experiment on, if it is a trial (with `pruning_only`, only of an experiment that prunes)."""
     with context.db.session() as session:
-        experiment_id = session.scalar(
-            select(ExperimentTrial.experiment_id).where(ExperimentTrial.job_id == job_id)
-        )
-    if experiment_id is not None:
+        found = session.execute(
+            select(Experiment.id, Experiment.request)
+            .join(ExperimentTrial, ExperimentTrial.experiment_id == Experiment.id)
+            .where(ExperimentTrial.job_id == job_id)
+        ).one_or_none()
+    if found is None:
+        return
+    experiment_id, request = found
+    if not pruning_only or request.get("budget", {}).get("prune"):
         advance(context, experiment_id=experiment_id)
 
 
