@@ -87,6 +87,10 @@ def test_transfer_that_clearly_helps_is_not_flagged() -> None:
     assert any("beat scratch" in s and "fine_tune" in s for s in diagnosis["summary"])
     # feature extraction: 0.90 / 0.93 = 97 % of the best at a tenth of the wall time.
     assert any(
+        "fine_tune: reached 90 % of scratch's best" in s and "in 1 epoch (" in s
+        for s in diagnosis["summary"]
+    )
+    assert any(
         "feature_extraction reached 97% of fine_tune" in s and "1/10.0" in s
         for s in diagnosis["summary"]
     )
@@ -167,3 +171,16 @@ def test_successive_halving_keeps_the_top_half_at_each_rung() -> None:
     # Too few trials at the rung to judge.
     assert decide(strategy="partial", val_accuracy=[0.1], peers={"a": [0.9]}) is None
     assert [e for e in range(1, 17) if is_rung(e)] == [1, 2, 4, 8, 16]
+
+
+def test_the_cost_line_compares_with_the_leader_ties_going_to_the_cheaper() -> None:
+    scratch = record("scratch", [0.2, 0.4], 0.40)
+    slow = record("fine_tune", [0.8, 0.9], 0.90)  # 100 s
+    fast = record("partial", [0.8, 0.9], 0.90)  # 50 s: the leader
+    frozen = record("feature_extraction", [0.8, 0.88], 0.88)  # 10 s
+    summary = diagnose([scratch, slow, fast, frozen])["summary"]
+    cost = [s for s in summary if "of its wall time" in s]
+    assert cost == [
+        "resnet18/feature_extraction reached 98% of partial's test accuracy (88.0 % vs 90.0 %) "
+        "at 1/5.0 of its wall time (10.0 s vs 50.0 s)."
+    ]

@@ -122,6 +122,10 @@ def overfitting(curve: Sequence[EpochPoint]) -> dict[str, Any]:
     }
 
 
+def _epochs(count: int) -> str:
+    return f"{count} epoch" + ("" if count == 1 else "s")
+
+
 def _points(value: float) -> str:
     return f"{100 * value:.1f}"
 
@@ -188,9 +192,9 @@ def _comparison_lines(base_model: str, comparison: dict[str, Any]) -> list[str]:
     lines.append(
         f"{base_model}/{name}: reached 90 % of scratch's best val accuracy "
         f"({_points(slope['threshold'])} %) "
-        + (f"in {reached['transfer']} epochs" if reached["transfer"] else "in no epoch")
+        + (f"in {_epochs(reached['transfer'])}" if reached["transfer"] else "in no epoch")
         + " (scratch: "
-        + (f"{reached['scratch']} epochs" if reached["scratch"] else "never")
+        + (_epochs(reached["scratch"]) if reached["scratch"] else "never")
         + f"); area under the val curve {area['transfer']:.3f} vs {area['scratch']:.3f} "
         f"over {area['epochs']} epochs."
     )
@@ -222,7 +226,8 @@ def _cost_lines(base_model: str, arms: Sequence[_Arm]) -> list[str]:
     ]
     if len(scored) < 2:
         return []
-    best_name, best_accuracy, best_wall = max(scored, key=lambda item: item[1])
+    # The leader as the leaderboard has it: best test accuracy, ties to the cheaper.
+    best_name, best_accuracy, best_wall = max(scored, key=lambda item: (item[1], -item[2]))
     lines = []
     for name, accuracy, wall in scored:
         if name == best_name or best_accuracy <= 0 or wall >= best_wall:
