@@ -242,7 +242,8 @@ def test_version_1_image_manifest_still_loads() -> None:
 
     assert loaded.modality == "image"
     assert [s.path for s in loaded.samples] == ["cat/a.png", "dog/b.png"]
-    assert loaded.skipped[0].path == "x.gif" and loaded.skipped[0].line is None
+    assert loaded.skipped[0].path == "x.gif"
+    assert loaded.skipped[0].line is None
     assert IngestResult.from_manifest(loaded.to_manifest()) == loaded
 
 
@@ -276,7 +277,8 @@ def test_text_dataset_over_http(
     shown = client.get(f"/v1/datasets/{dataset_id}", headers=auth).json()
     assert shown["status"] == "ready", shown
     assert shown["modality"] == "text"
-    assert shown["num_texts"] == 600 and shown["num_images"] == 0
+    assert shown["num_texts"] == 600
+    assert shown["num_images"] == 0
     assert shown["class_counts"]["mail"] == {"train": 75, "val": 25, "total": 100}
     assert shown["skipped"] == [
         {
@@ -312,7 +314,8 @@ def test_non_dataset_upload_is_415(client: TestClient, auth: dict[str, str]) -> 
     assert response.status_code == 415, response.text
     error = response.json()["error"]
     assert (error["code"], error["param"]) == ("unsupported_upload", "file")
-    assert "CSV" in error["message"] and "zip" in error["message"]
+    assert "CSV" in error["message"]
+    assert "zip" in error["message"]
 
 
 def test_csv_without_the_label_column_is_422(client: TestClient, auth: dict[str, str]) -> None:
