@@ -24,7 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.context import AppContext
-from service.datasets.service import load_manifest
+from service.datasets.service import load_manifest, load_text_rows
 from service.db import new_id, utcnow
 from service.jobs import transitions
 from service.jobs.history import epoch_history
@@ -43,6 +43,7 @@ from worker.engine import (
     EpochResult,
     Plan,
     Sample,
+    TextSample,
     TrainingCancelled,
     TrainingHooks,
     TrainingPaused,
@@ -226,21 +227,40 @@ def _plan_of(session: Session, job_id: str) -> tuple[Plan, str]:
     return Plan.from_dict(job.plan), job.dataset_id
 
 
-def _train_and_publish(
-    context: AppContext, *, job_id: str, hooks: JobHooks, plan: Plan, dataset_id: str
-) -> None:
+def _training_data(
+    context: AppContext, plan: Plan, dataset_id: str
+) -> tuple[list[str], list[Any], list[Any], list[str]]:
+    """The dataset's classes, train and val samples, and (text only) its unlabelled texts."""
+    if plan.modality == "text":
+        classes, train_rows, val_rows, unlabelled = load_text_rows(
+            context=context, dataset_id=dataset_id
+        )
+        return (
+            classes,
+            [TextSample(text=text, label=label) for text, label in train_rows],
+            [TextSample(text=text, label=label) for text, label in val_rows],
+            unlabelled,
+        )
     manifest, root = load_manifest(context=context, dataset_id=dataset_id)
     train = [
         Sample(path=root / s.path, label=s.label) for s in manifest.samples if s.split == "train"
     ]
     val = [Sample(path=root / s.path, label=s.label) for s in manifest.samples if s.split == "val"]
+    return manifest.classes, train, val, []
+
+
+def _train_and_publish(
+    context: AppContext, *, job_id: str, hooks: JobHooks, plan: Plan, dataset_id: str
+) -> None:
+    classes, train, val, unlabelled = _training_data(context, plan, dataset_id)
     checkpoint = context.store.local_path(checkpoint_key(job_id))
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     result = run(
         plan,
         train=train,
         val=val,
-        classes=manifest.classes,
+        classes=classes,
+        unlabelled=unlabelled,
         hooks=hooks,
         weights_dir=context.settings.resolved_weights_dir,
         checkpoint_path=checkpoint,
@@ -257,7 +277,7 @@ def _train_and_publish(
     try:
         out = export_dir / "artifacts"
         export_model(result, plan, out)
-        (out / LABELS_FILE).write_text(json.dumps(manifest.classes, indent=2) + "\n")
+        (out / LABELS_FILE).write_text(json.dumps(classes, indent=2) + "\n")
         if context.settings.onnx_export:
             onnx = export_onnx(result.model, image_size=plan.image_size, out_path=out / ONNX_FILE)
             exports["onnx"] = onnx.to_dict()
@@ -288,7 +308,7 @@ def _train_and_publish(
             attempt=hooks.attempt,
             version_id=version_id,
             metrics=result.metrics,
-            labels=manifest.classes,
+            labels=classes,
             artifacts=artifacts,
             artifact_prefix=prefix,
             exports=exports,

@@ -1,5 +1,6 @@
 """Datasets: accept an upload, then (in the worker) extract, validate and split it."""
 
+import itertools
 import json
 import logging
 import random
@@ -19,7 +20,6 @@ from service.datasets.ingest import (
     IngestResult,
     MissingColumnError,
     TextColumns,
-    TextRow,
     check_csv_header,
     detect_upload,
     ingest_upload,
@@ -434,15 +434,29 @@ def load_manifest(*, context: AppContext, dataset_id: str) -> tuple[IngestResult
 
 def load_text_rows(
     *, context: AppContext, dataset_id: str
-) -> tuple[list[str], list[TextRow], list[TextRow], list[str]]:
-    """A text dataset's classes, its train and val rows, and its unlabelled texts."""
+) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, int]], list[str]]:
+    """A text dataset's classes, its train and val (text, label) rows, its unlabelled texts."""
     manifest, root = load_manifest(context=context, dataset_id=dataset_id)
-    train: list[TextRow] = []
-    val: list[TextRow] = []
+    train: list[tuple[str, int]] = []
+    val: list[tuple[str, int]] = []
     unlabelled: list[str] = []
     for row in iter_text_rows(root, manifest.shards):
         if row.label is None:
             unlabelled.append(row.text)
         else:
-            (val if row.split == "val" else train).append(row)
+            (val if row.split == "val" else train).append((row.text, row.label))
     return manifest.classes, train, val, unlabelled
+
+
+def text_samples(*, context: AppContext, dataset_id: str, limit: int) -> list[dict[str, Any]]:
+    """The first `limit` kept rows of a text dataset, with their class names, for display."""
+    manifest, root = load_manifest(context=context, dataset_id=dataset_id)
+    rows = itertools.islice(iter_text_rows(root, manifest.shards), limit)
+    return [
+        {
+            "text": row.text,
+            "label": None if row.label is None else manifest.classes[row.label],
+            "split": row.split,
+        }
+        for row in rows
+    ]
