@@ -275,7 +275,7 @@ def test_text_dataset_over_http(
     process_upload(context=context, dataset_id=dataset_id)
 
     shown = client.get(f"/v1/datasets/{dataset_id}", headers=auth).json()
-    assert shown["status"] == "ready", shown
+    assert shown["status"] == "ready", (shown["error_code"], shown["error_message"])
     assert shown["modality"] == "text"
     assert shown["num_texts"] == 600
     assert shown["num_images"] == 0
@@ -288,9 +288,54 @@ def test_text_dataset_over_http(
             "reason": "The row holds bytes that are not UTF-8 text.",
         }
     ]
+    lengths = shown["token_lengths"]
+    assert (lengths["base_model"], lengths["texts"], lengths["truncated"]) == ("minilm_l6", 600, 0)
+    assert 3 <= lengths["median"] <= lengths["p95"] <= lengths["max"] < lengths["max_length"]
     classes, train, val, unlabelled = load_text_rows(context=context, dataset_id=dataset_id)
     assert classes == shown["classes"]
     assert (len(train), len(val), unlabelled) == (450, 150, [])
+
+    image_model = client.get(
+        f"/v1/datasets/{dataset_id}", headers=auth, params={"base_model": "efficientnet_lite0"}
+    )
+    assert image_model.status_code == 422, image_model.text
+    assert image_model.json()["error"]["param"] == "base_model"
+    spec = {"dataset": dataset_id, "model": "m", "base_model": "efficientnet_lite0", "epochs": 2}
+    for path in ("/v1/jobs/plan", "/v1/jobs"):
+        refused = client.post(path, headers=auth, json=spec)
+        assert refused.status_code == 422, refused.text
+        error = refused.json()["error"]
+        assert (error["code"], error["param"]) == ("wrong_modality", "base_model"), error
+        assert "text" in error["message"]
+    assert (
+        client.post(
+            "/v1/jobs/plan", headers=auth, json={**spec, "base_model": "minilm_l6"}
+        ).status_code
+        == 200
+    )
+
+
+def test_token_lengths_against_a_shorter_maximum(
+    client: TestClient, context: AppContext, auth: dict[str, str]
+) -> None:
+    # Rows far longer than minilm_l6's maximum: the summary says how many would be cut.
+    long_text = " ".join(r["text"] for r in fixture_rows()[:40])
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["text", "label"])
+    writer.writerows([f"{long_text} {i}", "a"] for i in range(3))
+    writer.writerows([f"short text {i}", "b"] for i in range(3))
+    data = out.getvalue().encode()
+    response = post_dataset(client, auth, "long.csv", data)
+    assert response.status_code == 202, response.text
+    process_upload(context=context, dataset_id=response.json()["id"])
+    shown = client.get(f"/v1/datasets/{response.json()['id']}", headers=auth).json()
+    assert shown["status"] == "ready", (shown["error_code"], shown["error_message"])
+    assert shown["token_lengths"]["truncated"] == 3
+    lengths = shown["token_lengths"]
+    assert lengths["max"] > lengths["max_length"]
+    assert lengths["job_default_max_length"] <= lengths["max_length"]
+    assert lengths["truncated_at_job_default"] == 3
 
 
 def test_custom_columns_over_http(
@@ -304,7 +349,7 @@ def test_custom_columns_over_http(
     assert response.status_code == 202, response.text
     process_upload(context=context, dataset_id=response.json()["id"])
     shown = client.get(f"/v1/datasets/{response.json()['id']}", headers=auth).json()
-    assert shown["status"] == "ready", shown
+    assert shown["status"] == "ready", (shown["error_code"], shown["error_message"])
     assert shown["num_texts"] == 30
     assert (shown["text_column"], shown["label_column"]) == ("body", "section")
 

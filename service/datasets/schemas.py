@@ -27,6 +27,10 @@ class TokenLengthsOut(BaseModel):
     p95: int
     max: int
     truncated: int = Field(description="Texts longer than `max_length`: they would be cut.")
+    job_default_max_length: int | None = Field(
+        description="The tokens per text a job uses when its spec sets no `max_length`."
+    )
+    truncated_at_job_default: int = Field(description="Texts longer than `job_default_max_length`.")
 
 
 class ClassCount(BaseModel):
