@@ -4,6 +4,7 @@ manifest, and the API around them (modality, 415 for a non-dataset, 422 for miss
 Real text comes from tests/fixtures/debian_descriptions.csv (see tests/fixtures/README.md)."""
 
 import csv
+import html
 import io
 import json
 import zipfile
@@ -370,3 +371,27 @@ def test_csv_without_the_label_column_is_422(client: TestClient, auth: dict[str,
     assert (error["code"], error["param"]) == ("bad_header", "label_column")
     assert "'category'" in error["message"]
     assert client.get("/v1/datasets", headers=auth).json()["data"] == []
+
+
+def test_dashboard_shows_text_samples_and_lengths(
+    client: TestClient, context: AppContext, auth: dict[str, str]
+) -> None:
+    data = b"text,label\n" + b"".join(
+        f"{r['text']},{r['label']}\n".encode() for r in fixture_rows()[:24] if "," not in r["text"]
+    )
+    response = post_dataset(client, auth, "few.csv", data + b",games\n")
+    assert response.status_code == 202, response.text
+    process_upload(context=context, dataset_id=response.json()["id"])
+
+    client.cookies.set("thaw_key", auth["Authorization"].removeprefix("Bearer "), path="/ui")
+    page = client.get("/ui/datasets")
+
+    assert page.status_code == 200, page.text
+    section = page.text[page.text.index(response.json()["id"]) :]
+    assert "texts" in section
+    assert 'class="text-samples"' in section
+    first = next(r for r in fixture_rows() if "," not in r["text"])
+    assert html.escape(first["text"]) in section
+    assert 'class="token-lengths"' in section
+    assert "minilm_l6" in section
+    assert "line " in section  # the skipped empty row, located by its line

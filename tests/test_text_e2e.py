@@ -8,6 +8,8 @@ a TF-IDF + logistic-regression baseline trained on the same rows."""
 
 import csv
 import io
+import json
+import subprocess
 from pathlib import Path
 
 import httpx
@@ -93,6 +95,52 @@ def train_and_predict(
     return correct / len(held_out)
 
 
+def use_the_cli(
+    tmp_path: Path,
+    env: dict[str, str],
+    base: str,
+    headers: dict[str, str],
+    held_out: list[dict[str, str]],
+) -> None:
+    """`thaw datasets upload` of a CSV with other column names, `thaw predict` with strings
+    and with --file, against the model trained above."""
+    cli_env = {
+        **env,
+        "THAW_URL": base,
+        "THAW_API_KEY": headers["Authorization"].removeprefix("Bearer "),
+    }
+
+    def thaw(*args: str) -> str:
+        done = subprocess.run(
+            [*THAW, *args], env=cli_env, capture_output=True, text=True, timeout=300, check=False
+        )
+        assert done.returncode == 0, f"{args}: {done.returncode}\n{done.stdout}\n{done.stderr}"
+        return done.stdout
+
+    custom = tmp_path / "sections.csv"
+    with custom.open("w", encoding="utf-8", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["Description", "Section"])
+        writer.writerows([r["text"], r["label"]] for r in held_out)
+    arguments = ["--text-column", "Description", "--label-column", "Section", "--wait"]
+    uploaded = json.loads(thaw("datasets", "upload", str(custom), *arguments, "--json"))
+    assert (uploaded["status"], uploaded["modality"]) == ("ready", "text")
+    assert uploaded["num_texts"] == len(held_out)
+    shown = thaw("datasets", "show", uploaded["id"])
+    assert "token lengths (minilm_l6" in shown
+
+    texts = [held_out[0]["text"], held_out[1]["text"]]
+    answer = json.loads(thaw("predict", "debian:1", *texts, "--top-k", "2", "--json"))
+    assert [p["text_index"] for p in answer["predictions"]] == [0, 1]
+    assert all(len(p["top"]) == 2 for p in answer["predictions"])
+    lines = tmp_path / "texts.txt"
+    lines.write_text("".join(f"{r['text']}\n" for r in held_out[:5]), encoding="utf-8")
+    from_file = json.loads(thaw("predict", "debian", "--file", str(lines), "--json"))
+    assert len(from_file["predictions"]) == 5
+    table = thaw("predict", "debian", texts[0])
+    assert "debian v1" in table
+
+
 @pytest.mark.e2e
 def test_text_fine_tune_beats_tfidf_baseline(tmp_path: Path) -> None:
     train, held_out = split_fixture()
@@ -106,5 +154,6 @@ def test_text_fine_tune_beats_tfidf_baseline(tmp_path: Path) -> None:
         wait_ready(base, server, log)
         with httpx.Client(base_url=base, headers=headers, timeout=120) as client:
             accuracy = train_and_predict(client, train, held_out)
+        use_the_cli(tmp_path, env, base, headers, held_out)
     print(f"held-out accuracy: minilm_l6 fine_tune {accuracy:.3f}, TF-IDF + LR {baseline:.3f}")
     assert accuracy > baseline
