@@ -301,6 +301,9 @@ def test_text_dataset_over_http(
     )
     assert image_model.status_code == 422, image_model.text
     assert image_model.json()["error"]["param"] == "base_model"
+    scores = client.post(f"/v1/datasets/{dataset_id}/transferability", headers=auth, json={})
+    assert scores.status_code == 422, scores.text
+    assert scores.json()["error"]["code"] == "wrong_modality"
     spec = {"dataset": dataset_id, "model": "m", "base_model": "efficientnet_lite0", "epochs": 2}
     for path in ("/v1/jobs/plan", "/v1/jobs"):
         refused = client.post(path, headers=auth, json=spec)

@@ -374,6 +374,14 @@ def score_transferability(
 ) -> TransferabilityOut:
     """Rank base models for this dataset from their frozen features (LogME, linear probe)."""
     require_ready(dataset, needed_by="transferability scores")
+    if dataset.modality == "text":
+        raise ApiError(
+            422,
+            "wrong_modality",
+            f"Dataset {dataset.id} holds texts; transferability scores image datasets only "
+            "for now.",
+            "dataset_id",
+        )
     weights_dir = context.settings.resolved_weights_dir
     for index, name in enumerate(request.base_models):
         param = f"base_models[{index}]"

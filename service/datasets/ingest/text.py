@@ -259,12 +259,17 @@ def _json_row(line: str, number: int, columns: TextColumns) -> RawRow:
 
 
 def read_folder_rows(
-    candidates: list[Candidate], limits: IngestLimits, skipped: list[SkippedFile]
+    candidates: list[Candidate],
+    limits: IngestLimits,
+    skipped: list[SkippedFile],
+    progress: Callable[[int, int], None] | None = None,
 ) -> Iterator[RawRow]:
     """One row per .txt file in a class folder; files that cannot be rows go to `skipped`."""
     wrapper = wrapper_folder([c.path for c in candidates])
     budget = ByteBudget(limits.max_total_bytes)
-    for candidate in candidates:
+    reporter = Progress(progress, max(1, len(candidates)))
+    for done, candidate in enumerate(candidates, 1):
+        reporter.update(done)
         name, inner = candidate.member.name, candidate.path.removeprefix(wrapper)
         if "/" not in inner:
             skipped.append(SkippedFile(name, "unlabelled", "The file is not in a class folder."))

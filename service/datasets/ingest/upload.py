@@ -122,7 +122,7 @@ def ingest_archive(
             candidates, skipped = screen(members)
             if _holds_texts(candidates):
                 result = build_text_dataset(
-                    read_folder_rows(candidates, limits, skipped),
+                    read_folder_rows(candidates, limits, skipped, progress),
                     dest.resolve(),
                     limits=limits,
                     val_fraction=val_fraction,
