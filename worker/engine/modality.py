@@ -10,6 +10,7 @@ sits behind `Inputs` (this module's image implementation, `text.TextInputs` for 
   recorded outputs when given). Shuffled loaders draw only from the run's shuffle stream,
   which is what makes a resumed run redraw the same batches.
 - `steps(samples, stage)`: optimizer steps per epoch of the stage.
+- `describe()`: facts kept with the metrics (text: token-length statistics).
 - `language_model(...)`: ulmfit's masked-LM stage (text only).
 
 The rest of a modality is its zoo (`zoo.py` images, `text_zoo.py` encoders: groups, pooling,
@@ -44,6 +45,10 @@ class Inputs(Protocol):
     ) -> DataLoader[Any]: ...
 
     def steps(self, samples: Sequence[Any], stage: Stage) -> int: ...
+
+    def describe(self) -> dict[str, Any]:
+        """Facts about the inputs worth keeping with the metrics (text: token lengths)."""
+        ...
 
     def language_model(
         self, backbone: Backbone, lm_head: nn.Module, train: Sequence[Any], val: Sequence[Any]
@@ -101,6 +106,9 @@ class ImageInputs:
 
     def steps(self, samples: Sequence[Any], stage: Stage) -> int:
         return math.ceil(len(samples) / self.plan.batch_size)
+
+    def describe(self) -> dict[str, Any]:
+        return {}
 
     def language_model(
         self, backbone: Backbone, lm_head: nn.Module, train: Sequence[Any], val: Sequence[Any]

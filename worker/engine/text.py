@@ -179,16 +179,20 @@ class TextInputs:
         self.encoded: dict[int, Encoded] = {}
         """Framed ids per sample list, by the list's identity (train, val)."""
         first_val, first_unlabelled = len(train), len(train) + len(val)
-        self._register(train, encoded, 0, first_val)
-        self._register(val, encoded, first_val, first_unlabelled)
+        self.splits = {
+            "train": self._register(train, encoded, 0, first_val),
+            "val": self._register(val, encoded, first_val, first_unlabelled),
+        }
         self.unlabelled_ids = encoded.ids[first_unlabelled:]
 
     def _register(
         self, samples: Sequence[TextSample], encoded: Encoded, start: int, end: int
-    ) -> None:
-        self.encoded[id(samples)] = Encoded(
+    ) -> Encoded:
+        part = Encoded(
             encoded.ids[start:end], encoded.lengths[start:end], encoded.truncated[start:end]
         )
+        self.encoded[id(samples)] = part
+        return part
 
     def _ids(self, samples: Sequence[Any]) -> list[list[int]]:
         return self.encoded[id(samples)].ids
@@ -244,9 +248,31 @@ class TextInputs:
             DataLoader(_FixedBatches(fixed_val, self.plan.batch_size), batch_size=None),
         )
 
+    def describe(self) -> dict[str, Any]:
+        """Token lengths (untruncated, special tokens included) of the train and val texts."""
+        return {
+            "token_lengths": {
+                "max_length": self.plan.max_length,
+                "truncation": self.plan.truncation,
+                **{split: _length_stats(encoded) for split, encoded in self.splits.items()},
+            }
+        }
+
     def steps(self, samples: Sequence[Any], stage: Stage) -> int:
         count = len(samples) + (len(self.unlabelled_ids) if stage.objective != "classify" else 0)
         return math.ceil(count / self.plan.batch_size)
+
+
+def _length_stats(encoded: Encoded) -> dict[str, Any]:
+    lengths = sorted(encoded.lengths)
+    return {
+        "texts": len(lengths),
+        "min": lengths[0],
+        "median": lengths[len(lengths) // 2],
+        "p95": lengths[min(len(lengths) - 1, math.ceil(0.95 * len(lengths)) - 1)],
+        "max": lengths[-1],
+        "truncated": sum(encoded.truncated),
+    }
 
 
 class _FixedBatches(Dataset[tuple[Tensor, Tensor]]):

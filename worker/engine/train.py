@@ -403,6 +403,7 @@ def _result(training: _Training, val: Samples, classes: list[str]) -> TrainingRe
     targets = torch.tensor([sample.label for sample in val])
     metrics = classification_metrics(targets, kept.predictions, classes)
     metrics["val_loss"] = kept.loss
+    metrics |= training.data.inputs.describe()
     logger.info(
         "finished: val accuracy %.4f, val loss %.4f", metrics["val_accuracy"], metrics["val_loss"]
     )
