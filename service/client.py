@@ -164,14 +164,20 @@ class ThawClient:
         name: str | None = None,
         val_fraction: float | None = None,
         seed: int | None = None,
+        text_column: str | None = None,
+        label_column: str | None = None,
         on_progress: ProgressCallback | None = None,
     ) -> DatasetOut:
-        """Upload an archive, or a folder (one sub-folder per class), zipped on the fly."""
-        fields = {
-            key: str(value)
-            for key, value in {"name": name, "val_fraction": val_fraction, "seed": seed}.items()
-            if value is not None
+        """Upload an archive, a CSV or JSON Lines file of texts, or a folder (one sub-folder
+        per class), zipped on the fly."""
+        given = {
+            "name": name,
+            "val_fraction": val_fraction,
+            "seed": seed,
+            "text_column": text_column,
+            "label_column": label_column,
         }
+        fields = {key: str(value) for key, value in given.items() if value is not None}
         if path.is_dir():
             fields.setdefault("name", path.resolve().name)
             with tempfile.TemporaryDirectory(prefix="thaw-upload-") as scratch:
@@ -347,6 +353,17 @@ class ThawClient:
             f"/v1/models/{name}/versions/{version}/predict",
             files=files,
             data={"top_k": str(top_k)},
+        )
+        return PredictOut.model_validate(response.json())
+
+    def predict_texts(
+        self, name: str, ref: str | None, texts: list[str], *, top_k: int = 5
+    ) -> PredictOut:
+        version = self.resolve_ref(name, ref)
+        response = self._request(
+            "POST",
+            f"/v1/models/{name}/versions/{version}/predict",
+            json={"texts": texts, "top_k": top_k},
         )
         return PredictOut.model_validate(response.json())
 

@@ -41,9 +41,20 @@ class Settings(BaseSettings):
         default=5 * 2**30, description="Most bytes extracted from one archive."
     )
     max_image_pixels: int = Field(default=40_000_000, description="Largest image, widthxheight.")
+    max_text_field_bytes: int = Field(
+        default=100_000,
+        description="Largest text or label in a text dataset upload (one CSV or JSON Lines "
+        "field, or one .txt file), in UTF-8 bytes; longer rows are skipped and reported.",
+    )
     max_predict_images: int = Field(default=64, description="Most images in one predict call.")
     max_predict_bytes: int = Field(
         default=20 * 2**20, description="Largest image accepted by predict, in bytes."
+    )
+    max_predict_texts: int = Field(default=256, description="Most texts in one predict call.")
+    max_predict_text_chars: int = Field(
+        default=20_000,
+        description="Longest text predict reads, in characters; a longer one gets a per-item "
+        "error.",
     )
     model_cache_size: int = Field(
         default=4, description="Model versions kept loaded for inference."

@@ -3,7 +3,7 @@
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
@@ -63,7 +63,16 @@ class Dataset(Base):
     classes: Mapped[list[str]] = mapped_column(JSON, default=list)
     class_counts: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     num_images: Mapped[int] = mapped_column(Integer, default=0)
-    skipped: Mapped[list[dict[str, str]]] = mapped_column(JSON, default=list)
+    skipped: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    # "image" or "text"; None while an uploaded archive has not been read yet.
+    modality: Mapped[str | None] = mapped_column(String(10))
+    # CSV and JSON Lines uploads: the fields that hold the text and the label.
+    text_column: Mapped[str | None] = mapped_column(String(200))
+    label_column: Mapped[str | None] = mapped_column(String(200))
+    keep_unlabelled: Mapped[bool] = mapped_column(Boolean, default=True)
+    num_texts: Mapped[int] = mapped_column(Integer, default=0)
+    num_unlabelled: Mapped[int] = mapped_column(Integer, default=0)
+    token_lengths: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 

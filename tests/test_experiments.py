@@ -1,6 +1,9 @@
-"""Experiments over HTTP on digits: trials run as ordinary jobs by an in-process worker, a
-complete leaderboard, a test split no trial trains or selects on, the diagnosis, promote."""
+"""Experiments over HTTP on digits (and on texts): trials run as ordinary jobs by an in-process
+worker, a complete leaderboard, a test split no trial trains or selects on, the diagnosis,
+promote."""
 
+import csv
+import io
 import json
 from datetime import timedelta
 from typing import Any
@@ -10,7 +13,8 @@ from fastapi.testclient import TestClient
 
 import worker.jobs
 from service.context import AppContext
-from service.datasets.service import load_manifest
+from service.datasets.ingest import iter_text_rows
+from service.datasets.service import load_manifest, process_upload
 from service.db import utcnow
 from service.experiments.service import advance
 from service.jobs import transitions
@@ -20,6 +24,7 @@ from service.tables import Experiment, Job
 from tests.conftest import new_key
 from tests.test_api import assert_error
 from tests.test_strategies_api import digits_dataset
+from tests.test_text_e2e import FIXTURE as DEBIAN_DESCRIPTIONS
 from worker import jobs
 
 STRATEGIES = ["scratch", "feature_extraction", "freeze_unfreeze", "fine_tune"]
@@ -37,6 +42,19 @@ def experiment_request(dataset: str, **overrides: Any) -> dict[str, Any]:
         "budget": {"max_parallel": 2},
     }
     return {**request, **overrides}
+
+
+def run_trials(
+    client: TestClient, context: AppContext, auth: dict[str, str], experiment: dict[str, Any]
+) -> dict[str, Any]:
+    """Be the worker: run whatever trial is queued, until the experiment ends."""
+    for _ in range(len(experiment["trials"]) + 1):
+        waiting = queued_trial_jobs(context, experiment)
+        if not waiting:
+            break
+        jobs.execute(context, job_id=waiting[0])
+        experiment = client.get(f"/v1/experiments/{experiment['id']}", headers=auth).json()
+    return experiment
 
 
 def queued_trial_jobs(context: AppContext, experiment: dict[str, Any]) -> list[str]:
@@ -73,12 +91,7 @@ def test_an_experiment_runs_scores_diagnoses_and_promotes(
     # The budget: two trials at once, the rest wait for room.
     assert [t["status"] for t in experiment["trials"]] == ["queued", "queued", "pending", "pending"]
 
-    for _ in range(len(STRATEGIES) + 1):  # the worker: run whatever is queued, until done
-        waiting = queued_trial_jobs(context, experiment)
-        if not waiting:
-            break
-        jobs.execute(context, job_id=waiting[0])
-        experiment = client.get(f"/v1/experiments/{exp_id}", headers=auth).json()
+    experiment = run_trials(client, context, auth, experiment)
     assert experiment["status"] == "succeeded", experiment["trials"]
 
     # The test split: disjoint from what every trial trained and validated on, and together
@@ -323,3 +336,70 @@ def test_successive_halving_prunes_a_lagging_trial_and_shows_it(
         "cutoff": 0.8,
         "peers": 4,
     } in [e["data"] for e in events["data"]]
+
+
+def test_a_text_experiment_holds_out_test_rows_and_ranks_its_trials(
+    client: TestClient,
+    context: AppContext,
+    auth: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with DEBIAN_DESCRIPTIONS.open(encoding="utf-8", newline="") as source:
+        rows = [r for r in csv.DictReader(source) if r["label"] in {"games", "sound", "mail"}]
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["text", "label"])
+    writer.writerows([r["text"], r["label"]] for r in rows[:120])
+    uploaded = client.post(
+        "/v1/datasets", headers=auth, files={"file": ("debian.csv", out.getvalue().encode())}
+    )
+    assert uploaded.status_code == 202, uploaded.text
+    dataset = uploaded.json()["id"]
+    process_upload(context=context, dataset_id=dataset)
+    trained_on: dict[str, set[str]] = {}
+    real_run = worker.jobs.run
+
+    def recording_run(plan: Any, *, train: list[Any], val: list[Any], **rest: Any) -> Any:
+        trained_on[plan.extra["strategy"]] = {s.text for s in [*train, *val]}
+        return real_run(plan, train=train, val=val, **rest)
+
+    monkeypatch.setattr(worker.jobs, "run", recording_run)
+    strategies = ["scratch", "feature_extraction"]
+    request = experiment_request(
+        dataset,
+        model="debian-exp",
+        base_models=["minilm_l6"],
+        strategies=strategies,
+        settings={"epochs": 1, "batch_size": 16, "lr": 0.001, "max_length": 32, "seed": 1},
+    )
+    created = client.post("/v1/experiments", headers=auth, json=request)
+    assert created.status_code == 201, created.text
+    experiment = run_trials(client, context, auth, created.json())
+    assert experiment["status"] == "succeeded", experiment["trials"]
+
+    # The held-out rows, read straight from the dataset's shards by their ordinal.
+    split = client.get(f"/v1/experiments/{experiment['id']}/test-split", headers=auth).json()
+    manifest, root = load_manifest(context=context, dataset_id=dataset)
+    texts = [row.text for row in iter_text_rows(root, manifest.shards)]
+    assert len(texts) == len(set(texts)) == 120
+    test_texts = {texts[int(item.removeprefix("row:"))] for item in split["items"]}
+    assert len(test_texts) == experiment["test_size"] >= 24  # a quarter, per class and split
+    assert set(trained_on) == set(strategies)
+    for strategy, seen in trained_on.items():
+        assert not seen & test_texts, strategy
+        assert seen | test_texts == set(texts), strategy
+
+    board = experiment["leaderboard"]
+    assert sorted(row["strategy"] for row in board) == sorted(strategies)
+    for row in board:
+        assert row["status"] == "succeeded"
+        low, high = row["test_accuracy_interval"]
+        assert 0.0 <= low <= row["test_accuracy"] <= high <= 1.0
+        assert row["test_loss"] > 0
+        assert row["latency_ms_per_item"] > 0
+        version = client.get(
+            f"/v1/models/debian-exp/versions/{row['version']}", headers=auth
+        ).json()
+        assert version["metrics"]["test_items"] == len(test_texts)
+    (base,) = experiment["diagnosis"]["base_models"]
+    assert [c["strategy"] for c in base["comparisons"]] == ["feature_extraction"]

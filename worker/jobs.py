@@ -24,7 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.context import AppContext
-from service.datasets.service import load_manifest
+from service.datasets.service import DatasetItem, dataset_items
 from service.db import new_id, utcnow
 from service.jobs import transitions
 from service.jobs.history import epoch_history
@@ -44,6 +44,7 @@ from worker.engine import (
     EpochResult,
     Plan,
     Sample,
+    TextSample,
     TrainingCancelled,
     TrainingHooks,
     TrainingPaused,
@@ -52,7 +53,7 @@ from worker.engine import (
     run,
 )
 from worker.engine.artifacts import CARD_FILE, LABELS_FILE, ONNX_FILE
-from worker.engine.onnx_export import export_onnx
+from worker.engine.onnx_export import OnnxExport, export_onnx, export_text_onnx
 
 logger = logging.getLogger(__name__)
 
@@ -229,22 +230,38 @@ def _plan_of(session: Session, job_id: str) -> tuple[Plan, str]:
     return Plan.from_dict(job.plan), job.dataset_id
 
 
+def _training_data(
+    context: AppContext, *, job_id: str, dataset_id: str
+) -> tuple[list[str], list[Any], list[Any], list[DatasetItem], list[str]]:
+    """The dataset's classes, train and val samples, the experiment's test items (none for a
+    job that is no trial) and (text only) its unlabelled texts."""
+    data = dataset_items(context=context, dataset_id=dataset_id)
+    kept, test = trials.without_test_split(context, job_id=job_id, items=data.items)
+
+    def sample(item: DatasetItem) -> Any:
+        if data.modality == "text":
+            return TextSample(text=str(item.content), label=item.label)
+        return Sample(path=Path(item.content), label=item.label)
+
+    train = [sample(item) for item in kept if item.split == "train"]
+    val = [sample(item) for item in kept if item.split == "val"]
+    return data.classes, train, val, test, data.unlabelled
+
+
 def _train_and_publish(
     context: AppContext, *, job_id: str, hooks: JobHooks, plan: Plan, dataset_id: str
 ) -> None:
-    manifest, root = load_manifest(context=context, dataset_id=dataset_id)
-    manifest, test = trials.without_test_split(context, job_id=job_id, manifest=manifest)
-    train = [
-        Sample(path=root / s.path, label=s.label) for s in manifest.samples if s.split == "train"
-    ]
-    val = [Sample(path=root / s.path, label=s.label) for s in manifest.samples if s.split == "val"]
+    classes, train, val, test, unlabelled = _training_data(
+        context, job_id=job_id, dataset_id=dataset_id
+    )
     checkpoint = context.store.local_path(checkpoint_key(job_id))
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     result = run(
         plan,
         train=train,
         val=val,
-        classes=manifest.classes,
+        classes=classes,
+        unlabelled=unlabelled,
         hooks=hooks,
         weights_dir=context.settings.resolved_weights_dir,
         checkpoint_path=checkpoint,
@@ -260,14 +277,12 @@ def _train_and_publish(
     exports: dict[str, Any] = {}
     try:
         out = export_dir / "artifacts"
-        export_model(result, plan, out)
-        (out / LABELS_FILE).write_text(json.dumps(manifest.classes, indent=2) + "\n")
+        weights_dir = context.settings.resolved_weights_dir
+        export_model(result, plan, out, weights_dir=weights_dir)
+        (out / LABELS_FILE).write_text(json.dumps(classes, indent=2) + "\n")
         if context.settings.onnx_export:
-            onnx = export_onnx(result.model, image_size=plan.image_size, out_path=out / ONNX_FILE)
-            exports["onnx"] = onnx.to_dict()
-        result.metrics.update(
-            trials.evaluate_on_test(out, test, root=root, classes=manifest.classes)
-        )
+            exports["onnx"] = _export_onnx(result.model, plan, out / ONNX_FILE).to_dict()
+        result.metrics.update(trials.evaluate_on_test(out, test, classes=classes))
         card = _db(
             context,
             lambda session: _model_card(
@@ -295,7 +310,7 @@ def _train_and_publish(
             attempt=hooks.attempt,
             version_id=version_id,
             metrics=result.metrics,
-            labels=manifest.classes,
+            labels=classes,
             artifacts=artifacts,
             artifact_prefix=prefix,
             exports=exports,
@@ -316,6 +331,16 @@ def _train_and_publish(
         raise
     discard_job_files(context=context, job_id=job_id)
     logger.info("job %s published %s", job_id, version_id)
+
+
+def _export_onnx(model: Any, plan: Plan, out_path: Path) -> OnnxExport:
+    if plan.modality == "text":
+        assert plan.max_length is not None
+        vocab_size = int(model.backbone.config.vocab_size)
+        return export_text_onnx(
+            model, vocab_size=vocab_size, max_length=plan.max_length, out_path=out_path
+        )
+    return export_onnx(model, image_size=plan.image_size, out_path=out_path)
 
 
 def _model_card(

@@ -1,7 +1,8 @@
 """What a job does differently when it is an experiment's trial, kept apart from `jobs.py`:
 
-- `without_test_split`: the experiment's test split leaves the manifest before the training and
-  validation sets are built, so no trial trains or selects (early stopping) on it;
+- `without_test_split`: the experiment's test split leaves the dataset's items (images or texts)
+  before the training and validation sets are built, so no trial trains or selects (early
+  stopping) on it;
 - `evaluate_on_test`: the exported model answers every test item (its file
   `test_predictions.json` is published with the version) and the test metrics join the
   version's metrics: accuracy with its bootstrap 95 % interval, loss, macro F1, and the median
@@ -10,10 +11,9 @@
   halving), so a hopeless one stops at the next step;
 - `advance_after_job`: a trial's end moves its experiment on.
 
-A job that is no trial gets its manifest unchanged and no test metrics.
+A job that is no trial gets every item and no test metrics.
 """
 
-import dataclasses
 import json
 import logging
 import statistics
@@ -26,12 +26,13 @@ from PIL import Image
 from sqlalchemy import select
 
 from service.context import AppContext
-from service.datasets.ingest import IngestResult, Sample
+from service.datasets.service import DatasetItem
 from service.experiments import service as experiments
 from service.experiments.split import TEST_PREDICTIONS_FILE, decode_test_split
 from service.experiments.statistics import bootstrap_interval, macro_f1
 from service.tables import Experiment, ExperimentTrial
 from worker.engine import Predictor
+from worker.engine.predictor import Top
 
 logger = logging.getLogger(__name__)
 
@@ -54,18 +55,18 @@ def _test_split_key(context: AppContext, job_id: str) -> str | None:
 
 
 def without_test_split(
-    context: AppContext, *, job_id: str, manifest: IngestResult
-) -> tuple[IngestResult, list[Sample]]:
-    """The manifest without the experiment's test split, and the test samples (none for a job
-    that is no trial)."""
+    context: AppContext, *, job_id: str, items: list[DatasetItem]
+) -> tuple[list[DatasetItem], list[DatasetItem]]:
+    """The dataset's items without the experiment's test split, and the test items (none for
+    a job that is no trial)."""
     key = _test_split_key(context, job_id)
     if key is None:
-        return manifest, []
+        return items, []
     held_out = set(decode_test_split(context.store.get_bytes(key)))
-    kept = [s for s in manifest.samples if s.path not in held_out]
-    test = [s for s in manifest.samples if s.path in held_out]
-    logger.info("job %s: trial; %d samples held out for testing", job_id, len(test))
-    return dataclasses.replace(manifest, samples=kept), test
+    kept = [item for item in items if item.id not in held_out]
+    test = [item for item in items if item.id in held_out]
+    logger.info("job %s: trial; %d items held out for testing", job_id, len(test))
+    return kept, test
 
 
 def _image(path: Path) -> Image.Image:
@@ -74,8 +75,20 @@ def _image(path: Path) -> Image.Image:
         return image
 
 
+def _read(item: DatasetItem) -> Image.Image | str:
+    """What the model is given for an item: a text as it is, an image read from its file."""
+    return item.content if isinstance(item.content, str) else _image(item.content)
+
+
+def _answer(predictor: Predictor, inputs: list[Image.Image | str], *, top_k: int) -> list[Top]:
+    if predictor.exported.text is not None:
+        texts = [str(text) for text in inputs]
+        return [top for top, _truncated in predictor.predict_texts(texts, top_k=top_k)]
+    return predictor.predict([image for image in inputs if isinstance(image, Image.Image)], top_k)
+
+
 def evaluate_on_test(
-    model_dir: Path, test: list[Sample], *, root: Path, classes: list[str]
+    model_dir: Path, test: list[DatasetItem], *, classes: list[str]
 ) -> dict[str, Any]:
     """Score the exported model on the test split; writes `test_predictions.json` into
     `model_dir` and returns the test metrics (empty when there is no test split)."""
@@ -86,24 +99,24 @@ def evaluate_on_test(
     items: list[dict[str, Any]] = []
     for start in range(0, len(test), EVALUATION_BATCH):
         batch = test[start : start + EVALUATION_BATCH]
-        answers = predictor.predict([_image(root / s.path) for s in batch], top_k=len(classes))
-        for sample, ranked in zip(batch, answers, strict=True):
+        answers = _answer(predictor, [_read(item) for item in batch], top_k=len(classes))
+        for item, ranked in zip(batch, answers, strict=True):
             probability = dict(ranked)
             items.append(
                 {
-                    "item": sample.path,
-                    "label": sample.label,
+                    "item": item.id,
+                    "label": item.label,
                     "predicted": index[ranked[0][0]],
-                    "probability": probability.get(classes[sample.label], 0.0),
+                    "probability": probability.get(classes[item.label], 0.0),
                 }
             )
     correct = [float(item["predicted"] == item["label"]) for item in items]
     low, high = bootstrap_interval(correct)
     latencies = []
-    for sample in [test[0], *test[:LATENCY_ITEMS]]:
-        image = _image(root / sample.path)
+    for item in [test[0], *test[:LATENCY_ITEMS]]:
+        one = _read(item)
         began = time.perf_counter()
-        predictor.predict([image], top_k=1)
+        _answer(predictor, [one], top_k=1)
         latencies.append(time.perf_counter() - began)
     (model_dir / TEST_PREDICTIONS_FILE).write_text(json.dumps({"items": items}) + "\n")
     return {

@@ -1,7 +1,7 @@
 """experiments: trials of base models x strategies on one dataset, their events
 
 Revision ID: 0005_experiments
-Revises: 0003
+Revises: 0004_text_datasets
 Create Date: 2026-12-02
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0005_experiments"
-down_revision: str | None = "0003"
+down_revision: str | None = "0004_text_datasets"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -22,15 +22,22 @@ datasets_app = typer.Typer(help="Upload and inspect datasets (client).", no_args
 
 
 def _show_dataset(dataset: Any) -> None:
+    text = dataset.modality == "text"
+    sizes = (
+        [["texts", dataset.num_texts], ["unlabelled texts", dataset.num_unlabelled]]
+        if text
+        else [["images", dataset.num_images]]
+    )
     table(
         f"dataset {dataset.id}",
         ["field", "value"],
         [
             ["name", dataset.name],
             ["status", dataset.status],
-            ["images", dataset.num_images],
+            ["modality", dataset.modality],
+            *sizes,
             ["classes", len(dataset.classes)],
-            ["skipped files", len(dataset.skipped)],
+            ["skipped " + ("rows" if text else "files"), len(dataset.skipped)],
             ["error", dataset.error_message],
         ],
     )
@@ -39,25 +46,57 @@ def _show_dataset(dataset: Any) -> None:
         ["class", "train", "val", "total"],
         [[name, c.train, c.val, c.total] for name, c in dataset.class_counts.items()],
     )
+    if (lengths := dataset.token_lengths) is not None:
+        table(
+            f"token lengths ({lengths.base_model}, maximum {lengths.max_length})",
+            ["texts", "mean", "median", "95%", "max", "would be truncated"],
+            [
+                [
+                    lengths.texts,
+                    lengths.mean,
+                    lengths.median,
+                    lengths.p95,
+                    lengths.max,
+                    lengths.truncated,
+                ]
+            ],
+        )
     if dataset.skipped:
         table(
             "skipped",
-            ["path", "code", "reason"],
-            [[s.path, s.code, s.reason] for s in dataset.skipped],
+            ["where", "code", "reason"],
+            [
+                [f"line {s.line}" if s.line is not None else s.path, s.code, s.reason]
+                for s in dataset.skipped
+            ],
         )
 
 
 @datasets_app.command("upload")
 def datasets_upload(
-    path: Annotated[Path, typer.Argument(exists=True, help="A zip/tar archive or a folder.")],
+    path: Annotated[
+        Path,
+        typer.Argument(
+            exists=True,
+            help="Images: a zip/tar archive or a folder of class folders. Texts: a CSV with a "
+            "header, JSON Lines, or a zip/tar of one folder of .txt files per class.",
+        ),
+    ],
     url: UrlOption = DEFAULT_URL,
     api_key: KeyOption = None,
     name: Annotated[str | None, typer.Option(help="Default: the file or folder name.")] = None,
     val_fraction: Annotated[float | None, typer.Option(help="Share held out (0.2).")] = None,
+    text_column: Annotated[
+        str | None, typer.Option(help="CSV / JSON Lines: the field holding the text (text).")
+    ] = None,
+    label_column: Annotated[
+        str | None, typer.Option(help="CSV / JSON Lines: the field holding the label (label).")
+    ] = None,
     wait: Annotated[bool, typer.Option(help="Wait until it is processed.")] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Upload a dataset: an archive, or a folder of class sub-folders (zipped on the fly)."""
+    """Upload a dataset: an archive, a folder of class sub-folders (zipped on the fly), or a
+    CSV / JSON Lines file of texts."""
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -76,6 +115,8 @@ def datasets_upload(
                 path,
                 name=name,
                 val_fraction=val_fraction,
+                text_column=text_column,
+                label_column=label_column,
                 on_progress=lambda sent, total: progress.update(task, completed=sent, total=total),
             )
         if wait:
@@ -125,7 +166,8 @@ def datasets_ls(
             "id": lambda d: d.id,
             "name": lambda d: d.name,
             "status": lambda d: d.status,
-            "images": lambda d: d.num_images,
+            "modality": lambda d: d.modality,
+            "samples": lambda d: d.num_texts if d.modality == "text" else d.num_images,
             "classes": lambda d: len(d.classes),
             "skipped": lambda d: len(d.skipped),
             "created": lambda d: f"{d.created_at:%Y-%m-%d %H:%M}",

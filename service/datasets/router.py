@@ -1,12 +1,13 @@
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Request
+from fastapi import APIRouter, Body, Depends, Query, Request
 from sqlalchemy import select
 
 from service.datasets import service
 from service.datasets.schemas import (
     TRANSFERABILITY_EXAMPLE,
     DatasetOut,
+    TokenLengthsOut,
     TransferabilityIn,
     TransferabilityOut,
 )
@@ -32,8 +33,28 @@ UPLOAD_BODY: dict[str, Any] = {
                         "file": {
                             "type": "string",
                             "format": "binary",
-                            "description": "zip or tar(.gz/.bz2/.xz) with one folder per class, "
-                            "or images plus a CSV manifest (`path,label`) at the root.",
+                            "description": "Images: a zip or tar(.gz/.bz2/.xz) with one folder "
+                            "per class, or images plus a CSV manifest (`path,label`) at the root. "
+                            "Texts: a CSV with a header (columns `text` and `label`), JSON Lines "
+                            '(`{"text": ..., "label": ...}`), or an archive of one folder of '
+                            "`.txt` files per class. The kind is recognised by content.",
+                        },
+                        "text_column": {
+                            "type": "string",
+                            "default": "text",
+                            "description": "CSV / JSON Lines: the field that holds the text.",
+                        },
+                        "label_column": {
+                            "type": "string",
+                            "default": "label",
+                            "description": "CSV / JSON Lines: the field that holds the label.",
+                        },
+                        "unlabelled": {
+                            "type": "string",
+                            "enum": ["keep", "skip"],
+                            "default": "keep",
+                            "description": "Texts without a label: kept as unlabelled texts "
+                            "(for `ulmfit`'s language-model stage) or skipped and reported.",
                         },
                         "name": {
                             "type": "string",
@@ -65,9 +86,11 @@ UPLOAD_BODY: dict[str, Any] = {
 @router.post(
     "",
     status_code=202,
-    summary="Upload an image dataset archive",
-    description="Streams the archive to storage and answers at once; extraction and validation "
-    "run in the background. Poll `GET /v1/datasets/{id}` until `status` is `ready`.\n\n"
+    summary="Upload a dataset: an image archive, or texts (CSV, JSON Lines, .txt folders)",
+    description="Streams the upload to storage and answers at once; extraction and validation "
+    "run in the background. Poll `GET /v1/datasets/{id}` until `status` is `ready`. An upload "
+    "that is none of the supported kinds is a 415; a CSV without the text or label column a "
+    "422.\n\n"
     "`curl -H 'Authorization: Bearer $KEY' -F file=@pets.zip -F name=pets .../v1/datasets`",
     openapi_extra=UPLOAD_BODY,
 )
@@ -94,8 +117,22 @@ def list_datasets(
 
 
 @router.get("/{dataset_id}", summary="Show a dataset: status, classes, counts, skipped files")
-def get_dataset(dataset: DatasetDep) -> DatasetOut:
-    return DatasetOut.model_validate(dataset)
+def get_dataset(
+    dataset: DatasetDep,
+    context: ContextDep,
+    base_model: Annotated[
+        str | None,
+        Query(
+            max_length=200,
+            description="Text datasets: report token lengths against this text model.",
+        ),
+    ] = None,
+) -> DatasetOut:
+    shown = DatasetOut.model_validate(dataset)
+    if base_model is not None:
+        lengths = service.token_lengths_for(context=context, dataset=dataset, base_model=base_model)
+        shown.token_lengths = TokenLengthsOut.model_validate(lengths)
+    return shown
 
 
 @router.post(

@@ -7,9 +7,30 @@ from worker.engine.spec import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 
 
 class SkippedFileOut(BaseModel):
-    path: str
+    path: str | None = Field(
+        description="The file as named in the archive (or the CSV manifest); null for a row of "
+        "a CSV or JSON Lines upload, which `line` locates."
+    )
     code: str
     reason: str
+    line: int | None = Field(
+        default=None, description="The line a skipped text row starts on (1 is the header)."
+    )
+
+
+class TokenLengthsOut(BaseModel):
+    base_model: str = Field(examples=["minilm_l6"])
+    max_length: int | None = Field(description="The model's maximum, special tokens included.")
+    texts: int
+    mean: float
+    median: int
+    p95: int
+    max: int
+    truncated: int = Field(description="Texts longer than `max_length`: they would be cut.")
+    job_default_max_length: int | None = Field(
+        description="The tokens per text a job uses when its spec sets no `max_length`."
+    )
+    truncated_at_job_default: int = Field(description="Texts longer than `job_default_max_length`.")
 
 
 class ClassCount(BaseModel):
@@ -33,6 +54,19 @@ class DatasetOut(BaseModel):
     classes: list[str]
     class_counts: dict[str, ClassCount]
     num_images: int
+    modality: Literal["image", "text"] | None = Field(
+        description="null until an uploaded archive has been read."
+    )
+    num_texts: int = Field(description="Labelled texts kept (text datasets).")
+    num_unlabelled: int = Field(
+        description="Texts kept without a label, for a language-model stage (`ulmfit`)."
+    )
+    text_column: str | None
+    label_column: str | None
+    token_lengths: TokenLengthsOut | None = Field(
+        description="Token counts against a text model's maximum: `minilm_l6` at ingest when "
+        "its tokenizer is installed, or the model asked for with `?base_model=`."
+    )
     skipped: list[SkippedFileOut]
     created_at: datetime
     updated_at: datetime

@@ -1,17 +1,32 @@
 """Datasets: accept an upload, then (in the worker) extract, validate and split it."""
 
+import itertools
 import json
 import logging
 import random
 import shutil
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from service.context import AppContext
-from service.datasets.ingest import DatasetRejectedError, IngestLimits, IngestResult, ingest_archive
+from service.datasets.ingest import (
+    SNIFF_BYTES,
+    SUPPORTED_UPLOADS,
+    DatasetRejectedError,
+    IngestLimits,
+    IngestResult,
+    MissingColumnError,
+    TextColumns,
+    check_csv_header,
+    detect_upload,
+    ingest_upload,
+    iter_text_rows,
+    skipped_dict,
+)
+from service.datasets.lengths import summarise_token_lengths
 from service.datasets.schemas import BaseModelScoreOut, TransferabilityIn, TransferabilityOut
 from service.errors import ApiError
 from service.queues import INGEST_TASK
@@ -23,6 +38,9 @@ logger = logging.getLogger(__name__)
 
 
 MAX_SEED = 2**31 - 1
+DEFAULT_TEXT_BASE_MODEL = "minilm_l6"
+"""The text model whose token lengths a text dataset reports when ingested."""
+_TOKENIZE_CHUNK = 10_000
 
 
 def archive_key(dataset_id: str) -> str:
@@ -63,11 +81,52 @@ def _form_seed(fields: dict[str, str]) -> int:
     return int(raw)
 
 
+def _form_text(fields: dict[str, str], name: str, default: str) -> str:
+    value = fields.get(name, "").strip() or default
+    if len(value) > 200:
+        raise ApiError(422, "invalid_request", f"{name}: at most 200 characters", param=name)
+    return value
+
+
+def _form_unlabelled(fields: dict[str, str]) -> bool:
+    value = fields.get("unlabelled") or "keep"
+    if value not in ("keep", "skip"):
+        raise ApiError(422, "invalid_request", "unlabelled: `keep` or `skip`", param="unlabelled")
+    return value == "keep"
+
+
+def _sniff(upload: ReceivedUpload, columns: TextColumns) -> str | None:
+    """The upload's modality when its content already tells (None for an archive); 4xx for
+    anything that is no dataset, or a CSV without the columns asked for."""
+    with upload.path.open("rb") as handle:
+        head = handle.read(SNIFF_BYTES)
+    kind = detect_upload(head)
+    if kind is None:
+        raise ApiError(
+            415,
+            "unsupported_upload",
+            f"The upload is not a dataset: send {SUPPORTED_UPLOADS}.",
+            param="file",
+        )
+    if kind == "csv":
+        try:
+            check_csv_header(head, columns)
+        except MissingColumnError as exc:
+            raise ApiError(422, "bad_header", exc.message, param=exc.param) from None
+    return None if kind == "archive" else "text"
+
+
 def create_dataset(*, context: AppContext, tenant: Tenant, upload: ReceivedUpload) -> Dataset:
     fields = upload.fields
     try:
         seed = _form_seed(fields)
         val_fraction = _form_float(fields, "val_fraction", 0.2, 0.0, 0.9)
+        columns = TextColumns(
+            text=_form_text(fields, "text_column", "text"),
+            label=_form_text(fields, "label_column", "label"),
+        )
+        keep_unlabelled = _form_unlabelled(fields)
+        modality = _sniff(upload, columns)
     except ApiError:
         upload.path.unlink(missing_ok=True)
         raise
@@ -78,6 +137,10 @@ def create_dataset(*, context: AppContext, tenant: Tenant, upload: ReceivedUploa
         upload_bytes=upload.size,
         val_fraction=val_fraction,
         seed=seed,
+        modality=modality,
+        text_column=columns.text,
+        label_column=columns.label,
+        keep_unlabelled=keep_unlabelled,
     )
     with context.db.session() as session:
         session.add(dataset)
@@ -111,6 +174,7 @@ def ingest_limits(context: AppContext) -> IngestLimits:
         max_member_bytes=settings.max_member_bytes,
         max_total_bytes=settings.max_extracted_bytes,
         max_image_pixels=settings.max_image_pixels,
+        max_text_field_bytes=settings.max_text_field_bytes,
     )
 
 
@@ -122,6 +186,10 @@ def process_upload(*, context: AppContext, dataset_id: str) -> None:
             logger.info("dataset %s is not waiting for processing; nothing to do", dataset_id)
             return
         val_fraction, seed = dataset.val_fraction, dataset.seed
+        columns = TextColumns(
+            text=dataset.text_column or "text", label=dataset.label_column or "label"
+        )
+        keep_unlabelled = dataset.keep_unlabelled
 
     work = Path(tempfile.mkdtemp(dir=context.scratch_dir, prefix=f"ingest-{dataset_id}-"))
     last_report = 0.0
@@ -138,12 +206,14 @@ def process_upload(*, context: AppContext, dataset_id: str) -> None:
                 progress_session.commit()
 
     try:
-        result = ingest_archive(
+        result = ingest_upload(
             context.store.local_path(archive_key(dataset_id)),
             work / "files",
+            columns=columns,
             limits=ingest_limits(context),
             val_fraction=val_fraction,
             seed=seed,
+            keep_unlabelled=keep_unlabelled,
             progress=report,
         )
     except DatasetRejectedError as exc:
@@ -162,10 +232,96 @@ def process_upload(*, context: AppContext, dataset_id: str) -> None:
         if not (work / "files").exists():
             shutil.rmtree(work, ignore_errors=True)
 
+    lengths = (
+        _ingest_token_lengths(context, result, work / "files")
+        if result.modality == "text"
+        else None
+    )
     context.store.put_dir(files_prefix(dataset_id), work / "files")
     context.store.put_bytes(manifest_key(dataset_id), json.dumps(result.to_manifest()).encode())
     shutil.rmtree(work, ignore_errors=True)
-    _finish(context, dataset_id, status="ready", result=result)
+    _finish(context, dataset_id, status="ready", result=result, token_lengths=lengths)
+
+
+def _ingest_token_lengths(
+    context: AppContext, result: IngestResult, root: Path
+) -> dict[str, Any] | None:
+    """The default text model's length summary, when its tokenizer is installed here."""
+    weights_dir = context.settings.resolved_weights_dir
+    if not engine.weights_available(DEFAULT_TEXT_BASE_MODEL, weights_dir):
+        logger.info("no %s tokenizer here; no token lengths at ingest", DEFAULT_TEXT_BASE_MODEL)
+        return None
+    return _token_length_summary(context, result, root, DEFAULT_TEXT_BASE_MODEL)
+
+
+def _token_length_summary(
+    context: AppContext, result: IngestResult, root: Path, base_model: str
+) -> dict[str, Any]:
+    weights_dir = context.settings.resolved_weights_dir
+    lengths: list[int] = []
+    chunk: list[str] = []
+    # Tokenized a chunk at a time: only the lengths of the whole dataset are kept.
+    for row in iter_text_rows(root, result.shards):
+        chunk.append(row.text)
+        if len(chunk) == _TOKENIZE_CHUNK:
+            lengths += engine.token_lengths(base_model, chunk, weights_dir)
+            chunk = []
+    if chunk:
+        lengths += engine.token_lengths(base_model, chunk, weights_dir)
+    max_length = engine.get_base_model_info(base_model).max_length
+    return summarise_token_lengths(base_model=base_model, lengths=lengths, max_length=max_length)
+
+
+def token_lengths_for(*, context: AppContext, dataset: Dataset, base_model: str) -> dict[str, Any]:
+    """A text dataset's token-length summary against `base_model` (a text zoo model)."""
+    require_ready(dataset, needed_by="token lengths")
+    if dataset.modality != "text":
+        raise ApiError(
+            422,
+            "wrong_modality",
+            f"Dataset {dataset.id} holds images; token lengths are for text datasets.",
+            "base_model",
+        )
+    if dataset.token_lengths is not None and dataset.token_lengths["base_model"] == base_model:
+        return dataset.token_lengths
+    info = _base_model_info(base_model, param="base_model")
+    if info.modality != "text":
+        raise ApiError(
+            422,
+            "wrong_modality",
+            f"{base_model} is an image model; choose a text model (GET /v1/base-models).",
+            "base_model",
+        )
+    if not engine.weights_available(base_model, context.settings.resolved_weights_dir):
+        raise ApiError(
+            422,
+            "weights_unavailable",
+            f"The tokenizer of {base_model} is not installed on this server.",
+            "base_model",
+        )
+    manifest, root = load_manifest(context=context, dataset_id=dataset.id)
+    return _token_length_summary(context, manifest, root, base_model)
+
+
+def _base_model_info(name: str, *, param: str) -> Any:
+    try:
+        return engine.get_base_model_info(name)
+    except engine.UnknownBaseModelError as exc:
+        raise ApiError(422, "unknown_base_model", f"{exc}", param) from None
+
+
+def require_modality(dataset: Dataset, *, base_model: str, modality: str) -> None:
+    """422 naming `base_model` when a job would train a `modality` model on the other kind."""
+    if dataset.modality is not None and dataset.modality != modality:
+        raise ApiError(
+            422,
+            "wrong_modality",
+            f"base_model: {base_model} is {'a text' if modality == 'text' else 'an image'} "
+            f"model but dataset {dataset.id} holds {dataset.modality}s; choose "
+            f"{'a text' if dataset.modality == 'text' else 'an image'} base model "
+            "(GET /v1/base-models).",
+            "base_model",
+        )
 
 
 def _finish(
@@ -175,6 +331,7 @@ def _finish(
     status: str,
     result: IngestResult | None = None,
     error: tuple[str, str] | None = None,
+    token_lengths: dict[str, Any] | None = None,
 ) -> None:
     with context.db.session() as session:
         dataset = session.get(Dataset, dataset_id)
@@ -185,19 +342,19 @@ def _finish(
         if error is not None:
             dataset.error_code, dataset.error_message = error
         if result is not None:
+            dataset.modality = result.modality
             dataset.classes = result.classes
             dataset.class_counts = result.class_counts
             dataset.num_images = len(result.samples)
-            dataset.skipped = [_skipped_dict(s) for s in result.skipped]
+            dataset.num_texts = result.num_labelled if result.modality == "text" else 0
+            dataset.num_unlabelled = result.unlabelled
+            dataset.token_lengths = token_lengths
+            dataset.skipped = [skipped_dict(s) for s in result.skipped]
         session.commit()
     # The archive was only needed to build the files; a redelivered task finds the dataset
     # no longer `processing` and never reads it again.
     context.store.delete(archive_key(dataset_id))
     logger.info("dataset %s is %s", dataset_id, status)
-
-
-def _skipped_dict(skipped: Any) -> dict[str, str]:
-    return {"path": skipped.path, "code": skipped.code, "reason": skipped.reason}
 
 
 def require_ready(dataset: Dataset, *, needed_by: str, param: str | None = None) -> None:
@@ -217,6 +374,14 @@ def score_transferability(
 ) -> TransferabilityOut:
     """Rank base models for this dataset from their frozen features (LogME, linear probe)."""
     require_ready(dataset, needed_by="transferability scores")
+    if dataset.modality == "text":
+        raise ApiError(
+            422,
+            "wrong_modality",
+            f"Dataset {dataset.id} holds texts; transferability scores image datasets only "
+            "for now.",
+            "dataset_id",
+        )
     weights_dir = context.settings.resolved_weights_dir
     for index, name in enumerate(request.base_models):
         param = f"base_models[{index}]"
@@ -273,3 +438,75 @@ def load_manifest(*, context: AppContext, dataset_id: str) -> tuple[IngestResult
     """The dataset's samples and the local folder their paths are relative to."""
     manifest = json.loads(context.store.get_bytes(manifest_key(dataset_id)))
     return IngestResult.from_manifest(manifest), context.store.local_path(files_prefix(dataset_id))
+
+
+@dataclass(frozen=True)
+class DatasetItem:
+    """One labelled item of a dataset, whatever its modality."""
+
+    id: str
+    """Stable across reads: an image's manifest path; a text's `row:<ordinal>` among the
+    dataset's rows in shard order (shards are never rewritten, so the ordinal never moves)."""
+    label: int
+    split: str
+    content: Path | str
+    """What a model reads: an image's local file, or the text itself."""
+
+
+@dataclass(frozen=True)
+class DatasetItems:
+    modality: str
+    classes: list[str]
+    items: list[DatasetItem]
+    unlabelled: list[str]
+    """Texts kept without a label (for a language-model stage); none for images."""
+
+
+def text_row_id(ordinal: int) -> str:
+    return f"row:{ordinal}"
+
+
+def dataset_items(*, context: AppContext, dataset_id: str) -> DatasetItems:
+    """Every labelled item of the dataset with its id, label and split: the one view an
+    experiment carves its test split from and a trial trains, validates and tests on."""
+    manifest, root = load_manifest(context=context, dataset_id=dataset_id)
+    if manifest.modality != "text":
+        items = [
+            DatasetItem(id=s.path, label=s.label, split=str(s.split), content=root / s.path)
+            for s in manifest.samples
+        ]
+        return DatasetItems(manifest.modality, manifest.classes, items, [])
+    items = []
+    unlabelled: list[str] = []
+    for ordinal, row in enumerate(iter_text_rows(root, manifest.shards)):
+        if row.label is None:
+            unlabelled.append(row.text)
+        else:
+            items.append(DatasetItem(text_row_id(ordinal), row.label, str(row.split), row.text))
+    return DatasetItems(manifest.modality, manifest.classes, items, unlabelled)
+
+
+def load_text_rows(
+    *, context: AppContext, dataset_id: str
+) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, int]], list[str]]:
+    """A text dataset's classes, its train and val (text, label) rows, its unlabelled texts."""
+    data = dataset_items(context=context, dataset_id=dataset_id)
+    rows = {
+        split: [(str(item.content), item.label) for item in data.items if item.split == split]
+        for split in ("train", "val")
+    }
+    return data.classes, rows["train"], rows["val"], data.unlabelled
+
+
+def text_samples(*, context: AppContext, dataset_id: str, limit: int) -> list[dict[str, Any]]:
+    """The first `limit` kept rows of a text dataset, with their class names, for display."""
+    manifest, root = load_manifest(context=context, dataset_id=dataset_id)
+    rows = itertools.islice(iter_text_rows(root, manifest.shards), limit)
+    return [
+        {
+            "text": row.text,
+            "label": None if row.label is None else manifest.classes[row.label],
+            "split": row.split,
+        }
+        for row in rows
+    ]

@@ -262,4 +262,7 @@ class PromoteOut(BaseModel):
 
 class TestSplitOut(BaseModel):
     experiment_id: str
-    items: list[str] = Field(description="Dataset items (manifest paths), sorted.")
+    items: list[str] = Field(
+        description="Ids of the held-out dataset items, sorted: manifest paths for images, "
+        "`row:<ordinal>` (in the dataset's row order) for texts."
+    )

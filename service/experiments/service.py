@@ -22,7 +22,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from service.context import AppContext
-from service.datasets.service import load_manifest, require_ready
+from service.datasets.service import dataset_items, require_ready
 from service.db import new_id, utcnow
 from service.errors import ApiError
 from service.experiments import pruning
@@ -157,9 +157,10 @@ def create_experiment(*, context: AppContext, tenant: Tenant, request: Experimen
                             total_parameters=total,
                         )
                     )
-        manifest, _ = load_manifest(context=context, dataset_id=dataset.id)
         held_out = carve_test_split(
-            manifest.samples, fraction=request.test_fraction, seed=request.test_seed
+            dataset_items(context=context, dataset_id=dataset.id).items,
+            fraction=request.test_fraction,
+            seed=request.test_seed,
         )
         if not held_out:
             raise ApiError(

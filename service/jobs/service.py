@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.context import AppContext
-from service.datasets.service import require_ready
+from service.datasets.service import require_modality, require_ready
 from service.errors import ApiError
 from service.jobs import transitions
 from service.jobs.schemas import (
@@ -123,6 +123,7 @@ def resolve_plan(
         ) from None
     except ValueError as exc:
         raise ApiError(422, "invalid_spec", str(exc), _field_named_in(str(exc))) from None
+    require_modality(dataset, base_model=settings.base_model, modality=plan.modality)
     weights_dir = context.settings.resolved_weights_dir
     if parent is not None:
         plan.extra["parent_version_id"] = parent.id

@@ -17,6 +17,7 @@ from sqlalchemy import select
 from starlette.types import Receive, Scope, Send
 
 from service.auth.service import authenticate
+from service.datasets.service import text_samples
 from service.deps import SessionDep
 from service.jobs.schemas import JobSpec
 from service.models.service import model_out, version_out
@@ -27,6 +28,7 @@ templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
 COOKIE = "thaw_key"
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 LIST_LIMIT = 100
+TEXT_SAMPLES = 5
 
 
 def ui_tenant(session: SessionDep, thaw_key: Annotated[str | None, Cookie()] = None) -> Tenant:
@@ -120,7 +122,13 @@ def datasets_page(request: Request, session: SessionDep, tenant: UiTenant) -> HT
         .order_by(Dataset.id.desc())
         .limit(LIST_LIMIT)
     ).all()
-    return _page(request, "datasets.html", tenant=tenant, datasets=datasets)
+    context = request.app.state.context
+    samples = {
+        d.id: text_samples(context=context, dataset_id=d.id, limit=TEXT_SAMPLES)
+        for d in datasets
+        if d.status == "ready" and d.modality == "text"
+    }
+    return _page(request, "datasets.html", tenant=tenant, datasets=datasets, samples=samples)
 
 
 def _models(session: SessionDep, tenant: Tenant) -> list[dict[str, Any]]:
@@ -140,6 +148,8 @@ def _models(session: SessionDep, tenant: Tenant) -> list[dict[str, Any]]:
             {
                 "model": model_out(session, model=model),
                 "versions": [version_out(session, version=v) for v in versions],
+                # What the predict page asks for: an image, or texts.
+                "modality": {v.id: v.plan.get("modality", "image") for v in versions},
             }
         )
     return result

@@ -1,0 +1,400 @@
+"""Text datasets: the three upload formats, per-row errors with line numbers, the split, the
+manifest, and the API around them (modality, 415 for a non-dataset, 422 for missing columns).
+
+Real text comes from tests/fixtures/debian_descriptions.csv (see tests/fixtures/README.md)."""
+
+import csv
+import html
+import io
+import json
+import zipfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.context import AppContext
+from service.datasets.ingest import (
+    DatasetRejectedError,
+    IngestLimits,
+    IngestResult,
+    TextColumns,
+    detect_upload,
+    ingest_upload,
+    iter_text_rows,
+)
+from service.datasets.service import load_text_rows, process_upload
+
+FIXTURE = Path(__file__).parent / "fixtures" / "debian_descriptions.csv"
+
+
+def fixture_rows() -> list[dict[str, str]]:
+    with FIXTURE.open(encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def skips(result: IngestResult) -> set[tuple[int | None, str]]:
+    return {(s.line, s.code) for s in result.skipped}
+
+
+def ingest_bytes(tmp_path: Path, data: bytes, **options: Any) -> IngestResult:
+    tmp_path.mkdir(exist_ok=True)
+    upload = tmp_path / "upload"
+    upload.write_bytes(data)
+    return ingest_upload(upload, tmp_path / "files", **options)
+
+
+# --- Formats ----------------------------------------------------------------------------------
+
+
+def test_fixture_csv_is_split_per_class(tmp_path: Path) -> None:
+    result = ingest_upload(FIXTURE, tmp_path / "files", val_fraction=0.25, seed=3)
+
+    assert result.modality == "text"
+    assert result.classes == ["database", "games", "graphics", "mail", "science", "sound"]
+    assert result.skipped == []
+    assert result.unlabelled == 0
+    assert all(c == {"train": 75, "val": 25, "total": 100} for c in result.class_counts.values())
+    rows = list(iter_text_rows(tmp_path / "files", result.shards))
+    expected = {(r["text"], r["label"]) for r in fixture_rows()}
+    assert {(row.text, result.classes[row.label or 0]) for row in rows} == expected
+    assert Counter(row.split for row in rows) == {"train": 450, "val": 150}
+    # The split is the seed's: the same seed gives the same val rows, another seed others.
+    again = ingest_upload(FIXTURE, tmp_path / "again", val_fraction=0.25, seed=3)
+    other = ingest_upload(FIXTURE, tmp_path / "other", val_fraction=0.25, seed=4)
+
+    def val_texts(folder: str, shards: Any) -> set[str]:
+        return {r.text for r in iter_text_rows(tmp_path / folder, shards) if r.split == "val"}
+
+    assert val_texts("again", again.shards) == val_texts("files", result.shards)
+    assert val_texts("other", other.shards) != val_texts("files", result.shards)
+    assert [p.name for p in (tmp_path / "files").iterdir()] == ["texts-00000.jsonl"]
+
+
+def test_jsonl_with_custom_fields_and_numeric_labels(tmp_path: Path) -> None:
+    lines = [json.dumps({"body": f"review number {i}", "stars": i % 2}) for i in range(6)] + [
+        json.dumps({"body": "no stars given"}),
+        "not json at all",
+        json.dumps(["a", "list"]),
+        json.dumps({"body": 42, "stars": 1}),
+    ]
+    data = ("\n".join(lines) + "\n").encode()
+
+    result = ingest_bytes(tmp_path, data, columns=TextColumns(text="body", label="stars"))
+
+    assert result.classes == ["0", "1"]
+    assert result.unlabelled == 1
+    assert skips(result) == {(8, "bad_row"), (9, "bad_row"), (10, "bad_row")}
+    unlabelled = [r for r in iter_text_rows(tmp_path / "files", result.shards) if r.label is None]
+    assert [(r.text, r.split) for r in unlabelled] == [("no stars given", None)]
+
+
+def test_archive_of_txt_folders(tmp_path: Path) -> None:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for i, row in enumerate(fixture_rows()[:40]):
+            archive.writestr(f"corpus/{row['label']}/{i}.txt", row["text"].encode("utf-8-sig"))
+        archive.writestr("corpus/games/latin1.txt", "caf\xe9 au lait".encode("latin-1"))
+        archive.writestr("corpus/games/empty.txt", b"  \n")
+        archive.writestr("corpus/README.md", b"about this corpus")
+
+    result = ingest_bytes(tmp_path, buffer.getvalue())
+
+    assert result.modality == "text"
+    assert result.num_labelled == 40
+    by_path = {s.path: s.code for s in result.skipped}
+    assert by_path == {
+        "corpus/games/latin1.txt": "bad_encoding",
+        "corpus/games/empty.txt": "empty_text",
+        "corpus/README.md": "unlabelled",
+    }
+    texts = {r.text for r in iter_text_rows(tmp_path / "files", result.shards)}
+    assert fixture_rows()[0]["text"] in texts  # the BOM is not part of the text
+
+
+# --- Per-row errors ---------------------------------------------------------------------------
+
+
+ROWS_WITH_PROBLEMS = (
+    b"\xef\xbb\xbftext,label\n"  # 1: header, after a BOM
+    b"first good text,a\n"  # 2
+    b"caf\xe9 in latin-1,a\n"  # 3: not UTF-8
+    b",a\n"  # 4: empty text
+    b"nobody labelled this,\n"  # 5: no label
+    b'"a text over\ntwo lines",b\n'  # 6-7: one row
+    b"" + b"x" * 80 + b",b\n"  # 8: over the 50-byte cap
+    b"same words,a\n"  # 9: conflicts with 10
+    b"same   words,b\n"  # 10: (whitespace does not make it another text)
+    b"second good text,a\n"  # 11
+    b"third good text,b\n"  # 12
+    b"second good text,a\n"  # 13: a duplicate of 11
+)
+
+
+def test_per_row_errors_carry_line_numbers(tmp_path: Path) -> None:
+    result = ingest_bytes(
+        tmp_path, ROWS_WITH_PROBLEMS, limits=IngestLimits(max_text_field_bytes=50)
+    )
+
+    assert skips(result) == {
+        (3, "bad_encoding"),
+        (4, "empty_text"),
+        (8, "too_large"),
+        (9, "conflicting_labels"),
+        (10, "conflicting_labels"),
+        (13, "duplicate"),
+    }
+    assert all(s.path is None for s in result.skipped)
+    assert result.unlabelled == 1
+    assert result.class_counts["a"]["total"] == 2  # lines 2 and 11
+    assert result.class_counts["b"]["total"] == 2  # lines 6-7 and 12
+    texts = {r.text for r in iter_text_rows(tmp_path / "files", result.shards)}
+    assert "a text over\ntwo lines" in texts
+    assert not texts & {"same words", "same   words"}
+
+
+def test_rows_without_label_can_be_skipped_instead(tmp_path: Path) -> None:
+    result = ingest_bytes(tmp_path, ROWS_WITH_PROBLEMS, keep_unlabelled=False)
+
+    assert (5, "missing_label") in skips(result)
+    assert result.unlabelled == 0
+
+
+def test_an_enormous_line_is_one_skipped_row(tmp_path: Path) -> None:
+    # 2 MB on one line with a 1 kB field cap: that row is skipped, the rest is read.
+    data = b"text,label\n" + b"y" * 2_000_000 + b",a\n" + b"one,a\ntwo,a\nthree,b\nfour,b\n"
+
+    result = ingest_bytes(tmp_path, data, limits=IngestLimits(max_text_field_bytes=1000))
+
+    assert skips(result) == {(2, "too_large")}
+    assert result.num_labelled == 4
+
+
+def test_an_unclosed_quote_cannot_swallow_the_file(tmp_path: Path) -> None:
+    data = b"text,label\none,a\ntwo,a\nthree,b\nfour,b\n" + b'"open quote,b\n' + b"z,b\n" * 50_000
+
+    result = ingest_bytes(tmp_path, data, limits=IngestLimits(max_text_field_bytes=1000))
+
+    assert (6, "bad_row") in skips(result) or (6, "too_large") in skips(result)
+    assert result.class_counts["a"]["total"] == 2
+
+
+def test_custom_csv_columns(tmp_path: Path) -> None:
+    rows = fixture_rows()[:60]
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["package", "Section", "Description"])
+    writer.writerows([r["package"], r["label"], r["text"]] for r in rows)
+    data = out.getvalue().encode()
+
+    result = ingest_bytes(tmp_path, data, columns=TextColumns(text="description", label="section"))
+
+    assert result.num_labelled == 60
+    texts = {r.text for r in iter_text_rows(tmp_path / "files", result.shards)}
+    assert texts == {r["text"] for r in rows}
+
+    with pytest.raises(DatasetRejectedError) as excinfo:
+        ingest_bytes(tmp_path / "x", data)
+    assert excinfo.value.code == "bad_header"
+    assert "'text'" in excinfo.value.message
+
+
+@pytest.mark.parametrize(
+    ("head", "kind"),
+    [
+        (b"text,label\nhello,a\n", "csv"),
+        (b'\xef\xbb\xbf{"text": "hi", "label": "a"}\n', "jsonl"),
+        (b"PK\x03\x04rest", "archive"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00", None),
+        (b"just one sentence with no commas\n", None),
+        (b"", None),
+    ],
+    ids=["csv", "jsonl", "zip", "png", "prose", "empty"],
+)
+def test_upload_kind_is_read_from_content(head: bytes, kind: str | None) -> None:
+    assert detect_upload(head) == kind
+
+
+def test_single_class_text_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(DatasetRejectedError) as excinfo:
+        ingest_bytes(tmp_path, b"text,label\none,a\ntwo,a\nthree,a\n")
+    assert excinfo.value.code == "too_few_classes"
+    assert not (tmp_path / "files").exists()
+
+
+# --- Manifest ---------------------------------------------------------------------------------
+
+
+def test_version_1_image_manifest_still_loads() -> None:
+    old = {
+        "version": 1,
+        "classes": ["cat", "dog"],
+        "samples": [
+            {"path": "cat/a.png", "label": 0, "split": "train"},
+            {"path": "dog/b.png", "label": 1, "split": "val"},
+        ],
+        "skipped": [{"path": "x.gif", "code": "not_an_image", "reason": "no"}],
+        "class_counts": {"cat": {"train": 1, "val": 0, "total": 1}},
+    }
+
+    loaded = IngestResult.from_manifest(old)
+
+    assert loaded.modality == "image"
+    assert [s.path for s in loaded.samples] == ["cat/a.png", "dog/b.png"]
+    assert loaded.skipped[0].path == "x.gif"
+    assert loaded.skipped[0].line is None
+    assert IngestResult.from_manifest(loaded.to_manifest()) == loaded
+
+
+def test_text_manifest_round_trips(tmp_path: Path) -> None:
+    result = ingest_bytes(
+        tmp_path, ROWS_WITH_PROBLEMS, limits=IngestLimits(max_text_field_bytes=50)
+    )
+    assert IngestResult.from_manifest(json.loads(json.dumps(result.to_manifest()))) == result
+
+
+# --- Over HTTP --------------------------------------------------------------------------------
+
+
+def post_dataset(
+    client: TestClient, auth: dict[str, str], name: str, data: bytes, **fields: str
+) -> Any:
+    return client.post("/v1/datasets", headers=auth, files={"file": (name, data)}, data=fields)
+
+
+def test_text_dataset_over_http(
+    client: TestClient, context: AppContext, auth: dict[str, str]
+) -> None:
+    data = FIXTURE.read_bytes() + b"\xff\xfe broken,games\n"
+    response = post_dataset(client, auth, "debian.csv", data, val_fraction="0.25")
+    assert response.status_code == 202, response.text
+    assert response.json()["modality"] == "text"
+    dataset_id = response.json()["id"]
+
+    process_upload(context=context, dataset_id=dataset_id)
+
+    shown = client.get(f"/v1/datasets/{dataset_id}", headers=auth).json()
+    assert shown["status"] == "ready", (shown["error_code"], shown["error_message"])
+    assert shown["modality"] == "text"
+    assert shown["num_texts"] == 600
+    assert shown["num_images"] == 0
+    assert shown["class_counts"]["mail"] == {"train": 75, "val": 25, "total": 100}
+    assert shown["skipped"] == [
+        {
+            "path": None,
+            "line": 602,
+            "code": "bad_encoding",
+            "reason": "The row holds bytes that are not UTF-8 text.",
+        }
+    ]
+    lengths = shown["token_lengths"]
+    assert (lengths["base_model"], lengths["texts"], lengths["truncated"]) == ("minilm_l6", 600, 0)
+    assert 3 <= lengths["median"] <= lengths["p95"] <= lengths["max"] < lengths["max_length"]
+    classes, train, val, unlabelled = load_text_rows(context=context, dataset_id=dataset_id)
+    assert classes == shown["classes"]
+    assert (len(train), len(val), unlabelled) == (450, 150, [])
+
+    image_model = client.get(
+        f"/v1/datasets/{dataset_id}", headers=auth, params={"base_model": "efficientnet_lite0"}
+    )
+    assert image_model.status_code == 422, image_model.text
+    assert image_model.json()["error"]["param"] == "base_model"
+    scores = client.post(f"/v1/datasets/{dataset_id}/transferability", headers=auth, json={})
+    assert scores.status_code == 422, scores.text
+    assert scores.json()["error"]["code"] == "wrong_modality"
+    spec = {"dataset": dataset_id, "model": "m", "base_model": "efficientnet_lite0", "epochs": 2}
+    for path in ("/v1/jobs/plan", "/v1/jobs"):
+        refused = client.post(path, headers=auth, json=spec)
+        assert refused.status_code == 422, refused.text
+        error = refused.json()["error"]
+        assert (error["code"], error["param"]) == ("wrong_modality", "base_model"), error
+        assert "text" in error["message"]
+    assert (
+        client.post(
+            "/v1/jobs/plan", headers=auth, json={**spec, "base_model": "minilm_l6"}
+        ).status_code
+        == 200
+    )
+
+
+def test_token_lengths_against_a_shorter_maximum(
+    client: TestClient, context: AppContext, auth: dict[str, str]
+) -> None:
+    # Rows far longer than minilm_l6's maximum: the summary says how many would be cut.
+    long_text = " ".join(r["text"] for r in fixture_rows()[:40])
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["text", "label"])
+    writer.writerows([f"{long_text} {i}", "a"] for i in range(3))
+    writer.writerows([f"short text {i}", "b"] for i in range(3))
+    data = out.getvalue().encode()
+    response = post_dataset(client, auth, "long.csv", data)
+    assert response.status_code == 202, response.text
+    process_upload(context=context, dataset_id=response.json()["id"])
+    shown = client.get(f"/v1/datasets/{response.json()['id']}", headers=auth).json()
+    assert shown["status"] == "ready", (shown["error_code"], shown["error_message"])
+    assert shown["token_lengths"]["truncated"] == 3
+    lengths = shown["token_lengths"]
+    assert lengths["max"] > lengths["max_length"]
+    assert lengths["job_default_max_length"] <= lengths["max_length"]
+    assert lengths["truncated_at_job_default"] == 3
+
+
+def test_custom_columns_over_http(
+    client: TestClient, context: AppContext, auth: dict[str, str]
+) -> None:
+    lines = [json.dumps({"body": r["text"], "section": r["label"]}) for r in fixture_rows()[:30]]
+    data = ("\n".join(lines) + "\n").encode()
+    response = post_dataset(
+        client, auth, "x.jsonl", data, text_column="body", label_column="section"
+    )
+    assert response.status_code == 202, response.text
+    process_upload(context=context, dataset_id=response.json()["id"])
+    shown = client.get(f"/v1/datasets/{response.json()['id']}", headers=auth).json()
+    assert shown["status"] == "ready", (shown["error_code"], shown["error_message"])
+    assert shown["num_texts"] == 30
+    assert (shown["text_column"], shown["label_column"]) == ("body", "section")
+
+
+def test_non_dataset_upload_is_415(client: TestClient, auth: dict[str, str]) -> None:
+    response = post_dataset(client, auth, "photo.csv", b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+    assert response.status_code == 415, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == ("unsupported_upload", "file")
+    assert "CSV" in error["message"]
+    assert "zip" in error["message"]
+
+
+def test_csv_without_the_label_column_is_422(client: TestClient, auth: dict[str, str]) -> None:
+    response = post_dataset(client, auth, "d.csv", FIXTURE.read_bytes(), label_column="category")
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == ("bad_header", "label_column")
+    assert "'category'" in error["message"]
+    assert client.get("/v1/datasets", headers=auth).json()["data"] == []
+
+
+def test_dashboard_shows_text_samples_and_lengths(
+    client: TestClient, context: AppContext, auth: dict[str, str]
+) -> None:
+    data = b"text,label\n" + b"".join(
+        f"{r['text']},{r['label']}\n".encode() for r in fixture_rows()[:24] if "," not in r["text"]
+    )
+    response = post_dataset(client, auth, "few.csv", data + b",games\n")
+    assert response.status_code == 202, response.text
+    process_upload(context=context, dataset_id=response.json()["id"])
+
+    client.cookies.set("thaw_key", auth["Authorization"].removeprefix("Bearer "), path="/ui")
+    page = client.get("/ui/datasets")
+
+    assert page.status_code == 200, page.text
+    section = page.text[page.text.index(response.json()["id"]) :]
+    assert "texts" in section
+    assert 'class="text-samples"' in section
+    first = next(r for r in fixture_rows() if "," not in r["text"])
+    assert html.escape(first["text"]) in section
+    assert 'class="token-lengths"' in section
+    assert "minilm_l6" in section
+    assert "line " in section  # the skipped empty row, located by its line
