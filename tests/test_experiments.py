@@ -3,6 +3,7 @@ worker, a complete leaderboard, a test split no trial trains or selects on, the 
 promote."""
 
 import csv
+import dataclasses
 import io
 import json
 from datetime import timedelta
@@ -25,7 +26,7 @@ from tests.conftest import new_key
 from tests.test_api import assert_error
 from tests.test_strategies_api import digits_dataset
 from tests.test_text_e2e import FIXTURE as DEBIAN_DESCRIPTIONS
-from worker import jobs
+from worker import engine, jobs
 
 STRATEGIES = ["scratch", "feature_extraction", "freeze_unfreeze", "fine_tune"]
 
@@ -338,24 +339,32 @@ def test_successive_halving_prunes_a_lagging_trial_and_shows_it(
     } in [e["data"] for e in events["data"]]
 
 
+def text_dataset(
+    client: TestClient, context: AppContext, auth: dict[str, str], *, rows: int
+) -> str:
+    """A ready text dataset of the first `rows` Debian descriptions of three sections."""
+    with DEBIAN_DESCRIPTIONS.open(encoding="utf-8", newline="") as source:
+        chosen = [r for r in csv.DictReader(source) if r["label"] in {"games", "sound", "mail"}]
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["text", "label"])
+    writer.writerows([r["text"], r["label"]] for r in chosen[:rows])
+    uploaded = client.post(
+        "/v1/datasets", headers=auth, files={"file": ("debian.csv", out.getvalue().encode())}
+    )
+    assert uploaded.status_code == 202, uploaded.text
+    dataset: str = uploaded.json()["id"]
+    process_upload(context=context, dataset_id=dataset)
+    return dataset
+
+
 def test_a_text_experiment_holds_out_test_rows_and_ranks_its_trials(
     client: TestClient,
     context: AppContext,
     auth: dict[str, str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    with DEBIAN_DESCRIPTIONS.open(encoding="utf-8", newline="") as source:
-        rows = [r for r in csv.DictReader(source) if r["label"] in {"games", "sound", "mail"}]
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(["text", "label"])
-    writer.writerows([r["text"], r["label"]] for r in rows[:120])
-    uploaded = client.post(
-        "/v1/datasets", headers=auth, files={"file": ("debian.csv", out.getvalue().encode())}
-    )
-    assert uploaded.status_code == 202, uploaded.text
-    dataset = uploaded.json()["id"]
-    process_upload(context=context, dataset_id=dataset)
+    dataset = text_dataset(client, context, auth, rows=120)
     trained_on: dict[str, set[str]] = {}
     real_run = worker.jobs.run
 
@@ -403,3 +412,73 @@ def test_a_text_experiment_holds_out_test_rows_and_ranks_its_trials(
         assert version["metrics"]["test_items"] == len(test_texts)
     (base,) = experiment["diagnosis"]["base_models"]
     assert [c["strategy"] for c in base["comparisons"]] == ["feature_extraction"]
+
+
+def test_preselect_scores_candidates_outside_the_test_split_and_keeps_the_best(
+    client: TestClient,
+    context: AppContext,
+    auth: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    dataset = digits_dataset(client, context, auth, [0, 1, 2])
+    scored_on: dict[str, list[str]] = {}
+    real_score = engine.score_base_model
+    real_weights = engine.weights_available
+
+    def recording_score(name: str, samples: list[Any], **options: Any) -> Any:
+        scored_on[name] = [str(sample.path) for sample in samples]
+        if name == "resnet18":  # no weights here: a made-up, lower score stands in for it
+            return dataclasses.replace(
+                real_score("efficientnet_lite0", samples, **options),
+                base_model="resnet18",
+                logme=-1e9,
+            )
+        return real_score(name, samples, **options)
+
+    monkeypatch.setattr(engine, "score_base_model", recording_score)
+    monkeypatch.setattr(
+        engine,
+        "weights_available",
+        lambda name, where: name == "resnet18" or real_weights(name, where),
+    )
+    request = experiment_request(
+        dataset,
+        base_models=["resnet18", "efficientnet_lite0"],
+        strategies=["scratch", "fine_tune"],
+        preselect=1,
+    )
+    created = client.post("/v1/experiments", headers=auth, json=request)
+    assert created.status_code == 201, created.text
+    experiment = created.json()
+    assert {t["base_model"] for t in experiment["trials"]} == {"efficientnet_lite0"}
+    preselection = experiment["preselection"]
+    assert preselection["kept"] == ["efficientnet_lite0"]
+    assert preselection["dropped"] == ["resnet18"]
+    assert [r["base_model"] for r in preselection["ranking"]] == ["efficientnet_lite0", "resnet18"]
+    assert preselection["ranking"][0]["logme"] > preselection["ranking"][1]["logme"]
+
+    # Scored on the dataset's training images outside the test split, every one of them.
+    split = client.get(f"/v1/experiments/{experiment['id']}/test-split", headers=auth).json()
+    manifest, root = load_manifest(context=context, dataset_id=dataset)
+    test_paths = {str(root / item) for item in split["items"]}
+    train_paths = {str(root / s.path) for s in manifest.samples if s.split == "train"}
+    for name in ("efficientnet_lite0", "resnet18"):
+        assert set(scored_on[name]) == train_paths - test_paths, name
+    assert preselection["images"] == len(train_paths - test_paths)
+    shown = client.get(f"/v1/experiments/{experiment['id']}", headers=auth).json()
+    assert shown["preselection"] == preselection
+
+    too_many = experiment_request(dataset, preselect=2)
+    assert_error(
+        client.post("/v1/experiments", headers=auth, json=too_many), 422, "invalid_request"
+    )
+    texts = text_dataset(client, context, auth, rows=30)
+    on_text = experiment_request(
+        texts, base_models=["minilm_l6"], preselect=1, settings={"epochs": 1, "max_length": 32}
+    )
+    assert_error(
+        client.post("/v1/experiments", headers=auth, json=on_text),
+        422,
+        "wrong_modality",
+        "preselect",
+    )

@@ -55,6 +55,28 @@ def manifest_key(dataset_id: str) -> str:
     return f"datasets/{dataset_id}/manifest.json"
 
 
+@dataclass(frozen=True)
+class DatasetItem:
+    """One labelled item of a dataset, whatever its modality."""
+
+    id: str
+    """Stable across reads: an image's manifest path; a text's `row:<ordinal>` among the
+    dataset's rows in shard order (shards are never rewritten, so the ordinal never moves)."""
+    label: int
+    split: str
+    content: Path | str
+    """What a model reads: an image's local file, or the text itself."""
+
+
+@dataclass(frozen=True)
+class DatasetItems:
+    modality: str
+    classes: list[str]
+    items: list[DatasetItem]
+    unlabelled: list[str]
+    """Texts kept without a label (for a language-model stage); none for images."""
+
+
 def _form_float(
     fields: dict[str, str], name: str, default: float, low: float, high: float
 ) -> float:
@@ -382,41 +404,61 @@ def score_transferability(
             "for now.",
             "dataset_id",
         )
+    data = dataset_items(context=context, dataset_id=dataset.id)
+    train = [item for item in data.items if item.split == "train"]
+    scored, scores = rank_base_models(
+        context=context,
+        items=train,
+        base_models=request.base_models,
+        max_images=request.max_images,
+        image_size=request.image_size,
+        seed=request.seed,
+        param="base_models",
+    )
+    return TransferabilityOut(
+        dataset_id=dataset.id,
+        images=scored,
+        ranking=[BaseModelScoreOut.model_validate(asdict(score)) for score in scores],
+    )
+
+
+def rank_base_models(
+    *,
+    context: AppContext,
+    items: list[DatasetItem],
+    base_models: list[str],
+    max_images: int,
+    image_size: int | None,
+    seed: int,
+    param: str,
+) -> tuple[int, list[Any]]:
+    """Score each base model's frozen features on at most `max_images` of these image items
+    (drawn per class with `seed`): how many were scored, and the scores, best LogME first.
+    The caller chooses the items, so an experiment can leave its test split out."""
     weights_dir = context.settings.resolved_weights_dir
-    for index, name in enumerate(request.base_models):
-        param = f"base_models[{index}]"
+    for index, name in enumerate(base_models):
+        where = f"{param}[{index}]"
         try:
             engine.get_base_model_info(name)
         except engine.UnknownBaseModelError as exc:
-            raise ApiError(422, "unknown_base_model", f"{exc}", param) from None
+            raise ApiError(422, "unknown_base_model", f"{exc}", where) from None
         if not engine.weights_available(name, weights_dir):
             raise ApiError(
                 422,
                 "weights_unavailable",
                 f"Pretrained weights for {name} are not installed on this server (looked in "
                 f"{weights_dir}); transferability scores pretrained features.",
-                param,
+                where,
             )
-    manifest, root = load_manifest(context=context, dataset_id=dataset.id)
-    train = [s for s in manifest.samples if s.split == "train"]
-    chosen = _stratified_subset(train, limit=request.max_images, seed=request.seed)
-    samples = [engine.Sample(path=root / s.path, label=s.label) for s in chosen]
+    chosen = _stratified_subset(items, limit=max_images, seed=seed)
+    samples = [engine.Sample(path=Path(item.content), label=item.label) for item in chosen]
     scores = [
         engine.score_base_model(
-            name,
-            samples,
-            weights_dir=weights_dir,
-            image_size=request.image_size,
-            seed=request.seed,
+            name, samples, weights_dir=weights_dir, image_size=image_size, seed=seed
         )
-        for name in request.base_models
+        for name in base_models
     ]
-    ranking = sorted(scores, key=lambda score: score.logme, reverse=True)
-    return TransferabilityOut(
-        dataset_id=dataset.id,
-        images=len(samples),
-        ranking=[BaseModelScoreOut.model_validate(asdict(score)) for score in ranking],
-    )
+    return len(samples), sorted(scores, key=lambda score: score.logme, reverse=True)
 
 
 def _stratified_subset(samples: list[Any], *, limit: int, seed: int) -> list[Any]:
@@ -438,28 +480,6 @@ def load_manifest(*, context: AppContext, dataset_id: str) -> tuple[IngestResult
     """The dataset's samples and the local folder their paths are relative to."""
     manifest = json.loads(context.store.get_bytes(manifest_key(dataset_id)))
     return IngestResult.from_manifest(manifest), context.store.local_path(files_prefix(dataset_id))
-
-
-@dataclass(frozen=True)
-class DatasetItem:
-    """One labelled item of a dataset, whatever its modality."""
-
-    id: str
-    """Stable across reads: an image's manifest path; a text's `row:<ordinal>` among the
-    dataset's rows in shard order (shards are never rewritten, so the ordinal never moves)."""
-    label: int
-    split: str
-    content: Path | str
-    """What a model reads: an image's local file, or the text itself."""
-
-
-@dataclass(frozen=True)
-class DatasetItems:
-    modality: str
-    classes: list[str]
-    items: list[DatasetItem]
-    unlabelled: list[str]
-    """Texts kept without a label (for a language-model stage); none for images."""
 
 
 def text_row_id(ordinal: int) -> str:

@@ -125,6 +125,14 @@ class ExperimentIn(BaseModel):
         "the test split, which no trial trains or selects on.",
     )
     test_seed: int = Field(default=0, ge=0, description="Seed of the test split's draw.")
+    preselect: int | None = Field(
+        default=None,
+        ge=1,
+        description="Keep only the best `preselect` base models by their transferability "
+        "(LogME of frozen features, POST /v1/datasets/{id}/transferability) scored on the "
+        "training rows outside the test split, before any trial runs; images only. The scores "
+        "and the dropped models are in `preselection`.",
+    )
     budget: Budget = Field(default_factory=Budget)
 
     @field_validator("base_models", "strategies", "seeds")
@@ -139,6 +147,11 @@ class ExperimentIn(BaseModel):
         count = len(self.base_models) * len(self.strategies) * len(self.seeds or [0])
         if count > MAX_TRIALS:
             raise ValueError(f"{count} trials; an experiment runs at most {MAX_TRIALS}")
+        if self.preselect is not None and self.preselect > len(self.base_models):
+            raise ValueError(
+                f"preselect keeps {self.preselect} of {len(self.base_models)} base models; "
+                "it must not exceed their count"
+            )
         return self
 
 
@@ -210,6 +223,10 @@ class ExperimentOut(BaseModel):
         description="Per base model, each transfer strategy against scratch: start, slope, "
         "asymptote (paired bootstrap interval), negative_transfer, overfitting; and summary "
         "lines with their numbers."
+    )
+    preselection: dict[str, Any] | None = Field(
+        description="With `preselect`: the images scored, each candidate's transferability "
+        "(best LogME first), and the base models `kept` and `dropped`."
     )
     created_at: datetime
     finished_at: datetime | None

@@ -9,6 +9,7 @@ catches jobs ended by the reaper or cancelled directly). It writes nothing while
 created, so it never holds a database lock across another session's write.
 """
 
+import dataclasses
 import json
 import logging
 from collections import Counter
@@ -22,7 +23,8 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from service.context import AppContext
-from service.datasets.service import dataset_items, require_ready
+from service.datasets.schemas import TransferabilityIn
+from service.datasets.service import dataset_items, rank_base_models, require_ready
 from service.db import new_id, utcnow
 from service.errors import ApiError
 from service.experiments import pruning
@@ -68,6 +70,8 @@ PENDING = "pending"
 STARTED = "started"
 NOT_STARTED = "not_started"
 PRUNED = "pruned"
+PRESELECT_MAX_IMAGES: int = TransferabilityIn.model_fields["max_images"].default
+"""Preselection scores as many training images as the transferability call does by default."""
 
 
 def trial_idempotency_key(trial_id: str) -> str:
@@ -123,6 +127,43 @@ def _parameters(
     return trainable, preview.stages[0].total_parameters
 
 
+def preselection_key(experiment_id: str) -> str:
+    return f"experiments/{experiment_id}/preselection.json"
+
+
+def _preselect(
+    context: AppContext, *, request: ExperimentIn, modality: str | None, train: list[Any]
+) -> dict[str, Any]:
+    """Score the candidates on the training items outside the test split; keep the best
+    `request.preselect` by LogME. Returns what `preselection` shows."""
+    if modality == "text":
+        raise ApiError(
+            422,
+            "wrong_modality",
+            "preselect scores frozen image features; this dataset holds texts, so list the "
+            "base models to try without it.",
+            "preselect",
+        )
+    settings = request.settings.model_dump()
+    scored, scores = rank_base_models(
+        context=context,
+        items=train,
+        base_models=request.base_models,
+        max_images=PRESELECT_MAX_IMAGES,
+        image_size=settings.get("image_size"),
+        seed=int(settings["seed"]),
+        param="base_models",
+    )
+    ranking = [dataclasses.asdict(score) for score in scores]
+    kept = [score.base_model for score in scores[: request.preselect]]
+    return {
+        "images": scored,
+        "ranking": ranking,
+        "kept": [name for name in request.base_models if name in kept],
+        "dropped": [name for name in request.base_models if name not in kept],
+    }
+
+
 def create_experiment(*, context: AppContext, tenant: Tenant, request: ExperimentIn) -> Experiment:
     """Check every trial's spec, carve the test split, record the trials, start the first ones."""
     experiment_id = new_id("exp")
@@ -136,9 +177,34 @@ def create_experiment(*, context: AppContext, tenant: Tenant, request: Experimen
                 "dataset",
             )
         require_ready(dataset, needed_by="experiments", param="dataset")
+        items = dataset_items(context=context, dataset_id=dataset.id).items
+        held_out = carve_test_split(
+            dataset_items(context=context, dataset_id=dataset.id).items,
+            fraction=request.test_fraction,
+            seed=request.test_seed,
+        )
+        if not held_out:
+            raise ApiError(
+                422,
+                "dataset_too_small",
+                "No class of this dataset has two samples in one split, so nothing can be held "
+                "out for testing; upload more samples.",
+                "dataset",
+            )
+        preselection = None
+        base_models = request.base_models
+        if request.preselect is not None:
+            test = set(held_out)
+            preselection = _preselect(
+                context,
+                request=request,
+                modality=dataset.modality,
+                train=[i for i in items if i.split == "train" and i.id not in test],
+            )
+            base_models = preselection["kept"]
         seeds = request.seeds or [int(request.settings.model_dump()["seed"])]
         trials: list[ExperimentTrial] = []
-        for base_model in request.base_models:
+        for base_model in base_models:
             for strategy in request.strategies:
                 for seed in seeds:
                     spec = _trial_spec(request, base_model=base_model, strategy=strategy, seed=seed)
@@ -157,18 +223,9 @@ def create_experiment(*, context: AppContext, tenant: Tenant, request: Experimen
                             total_parameters=total,
                         )
                     )
-        held_out = carve_test_split(
-            dataset_items(context=context, dataset_id=dataset.id).items,
-            fraction=request.test_fraction,
-            seed=request.test_seed,
-        )
-        if not held_out:
-            raise ApiError(
-                422,
-                "dataset_too_small",
-                "No class of this dataset has two samples in one split, so nothing can be held "
-                "out for testing; upload more samples.",
-                "dataset",
+        if preselection is not None:
+            context.store.put_bytes(
+                preselection_key(experiment_id), json.dumps(preselection).encode()
             )
         key = test_split_key(experiment_id)
         context.store.put_bytes(
@@ -575,6 +632,13 @@ def _rank_key(row: LeaderboardRow) -> tuple[bool, float, float, int]:
     )
 
 
+def _preselection(context: AppContext, experiment: Experiment) -> dict[str, Any] | None:
+    if experiment.request.get("preselect") is None:
+        return None
+    data: dict[str, Any] = json.loads(context.store.get_bytes(preselection_key(experiment.id)))
+    return data
+
+
 def experiment_out(
     session: Session, *, context: AppContext, experiment: Experiment
 ) -> ExperimentOut:
@@ -617,6 +681,7 @@ def experiment_out(
             for trial, job in rows
         ],
         leaderboard=board,
+        preselection=_preselection(context, experiment),
         diagnosis=diagnose(records, seed=int(experiment.request.get("test_seed", 0))),
         created_at=experiment.created_at,
         finished_at=experiment.finished_at,
