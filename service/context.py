@@ -8,7 +8,7 @@ from celery import Celery
 from service.db import Database
 from service.queues import create_celery
 from service.settings import Settings
-from service.storage import ArtifactStore, LocalStore
+from service.storage import ArtifactStore, open_store
 
 
 @dataclass
@@ -21,7 +21,7 @@ class AppContext:
 
     @cached_property
     def store(self) -> ArtifactStore:
-        return LocalStore(self.settings.resolved_storage_dir)
+        return open_store(self.settings)
 
     @cached_property
     def celery(self) -> Celery:

@@ -26,6 +26,7 @@ from service.jobs.router import router as jobs_router
 from service.models.router import router as models_router
 from service.models.router import search_router as model_search_router
 from service.settings import Settings, get_settings
+from service.storage import StorageError
 from service.ui.router import router as ui_router
 
 logger = logging.getLogger(__name__)
@@ -99,9 +100,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except Exception as exc:
             checks["broker"] = f"error: {type(exc).__name__}"
         try:
-            context.store.put_bytes(".readyz", b"ok")
+            context.store.check()
             checks["storage"] = "ok"
-        except OSError as exc:
+        except StorageError as exc:
             checks["storage"] = f"error: {type(exc).__name__}"
         if all(value == "ok" for value in checks.values()):
             return {"status": "ready", "checks": checks}

@@ -27,6 +27,28 @@ class Settings(BaseSettings):
     storage_dir: Path | None = Field(
         default=None, description="Artifact store folder; default `<data_dir>/artifacts`."
     )
+    storage_url: str | None = Field(
+        default=None,
+        description="`s3://bucket/prefix`: keep artifacts in an S3-compatible object store "
+        "(credentials and region from the standard `AWS_*` variables); default: the local "
+        "folder `THAW_STORAGE_DIR`.",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        description="Endpoint of a non-AWS S3-compatible store (MinIO, Ceph, R2), e.g. "
+        "`http://minio:9000`; default: AWS.",
+    )
+    cache_dir: Path | None = Field(
+        default=None,
+        description="This host's cache of objects read from an object store (datasets, "
+        "weights, model files), shared by its processes; default `<data_dir>/cache`.",
+    )
+    cache_bytes: int = Field(
+        default=20 * 2**30,
+        ge=0,
+        description="Size budget of `THAW_CACHE_DIR`; least recently used entries not in use "
+        "are removed beyond it.",
+    )
     weights_dir: Path | None = Field(
         default=None,
         description="Pretrained weights folder (torchvision cache file names); "
@@ -148,6 +170,10 @@ class Settings(BaseSettings):
     @property
     def resolved_storage_dir(self) -> Path:
         return (self.storage_dir or self.data_dir / "artifacts").resolve()
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        return (self.cache_dir or self.data_dir / "cache").resolve()
 
     @property
     def resolved_weights_dir(self) -> Path:
