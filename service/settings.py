@@ -24,6 +24,13 @@ class Settings(BaseSettings):
         default=None,
         description="Celery broker URL; default: a filesystem broker under `<data_dir>/broker`.",
     )
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis that API replicas share: the per-key rate limit and the change "
+        "generations that clear every replica's caches at once; default: `THAW_BROKER_URL` "
+        "when it is a `redis://` URL, else none (limits per process, generations in files "
+        "under `<data_dir>/generations`).",
+    )
     storage_dir: Path | None = Field(
         default=None, description="Artifact store folder; default `<data_dir>/artifacts`."
     )
@@ -125,7 +132,21 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(
         default=1200,
         ge=0,
-        description="Requests per minute per API key, per API process; 0 turns it off.",
+        description="Requests per minute per API key, shared by all API replicas through "
+        "Redis when there is one (else per API process); 0 turns it off.",
+    )
+    api_key_cache_seconds: float = Field(
+        default=60.0,
+        ge=0.0,
+        description="How long an API process reuses an authenticated key without a database "
+        "read; a revoke (by any process) clears every replica's cache before its next "
+        "request. 0 turns the cache off.",
+    )
+    metrics_token: str | None = Field(
+        default=None,
+        description="Bearer token a Prometheus scrape must send to `/metrics`; unset, "
+        "`/metrics` answers anyone who can reach the API (fine on the embedded default's "
+        "127.0.0.1; set it on a fleet).",
     )
     max_active_jobs_per_tenant: int = Field(
         default=16,
@@ -182,6 +203,13 @@ class Settings(BaseSettings):
     @property
     def broker_folder(self) -> Path:
         return (self.data_dir / "broker").resolve()
+
+    @property
+    def shared_redis_url(self) -> str | None:
+        if self.redis_url is not None:
+            return self.redis_url
+        broker = self.broker_url or ""
+        return broker if broker.startswith(("redis://", "rediss://")) else None
 
     @property
     def resolved_broker_url(self) -> str:
