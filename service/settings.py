@@ -160,6 +160,13 @@ class Settings(BaseSettings):
         description="How often the API re-queues jobs whose worker vanished, fails jobs past "
         "their deadline and re-sends queued work a restarted or flushed broker lost.",
     )
+    queue_resend_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        description="A job queued this long (since it was queued or last re-sent) while a "
+        "live worker consumes its queue has its task message sent again: the case of a "
+        "message lost without the broker restarting.",
+    )
     lease_seconds: float = Field(
         default=120.0,
         gt=0,

@@ -26,7 +26,7 @@ from service.jobs.schemas import (
 )
 from service.jobs.states import ACTIVE_STATUSES, TERMINAL_STATUSES, IllegalTransitionError
 from service.models.service import resolve_version
-from service.queues import CPU_QUEUE, GPU_QUEUE, TRAIN_TASK
+from service.queues import CPU_QUEUE, GPU_QUEUE, TRAIN_TASK, refuse_unservable
 from service.tables import Dataset, Job, JobEvent, ModelVersion, RegisteredModel, Tenant
 from worker import engine
 from worker.engine.artifacts import CONFIG_FILE, parse_model_config
@@ -224,6 +224,8 @@ def create_job(
             session, context=context, tenant=tenant, spec=spec, model_name=spec.model
         )
         _check_active_job_cap(session, context=context, tenant=tenant)
+        queue = GPU_QUEUE if plan.device == "cuda" else CPU_QUEUE
+        refuse_unservable(context.settings, queue=queue)
         job = Job(
             tenant_id=tenant.id,
             dataset_id=dataset.id,
@@ -233,7 +235,7 @@ def create_job(
             strategy=plan.extra["strategy"],
             spec=spec.model_dump(mode="json"),
             plan=plan.to_dict(),
-            queue=GPU_QUEUE if plan.device == "cuda" else CPU_QUEUE,
+            queue=queue,
             idempotency_key=idempotency_key,
             max_runtime_seconds=spec.max_runtime_seconds
             or context.settings.job_max_runtime_seconds,
