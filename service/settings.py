@@ -98,8 +98,8 @@ class Settings(BaseSettings):
         default=5.0,
         ge=0.0,
         description="How long predict reuses a resolved (model, version or alias) without a "
-        "database read; changes made through this API process apply at once, others (CLI, "
-        "other replicas) within this time. 0 turns the cache off.",
+        "database read; a change committed by any process (this one, the CLI, another "
+        "replica) clears it before the next request. 0 turns the cache off.",
     )
     batch_max_size: int = Field(
         default=32,
