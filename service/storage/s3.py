@@ -11,6 +11,7 @@ import io
 import os
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -31,6 +32,8 @@ from service.storage.base import (
 from service.storage.cache import LocalCache, entry_id
 
 _MISSING = {"404", "NoSuchKey", "NotFound"}
+_PARALLEL_FILES = 16
+"""Objects of one folder moved at once: a folder is often many small files."""
 _TRANSFER = TransferConfig(
     multipart_threshold=CHUNK_BYTES, multipart_chunksize=CHUNK_BYTES, max_concurrency=4
 )
@@ -51,7 +54,10 @@ class S3Store(ArtifactStore):
         self.client: Any = boto3.client(
             "s3",
             endpoint_url=endpoint_url,
-            config=Config(retries={"max_attempts": 5, "mode": "standard"}),
+            config=Config(
+                retries={"max_attempts": 5, "mode": "standard"},
+                max_pool_connections=_PARALLEL_FILES,
+            ),
         )
 
     def _key(self, key: str) -> str:
@@ -89,13 +95,16 @@ class S3Store(ArtifactStore):
 
     def put_dir(self, prefix: str, source: Path) -> None:
         self.delete(prefix)
-        for path in sorted(source.rglob("*")):
-            if path.is_file():
-                relative = path.relative_to(source).as_posix()
-                with self._errors(f"{prefix}/{relative}"):
-                    self.client.upload_file(
-                        str(path), self.bucket, self._key(f"{prefix}/{relative}"), Config=_TRANSFER
-                    )
+
+        def upload(path: Path) -> None:
+            key = f"{prefix}/{path.relative_to(source).as_posix()}"
+            with self._errors(key):
+                self.client.upload_file(str(path), self.bucket, self._key(key), Config=_TRANSFER)
+
+        files = [path for path in sorted(source.rglob("*")) if path.is_file()]
+        # Many small files: their round trips overlap (boto3 clients are thread-safe).
+        with ThreadPoolExecutor(_PARALLEL_FILES) as pool:
+            list(pool.map(upload, files))
         shutil.rmtree(source)
 
     @contextmanager
@@ -148,9 +157,13 @@ class S3Store(ArtifactStore):
 
         def fill(temp: Path) -> None:
             folder = self._folder(prefix)
-            for item in listing:
+
+            def download(item: dict[str, Any]) -> None:
                 relative = item["Key"][len(folder) :]
                 self.download(f"{prefix}/{relative}", temp.joinpath(*relative.split("/")))
+
+            with ThreadPoolExecutor(_PARALLEL_FILES) as pool:
+                list(pool.map(download, listing))
 
         return self.cache.get(entry, fill)
 
