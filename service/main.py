@@ -35,7 +35,9 @@ from service.ui.router import router as ui_router
 
 logger = logging.getLogger(__name__)
 
-scrape_bearer = HTTPBearer(auto_error=False, description="`THAW_METRICS_TOKEN`, when set.")
+scrape_bearer = HTTPBearer(
+    auto_error=False, scheme_name="MetricsToken", description="`THAW_METRICS_TOKEN`, when set."
+)
 
 DESCRIPTION = """
 Upload an image dataset, pick a pretrained backbone and a transfer strategy, and get back a
