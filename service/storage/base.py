@@ -9,6 +9,7 @@ object or none of it.
 """
 
 import hashlib
+import io
 import os
 import shutil
 import tempfile
@@ -63,8 +64,6 @@ class ArtifactStore(ABC):
         whole in memory; returns the bytes written."""
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        import io
-
         self.put_stream(key, io.BytesIO(data))
 
     @abstractmethod

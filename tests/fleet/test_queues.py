@@ -4,6 +4,7 @@ queue when one appears; a job queued too long is re-sent; the embedded default r
 it could never run."""
 
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from service.cli import migrate_database, worker_command
+from service.cli import migrate_database
 from service.context import AppContext
 from service.jobs.reaper import match_jobs_to_live_workers
 from service.main import create_app
@@ -115,7 +116,8 @@ def test_the_embedded_default_refuses_a_gpu_job_without_a_gpu(
 def test_a_real_worker_announces_the_queues_it_consumes(tmp_path: Path, redis_url: str) -> None:
     redis.Redis.from_url(redis_url).flushdb()
     env = thaw_env(tmp_path / "data", THAW_BROKER_URL=redis_url)
-    command = worker_command("cpu,datasets", name="announcer")
+    command = [sys.executable, "-m", "worker", "--queues", "cpu,datasets", "--pool", "solo"]
+    command += ["--hostname", "announcer@%h", "--without-gossip", "--without-mingle"]
     with running(command, env, tmp_path / "worker.log", stop_signal=signal.SIGTERM):
         deadline = time.monotonic() + 90
         while live_queues(redis_url) != {"cpu", "datasets"}:
