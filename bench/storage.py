@@ -7,9 +7,8 @@ extracted, the files and manifest written to the store), and (b) first epoch: `l
 them. The object store is an S3-compatible server in its own process: moto_server, the one
 available here, a pure-Python server, so the figures are an upper bound for MinIO or S3.
 
-The first epoch runs the engine directly with its checkpoint in a temporary folder: the
-worker's own job path (`worker/jobs.py`) still writes its checkpoint through `local_path`,
-which the fleet issue's call-site migration moves to the store.
+The first epoch runs the engine directly with its checkpoint in a temporary folder (the
+worker's job path also uploads it to the store after the epoch; not measured here).
 
 Run as `.venv/bin/python bench/storage.py [--images N]`.
 """

@@ -151,7 +151,8 @@ def resolve_plan(
 
 
 def _parent_model(context: AppContext, version: ModelVersion) -> ParentModel:
-    """A registered version as the engine's parent: its files' place and its config as data."""
+    """A registered version as the engine's parent: its files' storage key (the worker fetches
+    them) and its config as data."""
     config_key = f"{version.artifact_prefix}/{CONFIG_FILE}"
     try:
         config = parse_model_config(json.loads(context.store.get_bytes(config_key)))
@@ -163,9 +164,7 @@ def _parent_model(context: AppContext, version: ModelVersion) -> ParentModel:
             "train from another version or re-publish this one.",
             "base_model",
         ) from None
-    return engine.ParentModel(
-        location=str(context.store.local_path(version.artifact_prefix)), config=config
-    )
+    return engine.ParentModel(location=version.artifact_prefix, config=config)
 
 
 def _field_named_in(message: str) -> str | None:

@@ -1,9 +1,7 @@
 """Separate "hosts" with no folder in common: an API process and a dataset worker, each with its
 own data and cache folder, sharing only Postgres, Redis and the S3 server. A dataset uploaded to
-the API is ingested by the worker through the object store.
-
-(The training half of the fleet test, a job killed on one host and finished from its checkpoint
-on another, waits for the worker's checkpoint to move off `local_path`: fleet issue, item 7.)"""
+the API is ingested by the worker through the object store. (A job killed on one host and
+finished on another from its checkpoint in the store: `test_resume_across_hosts.py`.)"""
 
 import signal
 import sys
