@@ -7,8 +7,9 @@ from celery import Celery
 
 from service.db import Database
 from service.queues import create_celery
+from service.replicas import ChangeFeed, open_generations
 from service.settings import Settings
-from service.storage import ArtifactStore, LocalStore
+from service.storage import ArtifactStore, open_store
 
 
 @dataclass
@@ -17,11 +18,18 @@ class AppContext:
 
     @cached_property
     def db(self) -> Database:
-        return Database(self.settings.resolved_database_url)
+        database = Database(self.settings.resolved_database_url)
+        # Every process that commits announces changes other processes cache (replicas.py).
+        self.changes.watch(database.sessionmaker)
+        return database
+
+    @cached_property
+    def changes(self) -> ChangeFeed:
+        return ChangeFeed(open_generations(self.settings))
 
     @cached_property
     def store(self) -> ArtifactStore:
-        return LocalStore(self.settings.resolved_storage_dir)
+        return open_store(self.settings)
 
     @cached_property
     def celery(self) -> Celery:

@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.auth.ratelimit import RateLimiter
-from service.auth.service import authenticate
+from service.auth.service import authenticate_cached
 from service.context import AppContext
 from service.errors import ApiError, not_found
 from service.models.service import resolve_version
@@ -39,8 +39,15 @@ def get_tenant(
     session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Tenant:
-    api_key = authenticate(session, key=credentials.credentials) if credentials else None
-    if api_key is None:
+    state = request.app.state
+    # Before any cache is read: clear what a change committed anywhere made stale.
+    state.context.changes.sync()
+    found = (
+        authenticate_cached(session, key=credentials.credentials, cache=state.api_keys)
+        if credentials
+        else None
+    )
+    if found is None:
         # One answer for missing, unknown, revoked and expired keys: nothing to probe.
         raise ApiError(
             401,
@@ -49,8 +56,9 @@ def get_tenant(
             "(create one with `thaw keys create --tenant TEAM`).",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    limiter: RateLimiter = request.app.state.rate_limiter
-    wait = limiter.retry_after(api_key.id)
+    key_id, tenant = found
+    limiter: RateLimiter = state.rate_limiter
+    wait = limiter.retry_after(key_id)
     if wait is not None:
         raise ApiError(
             429,
@@ -58,7 +66,7 @@ def get_tenant(
             f"Too many requests with this API key; retry in {wait} s.",
             headers={"Retry-After": str(wait)},
         )
-    return api_key.tenant
+    return tenant
 
 
 TenantDep = Annotated[Tenant, Depends(get_tenant)]

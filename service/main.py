@@ -1,22 +1,25 @@
 """The FastAPI application."""
 
+import hmac
 import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
-from service.auth.ratelimit import RateLimiter
+from service.auth.keycache import ApiKeyCache
+from service.auth.ratelimit import make_rate_limiter
 from service.auth.router import router as auth_router
 from service.base_models.router import router as base_models_router
 from service.context import AppContext
 from service.datasets.router import router as datasets_router
-from service.errors import ERROR_RESPONSES, error_body, install_error_handlers
+from service.errors import ERROR_RESPONSES, ApiError, error_body, install_error_handlers
 from service.experiments.router import router as experiments_router
 from service.inference.metrics import InferenceMetrics
 from service.inference.resolution import ResolutionCache
@@ -26,10 +29,16 @@ from service.jobs.reaper import start_reaper
 from service.jobs.router import router as jobs_router
 from service.models.router import router as models_router
 from service.models.router import search_router as model_search_router
+from service.replicas import API_KEYS, MODELS
 from service.settings import Settings, get_settings
+from service.storage import StorageError
 from service.ui.router import router as ui_router
 
 logger = logging.getLogger(__name__)
+
+scrape_bearer = HTTPBearer(
+    auto_error=False, scheme_name="MetricsToken", description="`THAW_METRICS_TOKEN`, when set."
+)
 
 DESCRIPTION = """
 Upload an image dataset, pick a pretrained backbone and a transfer strategy, and get back a
@@ -60,13 +69,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses=ERROR_RESPONSES,
     )
     app.state.context = context
-    app.state.rate_limiter = RateLimiter(per_minute=context.settings.rate_limit_per_minute)
+    app.state.rate_limiter = make_rate_limiter(context.settings)
+    api_keys = ApiKeyCache(ttl_seconds=context.settings.api_key_cache_seconds)
+    context.changes.on_change(API_KEYS, api_keys.clear)
+    app.state.api_keys = api_keys
     metrics = InferenceMetrics()
     predictors = ModelCache(store=context.store, settings=context.settings, metrics=metrics)
     app.state.inference_metrics = metrics
     app.state.predictors = predictors
     resolutions = ResolutionCache(ttl_seconds=context.settings.resolution_cache_seconds)
     resolutions.watch(context.db.sessionmaker)
+    context.changes.on_change(MODELS, resolutions.invalidate)
     app.state.resolutions = resolutions
     app.state.predicts_in_flight = 0
 
@@ -79,9 +92,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "/metrics",
         tags=["ops"],
         summary="Prometheus metrics: predict latency, batch sizes, queue depth, model cache",
+        description="With `THAW_METRICS_TOKEN` set, a scrape must send it as a bearer token.",
         response_class=Response,
     )
-    def prometheus_metrics() -> Response:
+    def prometheus_metrics(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(scrape_bearer)],
+    ) -> Response:
+        token = context.settings.metrics_token
+        sent = credentials.credentials if credentials else ""
+        if token is not None and not hmac.compare_digest(sent.encode(), token.encode()):
+            raise ApiError(
+                401,
+                "unauthorized",
+                "Send the scrape token: `Authorization: Bearer <THAW_METRICS_TOKEN>`.",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/readyz", tags=["ops"], summary="Database, broker and storage are reachable")
@@ -100,9 +125,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except Exception as exc:
             checks["broker"] = f"error: {type(exc).__name__}"
         try:
-            context.store.put_bytes(".readyz", b"ok")
+            context.store.check()
             checks["storage"] = "ok"
-        except OSError as exc:
+        except StorageError as exc:
             checks["storage"] = f"error: {type(exc).__name__}"
         if all(value == "ok" for value in checks.values()):
             return {"status": "ready", "checks": checks}

@@ -5,10 +5,18 @@ Importing this builds nothing: `create_celery` makes an app (and the folder brok
 when a process first needs one.
 """
 
+import logging
+import threading
+from functools import cache
+from typing import Any
+
 from celery import Celery
 from kombu import Queue
 
+from service.errors import ApiError
 from service.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 CPU_QUEUE = "cpu"
 GPU_QUEUE = "gpu"
@@ -16,6 +24,12 @@ DATASETS_QUEUE = "datasets"
 
 TRAIN_TASK = "thaw.train_job"
 INGEST_TASK = "thaw.ingest_dataset"
+
+CONSUMER_HEARTBEAT_SECONDS = 10.0
+CONSUMER_TTL_SECONDS = 3 * CONSUMER_HEARTBEAT_SECONDS
+"""A worker re-announces the queues it consumes every heartbeat; an announcement lives three
+heartbeats, so a worker that died (or lost Redis) is no longer counted after at most that."""
+_CONSUMERS = "thaw:consumers:"
 
 
 def create_celery(settings: Settings) -> Celery:
@@ -53,3 +67,72 @@ def create_celery(settings: Settings) -> Celery:
         worker_send_task_events=False,
     )
     return app
+
+
+def _redis(url: str) -> Any:
+    import redis
+
+    return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+
+
+def announce_consumer(url: str, *, queues: list[str], worker: str) -> None:
+    """Say in Redis that `worker` consumes `queues`, for the next `CONSUMER_TTL_SECONDS`."""
+    client = _redis(url)
+    with client.pipeline() as pipe:
+        for queue in queues:
+            pipe.set(f"{_CONSUMERS}{queue}:{worker}", "1", ex=int(CONSUMER_TTL_SECONDS))
+        pipe.execute()
+
+
+def start_consumer_heartbeat(
+    settings: Settings, *, queues: list[str], worker: str, stop: threading.Event
+) -> threading.Thread | None:
+    """Announce this worker's queues every heartbeat until `stop` (a fleet only: the embedded
+    default's worker runs on the API's machine, which refuses what it cannot serve)."""
+    url = settings.shared_redis_url
+    if url is None:
+        return None
+
+    def beat() -> None:
+        while True:
+            try:
+                announce_consumer(url, queues=queues, worker=worker)
+            except Exception as exc:
+                logger.warning("could not announce the queues this worker consumes: %s", exc)
+            if stop.wait(CONSUMER_HEARTBEAT_SECONDS):
+                return
+
+    thread = threading.Thread(target=beat, name="thaw-queue-heartbeat", daemon=True)
+    thread.start()
+    return thread
+
+
+def live_queues(url: str) -> set[str]:
+    """The queues some worker announced within `CONSUMER_TTL_SECONDS`."""
+    client = _redis(url)
+    return {
+        key.decode().removeprefix(_CONSUMERS).rsplit(":", 1)[0]
+        for key in client.scan_iter(match=f"{_CONSUMERS}*", count=500)
+    }
+
+
+@cache
+def this_host_has_cuda() -> bool:
+    import torch  # loaded only when a CUDA job meets the embedded default
+
+    return bool(torch.cuda.is_available())
+
+
+def refuse_unservable(settings: Settings, *, queue: str) -> None:
+    """422 for a job the embedded default could never run: its workers are on this machine
+    (the folder broker reaches no other), so a GPU job needs a GPU here."""
+    if queue == GPU_QUEUE and settings.broker_url is None and not this_host_has_cuda():
+        raise ApiError(
+            422,
+            "no_gpu_worker",
+            "`device: cuda` needs a GPU worker, and this thaw runs embedded (no "
+            "THAW_BROKER_URL: its workers run on this machine) on a machine without a CUDA "
+            "GPU. Use `device: cpu`, or run thaw as a fleet with a GPU worker host (README, "
+            '"Fleet").',
+            param="device",
+        )

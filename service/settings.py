@@ -24,8 +24,37 @@ class Settings(BaseSettings):
         default=None,
         description="Celery broker URL; default: a filesystem broker under `<data_dir>/broker`.",
     )
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis that API replicas share: the per-key rate limit and the change "
+        "generations that clear every replica's caches at once; default: `THAW_BROKER_URL` "
+        "when it is a `redis://` URL, else none (limits per process, generations in files "
+        "under `<data_dir>/generations`).",
+    )
     storage_dir: Path | None = Field(
         default=None, description="Artifact store folder; default `<data_dir>/artifacts`."
+    )
+    storage_url: str | None = Field(
+        default=None,
+        description="`s3://bucket/prefix`: keep artifacts in an S3-compatible object store "
+        "(credentials and region from the standard `AWS_*` variables); default: the local "
+        "folder `THAW_STORAGE_DIR`.",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        description="Endpoint of a non-AWS S3-compatible store (MinIO, Ceph, R2), e.g. "
+        "`http://minio:9000`; default: AWS.",
+    )
+    cache_dir: Path | None = Field(
+        default=None,
+        description="This host's cache of objects read from an object store (datasets, "
+        "weights, model files), shared by its processes; default `<data_dir>/cache`.",
+    )
+    cache_bytes: int = Field(
+        default=20 * 2**30,
+        ge=0,
+        description="Size budget of `THAW_CACHE_DIR`; least recently used entries not in use "
+        "are removed beyond it.",
     )
     weights_dir: Path | None = Field(
         default=None,
@@ -80,8 +109,8 @@ class Settings(BaseSettings):
         default=5.0,
         ge=0.0,
         description="How long predict reuses a resolved (model, version or alias) without a "
-        "database read; changes made through this API process apply at once, others (CLI, "
-        "other replicas) within this time. 0 turns the cache off.",
+        "database read; a change committed by any process (this one, the CLI, another "
+        "replica) clears it before the next request. 0 turns the cache off.",
     )
     batch_max_size: int = Field(
         default=32,
@@ -114,7 +143,21 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(
         default=1200,
         ge=0,
-        description="Requests per minute per API key, per API process; 0 turns it off.",
+        description="Requests per minute per API key, shared by all API replicas through "
+        "Redis when there is one (else per API process); 0 turns it off.",
+    )
+    api_key_cache_seconds: float = Field(
+        default=60.0,
+        ge=0.0,
+        description="How long an API process reuses an authenticated key without a database "
+        "read; a revoke (by any process) clears every replica's cache before its next "
+        "request. 0 turns the cache off.",
+    )
+    metrics_token: str | None = Field(
+        default=None,
+        description="Bearer token a Prometheus scrape must send to `/metrics`; unset, "
+        "`/metrics` answers anyone who can reach the API (fine on the embedded default's "
+        "127.0.0.1; set it on a fleet).",
     )
     max_active_jobs_per_tenant: int = Field(
         default=16,
@@ -127,6 +170,13 @@ class Settings(BaseSettings):
         gt=0,
         description="How often the API re-queues jobs whose worker vanished, fails jobs past "
         "their deadline and re-sends queued work a restarted or flushed broker lost.",
+    )
+    queue_resend_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        description="A job queued this long (since it was queued or last re-sent) while a "
+        "live worker consumes its queue has its task message sent again: the case of a "
+        "message lost without the broker restarting.",
     )
     lease_seconds: float = Field(
         default=120.0,
@@ -161,12 +211,23 @@ class Settings(BaseSettings):
         return (self.storage_dir or self.data_dir / "artifacts").resolve()
 
     @property
+    def resolved_cache_dir(self) -> Path:
+        return (self.cache_dir or self.data_dir / "cache").resolve()
+
+    @property
     def resolved_weights_dir(self) -> Path:
         return (self.weights_dir or self.data_dir / "weights").resolve()
 
     @property
     def broker_folder(self) -> Path:
         return (self.data_dir / "broker").resolve()
+
+    @property
+    def shared_redis_url(self) -> str | None:
+        if self.redis_url is not None:
+            return self.redis_url
+        broker = self.broker_url or ""
+        return broker if broker.startswith(("redis://", "rediss://")) else None
 
     @property
     def resolved_broker_url(self) -> str:

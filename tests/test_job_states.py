@@ -36,11 +36,14 @@ LEASE = timedelta(seconds=30)
 MAX_WORKER_LOSSES = 3
 ALL = frozenset(JobStatus)
 LEASED = frozenset({JobStatus.RUNNING, JobStatus.CANCELLING})
-ACTIVE = frozenset({JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANCELLING})
+WAITING = JobStatus.WAITING_FOR_WORKER
+ACTIVE = frozenset({JobStatus.QUEUED, WAITING, JobStatus.RUNNING, JobStatus.CANCELLING})
 
 EXPECTED_SOURCES = {
     Transition.CREATE: frozenset(),
-    Transition.CLAIM: frozenset({JobStatus.QUEUED}),
+    Transition.CLAIM: frozenset({JobStatus.QUEUED, WAITING}),
+    Transition.WAIT_FOR_WORKER: frozenset({JobStatus.QUEUED}),
+    Transition.WORKER_FOUND: frozenset({WAITING}),
     Transition.RENEW: frozenset({JobStatus.RUNNING}),
     Transition.CANCEL: ACTIVE,
     Transition.HAND_BACK: frozenset({JobStatus.RUNNING}),
@@ -145,6 +148,12 @@ CALLS: dict[Transition, Call] = {
     Transition.RENEW: lambda s, job, attempt: transitions.renew(
         s, job_id=job.id, attempt=attempt, lease=LEASE, progress=0.5
     ),
+    Transition.WAIT_FOR_WORKER: lambda s, job, _: transitions.wait_for_worker(
+        s, job_id=job.id, queue="gpu"
+    ),
+    Transition.WORKER_FOUND: lambda s, job, _: transitions.worker_found(
+        s, job_id=job.id, queue="gpu"
+    ),
     Transition.CANCEL: lambda s, job, _: transitions.request_cancel(s, job_id=job.id),
     Transition.HAND_BACK: lambda s, job, attempt: transitions.hand_back(
         s, job_id=job.id, attempt=attempt, progress=0.4
@@ -187,10 +196,23 @@ def expected(transition: Transition, source: JobStatus, before: dict[str, Any]) 
             {"status": "running", "worker": "host:2"},
             {"attempt": attempt + 1, "lease_owner": "host:2", "started_at": before["started_at"]},
         )
+    if transition is Transition.WAIT_FOR_WORKER:
+        return Outcome(
+            WAITING,
+            {
+                "status": "waiting_for_worker",
+                "queue": "gpu",
+                "reason": "no live worker consumes the 'gpu' queue",
+            },
+            {"attempt": attempt},
+        )
+    if transition is Transition.WORKER_FOUND:
+        return Outcome(JobStatus.QUEUED, {"status": "queued", "queue": "gpu"}, {})
     if transition is Transition.RENEW:
         return Outcome(JobStatus.RUNNING, None, {"progress": 0.5, "attempt": attempt})
     if transition is Transition.CANCEL:
-        status = JobStatus.CANCELLED if source == JobStatus.QUEUED else JobStatus.CANCELLING
+        queued = source in (JobStatus.QUEUED, WAITING)
+        status = JobStatus.CANCELLED if queued else JobStatus.CANCELLING
         return Outcome(status, {"status": str(status)}, {"attempt": attempt})
     if transition is Transition.HAND_BACK:
         return Outcome(
@@ -247,7 +269,14 @@ def test_the_module_declares_the_expected_machine() -> None:
     assert SOURCES == EXPECTED_SOURCES
     assert set(CALLS) == set(Transition) - {Transition.CREATE}
     # Worker writes are fenced by attempt, and so are the reaper's, by the attempt it read.
-    unfenced = {Transition.CREATE, Transition.CLAIM, Transition.CANCEL, Transition.FAIL_UNSENT}
+    unfenced = {
+        Transition.CREATE,
+        Transition.CLAIM,
+        Transition.CANCEL,
+        Transition.FAIL_UNSENT,
+        Transition.WAIT_FOR_WORKER,
+        Transition.WORKER_FOUND,
+    }
     assert set(Transition) - unfenced == FENCED
 
 

@@ -2,16 +2,20 @@
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import inspect, select
+from sqlalchemy.orm import Session
 
 from service.cli import MIGRATIONS
 from service.db import Base, make_engine
+from service.settings import get_settings
+from service.tables import Dataset, Job, ModelVersion, RegisteredModel, Tenant
 from tests.conftest import fresh_postgres_database
 
 
@@ -45,4 +49,89 @@ def test_upgrade_matches_models_and_downgrades(database_url: str) -> None:
     assert set(Base.metadata.tables) <= set(inspect(engine).get_table_names())
     command.downgrade(config, "base")
     assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
+    engine.dispose()
+
+
+PARENT_KEYS = "0006_parent_keys"
+
+
+def _plan(parent: str | None, parent_version_id: str | None = None) -> dict[str, Any]:
+    extra = {"strategy": "fine_tune"}
+    if parent_version_id is not None:
+        extra["parent_version_id"] = parent_version_id
+    return {"base_model": "resnet18", "parent": parent, "extra": extra}
+
+
+def test_parent_keys_migration_rewrites_stored_plans_both_ways(database_url: str) -> None:
+    """Plans name a chained job's parent by its version's storage key; before, by the path of
+    its files in the local artifact folder. Downgrading writes the paths the old code read,
+    upgrading turns them back into the same keys (also for a parent version deleted since)."""
+    engine = make_engine(database_url)
+    config = alembic_config(database_url)
+    command.upgrade(config, "head")
+    plans = {
+        "job_parent": _plan(None),
+        "job_child": _plan("models/job_parent/attempt-1", "mv_parent"),
+        "job_orphan": _plan("models/job_gone/attempt-2", "mv_gone"),
+    }
+    with Session(engine) as session:
+        session.add(Tenant(id="tn_1", name="team"))
+        session.flush()
+        session.add(Dataset(id="ds_1", tenant_id="tn_1", name="digits"))
+        session.add(RegisteredModel(id="mdl_1", tenant_id="tn_1", name="m"))
+        session.flush()
+        for job_id, plan in plans.items():
+            session.add(
+                Job(
+                    id=job_id,
+                    tenant_id="tn_1",
+                    dataset_id="ds_1",
+                    model_name="m",
+                    base_model="resnet18",
+                    strategy="fine_tune",
+                    spec={},
+                    plan=plan,
+                    queue="cpu",
+                    max_runtime_seconds=60,
+                )
+            )
+        session.flush()
+        for number, job_id in enumerate(("job_parent", "job_child"), start=1):
+            session.add(
+                ModelVersion(
+                    id=job_id.replace("job", "mv"),
+                    model_id="mdl_1",
+                    version=number,
+                    job_id=job_id,
+                    dataset_id="ds_1",
+                    base_model="resnet18",
+                    strategy="fine_tune",
+                    spec={},
+                    plan=plans[job_id],
+                    metrics={},
+                    labels=[],
+                    artifacts=[],
+                    artifact_prefix=f"models/{job_id}/attempt-1",
+                )
+            )
+        session.commit()
+
+    def stored() -> dict[str, dict[str, Any]]:
+        with Session(engine) as session:
+            jobs = dict(session.execute(select(Job.id, Job.plan)).all())
+            versions = session.execute(select(ModelVersion.job_id, ModelVersion.plan))
+            for job_id, plan in versions:
+                assert plan == jobs[job_id], "a version keeps its job's plan"
+            return jobs
+
+    command.downgrade(config, f"{PARENT_KEYS}-1")
+    storage = get_settings().resolved_storage_dir
+    old = stored()
+    assert old["job_parent"]["parent_dir"] is None
+    assert old["job_child"]["parent_dir"] == str(storage / "models/job_parent/attempt-1")
+    assert old["job_orphan"]["parent_dir"] == str(storage / "models/job_gone/attempt-2")
+    assert all("parent" not in plan for plan in old.values())
+
+    command.upgrade(config, PARENT_KEYS)
+    assert stored() == plans
     engine.dispose()

@@ -13,7 +13,7 @@ TEST_COMMAND = "./scripts/test.sh"
 
 
 def test_configuration_table_lists_every_setting() -> None:
-    documented = set(re.findall(r"^\| `(THAW_[A-Z_]+)` \|", README.read_text(), re.MULTILINE))
+    documented = set(re.findall(r"^\| `(THAW_[A-Z0-9_]+)` \|", README.read_text(), re.MULTILINE))
     assert documented == {f"THAW_{name.upper()}" for name in Settings.model_fields}
 
 

@@ -102,6 +102,10 @@ def test_lwf_on_a_registered_model_answers_both_tasks(
     train(client, context, auth, spec)
 
     version = client.get("/v1/models/new/versions/1", headers=auth).json()
+    parent = client.get("/v1/models/old/versions/1", headers=auth).json()
+    # The parent is named by its files' storage key, which any host can fetch; no host path.
+    assert version["plan"]["parent"] == f"models/{parent['job_id']}/attempt-1"
+    assert "parent_dir" not in version["plan"]
     assert version["lineage"]["base_model"]["source"] == "registry"
     assert version["lineage"]["base_model"]["model"] == "old"
     assert version["base_model"] == "efficientnet_lite0"

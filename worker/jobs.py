@@ -38,6 +38,7 @@ from service.jobs.states import LEASED_STATUSES, IllegalTransitionError, JobStat
 from service.models.card import render_card
 from service.models.service import publish_version
 from service.queues import TRAIN_TASK
+from service.storage import ObjectNotFoundError
 from service.tables import Dataset, Job
 from worker import trials
 from worker.engine import (
@@ -128,6 +129,11 @@ class JobHooks(TrainingHooks):
     def on_epoch_end(self, result: EpochResult) -> None:
         self._event("epoch", dataclasses.asdict(result))
         trials.after_epoch(self.context, job_id=self.job_id)
+
+    def on_checkpoint(self, path: Path) -> None:
+        # The store, not this host, keeps the checkpoint: a job whose host dies resumes on any
+        # other. An object appears whole or not at all, so a crash mid-upload leaves the last one.
+        self.context.store.put_file(checkpoint_key(self.job_id), path)
 
     def on_resume(self, completed_epochs: int, steps_into_epoch: int) -> None:
         self._event(
@@ -254,20 +260,22 @@ def _train_and_publish(
     classes, train, val, test, unlabelled = _training_data(
         context, job_id=job_id, dataset_id=dataset_id
     )
-    checkpoint = context.store.local_path(checkpoint_key(job_id))
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    result = run(
-        plan,
-        train=train,
-        val=val,
-        classes=classes,
-        unlabelled=unlabelled,
-        hooks=hooks,
-        weights_dir=context.settings.resolved_weights_dir,
-        checkpoint_path=checkpoint,
+    with tempfile.TemporaryDirectory(dir=context.scratch_dir, prefix=f"train-{job_id}-") as scratch:
+        checkpoint = Path(scratch) / "checkpoint.pt"
         # An earlier attempt was handed back or lost: continue where it last saved.
-        resume_from=checkpoint if checkpoint.exists() else None,
-    )
+        resume = _download_checkpoint(context, job_id=job_id, dest=checkpoint)
+        result = run(
+            plan,
+            train=train,
+            val=val,
+            classes=classes,
+            unlabelled=unlabelled,
+            hooks=hooks,
+            weights_dir=context.settings.resolved_weights_dir,
+            checkpoint_path=checkpoint,
+            resume_from=checkpoint if resume else None,
+            parent_dir=_parent_folder(context, plan),
+        )
     if hooks.should_stop():
         raise TrainingCancelled()
 
@@ -331,6 +339,21 @@ def _train_and_publish(
         raise
     discard_job_files(context=context, job_id=job_id)
     logger.info("job %s published %s", job_id, version_id)
+
+
+def _parent_folder(context: AppContext, plan: Plan) -> Path | None:
+    """The parent version's files (chained transfer, lwf) as a local folder: the plan names
+    them by storage key, and on an object store they are fetched into this host's cache."""
+    return None if plan.parent is None else context.store.local_path(plan.parent)
+
+
+def _download_checkpoint(context: AppContext, *, job_id: str, dest: Path) -> bool:
+    """Fetch the job's checkpoint from the store to `dest`; False when it has none yet."""
+    try:
+        context.store.download(checkpoint_key(job_id), dest)
+    except ObjectNotFoundError:
+        return False
+    return True
 
 
 def _export_onnx(model: Any, plan: Plan, out_path: Path) -> OnnxExport:

@@ -1,13 +1,22 @@
-"""Per-key request rate limit: a token bucket per API key, held in this process.
+"""Per-key request rate limit: a token bucket per API key.
 
-Each API replica keeps its own buckets, so a fleet of N replicas behind a balancer allows up to
-N times the rate; that bound is enough to stop a runaway client without a shared store.
+With Redis (`Settings.shared_redis_url`) the buckets live there, updated by one atomic script
+on Redis's clock, so N API replicas together allow the configured rate, not N times it. Without
+one (the embedded default: one API process) they live in this process. Should Redis fail, each
+replica falls back to its own buckets until it answers again: a bound of N times the rate for
+that while, rather than refusing every call.
 """
 
+import logging
 import math
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
+
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,3 +47,54 @@ class RateLimiter:
                 bucket.tokens -= 1.0
                 return None
             return max(1, math.ceil((1.0 - bucket.tokens) / self.refill_per_second))
+
+
+# KEYS[1]: the bucket; ARGV: capacity, refill per second. Returns "" when a token was taken,
+# else the seconds until one is available (as a string: Redis truncates Lua numbers).
+_TAKE_TOKEN = """
+local capacity = tonumber(ARGV[1])
+local rate = tonumber(ARGV[2])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'updated')
+local tokens = tonumber(state[1]) or capacity
+local updated = tonumber(state[2]) or now
+tokens = math.min(capacity, tokens + math.max(0, now - updated) * rate)
+local wait = ''
+if tokens >= 1 then
+  tokens = tokens - 1
+else
+  wait = tostring((1 - tokens) / rate)
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'updated', tostring(now))
+redis.call('EXPIRE', KEYS[1], math.ceil(capacity / rate) + 1)
+return wait
+"""
+
+
+class RedisRateLimiter(RateLimiter):
+    def __init__(self, *, per_minute: int, url: str) -> None:
+        super().__init__(per_minute=per_minute)
+        import redis
+
+        self.client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        self._take: Any = self.client.register_script(_TAKE_TOKEN)
+
+    def retry_after(self, key_id: str) -> int | None:
+        if self.capacity <= 0:
+            return None
+        try:
+            wait = self._take(
+                keys=[f"thaw:ratelimit:{key_id}"], args=[self.capacity, self.refill_per_second]
+            )
+        except Exception as exc:
+            logger.warning("shared rate limit unavailable, limiting in this process: %s", exc)
+            return super().retry_after(key_id)
+        return None if not wait else max(1, math.ceil(float(wait)))
+
+
+def make_rate_limiter(settings: Settings) -> RateLimiter:
+    url = settings.shared_redis_url
+    if url is None:
+        return RateLimiter(per_minute=settings.rate_limit_per_minute)
+    return RedisRateLimiter(per_minute=settings.rate_limit_per_minute, url=url)

@@ -7,6 +7,7 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service.auth.keycache import ApiKeyCache
 from service.db import utcnow
 from service.tables import ApiKey, Tenant
 
@@ -47,6 +48,23 @@ def authenticate(session: Session, *, key: str) -> ApiKey | None:
     if api_key.expires_at is not None and api_key.expires_at <= utcnow():
         return None
     return api_key
+
+
+def authenticate_cached(
+    session: Session, *, key: str, cache: ApiKeyCache
+) -> tuple[str, Tenant] | None:
+    """`authenticate` through the process's key cache: the key's id and its tenant (attached
+    to `session`), or None."""
+    digest = hash_key(key)
+    hit = cache.get(digest)
+    if hit is not None:
+        return hit.key_id, session.merge(hit.tenant, load=False)
+    generation = cache.generation()
+    api_key = authenticate(session, key=key)
+    if api_key is None:
+        return None
+    cache.put(digest, api_key, generation=generation)
+    return api_key.id, api_key.tenant
 
 
 def revoke_key(session: Session, *, prefix: str) -> ApiKey | None:

@@ -7,7 +7,11 @@
 - experiments move on (`service.experiments.service.advance`): trials ended by the above, or
   cancelled directly, are noted and the next pending trials start;
 - when the broker lost its messages (Redis restarted or flushed), every queued job and
-  processing dataset is sent again: the database, not the broker, holds what is pending.
+  processing dataset is sent again: the database, not the broker, holds what is pending;
+- on a fleet (Redis shared), a queued job whose queue no live worker consumes (workers announce
+  their queues, `queues.py`) becomes `waiting_for_worker`, and `queued` again, its task re-sent,
+  once one does; a job queued longer than `THAW_QUEUE_RESEND_SECONDS` has its task sent again
+  (the message may have been lost without the broker restarting), with a `resent` event.
 
 Safe in every API replica at once: each change is a conditional update, and a duplicate task
 message is a no-op for the worker that receives it (it cannot claim a job that is not queued).
@@ -15,8 +19,10 @@ message is a no-op for the worker that receives it (it cannot claim a job that i
 
 import logging
 import threading
+from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from service.context import AppContext
 from service.db import utcnow
@@ -24,8 +30,8 @@ from service.experiments.service import advance_all as advance_experiments
 from service.jobs import transitions
 from service.jobs.service import discard_job_files
 from service.jobs.states import ACTIVE_STATUSES, LEASED_STATUSES, IllegalTransitionError, JobStatus
-from service.queues import INGEST_TASK, TRAIN_TASK
-from service.tables import Dataset, Job
+from service.queues import INGEST_TASK, TRAIN_TASK, live_queues
+from service.tables import Dataset, Job, JobEvent
 
 logger = logging.getLogger(__name__)
 
@@ -85,11 +91,66 @@ def reap_expired_leases(context: AppContext) -> int:
     return len(requeued)
 
 
+def match_jobs_to_live_workers(context: AppContext) -> None:
+    """Mark queued jobs no live worker can take as `waiting_for_worker`, put waiting ones
+    back in the queue when a worker can, and re-send those queued too long. Fleet only."""
+    url = context.settings.shared_redis_url
+    if url is None:
+        return
+    live = live_queues(url)
+    now = utcnow()
+    stale_before = now - timedelta(seconds=context.settings.queue_resend_seconds)
+    send: list[tuple[str, str]] = []
+    with context.db.session() as session:
+        pending = session.execute(
+            select(Job.id, Job.queue, Job.status).where(
+                Job.status.in_([JobStatus.QUEUED, JobStatus.WAITING_FOR_WORKER])
+            )
+        ).all()
+        last_sent = _last_sent(session, [job_id for job_id, _, _ in pending])
+        for job_id, queue, status in pending:
+            try:
+                if status == JobStatus.QUEUED and queue not in live:
+                    transitions.wait_for_worker(session, job_id=job_id, queue=queue)
+                elif status == JobStatus.WAITING_FOR_WORKER and queue in live:
+                    transitions.worker_found(session, job_id=job_id, queue=queue)
+                    send.append((job_id, queue))
+                elif status == JobStatus.QUEUED and last_sent.get(job_id, now) < stale_before:
+                    waited = (now - last_sent[job_id]).total_seconds()
+                    session.add(
+                        JobEvent(
+                            job_id=job_id,
+                            kind="resent",
+                            data={"queue": queue, "queued_seconds": round(waited)},
+                        )
+                    )
+                    send.append((job_id, queue))
+            except IllegalTransitionError as exc:
+                logger.info("reaper left a job as it is: %s", exc)
+        session.commit()
+    for job_id, queue in send:
+        context.celery.send_task(TRAIN_TASK, args=[job_id], queue=queue)
+
+
+def _last_sent(session: Session, job_ids: list[str]) -> dict[str, datetime]:
+    """When each job was last queued or re-sent: its latest status or `resent` event."""
+    if not job_ids:
+        return {}
+    rows = session.execute(
+        select(JobEvent.job_id, func.max(JobEvent.created_at).label("last"))
+        .where(JobEvent.job_id.in_(job_ids), JobEvent.kind.in_(["status", "resent"]))
+        .group_by(JobEvent.job_id)
+    ).all()
+    return {row.job_id: row.last for row in rows}
+
+
 def resend_pending(context: AppContext) -> None:
-    """Re-send a task message for every queued job and processing dataset."""
+    """Re-send a task message for every queued (or waiting) job and processing dataset."""
     with context.db.session() as session:
         jobs = session.execute(
-            select(Job.id, Job.queue).where(Job.status == JobStatus.QUEUED)
+            select(Job.id, Job.queue).where(
+                Job.status.in_([JobStatus.QUEUED, JobStatus.WAITING_FOR_WORKER])
+            )
         ).all()
         datasets = session.scalars(select(Dataset.id).where(Dataset.status == "processing")).all()
     for job_id, queue in jobs:
@@ -121,6 +182,7 @@ def reap(context: AppContext) -> None:
     if broker_started_empty(context):
         logger.warning("the broker lost its messages; re-sending pending work from the database")
         resend_pending(context)
+    match_jobs_to_live_workers(context)
 
 
 def start_reaper(

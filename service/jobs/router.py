@@ -1,4 +1,3 @@
-from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Response
@@ -23,6 +22,7 @@ from service.jobs.schemas import (
 from service.jobs.service import checkpoint_key
 from service.jobs.stream import job_event_stream, resume_cursor
 from service.pagination import Page, PageParams, page_params, paginate
+from service.storage import ObjectNotFoundError
 from service.tables import Job, JobEvent
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -180,8 +180,8 @@ def job_metrics(job: JobDep, session: SessionDep) -> JobMetricsOut:
 )
 def job_checkpoints(job: JobDep, context: ContextDep) -> list[CheckpointOut]:
     key = checkpoint_key(job.id)
-    if not context.store.exists(key):
+    try:
+        info = context.store.stat(key)
+    except ObjectNotFoundError:
         return []
-    path = context.store.local_path(key)
-    saved_at = datetime.fromtimestamp(path.stat().st_mtime, UTC)
-    return [CheckpointOut(name=path.name, size=path.stat().st_size, saved_at=saved_at)]
+    return [CheckpointOut(name=key.rsplit("/", 1)[-1], size=info.size, saved_at=info.modified)]

@@ -26,7 +26,7 @@ from service.jobs.schemas import (
 )
 from service.jobs.states import ACTIVE_STATUSES, TERMINAL_STATUSES, IllegalTransitionError
 from service.models.service import resolve_version
-from service.queues import CPU_QUEUE, GPU_QUEUE, TRAIN_TASK
+from service.queues import CPU_QUEUE, GPU_QUEUE, TRAIN_TASK, refuse_unservable
 from service.tables import Dataset, Job, JobEvent, ModelVersion, RegisteredModel, Tenant
 from worker import engine
 from worker.engine.artifacts import CONFIG_FILE, parse_model_config
@@ -152,7 +152,8 @@ def resolve_plan(
 
 
 def _parent_model(context: AppContext, version: ModelVersion) -> ParentModel:
-    """A registered version as the engine's parent: its files' place and its config as data."""
+    """A registered version as the engine's parent: its files' storage key (the worker fetches
+    them) and its config as data."""
     config_key = f"{version.artifact_prefix}/{CONFIG_FILE}"
     try:
         config = parse_model_config(json.loads(context.store.get_bytes(config_key)))
@@ -164,9 +165,7 @@ def _parent_model(context: AppContext, version: ModelVersion) -> ParentModel:
             "train from another version or re-publish this one.",
             "base_model",
         ) from None
-    return engine.ParentModel(
-        location=str(context.store.local_path(version.artifact_prefix)), config=config
-    )
+    return engine.ParentModel(location=version.artifact_prefix, config=config)
 
 
 def _field_named_in(message: str) -> str | None:
@@ -227,6 +226,8 @@ def create_job(
             session, context=context, tenant=tenant, spec=spec, model_name=spec.model
         )
         _check_active_job_cap(session, context=context, tenant=tenant)
+        queue = GPU_QUEUE if plan.device == "cuda" else CPU_QUEUE
+        refuse_unservable(context.settings, queue=queue)
         job = Job(
             tenant_id=tenant.id,
             dataset_id=dataset.id,
@@ -236,7 +237,7 @@ def create_job(
             strategy=plan.extra["strategy"],
             spec=spec.model_dump(mode="json"),
             plan=plan.to_dict(),
-            queue=GPU_QUEUE if plan.device == "cuda" else CPU_QUEUE,
+            queue=queue,
             idempotency_key=idempotency_key,
             max_runtime_seconds=spec.max_runtime_seconds
             or context.settings.job_max_runtime_seconds,

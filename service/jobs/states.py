@@ -5,10 +5,13 @@ Pure (stdlib only), so the table, the HTTP schemas and the client all import it 
 database or the training stack. `service/jobs/transitions.py` applies these transitions to the
 database, each as one conditional update:
 
-- create: a new job is `queued`; claim: `queued` → `running` (a new attempt, under a lease);
+- create: a new job is `queued`; claim: `queued` (or `waiting_for_worker`) → `running` (a new
+  attempt, under a lease);
+- wait for worker (the reaper): `queued` → `waiting_for_worker`, no live worker consumes the
+  job's queue; worker found: `waiting_for_worker` → `queued`, one does again (task re-sent);
 - renew: `running` keeps its lease; hand back: `running` → `queued` (the worker shuts down);
-- cancel: `queued` → `cancelled`, `running` → `cancelling`; finish cancel: `cancelling` →
-  `cancelled` (the worker stopped);
+- cancel: `queued` or `waiting_for_worker` → `cancelled`, `running` → `cancelling`; finish
+  cancel: `cancelling` → `cancelled` (the worker stopped);
 - lease expired (the reaper): `running` → `queued`, or `failed` once workers were lost too
   often; `cancelling` → `cancelled`; deadline: `cancelling` → `cancelled`, else → `failed`;
 - fail: `running`/`cancelling` → `failed` (the worker); fail unsent: `queued` → `failed` (the API
@@ -20,6 +23,7 @@ from enum import StrEnum
 
 class JobStatus(StrEnum):
     QUEUED = "queued"
+    WAITING_FOR_WORKER = "waiting_for_worker"
     RUNNING = "running"
     CANCELLING = "cancelling"
     SUCCEEDED = "succeeded"
@@ -37,6 +41,8 @@ LEASED_STATUSES = frozenset({JobStatus.RUNNING, JobStatus.CANCELLING})
 class Transition(StrEnum):
     CREATE = "create"
     CLAIM = "claim"
+    WAIT_FOR_WORKER = "wait_for_worker"
+    WORKER_FOUND = "worker_found"
     RENEW = "renew"
     CANCEL = "cancel"
     HAND_BACK = "hand_back"
@@ -51,7 +57,10 @@ class Transition(StrEnum):
 SOURCES: dict[Transition, frozenset[JobStatus]] = {
     # A new job has no state before this one.
     Transition.CREATE: frozenset(),
-    Transition.CLAIM: frozenset({JobStatus.QUEUED}),
+    # A worker may come back and take the job's message before the reaper notices it.
+    Transition.CLAIM: frozenset({JobStatus.QUEUED, JobStatus.WAITING_FOR_WORKER}),
+    Transition.WAIT_FOR_WORKER: frozenset({JobStatus.QUEUED}),
+    Transition.WORKER_FOUND: frozenset({JobStatus.WAITING_FOR_WORKER}),
     # The worker keeps its lease only while it runs: a cancelled job's worker is told to stop.
     Transition.RENEW: frozenset({JobStatus.RUNNING}),
     # Cancelling again records the request again, as it always has, and changes nothing else.

@@ -85,7 +85,8 @@ def create(session: Session, *, job: Job) -> Job:
 
 
 def claim(session: Session, *, job_id: str, owner: str, lease: timedelta) -> Job:
-    """`queued` → `running` as a new attempt of `owner`, whose lease lasts `lease`."""
+    """`queued` (or `waiting_for_worker`) → `running` as a new attempt of `owner`, whose lease
+    lasts `lease`."""
     now = utcnow()
     job = _apply(
         session,
@@ -120,10 +121,39 @@ def renew(session: Session, *, job_id: str, attempt: int, lease: timedelta, prog
     )
 
 
+def wait_for_worker(session: Session, *, job_id: str, queue: str) -> Job:
+    """`queued` → `waiting_for_worker`: no live worker consumes `queue` (the reaper saw)."""
+    job = _apply(
+        session,
+        Transition.WAIT_FOR_WORKER,
+        job_id=job_id,
+        values={"status": JobStatus.WAITING_FOR_WORKER},
+    )
+    _record_status(
+        session,
+        job,
+        {
+            "status": JobStatus.WAITING_FOR_WORKER,
+            "queue": queue,
+            "reason": f"no live worker consumes the {queue!r} queue",
+        },
+    )
+    return job
+
+
+def worker_found(session: Session, *, job_id: str, queue: str) -> Job:
+    """`waiting_for_worker` → `queued`: a live worker consumes `queue` again."""
+    job = _apply(
+        session, Transition.WORKER_FOUND, job_id=job_id, values={"status": JobStatus.QUEUED}
+    )
+    _record_status(session, job, {"status": JobStatus.QUEUED, "queue": queue})
+    return job
+
+
 def request_cancel(session: Session, *, job_id: str) -> Job:
-    """`queued` → `cancelled` at once; `running` → `cancelling`, which its worker sees between
-    steps; `cancelling` stays so."""
-    queued = Job.status == JobStatus.QUEUED
+    """`queued` or `waiting_for_worker` → `cancelled` at once; `running` → `cancelling`, which
+    its worker sees between steps; `cancelling` stays so."""
+    queued = Job.status.in_([JobStatus.QUEUED, JobStatus.WAITING_FOR_WORKER])
     job = _apply(
         session,
         Transition.CANCEL,

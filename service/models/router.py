@@ -1,8 +1,9 @@
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import StreamingResponse
 
 from service.deps import ContextDep, ModelDep, SessionDep, TenantDep, VersionDep
 from service.errors import ApiError
@@ -34,6 +35,7 @@ from service.models.service import (
     version_out,
 )
 from service.pagination import Page, PageParams, page_params, paginate
+from service.storage import ArtifactStore
 from service.tables import RegisteredModel
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -221,12 +223,26 @@ def remove_alias(model: ModelDep, alias: AliasPath, session: SessionDep) -> Resp
     description="`weights.safetensors`, `config.json`, `labels.json`, `card.md`, and "
     "`model.onnx` when the export passed its parity check; the version's `artifacts` lists "
     "each with its size and SHA-256.",
-    response_class=FileResponse,
+    response_class=StreamingResponse,
 )
-def download_artifact(version: VersionDep, artifact: str, context: ContextDep) -> FileResponse:
+def download_artifact(version: VersionDep, artifact: str, context: ContextDep) -> StreamingResponse:
     if artifact not in {a["name"] for a in version.artifacts}:
         raise ApiError(
             404, "artifact_not_found", f"Version has no artifact {artifact!r}.", "artifact"
         )
-    path = context.store.local_path(f"{version.artifact_prefix}/{artifact}")
-    return FileResponse(path, filename=artifact)
+    key = f"{version.artifact_prefix}/{artifact}"
+    size = context.store.stat(key).size
+    return StreamingResponse(
+        stream_object(context.store, key),
+        media_type="application/octet-stream",
+        headers={
+            "Content-Length": str(size),
+            "Content-Disposition": f'attachment; filename="{artifact}"',
+        },
+    )
+
+
+def stream_object(store: ArtifactStore, key: str) -> Iterator[bytes]:
+    """The object a chunk at a time, straight from the store (no copy on the API's disk)."""
+    with store.open(key) as stream:
+        yield from iter(lambda: stream.read(1 << 20), b"")

@@ -143,7 +143,9 @@ def test_lwf_model_answers_both_tasks(
         make_config("lwf", parent_dir=parent_dir, pretrained=True, task_name="colours")
     )
     train, val = colour_data
-    result = run(plan, train=train, val=val, classes=["red", "green", "blue"])
+    result = run(
+        plan, train=train, val=val, classes=["red", "green", "blue"], parent_dir=parent_dir
+    )
     export_model(result, plan, tmp_path)
     images = [Image.open(sample.path) for sample in val[:4]]
     batch = torch.stack(

@@ -2,6 +2,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
@@ -102,7 +103,7 @@ def test_chained_transfer_starts_from_the_parents_backbone(
     parent = load_file(parent_dir / "weights.safetensors")
     plan = compile_plan(make_config("fine_tune", parent_dir=parent_dir, pretrained=True))
 
-    model = build_model(plan, weights_dir=None)
+    model = build_model(plan, weights_dir=None, parent_dir=parent_dir)
 
     backbone = model.backbone.state_dict()
     assert backbone
@@ -119,7 +120,7 @@ def test_lwf_model_keeps_the_parents_head_beside_a_new_one(
     parent = load_file(parent_dir / "weights.safetensors")
     plan = compile_plan(make_config("lwf", parent_dir=parent_dir, pretrained=True))
 
-    model = build_model(plan, weights_dir=None)
+    model = build_model(plan, weights_dir=None, parent_dir=parent_dir)
     old, new = model.forward_tasks(torch.zeros(2, 3, 64, 64))
 
     assert (old.shape, new.shape) == ((2, 2), (2, 3))
@@ -128,3 +129,12 @@ def test_lwf_model_keeps_the_parents_head_beside_a_new_one(
     assert [name for name, _ in model.groups()][-2:] == ["old_heads", "head"]
     image = torch.zeros(1, 3, 64, 64)
     assert torch.equal(model.eval()(image), model.forward_tasks(image)[1])
+
+
+def test_a_plan_with_a_parent_needs_the_parents_folder(
+    make_config: Callable[..., TransferConfig], parent_dir: Path
+) -> None:
+    plan = compile_plan(make_config("fine_tune", parent_dir=parent_dir, pretrained=True))
+
+    with pytest.raises(ValueError, match="pass its folder as parent_dir"):
+        build_model(plan, weights_dir=None)

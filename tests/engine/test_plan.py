@@ -213,7 +213,7 @@ def test_lwf_keeps_the_parents_head_and_architecture(
     )
 
     assert plan.base_model == "resnet18"
-    assert plan.parent_dir == str(parent_dir)
+    assert plan.parent == str(parent_dir)
     assert plan.image_size == 64
     assert plan.old_tasks == (
         TaskInfo(name="shapes", labels=("circle", "square"), head=HeadConfig(hidden=(8,))),
@@ -392,9 +392,18 @@ def test_plans_stored_before_the_new_fields_still_load(
     make_config: Callable[..., TransferConfig],
 ) -> None:
     stored = compile_plan(make_config()).to_dict()
-    for key in ("parent_dir", "task_name", "old_tasks", "lwf_temperature", "lwf_lambda", "amp"):
+    for key in ("parent", "task_name", "old_tasks", "lwf_temperature", "lwf_lambda", "amp"):
         del stored[key]
     for stage in stored["stages"]:
         del stage["distill"]
 
     assert Plan.from_dict(stored).old_tasks == ()
+
+
+def test_a_plan_exported_with_a_parent_folder_path_still_loads(
+    make_config: Callable[..., TransferConfig], parent_dir: Path
+) -> None:
+    stored = compile_plan(make_config("fine_tune", parent_dir=parent_dir)).to_dict()
+    stored["parent_dir"] = stored.pop("parent")  # as config.json files written before keys
+
+    assert Plan.from_dict(stored).parent is None

@@ -213,7 +213,7 @@ def digits(fleet: Fleet) -> str:
     return dataset_id
 
 
-ACTIVE_STATUSES = {"queued", "running", "cancelling"}
+ACTIVE_STATUSES = {"queued", "waiting_for_worker", "running", "cancelling"}
 
 
 @pytest.fixture(autouse=True)
@@ -229,7 +229,7 @@ def no_active_jobs_left(request: pytest.FixtureRequest) -> Iterator[None]:
     jobs = fleet.client.get("/v1/jobs", params={"limit": 200}).json()["data"]
     left = [f"{job['id']} ({job['status']})" for job in jobs if job["status"] in ACTIVE_STATUSES]
     for job in jobs:
-        if job["status"] in {"queued", "running"}:
+        if job["status"] in {"queued", "waiting_for_worker", "running"}:
             fleet.client.post(f"/v1/jobs/{job['id']}/cancel")
     if left:
         pytest.fail(f"the test left jobs active: {', '.join(left)}")

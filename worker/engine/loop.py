@@ -8,6 +8,7 @@ every-task module all train through the same `train_one_epoch`.
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -59,6 +60,11 @@ class TrainingHooks:
 
     def on_resume(self, completed_epochs: int, steps_into_epoch: int) -> None:
         """Called once, before training, by a run that continues from a checkpoint."""
+        return None
+
+    def on_checkpoint(self, path: Path) -> None:
+        """Called each time `run` has rewritten its checkpoint file (after every epoch, and at
+        a pause before TrainingPaused), e.g. to copy it somewhere that outlives this host."""
         return None
 
 

@@ -107,17 +107,26 @@ def _load_parent(model: TransferModel, parent_dir: Path) -> None:
 
 
 def build_model(
-    plan: Plan, *, weights_dir: Path | None, pretrained: bool | None = None
+    plan: Plan,
+    *,
+    weights_dir: Path | None,
+    pretrained: bool | None = None,
+    parent_dir: Path | None = None,
 ) -> TransferModel:
     """Build backbone + head; `pretrained=None` follows the plan.
 
     Pretrained weights come from the plan's parent model when it has one (chained transfer),
-    else from the zoo's ImageNet weights in `weights_dir`.
+    whose exported files are in the local folder `parent_dir`; else from the zoo's ImageNet
+    weights in `weights_dir`.
     """
     use_weights = plan.pretrained if pretrained is None else pretrained
+    if use_weights and plan.parent is not None and parent_dir is None:
+        raise ValueError(
+            f"the plan starts from the model {plan.parent}: pass its folder as parent_dir"
+        )
     backbone = build_backbone(
         plan.base_model,
-        pretrained=use_weights and plan.parent_dir is None,
+        pretrained=use_weights and plan.parent is None,
         weights_dir=weights_dir,
     )
     feature_dim = backbone.info.feature_dim
@@ -130,8 +139,8 @@ def build_model(
         assert isinstance(backbone, TextBackbone)
         lm_head = backbone.make_lm_head()
     model = TransferModel(backbone, head, old_heads, lm_head)
-    if use_weights and plan.parent_dir is not None:
-        _load_parent(model, Path(plan.parent_dir))
+    if use_weights and parent_dir is not None:
+        _load_parent(model, parent_dir)
     return model
 
 

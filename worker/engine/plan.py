@@ -46,8 +46,12 @@ MASKED_LM = "masked_lm"
 
 @dataclass(frozen=True)
 class ParentModel:
-    """An exported thaw model to start from (chained transfer): where its files are, and its
-    `config.json` as data, so that compiling a plan reads nothing."""
+    """An exported thaw model to start from (chained transfer): how the plan names it, and its
+    `config.json` as data, so that compiling a plan reads nothing.
+
+    `location` is recorded in the plan as `Plan.parent` and never opened by the engine: the
+    service names a version by its storage key, and whoever calls `run` hands it the files
+    as a local folder (`parent_dir`)."""
 
     location: str
     config: ModelConfig
@@ -148,8 +152,9 @@ class Plan(RunSettings):
     pretrained: bool
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    parent_dir: str | None = None
-    """Start from this exported model's weights instead of ImageNet's."""
+    parent: str | None = None
+    """Start from this exported model's weights instead of ImageNet's: its `ParentModel`
+    location (the service's storage key of the version). `run` gets its files as a folder."""
     modality: Modality = "image"
     max_length: int | None = None
     """Text: tokens per text, special tokens included."""
@@ -179,6 +184,9 @@ class Plan(RunSettings):
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Plan":
         """Inverse of `to_dict`; fields newer than the stored plan take their defaults."""
+        # Exported models' config.json from before parents were named by key carry a host
+        # path under `parent_dir`; a finished model never reads its parent again.
+        data = {name: value for name, value in data.items() if name != "parent_dir"}
         return decode(cls, data)
 
 
@@ -622,7 +630,7 @@ def compile_plan(config: TransferConfig) -> Plan:
         pretrained=config.pretrained and config.strategy != "scratch",
         mean=base.mean,
         std=base.std,
-        parent_dir=base.parent_location,
+        parent=base.parent_location,
         modality=base.modality,
         max_length=base.max_length,
         truncation=base.truncation,

@@ -112,11 +112,13 @@ def run(
     num_workers: int = 0,
     resume_from: Path | None = None,
     unlabelled: Sequence[str] = (),
+    parent_dir: Path | None = None,
 ) -> TrainingResult:
     """Train a model by `plan` and evaluate it on `val` after every epoch.
 
     `train` and `val` are `Sample`s (image files) for an image plan, `TextSample`s for a text
-    plan; `unlabelled` texts join the training texts in ulmfit's masked-LM stage.
+    plan; `unlabelled` texts join the training texts in ulmfit's masked-LM stage. A plan with
+    a parent model (`plan.parent`) starts from its exported files in the folder `parent_dir`.
 
     Deterministic for a given seed, device and thread count. With early stopping, a stage
     ends once its val loss has not improved on the best so far for `patience` epochs, and
@@ -144,6 +146,7 @@ def run(
         checkpoint_path=checkpoint_path,
         num_workers=num_workers,
         unlabelled=unlabelled,
+        parent_dir=parent_dir,
     )
     # Before any training, so the recording is of the parent as it was (also on resume).
     training.data.record_old_outputs()
@@ -179,13 +182,14 @@ def _set_up_run(
     checkpoint_path: Path | None,
     num_workers: int,
     unlabelled: Sequence[str],
+    parent_dir: Path | None,
 ) -> _Training:
     """Seed the random streams, then build the model and the data every stage draws on."""
     seed_everything(plan.seed)
     shuffle = torch.Generator().manual_seed(plan.seed)
     device = torch.device(plan.device)
     precision = precision_for(plan, device)
-    model = build_model(plan, weights_dir=weights_dir).to(device)
+    model = build_model(plan, weights_dir=weights_dir, parent_dir=parent_dir).to(device)
     if precision.channels_last:
         model.to(memory_format=torch.channels_last)
     inputs = inputs_for(
@@ -393,6 +397,7 @@ def _write_checkpoint(
         partial=partial,
     )
     save_checkpoint(training.checkpoint_path, state)
+    training.hooks.on_checkpoint(training.checkpoint_path)
 
 
 def _result(training: _Training, val: Samples, classes: list[str]) -> TrainingResult:
