@@ -58,6 +58,7 @@ _REQUEST_BODY: dict[str, Any] = {
                     },
                     "top_k": {"type": "integer", "minimum": 1, "maximum": 100, "default": 5},
                     "task": {"type": "string"},
+                    "calibrated": {"type": "boolean", "default": True},
                 },
             },
         },
@@ -79,7 +80,7 @@ def _too_large(name: str, limit: int) -> ApiError:
 
 async def _read_multipart(
     request: Request, context: AppContext
-) -> tuple[list[tuple[str, bytes | None]], int, str | None]:
+) -> tuple[list[tuple[str, bytes | None]], PredictOptions]:
     settings = context.settings
     # One file over the cap is read so that "too many" is answered as such (413).
     form = await request.form(max_files=settings.max_predict_images + 1, max_fields=10)
@@ -94,17 +95,18 @@ async def _read_multipart(
         if len(data) > settings.max_predict_bytes:
             raise _too_large(upload.filename or f"image-{len(images)}", settings.max_predict_bytes)
         images.append((upload.filename or f"image-{len(images)}", data))
-    fields = {key: form.get(key) for key in ("top_k", "task") if form.get(key) is not None}
+    names = ("top_k", "task", "calibrated")
+    fields = {key: form.get(key) for key in names if form.get(key) is not None}
     try:
         options = PredictOptions.model_validate(fields)
     except ValidationError as exc:
         _raise_validation(exc)
-    return images, options.top_k, options.task
+    return images, options
 
 
 async def _read_json(
     request: Request, context: AppContext
-) -> tuple[list[tuple[str, bytes | None]], int, str | None]:
+) -> tuple[list[tuple[str, bytes | None]], PredictOptions]:
     settings = context.settings
     # Base64 takes 4 bytes per 3, plus room for names and the JSON around them.
     cap = settings.max_predict_images * (settings.max_predict_bytes * 4 // 3 + 1024) + 65536
@@ -129,7 +131,7 @@ async def _read_json(
         if data is not None and len(data) > settings.max_predict_bytes:
             raise _too_large(name, settings.max_predict_bytes)
         images.append((name, data))
-    return images, parsed.top_k, parsed.task
+    return images, parsed
 
 
 def _raise_validation(exc: ValidationError) -> NoReturn:
@@ -231,9 +233,9 @@ async def _predict(request: Request, credentials: Credentials, name: str, versio
     content_type = request.headers.get("content-type", "")
     try:
         if content_type.startswith("multipart/form-data"):
-            images, top_k, task = await _read_multipart(request, context)
+            images, options = await _read_multipart(request, context)
         elif content_type.startswith("application/json"):
-            images, top_k, task = await _read_json(request, context)
+            images, options = await _read_json(request, context)
         else:
             raise ApiError(
                 415,
@@ -243,6 +245,7 @@ async def _predict(request: Request, credentials: Credentials, name: str, versio
     except ClientDisconnect:
         # The caller hung up mid-body: nobody reads an answer, and it is no server error.
         return Response(status_code=400)
+    task = options.task
     started = time.perf_counter()
     cache: ModelCache = request.app.state.predictors
     metrics: InferenceMetrics = request.app.state.inference_metrics
@@ -268,8 +271,16 @@ async def _predict(request: Request, credentials: Credentials, name: str, versio
     results, good, pixels = await loop.run_in_executor(decode_pool(), decoded)
     answered = task or list(model.tasks)[-1]
     if pixels is not None:
-        probabilities = await _run_batch(cache, served, model, pixels)
-        fill_predictions(model, results, good, probabilities, task=answered, top_k=top_k)
+        logits = await _run_batch(cache, served, model, pixels)
+        fill_predictions(
+            model,
+            results,
+            good,
+            logits,
+            task=answered,
+            top_k=options.top_k,
+            calibrated=options.calibrated,
+        )
     metrics.request_seconds.labels(*labels).observe(time.perf_counter() - started)
     body = {
         "model": served.model_name,

@@ -90,7 +90,10 @@ class LoadedModel:
     backend: str
     nbytes: int
     forward: Callable[[np.ndarray], list[np.ndarray]]
-    """A normalised (N, 3, H, W) float32 batch → per task, class probabilities, a row per image."""
+    """A normalised (N, 3, H, W) float32 batch → per task, class logits, a row per image."""
+    temperatures: list[float]
+    """Per task, what its logits are divided by for calibrated probabilities
+    (`ModelConfig.temperatures`)."""
     backend_reason: str | None = None
     """Why this version runs in PyTorch rather than ONNX Runtime; None when it runs in ONNX."""
     batcher: "Batcher | None" = None
@@ -134,7 +137,7 @@ def load_model(
 
         def forward(batch: np.ndarray) -> list[np.ndarray]:
             (logits,) = session.run([ONNX_OUTPUT], {ONNX_INPUT: batch})
-            return [_softmax(np.asarray(logits))]
+            return [np.asarray(logits)]
 
         nbytes = (model_dir / ONNX_FILE).stat().st_size
     else:
@@ -148,6 +151,7 @@ def load_model(
         backend_reason=reason,
         nbytes=nbytes,
         forward=forward,
+        temperatures=config.temperatures(),
     )
     # The first pass allocates and picks kernels; pay for it here, not in a caller's request.
     size = loaded.preprocessing.image_size
@@ -191,7 +195,7 @@ def _torch_forward(
         # batch serve requests for different tasks.
         with torch.inference_mode():
             outputs = module.forward_tasks(inputs.contiguous(memory_format=torch.channels_last))
-            return [logits.softmax(dim=1).cpu().numpy() for logits in outputs]
+            return [logits.float().cpu().numpy() for logits in outputs]
 
     nbytes = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
     return forward, nbytes
@@ -294,7 +298,7 @@ class Batcher:
             pixels = (
                 batch[0].pixels if len(batch) == 1 else np.concatenate([r.pixels for r in batch])
             )
-            probabilities = self.model.forward(normalise(pixels, self.model.preprocessing))
+            logits = self.model.forward(normalise(pixels, self.model.preprocessing))
         except Exception as exc:
             logger.exception("forward pass of %s failed", self.model.version_id)
             for request in batch:
@@ -303,7 +307,7 @@ class Batcher:
         start = 0
         for request in batch:
             end = start + len(request.pixels)
-            request.future.set_result([task[start:end] for task in probabilities])
+            request.future.set_result([task[start:end] for task in logits])
             start = end
 
 
@@ -447,13 +451,17 @@ def fill_predictions(
     model: LoadedModel,
     results: list[Prediction],
     good: list[int],
-    probabilities: list[np.ndarray],
+    logits: list[np.ndarray],
     *,
     task: str,
     top_k: int,
+    calibrated: bool,
 ) -> None:
+    """Each good image's top-k labels, with probabilities calibrated unless asked not to."""
     labels = model.tasks[task]
-    rows = probabilities[list(model.tasks).index(task)]
+    index = list(model.tasks).index(task)
+    temperature = model.temperatures[index] if calibrated else 1.0
+    rows = _softmax(logits[index] / temperature)
     k = max(1, min(top_k, len(labels)))
     for index, row in zip(good, rows, strict=True):
         top = np.argsort(-row, kind="stable")[:k]

@@ -59,6 +59,9 @@ class ModelConfig:
     preprocessing: Preprocessing
     plan: dict[str, Any]
     """The training plan as `Plan.to_dict()` wrote it."""
+    temperature: float = 1.0
+    """The newest task's logits are divided by this before the softmax for calibrated
+    probabilities (`config.json`'s `calibration.temperature`; 1 where it has none)."""
 
     @property
     def newest(self) -> ExportedTask:
@@ -68,6 +71,11 @@ class ModelConfig:
     def labels(self) -> tuple[str, ...]:
         """The newest task's labels."""
         return self.newest.labels
+
+    def temperatures(self) -> list[float]:
+        """Per task, oldest first: the newest task's fitted temperature, 1 for older ones
+        (their heads were calibrated, if at all, in their own model)."""
+        return [1.0] * (len(self.tasks) - 1) + [self.temperature]
 
     def task_labels(self) -> dict[str, list[str]]:
         """Labels per task name, oldest first."""
@@ -99,9 +107,12 @@ def parse_model_config(data: dict[str, Any], *, source: str = CONFIG_FILE) -> Mo
             ExportedTask(name=task["name"], labels=tuple(task["labels"]), head=heads[task["name"]])
             for task in listed
         )
+        temperature = float((data.get("calibration") or {}).get("temperature", 1.0))
+        if not temperature > 0:
+            raise ValueError(f"calibration temperature must be positive; got {temperature}")
     except (KeyError, TypeError, ValueError) as error:
         raise ModelConfigError(f"{source}: not a thaw model config ({error!r})") from None
-    return ModelConfig(tasks=tasks, preprocessing=preprocessing, plan=plan)
+    return ModelConfig(tasks=tasks, preprocessing=preprocessing, plan=plan, temperature=temperature)
 
 
 def read_model_config(model_dir: Path) -> ModelConfig:

@@ -8,6 +8,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from .artifacts import CONFIG_FILE, FORMAT, WEIGHTS_FILE
+from .calibration import Calibration
 from .plan import Plan
 from .train import TrainingResult
 from .zoo import get_base_model_info
@@ -16,11 +17,13 @@ from .zoo import get_base_model_info
 __all__ = ["CONFIG_FILE", "FORMAT", "WEIGHTS_FILE", "export_model", "model_config"]
 
 
-def model_config(plan: Plan, labels: list[str]) -> dict[str, Any]:
+def model_config(
+    plan: Plan, labels: list[str], calibration: Calibration | None = None
+) -> dict[str, Any]:
     """Everything needed to rebuild the model and preprocess images exactly as in training.
 
     An LwF model also lists its `tasks`, oldest first; the newest is the default one and
-    the one `labels` describes.
+    the one `labels` describes. `calibration` holds the newest task's temperature.
     """
     config: dict[str, Any] = {
         "format": FORMAT,
@@ -40,6 +43,8 @@ def model_config(plan: Plan, labels: list[str]) -> dict[str, Any]:
         },
         "plan": plan.to_dict(),
     }
+    if calibration is not None:
+        config["calibration"] = calibration.to_dict()
     if plan.old_tasks:
         config["tasks"] = [
             *({"name": task.name, "labels": list(task.labels)} for task in plan.old_tasks),
@@ -58,6 +63,6 @@ def export_model(result: TrainingResult, plan: Plan, out_dir: Path) -> dict[str,
         for name, tensor in result.model.state_dict().items()
     }
     save_file(state, weights_path, metadata={"format": FORMAT})
-    config = model_config(plan, result.metrics["classes"])
+    config = model_config(plan, result.metrics["classes"], result.calibration)
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     return {"weights": weights_path, "config": config_path}

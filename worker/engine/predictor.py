@@ -40,11 +40,18 @@ class Predictor:
         return cls(model, config, torch_device)
 
     def predict(
-        self, images: Sequence[Image.Image], top_k: int = 5, task: str | None = None
+        self,
+        images: Sequence[Image.Image],
+        top_k: int = 5,
+        task: str | None = None,
+        *,
+        calibrated: bool = True,
     ) -> list[list[tuple[str, float]]]:
         """Top-k (label, probability) per image, most probable first.
 
         `task` picks one of a multi-task (LwF) model's tasks by name; None is the newest.
+        Probabilities are temperature-scaled as fitted at publish (`calibration.py`) unless
+        `calibrated` is False.
         """
         names = list(self.tasks)
         if task is not None and task not in names:
@@ -58,7 +65,8 @@ class Predictor:
         batch = torch.from_numpy(normalise(pixels, preprocessing)).to(self.device)
         with torch.inference_mode():
             logits = self.model.forward_tasks(batch)[index]
-        probabilities = logits.softmax(dim=1)
+        temperature = self.exported.temperatures()[index] if calibrated else 1.0
+        probabilities = (logits / temperature).softmax(dim=1)
         k = max(1, min(top_k, len(labels)))
         values, indices = probabilities.topk(k, dim=1)
         return [

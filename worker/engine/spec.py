@@ -31,6 +31,8 @@ Schedule = Literal["constant", "cosine", "one_cycle", "slanted_triangular"]
 BatchNormMode = Literal["train", "frozen"]
 OptimizerName = Literal["adamw", "sgd"]
 Device = Literal["cpu", "cuda"]
+ClassWeights = Literal["none", "balanced"]
+SamplerName = Literal["shuffle", "balanced"]
 
 MIN_IMAGE_SIZE = 64
 MAX_IMAGE_SIZE = 1024
@@ -158,6 +160,16 @@ class RunSettings:
     optimizer: OptimizerName = setting("adamw")
     weight_decay: float = setting(0.01, ge=0.0, le=1.0)
     label_smoothing: float = setting(0.0, ge=0.0, lt=1.0)
+    class_weights: ClassWeights = setting(
+        "none",
+        description="`balanced` weighs each class's loss by n_samples / (n_classes * "
+        "n_class_samples) of the training split, so rare classes count as much as common ones.",
+    )
+    sampler: SamplerName = setting(
+        "shuffle",
+        description="`balanced` draws each epoch's training samples (with replacement) so that "
+        "every class is drawn equally often; `shuffle` visits every sample once per epoch.",
+    )
     early_stopping_patience: int | None = setting(
         None,
         ge=1,

@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 from .data import ImageDataset, Sample
+from .imbalance import training_sampler
 from .loop import Batches, Precision
 from .lwf import AllTasks
 from .model import TransferModel
@@ -103,11 +104,17 @@ class ImageStageData:
         self.recorded: dict[int, Tensor] = {}
         """LwF: the parent's old-head logits on every training image, per image size."""
 
+    def _train_sampler(self) -> Sampler[int] | None:
+        return training_sampler(self.plan, [sample.label for sample in self.train], self.shuffle)
+
     def _loader(self, dataset: Dataset[Any], *, shuffled: bool) -> DataLoader[Any]:
+        # Only the training samples are shuffled, so only they may be drawn balanced.
+        sampler = self._train_sampler() if shuffled else None
         return DataLoader(
             dataset,
             batch_size=self.plan.batch_size,
-            shuffle=shuffled,
+            shuffle=shuffled and sampler is None,
+            sampler=sampler,
             generator=self.shuffle if shuffled else None,
             num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
@@ -178,9 +185,16 @@ class ImageStageData:
         train_features, val_features = self.features[stage.image_size]
         batch_size = self.plan.batch_size
         head = self.model.head
+        sampler = self._train_sampler()
         return StageBatches(
             head,
             head,
-            DataLoader(train_features, batch_size=batch_size, shuffle=True, generator=self.shuffle),
+            DataLoader(
+                train_features,
+                batch_size=batch_size,
+                shuffle=sampler is None,
+                sampler=sampler,
+                generator=self.shuffle,
+            ),
             DataLoader(val_features, batch_size=batch_size),
         )

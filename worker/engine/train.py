@@ -26,8 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .calibration import Calibration, calibrate
 from .checkpoint import checkpoint_state, partial_epoch, save_checkpoint
 from .data import Sample
+from .imbalance import loss_weights
 from .loop import (
     EpochResult,
     Precision,
@@ -54,6 +56,9 @@ class TrainingResult:
     model: TransferModel
     history: list[EpochResult]
     metrics: dict[str, Any]
+    calibration: Calibration | None = None
+    """The newest task's temperature, fitted on validation (None: resumed from a checkpoint
+    that did not keep validation logits)."""
 
 
 def seed_everything(seed: int) -> None:
@@ -244,15 +249,20 @@ def _set_up_stage(training: _Training, stage_index: int) -> _StageSetup:
         optimizer=optimizer,
         scheduler=scheduler,
         scaler=training.precision.grad_scaler(),
-        loss_fn=_loss_for(plan, stage),
+        loss_fn=_loss_for(plan, stage, training),
     )
 
 
-def _loss_for(plan: Plan, stage: Stage) -> nn.Module:
+def _loss_for(plan: Plan, stage: Stage, training: _Training) -> nn.Module:
+    weights = loss_weights(plan, [sample.label for sample in training.data.train])
+    if weights is not None:
+        weights = weights.to(training.device)
     if stage.distill:
         old_sizes = [len(task.labels) for task in plan.old_tasks]
-        return LwFLoss(plan.label_smoothing, old_sizes, plan.lwf_temperature, plan.lwf_lambda)
-    return nn.CrossEntropyLoss(label_smoothing=plan.label_smoothing)
+        return LwFLoss(
+            plan.label_smoothing, old_sizes, plan.lwf_temperature, plan.lwf_lambda, weights
+        )
+    return nn.CrossEntropyLoss(weight=weights, label_smoothing=plan.label_smoothing)
 
 
 def _train_epoch(training: _Training, setup: _StageSetup, epoch: int, start: StageStart) -> bool:
@@ -364,7 +374,11 @@ def _result(training: _Training, val: list[Sample], classes: list[str]) -> Train
     targets = torch.tensor([sample.label for sample in val])
     metrics = classification_metrics(targets, kept.predictions, classes)
     metrics["val_loss"] = kept.loss
+    calibration = calibrate(kept.logits, targets) if kept.logits is not None else None
+    metrics["calibration"] = calibration.to_dict() if calibration is not None else None
     logger.info(
         "finished: val accuracy %.4f, val loss %.4f", metrics["val_accuracy"], metrics["val_loss"]
     )
-    return TrainingResult(model=training.model, history=training.history, metrics=metrics)
+    return TrainingResult(
+        model=training.model, history=training.history, metrics=metrics, calibration=calibration
+    )
