@@ -45,6 +45,12 @@ class Settings(BaseSettings):
     max_predict_bytes: int = Field(
         default=20 * 2**20, description="Largest image accepted by predict, in bytes."
     )
+    max_predict_texts: int = Field(default=256, description="Most texts in one predict call.")
+    max_predict_text_chars: int = Field(
+        default=20_000,
+        description="Longest text predict reads, in characters; a longer one gets a per-item "
+        "error.",
+    )
     model_cache_size: int = Field(
         default=4, description="Model versions kept loaded for inference."
     )

@@ -51,7 +51,7 @@ from worker.engine import (
     run,
 )
 from worker.engine.artifacts import CARD_FILE, LABELS_FILE, ONNX_FILE
-from worker.engine.onnx_export import export_onnx
+from worker.engine.onnx_export import OnnxExport, export_onnx, export_text_onnx
 
 logger = logging.getLogger(__name__)
 
@@ -256,11 +256,11 @@ def _train_and_publish(
     exports: dict[str, Any] = {}
     try:
         out = export_dir / "artifacts"
-        export_model(result, plan, out)
+        weights_dir = context.settings.resolved_weights_dir
+        export_model(result, plan, out, weights_dir=weights_dir)
         (out / LABELS_FILE).write_text(json.dumps(manifest.classes, indent=2) + "\n")
         if context.settings.onnx_export:
-            onnx = export_onnx(result.model, image_size=plan.image_size, out_path=out / ONNX_FILE)
-            exports["onnx"] = onnx.to_dict()
+            exports["onnx"] = _export_onnx(result.model, plan, out / ONNX_FILE).to_dict()
         card = _db(
             context,
             lambda session: _model_card(
@@ -309,6 +309,16 @@ def _train_and_publish(
         raise
     discard_job_files(context=context, job_id=job_id)
     logger.info("job %s published %s", job_id, version_id)
+
+
+def _export_onnx(model: Any, plan: Plan, out_path: Path) -> OnnxExport:
+    if plan.modality == "text":
+        assert plan.max_length is not None
+        vocab_size = int(model.backbone.config.vocab_size)
+        return export_text_onnx(
+            model, vocab_size=vocab_size, max_length=plan.max_length, out_path=out_path
+        )
+    return export_onnx(model, image_size=plan.image_size, out_path=out_path)
 
 
 def _model_card(

@@ -2,6 +2,7 @@ import asyncio
 import binascii
 import time
 from base64 import b64decode
+from dataclasses import dataclass
 from functools import partial
 from typing import Annotated, Any, NoReturn
 
@@ -22,7 +23,14 @@ from service.deps import get_tenant, load_model, load_version
 from service.errors import ApiError
 from service.inference.metrics import InferenceMetrics
 from service.inference.resolution import ResolutionCache, ServedVersion
-from service.inference.schemas import PREDICT_JSON_EXAMPLE, PredictJson, PredictOptions, PredictOut
+from service.inference.schemas import (
+    PREDICT_JSON_EXAMPLE,
+    PREDICT_TEXT_EXAMPLE,
+    PredictJson,
+    PredictOptions,
+    PredictOut,
+    PredictTextJson,
+)
 from service.inference.service import (
     LoadedModel,
     ModelCache,
@@ -30,6 +38,7 @@ from service.inference.service import (
     QueueFullError,
     decode_images,
     decode_pool,
+    encode_texts,
     fill_predictions,
     resolve_pool,
 )
@@ -63,8 +72,13 @@ _REQUEST_BODY: dict[str, Any] = {
             },
         },
         "application/json": {
-            "schema": PredictJson.model_json_schema(),
-            "example": PREDICT_JSON_EXAMPLE,
+            "schema": {
+                "oneOf": [PredictJson.model_json_schema(), PredictTextJson.model_json_schema()]
+            },
+            "examples": {
+                "images": {"summary": "An image model", "value": PREDICT_JSON_EXAMPLE},
+                "texts": {"summary": "A text model", "value": PREDICT_TEXT_EXAMPLE},
+            },
         },
     },
 }
@@ -74,13 +88,26 @@ def _too_many(limit: int) -> ApiError:
     return ApiError(413, "too_many_images", f"At most {limit} images per call.", param="images")
 
 
+@dataclass(frozen=True)
+class _Body:
+    """A predict call's inputs: images (name, bytes or None) or texts, and its options."""
+
+    images: list[tuple[str, bytes | None]] | None
+    texts: list[str] | None
+    top_k: int
+    task: str | None
+    calibrated: bool
+
+    @property
+    def kind(self) -> str:
+        return "text" if self.texts is not None else "image"
+
+
 def _too_large(name: str, limit: int) -> ApiError:
     return ApiError(413, "image_too_large", f"{name} is over {limit} bytes.", param="images")
 
 
-async def _read_multipart(
-    request: Request, context: AppContext
-) -> tuple[list[tuple[str, bytes | None]], PredictOptions]:
+async def _read_multipart(request: Request, context: AppContext) -> _Body:
     settings = context.settings
     # One file over the cap is read so that "too many" is answered as such (413).
     form = await request.form(max_files=settings.max_predict_images + 1, max_fields=10)
@@ -101,20 +128,42 @@ async def _read_multipart(
         options = PredictOptions.model_validate(fields)
     except ValidationError as exc:
         _raise_validation(exc)
-    return images, options
+    return _Body(images, None, options.top_k, options.task, options.calibrated)
 
 
-async def _read_json(
-    request: Request, context: AppContext
-) -> tuple[list[tuple[str, bytes | None]], PredictOptions]:
+async def _read_json(request: Request, context: AppContext) -> _Body:
     settings = context.settings
-    # Base64 takes 4 bytes per 3, plus room for names and the JSON around them.
-    cap = settings.max_predict_images * (settings.max_predict_bytes * 4 // 3 + 1024) + 65536
+    # Base64 takes 4 bytes per 3, plus room for names and the JSON around them; a text may
+    # take 4 bytes a character escaped, and a longer one is still read to be reported.
+    cap = (
+        max(
+            settings.max_predict_images * (settings.max_predict_bytes * 4 // 3 + 1024),
+            settings.max_predict_texts * (settings.max_predict_text_chars * 4 + 1024),
+        )
+        + 65536
+    )
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > cap:
             raise ApiError(413, "payload_too_large", f"The body is over {cap} bytes.", "images")
+    try:
+        raw = orjson.loads(bytes(body))
+    except orjson.JSONDecodeError:
+        raw = None
+    if isinstance(raw, dict) and "texts" in raw:
+        try:
+            texts = PredictTextJson.model_validate(raw)
+        except ValidationError as exc:
+            _raise_validation(exc)
+        if len(texts.texts) > settings.max_predict_texts:
+            raise ApiError(
+                413,
+                "too_many_texts",
+                f"At most {settings.max_predict_texts} texts per call.",
+                param="texts",
+            )
+        return _Body(None, texts.texts, texts.top_k, texts.task, texts.calibrated)
     try:
         parsed = PredictJson.model_validate_json(bytes(body))
     except ValidationError as exc:
@@ -131,7 +180,7 @@ async def _read_json(
         if data is not None and len(data) > settings.max_predict_bytes:
             raise _too_large(name, settings.max_predict_bytes)
         images.append((name, data))
-    return images, parsed
+    return _Body(images, None, parsed.top_k, parsed.task, parsed.calibrated)
 
 
 def _raise_validation(exc: ValidationError) -> NoReturn:
@@ -159,12 +208,12 @@ def _resolve(request: Request, credentials: Credentials, name: str, ref: str) ->
 
 
 async def _run_batch(
-    cache: ModelCache, version: ServedVersion, model: LoadedModel, pixels: np.ndarray
+    cache: ModelCache, version: ServedVersion, model: LoadedModel, inputs: Any
 ) -> list[np.ndarray]:
     for _ in range(2):
         assert model.batcher is not None
         try:
-            future = model.batcher.submit(pixels)
+            future = model.batcher.submit(inputs)
         except ModelUnloadedError:
             # Unloaded between lookup and submit (cache pressure): load it again, once.
             model = await run_in_threadpool(cache.get, version)
@@ -187,12 +236,15 @@ async def _run_batch(
 
 @router.post(
     "/{name}/versions/{version}/predict",
-    summary="Classify images with a model version",
+    summary="Classify images or texts with a model version",
     description="Send images as multipart field `images` (once per image) or as JSON "
-    '`{"images": [{"name": "a.png", "data": "<base64>"}], "top_k": 3}`. Answers the top-k '
-    "labels per image, in the order sent; an image that cannot be read gets an `error` "
-    "entry instead of failing the call. Calls for the same version are batched together; "
-    "when too many wait, the answer is 503 with `Retry-After`.\n\n"
+    '`{"images": [{"name": "a.png", "data": "<base64>"}], "top_k": 3}`; a text model takes '
+    '`{"texts": ["...", "..."], "top_k": 3}`. Answers the top-k labels per input, in the '
+    "order sent (texts by `text_index`, with `truncated` when a text was longer than the "
+    "model reads); an image that cannot be read, or an empty or oversized text, gets an "
+    "`error` entry instead of failing the call. Sending images to a text model, or texts to "
+    "an image model, is a 422 naming what the model takes. Calls for the same version are "
+    "batched together; when too many wait, the answer is 503 with `Retry-After`.\n\n"
     "`curl -H 'Authorization: Bearer $KEY' -F images=@a.png -F images=@b.png "
     ".../v1/models/digits/versions/production/predict`",
     openapi_extra={"requestBody": _REQUEST_BODY},
@@ -233,9 +285,9 @@ async def _predict(request: Request, credentials: Credentials, name: str, versio
     content_type = request.headers.get("content-type", "")
     try:
         if content_type.startswith("multipart/form-data"):
-            images, options = await _read_multipart(request, context)
+            body = await _read_multipart(request, context)
         elif content_type.startswith("application/json"):
-            images, options = await _read_json(request, context)
+            body = await _read_json(request, context)
         else:
             raise ApiError(
                 415,
@@ -245,7 +297,6 @@ async def _predict(request: Request, credentials: Credentials, name: str, versio
     except ClientDisconnect:
         # The caller hung up mid-body: nobody reads an answer, and it is no server error.
         return Response(status_code=400)
-    task = options.task
     started = time.perf_counter()
     cache: ModelCache = request.app.state.predictors
     metrics: InferenceMetrics = request.app.state.inference_metrics
@@ -254,6 +305,7 @@ async def _predict(request: Request, credentials: Credentials, name: str, versio
     model = cache.peek(served)
     if model is None:
         model = await run_in_threadpool(cache.get, served)
+    task = body.task
     if task is not None and task not in model.tasks:
         raise ApiError(
             422,
@@ -261,31 +313,51 @@ async def _predict(request: Request, credentials: Credentials, name: str, versio
             f"task: this model answers {', '.join(model.tasks)}, not {task!r}.",
             param="task",
         )
-    metrics.images.labels(*labels).inc(len(images))
-    decoded = partial(
-        decode_images,
-        images,
-        image_size=model.preprocessing.image_size,
-        limits=ingest_limits(context),
-    )
-    results, good, pixels = await loop.run_in_executor(decode_pool(), decoded)
+    if body.kind != model.modality:
+        raise ApiError(
+            422,
+            "wrong_input_kind",
+            'This model classifies texts: send JSON {"texts": ["...", ...]}.'
+            if model.modality == "text"
+            else "This model classifies images: send them as multipart field `images` or as "
+            'JSON {"images": [{"name": ..., "data": "<base64>"}]}.',
+            param="texts" if body.kind == "text" else "images",
+        )
     answered = task or list(model.tasks)[-1]
-    if pixels is not None:
-        logits = await _run_batch(cache, served, model, pixels)
+    results: list[dict[str, Any]]
+    inputs: Any
+    if body.texts is not None:
+        metrics.images.labels(*labels).inc(len(body.texts))
+        encode = partial(
+            encode_texts, model, body.texts, max_chars=context.settings.max_predict_text_chars
+        )
+        results, good, inputs, _ = await loop.run_in_executor(decode_pool(), encode)
+    else:
+        assert body.images is not None
+        metrics.images.labels(*labels).inc(len(body.images))
+        decoded = partial(
+            decode_images,
+            body.images,
+            image_size=model.preprocessing.image_size if model.preprocessing else 0,
+            limits=ingest_limits(context),
+        )
+        results, good, inputs = await loop.run_in_executor(decode_pool(), decoded)
+    if good:
+        logits = await _run_batch(cache, served, model, inputs)
         fill_predictions(
             model,
             results,
             good,
             logits,
             task=answered,
-            top_k=options.top_k,
-            calibrated=options.calibrated,
+            top_k=body.top_k,
+            calibrated=body.calibrated,
         )
     metrics.request_seconds.labels(*labels).observe(time.perf_counter() - started)
-    body = {
+    response = {
         "model": served.model_name,
         "version": served.version,
         "task": answered,
         "predictions": results,
     }
-    return Response(orjson.dumps(body), media_type="application/json")
+    return Response(orjson.dumps(response), media_type="application/json")

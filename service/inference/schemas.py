@@ -19,12 +19,23 @@ class ImagePrediction(BaseModel):
     error: ImageError | None = None
 
 
+class TextPrediction(BaseModel):
+    text_index: int = Field(description="The text's position in `texts`, from 0.")
+    top: list[LabelScore] | None = None
+    truncated: bool | None = Field(
+        default=None,
+        description="Whether the text was longer than the model reads (its `max_length` "
+        "tokens), so only part of it was classified.",
+    )
+    error: ImageError | None = None
+
+
 class PredictOut(BaseModel):
     model: str
     version: int
     task: str
-    predictions: list[ImagePrediction] = Field(
-        description="One entry per image, in the order sent."
+    predictions: list[ImagePrediction] | list[TextPrediction] = Field(
+        description="One entry per image (or text), in the order sent."
     )
 
 
@@ -59,3 +70,19 @@ class PredictJson(PredictOptions):
     )
 
     images: list[ImageIn] = Field(min_length=1)
+
+
+PREDICT_TEXT_EXAMPLE: dict[str, Any] = {
+    "texts": ["the strap broke after a week", "fast delivery, works as described"],
+    "top_k": 3,
+}
+
+
+class PredictTextJson(PredictOptions):
+    """A text model's predict body."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [PREDICT_TEXT_EXAMPLE]}
+    )
+
+    texts: list[str] = Field(min_length=1, description="Texts to classify, in order.")

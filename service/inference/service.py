@@ -4,8 +4,9 @@ A predict call decodes and resizes its images in the decode pool (Pillow works o
 GIL), then hands their uint8 pixels to the model's batcher. The batcher's one worker thread
 gathers waiting requests into a single forward pass (up to `batch_max_size` images, waiting at
 most `batch_max_delay_ms` for more), normalises the whole batch in one operation, and answers
-each request with its rows. The queue in front of it is bounded: when it is full the call is
-refused at once (503), so no caller waits without bound.
+each request with its rows. Texts go the same way: tokenized in the decode pool, then padded
+to the longest text of the gathered batch. The queue in front of it is bounded: when it is
+full the call is refused at once (503), so no caller waits without bound.
 
 A version is served by ONNX Runtime when its `model.onnx` passed the publisher's parity check,
 by PyTorch otherwise; `LoadedModel.backend_reason` (and the `thaw_inference_backend` metric)
@@ -38,11 +39,14 @@ from worker.engine.artifacts import (
     ONNX_FILE,
     ONNX_INPUT,
     ONNX_OUTPUT,
+    ONNX_TEXT_INPUTS,
     ModelConfig,
     Preprocessing,
+    TextPreprocessing,
     read_model_config,
 )
 from worker.engine.pixels import image_pixels, normalise
+from worker.engine.tokens import SpecialTokens, encode, load_backend, pad
 
 logger = logging.getLogger(__name__)
 
@@ -86,17 +90,37 @@ class LoadedModel:
     tasks: dict[str, list[str]]
     """Labels per task, oldest first: one task, or several for a Learning-without-Forgetting
     model. The last is the newest, answered when a request names none."""
-    preprocessing: Preprocessing
+    preprocessing: Preprocessing | None
+    """An image model's; None for a text model."""
     backend: str
     nbytes: int
-    forward: Callable[[np.ndarray], list[np.ndarray]]
-    """A normalised (N, 3, H, W) float32 batch → per task, class logits, a row per image."""
+    forward: Callable[[Any], list[np.ndarray]]
+    """A normalised (N, 3, H, W) float32 batch, or (text) an (ids, attention mask) pair of
+    (N, L) int64 arrays → per task, class logits, a row per input."""
     temperatures: list[float]
     """Per task, what its logits are divided by for calibrated probabilities
     (`ModelConfig.temperatures`)."""
     backend_reason: str | None = None
     """Why this version runs in PyTorch rather than ONNX Runtime; None when it runs in ONNX."""
     batcher: "Batcher | None" = None
+    text: TextPreprocessing | None = None
+    """A text model's tokenization; None for an image model."""
+    tokenizer: Any = None
+    """A text model's `tokenizers.Tokenizer`."""
+
+    @property
+    def modality(self) -> str:
+        return "text" if self.text is not None else "image"
+
+    def batch_input(self, inputs: list[Any]) -> Any:
+        """The requests' inputs as one forward pass's: pixels normalised in one operation, or
+        token rows padded to the longest of them."""
+        if self.text is not None:
+            rows = [row for request in inputs for row in request]
+            return pad(rows, self.text.special_tokens["pad_id"])
+        assert self.preprocessing is not None
+        pixels = inputs[0] if len(inputs) == 1 else np.concatenate(inputs)
+        return normalise(pixels, self.preprocessing)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -131,8 +155,16 @@ def load_model(
     """Load a version's artifacts with the backend `choose_backend` picks, then warm it up."""
     config = read_model_config(model_dir)
     used, reason = choose_backend(version, config, model_dir, requested=backend)
-    forward: Callable[[np.ndarray], list[np.ndarray]]
-    if used == "onnx":
+    forward: Callable[[Any], list[np.ndarray]]
+    if used == "onnx" and config.text is not None:
+        session = onnx_session(model_dir / ONNX_FILE, threads)
+
+        def forward(batch: tuple[np.ndarray, np.ndarray]) -> list[np.ndarray]:
+            (logits,) = session.run([ONNX_OUTPUT], dict(zip(ONNX_TEXT_INPUTS, batch, strict=True)))
+            return [np.asarray(logits)]
+
+        nbytes = (model_dir / ONNX_FILE).stat().st_size
+    elif used == "onnx":
         session = onnx_session(model_dir / ONNX_FILE, threads)
 
         def forward(batch: np.ndarray) -> list[np.ndarray]:
@@ -141,7 +173,7 @@ def load_model(
 
         nbytes = (model_dir / ONNX_FILE).stat().st_size
     else:
-        forward, nbytes = _torch_forward(model_dir, threads)
+        forward, nbytes = _torch_forward(model_dir, threads, text=config.text is not None)
     loaded = LoadedModel(
         version_id=version.id,
         name=version.model_name,
@@ -152,10 +184,15 @@ def load_model(
         nbytes=nbytes,
         forward=forward,
         temperatures=config.temperatures(),
+        text=config.text,
+        tokenizer=load_backend(model_dir) if config.text is not None else None,
     )
     # The first pass allocates and picks kernels; pay for it here, not in a caller's request.
-    size = loaded.preprocessing.image_size
-    loaded.forward(np.zeros((1, 3, size, size), dtype=np.float32))
+    if config.text is not None:
+        loaded.forward((np.ones((1, 2), dtype=np.int64), np.ones((1, 2), dtype=np.int64)))
+    else:
+        size = config.image.image_size
+        loaded.forward(np.zeros((1, 3, size, size), dtype=np.float32))
     return loaded
 
 
@@ -174,8 +211,8 @@ def onnx_session(path: Path, threads: int) -> Any:
 
 
 def _torch_forward(
-    model_dir: Path, threads: int
-) -> tuple[Callable[[np.ndarray], list[np.ndarray]], int]:
+    model_dir: Path, threads: int, *, text: bool
+) -> tuple[Callable[[Any], list[np.ndarray]], int]:
     """The PyTorch forward pass of a version, and the bytes its weights take."""
     # Imported here, as onnxruntime is above: an API process that serves only ONNX versions
     # never loads torch.
@@ -184,6 +221,17 @@ def _torch_forward(
     # Process-wide; the API process's other torch work (previews) is light.
     torch.set_num_threads(threads)
     predictor = engine.Predictor.load(model_dir)
+    if text:
+        model = predictor.model
+
+        def forward_text(batch: tuple[np.ndarray, np.ndarray]) -> list[np.ndarray]:
+            inputs = torch.stack([torch.from_numpy(array) for array in batch], dim=1)
+            with torch.inference_mode():
+                outputs = model.forward_tasks(inputs.to(predictor.device))
+                return [logits.float().cpu().numpy() for logits in outputs]
+
+        tensors = [*model.parameters(), *model.buffers()]
+        return forward_text, sum(t.numel() * t.element_size() for t in tensors)
     # Channels-last ran faster than the default layout at batch 1 and 32 in every
     # bench/inference.py run (e.g. 248 against 188 images/s at batch 32, one thread);
     # torch.compile was faster still but took minutes to compile, too long for a load.
@@ -203,8 +251,8 @@ def _torch_forward(
 
 @dataclass
 class _Request:
-    pixels: np.ndarray
-    """(N, H, W, 3) uint8, as `image_pixels` makes them."""
+    inputs: Any
+    """(N, H, W, 3) uint8, as `image_pixels` makes them; or N texts' framed token ids."""
     future: Future[list[np.ndarray]] = field(default_factory=Future)
 
 
@@ -236,8 +284,8 @@ class Batcher:
         )
         self._thread.start()
 
-    def submit(self, pixels: np.ndarray) -> Future[list[np.ndarray]]:
-        request = _Request(pixels)
+    def submit(self, inputs: Any) -> Future[list[np.ndarray]]:
+        request = _Request(inputs)
         with self._lock:
             if self._closed:
                 raise ModelUnloadedError(self.model.version_id)
@@ -271,18 +319,18 @@ class Batcher:
                         return
                 continue
             batch = [first]
-            count = len(first.pixels)
+            count = len(first.inputs)
             deadline = time.monotonic() + self.max_delay
             while count < self.max_size:
                 waiting = deadline - time.monotonic()
                 request = self._next(waiting) if waiting > 0 else self._next_nowait()
                 if request is None:
                     break
-                if count + len(request.pixels) > self.max_size:
+                if count + len(request.inputs) > self.max_size:
                     held = request  # would overflow this pass; it opens the next one
                     break
                 batch.append(request)
-                count += len(request.pixels)
+                count += len(request.inputs)
             self._depth.set(self._queue.qsize())
             self._forward(batch, count)
 
@@ -295,10 +343,8 @@ class Batcher:
     def _forward(self, batch: list[_Request], count: int) -> None:
         self._batch_size.observe(count)
         try:
-            pixels = (
-                batch[0].pixels if len(batch) == 1 else np.concatenate([r.pixels for r in batch])
-            )
-            logits = self.model.forward(normalise(pixels, self.model.preprocessing))
+            inputs = self.model.batch_input([request.inputs for request in batch])
+            logits = self.model.forward(inputs)
         except Exception as exc:
             logger.exception("forward pass of %s failed", self.model.version_id)
             for request in batch:
@@ -306,7 +352,7 @@ class Batcher:
             return
         start = 0
         for request in batch:
-            end = start + len(request.pixels)
+            end = start + len(request.inputs)
             request.future.set_result([task[start:end] for task in logits])
             start = end
 
@@ -445,6 +491,40 @@ def decode_images(
         except ImageRejectedError as exc:
             results[index]["error"] = {"code": exc.code, "message": exc.reason}
     return results, good, (np.stack(pixels) if pixels else None)
+
+
+def encode_texts(
+    model: LoadedModel, texts: list[str], *, max_chars: int
+) -> tuple[list[Prediction], list[int], list[list[int]], list[bool]]:
+    """Per-text results (errors filled in), the indexes that encoded, their framed token ids
+    and whether each was truncated."""
+    assert model.text is not None
+    results: list[Prediction] = [
+        {"text_index": index, "top": None, "truncated": None, "error": None}
+        for index in range(len(texts))
+    ]
+    good: list[int] = []
+    for index, text in enumerate(texts):
+        if not text.strip():
+            results[index]["error"] = {"code": "empty_text", "message": "The text is empty."}
+        elif len(text) > max_chars:
+            results[index]["error"] = {
+                "code": "text_too_long",
+                "message": f"The text has {len(text)} characters; at most {max_chars} are read "
+                "(THAW_MAX_PREDICT_TEXT_CHARS).",
+            }
+        else:
+            good.append(index)
+    encoded = encode(
+        model.tokenizer,
+        [texts[index] for index in good],
+        SpecialTokens.from_dict(model.text.special_tokens),
+        max_length=model.text.max_length,
+        truncation=model.text.truncation,
+    )
+    for index, truncated in zip(good, encoded.truncated, strict=True):
+        results[index]["truncated"] = truncated
+    return results, good, encoded.ids, encoded.truncated
 
 
 def fill_predictions(

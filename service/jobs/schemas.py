@@ -86,7 +86,12 @@ else:
 class StagePreview(BaseModel):
     name: str
     epochs: int
-    image_size: int
+    image_size: int | None = Field(default=None, description="Image base models: input size.")
+    max_length: int | None = Field(default=None, description="Text base models: tokens per text.")
+    objective: str | None = Field(
+        default=None,
+        description="Text base models: `classify`, or `masked_lm` (ulmfit's language-model stage).",
+    )
     schedule: str
     bn_mode: str
     cache_features: bool

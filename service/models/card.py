@@ -47,6 +47,7 @@ def render_card(
     """Markdown: data, training, results, intended use and limits, from the job's own records."""
     counts: dict[str, dict[str, int]] = dataset.get("class_counts", {})
     classes: list[str] = list(metrics.get("classes") or dataset.get("classes", []))
+    items = "texts" if plan.get("modality") == "text" else "images"
     lines = [
         f"# Model card: {model_name}",
         "",
@@ -56,7 +57,7 @@ def render_card(
         "## Data",
         "",
         f"Dataset `{dataset.get('id')}` ({dataset.get('name')}): {dataset.get('num_images', 0)} "
-        f"images in {len(classes)} classes.",
+        f"{items} in {len(classes)} classes.",
         "",
         "| class | train | val | total |",
         "|---|---|---|---|",
@@ -95,6 +96,22 @@ def render_card(
             f"| {row['label']} | {_percent(row.get('precision'))} | {_percent(row.get('recall'))} "
             f"| {_percent(row.get('f1'))} | {row.get('support')} |"
         )
+    lengths: dict[str, Any] | None = metrics.get("token_lengths")
+    if lengths is not None:
+        lines += [
+            "",
+            f"Texts are read up to {lengths['max_length']} tokens (truncation "
+            f"`{lengths['truncation']}`). Token lengths, special tokens included:",
+            "",
+            "| split | texts | min | median | p95 | max | truncated |",
+            "|---|---|---|---|---|---|---|",
+            *(
+                f"| {split} | {row['texts']} | {row['min']} | {row['median']} | {row['p95']} "
+                f"| {row['max']} | {row['truncated']} |"
+                for split, row in lengths.items()
+                if isinstance(row, dict)
+            ),
+        ]
     if onnx is not None:
         lines += [
             "",
@@ -110,8 +127,8 @@ def render_card(
         "",
         "## Intended use",
         "",
-        f"Classifying images into exactly these classes: {', '.join(classes)}. Every input gets "
-        "one of them, so images of anything else still receive a confident-looking label; "
+        f"Classifying {items} into exactly these classes: {', '.join(classes)}. Every input "
+        f"gets one of them, so {items} of anything else still receive a confident-looking label; "
         "check the probabilities and keep a human in the loop where mistakes are costly.",
         "",
         "## Limits",
@@ -125,12 +142,12 @@ def render_card(
     ]
     val_total = sum(count.get("val", 0) for count in counts.values())
     limits = [
-        f"- Results come from {val_total} validation images drawn from the same upload as the "
-        "training images; they overstate accuracy on images from elsewhere."
+        f"- Results come from {val_total} validation {items} drawn from the same upload as the "
+        f"training {items}; they overstate accuracy on {items} from elsewhere."
     ]
     if few:
         limits.append(
-            f"- Classes with fewer than {FEW_EXAMPLES} training images: {', '.join(few)}."
+            f"- Classes with fewer than {FEW_EXAMPLES} training {items}: {', '.join(few)}."
         )
     if weak:
         limits.append(f"- Classes recalled less than {_percent(WEAK_RECALL)}: {', '.join(weak)}.")

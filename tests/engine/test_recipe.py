@@ -2,6 +2,7 @@
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -10,16 +11,22 @@ import pytest
 import torch
 from PIL import Image
 from sklearn.datasets import load_digits
+from torchvision.transforms import v2
 
 from worker.engine import (
     Predictor,
     Sample,
+    TrainingHooks,
+    TrainingPaused,
     TrainingResult,
     TransferConfig,
+    build_model,
     compile_plan,
+    describe_plan,
     export_model,
     run,
 )
+from worker.engine.augment import batch_mix, image_transform
 from worker.engine.calibration import expected_calibration_error, fit_temperature
 from worker.engine.pixels import image_pixels, normalise
 
@@ -147,3 +154,93 @@ def test_predict_answers_calibrated_probabilities_and_raw_ones_on_request(
     for row, want in zip(raw, logits.softmax(dim=1), strict=True):
         for label, probability in row:
             assert probability == pytest.approx(float(want[int(label)]), abs=1e-5)
+
+
+class _PauseAfter(TrainingHooks):
+    def __init__(self, steps: int | None = None) -> None:
+        self.steps = steps
+        self.done = 0
+
+    def on_progress(self, done_steps: int, total_steps: int) -> None:
+        self.done = done_steps
+
+    def should_pause(self) -> bool:
+        return self.steps is not None and self.done >= self.steps
+
+
+AUGMENTED = TransferConfig(
+    base_model="mobilenet_v3_small",
+    strategy="fine_tune",
+    num_classes=3,
+    image_size=64,
+    batch_size=8,
+    epochs=3,
+    pretrained=False,
+    augment="strong",
+    sampler="balanced",
+    class_weights="balanced",
+)
+
+
+def test_augmented_run_paused_mid_epoch_resumes_with_exactly_the_same_weights(
+    tmp_path: Path, colour_data: tuple[list[Sample], list[Sample]]
+) -> None:
+    train, val = colour_data
+    classes = ["r", "g", "b"]
+    plan = compile_plan(AUGMENTED)
+    uninterrupted = run(plan, train=train, val=val, classes=classes)
+    checkpoint = tmp_path / "checkpoint.pt"
+    # 24 images in batches of 8: 3 steps an epoch; pause inside the second epoch.
+    with pytest.raises(TrainingPaused):
+        run(plan, train=train, val=val, classes=classes, hooks=_PauseAfter(4),
+            checkpoint_path=checkpoint)  # fmt: skip
+    resumed = run(
+        plan,
+        train=train,
+        val=val,
+        classes=classes,
+        hooks=_PauseAfter(),
+        checkpoint_path=checkpoint,
+        resume_from=checkpoint,
+    )
+    expected = uninterrupted.model.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in resumed.model.state_dict().items())
+    assert [r.train_loss for r in resumed.history] == [r.train_loss for r in uninterrupted.history]
+    # The augmentation is real: without it the same seed trains other weights.
+    plain = run(compile_plan(replace(AUGMENTED, augment="none")), train=train, val=val,
+                classes=classes)  # fmt: skip
+    assert [r.train_loss for r in plain.history] != [r.train_loss for r in resumed.history]
+
+
+def test_augment_levels_flip_switch_and_the_preview_per_stage() -> None:
+    config = TransferConfig(
+        base_model="resnet18",
+        num_classes=3,
+        image_size=64,
+        pretrained=False,
+        augment="standard",
+        flip=False,
+    )
+    plan = compile_plan(config)
+    kinds = [type(step) for step in image_transform(plan, 64).transforms]
+    assert v2.RandomResizedCrop in kinds
+    assert v2.TrivialAugmentWide in kinds
+    assert v2.RandomHorizontalFlip not in kinds
+    flipped = compile_plan(replace(config, augment="light", flip=True))
+    kinds = [type(step) for step in image_transform(flipped, 64).transforms]
+    assert v2.RandomHorizontalFlip in kinds
+    assert v2.TrivialAugmentWide not in kinds
+    strong = compile_plan(replace(config, augment="strong"))
+    assert v2.RandomErasing in [type(step) for step in image_transform(strong, 64).transforms]
+    assert batch_mix(strong) is not None
+    assert batch_mix(plan) is None
+    # freeze_unfreeze: the cached head stage sees unaugmented features; the unfreeze stage
+    # trains on augmented images.
+    preview = describe_plan(plan, build_model(plan, weights_dir=None))
+    assert [stage["augment"] for stage in preview] == ["none", "standard"]
+
+
+def test_text_models_refuse_image_augmentation_and_the_balanced_sampler() -> None:
+    for setting in ({"augment": "light"}, {"sampler": "balanced"}):
+        with pytest.raises(ValueError, match=next(iter(setting))):
+            compile_plan(TransferConfig(base_model="minilm_l6", num_classes=3, **setting))

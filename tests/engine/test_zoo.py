@@ -39,7 +39,7 @@ TIMM = ["timm:resnet18", "timm:vit_tiny_patch16_224", "timm:convnext_atto"]
 def test_list_base_models_reports_missing_weights_honestly(tmp_path: Path) -> None:
     models = {entry["name"]: entry for entry in list_base_models(tmp_path)}
 
-    assert list(models) == ZOO
+    assert list(models) == [*ZOO, "minilm_l6"]
     assert models["resnet50"]["weights_available"] is False
     assert "resnet50-0676ba61.pth" in models["resnet50"]["weights_hint"]
     assert str(tmp_path) in models["resnet50"]["weights_hint"]

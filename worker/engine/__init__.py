@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     )
     from .predictor import Predictor
     from .spec import BatchNormMode, HeadConfig, Schedule, StageSpec, Strategy
+    from .text import TextSample, token_lengths
     from .train import TrainingResult, run
     from .transferability import Transferability, score_base_model
     from .zoo import (
@@ -72,6 +73,7 @@ _HOMES = {
     ),
     "predictor": ("Predictor",),
     "spec": ("BatchNormMode", "HeadConfig", "Schedule", "StageSpec", "Strategy"),
+    "text": ("TextSample", "token_lengths"),
     "checkpoint": ("load_checkpoint",),
     "loop": (
         "EpochPosition",

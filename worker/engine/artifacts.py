@@ -24,6 +24,8 @@ ONNX_INPUT = "images"
 ONNX_OUTPUT = "logits"
 """The ONNX graph's one input (a float batch, NCHW, preprocessed) and one output (the newest
 task's logits)."""
+ONNX_TEXT_INPUTS = ("input_ids", "attention_mask")
+"""A text model's ONNX inputs: int64 (batch, length) each, both axes dynamic."""
 
 
 class ModelConfigError(ValueError):
@@ -42,6 +44,19 @@ class Preprocessing:
 
 
 @dataclass(frozen=True)
+class TextPreprocessing:
+    """How texts were tokenized in training, and so must be for inference (see `tokens.py`)."""
+
+    tokenizer: str
+    """The tokenizer file in the model folder."""
+    max_length: int
+    truncation: str
+    pooling: str
+    special_tokens: dict[str, int]
+    """`cls_id`, `sep_id`, `pad_id`, `mask_id`."""
+
+
+@dataclass(frozen=True)
 class ExportedTask:
     name: str
     labels: tuple[str, ...]
@@ -56,12 +71,28 @@ class ModelConfig:
     tasks: tuple[ExportedTask, ...]
     """Oldest first; the last is the model's own (newest) task, answered by default. A
     Learning-without-Forgetting model keeps its parents' tasks before it."""
-    preprocessing: Preprocessing
+    preprocessing: Preprocessing | None
+    """An image model's; None for text (see `text`)."""
     plan: dict[str, Any]
     """The training plan as `Plan.to_dict()` wrote it."""
     temperature: float = 1.0
     """The newest task's logits are divided by this before the softmax for calibrated
     probabilities (`config.json`'s `calibration.temperature`; 1 where it has none)."""
+    text: TextPreprocessing | None = None
+    """A text model's tokenization; None for images."""
+    encoder: dict[str, Any] | None = None
+    """A text model's `transformers` encoder config (its architecture, without weights)."""
+
+    @property
+    def modality(self) -> str:
+        return "text" if self.text is not None else "image"
+
+    @property
+    def image(self) -> Preprocessing:
+        """The image preprocessing; ModelConfigError for a text model."""
+        if self.preprocessing is None:
+            raise ModelConfigError("a text model takes texts, not images")
+        return self.preprocessing
 
     @property
     def newest(self) -> ExportedTask:
@@ -90,13 +121,24 @@ def parse_model_config(data: dict[str, Any], *, source: str = CONFIG_FILE) -> Mo
         plan: dict[str, Any] = data["plan"]
         labels = tuple(data["labels"])
         prep = data["preprocessing"]
-        preprocessing = Preprocessing(
-            image_size=int(prep["image_size"]),
-            mean=_triple(prep["mean"]),
-            std=_triple(prep["std"]),
-            resize=prep.get("resize", "bilinear"),
-            color=prep.get("color", "RGB"),
-        )
+        preprocessing, text, encoder = None, None, None
+        if prep.get("modality") == "text":
+            text = TextPreprocessing(
+                tokenizer=str(prep["tokenizer"]),
+                max_length=int(prep["max_length"]),
+                truncation=str(prep["truncation"]),
+                pooling=str(prep["pooling"]),
+                special_tokens={key: int(value) for key, value in prep["special_tokens"].items()},
+            )
+            encoder = dict(data["architecture"]["encoder"])
+        else:
+            preprocessing = Preprocessing(
+                image_size=int(prep["image_size"]),
+                mean=_triple(prep["mean"]),
+                std=_triple(prep["std"]),
+                resize=prep.get("resize", "bilinear"),
+                color=prep.get("color", "RGB"),
+            )
         # Heads come from the plan; the listed `tasks` (present only with old tasks) give the
         # labels in the order the model's heads answer them.
         heads = {task["name"]: task["head"] for task in plan.get("old_tasks", ())}
@@ -112,7 +154,14 @@ def parse_model_config(data: dict[str, Any], *, source: str = CONFIG_FILE) -> Mo
             raise ValueError(f"calibration temperature must be positive; got {temperature}")
     except (KeyError, TypeError, ValueError) as error:
         raise ModelConfigError(f"{source}: not a thaw model config ({error!r})") from None
-    return ModelConfig(tasks=tasks, preprocessing=preprocessing, plan=plan, temperature=temperature)
+    return ModelConfig(
+        tasks=tasks,
+        preprocessing=preprocessing,
+        plan=plan,
+        temperature=temperature,
+        text=text,
+        encoder=encoder,
+    )
 
 
 def read_model_config(model_dir: Path) -> ModelConfig:

@@ -18,29 +18,42 @@ __all__ = ["CONFIG_FILE", "FORMAT", "WEIGHTS_FILE", "export_model", "model_confi
 
 
 def model_config(
-    plan: Plan, labels: list[str], calibration: Calibration | None = None
+    plan: Plan,
+    labels: list[str],
+    *,
+    text: dict[str, Any] | None = None,
+    calibration: Calibration | None = None,
 ) -> dict[str, Any]:
-    """Everything needed to rebuild the model and preprocess images exactly as in training.
+    """Everything needed to rebuild the model and preprocess its inputs exactly as in training.
 
     An LwF model also lists its `tasks`, oldest first; the newest is the default one and
-    the one `labels` describes. `calibration` holds the newest task's temperature.
+    the one `labels` describes. A text model's `text` (from `text_export`) holds its encoder's
+    architecture and its tokenization. `calibration` holds the newest task's temperature.
     """
-    config: dict[str, Any] = {
-        "format": FORMAT,
-        "architecture": {
-            "base_model": plan.base_model,
-            "family": get_base_model_info(plan.base_model).family,
-            "head": asdict(plan.head),
-            "num_classes": plan.num_classes,
-        },
-        "labels": labels,
-        "preprocessing": {
+    architecture: dict[str, Any] = {
+        "base_model": plan.base_model,
+        "family": get_base_model_info(plan.base_model).family,
+        "head": asdict(plan.head),
+        "num_classes": plan.num_classes,
+    }
+    preprocessing: dict[str, Any]
+    if plan.modality == "text":
+        assert text is not None, "a text model's config needs its tokenization"
+        architecture |= {"modality": "text", "encoder": text["encoder"]}
+        preprocessing = text["preprocessing"]
+    else:
+        preprocessing = {
             "image_size": plan.image_size,
             "mean": list(plan.mean),
             "std": list(plan.std),
             "resize": "bilinear",
             "color": "RGB",
-        },
+        }
+    config: dict[str, Any] = {
+        "format": FORMAT,
+        "architecture": architecture,
+        "labels": labels,
+        "preprocessing": preprocessing,
         "plan": plan.to_dict(),
     }
     if calibration is not None:
@@ -53,8 +66,33 @@ def model_config(
     return config
 
 
-def export_model(result: TrainingResult, plan: Plan, out_dir: Path) -> dict[str, Path]:
+def text_export(plan: Plan, out_dir: Path, weights_dir: Path | None) -> dict[str, Any]:
+    """Write a text model's tokenizer files into `out_dir`; its config.json entries."""
+    from .text_zoo import encoder_config_dict, load_tokenizer
+    from .tokens import TOKENIZER_FILE, SpecialTokens
+
+    tokenizer = load_tokenizer(plan.base_model, weights_dir)
+    tokenizer.save_pretrained(out_dir)
+    assert (out_dir / TOKENIZER_FILE).is_file()
+    return {
+        "encoder": encoder_config_dict(plan.base_model),
+        "preprocessing": {
+            "modality": "text",
+            "tokenizer": TOKENIZER_FILE,
+            "max_length": plan.max_length,
+            "truncation": plan.truncation,
+            "pooling": get_base_model_info(plan.base_model).pooling,
+            "special_tokens": asdict(SpecialTokens.of(tokenizer)),
+        },
+    }
+
+
+def export_model(
+    result: TrainingResult, plan: Plan, out_dir: Path, *, weights_dir: Path | None = None
+) -> dict[str, Path]:
+    """Write weights and config.json (and a text model's tokenizer files) into `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    text = text_export(plan, out_dir, weights_dir) if plan.modality == "text" else None
     weights_path = out_dir / WEIGHTS_FILE
     config_path = out_dir / CONFIG_FILE
     # safetensors refuses views and non-contiguous tensors; the copy also leaves the device.
@@ -63,6 +101,8 @@ def export_model(result: TrainingResult, plan: Plan, out_dir: Path) -> dict[str,
         for name, tensor in result.model.state_dict().items()
     }
     save_file(state, weights_path, metadata={"format": FORMAT})
-    config = model_config(plan, result.metrics["classes"], result.calibration)
+    config = model_config(
+        plan, result.metrics["classes"], text=text, calibration=result.calibration
+    )
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     return {"weights": weights_path, "config": config_path}

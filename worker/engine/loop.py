@@ -198,7 +198,12 @@ def train_one_epoch(
 
 
 def evaluate(
-    module: nn.Module, batches: Batches, device: torch.device, precision: Precision | None = None
+    module: nn.Module,
+    batches: Batches,
+    device: torch.device,
+    precision: Precision | None = None,
+    *,
+    keep_logits: bool = True,
 ) -> Evaluation:
     precision = precision or Precision(device.type)
     module.eval()
@@ -213,14 +218,14 @@ def evaluate(
             labels = targets.to(device)
             total_loss += nn.functional.cross_entropy(logits, labels, reduction="sum")
             predictions.append(logits.argmax(dim=1))
-            all_logits.append(logits)
+            if keep_logits:
+                all_logits.append(logits)
             targets_seen.append(labels)
     predicted = torch.cat(predictions)
     correct = int((predicted == torch.cat(targets_seen)).sum())
     count = len(predicted)
-    return Evaluation(
-        float(total_loss) / count, correct / count, predicted.cpu(), torch.cat(all_logits).cpu()
-    )
+    kept = torch.cat(all_logits).cpu() if keep_logits else None
+    return Evaluation(float(total_loss) / count, correct / count, predicted.cpu(), kept)
 
 
 def classification_metrics(

@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .artifacts import WEIGHTS_FILE
-from .plan import HEAD, OLD_HEADS, HeadConfig, Plan, Stage, steps_per_epoch
+from .augment import stage_augment
+from .plan import HEAD, LM_HEAD, OLD_HEADS, HeadConfig, Plan, Stage, steps_per_epoch
 from .zoo import Backbone, build_backbone
 
 logger = logging.getLogger(__name__)
@@ -36,12 +37,18 @@ class TransferModel(nn.Module):
     """
 
     def __init__(
-        self, backbone: Backbone, head: nn.Sequential, old_heads: list[nn.Sequential] | None = None
+        self,
+        backbone: Backbone,
+        head: nn.Sequential,
+        old_heads: list[nn.Sequential] | None = None,
+        lm_head: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.old_heads = nn.ModuleList(old_heads or [])
+        self.lm_head = lm_head
+        """ulmfit: the masked-LM head its LM stage trains (text models with that stage only)."""
         self._frozen_batchnorm: tuple[str, ...] = ()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -57,7 +64,10 @@ class TransferModel(nn.Module):
         old: list[tuple[str, list[nn.Module]]] = (
             [(OLD_HEADS, [self.old_heads])] if len(self.old_heads) else []
         )
-        return [*self.backbone.groups(), *old, (HEAD, [self.head])]
+        lm: list[tuple[str, list[nn.Module]]] = (
+            [(LM_HEAD, [self.lm_head])] if self.lm_head is not None else []
+        )
+        return [*self.backbone.groups(), *lm, *old, (HEAD, [self.head])]
 
     def freeze_batchnorm(self, module_names: tuple[str, ...]) -> None:
         """Keep these BatchNorm modules in eval mode, whatever `train()` later asks for."""
@@ -114,10 +124,34 @@ def build_model(
     feature_dim = backbone.info.feature_dim
     head = build_head(feature_dim, plan.head, plan.num_classes)
     old_heads = [build_head(feature_dim, task.head, len(task.labels)) for task in plan.old_tasks]
-    model = TransferModel(backbone, head, old_heads)
+    lm_head = None
+    if plan.has_lm_stage:
+        from .text_zoo import TextBackbone
+
+        assert isinstance(backbone, TextBackbone)
+        lm_head = backbone.make_lm_head()
+    model = TransferModel(backbone, head, old_heads, lm_head)
     if use_weights and plan.parent_dir is not None:
         _load_parent(model, Path(plan.parent_dir))
     return model
+
+
+def build_model_for_export(plan: Plan, encoder_config: dict[str, Any] | None) -> TransferModel:
+    """The architecture of an exported model, to load its weights into: no pretrained weights
+    are read, and a text model's encoder is built from its exported `transformers` config."""
+    if plan.modality != "text":
+        return build_model(plan, weights_dir=None, pretrained=False)
+    from .text_zoo import build_text_backbone
+
+    backbone = build_text_backbone(
+        plan.base_model, pretrained=False, weights_dir=None, encoder_config=encoder_config
+    )
+    feature_dim = backbone.info.feature_dim
+    old_heads = [build_head(feature_dim, task.head, len(task.labels)) for task in plan.old_tasks]
+    lm_head = backbone.make_lm_head() if plan.has_lm_stage else None
+    return TransferModel(
+        backbone, build_head(feature_dim, plan.head, plan.num_classes), old_heads, lm_head
+    )
 
 
 def freeze(model: TransferModel, trainable_groups: tuple[str, ...]) -> None:
@@ -185,11 +219,16 @@ def describe_plan(
                 "trainable_groups": trainable,
                 "trainable_parameters": sum(group_sizes[name] for name in stage.trainable_groups),
                 "total_parameters": total,
-                "image_size": stage.image_size,
+                **(
+                    {"objective": stage.objective, "max_length": plan.max_length}
+                    if plan.modality == "text"
+                    else {"image_size": stage.image_size}
+                ),
                 "epochs": stage.epochs,
                 "schedule": stage.schedule,
                 "bn_mode": stage.bn_mode,
                 "cache_features": stage.cache_features,
+                "augment": stage_augment(plan, stage),
                 "steps": (
                     None if train_size is None else steps_per_epoch(plan, train_size) * stage.epochs
                 ),

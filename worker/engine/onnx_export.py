@@ -2,6 +2,7 @@
 
 import logging
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .artifacts import ONNX_INPUT, ONNX_OUTPUT
+from .artifacts import ONNX_INPUT, ONNX_OUTPUT, ONNX_TEXT_INPUTS
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,18 @@ class OnnxExport:
         return asdict(self)
 
 
+class _TextInputs(nn.Module):
+    """A text model with ONNX's two inputs, packed into the one tensor the model takes."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.model(torch.stack([input_ids, attention_mask], dim=1))
+        return logits
+
+
 def export_onnx(
     model: nn.Module,
     *,
@@ -44,25 +57,74 @@ def export_onnx(
 
     Never raises for an export problem: a model without ONNX is still a usable model.
     """
+    generator = torch.Generator().manual_seed(seed)
+    samples = [
+        (torch.randn(n, 3, image_size, image_size, generator=generator),) for n in PARITY_BATCHES
+    ]
+    return _export_checked(
+        model,
+        samples,
+        (ONNX_INPUT,),
+        {ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}},
+        out_path,
+        tolerance,
+    )
+
+
+def export_text_onnx(
+    model: nn.Module,
+    *,
+    vocab_size: int,
+    max_length: int,
+    out_path: Path,
+    tolerance: float = PARITY_TOLERANCE,
+    seed: int = 0,
+) -> OnnxExport:
+    """`export_onnx` for a text model: inputs `input_ids` and `attention_mask` (int64, batch
+    and length dynamic), checked on seeded token ids of several lengths with padding."""
+    generator = torch.Generator().manual_seed(seed)
+    samples = []
+    for batch, length in zip(PARITY_BATCHES, (max_length, max(2, max_length // 3)), strict=True):
+        ids = torch.randint(vocab_size, (batch, length), generator=generator)
+        lengths = torch.randint(1, length + 1, (batch,), generator=generator)
+        lengths[0] = length
+        mask = (torch.arange(length) < lengths.unsqueeze(1)).long()
+        samples.append((ids * mask, mask))
+    names = ONNX_TEXT_INPUTS
+    axes = {name: {0: "batch", 1: "length"} for name in names}
+    return _export_checked(
+        _TextInputs(model),
+        samples,
+        names,
+        {**axes, ONNX_OUTPUT: {0: "batch"}},
+        out_path,
+        tolerance,
+    )
+
+
+def _export_checked(
+    model: nn.Module,
+    samples: Sequence[tuple[torch.Tensor, ...]],
+    input_names: tuple[str, ...],
+    dynamic_axes: dict[str, dict[int, str]],
+    out_path: Path,
+    tolerance: float,
+) -> OnnxExport:
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
-    samples = [
-        torch.randn(n, 3, image_size, image_size, generator=generator) for n in PARITY_BATCHES
-    ]
     try:
         with warnings.catch_warnings():
             # The TorchScript exporter is deprecated in favour of the dynamo one, which needs
-            # onnxscript; it still exports these convolutional models exactly.
+            # onnxscript; it still exports these models exactly.
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 model,
-                (samples[0].to(device),),
+                tuple(tensor.to(device) for tensor in samples[0]),
                 str(out_path),
-                input_names=[ONNX_INPUT],
+                input_names=list(input_names),
                 output_names=[ONNX_OUTPUT],
-                dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}},
+                dynamic_axes=dynamic_axes,
                 opset_version=17,
                 dynamo=False,
             )
@@ -70,10 +132,11 @@ def export_onnx(
 
         session = onnxruntime.InferenceSession(str(out_path), providers=["CPUExecutionProvider"])
         max_diff = 0.0
-        for batch in samples:
+        for inputs in samples:
             with torch.no_grad():
-                expected = model(batch.to(device)).cpu().numpy()
-            (actual,) = session.run([ONNX_OUTPUT], {ONNX_INPUT: batch.numpy()})
+                expected = model(*(tensor.to(device) for tensor in inputs)).cpu().numpy()
+            feed = {name: tensor.numpy() for name, tensor in zip(input_names, inputs, strict=True)}
+            (actual,) = session.run([ONNX_OUTPUT], feed)
             max_diff = max(max_diff, float(np.abs(np.asarray(actual) - expected).max()))
     except Exception as exc:
         logger.warning("ONNX export failed: %s: %s", type(exc).__name__, exc)

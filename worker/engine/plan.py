@@ -16,12 +16,17 @@ from .spec import (
     ALL,
     MAX_IMAGE_SIZE,
     MIN_IMAGE_SIZE,
+    MODALITY_DEFAULTS,
+    ULMFIT_LM_LR,
+    ULMFIT_LR_DECAY,
     BatchNormMode,
     HeadConfig,
+    Modality,
     RunSettings,
     Schedule,
     StageSpec,
     TransferSettings,
+    Truncation,
     check_settings,
     decode,
 )
@@ -32,6 +37,11 @@ OLD_HEADS = "old_heads"
 """The group holding a parent's heads in an LwF model (the tasks it must not forget)."""
 TOP = "top:"
 DEFAULT_TASK = "main"
+LM_HEAD = "lm_head"
+"""ulmfit: the group of the masked-LM head, present only in a model whose plan has an LM stage."""
+CLASSIFY = "classify"
+MASKED_LM = "masked_lm"
+"""A stage's objective: the new task's classes, or (ulmfit) masked tokens of the texts."""
 
 
 @dataclass(frozen=True)
@@ -107,11 +117,14 @@ class Stage:
     epochs: int
     schedule: Schedule
     bn_mode: BatchNormMode
-    image_size: int
+    image_size: int | None
+    """None for text (see `Plan.max_length`)."""
     cache_features: bool
     """True when no backbone group trains, so backbone features can be computed once."""
     distill: bool = False
     """LwF: the old heads' outputs are kept close to the parent's by a distillation loss."""
+    objective: str = CLASSIFY
+    """`classify`, or `masked_lm` (ulmfit's language-model stage on the texts)."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +150,11 @@ class Plan(RunSettings):
     std: tuple[float, float, float]
     parent_dir: str | None = None
     """Start from this exported model's weights instead of ImageNet's."""
+    modality: Modality = "image"
+    max_length: int | None = None
+    """Text: tokens per text, special tokens included."""
+    truncation: Truncation | None = None
+    """Text: which tokens a longer text keeps."""
     task_name: str = DEFAULT_TASK
     old_tasks: tuple[TaskInfo, ...] = ()
     """LwF: the parent's tasks, whose heads are kept beside the new one."""
@@ -146,7 +164,14 @@ class Plan(RunSettings):
     @property
     def image_size(self) -> int:
         """The size the finished model was last trained at, hence the one to predict at."""
-        return self.stages[-1].image_size
+        size = self.stages[-1].image_size
+        if size is None:
+            raise ValueError(f"a {self.modality} plan has no image size")
+        return size
+
+    @property
+    def has_lm_stage(self) -> bool:
+        return any(stage.objective == MASKED_LM for stage in self.stages)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -210,11 +235,14 @@ class _Base:
 
     base_model: str
     backbone_groups: tuple[str, ...]
-    image_size: int
+    image_size: int | None
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     parent_location: str | None
     old_tasks: tuple[TaskInfo, ...]
+    modality: Modality = "image"
+    max_length: int | None = None
+    truncation: Truncation | None = None
 
     @property
     def head_groups(self) -> tuple[str, ...]:
@@ -233,9 +261,61 @@ def parent_tasks(config: ModelConfig) -> tuple[TaskInfo, ...]:
     )
 
 
+def _check_modality_settings(config: TransferConfig, base_model: str, modality: str) -> None:
+    """Settings of the other modality are refused, so a preview never shows one that is unused."""
+    if modality == "text":
+        for name in ("image_size", "progressive_resizing"):
+            if getattr(config, name) is not None:
+                raise ValueError(f"{name}: {base_model} is a text model; {name} is for images")
+        if config.stages is not None:
+            for index, spec in enumerate(config.stages):
+                if spec.image_size is not None:
+                    raise ValueError(
+                        f"stages[{index}].image_size: {base_model} is a text model; "
+                        "image_size is for images"
+                    )
+        if config.augment != "none":
+            raise ValueError(f"augment: {base_model} is a text model; augment is for images")
+        if config.sampler != "shuffle":
+            raise ValueError(
+                f"sampler: {base_model} is a text model, whose batches group texts by length; "
+                "use class_weights for imbalanced classes"
+            )
+        return
+    for name in ("max_length", "truncation", "lm_epochs", "lm_lr"):
+        if getattr(config, name) is not None:
+            raise ValueError(f"{name}: {base_model} is an image model; {name} is for text")
+    if config.strategy == "ulmfit":
+        raise ValueError(f"strategy: ulmfit is for text base models; {base_model} takes images")
+
+
+def _text_length(config: TransferConfig, base_model: str, model_max: int) -> int:
+    wanted = config.max_length or MODALITY_DEFAULTS["text"].max_length or model_max
+    if config.max_length is not None and config.max_length > model_max:
+        raise ValueError(
+            f"max_length: {base_model} reads at most {model_max} tokens; got {config.max_length}"
+        )
+    return min(wanted, model_max)
+
+
 def _resolve_base(config: TransferConfig) -> _Base:
     if config.parent is None:
         info = get_base_model_info(config.base_model)
+        _check_modality_settings(config, config.base_model, info.modality)
+        if info.modality == "text":
+            assert info.max_length is not None
+            return _Base(
+                base_model=config.base_model,
+                backbone_groups=info.group_names,
+                image_size=None,
+                mean=info.mean,
+                std=info.std,
+                parent_location=None,
+                old_tasks=(),
+                modality="text",
+                max_length=_text_length(config, config.base_model, info.max_length),
+                truncation=config.truncation or "head",
+            )
         if info.fixed_input_size and config.image_size not in (None, info.input_size):
             raise ValueError(
                 f"image_size: {config.base_model} only accepts {info.input_size}px images; "
@@ -253,12 +333,32 @@ def _resolve_base(config: TransferConfig) -> _Base:
     parent = config.parent.config
     parent_plan = Plan.from_dict(parent.plan)
     info = get_base_model_info(parent_plan.base_model)
+    _check_modality_settings(config, parent_plan.base_model, parent_plan.modality)
     old_tasks = parent_tasks(parent) if config.strategy == "lwf" else ()
     clash = [task.name for task in old_tasks if task.name == _task_name(config)]
     if clash:
         raise ValueError(
             f"task_name: the parent already answers a task named {clash[0]!r}; "
             "give the new task another name"
+        )
+    if parent_plan.modality == "text":
+        assert info.max_length is not None
+        assert parent_plan.max_length is not None
+        return _Base(
+            base_model=parent_plan.base_model,
+            backbone_groups=info.group_names,
+            image_size=None,
+            mean=parent_plan.mean,
+            std=parent_plan.std,
+            parent_location=config.parent.location,
+            old_tasks=old_tasks,
+            modality="text",
+            max_length=(
+                _text_length(config, parent_plan.base_model, info.max_length)
+                if config.max_length is not None
+                else parent_plan.max_length
+            ),
+            truncation=config.truncation or parent_plan.truncation or "head",
         )
     return _Base(
         base_model=parent_plan.base_model,
@@ -282,16 +382,18 @@ def _stage(
     schedule: Schedule | None = None,
     lr_decay: float | None = None,
     bn_mode: BatchNormMode | None = None,
+    objective: str = CLASSIFY,
 ) -> Stage:
     """A stage with discriminative rates below `top_lr`, following the config's defaults."""
-    cache = not set(trainable) & set(base.backbone_groups)
+    cache = objective == CLASSIFY and not set(trainable) & set(base.backbone_groups)
     if top_lr is None:
-        top_lr = config.lr if cache else config.lr * config.fine_tune_lr_factor
+        head_lr, factor = _rates(config, base)
+        top_lr = head_lr if cache else head_lr * factor
     return Stage(
         name=name,
         trainable_groups=trainable,
         group_lrs=_discriminative_lrs(
-            top_lr, trainable, config.lr_decay if lr_decay is None else lr_decay
+            top_lr, trainable, _lr_decay(config, base) if lr_decay is None else lr_decay
         ),
         epochs=epochs,
         schedule=schedule or config.schedule,
@@ -299,7 +401,29 @@ def _stage(
         image_size=base.image_size,
         cache_features=cache,
         # The old heads learn nothing new without backbone changes, so there is nothing to keep.
-        distill=bool(base.old_tasks) and not cache,
+        distill=bool(base.old_tasks) and not cache and objective == CLASSIFY,
+        objective=objective,
+    )
+
+
+def _lr_decay(config: TransferConfig, base: _Base) -> float:
+    if config.lr_decay is not None:
+        return config.lr_decay
+    if config.strategy == "ulmfit":
+        return ULMFIT_LR_DECAY
+    return MODALITY_DEFAULTS[base.modality].lr_decay
+
+
+def _rates(config: TransferConfig, base: _Base) -> tuple[float, float]:
+    """The head's rate on a frozen backbone, and the factor once the backbone trains."""
+    defaults = MODALITY_DEFAULTS[base.modality]
+    return (
+        config.lr if config.lr is not None else defaults.lr,
+        (
+            config.fine_tune_lr_factor
+            if config.fine_tune_lr_factor is not None
+            else defaults.fine_tune_lr_factor
+        ),
     )
 
 
@@ -322,7 +446,7 @@ def _preset_stages(config: TransferConfig, base: _Base) -> tuple[Stage, ...]:
                 name="scratch",
                 trainable=everything,
                 epochs=config.epochs,
-                top_lr=config.lr,
+                top_lr=_rates(config, base)[0],
                 lr_decay=1.0,
                 bn_mode="train",
             ),
@@ -335,20 +459,10 @@ def _preset_stages(config: TransferConfig, base: _Base) -> tuple[Stage, ...]:
             )
         trainable = _top(base, config.partial_groups)
         return (_stage(config, base, name="partial", trainable=trainable, epochs=config.epochs),)
+    if config.strategy == "ulmfit":
+        return (*_lm_stages(config, base), *_gradual_unfreeze(config, base))
     if config.strategy == "gradual_unfreeze":
-        # ULMFiT: one more group per epoch from the top; the last stage takes what is left.
-        count = min(config.epochs, len(base.backbone_groups) + 1)
-        return tuple(
-            _stage(
-                config,
-                base,
-                name=HEAD if k == 0 else f"unfreeze_top_{k}",
-                trainable=(HEAD,) if k == 0 else _top(base, k),
-                epochs=1 if k < count - 1 else config.epochs - k,
-                schedule="slanted_triangular",
-            )
-            for k in range(count)
-        )
+        return _gradual_unfreeze(config, base)
     # freeze_unfreeze and lwf: the new head alone, then everything together.
     return (
         _stage(config, base, name=HEAD, trainable=(HEAD,), epochs=head_epochs),
@@ -359,6 +473,41 @@ def _preset_stages(config: TransferConfig, base: _Base) -> tuple[Stage, ...]:
             trainable=everything,
             epochs=config.epochs - head_epochs,
         ),
+    )
+
+
+def _lm_stages(config: TransferConfig, base: _Base) -> tuple[Stage, ...]:
+    """ulmfit's target-task language-model stage: the encoder and an LM head, on masked tokens."""
+    epochs = config.lm_epochs if config.lm_epochs is not None else 1
+    if epochs == 0:
+        return ()
+    return (
+        _stage(
+            config,
+            base,
+            name=MASKED_LM,
+            trainable=(*base.backbone_groups, LM_HEAD),
+            epochs=epochs,
+            top_lr=config.lm_lr if config.lm_lr is not None else ULMFIT_LM_LR,
+            schedule="slanted_triangular",
+            objective=MASKED_LM,
+        ),
+    )
+
+
+def _gradual_unfreeze(config: TransferConfig, base: _Base) -> tuple[Stage, ...]:
+    # ULMFiT: one more group per epoch from the top; the last stage takes what is left.
+    count = min(config.epochs, len(base.backbone_groups) + 1)
+    return tuple(
+        _stage(
+            config,
+            base,
+            name=HEAD if k == 0 else f"unfreeze_top_{k}",
+            trainable=(HEAD,) if k == 0 else _top(base, k),
+            epochs=1 if k < count - 1 else config.epochs - k,
+            schedule="slanted_triangular",
+        )
+        for k in range(count)
     )
 
 
@@ -416,7 +565,9 @@ def _spec_stage(config: TransferConfig, base: _Base, index: int, spec: StageSpec
                 f"{where}.lrs: rates must be positive; {bad[0]!r} is {spec.lrs[bad[0]]}"
             )
         stage = replace(stage, group_lrs={name: spec.lrs[name] for name in trainable})
-    return replace(stage, image_size=spec.image_size or base.image_size)
+    return replace(
+        stage, image_size=base.image_size if spec.image_size is None else spec.image_size
+    )
 
 
 def _split_epochs(epochs: int, parts: int) -> list[int]:
@@ -446,6 +597,8 @@ def compile_plan(config: TransferConfig) -> Plan:
     if config.parent is None:
         get_base_model_info(config.base_model)
     _validate(config)
+    if config.strategy == "ulmfit" and config.stages is not None:
+        raise ValueError("the ulmfit strategy compiles its own stages; drop stages")
     base = _resolve_base(config)
     stages = (
         tuple(_spec_stage(config, base, i, spec) for i, spec in enumerate(config.stages))
@@ -477,6 +630,9 @@ def compile_plan(config: TransferConfig) -> Plan:
         mean=base.mean,
         std=base.std,
         parent_dir=base.parent_location,
+        modality=base.modality,
+        max_length=base.max_length,
+        truncation=base.truncation,
         task_name=_task_name(config),
         old_tasks=base.old_tasks,
         extra=extra,

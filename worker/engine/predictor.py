@@ -11,9 +11,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from .artifacts import CONFIG_FILE, WEIGHTS_FILE, ModelConfig, parse_model_config
-from .model import TransferModel, build_model
+from .model import TransferModel, build_model_for_export
 from .pixels import image_pixels, normalise
 from .plan import Plan
+from .tokens import Encoded, SpecialTokens, encode, load_backend, pad
+
+Top = list[tuple[str, float]]
 
 
 class Predictor:
@@ -27,17 +30,30 @@ class Predictor:
         """The default (newest) task's labels."""
         self.tasks: dict[str, list[str]] = self.exported.task_labels()
         """Labels per task name, oldest first; a single-task model has just its own."""
+        self.tokenizer: Any = None
+        """A text model's `tokenizers.Tokenizer` (set by `load`)."""
 
     @classmethod
     def load(cls, model_dir: Path, device: str = "cpu") -> Self:
         config = json.loads((model_dir / CONFIG_FILE).read_text())
-        plan = Plan.from_dict(parse_model_config(config, source=str(model_dir)).plan)
-        # The exported weights replace everything, so no ImageNet weights are needed here.
-        model = build_model(plan, weights_dir=None, pretrained=False)
+        exported = parse_model_config(config, source=str(model_dir))
+        plan = Plan.from_dict(exported.plan)
+        # The exported weights replace everything, so no pretrained weights are needed here.
+        model = build_model_for_export(plan, exported.encoder)
         model.load_state_dict(load_file(model_dir / WEIGHTS_FILE), strict=True)
         torch_device = torch.device(device)
         model.to(torch_device).eval()
-        return cls(model, config, torch_device)
+        predictor = cls(model, config, torch_device)
+        if exported.text is not None:
+            predictor.tokenizer = load_backend(model_dir)
+        return predictor
+
+    def _task(self, task: str | None) -> tuple[int, list[str]]:
+        names = list(self.tasks)
+        if task is not None and task not in names:
+            raise ValueError(f"unknown task {task!r}; this model answers {names}")
+        index = len(names) - 1 if task is None else names.index(task)
+        return index, self.tasks[names[index]]
 
     def predict(
         self,
@@ -46,23 +62,57 @@ class Predictor:
         task: str | None = None,
         *,
         calibrated: bool = True,
-    ) -> list[list[tuple[str, float]]]:
+    ) -> list[Top]:
         """Top-k (label, probability) per image, most probable first.
 
         `task` picks one of a multi-task (LwF) model's tasks by name; None is the newest.
         Probabilities are temperature-scaled as fitted at publish (`calibration.py`) unless
         `calibrated` is False.
         """
-        names = list(self.tasks)
-        if task is not None and task not in names:
-            raise ValueError(f"unknown task {task!r}; this model answers {names}")
-        index = len(names) - 1 if task is None else names.index(task)
-        labels = self.tasks[names[index]]
+        index, labels = self._task(task)
         if not images:
             return []
-        preprocessing = self.exported.preprocessing
+        preprocessing = self.exported.image
         pixels = np.stack([image_pixels(image, preprocessing.image_size) for image in images])
         batch = torch.from_numpy(normalise(pixels, preprocessing)).to(self.device)
+        return self._top(batch, index, labels, top_k, calibrated)
+
+    def encode_texts(self, texts: Sequence[str]) -> Encoded:
+        """Texts tokenized and truncated exactly as in training."""
+        text = self.exported.text
+        if text is None:
+            raise ValueError("this model takes images, not texts")
+        return encode(
+            self.tokenizer,
+            texts,
+            SpecialTokens.from_dict(text.special_tokens),
+            max_length=text.max_length,
+            truncation=text.truncation,
+        )
+
+    def predict_texts(
+        self,
+        texts: Sequence[str],
+        top_k: int = 5,
+        task: str | None = None,
+        *,
+        calibrated: bool = True,
+    ) -> list[tuple[Top, bool]]:
+        """Top-k (label, probability) per text, most probable first, and whether the text was
+        truncated to the model's length; calibrated as `predict`."""
+        index, labels = self._task(task)
+        if not texts:
+            return []
+        encoded = self.encode_texts(texts)
+        assert self.exported.text is not None
+        ids, mask = pad(encoded.ids, self.exported.text.special_tokens["pad_id"])
+        batch = torch.stack([torch.from_numpy(ids), torch.from_numpy(mask)], dim=1)
+        tops = self._top(batch.to(self.device), index, labels, top_k, calibrated)
+        return list(zip(tops, encoded.truncated, strict=True))
+
+    def _top(
+        self, batch: torch.Tensor, index: int, labels: list[str], top_k: int, calibrated: bool
+    ) -> list[Top]:
         with torch.inference_mode():
             logits = self.model.forward_tasks(batch)[index]
         temperature = self.exported.temperatures()[index] if calibrated else 1.0

@@ -26,13 +26,17 @@ Strategy = Literal[
     "gradual_unfreeze",
     "lwf",
     "scratch",
+    "ulmfit",
 ]
 Schedule = Literal["constant", "cosine", "one_cycle", "slanted_triangular"]
 BatchNormMode = Literal["train", "frozen"]
 OptimizerName = Literal["adamw", "sgd"]
 Device = Literal["cpu", "cuda"]
+Modality = Literal["image", "text"]
+Truncation = Literal["head", "head_tail"]
 ClassWeights = Literal["none", "balanced"]
 SamplerName = Literal["shuffle", "balanced"]
+AugmentLevel = Literal["none", "light", "standard", "strong"]
 
 MIN_IMAGE_SIZE = 64
 MAX_IMAGE_SIZE = 1024
@@ -41,6 +45,33 @@ MAX_EPOCHS = 1000
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,99}$"
 ALL = "all"
 IMAGE_SIZE_RANGE = f" must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE}"
+MIN_MAX_LENGTH = 8
+MAX_MAX_LENGTH = 4096
+
+
+@dataclass(frozen=True)
+class ModalityDefaults:
+    """What a setting left out of a spec becomes, per modality of the base model."""
+
+    lr: float
+    """The head's rate while the backbone is frozen."""
+    fine_tune_lr_factor: float
+    lr_decay: float
+    max_length: int | None = None
+    """Tokens per text (capped at the base model's own maximum)."""
+
+
+MODALITY_DEFAULTS: dict[str, ModalityDefaults] = {
+    "image": ModalityDefaults(lr=1e-3, fine_tune_lr_factor=0.1, lr_decay=2.6),
+    # A head on frozen sentence embeddings takes a higher rate than a conv head. Once the
+    # encoder trains, the head runs at 2e-3 * 0.05 = 1e-4 and each layer below 1.2 times
+    # less (the top layer ≈ 8e-5, the embeddings ≈ 3e-5): BERT's usual range, with the mild
+    # layer-wise decay Sun et al. 2019 found best. ulmfit keeps ULMFiT's 2.6.
+    "text": ModalityDefaults(lr=2e-3, fine_tune_lr_factor=0.05, lr_decay=1.2, max_length=128),
+}
+ULMFIT_LR_DECAY = 2.6
+ULMFIT_LM_LR = 1e-4
+"""ulmfit: the masked-LM stage's rate (the encoder's top layer; ÷ lr_decay per layer below)."""
 
 _SETTING = "thaw.setting"
 
@@ -177,6 +208,17 @@ class RunSettings:
         description="End a stage when the val loss has not improved for this many epochs, "
         "and keep the weights with the lowest val loss.",
     )
+    augment: AugmentLevel = setting(
+        "none",
+        description="Image models, stages that train the backbone: `light` random resized "
+        "crop and horizontal flip; `standard` adds TrivialAugmentWide; `strong` adds random "
+        "erasing and MixUp/CutMix. Text models: must stay `none`.",
+    )
+    flip: bool = setting(
+        True,
+        description="Include the horizontal flip in `augment`; false where mirroring changes "
+        "the class (digits, text in images).",
+    )
     device: Device = setting("cpu", description="`cuda` sends the job to the `gpu` queue.")
     lwf_temperature: float = setting(2.0, gt=0.0, le=100.0)
     lwf_lambda: float = setting(
@@ -202,7 +244,13 @@ class TransferSettings(RunSettings):
     strategy: Strategy = setting("freeze_unfreeze", description="A preset; see the README's table.")
     head: HeadConfig = setting(HeadConfig())
     epochs: int = setting(6, ge=1, le=MAX_EPOCHS)
-    lr: float = setting(1e-3, gt=0.0, le=MAX_LR)
+    lr: float | None = setting(
+        None,
+        gt=0.0,
+        le=MAX_LR,
+        description="The head's rate while the backbone is frozen. Default: 0.001 for image "
+        "base models, 0.002 for text.",
+    )
     image_size: int | None = setting(
         None,
         ge=MIN_IMAGE_SIZE,
@@ -211,15 +259,19 @@ class TransferSettings(RunSettings):
         description="Default: the base model's input size.",
     )
     schedule: Schedule = setting("cosine")
-    lr_decay: float = setting(
-        2.6, ge=1.0, le=100.0, description="Discriminative rate: each lower group ÷ this."
+    lr_decay: float | None = setting(
+        None,
+        ge=1.0,
+        le=100.0,
+        description="Discriminative rate: each lower group ÷ this. Default: 2.6 for image base "
+        "models and ulmfit, 1.2 for other text strategies.",
     )
-    fine_tune_lr_factor: float = setting(
-        0.1,
+    fine_tune_lr_factor: float | None = setting(
+        None,
         gt=0.0,
         le=1.0,
         description="Once the backbone trains, the head's rate is lr * this (then ÷ lr_decay "
-        "per lower group).",
+        "per lower group). Default: 0.1 for image base models, 0.05 for text.",
     )
     bn_mode: BatchNormMode = setting(
         "frozen",
@@ -254,6 +306,32 @@ class TransferSettings(RunSettings):
         "model answers it beside its parent's tasks.",
     )
     pretrained: bool = setting(True, description="Start from the zoo's pretrained weights.")
+    max_length: int | None = setting(
+        None,
+        ge=MIN_MAX_LENGTH,
+        le=MAX_MAX_LENGTH,
+        description="Text base models: tokens per text, special tokens included (default 128, "
+        "at most the base model's maximum). Images: must be left out.",
+    )
+    truncation: Truncation | None = setting(
+        None,
+        description="Text base models: what a longer text keeps: `head` (default; its first "
+        "tokens) or `head_tail` (its first quarter and last three quarters of the budget, as "
+        "Sun et al. 2019 found best). Images: must be left out.",
+    )
+    lm_epochs: int | None = setting(
+        None,
+        ge=0,
+        le=MAX_EPOCHS,
+        description="ulmfit: epochs of the masked-LM stage on the dataset's texts before the "
+        "classifier (default 1; 0 leaves the stage out). Not counted in `epochs`.",
+    )
+    lm_lr: float | None = setting(
+        None,
+        gt=0.0,
+        le=MAX_LR,
+        description="ulmfit: the masked-LM stage's top rate (default 1e-4; ÷ lr_decay per layer).",
+    )
 
 
 def check_settings(value: Any, where: str = "") -> None:

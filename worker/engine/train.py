@@ -18,6 +18,7 @@ features) each stage trains on in `stage_data`.
 import logging
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,11 +43,15 @@ from .loop import (
     train_one_epoch,
 )
 from .lwf import LwFLoss
+from .modality import inputs_for
 from .model import TransferModel, build_model, freeze, make_param_groups, set_batchnorm_mode
 from .optim import EarlyStopping, make_optimizer, make_scheduler
-from .plan import Plan, Stage, steps_per_epoch
+from .plan import CLASSIFY, MASKED_LM, Plan, Stage
 from .resume import ResumeState, StageStart
-from .stage_data import ImageStageData, StageBatches
+from .stage_data import StageBatches, StageData
+from .text import TextSample
+
+Samples = Sequence[Sample] | Sequence[TextSample]
 
 logger = logging.getLogger(__name__)
 
@@ -73,14 +78,15 @@ class _Training:
 
     plan: Plan
     model: TransferModel
-    data: ImageStageData
+    data: StageData
     device: torch.device
     precision: Precision
     shuffle: torch.Generator
     """The stream every shuffled loader draws its batch order from."""
     hooks: TrainingHooks
     progress: Progress
-    steps_per_epoch: int
+    stage_steps: list[int]
+    """Optimizer steps per epoch of each stage."""
     checkpoint_path: Path | None
     stopping: EarlyStopping
     history: list[EpochResult] = field(default_factory=list)
@@ -102,16 +108,20 @@ class _StageSetup:
 def run(
     plan: Plan,
     *,
-    train: list[Sample],
-    val: list[Sample],
+    train: Samples,
+    val: Samples,
     classes: list[str],
     hooks: TrainingHooks | None = None,
     weights_dir: Path | None = None,
     checkpoint_path: Path | None = None,
     num_workers: int = 0,
     resume_from: Path | None = None,
+    unlabelled: Sequence[str] = (),
 ) -> TrainingResult:
     """Train a model by `plan` and evaluate it on `val` after every epoch.
+
+    `train` and `val` are `Sample`s (image files) for an image plan, `TextSample`s for a text
+    plan; `unlabelled` texts join the training texts in ulmfit's masked-LM stage.
 
     Deterministic for a given seed, device and thread count. With early stopping, a stage
     ends once its val loss has not improved on the best so far for `patience` epochs, and
@@ -138,6 +148,7 @@ def run(
         weights_dir=weights_dir,
         checkpoint_path=checkpoint_path,
         num_workers=num_workers,
+        unlabelled=unlabelled,
     )
     # Before any training, so the recording is of the parent as it was (also on resume).
     training.data.record_old_outputs()
@@ -150,11 +161,14 @@ def run(
     return _result(training, val, classes)
 
 
-def _check_inputs(plan: Plan, train: list[Sample], val: list[Sample], classes: list[str]) -> None:
+def _check_inputs(plan: Plan, train: Samples, val: Samples, classes: list[str]) -> None:
     if len(classes) != plan.num_classes:
         raise ValueError(f"{len(classes)} class names for a {plan.num_classes}-class plan")
     if not train or not val:
-        raise ValueError("training needs at least one training and one validation image")
+        raise ValueError(f"training needs at least one training and one validation {plan.modality}")
+    kind = TextSample if plan.modality == "text" else Sample
+    if not all(isinstance(sample, kind) for sample in [*train, *val]):
+        raise ValueError(f"a {plan.modality} plan trains on {kind.__name__}s")
     labels = {sample.label for sample in [*train, *val]}
     if not labels <= set(range(plan.num_classes)):
         raise ValueError(f"labels outside 0..{plan.num_classes - 1}: {sorted(labels)}")
@@ -162,13 +176,14 @@ def _check_inputs(plan: Plan, train: list[Sample], val: list[Sample], classes: l
 
 def _set_up_run(
     plan: Plan,
-    train: list[Sample],
-    val: list[Sample],
+    train: Samples,
+    val: Samples,
     hooks: TrainingHooks,
     *,
     weights_dir: Path | None,
     checkpoint_path: Path | None,
     num_workers: int,
+    unlabelled: Sequence[str],
 ) -> _Training:
     """Seed the random streams, then build the model and the data every stage draws on."""
     seed_everything(plan.seed)
@@ -178,17 +193,30 @@ def _set_up_run(
     model = build_model(plan, weights_dir=weights_dir).to(device)
     if precision.channels_last:
         model.to(memory_format=torch.channels_last)
-    steps = steps_per_epoch(plan, len(train))
-    progress = Progress(hooks, sum(stage.epochs for stage in plan.stages) * steps)
-    data = ImageStageData(
+    inputs = inputs_for(
+        plan,
+        train,
+        val,
+        unlabelled=unlabelled,
+        weights_dir=weights_dir,
+        device=device,
+        shuffle=shuffle,
+        num_workers=num_workers,
+    )
+    stage_steps = [inputs.steps(train, stage) for stage in plan.stages]
+    progress = Progress(
+        hooks,
+        sum(stage.epochs * steps for stage, steps in zip(plan.stages, stage_steps, strict=True)),
+    )
+    data = StageData(
         plan,
         model,
         train,
         val,
+        inputs=inputs,
         device=device,
         precision=precision,
         shuffle=shuffle,
-        num_workers=num_workers,
         check_cancelled=progress.check_cancelled,
     )
     return _Training(
@@ -200,7 +228,7 @@ def _set_up_run(
         shuffle=shuffle,
         hooks=hooks,
         progress=progress,
-        steps_per_epoch=steps,
+        stage_steps=stage_steps,
         checkpoint_path=checkpoint_path,
         stopping=EarlyStopping(plan.early_stopping_patience),
     )
@@ -211,7 +239,10 @@ def _resume(training: _Training, resumed: ResumeState) -> tuple[int, StageStart]
     training.history = resumed.restore(training.model, training.stopping)
     completed_epochs = len(training.history)
     steps_into_epoch = resumed.steps_into_epoch
-    training.progress.done_steps = completed_epochs * training.steps_per_epoch + steps_into_epoch
+    training.progress.done_steps = (
+        sum(training.stage_steps[entry.stage_index] for entry in training.history)
+        + steps_into_epoch
+    )
     training.hooks.on_resume(completed_epochs, steps_into_epoch)
     return resumed.stage_index, resumed.stage_start
 
@@ -254,6 +285,8 @@ def _set_up_stage(training: _Training, stage_index: int) -> _StageSetup:
 
 
 def _loss_for(plan: Plan, stage: Stage, training: _Training) -> nn.Module:
+    if stage.objective == MASKED_LM:
+        return nn.CrossEntropyLoss()
     weights = loss_weights(plan, [sample.label for sample in training.data.train])
     if weights is not None:
         weights = weights.to(training.device)
@@ -271,7 +304,12 @@ def _train_epoch(training: _Training, setup: _StageSetup, epoch: int, start: Sta
     started = time.perf_counter()
     train_loss = _train_steps(training, setup, epoch, start)
     evaluation = evaluate(
-        setup.batches.evaluated, setup.batches.val, training.device, training.precision
+        setup.batches.evaluated,
+        setup.batches.val,
+        training.device,
+        training.precision,
+        # Calibration needs the classifier's; a masked-LM stage's span the vocabulary.
+        keep_logits=setup.stage.objective == CLASSIFY,
     )
     result = EpochResult(
         stage=setup.stage.name,
@@ -295,7 +333,13 @@ def _train_epoch(training: _Training, setup: _StageSetup, epoch: int, start: Sta
         evaluation.accuracy,
         result.seconds,
     )
-    stop = training.stopping.update(training.model, evaluation)
+    # A masked-LM epoch's loss is over tokens, not the task's classes: early stopping, and the
+    # weights and metrics it keeps, follow the classification stages only.
+    stop = (
+        False
+        if setup.stage.objective == MASKED_LM
+        else training.stopping.update(training.model, evaluation)
+    )
     _write_checkpoint(training, setup, epoch=epoch, stage_done=stop or epoch == setup.stage.epochs)
     training.hooks.on_epoch_end(result)
     return stop
@@ -366,7 +410,7 @@ def _write_checkpoint(
     save_checkpoint(training.checkpoint_path, state)
 
 
-def _result(training: _Training, val: list[Sample], classes: list[str]) -> TrainingResult:
+def _result(training: _Training, val: Samples, classes: list[str]) -> TrainingResult:
     """The model as early stopping kept it, with that evaluation's metrics."""
     kept = training.stopping.kept
     assert kept is not None, "every plan has at least one epoch"
@@ -376,6 +420,7 @@ def _result(training: _Training, val: list[Sample], classes: list[str]) -> Train
     metrics["val_loss"] = kept.loss
     calibration = calibrate(kept.logits, targets) if kept.logits is not None else None
     metrics["calibration"] = calibration.to_dict() if calibration is not None else None
+    metrics |= training.data.inputs.describe()
     logger.info(
         "finished: val accuracy %.4f, val loss %.4f", metrics["val_accuracy"], metrics["val_loss"]
     )

