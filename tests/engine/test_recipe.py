@@ -26,8 +26,9 @@ from worker.engine import (
     export_model,
     run,
 )
-from worker.engine.augment import batch_mix, image_transform
+from worker.engine.augment import augmented_batches, batch_mix, image_transform
 from worker.engine.calibration import expected_calibration_error, fit_temperature
+from worker.engine.imbalance import training_sampler
 from worker.engine.pixels import image_pixels, normalise
 
 CLASSES = [str(digit) for digit in range(10)]
@@ -244,3 +245,24 @@ def test_text_models_refuse_image_augmentation_and_the_balanced_sampler() -> Non
     for setting in ({"augment": "light"}, {"sampler": "balanced"}):
         with pytest.raises(ValueError, match=next(iter(setting))):
             compile_plan(TransferConfig(base_model="minilm_l6", num_classes=3, **setting))
+
+
+def test_each_sample_is_augmented_alike_whichever_process_loads_it(
+    colour_data: tuple[list[Sample], list[Sample]],
+) -> None:
+    """Every crop, flip, operation and mix comes from the seed drawn with the sample order, so
+    loading with worker processes (a resumed job's worker may use another count) changes
+    nothing."""
+    train, _ = colour_data
+    plan = compile_plan(AUGMENTED)
+    epochs = []
+    for workers in (0, 2):
+        generator = torch.Generator().manual_seed(0)
+        sampler = training_sampler(plan, [sample.label for sample in train], generator)
+        loader = augmented_batches(train, plan, 64, generator, sampler, num_workers=workers)
+        epochs.append(list(loader))
+    for (images, targets), (other_images, other_targets) in zip(*epochs, strict=True):
+        assert torch.equal(images, other_images)
+        assert torch.equal(targets, other_targets)
+    # MixUp/CutMix made the targets class probabilities.
+    assert epochs[0][0][1].dtype == torch.float32

@@ -14,7 +14,8 @@ Exact resume: every random choice comes from a seed drawn from the run's shuffle
 together with the epoch's sample order (`SeededSampler`), and is made inside
 `torch.random.fork_rng` seeded with it. A resumed run restores the generator to the epoch's
 start, draws the same order and seeds, and so makes the same crops, flips and mixes, whichever
-worker process loads the sample.
+worker process loads the sample, and however many there are (the global random state, which
+the checkpoint also keeps, differs per loader process).
 """
 
 from collections.abc import Iterator, Sequence
