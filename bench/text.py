@@ -181,6 +181,12 @@ def write_parent(result: Any, plan: Plan, folder: Path) -> ParentModel:
 
 
 def accuracy_table(args: argparse.Namespace, samples: list[TextSample], classes: list[str]) -> None:
+    if args.table_per_class:
+        samples = [
+            sample
+            for label in range(len(classes))
+            for sample in [s for s in samples if s.label == label][: args.table_per_class]
+        ]
     train, test = stratified_split(samples, 0.25, seed=args.seed)
     common: dict[str, Any] = {
         "base_model": MINILM,
@@ -237,6 +243,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="skip the accuracy table (c)")
+    parser.add_argument(
+        "--table-only", action="store_true", help="only the accuracy table (c), no timings"
+    )
+    parser.add_argument(
+        "--table-per-class",
+        type=int,
+        default=0,
+        help="(c) on the first N texts of each class (default: all 100)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     samples, classes = read_fixture()
@@ -251,6 +266,9 @@ def main() -> None:
         "schedule": "constant",
     }
 
+    if args.table_only:
+        accuracy_table(args, samples, classes)
+        return
     tune = compile_plan(TransferConfig(strategy="fine_tune", epochs=2, **common))
     times = fastest(
         args.repeats,
