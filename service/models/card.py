@@ -72,6 +72,10 @@ def render_card(
         "",
         f"- Batch size {plan.get('batch_size')}, optimizer {plan.get('optimizer')}, "
         f"seed {plan.get('seed')}, pretrained backbone: {plan.get('pretrained')}.",
+        f"- Augmentation `{plan.get('augment', 'none')}`"
+        f"{'' if plan.get('flip', True) else ' without flips'} (in stages that train the "
+        f"backbone on images); class weights `{plan.get('class_weights', 'none')}`, sampler "
+        f"`{plan.get('sampler', 'shuffle')}`.",
     ]
     for stage in plan.get("stages", []):
         lines.append(
