@@ -208,6 +208,7 @@ def fake_model(forward: Any, name: str = "m") -> LoadedModel:
         backend="torch",
         nbytes=100,
         forward=forward,
+        temperatures=[1.0],
     )
 
 

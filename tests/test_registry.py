@@ -224,6 +224,12 @@ def test_version_page_artifacts_and_card(registry: Registry) -> None:
     assert labels.json() == page["labels"]
     assert [(h["stage"], h["epoch"]) for h in page["history"]] == [("head", 1), ("head", 2)]
     assert len(page["metrics"]["confusion_matrix"]) == 3
+    # The recipe's metrics reach the version: macro-F1, and the temperature config.json holds.
+    assert 0.0 <= page["metrics"]["macro_f1"] <= 1.0
+    calibration = page["metrics"]["calibration"]
+    assert {"temperature", "ece_before", "ece_after", "ece_after_held_out"} <= set(calibration)
+    config = client.get("/v1/models/digits/versions/1/artifacts/config.json", headers=auth).json()
+    assert config["calibration"]["temperature"] == calibration["temperature"]
     assert page["lineage"]["dataset"]["id"] == registry.dataset_id
     assert page["lineage"]["dataset"]["classes"] == page["labels"]
     assert page["lineage"]["job"]["status"] == "succeeded"
@@ -240,7 +246,16 @@ def test_version_page_artifacts_and_card(registry: Registry) -> None:
 
     card = client.get("/v1/models/digits/versions/1/artifacts/card.md", headers=auth).text
     assert card.startswith("# Model card: digits")
-    for needle in ("## Data", "| digit_0 |", "## Intended use", "## Limits", "feature_extraction"):
+    needles = (
+        "## Data",
+        "| digit_0 |",
+        "## Intended use",
+        "## Limits",
+        "feature_extraction",
+        "## How far the probabilities can be trusted",
+        "macro-F1",
+    )
+    for needle in needles:
         assert needle in card, needle
     # Twelve images per class, so every class is below the few-examples threshold.
     assert "fewer than 20 training images: digit_0, digit_1, digit_2" in card

@@ -67,6 +67,7 @@ _REQUEST_BODY: dict[str, Any] = {
                     },
                     "top_k": {"type": "integer", "minimum": 1, "maximum": 100, "default": 5},
                     "task": {"type": "string"},
+                    "calibrated": {"type": "boolean", "default": True},
                 },
             },
         },
@@ -95,6 +96,7 @@ class _Body:
     texts: list[str] | None
     top_k: int
     task: str | None
+    calibrated: bool
 
     @property
     def kind(self) -> str:
@@ -105,9 +107,7 @@ def _too_large(name: str, limit: int) -> ApiError:
     return ApiError(413, "image_too_large", f"{name} is over {limit} bytes.", param="images")
 
 
-async def _read_multipart(
-    request: Request, context: AppContext
-) -> tuple[list[tuple[str, bytes | None]], int, str | None]:
+async def _read_multipart(request: Request, context: AppContext) -> _Body:
     settings = context.settings
     # One file over the cap is read so that "too many" is answered as such (413).
     form = await request.form(max_files=settings.max_predict_images + 1, max_fields=10)
@@ -122,12 +122,13 @@ async def _read_multipart(
         if len(data) > settings.max_predict_bytes:
             raise _too_large(upload.filename or f"image-{len(images)}", settings.max_predict_bytes)
         images.append((upload.filename or f"image-{len(images)}", data))
-    fields = {key: form.get(key) for key in ("top_k", "task") if form.get(key) is not None}
+    names = ("top_k", "task", "calibrated")
+    fields = {key: form.get(key) for key in names if form.get(key) is not None}
     try:
         options = PredictOptions.model_validate(fields)
     except ValidationError as exc:
         _raise_validation(exc)
-    return images, options.top_k, options.task
+    return _Body(images, None, options.top_k, options.task, options.calibrated)
 
 
 async def _read_json(request: Request, context: AppContext) -> _Body:
@@ -162,7 +163,7 @@ async def _read_json(request: Request, context: AppContext) -> _Body:
                 f"At most {settings.max_predict_texts} texts per call.",
                 param="texts",
             )
-        return _Body(None, texts.texts, texts.top_k, texts.task)
+        return _Body(None, texts.texts, texts.top_k, texts.task, texts.calibrated)
     try:
         parsed = PredictJson.model_validate_json(bytes(body))
     except ValidationError as exc:
@@ -179,7 +180,7 @@ async def _read_json(request: Request, context: AppContext) -> _Body:
         if data is not None and len(data) > settings.max_predict_bytes:
             raise _too_large(name, settings.max_predict_bytes)
         images.append((name, data))
-    return _Body(images, None, parsed.top_k, parsed.task)
+    return _Body(images, None, parsed.top_k, parsed.task, parsed.calibrated)
 
 
 def _raise_validation(exc: ValidationError) -> NoReturn:
@@ -284,8 +285,7 @@ async def _predict(request: Request, credentials: Credentials, name: str, versio
     content_type = request.headers.get("content-type", "")
     try:
         if content_type.startswith("multipart/form-data"):
-            images, top_k, task = await _read_multipart(request, context)
-            body = _Body(images, None, top_k, task)
+            body = await _read_multipart(request, context)
         elif content_type.startswith("application/json"):
             body = await _read_json(request, context)
         else:
@@ -343,8 +343,16 @@ async def _predict(request: Request, credentials: Credentials, name: str, versio
         )
         results, good, inputs = await loop.run_in_executor(decode_pool(), decoded)
     if good:
-        probabilities = await _run_batch(cache, served, model, inputs)
-        fill_predictions(model, results, good, probabilities, task=answered, top_k=body.top_k)
+        logits = await _run_batch(cache, served, model, inputs)
+        fill_predictions(
+            model,
+            results,
+            good,
+            logits,
+            task=answered,
+            top_k=body.top_k,
+            calibrated=body.calibrated,
+        )
     metrics.request_seconds.labels(*labels).observe(time.perf_counter() - started)
     response = {
         "model": served.model_name,

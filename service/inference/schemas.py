@@ -57,6 +57,11 @@ class PredictOptions(BaseModel):
     task: str | None = Field(
         default=None, description="Which of the model's tasks answers; default: its only one."
     )
+    calibrated: bool = Field(
+        default=True,
+        description="Temperature-scaled probabilities, as fitted on validation at publish (see "
+        "the version's `metrics.calibration`); false answers the raw softmax.",
+    )
 
 
 class PredictJson(PredictOptions):

@@ -96,7 +96,10 @@ class LoadedModel:
     nbytes: int
     forward: Callable[[Any], list[np.ndarray]]
     """A normalised (N, 3, H, W) float32 batch, or (text) an (ids, attention mask) pair of
-    (N, L) int64 arrays → per task, class probabilities, a row per input."""
+    (N, L) int64 arrays → per task, class logits, a row per input."""
+    temperatures: list[float]
+    """Per task, what its logits are divided by for calibrated probabilities
+    (`ModelConfig.temperatures`)."""
     backend_reason: str | None = None
     """Why this version runs in PyTorch rather than ONNX Runtime; None when it runs in ONNX."""
     batcher: "Batcher | None" = None
@@ -158,7 +161,7 @@ def load_model(
 
         def forward(batch: tuple[np.ndarray, np.ndarray]) -> list[np.ndarray]:
             (logits,) = session.run([ONNX_OUTPUT], dict(zip(ONNX_TEXT_INPUTS, batch, strict=True)))
-            return [_softmax(np.asarray(logits))]
+            return [np.asarray(logits)]
 
         nbytes = (model_dir / ONNX_FILE).stat().st_size
     elif used == "onnx":
@@ -166,7 +169,7 @@ def load_model(
 
         def forward(batch: np.ndarray) -> list[np.ndarray]:
             (logits,) = session.run([ONNX_OUTPUT], {ONNX_INPUT: batch})
-            return [_softmax(np.asarray(logits))]
+            return [np.asarray(logits)]
 
         nbytes = (model_dir / ONNX_FILE).stat().st_size
     else:
@@ -180,6 +183,7 @@ def load_model(
         backend_reason=reason,
         nbytes=nbytes,
         forward=forward,
+        temperatures=config.temperatures(),
         text=config.text,
         tokenizer=load_backend(model_dir) if config.text is not None else None,
     )
@@ -224,7 +228,7 @@ def _torch_forward(
             inputs = torch.stack([torch.from_numpy(array) for array in batch], dim=1)
             with torch.inference_mode():
                 outputs = model.forward_tasks(inputs.to(predictor.device))
-                return [logits.softmax(dim=1).cpu().numpy() for logits in outputs]
+                return [logits.float().cpu().numpy() for logits in outputs]
 
         tensors = [*model.parameters(), *model.buffers()]
         return forward_text, sum(t.numel() * t.element_size() for t in tensors)
@@ -239,7 +243,7 @@ def _torch_forward(
         # batch serve requests for different tasks.
         with torch.inference_mode():
             outputs = module.forward_tasks(inputs.contiguous(memory_format=torch.channels_last))
-            return [logits.softmax(dim=1).cpu().numpy() for logits in outputs]
+            return [logits.float().cpu().numpy() for logits in outputs]
 
     nbytes = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
     return forward, nbytes
@@ -340,7 +344,7 @@ class Batcher:
         self._batch_size.observe(count)
         try:
             inputs = self.model.batch_input([request.inputs for request in batch])
-            probabilities = self.model.forward(inputs)
+            logits = self.model.forward(inputs)
         except Exception as exc:
             logger.exception("forward pass of %s failed", self.model.version_id)
             for request in batch:
@@ -349,7 +353,7 @@ class Batcher:
         start = 0
         for request in batch:
             end = start + len(request.inputs)
-            request.future.set_result([task[start:end] for task in probabilities])
+            request.future.set_result([task[start:end] for task in logits])
             start = end
 
 
@@ -527,13 +531,17 @@ def fill_predictions(
     model: LoadedModel,
     results: list[Prediction],
     good: list[int],
-    probabilities: list[np.ndarray],
+    logits: list[np.ndarray],
     *,
     task: str,
     top_k: int,
+    calibrated: bool,
 ) -> None:
+    """Each good image's top-k labels, with probabilities calibrated unless asked not to."""
     labels = model.tasks[task]
-    rows = probabilities[list(model.tasks).index(task)]
+    index = list(model.tasks).index(task)
+    temperature = model.temperatures[index] if calibrated else 1.0
+    rows = _softmax(logits[index] / temperature)
     k = max(1, min(top_k, len(labels)))
     for index, row in zip(good, rows, strict=True):
         top = np.argsort(-row, kind="stable")[:k]

@@ -12,6 +12,27 @@ def _percent(value: Any) -> str:
     return f"{100 * float(value):.1f}%" if isinstance(value, int | float) else "n/a"
 
 
+def _calibration(metrics: dict[str, Any]) -> str:
+    calibration = metrics.get("calibration")
+    if not calibration:
+        return "Not measured: the probabilities are the raw softmax of the network."
+    held_out = calibration.get("ece_after_held_out")
+    checked = (
+        f" (measured on validation images the temperature was not fitted on: {_percent(held_out)})"
+        if isinstance(held_out, int | float)
+        else ""
+    )
+    return (
+        f"Predict answers temperature-scaled probabilities (T = {calibration['temperature']:.3g}, "
+        "fitted on the validation split; `calibrated=false` answers the raw ones). Expected "
+        f"calibration error on validation: {_percent(calibration['ece_before'])} raw, "
+        f"{_percent(calibration['ece_after'])} calibrated{checked}: among images given a "
+        "probability p, about p of them are right, give or take that much. This holds for "
+        "images like the validation split's; on images from elsewhere the probabilities are "
+        "likely too high."
+    )
+
+
 def render_card(
     *,
     model_name: str,
@@ -51,6 +72,10 @@ def render_card(
         "",
         f"- Batch size {plan.get('batch_size')}, optimizer {plan.get('optimizer')}, "
         f"seed {plan.get('seed')}, pretrained backbone: {plan.get('pretrained')}.",
+        f"- Augmentation `{plan.get('augment', 'none')}`"
+        f"{'' if plan.get('flip', True) else ' without flips'} (in stages that train the "
+        f"backbone on images); class weights `{plan.get('class_weights', 'none')}`, sampler "
+        f"`{plan.get('sampler', 'shuffle')}`.",
     ]
     for stage in plan.get("stages", []):
         lines.append(
@@ -63,7 +88,8 @@ def render_card(
         "## Results",
         "",
         f"Validation accuracy {_percent(metrics.get('val_accuracy'))}, validation loss "
-        f"{metrics.get('val_loss', 'n/a')}, over {len(history)} epoch(s).",
+        f"{metrics.get('val_loss', 'n/a')}, over {len(history)} epoch(s); macro-F1 "
+        f"{_percent(metrics.get('macro_f1'))} (every class counted equally).",
         "",
         "| class | precision | recall | f1 | support |",
         "|---|---|---|---|---|",
@@ -100,6 +126,7 @@ def render_card(
                 else f"not exported ({onnx.get('reason')})."
             ),
         ]
+    lines += ["", "## How far the probabilities can be trusted", "", _calibration(metrics)]
     lines += [
         "",
         "## Intended use",

@@ -77,7 +77,9 @@ def test_predictor_reads_texts_as_training_did_and_reports_truncation(
     batch = torch.stack([torch.from_numpy(ids), torch.from_numpy(mask)], dim=1)
     result.model.eval()
     with torch.no_grad():
-        expected = result.model(batch).softmax(dim=1)
+        # Predict answers probabilities calibrated by the temperature fitted at the end of training.
+        assert result.calibration is not None
+        expected = (result.model(batch) / result.calibration.temperature).softmax(dim=1)
     assert answers[1][0][0][1] == pytest.approx(float(expected[1].max()), abs=1e-6)
     with pytest.raises(ValueError, match="takes texts, not images"):
         predictor.predict([Image.new("RGB", (8, 8))], top_k=1)

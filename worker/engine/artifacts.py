@@ -75,6 +75,9 @@ class ModelConfig:
     """An image model's; None for text (see `text`)."""
     plan: dict[str, Any]
     """The training plan as `Plan.to_dict()` wrote it."""
+    temperature: float = 1.0
+    """The newest task's logits are divided by this before the softmax for calibrated
+    probabilities (`config.json`'s `calibration.temperature`; 1 where it has none)."""
     text: TextPreprocessing | None = None
     """A text model's tokenization; None for images."""
     encoder: dict[str, Any] | None = None
@@ -99,6 +102,11 @@ class ModelConfig:
     def labels(self) -> tuple[str, ...]:
         """The newest task's labels."""
         return self.newest.labels
+
+    def temperatures(self) -> list[float]:
+        """Per task, oldest first: the newest task's fitted temperature, 1 for older ones
+        (their heads were calibrated, if at all, in their own model)."""
+        return [1.0] * (len(self.tasks) - 1) + [self.temperature]
 
     def task_labels(self) -> dict[str, list[str]]:
         """Labels per task name, oldest first."""
@@ -141,10 +149,18 @@ def parse_model_config(data: dict[str, Any], *, source: str = CONFIG_FILE) -> Mo
             ExportedTask(name=task["name"], labels=tuple(task["labels"]), head=heads[task["name"]])
             for task in listed
         )
+        temperature = float((data.get("calibration") or {}).get("temperature", 1.0))
+        if not temperature > 0:
+            raise ValueError(f"calibration temperature must be positive; got {temperature}")
     except (KeyError, TypeError, ValueError) as error:
         raise ModelConfigError(f"{source}: not a thaw model config ({error!r})") from None
     return ModelConfig(
-        tasks=tasks, preprocessing=preprocessing, plan=plan, text=text, encoder=encoder
+        tasks=tasks,
+        preprocessing=preprocessing,
+        plan=plan,
+        temperature=temperature,
+        text=text,
+        encoder=encoder,
     )
 
 

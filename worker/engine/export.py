@@ -8,6 +8,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from .artifacts import CONFIG_FILE, FORMAT, WEIGHTS_FILE
+from .calibration import Calibration
 from .plan import Plan
 from .train import TrainingResult
 from .zoo import get_base_model_info
@@ -17,13 +18,17 @@ __all__ = ["CONFIG_FILE", "FORMAT", "WEIGHTS_FILE", "export_model", "model_confi
 
 
 def model_config(
-    plan: Plan, labels: list[str], *, text: dict[str, Any] | None = None
+    plan: Plan,
+    labels: list[str],
+    *,
+    text: dict[str, Any] | None = None,
+    calibration: Calibration | None = None,
 ) -> dict[str, Any]:
     """Everything needed to rebuild the model and preprocess its inputs exactly as in training.
 
     An LwF model also lists its `tasks`, oldest first; the newest is the default one and
     the one `labels` describes. A text model's `text` (from `text_export`) holds its encoder's
-    architecture and its tokenization.
+    architecture and its tokenization. `calibration` holds the newest task's temperature.
     """
     architecture: dict[str, Any] = {
         "base_model": plan.base_model,
@@ -51,6 +56,8 @@ def model_config(
         "preprocessing": preprocessing,
         "plan": plan.to_dict(),
     }
+    if calibration is not None:
+        config["calibration"] = calibration.to_dict()
     if plan.old_tasks:
         config["tasks"] = [
             *({"name": task.name, "labels": list(task.labels)} for task in plan.old_tasks),
@@ -94,6 +101,8 @@ def export_model(
         for name, tensor in result.model.state_dict().items()
     }
     save_file(state, weights_path, metadata={"format": FORMAT})
-    config = model_config(plan, result.metrics["classes"], text=text)
+    config = model_config(
+        plan, result.metrics["classes"], text=text, calibration=result.calibration
+    )
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     return {"weights": weights_path, "config": config_path}

@@ -102,6 +102,9 @@ class Evaluation:
     """Plain cross-entropy, without label smoothing, so runs stay comparable."""
     accuracy: float
     predictions: Tensor
+    logits: Tensor | None = None
+    """(N, classes) on the CPU, for calibration; None in checkpoints written before they were
+    kept."""
 
 
 @dataclass(frozen=True)
@@ -201,12 +204,18 @@ def train_one_epoch(
 
 
 def evaluate(
-    module: nn.Module, batches: Batches, device: torch.device, precision: Precision | None = None
+    module: nn.Module,
+    batches: Batches,
+    device: torch.device,
+    precision: Precision | None = None,
+    *,
+    keep_logits: bool = True,
 ) -> Evaluation:
     precision = precision or Precision(device.type)
     module.eval()
     total_loss = torch.zeros((), device=device)
     predictions = []
+    all_logits = []
     targets_seen = []
     with torch.no_grad(), precision.autocast():
         for inputs, targets in batches:
@@ -215,21 +224,26 @@ def evaluate(
             labels = targets.to(device)
             total_loss += nn.functional.cross_entropy(logits, labels, reduction="sum")
             predictions.append(logits.argmax(dim=1))
+            if keep_logits:
+                all_logits.append(logits)
             targets_seen.append(labels)
     predicted = torch.cat(predictions)
     correct = int((predicted == torch.cat(targets_seen)).sum())
     count = len(predicted)
-    return Evaluation(float(total_loss) / count, correct / count, predicted.cpu())
+    kept = torch.cat(all_logits).cpu() if keep_logits else None
+    return Evaluation(float(total_loss) / count, correct / count, predicted.cpu(), kept)
 
 
 def classification_metrics(
     targets: Tensor, predictions: Tensor, classes: Sequence[str]
 ) -> dict[str, Any]:
-    """Accuracy, per-class precision/recall/F1/support and the confusion matrix (rows: true)."""
+    """Accuracy, macro-F1 (the unweighted mean over classes, so a rare class counts as much as a
+    common one), per-class precision/recall/F1/support and the confusion matrix (rows: true)."""
     size = len(classes)
     confusion = torch.zeros(size, size, dtype=torch.int64)
     confusion.index_put_((targets, predictions), torch.ones_like(targets), accumulate=True)
     per_class = []
+    f1_scores = []
     for index, label in enumerate(classes):
         hits = int(confusion[index, index])
         predicted = int(confusion[:, index].sum())
@@ -237,6 +251,7 @@ def classification_metrics(
         precision = hits / predicted if predicted else 0.0
         recall = hits / support if support else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        f1_scores.append(f1)
         per_class.append(
             {
                 "label": label,
@@ -248,6 +263,7 @@ def classification_metrics(
         )
     return {
         "val_accuracy": int(confusion.diagonal().sum()) / len(targets),
+        "macro_f1": sum(f1_scores) / size,
         "per_class": per_class,
         "confusion_matrix": confusion.tolist(),
         "classes": list(classes),

@@ -21,10 +21,17 @@ class LwFLoss(nn.Module):
     """
 
     def __init__(
-        self, label_smoothing: float, old_sizes: list[int], temperature: float, weight: float
+        self,
+        label_smoothing: float,
+        old_sizes: list[int],
+        temperature: float,
+        weight: float,
+        class_weights: Tensor | None = None,
     ) -> None:
         super().__init__()
-        self.cross_entropy = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.cross_entropy = nn.CrossEntropyLoss(
+            weight=class_weights, label_smoothing=label_smoothing
+        )
         self.old_sizes = old_sizes
         self.temperature = temperature
         self.weight = weight

@@ -29,7 +29,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from .augment import augmented_batches, stage_augment
 from .data import ImageDataset, Sample
+from .imbalance import training_sampler
 from .plan import Plan, Stage
 from .zoo import Backbone
 
@@ -94,14 +96,25 @@ class ImageInputs:
             samples, image_size=stage.image_size, mean=self.plan.mean, std=self.plan.std
         )
         dataset: Dataset[Any] = images if recorded is None else _WithRecording(images, recorded)
+        loader: dict[str, Any] = {
+            "num_workers": self.num_workers,
+            "pin_memory": self.device.type == "cuda",
+            "persistent_workers": self.num_workers > 0,
+        }
+        # Only training batches are shuffled, so only they are drawn balanced or augmented.
+        labels = [sample.label for sample in samples]
+        sampler = training_sampler(self.plan, labels, self.shuffle) if shuffled else None
+        if shuffled and stage_augment(self.plan, stage) != "none":
+            return augmented_batches(
+                samples, self.plan, stage.image_size, self.shuffle, sampler, **loader
+            )
         return DataLoader(
             dataset,
             batch_size=self.plan.batch_size,
-            shuffle=shuffled,
+            shuffle=shuffled and sampler is None,
+            sampler=sampler,
             generator=self.shuffle if shuffled else None,
-            num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=self.num_workers > 0,
+            **loader,
         )
 
     def steps(self, samples: Sequence[Any], stage: Stage) -> int:

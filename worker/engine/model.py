@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .artifacts import WEIGHTS_FILE
+from .augment import stage_augment
 from .plan import HEAD, LM_HEAD, OLD_HEADS, HeadConfig, Plan, Stage, steps_per_epoch
 from .zoo import Backbone, build_backbone
 
@@ -236,6 +237,7 @@ def describe_plan(
                 "schedule": stage.schedule,
                 "bn_mode": stage.bn_mode,
                 "cache_features": stage.cache_features,
+                "augment": stage_augment(plan, stage),
                 "steps": (
                     None if train_size is None else steps_per_epoch(plan, train_size) * stage.epochs
                 ),

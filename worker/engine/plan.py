@@ -282,6 +282,13 @@ def _check_modality_settings(config: TransferConfig, base_model: str, modality: 
                         f"stages[{index}].image_size: {base_model} is a text model; "
                         "image_size is for images"
                     )
+        if config.augment != "none":
+            raise ValueError(f"augment: {base_model} is a text model; augment is for images")
+        if config.sampler != "shuffle":
+            raise ValueError(
+                f"sampler: {base_model} is a text model, whose batches group texts by length; "
+                "use class_weights for imbalanced classes"
+            )
         return
     for name in ("max_length", "truncation", "lm_epochs", "lm_lr"):
         if getattr(config, name) is not None:

@@ -56,11 +56,18 @@ class Predictor:
         return index, self.tasks[names[index]]
 
     def predict(
-        self, images: Sequence[Image.Image], top_k: int = 5, task: str | None = None
+        self,
+        images: Sequence[Image.Image],
+        top_k: int = 5,
+        task: str | None = None,
+        *,
+        calibrated: bool = True,
     ) -> list[Top]:
         """Top-k (label, probability) per image, most probable first.
 
         `task` picks one of a multi-task (LwF) model's tasks by name; None is the newest.
+        Probabilities are temperature-scaled as fitted at publish (`calibration.py`) unless
+        `calibrated` is False.
         """
         index, labels = self._task(task)
         if not images:
@@ -68,7 +75,7 @@ class Predictor:
         preprocessing = self.exported.image
         pixels = np.stack([image_pixels(image, preprocessing.image_size) for image in images])
         batch = torch.from_numpy(normalise(pixels, preprocessing)).to(self.device)
-        return self._top(batch, index, labels, top_k)
+        return self._top(batch, index, labels, top_k, calibrated)
 
     def encode_texts(self, texts: Sequence[str]) -> Encoded:
         """Texts tokenized and truncated exactly as in training."""
@@ -84,10 +91,15 @@ class Predictor:
         )
 
     def predict_texts(
-        self, texts: Sequence[str], top_k: int = 5, task: str | None = None
+        self,
+        texts: Sequence[str],
+        top_k: int = 5,
+        task: str | None = None,
+        *,
+        calibrated: bool = True,
     ) -> list[tuple[Top, bool]]:
         """Top-k (label, probability) per text, most probable first, and whether the text was
-        truncated to the model's length."""
+        truncated to the model's length; calibrated as `predict`."""
         index, labels = self._task(task)
         if not texts:
             return []
@@ -95,13 +107,16 @@ class Predictor:
         assert self.exported.text is not None
         ids, mask = pad(encoded.ids, self.exported.text.special_tokens["pad_id"])
         batch = torch.stack([torch.from_numpy(ids), torch.from_numpy(mask)], dim=1)
-        tops = self._top(batch.to(self.device), index, labels, top_k)
+        tops = self._top(batch.to(self.device), index, labels, top_k, calibrated)
         return list(zip(tops, encoded.truncated, strict=True))
 
-    def _top(self, batch: torch.Tensor, index: int, labels: list[str], top_k: int) -> list[Top]:
+    def _top(
+        self, batch: torch.Tensor, index: int, labels: list[str], top_k: int, calibrated: bool
+    ) -> list[Top]:
         with torch.inference_mode():
             logits = self.model.forward_tasks(batch)[index]
-        probabilities = logits.softmax(dim=1)
+        temperature = self.exported.temperatures()[index] if calibrated else 1.0
+        probabilities = (logits / temperature).softmax(dim=1)
         k = max(1, min(top_k, len(labels)))
         values, indices = probabilities.topk(k, dim=1)
         return [

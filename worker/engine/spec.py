@@ -34,6 +34,9 @@ OptimizerName = Literal["adamw", "sgd"]
 Device = Literal["cpu", "cuda"]
 Modality = Literal["image", "text"]
 Truncation = Literal["head", "head_tail"]
+ClassWeights = Literal["none", "balanced"]
+SamplerName = Literal["shuffle", "balanced"]
+AugmentLevel = Literal["none", "light", "standard", "strong"]
 
 MIN_IMAGE_SIZE = 64
 MAX_IMAGE_SIZE = 1024
@@ -188,12 +191,33 @@ class RunSettings:
     optimizer: OptimizerName = setting("adamw")
     weight_decay: float = setting(0.01, ge=0.0, le=1.0)
     label_smoothing: float = setting(0.0, ge=0.0, lt=1.0)
+    class_weights: ClassWeights = setting(
+        "none",
+        description="`balanced` weighs each class's loss by n_samples / (n_classes * "
+        "n_class_samples) of the training split, so rare classes count as much as common ones.",
+    )
+    sampler: SamplerName = setting(
+        "shuffle",
+        description="`balanced` draws each epoch's training samples (with replacement) so that "
+        "every class is drawn equally often; `shuffle` visits every sample once per epoch.",
+    )
     early_stopping_patience: int | None = setting(
         None,
         ge=1,
         le=MAX_EPOCHS,
         description="End a stage when the val loss has not improved for this many epochs, "
         "and keep the weights with the lowest val loss.",
+    )
+    augment: AugmentLevel = setting(
+        "none",
+        description="Image models, stages that train the backbone: `light` random resized "
+        "crop and horizontal flip; `standard` adds TrivialAugmentWide; `strong` adds random "
+        "erasing and MixUp/CutMix. Text models: must stay `none`.",
+    )
+    flip: bool = setting(
+        True,
+        description="Include the horizontal flip in `augment`; false where mirroring changes "
+        "the class (digits, text in images).",
     )
     device: Device = setting("cpu", description="`cuda` sends the job to the `gpu` queue.")
     lwf_temperature: float = setting(2.0, gt=0.0, le=100.0)

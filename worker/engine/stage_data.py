@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
+from .imbalance import training_sampler
 from .loop import Batches, Precision
 from .lwf import AllTasks
 from .modality import Inputs
@@ -95,6 +96,9 @@ class StageData:
         self.recorded: dict[Hashable, Tensor] = {}
         """LwF: the parent's old-head logits on every training sample, per input key."""
 
+    def _train_sampler(self) -> Sampler[int] | None:
+        return training_sampler(self.plan, [sample.label for sample in self.train], self.shuffle)
+
     def record_old_outputs(self) -> None:
         """Run the untouched model once over the training samples at every distilled size."""
         stages = {_input_key(stage): stage for stage in self.plan.stages if stage.distill}
@@ -159,9 +163,16 @@ class StageData:
         train_features, val_features = self.features[key]
         batch_size = self.plan.batch_size
         head = self.model.head
+        sampler = self._train_sampler()
         return StageBatches(
             head,
             head,
-            DataLoader(train_features, batch_size=batch_size, shuffle=True, generator=self.shuffle),
+            DataLoader(
+                train_features,
+                batch_size=batch_size,
+                shuffle=sampler is None,
+                sampler=sampler,
+                generator=self.shuffle,
+            ),
             DataLoader(val_features, batch_size=batch_size),
         )

@@ -27,8 +27,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .calibration import Calibration, calibrate
 from .checkpoint import checkpoint_state, partial_epoch, save_checkpoint
 from .data import Sample
+from .imbalance import loss_weights
 from .loop import (
     EpochResult,
     Precision,
@@ -44,7 +46,7 @@ from .lwf import LwFLoss
 from .modality import inputs_for
 from .model import TransferModel, build_model, freeze, make_param_groups, set_batchnorm_mode
 from .optim import EarlyStopping, make_optimizer, make_scheduler
-from .plan import MASKED_LM, Plan, Stage
+from .plan import CLASSIFY, MASKED_LM, Plan, Stage
 from .resume import ResumeState, StageStart
 from .stage_data import StageBatches, StageData
 from .text import TextSample
@@ -59,6 +61,9 @@ class TrainingResult:
     model: TransferModel
     history: list[EpochResult]
     metrics: dict[str, Any]
+    calibration: Calibration | None = None
+    """The newest task's temperature, fitted on validation (None: resumed from a checkpoint
+    that did not keep validation logits)."""
 
 
 def seed_everything(seed: int) -> None:
@@ -279,17 +284,22 @@ def _set_up_stage(training: _Training, stage_index: int) -> _StageSetup:
         optimizer=optimizer,
         scheduler=scheduler,
         scaler=training.precision.grad_scaler(),
-        loss_fn=_loss_for(plan, stage),
+        loss_fn=_loss_for(plan, stage, training),
     )
 
 
-def _loss_for(plan: Plan, stage: Stage) -> nn.Module:
+def _loss_for(plan: Plan, stage: Stage, training: _Training) -> nn.Module:
     if stage.objective == MASKED_LM:
         return nn.CrossEntropyLoss()
+    weights = loss_weights(plan, [sample.label for sample in training.data.train])
+    if weights is not None:
+        weights = weights.to(training.device)
     if stage.distill:
         old_sizes = [len(task.labels) for task in plan.old_tasks]
-        return LwFLoss(plan.label_smoothing, old_sizes, plan.lwf_temperature, plan.lwf_lambda)
-    return nn.CrossEntropyLoss(label_smoothing=plan.label_smoothing)
+        return LwFLoss(
+            plan.label_smoothing, old_sizes, plan.lwf_temperature, plan.lwf_lambda, weights
+        )
+    return nn.CrossEntropyLoss(weight=weights, label_smoothing=plan.label_smoothing)
 
 
 def _train_epoch(training: _Training, setup: _StageSetup, epoch: int, start: StageStart) -> bool:
@@ -298,7 +308,12 @@ def _train_epoch(training: _Training, setup: _StageSetup, epoch: int, start: Sta
     started = time.perf_counter()
     train_loss = _train_steps(training, setup, epoch, start)
     evaluation = evaluate(
-        setup.batches.evaluated, setup.batches.val, training.device, training.precision
+        setup.batches.evaluated,
+        setup.batches.val,
+        training.device,
+        training.precision,
+        # Calibration needs the classifier's; a masked-LM stage's span the vocabulary.
+        keep_logits=setup.stage.objective == CLASSIFY,
     )
     result = EpochResult(
         stage=setup.stage.name,
@@ -408,8 +423,12 @@ def _result(training: _Training, val: Samples, classes: list[str]) -> TrainingRe
     targets = torch.tensor([sample.label for sample in val])
     metrics = classification_metrics(targets, kept.predictions, classes)
     metrics["val_loss"] = kept.loss
+    calibration = calibrate(kept.logits, targets) if kept.logits is not None else None
+    metrics["calibration"] = calibration.to_dict() if calibration is not None else None
     metrics |= training.data.inputs.describe()
     logger.info(
         "finished: val accuracy %.4f, val loss %.4f", metrics["val_accuracy"], metrics["val_loss"]
     )
-    return TrainingResult(model=training.model, history=training.history, metrics=metrics)
+    return TrainingResult(
+        model=training.model, history=training.history, metrics=metrics, calibration=calibration
+    )

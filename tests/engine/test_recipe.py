@@ -1,0 +1,268 @@
+"""The training recipe on real digits (sklearn): imbalance, calibration."""
+
+import json
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.datasets import load_digits
+from torchvision.transforms import v2
+
+from worker.engine import (
+    Predictor,
+    Sample,
+    TrainingHooks,
+    TrainingPaused,
+    TrainingResult,
+    TransferConfig,
+    build_model,
+    compile_plan,
+    describe_plan,
+    export_model,
+    run,
+)
+from worker.engine.augment import augmented_batches, batch_mix, image_transform
+from worker.engine.calibration import expected_calibration_error, fit_temperature
+from worker.engine.imbalance import training_sampler
+from worker.engine.pixels import image_pixels, normalise
+
+CLASSES = [str(digit) for digit in range(10)]
+MINORITY = range(5, 10)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> list[Sample]:
+    """The 8x8 digit scans as PNGs, shuffled."""
+    folder = tmp_path_factory.mktemp("digits")
+    data = load_digits()
+    samples = []
+    for index, (pixels, label) in enumerate(zip(data.images, data.target, strict=True)):
+        path = folder / f"{index:04d}.png"
+        Image.fromarray((pixels * 255 / 16).astype(np.uint8)).save(path)
+        samples.append(Sample(path, int(label)))
+    return [samples[i] for i in np.random.default_rng(0).permutation(len(samples))]
+
+
+def _first(samples: list[Sample], per_class: Callable[[int], int]) -> list[Sample]:
+    taken: dict[int, int] = {}
+    chosen = []
+    for sample in samples:
+        if taken.get(sample.label, 0) < per_class(sample.label):
+            taken[sample.label] = taken.get(sample.label, 0) + 1
+            chosen.append(sample)
+    return chosen
+
+
+@pytest.fixture(scope="module")
+def imbalanced(digits: list[Sample]) -> tuple[list[Sample], list[Sample]]:
+    """Training: 60 of each digit 0-4 but 4 of each digit 5-9; validation: 20 of each."""
+    pool, rest = digits[:1000], digits[1000:]
+    train = _first(pool, lambda label: 4 if label in MINORITY else 60)
+    return train, _first(rest, lambda label: 20)
+
+
+def _digits_config(**overrides: Any) -> TransferConfig:
+    settings: dict[str, Any] = {
+        "base_model": "efficientnet_lite0",
+        "strategy": "feature_extraction",
+        "num_classes": 10,
+        "image_size": 64,
+        "epochs": 5,
+        "lr": 3e-3,
+        **overrides,
+    }
+    return TransferConfig(**settings)
+
+
+def _minority_recall(metrics: dict[str, Any]) -> float:
+    return float(np.mean([metrics["per_class"][label]["recall"] for label in MINORITY]))
+
+
+def test_balanced_weights_and_sampler_raise_minority_recall(
+    imbalanced: tuple[list[Sample], list[Sample]],
+) -> None:
+    train, val = imbalanced
+    results = {
+        name: run(compile_plan(_digits_config(**settings)), train=train, val=val, classes=CLASSES)
+        for name, settings in {
+            "plain": {},
+            "class_weights": {"class_weights": "balanced"},
+            "sampler": {"sampler": "balanced"},
+        }.items()
+    }
+    recall = {name: _minority_recall(result.metrics) for name, result in results.items()}
+    macro_f1 = {name: result.metrics["macro_f1"] for name, result in results.items()}
+    print(f"minority recall {recall}, macro-F1 {macro_f1}")
+    assert recall["class_weights"] >= recall["plain"] + 0.1
+    assert recall["sampler"] >= recall["plain"] + 0.1
+    assert macro_f1["class_weights"] > macro_f1["plain"]
+    per_class = results["plain"].metrics["per_class"]
+    f1_mean = np.mean([row["f1"] for row in per_class])
+    assert results["plain"].metrics["macro_f1"] == pytest.approx(f1_mean)
+
+
+def test_fit_temperature_recovers_the_temperature_labels_were_drawn_at() -> None:
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(4000, 5, generator=generator) * 4
+    labels = torch.multinomial((logits / 2.5).softmax(dim=1), 1, generator=generator).squeeze(1)
+    assert fit_temperature(logits, labels) == pytest.approx(2.5, rel=0.1)
+    # Over-confident logits are badly calibrated until divided by that temperature.
+    before = expected_calibration_error(logits, labels)
+    after = expected_calibration_error(logits / 2.5, labels)
+    assert before > 0.1 > 0.03 > after
+
+
+@pytest.fixture(scope="module")
+def calibrated_run(digits: list[Sample]) -> TrainingResult:
+    """A head trained briefly on frozen features: its confidence is off (too low here)."""
+    train, val = digits[:300], digits[300:500]
+    plan = compile_plan(_digits_config())
+    return run(plan, train=train, val=val, classes=CLASSES)
+
+
+def test_temperature_scaling_lowers_validation_ece(calibrated_run: TrainingResult) -> None:
+    calibration = calibrated_run.metrics["calibration"]
+    print(f"calibration {calibration}")
+    assert calibration["ece_after"] < calibration["ece_before"]
+    assert calibration["nll_after"] <= calibration["nll_before"]
+    assert calibrated_run.calibration is not None
+    assert calibration["temperature"] == calibrated_run.calibration.temperature != 1.0
+
+
+def test_predict_answers_calibrated_probabilities_and_raw_ones_on_request(
+    calibrated_run: TrainingResult, digits: list[Sample], tmp_path: Path
+) -> None:
+    plan = compile_plan(_digits_config())
+    export_model(calibrated_run, plan, tmp_path)
+    temperature = json.loads((tmp_path / "config.json").read_text())["calibration"]["temperature"]
+    assert temperature == calibrated_run.metrics["calibration"]["temperature"]
+    predictor = Predictor.load(tmp_path)
+    images = [Image.open(sample.path) for sample in digits[300:304]]
+    calibrated = predictor.predict(images, top_k=10)
+    raw = predictor.predict(images, top_k=10, calibrated=False)
+    pixels = np.stack([image_pixels(image, 64) for image in images])
+    batch = torch.from_numpy(normalise(pixels, predictor.exported.preprocessing))
+    with torch.no_grad():
+        logits = predictor.model(batch)
+    for row, want in zip(calibrated, (logits / temperature).softmax(dim=1), strict=True):
+        for label, probability in row:
+            assert probability == pytest.approx(float(want[int(label)]), abs=1e-5)
+    for row, want in zip(raw, logits.softmax(dim=1), strict=True):
+        for label, probability in row:
+            assert probability == pytest.approx(float(want[int(label)]), abs=1e-5)
+
+
+class _PauseAfter(TrainingHooks):
+    def __init__(self, steps: int | None = None) -> None:
+        self.steps = steps
+        self.done = 0
+
+    def on_progress(self, done_steps: int, total_steps: int) -> None:
+        self.done = done_steps
+
+    def should_pause(self) -> bool:
+        return self.steps is not None and self.done >= self.steps
+
+
+AUGMENTED = TransferConfig(
+    base_model="mobilenet_v3_small",
+    strategy="fine_tune",
+    num_classes=3,
+    image_size=64,
+    batch_size=8,
+    epochs=3,
+    pretrained=False,
+    augment="strong",
+    sampler="balanced",
+    class_weights="balanced",
+)
+
+
+def test_augmented_run_paused_mid_epoch_resumes_with_exactly_the_same_weights(
+    tmp_path: Path, colour_data: tuple[list[Sample], list[Sample]]
+) -> None:
+    train, val = colour_data
+    classes = ["r", "g", "b"]
+    plan = compile_plan(AUGMENTED)
+    uninterrupted = run(plan, train=train, val=val, classes=classes)
+    checkpoint = tmp_path / "checkpoint.pt"
+    # 24 images in batches of 8: 3 steps an epoch; pause inside the second epoch.
+    with pytest.raises(TrainingPaused):
+        run(plan, train=train, val=val, classes=classes, hooks=_PauseAfter(4),
+            checkpoint_path=checkpoint)  # fmt: skip
+    resumed = run(
+        plan,
+        train=train,
+        val=val,
+        classes=classes,
+        hooks=_PauseAfter(),
+        checkpoint_path=checkpoint,
+        resume_from=checkpoint,
+    )
+    expected = uninterrupted.model.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in resumed.model.state_dict().items())
+    assert [r.train_loss for r in resumed.history] == [r.train_loss for r in uninterrupted.history]
+    # The augmentation is real: without it the same seed trains other weights.
+    plain = run(compile_plan(replace(AUGMENTED, augment="none")), train=train, val=val,
+                classes=classes)  # fmt: skip
+    assert [r.train_loss for r in plain.history] != [r.train_loss for r in resumed.history]
+
+
+def test_augment_levels_flip_switch_and_the_preview_per_stage() -> None:
+    config = TransferConfig(
+        base_model="resnet18",
+        num_classes=3,
+        image_size=64,
+        pretrained=False,
+        augment="standard",
+        flip=False,
+    )
+    plan = compile_plan(config)
+    kinds = [type(step) for step in image_transform(plan, 64).transforms]
+    assert v2.RandomResizedCrop in kinds
+    assert v2.TrivialAugmentWide in kinds
+    assert v2.RandomHorizontalFlip not in kinds
+    flipped = compile_plan(replace(config, augment="light", flip=True))
+    kinds = [type(step) for step in image_transform(flipped, 64).transforms]
+    assert v2.RandomHorizontalFlip in kinds
+    assert v2.TrivialAugmentWide not in kinds
+    strong = compile_plan(replace(config, augment="strong"))
+    assert v2.RandomErasing in [type(step) for step in image_transform(strong, 64).transforms]
+    assert batch_mix(strong) is not None
+    assert batch_mix(plan) is None
+    # freeze_unfreeze: the cached head stage sees unaugmented features; the unfreeze stage
+    # trains on augmented images.
+    preview = describe_plan(plan, build_model(plan, weights_dir=None))
+    assert [stage["augment"] for stage in preview] == ["none", "standard"]
+
+
+def test_text_models_refuse_image_augmentation_and_the_balanced_sampler() -> None:
+    for setting in ({"augment": "light"}, {"sampler": "balanced"}):
+        with pytest.raises(ValueError, match=next(iter(setting))):
+            compile_plan(TransferConfig(base_model="minilm_l6", num_classes=3, **setting))
+
+
+def test_each_sample_is_augmented_alike_whichever_process_loads_it(
+    colour_data: tuple[list[Sample], list[Sample]],
+) -> None:
+    """Every crop, flip, operation and mix comes from the seed drawn with the sample order, so
+    loading with worker processes (a resumed job's worker may use another count) changes
+    nothing."""
+    train, _ = colour_data
+    plan = compile_plan(AUGMENTED)
+    epochs = []
+    for workers in (0, 2):
+        generator = torch.Generator().manual_seed(0)
+        sampler = training_sampler(plan, [sample.label for sample in train], generator)
+        loader = augmented_batches(train, plan, 64, generator, sampler, num_workers=workers)
+        epochs.append(list(loader))
+    for (images, targets), (other_images, other_targets) in zip(*epochs, strict=True):
+        assert torch.equal(images, other_images)
+        assert torch.equal(targets, other_targets)
+    # MixUp/CutMix made the targets class probabilities.
+    assert epochs[0][0][1].dtype == torch.float32
