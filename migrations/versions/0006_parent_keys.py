@@ -20,7 +20,7 @@ from alembic import op
 from service.settings import get_settings
 
 revision: str = "0006_parent_keys"
-down_revision: str | None = "0003"
+down_revision: str | None = "0005_experiments"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
