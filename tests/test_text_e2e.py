@@ -147,6 +147,7 @@ def use_the_cli(
 
 
 @pytest.mark.e2e
+@pytest.mark.timeout(JOB_TIMEOUT + 600)
 def test_text_fine_tune_beats_tfidf_baseline(tmp_path: Path) -> None:
     train, held_out = split_fixture()
     baseline = baseline_accuracy(train, held_out)
