@@ -106,6 +106,8 @@ def resolve_plan(
         if settings.base_model.startswith(PARENT_PREFIX)
         else None
     )
+    # `hf:<folder>` base models are checkpoint folders in the weights directory.
+    engine.remember_folders(context.settings.resolved_weights_dir)
     try:
         config = transfer_config(
             spec,

@@ -36,6 +36,8 @@ from worker.engine import (
     TrainingResult,
     TransferConfig,
     compile_plan,
+    get_base_model_info,
+    list_base_models,
     run,
     weights_available,
 )
@@ -360,3 +362,20 @@ def test_length_grouped_batches_cover_every_text_once_in_similar_lengths() -> No
     assert sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) < 10 for b in batches) >= 8
     in_order = list(LengthGroupedBatches(lengths, batch_size=10, generator=None))
     assert in_order[0] == list(range(10))
+
+
+def test_the_zoo_lists_text_models_with_groups_and_lengths(weights_dir: Path) -> None:
+    listed = {entry["name"]: entry for entry in list_base_models(weights_dir)}
+    minilm, tiny = listed["minilm_l6"], listed[TINY]
+    assert (minilm["modality"], minilm["max_length"], minilm["pooling"]) == ("text", 256, "mean")
+    assert [g["name"] for g in minilm["groups"]] == [
+        "embeddings",
+        *(f"layer.{i}" for i in range(6)),
+    ]
+    # all-MiniLM-L6-v2 has 22,713,216 parameters, 147,840 of them in the unused pooler.
+    assert sum(g["parameters"] for g in minilm["groups"]) == 22_713_216 - 147_840
+    assert [g["name"] for g in tiny["groups"]] == ["embeddings", "layer.0", "layer.1"]
+    assert (tiny["max_length"], tiny["weights_available"]) == (64, True)
+    assert listed["resnet18"]["modality"] == "image"
+    info = get_base_model_info(TINY)
+    assert (info.modality, info.feature_dim) == ("text", 32)

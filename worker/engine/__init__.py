@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from .predictor import Predictor
     from .spec import BatchNormMode, HeadConfig, Schedule, StageSpec, Strategy
     from .text import TextSample, token_lengths
+    from .text_zoo import remember_folders
     from .train import TrainingResult, run
     from .transferability import Transferability, score_base_model
     from .zoo import (
@@ -74,6 +75,7 @@ _HOMES = {
     "predictor": ("Predictor",),
     "spec": ("BatchNormMode", "HeadConfig", "Schedule", "StageSpec", "Strategy"),
     "text": ("TextSample", "token_lengths"),
+    "text_zoo": ("remember_folders",),
     "checkpoint": ("load_checkpoint",),
     "loop": (
         "EpochPosition",

@@ -83,6 +83,8 @@ _KNOWN_FOLDERS: dict[str, Path] = {}
 
 
 def remember_folders(weights_dir: Path | None) -> None:
+    """Make the checkpoint folders in `weights_dir` known by name (`hf:<folder>`) to the calls
+    that take no weights directory (`get_base_model_info`, `compile_plan`)."""
     for name in folder_models(weights_dir):
         folder = locate_folder(name, weights_dir)
         assert folder is not None
