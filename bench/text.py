@@ -227,7 +227,8 @@ def accuracy_table(args: argparse.Namespace, samples: list[TextSample], classes:
                 TransferConfig(**{"strategy": strategy, **common, **settings, **extra})
             )
             started = time.perf_counter()
-            result = run(plan, train=train, val=test, classes=classes)
+            parent_dir = Path(folder) / "parent" if strategy == "lwf" else None
+            result = run(plan, train=train, val=test, classes=classes, parent_dir=parent_dir)
             seconds = time.perf_counter() - started
             stages = ", ".join(f"{s.name}x{s.epochs}" for s in plan.stages)
             print(

@@ -92,6 +92,7 @@ def serve(
 
     from service.jobs.reaper import resend_pending
     from service.main import create_app
+    from service.queues import this_host_has_cuda
 
     _setup_logging()
     settings = get_settings()
@@ -100,7 +101,7 @@ def serve(
     migrate_database()
     children: list[subprocess.Popen[bytes]] = []
     if workers:
-        training_queues = "cpu,gpu" if _cuda_available() else "cpu"
+        training_queues = "cpu,gpu" if this_host_has_cuda() else "cpu"
         children = [
             subprocess.Popen(worker_command(training_queues, name="train")),
             subprocess.Popen(worker_command("datasets", name="datasets")),
@@ -111,12 +112,6 @@ def serve(
         uvicorn.run(application, host=host, port=port, log_level="info")
     finally:
         _stop_children(children)
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return bool(torch.cuda.is_available())
 
 
 def _stop_children(children: list["subprocess.Popen[bytes]"], timeout: float = 20.0) -> None:

@@ -2,8 +2,9 @@
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-# `model` is the registry name (readable); `version_id` keeps two tenants' models apart.
-LABELS = ("model", "version_id")
+# The version id only: whoever holds the scrape token reads every tenant's series, and a
+# model's name is its tenant's own (an id names a version across tenants without revealing it).
+LABELS = ("version_id",)
 
 
 class InferenceMetrics:

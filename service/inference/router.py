@@ -300,7 +300,7 @@ async def _predict(request: Request, credentials: Credentials, name: str, versio
     started = time.perf_counter()
     cache: ModelCache = request.app.state.predictors
     metrics: InferenceMetrics = request.app.state.inference_metrics
-    labels = (served.model_name, served.id)
+    labels = (served.id,)
     # Loading is slow and CPU-bound: keep it off the event loop.
     model = cache.peek(served)
     if model is None:

@@ -275,7 +275,7 @@ class Batcher:
         self._lock = threading.Lock()
         self._stopping = False
         self._closed = False
-        labels = (model.name, model.version_id)
+        labels = (model.version_id,)
         self._batch_size = metrics.batch_size.labels(*labels)
         self._depth = metrics.queue_depth.labels(*labels)
         self._rejected = metrics.rejected.labels(*labels)
@@ -376,11 +376,11 @@ class ModelCache:
         with self._lock:
             model = self._hit(version.id)
         if model is not None:
-            self.metrics.cache_hits.labels(version.model_name, version.id).inc()
+            self.metrics.cache_hits.labels(version.id).inc()
         return model
 
     def get(self, version: ServedVersion) -> LoadedModel:
-        labels = (version.model_name, version.id)
+        labels = (version.id,)
         with self._lock:
             model = self._hit(version.id)
             if model is not None:
@@ -444,10 +444,8 @@ class ModelCache:
     def _unload(self, model: LoadedModel) -> None:
         if model.batcher is not None:
             model.batcher.stop()
-        self.metrics.cache_evictions.labels(model.name, model.version_id).inc()
-        self.metrics.backend.remove(
-            model.name, model.version_id, model.backend, model.backend_reason or ""
-        )
+        self.metrics.cache_evictions.labels(model.version_id).inc()
+        self.metrics.backend.remove(model.version_id, model.backend, model.backend_reason or "")
         logger.info("unloaded %s", model.version_id)
 
     def evict(self, version_id: str) -> None:

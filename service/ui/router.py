@@ -20,6 +20,7 @@ from service.auth.service import authenticate
 from service.datasets.service import text_samples
 from service.deps import SessionDep
 from service.jobs.schemas import JobSpec
+from service.jobs.states import ACTIVE_STATUSES, JobStatus
 from service.models.service import model_out, version_out
 from service.tables import Dataset, Job, JobEvent, ModelVersion, RegisteredModel, Tenant
 
@@ -111,7 +112,11 @@ def job_page(job_id: str, request: Request, session: SessionDep, tenant: UiTenan
     events = session.scalars(
         select(JobEvent).where(JobEvent.job_id == job.id).order_by(JobEvent.id)
     ).all()
-    return _page(request, "job.html", tenant=tenant, job=job, events=events)
+    # Queued, waiting for a worker or running; a job already cancelling needs no second click.
+    cancellable = job.status in ACTIVE_STATUSES and job.status != JobStatus.CANCELLING
+    return _page(
+        request, "job.html", tenant=tenant, job=job, events=events, cancellable=cancellable
+    )
 
 
 @router.get("/datasets")

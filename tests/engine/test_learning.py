@@ -103,7 +103,13 @@ def test_lwf_remembers_the_old_task_where_fine_tuning_forgets(
                 **common,
             )
         )
-        result = run(plan, train=high[:size], val=high[size : 2 * size], classes=list("56789"))
+        result = run(
+            plan,
+            train=high[:size],
+            val=high[size : 2 * size],
+            classes=list("56789"),
+            parent_dir=tmp_path / "old",
+        )
         export_model(result, plan, tmp_path / strategy)
         predictor = Predictor.load(
             tmp_path / "old" if strategy == "fine_tune" else tmp_path / strategy

@@ -188,7 +188,16 @@ def test_exactly_the_planned_parameters_change(
     hooks = _EpochSnapshots(spy)
     train, val, classes = text_data
 
-    run(plan, train=train, val=val, classes=classes, hooks=hooks, weights_dir=weights_dir)
+    parent_dir = text_parent if strategy == "lwf" else None
+    run(
+        plan,
+        train=train,
+        val=val,
+        classes=classes,
+        hooks=hooks,
+        weights_dir=weights_dir,
+        parent_dir=parent_dir,
+    )
 
     assert spy.model is not None
     groups = _group_tensors(spy.model)

@@ -151,7 +151,8 @@ def test_exactly_the_planned_parameters_change(
     hooks = _EpochSnapshots(spy)
     train, val = colour_data
 
-    run(plan, train=train, val=val, classes=classes, hooks=hooks)
+    parent = parent_dir if strategy == "lwf" else None
+    run(plan, train=train, val=val, classes=classes, hooks=hooks, parent_dir=parent)
 
     assert spy.model is not None
     groups = _group_tensors(spy.model)

@@ -65,6 +65,9 @@ def test_a_job_no_live_worker_consumes_waits_visibly_then_goes_back_to_its_queue
     }
     match_jobs_to_live_workers(context)  # nothing new to say
     assert len(_statuses(client, auth, job_id)) == 2
+    signed_in = {"Cookie": f"thaw_key={auth['Authorization'].removeprefix('Bearer ')}"}
+    page = client.get(f"/ui/jobs/{job_id}", headers=signed_in)
+    assert 'id="cancel"' in page.text, "the dashboard lets a waiting job be cancelled"
 
     announce_consumer(redis_url, queues=["gpu"], worker="gpu-host")
     match_jobs_to_live_workers(context)
@@ -74,6 +77,7 @@ def test_a_job_no_live_worker_consumes_waits_visibly_then_goes_back_to_its_queue
 
     cancelled = client.post(f"/v1/jobs/{job_id}/cancel", headers=auth).json()
     assert cancelled["status"] == "cancelled"
+    assert 'id="cancel"' not in client.get(f"/ui/jobs/{job_id}", headers=signed_in).text
 
 
 def test_a_job_queued_too_long_is_sent_again(

@@ -76,7 +76,10 @@ def test_a_job_killed_on_host_a_finishes_on_host_b_from_the_stored_checkpoint(
             "THAW_DATABASE_URL": database_url,
             "THAW_BROKER_URL": redis_url,
             "THAW_TORCH_THREADS": "1",
-            "THAW_LEASE_SECONDS": "6",
+            # Long enough for a worker's setup before its first renewal (the dataset and the
+            # checkpoint come down from the store) on a busy machine; a dead host is noticed
+            # within it.
+            "THAW_LEASE_SECONDS": "20",
             "THAW_REAPER_INTERVAL_SECONDS": "0.5",
             "THAW_ONNX_EXPORT": "false",
         }
@@ -146,6 +149,7 @@ def test_a_job_killed_on_host_a_finishes_on_host_b_from_the_stored_checkpoint(
             assert job["status"] == "succeeded", job
 
             statuses = _events(client, job_id, "status")
+            print("status events:", statuses)
             assert {"status": "queued", "reason": "lease_expired"} in statuses
             [resumed] = [s for s in statuses if s["status"] == "resumed"]
             assert resumed == {"status": "resumed", "completed_epochs": 1, "steps_into_epoch": 0}
