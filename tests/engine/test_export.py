@@ -77,18 +77,25 @@ def test_predictor_reproduces_the_trained_model(
         [preprocess(image, image_size=64, mean=plan.mean, std=plan.std) for image in images]
     )
     with torch.no_grad():
-        expected = result.model.eval()(batch).softmax(dim=1)
+        logits = result.model.eval()(batch)
+    temperature = json.loads((out_dir / "config.json").read_text())["calibration"]["temperature"]
+    predictor = Predictor.load(out_dir)
 
-    predictions = Predictor.load(out_dir).predict(images, top_k=3)
-
-    assert len(predictions) == len(val)
-    for probabilities, ranked in zip(expected, predictions, strict=True):
-        assert [label for label, _ in ranked] == [
-            ["red", "green", "blue"][i] for i in probabilities.argsort(descending=True)
-        ]
-        by_label = dict(ranked)
-        for index, label in enumerate(["red", "green", "blue"]):
-            assert by_label[label] == pytest.approx(probabilities[index].item(), abs=1e-6)
+    # Raw probabilities are the trained model's softmax; calibrated ones divide the same logits
+    # by the temperature fitted on validation before the softmax.
+    for calibrated, expected in [
+        (False, logits.softmax(dim=1)),
+        (True, (logits / temperature).softmax(dim=1)),
+    ]:
+        predictions = predictor.predict(images, top_k=3, calibrated=calibrated)
+        assert len(predictions) == len(val)
+        for probabilities, ranked in zip(expected, predictions, strict=True):
+            assert [label for label, _ in ranked] == [
+                ["red", "green", "blue"][i] for i in probabilities.argsort(descending=True)
+            ]
+            by_label = dict(ranked)
+            for index, label in enumerate(["red", "green", "blue"]):
+                assert by_label[label] == pytest.approx(probabilities[index].item(), abs=1e-6)
 
 
 def test_predictor_clips_top_k_and_handles_any_image_mode(
@@ -168,7 +175,8 @@ def test_lwf_model_answers_both_tasks(
         ("colours", new, ["red", "green", "blue"]),
         ("shapes", old, ["circle", "square"]),
     ]:
-        predictions = predictor.predict(images, top_k=5, task=task)
+        # Raw probabilities: this test is about tasks; calibration has its own tests.
+        predictions = predictor.predict(images, top_k=5, task=task, calibrated=False)
         for probabilities, ranked in zip(expected, predictions, strict=True):
             assert dict(ranked) == pytest.approx(
                 {label: p.item() for label, p in zip(labels, probabilities, strict=True)},
