@@ -1,13 +1,11 @@
-"""Predict with strings over HTTP, on a text version the worker published from an engine run:
-answers in order with `text_index` and `truncated`, per-item errors for empty and oversized
-texts, the ONNX Runtime backend, and a 422 naming the input kind a model takes.
-
-The dataset rows (`service/datasets`, `load_manifest`) of a text upload belong to the text
-dataset work; here the worker's job runs on an image dataset of six classes while its engine
-run gets the Debian descriptions of six sections, so everything after the dataset's loading
-(the engine, export, ONNX, the card, publish, serving) is the worker's own path.
+"""Predict with strings over HTTP, on a text version the worker published from a real text
+dataset (a CSV of Debian package descriptions, uploaded and ingested): answers in order with
+`text_index` and `truncated`, per-item errors for empty and oversized texts, the ONNX Runtime
+backend, and a 422 naming the input kind a model takes.
 """
 
+import csv
+import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,46 +15,59 @@ from fastapi.testclient import TestClient
 
 import worker.jobs as jobs
 from service.cli import migrate_database
+from service.datasets.service import process_upload
 from service.main import create_app
 from tests.conftest import make_settings, new_key, version_folder
 from tests.engine.test_text_train import debian_texts
 from tests.test_api import assert_error, ready_dataset
 from tests.test_inference import b64, held_out_pngs
 from tests.test_registry import Registry, publish
-from worker.engine import TextSample
 
 LONG = "a free software implementation of the classic card game " * 20
+
+
+def sections_csv(per_class: int) -> bytes:
+    """`per_class` real descriptions of each of the fixture's six sections, as an upload."""
+    samples, classes = debian_texts(per_class)
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["text", "label"])
+    writer.writerows([sample.text, classes[sample.label]] for sample in samples)
+    return out.getvalue().encode()
 
 
 @pytest.fixture(scope="module")
 def text_version(
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[Registry, dict[str, Any]]]:
+) -> Iterator[tuple[Registry, dict[str, Any], int]]:
+    """The registry, the published text version and how many texts it trained on."""
     settings = make_settings(
         tmp_path_factory.mktemp("text-inference") / "data",
         max_predict_texts=4,
         max_predict_text_chars=2000,
     )
     migrate_database(settings)
-    train, _ = debian_texts(8)
-    val, _ = debian_texts(3, skip=8)
-    with TestClient(create_app(settings)) as client, pytest.MonkeyPatch.context() as patch:
+    with TestClient(create_app(settings)) as client:
         context = client.app.state.context  # type: ignore[attr-defined]
         auth = new_key(context, "team-a")
         registry = Registry(
             client, context, auth, ready_dataset(client, context, auth, classes=6, per_class=2)
         )
         publish(registry, epochs=1)  # an image model, `digits`, for texts sent to it
-        engine_run = jobs.run
-
-        def run_on_texts(plan: Any, *, train: Any, val: Any, **rest: Any) -> Any:
-            return engine_run(plan, train=texts_train, val=texts_val, **rest)
-
-        texts_train: list[TextSample] = train
-        texts_val: list[TextSample] = val
-        patch.setattr(jobs, "run", run_on_texts)
+        uploaded = client.post(
+            "/v1/datasets",
+            headers=auth,
+            files={"file": ("sections.csv", sections_csv(11))},
+            data={"val_fraction": "0.25"},
+        )
+        assert uploaded.status_code == 202, uploaded.text
+        dataset_id = uploaded.json()["id"]
+        process_upload(context=context, dataset_id=dataset_id)
+        dataset = client.get(f"/v1/datasets/{dataset_id}", headers=auth).json()
+        assert dataset["status"] == "ready", dataset
+        train_texts = sum(counts["train"] for counts in dataset["class_counts"].values())
         spec = {
-            "dataset": registry.dataset_id,
+            "dataset": dataset_id,
             "model": "sections",
             "base_model": "minilm_l6",
             "strategy": "feature_extraction",
@@ -72,13 +83,14 @@ def text_version(
         done = client.get(f"/v1/jobs/{job.json()['id']}", headers=auth).json()
         assert done["status"] == "succeeded", done
         version = client.get("/v1/models/sections/versions/1", headers=auth).json()
-        yield registry, version
+        assert version["labels"] == dataset["classes"]
+        yield registry, version, train_texts
 
 
 def test_the_published_text_version_has_its_tokenizer_card_and_onnx(
-    text_version: tuple[Registry, dict[str, Any]],
+    text_version: tuple[Registry, dict[str, Any], int],
 ) -> None:
-    registry, version = text_version
+    registry, version, train_texts = text_version
     folder: Path = version_folder(registry.context, version["id"])
     names = {path.name for path in folder.iterdir()}
     assert {
@@ -91,13 +103,13 @@ def test_the_published_text_version_has_its_tokenizer_card_and_onnx(
     assert version["exports"]["onnx"]["exported"] is True
     card = (folder / "card.md").read_text()
     assert "Token lengths" in card
-    assert "| train | 48 |" in card
+    assert f"| train | {train_texts} |" in card
 
 
 def test_predict_with_strings_answers_in_order(
-    text_version: tuple[Registry, dict[str, Any]],
+    text_version: tuple[Registry, dict[str, Any], int],
 ) -> None:
-    registry, _ = text_version
+    registry, _, _ = text_version
     body = {
         "texts": ["PostgreSQL extension for full text search", "", LONG, "x" * 2001],
         "top_k": 2,
@@ -121,9 +133,9 @@ def test_predict_with_strings_answers_in_order(
 
 
 def test_the_wrong_input_kind_is_a_422_naming_what_the_model_takes(
-    text_version: tuple[Registry, dict[str, Any]],
+    text_version: tuple[Registry, dict[str, Any], int],
 ) -> None:
-    registry, _ = text_version
+    registry, _, _ = text_version
     client, auth = registry.client, registry.auth
     (png,) = held_out_pngs(1)
     images = {"images": [{"name": "a.png", "data": b64(png)}]}

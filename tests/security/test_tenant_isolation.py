@@ -31,6 +31,8 @@ BODIES: dict[tuple[str, str], dict[str, Any]] = {
     ("post", "/v1/jobs/plan"): {"json": {}},
     # The transferability endpoint (on main, not yet on this branch): its defaults suffice.
     ("post", "/v1/datasets/{dataset_id}/transferability"): {"json": {}},
+    ("post", "/v1/experiments"): {"json": {}},
+    ("post", "/v1/experiments/{experiment_id}/promote"): {"json": {}},
 }
 
 
@@ -54,9 +56,22 @@ def tenant_a_world(client: TestClient, context: AppContext, auth: dict[str, str]
     jobs.execute(context, job_id=job["id"])
     alias = client.put("/v1/models/digits/aliases/production", headers=auth, json={"version": 1})
     assert alias.status_code == 200, alias.text
+    experiment = client.post(
+        "/v1/experiments",
+        headers=auth,
+        json={
+            "dataset": dataset_id,
+            "model": "digits-exp",
+            "base_models": ["efficientnet_lite0"],
+            "strategies": ["scratch", "feature_extraction"],
+            "settings": {"image_size": 64, "epochs": 1},
+        },
+    )
+    assert experiment.status_code == 201, experiment.text
     return {
         "dataset_id": dataset_id,
         "job_id": job["id"],
+        "experiment_id": experiment.json()["id"],
         "name": "digits",
         "version": "1",
         "alias": "production",
@@ -71,7 +86,7 @@ def test_no_route_lets_another_tenant_see_or_touch_anything(
     tenant_a_world: dict[str, str],
 ) -> None:
     values = tenant_a_world
-    secrets_of_a = ("digit_0", values["dataset_id"], values["job_id"])
+    secrets_of_a = ("digit_0", values["dataset_id"], values["job_id"], values["experiment_id"])
     intruder_key = new_key(context, "team-b")["Authorization"].removeprefix("Bearer ")
     # The API takes the bearer key; the dashboard takes the same key from its sign-in cookie,
     # and its bridge wants the header its own pages send on every request.
@@ -134,7 +149,9 @@ def test_dashboard_bridge_refuses_forged_requests(
 ) -> None:
     key = auth["Authorization"].removeprefix("Bearer ")
     signed_in = {"Cookie": f"thaw_key={key}"}
-    uploaded = client.post("/v1/datasets", headers=auth, files={"file": ("a.zip", b"x")})
+    # A zip that is broken past its signature: accepted, then fails in the background.
+    broken_zip = b"PK\x03\x04" + b"x" * 64
+    uploaded = client.post("/v1/datasets", headers=auth, files={"file": ("a.zip", broken_zip)})
     assert uploaded.status_code == 202, uploaded.text
     dataset_id = uploaded.json()["id"]
 
