@@ -59,6 +59,9 @@ from worker.engine.onnx_export import OnnxExport, export_onnx, export_text_onnx
 logger = logging.getLogger(__name__)
 
 LEASE_RENEWAL_SECONDS = 1.0
+TOKEN_CACHE_FOLDER = "tokens"
+"""Beside the object cache's entries in `THAW_CACHE_DIR`: text datasets' token ids by tokenizer,
+length and truncation (`worker.engine.token_cache`), outside `THAW_CACHE_BYTES`' budget."""
 STATUS_POLL_SECONDS = 0.05
 """How stale a worker's view of its job's status may be: a cancel stops training at the first
 step boundary after it; a few small reads a second cost nothing beside a training step."""
@@ -275,6 +278,8 @@ def _train_and_publish(
             checkpoint_path=checkpoint,
             resume_from=checkpoint if resume else None,
             parent_dir=_parent_folder(context, plan),
+            # Shared by this host's jobs: a dataset is tokenized once per tokenizer and length.
+            token_cache_dir=context.settings.resolved_cache_dir / TOKEN_CACHE_FOLDER,
         )
     if hooks.should_stop():
         raise TrainingCancelled()

@@ -39,12 +39,14 @@ from worker.engine import (
     get_base_model_info,
     list_base_models,
     run,
+    tokens,
     weights_available,
 )
 from worker.engine.export import CONFIG_FILE, WEIGHTS_FILE, model_config, text_export
 from worker.engine.model import build_model as build_text_model
 from worker.engine.model import describe_plan
 from worker.engine.text import LengthGroupedBatches
+from worker.engine.token_cache import cached_encode
 from worker.engine.tokens import keep
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "debian_descriptions.csv"
@@ -236,6 +238,82 @@ def test_feature_cache_encodes_each_text_once(
     assert lengths["max_length"] == 32
     assert lengths["train"]["texts"] == len(train)
     assert 0 < lengths["train"]["median"] <= lengths["train"]["max"]
+
+
+def test_a_second_run_on_the_same_texts_reads_their_tokens_from_the_cache(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    text_config: Callable[..., TransferConfig],
+    text_data: TextData,
+    weights_dir: Path,
+) -> None:
+    """Two jobs on one host: the second one (another strategy) tokenizes nothing; another
+    max_length is another entry."""
+    calls: list[int] = []
+
+    def counting_encode(backend: Any, texts: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(len(texts))
+        return tokens.encode(backend, texts, *args, **kwargs)
+
+    monkeypatch.setattr("worker.engine.text.encode", counting_encode)
+    train, val, classes = text_data
+    cache = tmp_path / "tokens"
+
+    def job(strategy: str, max_length: int) -> TrainingResult:
+        plan = compile_plan(text_config(strategy, epochs=1, max_length=max_length))
+        return run(
+            plan,
+            train=train,
+            val=val,
+            classes=classes,
+            weights_dir=weights_dir,
+            token_cache_dir=cache,
+        )
+
+    first = job("feature_extraction", 32)
+    assert calls == [len(train) + len(val)]
+    assert len(list(cache.glob("*.npz"))) == 1
+    second = job("fine_tune", 32)
+    assert calls == [len(train) + len(val)]  # read back, not tokenized
+    assert second.metrics["token_lengths"] == first.metrics["token_lengths"]
+    job("feature_extraction", 24)
+    assert len(calls) == 2
+    assert len(list(cache.glob("*.npz"))) == 2
+
+
+def test_the_token_cache_gives_back_what_the_tokenizer_gave(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(get_model_path())
+    backend = tokens.plain_backend(tokenizer.backend_tokenizer)
+    special = tokens.SpecialTokens.of(tokenizer)
+    texts = ["a short one", "word " * 40, "héllo wörld"]
+
+    def tokenize() -> tokens.Encoded:
+        return tokens.encode(backend, texts, special, max_length=16, truncation="head_tail")
+
+    written = cached_encode(
+        tmp_path, backend, texts, max_length=16, truncation="head_tail", tokenize=tokenize
+    )
+    read = cached_encode(
+        tmp_path,
+        backend,
+        texts,
+        max_length=16,
+        truncation="head_tail",
+        tokenize=lambda: pytest.fail("tokenized again"),
+    )
+    assert read == written == tokenize()
+    assert read.truncated == [False, True, False]
+    (entry,) = tmp_path.glob("*.npz")
+    entry.write_bytes(b"torn")  # an unreadable entry is tokenized again and rewritten
+    assert (
+        cached_encode(
+            tmp_path, backend, texts, max_length=16, truncation="head_tail", tokenize=tokenize
+        )
+        == written
+    )
+    assert [path.name for path in tmp_path.iterdir()] == [entry.name]
 
 
 RESUMABLE = TransferConfig(

@@ -139,12 +139,19 @@ def inputs_for(
     device: torch.device,
     shuffle: torch.Generator,
     num_workers: int,
+    token_cache_dir: Path | None,
 ) -> Inputs:
     if plan.modality == "text":
         from .text import TextInputs
 
         return TextInputs(
-            plan, train, val, unlabelled=unlabelled, weights_dir=weights_dir, shuffle=shuffle
+            plan,
+            train,
+            val,
+            unlabelled=unlabelled,
+            weights_dir=weights_dir,
+            shuffle=shuffle,
+            token_cache_dir=token_cache_dir,
         )
     if unlabelled:
         raise ValueError("unlabelled texts are for text base models")

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .plan import Plan, Stage
 from .text_zoo import TextBackbone, load_tokenizer
+from .token_cache import cached_encode
 from .tokens import Encoded, SpecialTokens, encode, pad, plain_backend
 from .zoo import Backbone
 
@@ -152,7 +153,8 @@ class MaskedLanguageModel(nn.Module):
 
 
 class TextInputs:
-    """Loaders over a run's texts, tokenized once when the run starts."""
+    """Loaders over a run's texts, tokenized once when the run starts, or read from
+    `token_cache_dir` when a run on this host already tokenized the same texts alike."""
 
     def __init__(
         self,
@@ -163,6 +165,7 @@ class TextInputs:
         unlabelled: Sequence[str],
         weights_dir: Path | None,
         shuffle: torch.Generator,
+        token_cache_dir: Path | None = None,
     ) -> None:
         assert plan.max_length is not None
         assert plan.truncation is not None
@@ -173,8 +176,16 @@ class TextInputs:
         self.vocab_size = len(tokenizer)
         backend = plain_backend(tokenizer.backend_tokenizer)
         texts = [sample.text for sample in [*train, *val]] + list(unlabelled)
-        encoded = encode(
-            backend, texts, self.special, max_length=plan.max_length, truncation=plan.truncation
+        max_length, truncation = plan.max_length, plan.truncation
+        encoded = cached_encode(
+            token_cache_dir,
+            backend,
+            texts,
+            max_length=max_length,
+            truncation=truncation,
+            tokenize=lambda: encode(
+                backend, texts, self.special, max_length=max_length, truncation=truncation
+            ),
         )
         self.encoded: dict[int, Encoded] = {}
         """Framed ids per sample list, by the list's identity (train, val)."""
