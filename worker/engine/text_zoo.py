@@ -296,7 +296,15 @@ def build_text_backbone(
         info = text_info(name)
         folder = locate_folder(name, weights_dir) or _folder_for_info(name)
         config = _encoder_config(folder)
-    net = AutoModel.from_config(config, add_pooling_layer=False)
+    if pretrained:
+        from transformers.initialization import no_init_weights
+
+        # The checkpoint replaces every parameter (checked below): drawing random ones first
+        # was a third of a feature-extraction job's setup.
+        with no_init_weights():
+            net = AutoModel.from_config(config, add_pooling_layer=False)
+    else:
+        net = AutoModel.from_config(config, add_pooling_layer=False)
     backbone = TextBackbone(info, net, config)
     if pretrained:
         assert folder is not None
