@@ -334,11 +334,12 @@ async def _predict(request: Request, credentials: Credentials, name: str, versio
         results, good, inputs, _ = await loop.run_in_executor(decode_pool(), encode)
     else:
         assert body.images is not None
+        assert model.preprocessing is not None
         metrics.images.labels(*labels).inc(len(body.images))
         decoded = partial(
             decode_images,
             body.images,
-            image_size=model.preprocessing.image_size if model.preprocessing else 0,
+            preprocessing=model.preprocessing,
             limits=ingest_limits(context),
         )
         results, good, inputs = await loop.run_in_executor(decode_pool(), decoded)

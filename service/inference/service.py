@@ -45,7 +45,7 @@ from worker.engine.artifacts import (
     TextPreprocessing,
     read_model_config,
 )
-from worker.engine.pixels import image_pixels, normalise
+from worker.engine.pixels import average_views, normalise, view_pixels
 from worker.engine.tokens import SpecialTokens, encode, load_backend, pad
 
 logger = logging.getLogger(__name__)
@@ -252,7 +252,7 @@ def _torch_forward(
 @dataclass
 class _Request:
     inputs: Any
-    """(N, H, W, 3) uint8, as `image_pixels` makes them; or N texts' framed token ids."""
+    """(N, H, W, 3) uint8, as `view_pixels` makes them; or N texts' framed token ids."""
     future: Future[list[np.ndarray]] = field(default_factory=Future)
 
 
@@ -467,9 +467,13 @@ class ModelCache:
 
 
 def decode_images(
-    images: list[tuple[str, bytes | None]], *, image_size: int, limits: IngestLimits
+    images: list[tuple[str, bytes | None]],
+    *,
+    preprocessing: Preprocessing,
+    limits: IngestLimits,
 ) -> tuple[list[Prediction], list[int], np.ndarray | None]:
-    """Per-image results (errors filled in), the indexes that decoded, and their pixels.
+    """Per-image results (errors filled in), the indexes that decoded, and their pixels: a
+    row per test-time view (`preprocessing.tta`), an image's views adjacent.
 
     An entry whose bytes are None was already found unreadable (bad base64)."""
     results: list[Prediction] = [{"image": name, "top": None, "error": None} for name, _ in images]
@@ -484,11 +488,11 @@ def decode_images(
             continue
         try:
             with open_image(io.BytesIO(data), limits) as image:
-                pixels.append(image_pixels(image, image_size))
+                pixels.append(view_pixels(image, preprocessing.image_size, preprocessing.tta))
             good.append(index)
         except ImageRejectedError as exc:
             results[index]["error"] = {"code": exc.code, "message": exc.reason}
-    return results, good, (np.stack(pixels) if pixels else None)
+    return results, good, (np.concatenate(pixels) if pixels else None)
 
 
 def encode_texts(
@@ -535,11 +539,13 @@ def fill_predictions(
     top_k: int,
     calibrated: bool,
 ) -> None:
-    """Each good image's top-k labels, with probabilities calibrated unless asked not to."""
+    """Each good input's top-k labels, with probabilities calibrated unless asked not to and
+    (images) averaged over the input's test-time views, as the torch predictor does."""
     labels = model.tasks[task]
     index = list(model.tasks).index(task)
     temperature = model.temperatures[index] if calibrated else 1.0
-    rows = _softmax(logits[index] / temperature)
+    views = len(model.preprocessing.tta) if model.preprocessing is not None else 1
+    rows = average_views(_softmax(logits[index] / temperature), views)
     k = max(1, min(top_k, len(labels)))
     for index, row in zip(good, rows, strict=True):
         top = np.argsort(-row, kind="stable")[:k]

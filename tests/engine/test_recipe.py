@@ -1,10 +1,11 @@
-"""The training recipe on real digits (sklearn): imbalance, calibration."""
+"""The training recipe on real digits (sklearn): imbalance, calibration, test-time
+augmentation."""
 
 import json
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import pytest
@@ -13,6 +14,9 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from torchvision.transforms import v2
 
+from service.datasets.ingest import IngestLimits
+from service.inference.resolution import ServedVersion
+from service.inference.service import decode_images, fill_predictions, load_model
 from worker.engine import (
     Predictor,
     Sample,
@@ -29,7 +33,20 @@ from worker.engine import (
 from worker.engine.augment import augmented_batches, batch_mix, image_transform
 from worker.engine.calibration import expected_calibration_error, fit_temperature
 from worker.engine.imbalance import training_sampler
-from worker.engine.pixels import image_pixels, normalise
+from worker.engine.onnx_export import export_onnx
+from worker.engine.pixels import (
+    CROP_VIEWS,
+    TTA_MODES,
+    image_pixels,
+    normalise,
+    tta_views,
+    view_pixels,
+)
+from worker.engine.plan import Plan
+from worker.engine.spec import TtaMode
+from worker.engine.tta import evaluate_tta
+
+CROP_VIEWS_WITH_ORIGINAL = ("original", *CROP_VIEWS)
 
 CLASSES = [str(digit) for digit in range(10)]
 MINORITY = range(5, 10)
@@ -266,3 +283,69 @@ def test_each_sample_is_augmented_alike_whichever_process_loads_it(
         assert torch.equal(targets, other_targets)
     # MixUp/CutMix made the targets class probabilities.
     assert epochs[0][0][1].dtype == torch.float32
+
+
+@pytest.fixture(scope="module")
+def tta_run(digits: list[Sample]) -> tuple[Plan, TrainingResult]:
+    plan = compile_plan(_digits_config(epochs=2, tta="flip_crops"))
+    return plan, run(plan, train=digits[:200], val=digits[200:260], classes=CLASSES)
+
+
+def test_tta_in_predict_equals_tta_in_evaluation_on_both_backends(
+    tta_run: tuple[Plan, TrainingResult], digits: list[Sample], tmp_path: Path
+) -> None:
+    plan, result = tta_run
+    val = digits[200:260]
+    recorded = result.metrics["tta"]
+    print(f"tta {recorded}")
+    assert recorded["views"] == list(tta_views("flip_crops", flip=True))
+    assert len(recorded["views"]) == 12
+    assert recorded["val_accuracy_without"] == result.metrics["val_accuracy"]
+    assert recorded["gain"] == pytest.approx(
+        recorded["val_accuracy"] - result.metrics["val_accuracy"]
+    )
+    _, evaluated = evaluate_tta(result.model, val, plan, torch.device("cpu"))
+    assert float((evaluated.argmax(dim=1) == torch.tensor([s.label for s in val])).float().mean()) \
+        == recorded["val_accuracy"]  # fmt: skip
+    export_model(result, plan, tmp_path)
+    assert (
+        json.loads((tmp_path / "config.json").read_text())["preprocessing"]["tta"]
+        == (recorded["views"])
+    )
+    assert export_onnx(result.model, image_size=64, out_path=tmp_path / "model.onnx").exported
+    images = [Image.open(sample.path) for sample in val]
+    torch_rows = Predictor.load(tmp_path).predict(images, top_k=10, calibrated=False)
+    served = ServedVersion("v", "digits", 1, "", {"onnx": {"exported": True}})
+    onnx_model = load_model(tmp_path, version=served, backend="onnx", threads=1)
+    assert onnx_model.backend == "onnx"
+    encoded = [(f"{i}.png", Path(sample.path).read_bytes()) for i, sample in enumerate(val)]
+    assert onnx_model.preprocessing is not None
+    results, good, pixels = decode_images(
+        encoded, preprocessing=onnx_model.preprocessing, limits=IngestLimits()
+    )
+    logits = onnx_model.forward(onnx_model.batch_input([pixels]))
+    fill_predictions(onnx_model, results, good, logits, task="main", top_k=10, calibrated=False)
+    for want, torch_row, served_row in zip(evaluated, torch_rows, results, strict=True):
+        assert served_row["top"] is not None
+        onnx_row = [(entry["label"], entry["probability"]) for entry in served_row["top"]]
+        for row in (torch_row, onnx_row):
+            assert len(row) == 10
+            for label, probability in row:
+                assert probability == pytest.approx(float(want[int(label)]), abs=1e-4)
+
+
+def test_tta_views_drop_mirrors_without_flip_and_text_refuses_tta() -> None:
+    assert set(TTA_MODES) == set(get_args(TtaMode))
+    assert tta_views("flip_crops", flip=False) == CROP_VIEWS_WITH_ORIGINAL
+    assert tta_views("none", flip=True) == ("original",)
+    with pytest.raises(ValueError, match="tta: `flip` with `flip: false`"):
+        compile_plan(_digits_config(tta="flip", flip=False))
+    with pytest.raises(ValueError, match="tta: minilm_l6 is a text model"):
+        compile_plan(TransferConfig(base_model="minilm_l6", num_classes=3, tta="flip"))
+    image = Image.fromarray(np.arange(10 * 10 * 3, dtype=np.uint8).reshape(10, 10, 3))
+    views = view_pixels(image, 7, ("original", "flip", "crop_top_left", "flip_crop_top_left"))
+    assert np.array_equal(views[0], image_pixels(image, 7))
+    assert np.array_equal(views[1], views[0][:, ::-1])
+    assert np.array_equal(views[3], views[2][:, ::-1])
+    enlarged = np.asarray(image.resize((8, 8), Image.Resampling.BILINEAR))
+    assert np.array_equal(views[2], enlarged[:7, :7])

@@ -25,6 +25,8 @@ ONNX_OUTPUT = "logits"
 """The ONNX graph's one input (a float batch, NCHW, preprocessed) and one output (the newest
 task's logits)."""
 ONNX_TEXT_INPUTS = ("input_ids", "attention_mask")
+ORIGINAL_VIEW = "original"
+"""The one view of an image predicted without test-time augmentation (`pixels.tta_views`)."""
 """A text model's ONNX inputs: int64 (batch, length) each, both axes dynamic."""
 
 
@@ -41,6 +43,9 @@ class Preprocessing:
     std: tuple[float, float, float]
     resize: str = "bilinear"
     color: str = "RGB"
+    tta: tuple[str, ...] = (ORIGINAL_VIEW,)
+    """Test-time augmentation: the views (`pixels.view_pixels`) whose probabilities predict
+    averages, as the final validation did (`config.json`'s `preprocessing.tta`)."""
 
 
 @dataclass(frozen=True)
@@ -138,6 +143,7 @@ def parse_model_config(data: dict[str, Any], *, source: str = CONFIG_FILE) -> Mo
                 std=_triple(prep["std"]),
                 resize=prep.get("resize", "bilinear"),
                 color=prep.get("color", "RGB"),
+                tta=_views(prep.get("tta", [ORIGINAL_VIEW])),
             )
         # Heads come from the plan; the listed `tasks` (present only with old tasks) give the
         # labels in the order the model's heads answer them.
@@ -174,6 +180,12 @@ def read_model_config(model_dir: Path) -> ModelConfig:
     if not isinstance(data, dict):
         raise ModelConfigError(f"{path}: not a thaw model config")
     return parse_model_config(data, source=str(path))
+
+
+def _views(values: Any) -> tuple[str, ...]:
+    if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
+        raise ValueError(f"preprocessing.tta must list view names; got {values!r}")
+    return tuple(values)
 
 
 def _triple(values: Any) -> tuple[float, float, float]:

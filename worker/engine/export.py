@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from .artifacts import CONFIG_FILE, FORMAT, WEIGHTS_FILE
 from .calibration import Calibration
+from .pixels import tta_views
 from .plan import Plan
 from .train import TrainingResult
 from .zoo import get_base_model_info
@@ -48,6 +49,7 @@ def model_config(
             "std": list(plan.std),
             "resize": "bilinear",
             "color": "RGB",
+            "tta": list(tta_views(plan.tta, flip=plan.flip)),
         }
     config: dict[str, Any] = {
         "format": FORMAT,

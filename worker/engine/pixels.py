@@ -2,12 +2,41 @@
 
 Standard library, numpy and PIL only, so the API process prepares requests without importing
 torch (a version served by ONNX Runtime never loads it).
+
+Test-time augmentation is also here, the one home of its views: an image is shown to the
+model as several views at the trained size (`view_pixels`), and the model's answer is the
+mean of its per-view probabilities (`average_views`). Evaluation at the end of training and
+both predict backends build the views with these functions, so predict does what evaluation
+measured.
 """
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from .artifacts import Preprocessing
+from .artifacts import ORIGINAL_VIEW, Preprocessing
+
+FLIP_VIEW = "flip"
+CROP_VIEWS = ("crop_center", "crop_top_left", "crop_top_right", "crop_bottom_left",
+              "crop_bottom_right")  # fmt: skip
+CROP_ENLARGE = 8 / 7
+"""Crops are taken at the trained size from the image squashed this much larger (the usual
+0.875 centre-crop ratio), so each sees most of the image, slightly enlarged."""
+TTA_MODES = {
+    "none": (ORIGINAL_VIEW,),
+    "flip": (ORIGINAL_VIEW, FLIP_VIEW),
+    "flip_crops": (
+        ORIGINAL_VIEW,
+        FLIP_VIEW,
+        *CROP_VIEWS,
+        *(f"{FLIP_VIEW}_{c}" for c in CROP_VIEWS),
+    ),
+}
+"""The views of each `tta` setting, in the order they are stacked."""
+
+
+def tta_views(mode: str, *, flip: bool) -> tuple[str, ...]:
+    """The views of `tta: mode`; without `flip` (mirroring changes the class) no mirrored one."""
+    return tuple(view for view in TTA_MODES[mode] if flip or FLIP_VIEW not in view)
 
 
 def image_pixels(image: Image.Image, image_size: int) -> np.ndarray:
@@ -16,9 +45,7 @@ def image_pixels(image: Image.Image, image_size: int) -> np.ndarray:
     The same steps as training's `data.preprocess` (upright by EXIF, RGB, bilinear squash), split
     so that a batch is normalised in one operation (`normalise`) instead of image by image.
     """
-    upright = ImageOps.exif_transpose(image)
-    resized = upright.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
-    return np.asarray(resized, dtype=np.uint8)
+    return view_pixels(image, image_size, (ORIGINAL_VIEW,))[0]
 
 
 def normalise(pixels: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
@@ -28,3 +55,48 @@ def normalise(pixels: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
     mean = np.asarray(preprocessing.mean, dtype=np.float32)
     std = np.asarray(preprocessing.std, dtype=np.float32)
     return np.ascontiguousarray(((scaled - mean) / std).transpose(0, 3, 1, 2))
+
+
+def view_pixels(image: Image.Image, image_size: int, views: tuple[str, ...]) -> np.ndarray:
+    """(len(views), image_size, image_size, 3) uint8: the image as each named view.
+
+    `original` is exactly `image_pixels`; `flip` mirrors it; `crop_<where>` is a trained-size
+    crop of the image squashed `CROP_ENLARGE` times larger; `flip_crop_<where>` mirrors that.
+    """
+    upright = ImageOps.exif_transpose(image).convert("RGB")
+    squashed = np.asarray(
+        upright.resize((image_size, image_size), Image.Resampling.BILINEAR), dtype=np.uint8
+    )
+    enlarged: np.ndarray | None = None
+    made = []
+    for view in views:
+        unmirrored = view.removeprefix(f"{FLIP_VIEW}_") if view != FLIP_VIEW else ORIGINAL_VIEW
+        if unmirrored == ORIGINAL_VIEW:
+            pixels = squashed
+        elif unmirrored in CROP_VIEWS:
+            if enlarged is None:
+                large = round(image_size * CROP_ENLARGE)
+                enlarged = np.asarray(
+                    upright.resize((large, large), Image.Resampling.BILINEAR), dtype=np.uint8
+                )
+            pixels = _crop(enlarged, unmirrored, image_size)
+        else:
+            raise ValueError(f"unknown test-time view {view!r}")
+        made.append(pixels[:, ::-1] if view.startswith(FLIP_VIEW) else pixels)
+    return np.stack(made)
+
+
+def _crop(pixels: np.ndarray, where: str, size: int) -> np.ndarray:
+    spare = pixels.shape[0] - size
+    top = {"center": spare // 2, "top": 0, "bottom": spare}
+    left = {"center": spare // 2, "left": 0, "right": spare}
+    parts = where.removeprefix("crop_").split("_")
+    row, column = (parts[0], parts[0]) if len(parts) == 1 else parts
+    y, x = top[row], left[column]
+    return pixels[y : y + size, x : x + size]
+
+
+def average_views(probabilities: np.ndarray, views: int) -> np.ndarray:
+    """(N * views, C) per-view probabilities, views of an image adjacent → (N, C) their mean."""
+    averaged: np.ndarray = probabilities.reshape(-1, views, probabilities.shape[1]).mean(axis=1)
+    return averaged

@@ -284,6 +284,11 @@ def _check_modality_settings(config: TransferConfig, base_model: str, modality: 
                     )
         if config.augment != "none":
             raise ValueError(f"augment: {base_model} is a text model; augment is for images")
+        if config.tta != "none":
+            raise ValueError(
+                f"tta: {base_model} is a text model; test-time augmentation (flips, crops) "
+                "is for images"
+            )
         if config.sampler != "shuffle":
             raise ValueError(
                 f"sampler: {base_model} is a text model, whose batches group texts by length; "
@@ -293,6 +298,11 @@ def _check_modality_settings(config: TransferConfig, base_model: str, modality: 
     for name in ("max_length", "truncation", "lm_epochs", "lm_lr"):
         if getattr(config, name) is not None:
             raise ValueError(f"{name}: {base_model} is an image model; {name} is for text")
+    if config.tta == "flip" and not config.flip:
+        raise ValueError(
+            "tta: `flip` with `flip: false` leaves only the original view; use `flip_crops` "
+            "(crops without mirrors) or `none`"
+        )
     if config.strategy == "ulmfit":
         raise ValueError(f"strategy: ulmfit is for text base models; {base_model} takes images")
 

@@ -5,16 +5,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Self
 
-import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
 from .artifacts import CONFIG_FILE, WEIGHTS_FILE, ModelConfig, parse_model_config
 from .model import TransferModel, build_model_for_export
-from .pixels import image_pixels, normalise
 from .plan import Plan
 from .tokens import Encoded, SpecialTokens, encode, load_backend, pad
+from .tta import view_probabilities
 
 Top = list[tuple[str, float]]
 
@@ -67,15 +66,22 @@ class Predictor:
 
         `task` picks one of a multi-task (LwF) model's tasks by name; None is the newest.
         Probabilities are temperature-scaled as fitted at publish (`calibration.py`) unless
-        `calibrated` is False.
+        `calibrated` is False, and averaged over the test-time views the model was validated
+        with (`config.json`'s `preprocessing.tta`; the image alone by default).
         """
         index, labels = self._task(task)
         if not images:
             return []
-        preprocessing = self.exported.image
-        pixels = np.stack([image_pixels(image, preprocessing.image_size) for image in images])
-        batch = torch.from_numpy(normalise(pixels, preprocessing)).to(self.device)
-        return self._top(batch, index, labels, top_k, calibrated)
+        temperature = self.exported.temperatures()[index] if calibrated else 1.0
+        probabilities = view_probabilities(
+            self.model,
+            images,
+            self.exported.image,
+            self.device,
+            task=index,
+            temperature=temperature,
+        )
+        return self._top(probabilities, labels, top_k)
 
     def encode_texts(self, texts: Sequence[str]) -> Encoded:
         """Texts tokenized and truncated exactly as in training."""
@@ -107,16 +113,13 @@ class Predictor:
         assert self.exported.text is not None
         ids, mask = pad(encoded.ids, self.exported.text.special_tokens["pad_id"])
         batch = torch.stack([torch.from_numpy(ids), torch.from_numpy(mask)], dim=1)
-        tops = self._top(batch.to(self.device), index, labels, top_k, calibrated)
+        with torch.inference_mode():
+            logits = self.model.forward_tasks(batch.to(self.device))[index]
+        temperature = self.exported.temperatures()[index] if calibrated else 1.0
+        tops = self._top((logits / temperature).softmax(dim=1), labels, top_k)
         return list(zip(tops, encoded.truncated, strict=True))
 
-    def _top(
-        self, batch: torch.Tensor, index: int, labels: list[str], top_k: int, calibrated: bool
-    ) -> list[Top]:
-        with torch.inference_mode():
-            logits = self.model.forward_tasks(batch)[index]
-        temperature = self.exported.temperatures()[index] if calibrated else 1.0
-        probabilities = (logits / temperature).softmax(dim=1)
+    def _top(self, probabilities: torch.Tensor, labels: list[str], top_k: int) -> list[Top]:
         k = max(1, min(top_k, len(labels)))
         values, indices = probabilities.topk(k, dim=1)
         return [

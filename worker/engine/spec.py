@@ -37,6 +37,7 @@ Truncation = Literal["head", "head_tail"]
 ClassWeights = Literal["none", "balanced"]
 SamplerName = Literal["shuffle", "balanced"]
 AugmentLevel = Literal["none", "light", "standard", "strong"]
+TtaMode = Literal["none", "flip", "flip_crops"]
 
 MIN_IMAGE_SIZE = 64
 MAX_IMAGE_SIZE = 1024
@@ -218,6 +219,14 @@ class RunSettings:
         True,
         description="Include the horizontal flip in `augment`; false where mirroring changes "
         "the class (digits, text in images).",
+    )
+    tta: TtaMode = setting(
+        "none",
+        description="Image models: test-time augmentation, used by the final validation and by "
+        "predict alike: `flip` averages the probabilities of the image and its mirror; "
+        "`flip_crops` adds five crops at the trained size (centre, corners) of the image "
+        "enlarged 8/7, each with its mirror (12 views). `flip: false` leaves the mirrored "
+        "views out. The version's metrics record validation accuracy with and without it.",
     )
     device: Device = setting("cpu", description="`cuda` sends the job to the `gpu` queue.")
     lwf_temperature: float = setting(2.0, gt=0.0, le=100.0)

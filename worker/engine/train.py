@@ -18,6 +18,7 @@ features) each stage trains on in `stage_data`.
 import logging
 import random
 import time
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ from .plan import CLASSIFY, MASKED_LM, Plan, Stage
 from .resume import ResumeState, StageStart
 from .stage_data import StageBatches, StageData
 from .text import TextSample
+from .tta import evaluate_tta
 
 Samples = Sequence[Sample] | Sequence[TextSample]
 
@@ -421,6 +423,27 @@ def _write_checkpoint(
     training.hooks.on_checkpoint(training.checkpoint_path)
 
 
+def _tta_metrics(
+    training: _Training, val: Samples, accuracy_without: float
+) -> dict[str, Any] | None:
+    """The plan's test-time augmentation measured on validation against the single view."""
+    if training.plan.tta == "none":
+        return None
+    # compile_plan refuses `tta` for text plans, so these are images.
+    images = typing.cast(Sequence[Sample], val)
+    summary, _ = evaluate_tta(training.model, images, training.plan, training.device)
+    logger.info(
+        "test-time augmentation (%s): val accuracy %.4f against %.4f",
+        training.plan.tta,
+        summary["val_accuracy"],
+        accuracy_without,
+    )
+    return summary | {
+        "val_accuracy_without": accuracy_without,
+        "gain": summary["val_accuracy"] - accuracy_without,
+    }
+
+
 def _result(training: _Training, val: Samples, classes: list[str]) -> TrainingResult:
     """The model as early stopping kept it, with that evaluation's metrics."""
     kept = training.stopping.kept
@@ -431,6 +454,7 @@ def _result(training: _Training, val: Samples, classes: list[str]) -> TrainingRe
     metrics["val_loss"] = kept.loss
     calibration = calibrate(kept.logits, targets) if kept.logits is not None else None
     metrics["calibration"] = calibration.to_dict() if calibration is not None else None
+    metrics["tta"] = _tta_metrics(training, val, metrics["val_accuracy"])
     metrics |= training.data.inputs.describe()
     logger.info(
         "finished: val accuracy %.4f, val loss %.4f", metrics["val_accuracy"], metrics["val_loss"]
