@@ -32,7 +32,10 @@ from worker.engine import (
 )
 from worker.engine.augment import augmented_batches, batch_mix, image_transform
 from worker.engine.calibration import expected_calibration_error, fit_temperature
+from worker.engine.ema import WeightAverage
 from worker.engine.imbalance import training_sampler
+from worker.engine.loop import evaluate
+from worker.engine.modality import ImageInputs
 from worker.engine.onnx_export import export_onnx
 from worker.engine.pixels import (
     CROP_VIEWS,
@@ -349,3 +352,84 @@ def test_tta_views_drop_mirrors_without_flip_and_text_refuses_tta() -> None:
     assert np.array_equal(views[3], views[2][:, ::-1])
     enlarged = np.asarray(image.resize((8, 8), Image.Resampling.BILINEAR))
     assert np.array_equal(views[2], enlarged[:7, :7])
+
+
+def test_weight_average_is_the_warmed_up_exponential_average_of_the_trained_weights() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    model[1].weight.requires_grad_(False)  # frozen: never averaged, stays as it was
+    average = WeightAverage(0.8)
+    average.start_stage(model)
+    expected = model[0].weight.detach().clone()
+    for step in range(6):
+        with torch.no_grad():
+            model[0].weight.add_(torch.randn(2, 3))
+        model.train()(torch.randn(4, 3))  # moves BatchNorm's running statistics
+        average.update(model)
+        decay = min(0.8, (1 + step) / (10 + step))
+        expected = decay * expected + (1 - decay) * model[0].weight.detach()
+    assert [min(0.8, (1 + n) / (10 + n)) for n in (0, 5)] == [0.1, 0.4]
+    assert torch.allclose(average.shadow["0.weight"], expected, atol=1e-6)
+    assert not torch.allclose(average.shadow["0.weight"], model[0].weight)
+    assert torch.equal(average.shadow["1.running_mean"], model[1].running_mean)
+    assert torch.equal(average.shadow["1.weight"], model[1].weight)
+    trained = model[0].weight.detach().clone()
+    with average.applied(model):
+        assert torch.equal(model[0].weight, average.shadow["0.weight"])
+    assert torch.equal(model[0].weight, trained)
+
+
+EMA = TransferConfig(
+    base_model="mobilenet_v3_small",
+    strategy="freeze_unfreeze",
+    head_epochs=1,
+    num_classes=3,
+    image_size=64,
+    batch_size=8,
+    epochs=3,
+    pretrained=False,
+    bn_mode="train",
+    ema=0.9,
+)
+
+
+class _KeepFirstCheckpoint(TrainingHooks):
+    """Copies the checkpoint written at the end of the first epoch (the head stage's end)."""
+
+    def __init__(self, copy: Path) -> None:
+        self.copy = copy
+
+    def on_checkpoint(self, path: Path) -> None:
+        if not self.copy.exists():
+            self.copy.write_bytes(path.read_bytes())
+
+
+def test_ema_is_validated_exported_and_resumed_exactly(
+    tmp_path: Path, colour_data: tuple[list[Sample], list[Sample]]
+) -> None:
+    train, val = colour_data
+    classes = ["r", "g", "b"]
+    plan = compile_plan(EMA)
+    uninterrupted = run(plan, train=train, val=val, classes=classes)
+    expected = uninterrupted.model.state_dict()
+    # The returned (exported) weights are the average, and the metrics are of them.
+    model = uninterrupted.model
+    loader = ImageInputs(plan, device=torch.device("cpu"), shuffle=torch.Generator(),
+                         num_workers=0).batches(val, plan.stages[-1], shuffled=False)  # fmt: skip
+    assert evaluate(model, loader, torch.device("cpu")).loss == pytest.approx(
+        uninterrupted.metrics["val_loss"], abs=1e-6
+    )
+    plain = run(compile_plan(replace(EMA, ema=None)), train=train, val=val, classes=classes)
+    assert not torch.equal(plain.model.head[-1].weight, model.head[-1].weight)
+    checkpoint, stage_end = tmp_path / "checkpoint.pt", tmp_path / "stage-end.pt"
+    # 24 images in batches of 8: 3 steps an epoch; pause inside the unfreeze stage's 2nd epoch.
+    with pytest.raises(TrainingPaused):
+        run(plan, train=train, val=val, classes=classes, hooks=_PauseAfter(7),
+            checkpoint_path=checkpoint)  # fmt: skip
+    assert "ema" in torch.load(checkpoint, weights_only=True)
+    run(plan, train=train, val=val, classes=classes, hooks=_KeepFirstCheckpoint(stage_end),
+        checkpoint_path=tmp_path / "other.pt")  # fmt: skip
+    for source in (checkpoint, stage_end):
+        resumed = run(plan, train=train, val=val, classes=classes, resume_from=source)
+        assert all(torch.equal(v, expected[k]) for k, v in resumed.model.state_dict().items())
+        assert resumed.metrics == uninterrupted.metrics

@@ -9,6 +9,8 @@ The layout is a plain dict that `torch.load(..., weights_only=True)` reads:
   group names and parameter shapes, checked before its state is loaded.
 - "history": every `EpochResult` so far, as dicts; "early_stopping": `EarlyStopping.state_dict()`.
 - "rng": the random streams when the file was written (`rng_state`).
+- "ema", only when the plan averages weights (`ema.WeightAverage.state_dict()`): the stage's
+  "shadow" weights and the "updates" averaged into them.
 - "partial", only in a checkpoint written at a pause inside an epoch: "steps" done, their
   "loss_sum" and "samples", and "epoch_start_rng", the random streams before the epoch drew
   its batch order.
@@ -89,6 +91,7 @@ def checkpoint_state(
     epoch: int,
     stage_done: bool,
     partial: dict[str, Any] | None = None,
+    ema: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What `run` needs to continue after the last completed `epoch` of the stage.
 
@@ -110,6 +113,8 @@ def checkpoint_state(
     }
     if partial is not None:
         state["partial"] = partial
+    if ema is not None:
+        state["ema"] = ema
     return state
 
 

@@ -23,6 +23,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 
 from .checkpoint import load_checkpoint, param_group_layout, restore_rng, rng_state
+from .ema import WeightAverage
 from .loop import EpochPosition, EpochResult
 from .model import TransferModel
 from .optim import EarlyStopping
@@ -82,6 +83,8 @@ class StageTrainingState:
     scheduler: dict[str, Any]
     scaler: dict[str, Any]
     epochs_without_improvement: int
+    ema: dict[str, Any] | None
+    """The weight average so far in the stage (plans with `ema`)."""
 
     @classmethod
     def from_checkpoint(cls, state: dict[str, Any]) -> "StageTrainingState":
@@ -91,6 +94,7 @@ class StageTrainingState:
             scheduler=state["scheduler"],
             scaler=state["scaler"],
             epochs_without_improvement=state["early_stopping"]["epochs_without_improvement"],
+            ema=state.get("ema"),
         )
 
 
@@ -121,6 +125,7 @@ class StageStart:
         scaler: torch.amp.GradScaler,
         stopping: EarlyStopping,
         shuffle: torch.Generator,
+        ema: WeightAverage | None = None,
     ) -> None:
         if self.training is not None:
             if param_group_layout(optimizer) != self.training.param_groups:
@@ -129,6 +134,8 @@ class StageStart:
             scheduler.load_state_dict(self.training.scheduler)
             scaler.load_state_dict(self.training.scaler)
             stopping.epochs_without_improvement = self.training.epochs_without_improvement
+            if ema is not None and self.training.ema is not None:
+                ema.load_state_dict(self.training.ema)
         if self.rng_after_setup is not None:
             restore_rng(self.rng_after_setup, shuffle)
 
@@ -160,6 +167,8 @@ class ResumeState:
     early_stopping: dict[str, Any]
     ended_stage: bool
     """The checkpoint ended stage `stage_index - 1`, whose best weights the next one starts from."""
+    ema: dict[str, Any] | None = None
+    """The weight average when the checkpoint was written (plans with `ema`)."""
 
     @classmethod
     def read(cls, path: Path, plan: Plan) -> "ResumeState":
@@ -189,6 +198,7 @@ class ResumeState:
             history=[EpochResult(**entry) for entry in state["history"]],
             early_stopping=state["early_stopping"],
             ended_stage=state["stage_done"],
+            ema=state.get("ema"),
         )
 
     @property
@@ -201,6 +211,9 @@ class ResumeState:
         model.load_state_dict(self.model)
         stopping.load_state_dict(self.early_stopping)
         if self.ended_stage:
+            # As `train.run` ends a stage: the average's weights, then the best seen, if kept.
+            if self.ema is not None:
+                model.load_state_dict(self.ema["shadow"])
             stopping.restore_best(model)
         logger.info(
             "resuming from %s at stage %d epoch %d after step %d of it",

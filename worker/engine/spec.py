@@ -228,6 +228,14 @@ class RunSettings:
         "enlarged 8/7, each with its mirror (12 views). `flip: false` leaves the mirrored "
         "views out. The version's metrics record validation accuracy with and without it.",
     )
+    ema: float | None = setting(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="Keep an exponential moving average of the weights with this decay per "
+        "step (e.g. 0.99; warmed up as min(decay, (1 + n) / (10 + n)) over a stage's n steps); "
+        "validation, early stopping and the exported model use the averaged weights.",
+    )
     device: Device = setting("cpu", description="`cuda` sends the job to the `gpu` queue.")
     lwf_temperature: float = setting(2.0, gt=0.0, le=100.0)
     lwf_lambda: float = setting(

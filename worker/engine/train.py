@@ -20,6 +20,7 @@ import random
 import time
 import typing
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from torch import nn
 from .calibration import Calibration, calibrate
 from .checkpoint import checkpoint_state, partial_epoch, save_checkpoint
 from .data import Sample
+from .ema import WeightAverage
 from .imbalance import loss_weights
 from .loop import (
     EpochResult,
@@ -91,6 +93,8 @@ class _Training:
     """Optimizer steps per epoch of each stage."""
     checkpoint_path: Path | None
     stopping: EarlyStopping
+    ema: WeightAverage | None
+    """The averaged weights that are validated and kept, when the plan asks for them."""
     history: list[EpochResult] = field(default_factory=list)
 
 
@@ -243,6 +247,7 @@ def _set_up_run(
         stage_steps=stage_steps,
         checkpoint_path=checkpoint_path,
         stopping=EarlyStopping(plan.early_stopping_patience),
+        ema=WeightAverage(plan.ema) if plan.ema is not None else None,
     )
 
 
@@ -263,13 +268,21 @@ def _train_stage(training: _Training, stage_index: int, start: StageStart) -> No
     start.restore_before_setup(training.shuffle)
     setup = _set_up_stage(training, stage_index)
     start.restore_after_setup(
-        setup.optimizer, setup.scheduler, setup.scaler, training.stopping, training.shuffle
+        setup.optimizer,
+        setup.scheduler,
+        setup.scaler,
+        training.stopping,
+        training.shuffle,
+        training.ema,
     )
     for epoch in range(start.first_epoch, setup.stage.epochs + 1):
         if _train_epoch(training, setup, epoch, start):
             logger.info("stage %s: val loss stopped improving; ending the stage", setup.stage.name)
             break
-    # The next stage, and the returned model, start from the best weights seen so far.
+    # The next stage, and the returned model, start from the weights validated last (the
+    # average, with EMA), or the best seen so far with early stopping.
+    if training.ema is not None:
+        training.ema.finish_stage(training.model)
     training.stopping.restore_best(training.model)
 
 
@@ -281,6 +294,8 @@ def _set_up_stage(training: _Training, stage_index: int) -> _StageSetup:
     # gradients, so freezing parameters is not enough: the BatchNorm of every group that does
     # not train (of every group, with bn_mode "frozen") is held in eval mode for the stage.
     set_batchnorm_mode(model, stage)
+    if training.ema is not None:
+        training.ema.start_stage(model)
     optimizer = make_optimizer(plan, make_param_groups(model, stage))
     batches = training.data.for_stage(stage)
     scheduler = make_scheduler(optimizer, stage.schedule, stage.epochs * len(batches.train))
@@ -315,14 +330,23 @@ def _train_epoch(training: _Training, setup: _StageSetup, epoch: int, start: Sta
     training.progress.check_cancelled()
     started = time.perf_counter()
     train_loss = _train_steps(training, setup, epoch, start)
-    evaluation = evaluate(
-        setup.batches.evaluated,
-        setup.batches.val,
-        training.device,
-        training.precision,
-        # Calibration needs the classifier's; a masked-LM stage's span the vocabulary.
-        keep_logits=setup.stage.objective == CLASSIFY,
-    )
+    validated = training.ema.applied(training.model) if training.ema is not None else nullcontext()
+    with validated:
+        evaluation = evaluate(
+            setup.batches.evaluated,
+            setup.batches.val,
+            training.device,
+            training.precision,
+            # Calibration needs the classifier's; a masked-LM stage's span the vocabulary.
+            keep_logits=setup.stage.objective == CLASSIFY,
+        )
+        # A masked-LM epoch's loss is over tokens, not the task's classes: early stopping,
+        # and the weights and metrics it keeps, follow the classification stages only.
+        stop = (
+            False
+            if setup.stage.objective == MASKED_LM
+            else training.stopping.update(training.model, evaluation)
+        )
     result = EpochResult(
         stage=setup.stage.name,
         stage_index=setup.index,
@@ -345,13 +369,6 @@ def _train_epoch(training: _Training, setup: _StageSetup, epoch: int, start: Sta
         evaluation.accuracy,
         result.seconds,
     )
-    # A masked-LM epoch's loss is over tokens, not the task's classes: early stopping, and the
-    # weights and metrics it keeps, follow the classification stages only.
-    stop = (
-        False
-        if setup.stage.objective == MASKED_LM
-        else training.stopping.update(training.model, evaluation)
-    )
     _write_checkpoint(training, setup, epoch=epoch, stage_done=stop or epoch == setup.stage.epochs)
     training.hooks.on_epoch_end(result)
     return stop
@@ -373,7 +390,7 @@ def _train_steps(training: _Training, setup: _StageSetup, epoch: int, start: Sta
             setup.scheduler,
             setup.loss_fn,
             training.device,
-            training.progress.step,
+            lambda: _after_step(training),
             precision=training.precision,
             scaler=setup.scaler,
             position=position,
@@ -393,6 +410,14 @@ def _train_steps(training: _Training, setup: _StageSetup, epoch: int, start: Sta
             position.steps,
         )
         raise
+
+
+def _after_step(training: _Training) -> None:
+    # Before the progress hooks, which may pause the run: the checkpoint a pause writes then
+    # holds the average with this step in it.
+    if training.ema is not None:
+        training.ema.update(training.model)
+    training.progress.step()
 
 
 def _write_checkpoint(
@@ -418,6 +443,7 @@ def _write_checkpoint(
         epoch=epoch,
         stage_done=stage_done,
         partial=partial,
+        ema=training.ema.state_dict() if training.ema is not None else None,
     )
     save_checkpoint(training.checkpoint_path, state)
     training.hooks.on_checkpoint(training.checkpoint_path)
