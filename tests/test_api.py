@@ -14,6 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.context import AppContext
+from service.datasets.imbalance import imbalance_report
 from service.datasets.service import process_upload
 from service.queues import this_host_has_cuda
 from tests.conftest import digits_split, new_key, png_bytes, zip_of_classes
@@ -119,7 +120,10 @@ def test_dataset_reports_skipped_files_and_counts(
     client: TestClient, context: AppContext, auth: dict[str, str], tmp_path: Path
 ) -> None:
     pool, _ = digits_split()
-    good = [item for item in pool if item[1] < 2][:20]
+    # 16 zeros and 4 ones: imbalanced (12 against 3 in training).
+    good = [item for item in pool if item[1] == 0][:16] + [item for item in pool if item[1] == 1][
+        :4
+    ]
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         for index, (image, label) in enumerate(good):
@@ -138,6 +142,12 @@ def test_dataset_reports_skipped_files_and_counts(
     counts = shown["class_counts"]
     assert sum(c["total"] for c in counts.values()) == 20
     assert all(c["val"] >= 1 and c["train"] >= 1 for c in counts.values())
+    imbalance = shown["imbalance"]
+    assert imbalance["imbalanced"] is True
+    assert imbalance["largest"] == {"label": "0", "train": counts["0"]["train"]}
+    assert imbalance["smallest"] == {"label": "1", "train": counts["1"]["train"]}
+    assert imbalance["ratio"] == counts["0"]["train"] / counts["1"]["train"] > 3
+    assert 'sampler: "balanced"' in imbalance["suggestion"]
     skipped = {s["path"]: s for s in shown["skipped"]}
     assert skipped["d/0/broken.png"]["code"] == "corrupt_image"
     assert skipped["../escape.png"]["code"] == "unsafe_path"
@@ -145,6 +155,26 @@ def test_dataset_reports_skipped_files_and_counts(
     assert not (context.settings.resolved_storage_dir / "datasets" / "escape.png").exists()
     assert not any(p.name == "escape.png" for p in context.settings.data_dir.rglob("*"))
     assert not context.store.exists(f"uploads/{dataset['id']}/archive")
+
+
+def test_imbalance_report_numbers_and_the_remedy_per_modality() -> None:
+    def counts(**train: int) -> dict[str, dict[str, int]]:
+        return {label: {"train": n, "val": 0, "total": n} for label, n in train.items()}
+
+    balanced = imbalance_report(counts(a=30, b=10), "image")
+    assert balanced is not None
+    assert balanced["imbalanced"] is False
+    assert balanced["ratio"] == 3.0
+    assert balanced["suggestion"] is None
+    text = imbalance_report(counts(a=31, b=10), "text")
+    assert text is not None
+    assert text["imbalanced"] is True
+    assert "class_weights" in text["suggestion"]
+    assert 'sampler: "balanced"' not in text["suggestion"]
+    empty_class = imbalance_report(counts(a=5, b=0), "image")
+    assert empty_class is not None
+    assert (empty_class["imbalanced"], empty_class["ratio"]) == (True, None)
+    assert imbalance_report(counts(a=5), "image") is None
 
 
 def test_bad_archive_fails_with_reason(
@@ -237,6 +267,25 @@ def test_plan_preview_lists_stages_and_parameters(
     rates = [g["lr"] for g in unfreeze["trainable_groups"]]
     assert rates == sorted(rates), "lower groups train with lower rates"
     assert client.get("/v1/jobs", headers=auth).json()["data"] == [], "a preview creates no job"
+    # The recipe per stage: the resolved top rate, augmentation, the weight average, TTA.
+    assert (head["lr"], unfreeze["lr"]) == (0.01, max(rates))
+    assert (head["augment"], head["ema"], head["tta"]) == ("none", None, None)
+    assert unfreeze["tta"] == ["original"]
+    recipe = {"augment": "light", "tta": "flip", "ema": 0.99}
+    head, unfreeze = client.post("/v1/jobs/plan", headers=auth, json={**spec, **recipe}).json()[
+        "stages"
+    ]
+    assert (head["augment"], head["ema"], head["tta"]) == ("none", 0.99, None)
+    assert (unfreeze["augment"], unfreeze["ema"]) == ("light", 0.99)
+    assert unfreeze["tta"] == ["original", "flip"]
+    mirrorless = client.post("/v1/jobs/plan", headers=auth, json={**spec, **recipe, "flip": False})
+    assert_error(mirrorless, 422, "invalid_spec", "tta")
+    job = client.post("/v1/jobs", headers=auth, json={**spec, **recipe}).json()
+    signed_in = {"Cookie": f"thaw_key={auth['Authorization'].removeprefix('Bearer ')}"}
+    page = client.get(f"/ui/jobs/{job['id']}", headers=signed_in).text
+    assert "<td>light</td>" in page
+    assert "Weight average (EMA): decay 0.99" in page
+    assert "test-time augmentation: original, flip" in page
 
 
 @pytest.mark.on_postgres_too

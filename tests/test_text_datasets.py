@@ -281,6 +281,8 @@ def test_text_dataset_over_http(
     assert shown["num_texts"] == 600
     assert shown["num_images"] == 0
     assert shown["class_counts"]["mail"] == {"train": 75, "val": 25, "total": 100}
+    assert shown["imbalance"]["imbalanced"] is False
+    assert shown["imbalance"]["ratio"] == 1.0
     assert shown["skipped"] == [
         {
             "path": None,

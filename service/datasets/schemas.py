@@ -1,8 +1,9 @@
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
+from service.datasets.imbalance import imbalance_report
 from worker.engine.spec import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 
 
@@ -39,6 +40,25 @@ class ClassCount(BaseModel):
     total: int
 
 
+class ClassSize(BaseModel):
+    label: str
+    train: int
+
+
+class ImbalanceOut(BaseModel):
+    imbalanced: bool = Field(
+        description="`ratio` is above `threshold` (or a class has no training items)."
+    )
+    ratio: float | None = Field(
+        description="Training items of the largest class over those of the smallest; null "
+        "when the smallest has none."
+    )
+    threshold: float
+    largest: ClassSize
+    smallest: ClassSize
+    suggestion: str | None = Field(description="What to train with, when imbalanced.")
+
+
 class DatasetOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
@@ -70,6 +90,18 @@ class DatasetOut(BaseModel):
     skipped: list[SkippedFileOut]
     created_at: datetime
     updated_at: datetime
+
+    @computed_field(  # type: ignore[prop-decorator]
+        description="The class balance of the training split, flagged when the largest class "
+        "outnumbers the smallest more than `threshold` times; null until classes are known."
+    )
+    @property
+    def imbalance(self) -> ImbalanceOut | None:
+        report = imbalance_report(
+            {label: counts.model_dump() for label, counts in self.class_counts.items()},
+            self.modality,
+        )
+        return ImbalanceOut.model_validate(report) if report is not None else None
 
 
 TRANSFERABILITY_EXAMPLE: dict[str, Any] = {"base_models": ["efficientnet_lite0"], "max_images": 500}

@@ -99,6 +99,16 @@ class StagePreview(BaseModel):
     trainable_parameters: int
     total_parameters: int
     steps: int
+    lr: float = Field(description="The stage's top rate, resolved (lower groups ÷ the decay).")
+    augment: str = Field(description="The augmentation level of the stage's training batches.")
+    feature_views: int | None = Field(
+        default=None, description="Cached stages: augmented views of each image in the cache."
+    )
+    ema: float | None = Field(description="The weight average's decay; null when off.")
+    tta: list[str] | None = Field(
+        description="Last stage of an image plan: the test-time views the final validation "
+        "and predict average; null on other stages."
+    )
 
 
 class PlanOut(BaseModel):

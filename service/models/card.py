@@ -2,6 +2,8 @@
 
 from typing import Any
 
+from worker.engine.recipe import stage_recipes
+
 # Below this many training images a class's results say little; the card names such classes.
 FEW_EXAMPLES = 20
 # A class recalled less often than this on validation is called out as a weak spot.
@@ -30,6 +32,16 @@ def _calibration(metrics: dict[str, Any]) -> str:
         "probability p, about p of them are right, give or take that much. This holds for "
         "images like the validation split's; on images from elsewhere the probabilities are "
         "likely too high."
+    )
+
+
+def _tta(metrics: dict[str, Any]) -> str:
+    tta = metrics.get("tta")
+    if not tta:
+        return ""
+    return (
+        f" With test-time augmentation (`{tta['mode']}`, as predict answers) "
+        f"{_percent(tta['val_accuracy'])}, without {_percent(tta['val_accuracy_without'])}."
     )
 
 
@@ -77,19 +89,34 @@ def render_card(
         f"backbone on images); class weights `{plan.get('class_weights', 'none')}`, sampler "
         f"`{plan.get('sampler', 'shuffle')}`.",
     ]
-    for stage in plan.get("stages", []):
+    stages = plan.get("stages", [])
+    recipes = stage_recipes(plan)
+    for stage, recipe in zip(stages, recipes, strict=True):
         lines.append(
             f"- Stage `{stage.get('name')}`: {stage.get('epochs')} epoch(s) at "
             f"{stage.get('image_size')} px, trains {', '.join(stage.get('trainable_groups', []))}"
-            f"; BatchNorm {stage.get('bn_mode')}."
+            f" at a top rate of {recipe['lr']:.3g}; BatchNorm {stage.get('bn_mode')}; "
+            f"augmentation `{recipe['augment']}`."
         )
+    lines.append(
+        f"- Weight average (EMA): decay {plan['ema']:g}, whose weights were validated and exported."
+        if plan.get("ema")
+        else "- Weight average (EMA): off."
+    )
+    views = recipes[-1]["tta"] if recipes else None
+    lines.append(
+        f"- Test-time augmentation `{plan.get('tta')}`: predict averages the probabilities of "
+        f"{len(views)} views ({', '.join(views)}), as the final validation did."
+        if views and len(views) > 1
+        else "- Test-time augmentation: off (one view per image)."
+    )
     lines += [
         "",
         "## Results",
         "",
         f"Validation accuracy {_percent(metrics.get('val_accuracy'))}, validation loss "
         f"{metrics.get('val_loss', 'n/a')}, over {len(history)} epoch(s); macro-F1 "
-        f"{_percent(metrics.get('macro_f1'))} (every class counted equally).",
+        f"{_percent(metrics.get('macro_f1'))} (every class counted equally).{_tta(metrics)}",
         "",
         "| class | precision | recall | f1 | support |",
         "|---|---|---|---|---|",

@@ -23,6 +23,7 @@ from service.jobs.schemas import JobSpec
 from service.jobs.states import ACTIVE_STATUSES, JobStatus
 from service.models.service import model_out, version_out
 from service.tables import Dataset, Job, JobEvent, ModelVersion, RegisteredModel, Tenant
+from worker.engine.recipe import stage_recipes
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
@@ -115,7 +116,13 @@ def job_page(job_id: str, request: Request, session: SessionDep, tenant: UiTenan
     # Queued, waiting for a worker or running; a job already cancelling needs no second click.
     cancellable = job.status in ACTIVE_STATUSES and job.status != JobStatus.CANCELLING
     return _page(
-        request, "job.html", tenant=tenant, job=job, events=events, cancellable=cancellable
+        request,
+        "job.html",
+        tenant=tenant,
+        job=job,
+        events=events,
+        cancellable=cancellable,
+        recipes=stage_recipes(job.plan),
     )
 
 

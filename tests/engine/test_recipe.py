@@ -37,15 +37,9 @@ from worker.engine.imbalance import training_sampler
 from worker.engine.loop import evaluate
 from worker.engine.modality import ImageInputs
 from worker.engine.onnx_export import export_onnx
-from worker.engine.pixels import (
-    CROP_VIEWS,
-    TTA_MODES,
-    image_pixels,
-    normalise,
-    tta_views,
-    view_pixels,
-)
+from worker.engine.pixels import image_pixels, normalise, view_pixels
 from worker.engine.plan import Plan
+from worker.engine.recipe import CROP_VIEWS, TTA_MODES, tta_views
 from worker.engine.spec import TtaMode
 from worker.engine.tta import evaluate_tta
 
@@ -259,6 +253,7 @@ def test_augment_levels_flip_switch_and_the_preview_per_stage() -> None:
     # trains on augmented images.
     preview = describe_plan(plan, build_model(plan, weights_dir=None))
     assert [stage["augment"] for stage in preview] == ["none", "standard"]
+    assert [stage["tta"] for stage in preview] == [None, ["original"]]
 
 
 def test_text_models_refuse_image_augmentation_and_the_balanced_sampler() -> None:

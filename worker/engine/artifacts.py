@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .recipe import ORIGINAL_VIEW
+
 FORMAT = "thaw/1"
 """The `format` field of `config.json` (and the safetensors metadata) this code reads and writes."""
 
@@ -25,8 +27,7 @@ ONNX_OUTPUT = "logits"
 """The ONNX graph's one input (a float batch, NCHW, preprocessed) and one output (the newest
 task's logits)."""
 ONNX_TEXT_INPUTS = ("input_ids", "attention_mask")
-ORIGINAL_VIEW = "original"
-"""The one view of an image predicted without test-time augmentation (`pixels.tta_views`)."""
+
 """A text model's ONNX inputs: int64 (batch, length) each, both axes dynamic."""
 
 

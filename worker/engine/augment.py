@@ -29,6 +29,7 @@ from torchvision.transforms import v2
 
 from .data import Sample
 from .plan import Plan, Stage
+from .recipe import augment_level
 
 SEED_BOUND = 2**62
 MIN_CROP_SCALE = 0.35
@@ -38,12 +39,13 @@ ERASING_P = 0.25
 
 
 def stage_augment(plan: Plan, stage: Stage) -> str:
-    """The augmentation level a stage's training batches get: the plan's, except in stages
-    that train on cached features (computed once, unaugmented) or distil the parent's outputs
-    (recorded on the unaugmented images)."""
-    if stage.cache_features or stage.distill or plan.modality != "image":
-        return "none"
-    return plan.augment
+    """The augmentation level a stage's training batches get (`recipe.augment_level`)."""
+    return augment_level(
+        plan.augment,
+        modality=plan.modality,
+        cache_features=stage.cache_features,
+        distill=stage.distill,
+    )
 
 
 def image_transform(plan: Plan, image_size: int) -> v2.Compose:

@@ -9,8 +9,8 @@ from safetensors.torch import save_file
 
 from .artifacts import CONFIG_FILE, FORMAT, WEIGHTS_FILE
 from .calibration import Calibration
-from .pixels import tta_views
 from .plan import Plan
+from .recipe import tta_views
 from .train import TrainingResult
 from .zoo import get_base_model_info
 

@@ -8,8 +8,8 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .artifacts import WEIGHTS_FILE
-from .augment import stage_augment
 from .plan import HEAD, LM_HEAD, OLD_HEADS, HeadConfig, Plan, Stage, steps_per_epoch
+from .recipe import stage_recipes
 from .zoo import Backbone, build_backbone
 
 logger = logging.getLogger(__name__)
@@ -210,14 +210,17 @@ def make_param_groups(model: TransferModel, stage: Stage) -> list[dict[str, Any]
 def describe_plan(
     plan: Plan, model: TransferModel, *, train_size: int | None = None
 ) -> list[dict[str, Any]]:
-    """Per stage: what trains at which rate, parameter counts, and optimizer steps."""
+    """Per stage: what trains at which rate, parameter counts, optimizer steps, and the recipe:
+    augmentation, the weight average's decay (`ema`), and on the last stage the test-time
+    views the final validation averages (`tta`)."""
     group_sizes = {
         name: sum(p.numel() for module in modules for p in module.parameters())
         for name, modules in model.groups()
     }
     total = sum(group_sizes.values())
+    recipes = stage_recipes(plan.to_dict())
     described = []
-    for stage in plan.stages:
+    for stage, recipe in zip(plan.stages, recipes, strict=True):
         trainable: list[dict[str, Any]] = [
             {"name": name, "lr": stage.group_lrs[name], "parameters": group_sizes[name]}
             for name in stage.trainable_groups
@@ -237,7 +240,7 @@ def describe_plan(
                 "schedule": stage.schedule,
                 "bn_mode": stage.bn_mode,
                 "cache_features": stage.cache_features,
-                "augment": stage_augment(plan, stage),
+                **recipe,
                 "steps": (
                     None if train_size is None else steps_per_epoch(plan, train_size) * stage.epochs
                 ),

@@ -13,30 +13,12 @@ measured.
 import numpy as np
 from PIL import Image, ImageOps
 
-from .artifacts import ORIGINAL_VIEW, Preprocessing
+from .artifacts import Preprocessing
+from .recipe import CROP_VIEWS, FLIP_VIEW, ORIGINAL_VIEW
 
-FLIP_VIEW = "flip"
-CROP_VIEWS = ("crop_center", "crop_top_left", "crop_top_right", "crop_bottom_left",
-              "crop_bottom_right")  # fmt: skip
 CROP_ENLARGE = 8 / 7
 """Crops are taken at the trained size from the image squashed this much larger (the usual
 0.875 centre-crop ratio), so each sees most of the image, slightly enlarged."""
-TTA_MODES = {
-    "none": (ORIGINAL_VIEW,),
-    "flip": (ORIGINAL_VIEW, FLIP_VIEW),
-    "flip_crops": (
-        ORIGINAL_VIEW,
-        FLIP_VIEW,
-        *CROP_VIEWS,
-        *(f"{FLIP_VIEW}_{c}" for c in CROP_VIEWS),
-    ),
-}
-"""The views of each `tta` setting, in the order they are stacked."""
-
-
-def tta_views(mode: str, *, flip: bool) -> tuple[str, ...]:
-    """The views of `tta: mode`; without `flip` (mirroring changes the class) no mirrored one."""
-    return tuple(view for view in TTA_MODES[mode] if flip or FLIP_VIEW not in view)
 
 
 def image_pixels(image: Image.Image, image_size: int) -> np.ndarray:

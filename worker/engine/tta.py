@@ -16,8 +16,9 @@ from torch import Tensor
 from .artifacts import Preprocessing
 from .data import Sample
 from .model import TransferModel
-from .pixels import normalise, tta_views, view_pixels
+from .pixels import normalise, view_pixels
 from .plan import Plan
+from .recipe import tta_views
 
 IMAGES_PER_PASS = 16
 

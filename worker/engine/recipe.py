@@ -1,0 +1,75 @@
+"""What a plan's training recipe is, per stage, read from the plan's JSON form.
+
+Standard library only, so the preview (`model.describe_plan`), the model card and the
+dashboard, which read stored plans in the API process without torch, all say the same:
+each stage's resolved top rate, the augmentation its training batches get, the weight
+average's decay, and the test-time views of the final validation.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+ORIGINAL_VIEW = "original"
+"""The one view of an image predicted without test-time augmentation."""
+FLIP_VIEW = "flip"
+CROP_VIEWS = (
+    "crop_center",
+    "crop_top_left",
+    "crop_top_right",
+    "crop_bottom_left",
+    "crop_bottom_right",
+)
+TTA_MODES = {
+    "none": (ORIGINAL_VIEW,),
+    "flip": (ORIGINAL_VIEW, FLIP_VIEW),
+    "flip_crops": (
+        ORIGINAL_VIEW,
+        FLIP_VIEW,
+        *CROP_VIEWS,
+        *(f"{FLIP_VIEW}_{c}" for c in CROP_VIEWS),
+    ),
+}
+"""The views of each `tta` setting, in the order they are stacked (`pixels.view_pixels`)."""
+
+
+def tta_views(mode: str, *, flip: bool) -> tuple[str, ...]:
+    """The views of `tta: mode`; without `flip` (mirroring changes the class) no mirrored one."""
+    return tuple(view for view in TTA_MODES[mode] if flip or FLIP_VIEW not in view)
+
+
+def augment_level(augment: str, *, modality: str, cache_features: bool, distill: bool) -> str:
+    """The augmentation a stage's training batches get: the plan's, except in stages that
+    train on cached features (computed once, unaugmented) or distil the parent's outputs
+    (recorded on the unaugmented images), and never for text."""
+    if cache_features or distill or modality != "image":
+        return "none"
+    return augment
+
+
+def stage_recipes(plan: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per stage of a plan as `Plan.to_dict()` writes it: `lr` (its top group's rate),
+    `augment`, `ema` (the decay, or None) and `tta` (the last stage of an image plan: the
+    views the final validation and predict average; None elsewhere)."""
+    stages = plan.get("stages", [])
+    modality = plan.get("modality", "image")
+    recipes = []
+    for index, stage in enumerate(stages):
+        last = index == len(stages) - 1
+        recipes.append(
+            {
+                "lr": max(stage["group_lrs"].values()),
+                "augment": augment_level(
+                    plan.get("augment", "none"),
+                    modality=modality,
+                    cache_features=stage.get("cache_features", False),
+                    distill=stage.get("distill", False),
+                ),
+                "ema": plan.get("ema"),
+                "tta": (
+                    list(tta_views(plan.get("tta", "none"), flip=plan.get("flip", True)))
+                    if last and modality == "image"
+                    else None
+                ),
+            }
+        )
+    return recipes
