@@ -63,6 +63,7 @@ def test_export_writes_weights_and_config(trained: tuple[TrainingResult, Plan, P
         "std": [0.502, 0.502, 0.502],
         "resize": "bilinear",
         "color": "RGB",
+        "tta": ["original"],
     }
     assert Plan.from_dict(config["plan"]) == plan
 
