@@ -1,6 +1,8 @@
 """The registry: aliases, tags, search filters, archive, delete, version page, artifacts, ONNX."""
 
+import base64
 import hashlib
+import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -367,3 +369,52 @@ def test_other_tenants_see_nothing(registry: Registry) -> None:
     mine = client.get("/v1/models/digits/versions/1", headers=registry.auth).json()
     assert mine["archived"] is False
     assert json.dumps(mine["tags"]) == "[]"
+
+
+def test_recipe_reaches_the_card_the_dashboard_and_predict_over_onnx(registry: Registry) -> None:
+    """TTA and EMA on: the card and the models page say so, and predict over HTTP (ONNX
+    Runtime) averages the same views as the torch predictor and the final validation."""
+    client, auth = registry.client, registry.auth
+    version = publish(registry, model="digits-recipe", tta="flip_crops", ema=0.9)
+    assert version["exports"]["onnx"]["exported"]
+    tta = version["metrics"]["tta"]
+    assert (tta["mode"], len(tta["views"])) == ("flip_crops", 12)
+    card = client.get("/v1/models/digits-recipe/versions/1/artifacts/card.md", headers=auth).text
+    for needle in (
+        "at a top rate of 0.01",
+        "Weight average (EMA): decay 0.9,",
+        "Test-time augmentation `flip_crops`: predict averages the probabilities of 12 views",
+        "With test-time augmentation (`flip_crops`",
+    ):
+        assert needle in card, needle
+    plain = client.get("/v1/models/digits/versions/1/artifacts/card.md", headers=auth).text
+    assert "Weight average (EMA): off." in plain
+    assert "Test-time augmentation: off" in plain
+    signed_in = {"Cookie": f"thaw_key={auth['Authorization'].removeprefix('Bearer ')}"}
+    page = client.get("/ui/models", headers=signed_in).text
+    assert "augment none · EMA 0.9 · TTA flip_crops:" in page
+    _, held_out = digits_split()
+    images = [Image.fromarray(image) for image, _ in held_out[:4]]
+    encoded = []
+    for image in images:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        encoded.append(base64.b64encode(buffer.getvalue()).decode())
+    answer = client.post(
+        "/v1/models/digits-recipe/versions/1/predict",
+        headers=auth,
+        json={
+            "images": [{"name": f"{i}.png", "data": data} for i, data in enumerate(encoded)],
+            "top_k": 3,
+            "calibrated": False,
+        },
+    )
+    assert answer.status_code == 200, answer.text
+    cache = client.app.state.predictors  # type: ignore[attr-defined]
+    assert cache._loaded[version["id"]].backend == "onnx"
+    predictor = Predictor.load(version_folder(registry.context, version["id"]))
+    expected = predictor.predict(images, top_k=3, calibrated=False)
+    for served, want in zip(answer.json()["predictions"], expected, strict=True):
+        got = [(entry["label"], entry["probability"]) for entry in served["top"]]
+        assert [label for label, _ in got] == [label for label, _ in want]
+        assert [p for _, p in got] == pytest.approx([p for _, p in want], abs=1e-4)
