@@ -95,6 +95,12 @@ class StagePreview(BaseModel):
     schedule: str
     bn_mode: str
     cache_features: bool
+    lr: str | None = Field(
+        default=None,
+        description="`auto, resolved at run time` for a spec with `lr: auto`: the "
+        "learning-rate finder picks the rate before training (the groups' `lr` are null "
+        "until then; they keep their ratios).",
+    )
     trainable_groups: list[dict[str, Any]]
     trainable_parameters: int
     total_parameters: int

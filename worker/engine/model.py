@@ -12,6 +12,8 @@ from .augment import stage_augment
 from .plan import HEAD, LM_HEAD, OLD_HEADS, HeadConfig, Plan, Stage, steps_per_epoch
 from .zoo import Backbone, build_backbone
 
+AUTO_LR_PREVIEW = "auto, resolved at run time"
+
 logger = logging.getLogger(__name__)
 
 
@@ -219,7 +221,12 @@ def describe_plan(
     described = []
     for stage in plan.stages:
         trainable: list[dict[str, Any]] = [
-            {"name": name, "lr": stage.group_lrs[name], "parameters": group_sizes[name]}
+            {
+                "name": name,
+                # Unknown until the learning-rate finder has run (`lr: auto`).
+                "lr": None if stage.auto_lr else stage.group_lrs[name],
+                "parameters": group_sizes[name],
+            }
             for name in stage.trainable_groups
         ]
         described.append(
@@ -237,6 +244,7 @@ def describe_plan(
                 "schedule": stage.schedule,
                 "bn_mode": stage.bn_mode,
                 "cache_features": stage.cache_features,
+                **({"lr": AUTO_LR_PREVIEW} if stage.auto_lr else {}),
                 "augment": stage_augment(plan, stage),
                 "steps": (
                     None if train_size is None else steps_per_epoch(plan, train_size) * stage.epochs
