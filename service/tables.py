@@ -84,7 +84,9 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("job"))
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"), index=True)
-    kind: Mapped[str] = mapped_column(String(20), default=JobKind.TRAIN)
+    kind: Mapped[str] = mapped_column(
+        String(20), default=JobKind.TRAIN, server_default=JobKind.TRAIN.value
+    )
     model_name: Mapped[str] = mapped_column(String(100))
     base_model: Mapped[str] = mapped_column(String(100))
     strategy: Mapped[str] = mapped_column(String(50))

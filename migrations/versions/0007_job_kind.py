@@ -17,15 +17,12 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    # Every job so far trained a model; the server default serves only this migration.
-    with op.batch_alter_table("jobs", schema=None) as batch_op:
-        batch_op.add_column(
-            sa.Column("kind", sa.String(length=20), nullable=False, server_default="train")
-        )
-    with op.batch_alter_table("jobs", schema=None) as batch_op:
-        batch_op.alter_column("kind", server_default=None)
+    # A plain ADD COLUMN (SQLite has it): a batch copy of `jobs` would drop the table that
+    # events, versions and trials reference. Every job so far trained a model.
+    op.add_column(
+        "jobs", sa.Column("kind", sa.String(length=20), nullable=False, server_default="train")
+    )
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("jobs", schema=None) as batch_op:
-        batch_op.drop_column("kind")
+    op.drop_column("jobs", "kind")
