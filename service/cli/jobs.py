@@ -317,6 +317,14 @@ def jobs_logs(
                 typer.echo(json.dumps(event))
             elif event["kind"] == "epoch":
                 typer.echo(f"{event['created_at']}  {_epoch_line(event['data'])}")
+            elif event["kind"] == "lr_find":
+                # The curve is long; `thaw jobs lr-find` or the /lr-find route draws it.
+                found = event["data"]
+                typer.echo(
+                    f"{event['created_at']}  lr_find: stage {found['stage']}, "
+                    f"{len(found['lrs'])} steps, suggestion {found['suggestion']:.2e}, "
+                    f"lr {found['lr']}"
+                )
             else:
                 detail = " ".join(f"{k}={v}" for k, v in event["data"].items())
                 typer.echo(f"{event['created_at']}  {event['kind']}: {detail}")
