@@ -102,10 +102,14 @@ class _Curve:
         step = len(self.losses)
         self.average = SMOOTHING * self.average + (1 - SMOOTHING) * loss
         smoothed = self.average / (1 - SMOOTHING ** (step + 1))
+        if not math.isfinite(smoothed):
+            # Kept out of the curve: JSON (and Postgres) have no infinity.
+            self.diverged = True
+            raise _Diverged()
         self.lrs.append(self.schedule[step])
         self.losses.append(smoothed)
         self.best = min(self.best, smoothed)
-        if not math.isfinite(smoothed) or smoothed > DIVERGENCE_FACTOR * self.best:
+        if smoothed > DIVERGENCE_FACTOR * self.best:
             self.diverged = True
             raise _Diverged()
 
@@ -207,6 +211,8 @@ def lr_find(
             precision=training.precision,
             scaler=training.precision.grad_scaler(),
         )
+    if not curve.losses:
+        raise ValueError("the loss was not finite after the first step: nothing to suggest from")
     index = valley(curve.lrs, curve.losses)
     suggestion = curve.lrs[index]
     return LrFinding(
