@@ -63,6 +63,7 @@ def _show_job(job: Any) -> None:
         f"job {job.id}",
         ["field", "value"],
         [
+            ["kind", job.kind],
             ["status", job.status],
             ["progress", f"{job.progress:.0%}{eta}"],
             ["model", job.model_name],
