@@ -26,7 +26,7 @@ from pydantic import BaseModel
 from service.datasets.schemas import DatasetOut
 from service.experiments.schemas import ExperimentOut, ExperimentSummaryOut, PromoteOut
 from service.inference.schemas import PredictOut
-from service.jobs.schemas import JobEventOut, JobOut, PlanOut
+from service.jobs.schemas import JobEventOut, JobOut, LrFindOut, PlanOut
 from service.jobs.states import TERMINAL_STATUSES
 from service.models.schemas import AliasOut, ModelOut, VersionDetail, VersionOut
 
@@ -235,6 +235,22 @@ class ThawClient:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         response = self._request("POST", "/v1/jobs", json=spec, headers=headers)
         return JobOut.model_validate(response.json())
+
+    def create_lr_find_job(
+        self, spec: dict[str, Any], *, idempotency_key: str | None = None
+    ) -> JobOut:
+        """Queue the learning-rate finder on a spec's first stage (a job of kind `lr_find`)."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        response = self._request("POST", "/v1/jobs/lr-find", json=spec, headers=headers)
+        return JobOut.model_validate(response.json())
+
+    def lr_finding(self, job_id: str) -> LrFindOut:
+        """The finder's curve and suggestion (an `lr_find` job, or a job with `lr: auto`)."""
+        return self._get(LrFindOut, f"/v1/jobs/{job_id}/lr-find")
+
+    def lr_find_plot(self, job_id: str) -> bytes:
+        """The finder's curve as an SVG image."""
+        return self._request("GET", f"/v1/jobs/{job_id}/plots/lr-find.svg").content
 
     def get_job(self, job_id: str) -> JobOut:
         return self._get(JobOut, f"/v1/jobs/{job_id}")

@@ -89,9 +89,17 @@ STATUS_CODES = {
 
 
 def _param_of(loc: tuple[Any, ...]) -> str:
-    # Drop the "body"/"query" prefix so `param` names the field as the client wrote it.
+    # Drop the "body"/"query" prefix so `param` names the field as the client wrote it, and
+    # the union member pydantic tried (`lr.constrained-float`, `lr.literal['auto']`).
     parts = [str(p) for p in loc[1:]] if loc and loc[0] in ("body", "query", "path") else loc
+    if loc and loc[0] == "body":
+        parts = [part for part in parts if not _UNION_MEMBER.fullmatch(str(part))]
     return ".".join(str(p) for p in parts)
+
+
+_UNION_MEMBER = re.compile(r".*[-\[].*")
+"""No body field's name or list index has a dash or a bracket; pydantic's names of union
+members do."""
 
 
 def _methods_for_path(request: Request) -> set[str]:

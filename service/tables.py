@@ -8,7 +8,7 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 from service.db import Base, UTCDateTime, new_id, utcnow
-from service.jobs.states import JobStatus
+from service.jobs.states import JobKind, JobStatus
 
 
 class JobStatusText(TypeDecorator[JobStatus]):
@@ -84,6 +84,9 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("job"))
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"), index=True)
+    kind: Mapped[str] = mapped_column(
+        String(20), default=JobKind.TRAIN, server_default=JobKind.TRAIN.value
+    )
     model_name: Mapped[str] = mapped_column(String(100))
     base_model: Mapped[str] = mapped_column(String(100))
     strategy: Mapped[str] = mapped_column(String(50))

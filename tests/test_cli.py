@@ -194,3 +194,27 @@ def test_errors_are_messages_not_tracebacks(server: Server) -> None:
     down = thaw(server, "datasets", "ls", "--url", "http://127.0.0.1:9", ok=False)
     assert down.returncode == 1
     assert "cannot reach" in down.stderr
+
+
+def test_lr_find_draws_the_curve_or_saves_the_plot(
+    server: Server, dataset: dict[str, Any], tmp_path: Path
+) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC_YAML.replace("feature_extraction", "freeze_unfreeze"))
+    drawn = thaw(server, "jobs", "lr-find", "-f", str(spec), "--dataset", dataset["id"])
+    assert "status: succeeded" in drawn.stderr
+    lines = drawn.stdout.splitlines()
+    assert lines[0].strip() == "v"  # the suggestion's column
+    assert sum(line.count("*") for line in lines) >= 20
+    assert "1e-07" in drawn.stdout
+    assert "suggested rate for stage head:" in lines[-1]
+
+    plot = tmp_path / "curve.svg"
+    saved = thaw(
+        server, "jobs", "lr-find", "-f", str(spec), "--dataset", dataset["id"], "--plot", str(plot)
+    )
+    assert plot.read_text().startswith("<?xml")
+    assert "suggestion" in plot.read_text()
+    assert "*" not in saved.stdout
+    # Deterministic: both runs suggest the same rate.
+    assert saved.stdout.splitlines()[-1] == lines[-1]

@@ -29,12 +29,13 @@ from service.db import new_id, utcnow
 from service.jobs import transitions
 from service.jobs.history import epoch_history
 from service.jobs.service import (
+    LR_FIND_EVENT,
     attempt_artifacts_prefix,
     checkpoint_key,
     discard_job_files,
     record_event,
 )
-from service.jobs.states import LEASED_STATUSES, IllegalTransitionError, JobStatus
+from service.jobs.states import LEASED_STATUSES, IllegalTransitionError, JobKind, JobStatus
 from service.models.card import render_card
 from service.models.service import publish_version
 from service.queues import TRAIN_TASK
@@ -54,7 +55,9 @@ from worker.engine import (
     run,
 )
 from worker.engine.artifacts import CARD_FILE, LABELS_FILE, ONNX_FILE
+from worker.engine.lr_find import LrFinding, lr_find
 from worker.engine.onnx_export import OnnxExport, export_onnx, export_text_onnx
+from worker.engine.plan import with_found_lr
 
 logger = logging.getLogger(__name__)
 
@@ -195,8 +198,8 @@ def execute(context: AppContext, *, job_id: str) -> None:
         logger.info("job %s is not queued; this delivery does nothing", job_id)
         return
     attempt = claimed.attempt
-    plan, dataset_id = _db(context, lambda session: _plan_of(session, job_id))
-    logger.info("job %s attempt %d: training %s", job_id, attempt, plan.base_model)
+    kind, plan, dataset_id = _db(context, lambda session: _plan_of(session, job_id))
+    logger.info("job %s attempt %d: %s %s", job_id, attempt, kind, plan.base_model)
     hooks = JobHooks(context, job_id=job_id, claim=claimed)
 
     def fail(code: str, message: str) -> None:
@@ -211,7 +214,12 @@ def execute(context: AppContext, *, job_id: str) -> None:
         discard_job_files(context=context, job_id=job_id)
 
     try:
-        _train_and_publish(context, job_id=job_id, hooks=hooks, plan=plan, dataset_id=dataset_id)
+        if kind == JobKind.LR_FIND:
+            _find_lr(context, job_id=job_id, hooks=hooks, plan=plan, dataset_id=dataset_id)
+        else:
+            _train_and_publish(
+                context, job_id=job_id, hooks=hooks, plan=plan, dataset_id=dataset_id
+            )
     except TrainingPaused:
         _hand_back(context, job_id=job_id, attempt=attempt, progress=hooks.fraction_done)
     except TrainingCancelled:
@@ -234,9 +242,9 @@ def execute(context: AppContext, *, job_id: str) -> None:
     trials.advance_after_job(context, job_id=job_id)
 
 
-def _plan_of(session: Session, job_id: str) -> tuple[Plan, str]:
+def _plan_of(session: Session, job_id: str) -> tuple[str, Plan, str]:
     job = session.get_one(Job, job_id)
-    return Plan.from_dict(job.plan), job.dataset_id
+    return job.kind, Plan.from_dict(job.plan), job.dataset_id
 
 
 def _training_data(
@@ -257,12 +265,83 @@ def _training_data(
     return data.classes, train, val, test, data.unlabelled
 
 
+def _lr_finding(
+    context: AppContext, *, hooks: JobHooks, plan: Plan, train: list[Any], val: list[Any]
+) -> LrFinding:
+    return lr_find(
+        plan,
+        train=train,
+        val=val,
+        hooks=hooks,
+        weights_dir=context.settings.resolved_weights_dir,
+        parent_dir=_parent_folder(context, plan),
+        token_cache_dir=context.settings.resolved_cache_dir / TOKEN_CACHE_FOLDER,
+    )
+
+
+def _find_lr(
+    context: AppContext, *, job_id: str, hooks: JobHooks, plan: Plan, dataset_id: str
+) -> None:
+    """An `lr_find` job: the range test; its curve and suggestion end the job as its result."""
+    _, train, val, _, _ = _training_data(context, job_id=job_id, dataset_id=dataset_id)
+    finding = _lr_finding(context, hooks=hooks, plan=plan, train=train, val=val)
+    if hooks.should_stop():
+        raise TrainingCancelled()
+
+    def finish(session: Session) -> None:
+        transitions.succeed_with_result(
+            session,
+            job_id=job_id,
+            attempt=hooks.attempt,
+            kind=LR_FIND_EVENT,
+            result=finding.to_dict(),
+        )
+        session.commit()
+
+    _db(context, finish)
+    logger.info("job %s suggests lr %s", job_id, finding.lr)
+
+
+def _resolve_auto_lr(
+    context: AppContext,
+    *,
+    job_id: str,
+    hooks: JobHooks,
+    plan: Plan,
+    train: list[Any],
+    val: list[Any],
+) -> Plan:
+    """`lr: auto`: run the range test, and keep the plan at its rate in the job's row (so a
+    resumed attempt trains at the same rate without testing again) with the finding as an
+    event; the published version records that plan."""
+    finding = _lr_finding(context, hooks=hooks, plan=plan, train=train, val=val)
+    assert finding.lr is not None, "a plan that needs the finder follows lr"
+    found = with_found_lr(plan, finding.lr)
+
+    def record(session: Session) -> None:
+        # Fenced like every other write: an attempt that lost the job records nothing (and its
+        # training stops at the first step's check).
+        job = session.get_one(Job, job_id, with_for_update=True)
+        if job.attempt == hooks.attempt and job.status in LEASED_STATUSES:
+            job.plan = found.to_dict()
+            record_event(session, job=job, kind=LR_FIND_EVENT, data=finding.to_dict())
+        session.commit()
+
+    _db(context, record)
+    logger.info("job %s: lr auto resolved to %.3g", job_id, finding.lr)
+    return found
+
+
 def _train_and_publish(
     context: AppContext, *, job_id: str, hooks: JobHooks, plan: Plan, dataset_id: str
 ) -> None:
     classes, train, val, test, unlabelled = _training_data(
         context, job_id=job_id, dataset_id=dataset_id
     )
+    if plan.needs_lr_finder:
+        plan = _resolve_auto_lr(
+            context, job_id=job_id, hooks=hooks, plan=plan, train=train, val=val
+        )
     with tempfile.TemporaryDirectory(dir=context.scratch_dir, prefix=f"train-{job_id}-") as scratch:
         checkpoint = Path(scratch) / "checkpoint.pt"
         # An earlier attempt was handed back or lost: continue where it last saved.

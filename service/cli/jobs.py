@@ -1,6 +1,8 @@
-"""Client commands for training jobs: plan, create (and watch), ls, show, cancel, logs."""
+"""Client commands for training jobs: plan, create (and watch), lr-find, ls, show, cancel, logs."""
 
 import json
+import math
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -61,6 +63,7 @@ def _show_job(job: Any) -> None:
         f"job {job.id}",
         ["field", "value"],
         [
+            ["kind", job.kind],
             ["status", job.status],
             ["progress", f"{job.progress:.0%}{eta}"],
             ["model", job.model_name],
@@ -166,6 +169,87 @@ def jobs_create(
         _exit_for(job)
 
 
+CURVE_ROWS = 12
+CURVE_COLUMNS = 60
+
+
+def curve_text(lrs: list[float], losses: list[float], suggestion_index: int) -> str:
+    """The loss against the rate (log scale) as plain text: one `*` per column's mean loss,
+    `v` above the suggestion's column."""
+    columns = min(CURVE_COLUMNS, len(lrs))
+    low, high = math.log10(lrs[0]), math.log10(lrs[-1])
+
+    def column_of(rate: float) -> int:
+        if high == low:
+            return 0
+        return min(columns - 1, int((math.log10(rate) - low) / (high - low) * columns))
+
+    per_column: dict[int, list[float]] = {}
+    for rate, loss in zip(lrs, losses, strict=True):
+        per_column.setdefault(column_of(rate), []).append(loss)
+    means = {column: sum(values) / len(values) for column, values in per_column.items()}
+    bottom, top = min(means.values()), max(means.values())
+    span = top - bottom or 1.0
+    grid = [[" "] * columns for _ in range(CURVE_ROWS)]
+    for column, mean in means.items():
+        grid[round((top - mean) / span * (CURVE_ROWS - 1))][column] = "*"
+    marker = [" "] * columns
+    marker[column_of(lrs[suggestion_index])] = "v"
+    lines = ["".join(marker).rstrip()]
+    for index, row in enumerate(grid):
+        label = f"{top - index * span / (CURVE_ROWS - 1):8.3f} |"
+        lines.append(label + "".join(row).rstrip())
+    lines.append(" " * 9 + "+" + "-" * columns)
+    left, right = f"{lrs[0]:.0e}", f"{lrs[-1]:.0e}"
+    lines.append(" " * 10 + left + right.rjust(columns - len(left)))
+    return "\n".join(lines)
+
+
+@jobs_app.command("lr-find")
+def jobs_lr_find(
+    spec_file: SpecOption,
+    dataset: Annotated[str | None, typer.Option(help="Overrides the spec's dataset.")] = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Save the curve as an SVG file here.")
+    ] = None,
+    url: UrlOption = DEFAULT_URL,
+    api_key: KeyOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Run the learning-rate finder on a spec's first stage, wait for it, and draw the loss
+    against the rate in the terminal (or save the plot with --plot). Exit 1 if it fails, 2 if
+    cancelled."""
+    _, err = consoles()
+    with client_session(url, api_key) as client:
+        job = client.create_lr_find_job(load_spec(spec_file, dataset=dataset))
+        err.print(f"job {job.id} {job.status}", highlight=False)
+        try:
+            for event in client.stream_events(job.id):
+                if event.event == "status":
+                    err.print(f"status: {event.data['data'].get('status')}", highlight=False)
+        except KeyboardInterrupt:
+            err.print(f"stopped waiting; the job goes on (thaw jobs cancel {job.id})")
+            raise typer.Exit(130) from None
+        job = client.get_job(job.id)
+        if job.status != "succeeded":
+            _show_job(job)
+            _exit_for(job)
+        finding = client.lr_finding(job.id)
+        if plot is not None:
+            plot.write_bytes(client.lr_find_plot(job.id))
+            err.print(f"saved the plot to {plot}", highlight=False)
+    if as_json:
+        print_json(finding)
+        return
+    if plot is None:
+        typer.echo(curve_text(finding.lrs, finding.losses, finding.suggestion_index))
+    rate = f"{finding.lr:.2e}" if finding.lr is not None else "(the stage does not follow lr)"
+    typer.echo(
+        f"suggested rate for stage {finding.stage}: {finding.suggestion:.2e}; spec lr: {rate}"
+        + ("  (the loss diverged at the end of the curve)" if finding.diverged else "")
+    )
+
+
 @jobs_app.command("ls")
 def jobs_ls(
     url: UrlOption = DEFAULT_URL, api_key: KeyOption = None, as_json: JsonOption = False
@@ -234,6 +318,14 @@ def jobs_logs(
                 typer.echo(json.dumps(event))
             elif event["kind"] == "epoch":
                 typer.echo(f"{event['created_at']}  {_epoch_line(event['data'])}")
+            elif event["kind"] == "lr_find":
+                # The curve is long; `thaw jobs lr-find` or the /lr-find route draws it.
+                found = event["data"]
+                typer.echo(
+                    f"{event['created_at']}  lr_find: stage {found['stage']}, "
+                    f"{len(found['lrs'])} steps, suggestion {found['suggestion']:.2e}, "
+                    f"lr {found['lr']}"
+                )
             else:
                 detail = " ".join(f"{k}={v}" for k, v in event["data"].items())
                 typer.echo(f"{event['created_at']}  {event['kind']}: {detail}")

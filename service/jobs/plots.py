@@ -111,6 +111,28 @@ def confusion_png(matrix: list[list[int]], labels: list[str], *, title: str) -> 
     return _render(figure, "png")
 
 
+def lr_find_svg(finding: dict[str, Any], *, title: str) -> bytes:
+    """A learning-rate range test: smoothed loss against the rate (log scale), the suggestion
+    marked."""
+    figure = Figure(figsize=(8, 4.5), layout="constrained")
+    axis = figure.add_subplot()
+    axis.set_title(title)
+    axis.set_xscale("log")
+    axis.set_xlabel(f"learning rate (stage {finding['stage']}, top group)")
+    axis.set_ylabel("smoothed training loss")
+    axis.plot(finding["lrs"], finding["losses"], "-", label="loss")
+    index = finding["suggestion_index"]
+    axis.plot(
+        [finding["suggestion"]],
+        [finding["losses"][index]],
+        "o",
+        color="tab:red",
+        label=f"suggestion {finding['suggestion']:.2e}",
+    )
+    axis.legend(loc="upper left")
+    return _render(figure, "svg")
+
+
 def _render(figure: Figure, fmt: str) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format=fmt, dpi=100)
@@ -120,6 +142,13 @@ def _render(figure: Figure, fmt: str) -> bytes:
 def job_curves_svg(session: Session, *, job: Job) -> bytes:
     rows = epoch_history(session, job_id=job.id)
     return curves_svg(rows, title=f"{job.model_name} · {job.strategy} · {job.id}")
+
+
+def job_lr_find_svg(session: Session, *, job: Job) -> bytes:
+    # Imported here: the service module imports the engine's spec, which this module need not.
+    from service.jobs.service import lr_finding
+
+    return lr_find_svg(lr_finding(session, job=job), title=f"learning-rate finder · {job.id}")
 
 
 def job_confusion_png(session: Session, *, job: Job) -> bytes:

@@ -16,10 +16,12 @@ from service.jobs.schemas import (
     JobMetricsOut,
     JobOut,
     JobSpec,
+    LrFindOut,
     PlanOut,
     PreviewSpec,
 )
 from service.jobs.service import checkpoint_key
+from service.jobs.states import JobKind
 from service.jobs.stream import job_event_stream, resume_cursor
 from service.pagination import Page, PageParams, page_params, paginate
 from service.storage import ObjectNotFoundError
@@ -59,6 +61,36 @@ def create_job(
 ) -> JobOut:
     job, created = service.create_job(
         context=context, tenant=tenant, spec=spec, idempotency_key=idempotency_key
+    )
+    if not created:
+        response.status_code = 200
+    return JobOut.model_validate(job)
+
+
+@router.post(
+    "/lr-find",
+    status_code=201,
+    summary="Run the learning-rate finder on a spec's first stage (a short job)",
+    description="Leslie Smith's range test: the spec's first stage trains for about 100 steps "
+    "(fewer on small data) at exponentially growing rates, stopping when the loss diverges. "
+    "A job like any other (events, cancel, deadline, the active-job cap; the spec's `lr` is "
+    "what it finds, so it is ignored); when it has `succeeded`, `GET /v1/jobs/{id}/lr-find` "
+    "answers the curve and the suggested `lr`, and `/plots/lr-find.svg` draws it. "
+    '`model` may be left out. `lr: "auto"` in a training spec runs the same test first.',
+)
+def create_lr_find_job(
+    spec: Annotated[PreviewSpec, Body(examples=[SPEC_EXAMPLE])],
+    response: Response,
+    context: ContextDep,
+    tenant: TenantDep,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> JobOut:
+    job, created = service.create_job(
+        context=context,
+        tenant=tenant,
+        spec=spec,
+        idempotency_key=idempotency_key,
+        kind=JobKind.LR_FIND,
     )
     if not created:
         response.status_code = 200
@@ -165,6 +197,31 @@ def curves(job: JobDep, session: SessionDep) -> Response:
 )
 def confusion(job: JobDep, session: SessionDep) -> Response:
     return Response(plots.job_confusion_png(session, job=job), media_type="image/png")
+
+
+@router.get(
+    "/{job_id}/lr-find",
+    summary="The learning-rate finder's curve and suggestion",
+    description="For an `lr_find` job once it has succeeded, and for a training job with "
+    '`lr: "auto"` once it has chosen its rate; 409 `no_lr_finding` before that.',
+    responses={409: {"description": "No finding (yet).", "model": ErrorEnvelope}},
+)
+def lr_find_result(job: JobDep, session: SessionDep) -> LrFindOut:
+    finding = service.lr_finding(session, job=job)
+    return LrFindOut(job_id=job.id, plot=f"/v1/jobs/{job.id}/plots/lr-find.svg", **finding)
+
+
+@router.get(
+    "/{job_id}/plots/lr-find.svg",
+    summary="The learning-rate finder's curve: loss against rate, the suggestion marked",
+    response_class=Response,
+    responses={
+        200: {"description": "An SVG image.", "content": {"image/svg+xml": {}}},
+        409: {"description": "No finding (yet).", "model": ErrorEnvelope},
+    },
+)
+def lr_find_plot(job: JobDep, session: SessionDep) -> Response:
+    return Response(plots.job_lr_find_svg(session, job=job), media_type="image/svg+xml")
 
 
 @router.get("/{job_id}/metrics", summary="Per-epoch history: losses, accuracy, learning rates")

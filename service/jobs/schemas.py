@@ -99,7 +99,12 @@ class StagePreview(BaseModel):
     trainable_parameters: int
     total_parameters: int
     steps: int
-    lr: float = Field(description="The stage's top rate, resolved (lower groups ÷ the decay).")
+    lr: float | str = Field(
+        description="The stage's top rate, resolved (lower groups ÷ the decay); "
+        "`auto, resolved at run time` for a spec with `lr: auto`: the learning-rate finder "
+        "picks the rate before training (the groups' `lr` are null until then; they keep "
+        "their ratios)."
+    )
     augment: str = Field(description="The augmentation level of the stage's training batches.")
     feature_views: int | None = Field(
         default=None, description="Cached stages: augmented views of each image in the cache."
@@ -122,6 +127,10 @@ class JobOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     id: str
+    kind: str = Field(
+        description="`train` (publishes a model version) or `lr_find` (the learning-rate "
+        "range test: GET /v1/jobs/{id}/lr-find)."
+    )
     status: JobStatus
     progress: float
     dataset_id: str
@@ -196,6 +205,25 @@ class JobMetricsOut(BaseModel):
         description="One entry per epoch in order: stage, stage_index, epoch, global_epoch, "
         "train_loss, val_loss, val_accuracy, learning_rates, seconds."
     )
+
+
+class LrFindOut(BaseModel):
+    """A learning-rate range test (Smith 2015): the first stage trained for a short run at
+    exponentially growing rates, the smoothed loss after each step, and fastai's "valley"
+    suggestion (two thirds down the longest fall of the loss)."""
+
+    job_id: str
+    stage: str = Field(description="The stage tested: the plan's first classification stage.")
+    lrs: list[float] = Field(description="The stage's top group's rate at each step.")
+    losses: list[float] = Field(description="The smoothed training loss after each step.")
+    suggestion: float = Field(description="The suggested rate for the stage's top group.")
+    suggestion_index: int = Field(description="Where the suggestion lies in `lrs`.")
+    lr: float | None = Field(
+        description="The spec's `lr` (the head's rate on a frozen backbone) giving the tested "
+        "stage the suggested rate; the other groups keep the plan's ratios."
+    )
+    diverged: bool = Field(description="The loss blew up before the last rate (the curve ends).")
+    plot: str = Field(description="Where the SVG plot of the curve is.")
 
 
 class CheckpointOut(BaseModel):

@@ -21,16 +21,22 @@ from service.jobs.schemas import (
     TRANSFER_SETTING_NAMES,
     JobSpec,
     PlanOut,
+    PreviewSpec,
     SpecFields,
     StagePreview,
 )
-from service.jobs.states import ACTIVE_STATUSES, TERMINAL_STATUSES, IllegalTransitionError
+from service.jobs.states import (
+    ACTIVE_STATUSES,
+    TERMINAL_STATUSES,
+    IllegalTransitionError,
+    JobKind,
+)
 from service.models.service import resolve_version
 from service.queues import CPU_QUEUE, GPU_QUEUE, TRAIN_TASK, refuse_unservable
 from service.tables import Dataset, Job, JobEvent, ModelVersion, RegisteredModel, Tenant
 from worker import engine
 from worker.engine.artifacts import CONFIG_FILE, parse_model_config
-from worker.engine.spec import decode
+from worker.engine.spec import AUTO, decode
 
 if TYPE_CHECKING:
     from worker.engine import ParentModel, Plan, TransferConfig
@@ -214,9 +220,20 @@ def record_event(session: Session, *, job: Job, kind: str, data: dict[str, Any])
 
 
 def create_job(
-    *, context: AppContext, tenant: Tenant, spec: JobSpec, idempotency_key: str | None
+    *,
+    context: AppContext,
+    tenant: Tenant,
+    spec: JobSpec | PreviewSpec,
+    idempotency_key: str | None,
+    kind: JobKind = JobKind.TRAIN,
 ) -> tuple[Job, bool]:
-    """The new job and True, or the job already made for this idempotency key and False."""
+    """The new job and True, or the job already made for this idempotency key and False.
+
+    An `lr_find` job runs the learning-rate range test on the spec's first stage; its plan is
+    compiled with `lr: auto`, so that the rate it suggests is the spec's `lr` (the groups'
+    ratios stay the plan's)."""
+    if kind == JobKind.LR_FIND:
+        spec = spec.model_copy(update={"lr": AUTO})
     with context.db.session() as session:
         if idempotency_key is not None:
             existing = _job_for_key(session, tenant=tenant, key=idempotency_key)
@@ -231,7 +248,9 @@ def create_job(
         job = Job(
             tenant_id=tenant.id,
             dataset_id=dataset.id,
-            model_name=spec.model,
+            kind=kind,
+            # An lr_find job publishes nothing; its model name, if any, is only a label.
+            model_name=spec.model or "",
             # The architecture, also for chained transfer (the spec keeps `model:…`).
             base_model=plan.base_model,
             strategy=plan.extra["strategy"],
@@ -262,6 +281,35 @@ def create_job(
             503, "broker_unavailable", "The task queue is unreachable; try again shortly."
         ) from exc
     return job, True
+
+
+LR_FIND_EVENT = "lr_find"
+"""The event holding a learning-rate range test's curve and suggestion (`LrFinding.to_dict`):
+an `lr_find` job's result, or what a training job with `lr: auto` chose its rate by."""
+
+
+def lr_finding(session: Session, *, job: Job) -> dict[str, Any]:
+    """The job's learning-rate range test, or 409 while it has none."""
+    found = session.scalar(
+        select(JobEvent)
+        .where(JobEvent.job_id == job.id, JobEvent.kind == LR_FIND_EVENT)
+        .order_by(JobEvent.id.desc())
+        .limit(1)
+    )
+    if found is None:
+        detail = (
+            f"it is {job.status}"
+            if job.kind == JobKind.LR_FIND
+            else "it is a training job whose spec did not ask for `lr: auto`, or has not "
+            "reached training yet"
+        )
+        raise ApiError(
+            409,
+            "no_lr_finding",
+            f"Job {job.id} has no learning-rate finding: {detail}.",
+            "job_id",
+        )
+    return dict(found.data)
 
 
 def _check_active_job_cap(session: Session, *, context: AppContext, tenant: Tenant) -> None:

@@ -32,9 +32,13 @@ def model_of(
         if not declared.public:
             continue
         annotation = _annotation(hints[item.name], declared.items)
+        bounds = declared.bounds
+        if _is_number_or_word(annotation):
+            # pydantic applies a field's bounds to every member of a union, words included.
+            annotation, bounds = _constrained_numbers(annotation, bounds), Bounds()
         definitions[item.name] = (
             annotation,
-            _field(item.default, declared.bounds, declared.description),
+            _field(item.default, bounds, declared.description),
         )
     model: type[BaseModel] = create_model(
         name,
@@ -79,6 +83,23 @@ def _constrained(annotation: Any, bounds: Bounds | None) -> Any:
         annotation,
         Field(ge=bounds.ge, gt=bounds.gt, le=bounds.le, lt=bounds.lt, pattern=bounds.pattern),
     ]
+
+
+def _is_number_or_word(annotation: Any) -> bool:
+    """A setting that takes a number or a word (`lr`: a rate or `auto`)."""
+    if get_origin(annotation) not in (typing.Union, types.UnionType):
+        return False
+    args = get_args(annotation)
+    return any(arg in (int, float) for arg in args) and any(
+        get_origin(arg) is typing.Literal for arg in args
+    )
+
+
+def _constrained_numbers(annotation: Any, bounds: Bounds) -> Any:
+    members = [
+        _constrained(arg, bounds) if arg in (int, float) else arg for arg in get_args(annotation)
+    ]
+    return typing.Union[tuple(members)]  # noqa: UP007 (built from a runtime list)
 
 
 def _annotation(annotation: Any, items: Bounds | None) -> Any:

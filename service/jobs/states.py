@@ -15,7 +15,8 @@ database, each as one conditional update:
 - lease expired (the reaper): `running` → `queued`, or `failed` once workers were lost too
   often; `cancelling` → `cancelled`; deadline: `cancelling` → `cancelled`, else → `failed`;
 - fail: `running`/`cancelling` → `failed` (the worker); fail unsent: `queued` → `failed` (the API
-  could not send the task); succeed: `running` → `succeeded` (with its model version).
+  could not send the task); succeed: `running` → `succeeded` (with its model version, or an
+  `lr_find` job's result).
 """
 
 from enum import StrEnum
@@ -29,6 +30,15 @@ class JobStatus(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+
+
+class JobKind(StrEnum):
+    """What a job runs; every kind moves through the same states below."""
+
+    TRAIN = "train"
+    """Train by the plan and publish a model version."""
+    LR_FIND = "lr_find"
+    """The learning-rate range test on the plan's first stage: a curve, no model version."""
 
 
 TERMINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})

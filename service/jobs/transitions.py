@@ -340,3 +340,20 @@ def succeed(
         session, job, {"status": JobStatus.SUCCEEDED, "model": job.model_name, "version": number}
     )
     return job
+
+
+def succeed_with_result(
+    session: Session, *, job_id: str, attempt: int, kind: str, result: dict[str, Any]
+) -> Job:
+    """`running` → `succeeded` for `attempt` of a job that publishes no model version (an
+    `lr_find` job): its `result` is recorded as an event of `kind` before the status event."""
+    job = _apply(
+        session,
+        Transition.SUCCEED,
+        job_id=job_id,
+        attempt=attempt,
+        values={"status": JobStatus.SUCCEEDED, "progress": 1.0, "finished_at": utcnow()},
+    )
+    session.add(JobEvent(job_id=job.id, kind=kind, attempt=job.attempt, data=result))
+    _record_status(session, job, {"status": JobStatus.SUCCEEDED})
+    return job

@@ -222,7 +222,12 @@ def describe_plan(
     described = []
     for stage, recipe in zip(plan.stages, recipes, strict=True):
         trainable: list[dict[str, Any]] = [
-            {"name": name, "lr": stage.group_lrs[name], "parameters": group_sizes[name]}
+            {
+                "name": name,
+                # Unknown until the learning-rate finder has run (`lr: auto`).
+                "lr": None if stage.auto_lr else stage.group_lrs[name],
+                "parameters": group_sizes[name],
+            }
             for name in stage.trainable_groups
         ]
         described.append(

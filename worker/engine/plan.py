@@ -14,6 +14,7 @@ from typing import Any
 from .artifacts import ModelConfig, ModelConfigError, read_model_config
 from .spec import (
     ALL,
+    AUTO,
     MAX_IMAGE_SIZE,
     MIN_IMAGE_SIZE,
     MODALITY_DEFAULTS,
@@ -129,6 +130,9 @@ class Stage:
     """LwF: the old heads' outputs are kept close to the parent's by a distillation loss."""
     objective: str = CLASSIFY
     """`classify`, or `masked_lm` (ulmfit's language-model stage on the texts)."""
+    auto_lr: bool = False
+    """The rates follow the spec's `lr: auto` and await the learning-rate finder: `group_lrs`
+    hold them for the modality's default rate, and `with_found_lr` scales them at run time."""
 
 
 @dataclass(frozen=True)
@@ -173,6 +177,11 @@ class Plan(RunSettings):
         if size is None:
             raise ValueError(f"a {self.modality} plan has no image size")
         return size
+
+    @property
+    def needs_lr_finder(self) -> bool:
+        """The spec asked for `lr: auto` and no rate has been found for it yet."""
+        return any(stage.auto_lr for stage in self.stages)
 
     @property
     def has_lm_stage(self) -> bool:
@@ -401,9 +410,14 @@ def _stage(
     lr_decay: float | None = None,
     bn_mode: BatchNormMode | None = None,
     objective: str = CLASSIFY,
+    follows_lr: bool | None = None,
 ) -> Stage:
-    """A stage with discriminative rates below `top_lr`, following the config's defaults."""
+    """A stage with discriminative rates below `top_lr`, following the config's defaults.
+
+    `follows_lr`: whether `top_lr` derives from the config's `lr` (default: when not given)."""
     cache = objective == CLASSIFY and not set(trainable) & set(base.backbone_groups)
+    if follows_lr is None:
+        follows_lr = top_lr is None
     if top_lr is None:
         head_lr, factor = _rates(config, base)
         top_lr = head_lr if cache else head_lr * factor
@@ -421,6 +435,7 @@ def _stage(
         # The old heads learn nothing new without backbone changes, so there is nothing to keep.
         distill=bool(base.old_tasks) and not cache and objective == CLASSIFY,
         objective=objective,
+        auto_lr=follows_lr and config.lr == AUTO,
     )
 
 
@@ -435,8 +450,9 @@ def _lr_decay(config: TransferConfig, base: _Base) -> float:
 def _rates(config: TransferConfig, base: _Base) -> tuple[float, float]:
     """The head's rate on a frozen backbone, and the factor once the backbone trains."""
     defaults = MODALITY_DEFAULTS[base.modality]
+    # `auto` compiles at the default rate; the finder's rate rescales those stages at run time.
     return (
-        config.lr if config.lr is not None else defaults.lr,
+        defaults.lr if config.lr is None or isinstance(config.lr, str) else config.lr,
         (
             config.fine_tune_lr_factor
             if config.fine_tune_lr_factor is not None
@@ -467,6 +483,7 @@ def _preset_stages(config: TransferConfig, base: _Base) -> tuple[Stage, ...]:
                 top_lr=_rates(config, base)[0],
                 lr_decay=1.0,
                 bn_mode="train",
+                follows_lr=True,
             ),
         )
     if config.strategy == "partial":
@@ -582,7 +599,9 @@ def _spec_stage(config: TransferConfig, base: _Base, index: int, spec: StageSpec
             raise ValueError(
                 f"{where}.lrs: rates must be positive; {bad[0]!r} is {spec.lrs[bad[0]]}"
             )
-        stage = replace(stage, group_lrs={name: spec.lrs[name] for name in trainable})
+        stage = replace(
+            stage, group_lrs={name: spec.lrs[name] for name in trainable}, auto_lr=False
+        )
     return replace(
         stage, image_size=base.image_size if spec.image_size is None else spec.image_size
     )
@@ -655,6 +674,24 @@ def compile_plan(config: TransferConfig) -> Plan:
         old_tasks=base.old_tasks,
         extra=extra,
     )
+
+
+def with_found_lr(plan: Plan, lr: float) -> Plan:
+    """The plan of a spec with `lr: auto` once the learning-rate finder chose `lr` (the head's
+    rate on a frozen backbone): every stage that follows `lr` keeps its groups' ratios, scaled
+    from the default rate it was compiled at; `extra["lr"]` records the choice."""
+    default = MODALITY_DEFAULTS[plan.modality].lr
+    stages = tuple(
+        replace(
+            stage,
+            group_lrs={name: rate * lr / default for name, rate in stage.group_lrs.items()},
+            auto_lr=False,
+        )
+        if stage.auto_lr
+        else stage
+        for stage in plan.stages
+    )
+    return replace(plan, stages=stages, extra={**plan.extra, "lr": {AUTO: lr}})
 
 
 def steps_per_epoch(plan: Plan, train_size: int) -> int:

@@ -30,6 +30,8 @@ TTA_MODES = {
     ),
 }
 """The views of each `tta` setting, in the order they are stacked (`pixels.view_pixels`)."""
+AUTO_LR_PREVIEW = "auto, resolved at run time"
+"""A stage's rate before the learning-rate finder has run (`lr: auto`)."""
 
 
 def tta_views(mode: str, *, flip: bool) -> tuple[str, ...]:
@@ -47,7 +49,8 @@ def augment_level(augment: str, *, modality: str, cache_features: bool, distill:
 
 
 def stage_recipes(plan: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Per stage of a plan as `Plan.to_dict()` writes it: `lr` (its top group's rate),
+    """Per stage of a plan as `Plan.to_dict()` writes it: `lr` (its top group's rate, or
+    `AUTO_LR_PREVIEW` until the finder has run),
     `augment`, `ema` (the decay, or None) and `tta` (the last stage of an image plan: the
     views the final validation and predict average; None elsewhere)."""
     stages = plan.get("stages", [])
@@ -57,7 +60,11 @@ def stage_recipes(plan: Mapping[str, Any]) -> list[dict[str, Any]]:
         last = index == len(stages) - 1
         recipes.append(
             {
-                "lr": max(stage["group_lrs"].values()),
+                "lr": (
+                    AUTO_LR_PREVIEW
+                    if stage.get("auto_lr", False)
+                    else max(stage["group_lrs"].values())
+                ),
                 "augment": augment_level(
                     plan.get("augment", "none"),
                     modality=modality,

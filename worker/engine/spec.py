@@ -38,6 +38,8 @@ ClassWeights = Literal["none", "balanced"]
 SamplerName = Literal["shuffle", "balanced"]
 AugmentLevel = Literal["none", "light", "standard", "strong"]
 TtaMode = Literal["none", "flip", "flip_crops"]
+AUTO = "auto"
+AutoRate = Literal["auto"]
 
 MIN_IMAGE_SIZE = 64
 MAX_IMAGE_SIZE = 1024
@@ -261,12 +263,14 @@ class TransferSettings(RunSettings):
     strategy: Strategy = setting("freeze_unfreeze", description="A preset; see the README's table.")
     head: HeadConfig = setting(HeadConfig())
     epochs: int = setting(6, ge=1, le=MAX_EPOCHS)
-    lr: float | None = setting(
+    lr: float | AutoRate | None = setting(
         None,
         gt=0.0,
         le=MAX_LR,
         description="The head's rate while the backbone is frozen. Default: 0.001 for image "
-        "base models, 0.002 for text.",
+        "base models, 0.002 for text. `auto`: the worker first runs the learning-rate finder "
+        "(as `POST /v1/jobs/lr-find`) on the first stage and trains at its suggestion; the "
+        "groups' rates keep their ratios, and the plan records the rate chosen.",
     )
     image_size: int | None = setting(
         None,
@@ -376,10 +380,21 @@ def check_settings(value: Any, where: str = "") -> None:
 
 def _check_choice(name: str, value: Any, annotation: Any) -> None:
     choices = _literal_choices(annotation)
-    if choices and value not in choices:
+    if choices and value not in choices and not _is_admitted_number(value, annotation):
         raise ValueError(
             f"invalid {name} {value!r}: {name} must be one of {', '.join(map(str, choices))}"
         )
+
+
+def _is_admitted_number(value: Any, annotation: Any) -> bool:
+    """A number where the setting takes a number or a word (`lr`: a rate or `auto`)."""
+    numbers = (int, float)
+    return (
+        isinstance(value, numbers)
+        and not isinstance(value, bool)
+        and _is_union(annotation)
+        and any(arg in numbers for arg in get_args(annotation))
+    )
 
 
 def _literal_choices(annotation: Any) -> tuple[Any, ...]:
@@ -448,7 +463,14 @@ def _decode(annotation: Any, value: Any) -> Any:
         return annotation(**{name: _decode(hints[name], v) for name, v in value.items()})
     origin, args = get_origin(annotation), get_args(annotation)
     if _is_union(annotation):
-        (inner,) = (arg for arg in args if arg is not type(None))
+        members = [arg for arg in args if arg is not type(None)]
+        if len(members) > 1:
+            # A number or a word (`lr`: a rate or "auto"): a word passes as it is.
+            words = [arg for arg in members if get_origin(arg) is Literal]
+            if isinstance(value, str) and words:
+                return value
+            members = [arg for arg in members if get_origin(arg) is not Literal]
+        (inner,) = members
         return _decode(inner, value)
     if origin is tuple:
         if len(args) == 2 and args[1] is Ellipsis:
