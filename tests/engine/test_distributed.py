@@ -110,7 +110,13 @@ def _assert_same_steps(result: TrainingResult, expected: TrainingResult) -> None
     order), and the same predictions."""
     wanted = expected.model.state_dict()
     for name, tensor in result.model.state_dict().items():
-        torch.testing.assert_close(tensor, wanted[name], rtol=1e-5, atol=2e-5, msg=name)
+        torch.testing.assert_close(
+            tensor,
+            wanted[name],
+            rtol=1e-5,
+            atol=2e-5,
+            msg=lambda text, name=name: f"{name}: {text}",
+        )
     for got, want in zip(result.history, expected.history, strict=True):
         assert got.train_loss == pytest.approx(want.train_loss, rel=1e-5)
         assert got.val_loss == pytest.approx(want.val_loss, rel=1e-5)

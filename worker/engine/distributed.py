@@ -28,6 +28,7 @@ call `run` the same way:
 
 import datetime
 import logging
+import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ GROUP_TIMEOUT = datetime.timedelta(minutes=30)
 """How long a rank waits in a collective: longer than rank 0 may spend between two steps
 (uploading a checkpoint), so only a rank that died or hung fails the others."""
 
+FAILURE_KEY = "failure"
 _STOP, _PAUSE, _ABORT = 1, 2, 3
 
 R = TypeVar("R")
@@ -118,6 +120,7 @@ def launch(
         start_method="spawn",
     )
     try:
+        _await_ranks(store, spawned, world)
         _join_group(store, rank=0, world=world, device=device)
         try:
             result = target(hooks=hooks, checkpoint_path=checkpoint_path, **shared)
@@ -128,14 +131,33 @@ def launch(
         _wait(spawned)
         raise
     except BaseException:
-        for process in spawned.processes:
-            if process.is_alive():
-                process.terminate()
-        for process in spawned.processes:
-            process.join()
+        _stop(spawned)
+        # A rank that failed first is what rank 0 saw as a reset connection: name its error.
+        if store.check([FAILURE_KEY]):
+            raise RuntimeError(store.get(FAILURE_KEY).decode()) from None
         raise
     _wait(spawned)
     return result
+
+
+def _stop(spawned: mp.ProcessContext) -> None:
+    for process in spawned.processes:
+        if process.is_alive():
+            process.terminate()
+    for process in spawned.processes:
+        process.join()
+
+
+def _await_ranks(store: dist.TCPStore, spawned: mp.ProcessContext, world: int) -> None:
+    """Until every spawned rank has reached the rendezvous; raises at once, with its
+    traceback, if one failed before (rather than rank 0 waiting out the group's timeout)."""
+    arrived = [_arrived(rank) for rank in range(1, world)]
+    while not store.check(arrived):
+        spawned.join(timeout=0.1)
+
+
+def _arrived(rank: int) -> str:
+    return f"arrived/{rank}"
 
 
 def _wait(spawned: mp.ProcessContext) -> None:
@@ -163,13 +185,22 @@ def _spawned_rank(
 ) -> None:
     """Rank `index + 1`: trains without hooks or checkpoint, and ends quietly when rank 0
     pauses, cancels or fails."""
+    # A SIGTERM or Ctrl-C sent to the worker's whole process group is rank 0's to act on (it
+    # pauses every rank at the next step); a rank that died of it would fail the job instead.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     store = dist.TCPStore(RENDEZVOUS_HOST, port, world, is_master=False, timeout=GROUP_TIMEOUT)
+    store.set(_arrived(index + 1), "1")
     _join_group(store, rank=index + 1, world=world, device=device)
     try:
         target(hooks=None, checkpoint_path=None, **shared)
     except (TrainingPaused, TrainingCancelled, RankAborted):
         pass
+    except BaseException as exc:
+        # Written before this rank leaves the group, so before rank 0 can see it gone.
+        store.set(FAILURE_KEY, f"rank {index + 1} of {world} failed: {type(exc).__name__}: {exc}")
+        raise
     finally:
         dist.destroy_process_group()
 
