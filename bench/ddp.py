@@ -74,18 +74,24 @@ def main() -> None:
         one, one_seconds = timed(1, train, val)
         two, two_seconds = timed(2, train, val)
     expected = one.model.state_dict()
-    worst = max(
-        float((tensor.float() - expected[name].float()).abs().max())
+    worst, name = max(
+        (float((tensor.float() - expected[name].float()).abs().max()), name)
         for name, tensor in two.model.state_dict().items()
     )
-    moved = max(float(tensor.float().abs().max()) for tensor in expected.values())
+    relative = max(
+        float((tensor.float() - expected[name].float()).abs().max())
+        / max(float(expected[name].float().abs().max()), 1e-12)
+        for name, tensor in two.model.state_dict().items()
+    )
     print(
         f"digits: {args.train} train, {args.val} val; {CONFIG.base_model} {CONFIG.image_size}px, "
         f"batch {CONFIG.batch_size}, {args.threads} thread(s) per process; "
         f"load average {os.getloadavg()[0]:.1f}"
     )
     print(
-        f"weights: largest |2 processes - 1 process| = {worst:.3g} (largest |weight| {moved:.3g})"
+        f"weights: largest |2 processes - 1 process| = {worst:.3g} (in {name}, whose largest "
+        f"|value| is {float(expected[name].float().abs().max()):.3g}); largest difference "
+        f"relative to its tensor's largest |value|: {relative:.3g}"
     )
     print(
         f"val accuracy: 1 process {one.metrics['val_accuracy']:.4f}, "
