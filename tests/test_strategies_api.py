@@ -149,6 +149,16 @@ def test_explicit_stages_and_new_presets_preview(
     error = assert_error(client.post("/v1/jobs/plan", headers=auth, json=bad), 422, "invalid_spec")
     assert error["param"] == "stages[0].groups"
     assert "layer9" in error["message"]
+    uneven = small_spec(dataset, gpus=3)
+    error = assert_error(
+        client.post("/v1/jobs/plan", headers=auth, json=uneven), 422, "invalid_spec"
+    )
+    assert (error["param"], error["message"].split(";")[0]) == (
+        "gpus",
+        "gpus: batch_size 16 does not split evenly over 3 processes",
+    )
+    two = client.post("/v1/jobs/plan", headers=auth, json=small_spec(dataset, gpus=2))
+    assert two.status_code == 200, two.text
     plans = {}
     for strategy in ("partial", "gradual_unfreeze", "scratch"):
         spec = small_spec(dataset, strategy=strategy, epochs=3, pretrained=strategy != "scratch")
