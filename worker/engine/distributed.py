@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
+from torch.multiprocessing.spawn import ProcessException
 from torch.nn.parallel import DistributedDataParallel
 
 from .loop import TrainingCancelled, TrainingHooks, TrainingPaused
@@ -141,19 +142,23 @@ def launch(
 
 
 def _stop(spawned: mp.ProcessContext) -> None:
+    """End the spawned ranks (SIGKILL: they ignore SIGTERM, and write nothing to lose)."""
     for process in spawned.processes:
         if process.is_alive():
-            process.terminate()
+            process.kill()
     for process in spawned.processes:
         process.join()
 
 
 def _await_ranks(store: dist.TCPStore, spawned: mp.ProcessContext, world: int) -> None:
-    """Until every spawned rank has reached the rendezvous; raises at once, with its
-    traceback, if one failed before (rather than rank 0 waiting out the group's timeout)."""
+    """Until every spawned rank has reached the rendezvous; raises at once if one failed
+    before (rather than rank 0 waiting out the group's timeout); its traceback is logged."""
     arrived = [_arrived(rank) for rank in range(1, world)]
-    while not store.check(arrived):
-        spawned.join(timeout=0.1)
+    try:
+        while not store.check(arrived):
+            spawned.join(timeout=0.1)
+    except ProcessException as failed:
+        raise RuntimeError(f"rank {failed.error_index + 1} of {world} did not start") from None
 
 
 def _arrived(rank: int) -> str:
