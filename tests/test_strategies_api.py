@@ -149,6 +149,16 @@ def test_explicit_stages_and_new_presets_preview(
     error = assert_error(client.post("/v1/jobs/plan", headers=auth, json=bad), 422, "invalid_spec")
     assert error["param"] == "stages[0].groups"
     assert "layer9" in error["message"]
+    uneven = small_spec(dataset, gpus=3)
+    error = assert_error(
+        client.post("/v1/jobs/plan", headers=auth, json=uneven), 422, "invalid_spec"
+    )
+    assert (error["param"], error["message"].split(";")[0]) == (
+        "gpus",
+        "gpus: batch_size 16 does not split evenly over 3 processes",
+    )
+    two = client.post("/v1/jobs/plan", headers=auth, json=small_spec(dataset, gpus=2))
+    assert two.status_code == 200, two.text
     plans = {}
     for strategy in ("partial", "gradual_unfreeze", "scratch"):
         spec = small_spec(dataset, strategy=strategy, epochs=3, pretrained=strategy != "scratch")
@@ -188,3 +198,16 @@ def test_explicit_stages_and_new_presets_preview(
         for s in client.post("/v1/jobs/plan", headers=auth, json=resized).json()["stages"]
     ]
     assert sizes == [64, 96]
+
+
+def test_a_job_on_two_processes_reports_and_publishes_once(
+    client: TestClient, context: AppContext, auth: dict[str, str]
+) -> None:
+    dataset = digits_dataset(client, context, auth, [0, 1])
+    done = train(client, context, auth, small_spec(dataset, model="pair", gpus=2))
+    assert done["progress"] == 1.0
+    events = client.get(f"/v1/jobs/{done['id']}/events", headers=auth).json()["data"]
+    # Rank 0 alone writes events: one per epoch, not one per rank.
+    assert [e["data"]["global_epoch"] for e in events if e["kind"] == "epoch"] == [1, 2]
+    versions = client.get("/v1/models/pair/versions", headers=auth).json()["data"]
+    assert [version["job_id"] for version in versions] == [done["id"]]

@@ -231,6 +231,11 @@ def _validate(config: TransferConfig) -> None:
         raise ValueError("the scratch strategy starts from random weights; drop parent_dir")
     if config.stages is not None and not config.stages:
         raise ValueError("stages must list at least one stage when given")
+    if config.batch_size % config.gpus:
+        raise ValueError(
+            f"gpus: batch_size {config.batch_size} does not split evenly over {config.gpus} "
+            f"processes; choose a batch_size that is a multiple of {config.gpus}"
+        )
 
 
 def _discriminative_lrs(top_lr: float, groups: tuple[str, ...], decay: float) -> dict[str, float]:

@@ -45,6 +45,8 @@ MIN_IMAGE_SIZE = 64
 MAX_IMAGE_SIZE = 1024
 MAX_LR = 10.0
 MAX_EPOCHS = 1000
+MAX_GPUS = 8
+"""The most processes one job trains on: the GPUs of one host."""
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,99}$"
 ALL = "all"
 IMAGE_SIZE_RANGE = f" must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE}"
@@ -239,6 +241,14 @@ class RunSettings:
         "validation, early stopping and the exported model use the averaged weights.",
     )
     device: Device = setting("cpu", description="`cuda` sends the job to the `gpu` queue.")
+    gpus: int = setting(
+        1,
+        ge=1,
+        le=MAX_GPUS,
+        description="Train on this many GPUs of one worker host (DistributedDataParallel): "
+        "each takes batch_size / gpus samples of every batch, so batch_size must be a multiple "
+        "of gpus. With `device: cpu`, that many CPU processes (gloo), which mostly serves tests.",
+    )
     lwf_temperature: float = setting(2.0, gt=0.0, le=100.0)
     lwf_lambda: float = setting(
         1.0, ge=0.0, le=100.0, description="lwf: weight of the distillation loss."

@@ -21,7 +21,7 @@ import time
 import typing
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from torch import nn
 from .calibration import Calibration, calibrate
 from .checkpoint import checkpoint_state, partial_epoch, save_checkpoint
 from .data import Sample
+from .distributed import RankHooks, Ranks, current_ranks, launch, shard, sync_buffers
 from .ema import WeightAverage
 from .imbalance import loss_weights
 from .loop import (
@@ -95,6 +96,8 @@ class _Training:
     stopping: EarlyStopping
     ema: WeightAverage | None
     """The averaged weights that are validated and kept, when the plan asks for them."""
+    ranks: Ranks | None
+    """This process's place among the run's processes (`plan.gpus` > 1), else None."""
     history: list[EpochResult] = field(default_factory=list)
 
 
@@ -149,8 +152,32 @@ def run(
     order, skips the batches already trained on and trains the rest, so the epoch's history
     entry and the final weights are again those of the uninterrupted run. A resumed run
     reports where it continues from through `hooks.on_resume`.
+
+    With `plan.gpus` > 1 the run trains on that many processes of this host
+    (`distributed.py`), takes the steps one process would on the same global batches, and
+    only this process calls `hooks` and writes the checkpoint.
     """
     _check_inputs(plan, train, val, classes)
+    if plan.gpus > 1 and not torch.distributed.is_initialized():
+        return launch(
+            run,
+            world=plan.gpus,
+            device=plan.device,
+            hooks=hooks,
+            checkpoint_path=checkpoint_path,
+            shared={
+                "plan": plan,
+                "train": train,
+                "val": val,
+                "classes": classes,
+                "weights_dir": weights_dir,
+                "num_workers": num_workers,
+                "resume_from": resume_from,
+                "unlabelled": unlabelled,
+                "parent_dir": parent_dir,
+                "token_cache_dir": token_cache_dir,
+            },
+        )
     training = _set_up_run(
         plan,
         train,
@@ -204,6 +231,10 @@ def _set_up_run(
     seed_everything(plan.seed)
     shuffle = torch.Generator().manual_seed(plan.seed)
     device = torch.device(plan.device)
+    ranks = current_ranks(device)
+    if ranks is not None:
+        device = ranks.device
+        hooks = RankHooks(ranks, hooks)
     precision = precision_for(plan, device)
     model = build_model(plan, weights_dir=weights_dir, parent_dir=parent_dir).to(device)
     if precision.channels_last:
@@ -248,6 +279,7 @@ def _set_up_run(
         checkpoint_path=checkpoint_path,
         stopping=EarlyStopping(plan.early_stopping_patience),
         ema=WeightAverage(plan.ema) if plan.ema is not None else None,
+        ranks=ranks,
     )
 
 
@@ -300,6 +332,10 @@ def _set_up_stage(training: _Training, stage_index: int) -> _StageSetup:
     batches = training.data.for_stage(stage)
     scheduler = make_scheduler(optimizer, stage.schedule, stage.epochs * len(batches.train))
     training.stopping.start_stage()
+    loss_fn = _loss_for(plan, stage, training)
+    if training.ranks is not None:
+        trained, loss_fn = shard(training.ranks, batches.trained, loss_fn)
+        batches = replace(batches, trained=trained)
     return _StageSetup(
         index=stage_index,
         stage=stage,
@@ -307,7 +343,7 @@ def _set_up_stage(training: _Training, stage_index: int) -> _StageSetup:
         optimizer=optimizer,
         scheduler=scheduler,
         scaler=training.precision.grad_scaler(),
-        loss_fn=_loss_for(plan, stage, training),
+        loss_fn=loss_fn,
     )
 
 
@@ -330,6 +366,8 @@ def _train_epoch(training: _Training, setup: _StageSetup, epoch: int, start: Sta
     training.progress.check_cancelled()
     started = time.perf_counter()
     train_loss = _train_steps(training, setup, epoch, start)
+    if training.ranks is not None:
+        sync_buffers(training.model)
     validated = training.ema.applied(training.model) if training.ema is not None else nullcontext()
     with validated:
         evaluation = evaluate(
