@@ -13,7 +13,6 @@ from typing import Any
 
 from service.context import AppContext
 from service.datasets.ingest import (
-    SNIFF_BYTES,
     SUPPORTED_UPLOADS,
     DatasetRejectedError,
     IngestLimits,
@@ -120,8 +119,7 @@ def _form_unlabelled(fields: dict[str, str]) -> bool:
 def _sniff(upload: ReceivedUpload, columns: TextColumns) -> str | None:
     """The upload's modality when its content already tells (None for an archive); 4xx for
     anything that is no dataset, or a CSV without the columns asked for."""
-    with upload.path.open("rb") as handle:
-        head = handle.read(SNIFF_BYTES)
+    head = upload.head
     kind = detect_upload(head)
     if kind is None:
         raise ApiError(
@@ -138,7 +136,11 @@ def _sniff(upload: ReceivedUpload, columns: TextColumns) -> str | None:
     return None if kind == "archive" else "text"
 
 
-def create_dataset(*, context: AppContext, tenant: Tenant, upload: ReceivedUpload) -> Dataset:
+def create_dataset(
+    *, context: AppContext, tenant: Tenant, dataset_id: str, upload: ReceivedUpload
+) -> Dataset:
+    """Record a dataset whose upload is already in the store (at `archive_key(dataset_id)`)
+    and queue its ingestion; a refused upload leaves neither the object nor a row."""
     fields = upload.fields
     try:
         seed = _form_seed(fields)
@@ -149,26 +151,26 @@ def create_dataset(*, context: AppContext, tenant: Tenant, upload: ReceivedUploa
         )
         keep_unlabelled = _form_unlabelled(fields)
         modality = _sniff(upload, columns)
-    except ApiError:
-        upload.path.unlink(missing_ok=True)
+        name = (fields.get("name") or Path(upload.filename).name.split(".")[0] or "dataset")[:200]
+        dataset = Dataset(
+            id=dataset_id,
+            tenant_id=tenant.id,
+            name=name,
+            upload_bytes=upload.size,
+            val_fraction=val_fraction,
+            seed=seed,
+            modality=modality,
+            text_column=columns.text,
+            label_column=columns.label,
+            keep_unlabelled=keep_unlabelled,
+        )
+        # The upload is stored before the row exists: no transaction stays open across it.
+        with context.db.session() as session:
+            session.add(dataset)
+            session.commit()
+    except BaseException:
+        context.store.delete(upload.key)
         raise
-    name = (fields.get("name") or Path(upload.filename).name.split(".")[0] or "dataset")[:200]
-    dataset = Dataset(
-        tenant_id=tenant.id,
-        name=name,
-        upload_bytes=upload.size,
-        val_fraction=val_fraction,
-        seed=seed,
-        modality=modality,
-        text_column=columns.text,
-        label_column=columns.label,
-        keep_unlabelled=keep_unlabelled,
-    )
-    with context.db.session() as session:
-        session.add(dataset)
-        session.flush()
-        context.store.put_file(archive_key(dataset.id), upload.path)
-        session.commit()
     _enqueue_ingest(context, dataset)
     return dataset
 
@@ -228,16 +230,17 @@ def process_upload(*, context: AppContext, dataset_id: str) -> None:
                 progress_session.commit()
 
     try:
-        result = ingest_upload(
-            context.store.local_path(archive_key(dataset_id)),
-            work / "files",
-            columns=columns,
-            limits=ingest_limits(context),
-            val_fraction=val_fraction,
-            seed=seed,
-            keep_unlabelled=keep_unlabelled,
-            progress=report,
-        )
+        with context.store.local_file(archive_key(dataset_id), work) as upload:
+            result = ingest_upload(
+                upload,
+                work / "files",
+                columns=columns,
+                limits=ingest_limits(context),
+                val_fraction=val_fraction,
+                seed=seed,
+                keep_unlabelled=keep_unlabelled,
+                progress=report,
+            )
     except DatasetRejectedError as exc:
         _finish(context, dataset_id, status="failed", error=(exc.code, exc.message))
         return
