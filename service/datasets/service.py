@@ -7,7 +7,7 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +24,15 @@ from service.datasets.ingest import (
     ingest_upload,
     iter_text_rows,
     skipped_dict,
+    unpack_image_shards,
+    write_image_shards,
 )
 from service.datasets.lengths import summarise_token_lengths
 from service.datasets.schemas import BaseModelScoreOut, TransferabilityIn, TransferabilityOut
 from service.errors import ApiError
 from service.queues import INGEST_TASK
+from service.storage import LocalCache
+from service.storage.cache import entry_id
 from service.tables import Dataset, Tenant
 from service.uploads import ReceivedUpload
 from worker import engine
@@ -262,7 +266,11 @@ def process_upload(*, context: AppContext, dataset_id: str) -> None:
         if result.modality == "text"
         else None
     )
-    context.store.put_dir(files_prefix(dataset_id), work / "files")
+    stored = work / "files"
+    if result.modality == "image":
+        stored = work / "shards"
+        result = replace(result, shards=write_image_shards(work / "files", result.samples, stored))
+    context.store.put_dir(files_prefix(dataset_id), stored)
     context.store.put_bytes(manifest_key(dataset_id), json.dumps(result.to_manifest()).encode())
     shutil.rmtree(work, ignore_errors=True)
     _finish(context, dataset_id, status="ready", result=result, token_lengths=lengths)
@@ -481,8 +489,33 @@ def _stratified_subset(samples: list[Any], *, limit: int, seed: int) -> list[Any
 
 def load_manifest(*, context: AppContext, dataset_id: str) -> tuple[IngestResult, Path]:
     """The dataset's samples and the local folder their paths are relative to."""
-    manifest = json.loads(context.store.get_bytes(manifest_key(dataset_id)))
-    return IngestResult.from_manifest(manifest), context.store.local_path(files_prefix(dataset_id))
+    manifest = IngestResult.from_manifest(
+        json.loads(context.store.get_bytes(manifest_key(dataset_id)))
+    )
+    if manifest.modality == "image" and manifest.shards:
+        return manifest, _unpacked_images(context, dataset_id, manifest)
+    # Text shards are read in place; images ingested before version 3 are one object each.
+    return manifest, context.store.local_path(files_prefix(dataset_id))
+
+
+def _unpacked_images(context: AppContext, dataset_id: str, manifest: IngestResult) -> Path:
+    """The image shards' content as a folder in this host's cache (`THAW_CACHE_DIR`),
+    extracted once per host and shared by its processes; addressed by the shards' content
+    versions, so it never needs invalidating."""
+    store, settings = context.store, context.settings
+    keys = [f"{files_prefix(dataset_id)}/{shard.path}" for shard in manifest.shards]
+    where = settings.storage_url or str(settings.resolved_storage_dir)
+    entry = entry_id(where, *keys, *(store.stat(key).version for key in keys))
+    cache = LocalCache(settings.resolved_cache_dir, budget_bytes=settings.cache_bytes)
+
+    def fill(folder: Path) -> None:
+        unpack_image_shards(
+            manifest.shards,
+            lambda name: store.open(f"{files_prefix(dataset_id)}/{name}"),
+            folder,
+        )
+
+    return cache.get(entry, fill)
 
 
 def text_row_id(ordinal: int) -> str:

@@ -1,7 +1,10 @@
 """A dataset upload streams through the API into the object store: multipart, nothing on the
 API's disk, and a refused upload leaves no object, no unfinished multipart upload and no row.
-In-process API on S3 (moto_server in its own process)."""
+An image dataset is stored as a few shards, read back through the host cache; one stored
+one object per image (manifest version 2) still loads. In-process API on S3 (moto_server in
+its own process)."""
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,9 +16,15 @@ from fastapi.testclient import TestClient
 
 from service.cli import migrate_database
 from service.context import AppContext
-from service.datasets.service import archive_key
+from service.datasets.service import (
+    archive_key,
+    dataset_items,
+    files_prefix,
+    manifest_key,
+    process_upload,
+)
 from service.settings import Settings
-from tests.conftest import new_key
+from tests.conftest import digits_split, new_key, png_bytes, zip_of_classes
 from tests.fleet.s3server import S3Server
 
 BUCKET = "fleet-uploads"
@@ -121,3 +130,62 @@ def test_a_refused_upload_leaves_no_object_no_multipart_upload_and_no_row(
     assert _keys(s3) == before
     assert s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads") is None
     assert api.get("/v1/datasets", headers=auth).json()["data"] == []
+
+
+def test_an_image_dataset_is_a_few_shards_read_back_through_the_host_cache(
+    api: TestClient, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    context = _context(api)
+    pool, _ = digits_split()
+    chosen = [item for item in pool if item[1] < 3][:30]
+    archive = zip_of_classes(chosen)
+    # Small shards, so that this small dataset needs several.
+    monkeypatch.setattr("service.datasets.ingest.images.IMAGE_SHARD_BYTES", len(archive) // 3)
+    auth = new_key(context, "shards")
+    answer = api.post("/v1/datasets", headers=auth, files={"file": ("digits.zip", archive)})
+    assert answer.status_code == 202, answer.text
+    dataset_id = answer.json()["id"]
+    process_upload(context=context, dataset_id=dataset_id)
+    assert api.get(f"/v1/datasets/{dataset_id}", headers=auth).json()["status"] == "ready"
+
+    stored = context.store.children(files_prefix(dataset_id))
+    assert 2 <= len(stored) <= 4, stored
+    assert all(name.startswith("images-") and name.endswith(".tar") for name in stored)
+    items = dataset_items(context=context, dataset_id=dataset_id).items
+    assert len(items) == len(chosen)
+    # Ids are the manifest's sample paths, as before shards: experiments' test splits hold them.
+    manifest = context.store.get_bytes(manifest_key(dataset_id)).decode()
+    assert all(f'"path": "{item.id}"' in manifest for item in items)
+    cache = context.settings.resolved_cache_dir / "entries"
+    for item in items:
+        content = Path(item.content)
+        assert content.is_relative_to(cache)
+        assert content.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Read again: the same cache entry, not a second download.
+    again = dataset_items(context=context, dataset_id=dataset_id).items
+    assert [item.content for item in again] == [item.content for item in items]
+
+
+def test_a_dataset_stored_one_object_per_image_still_loads(api: TestClient) -> None:
+    context = _context(api)
+    pool, _ = digits_split()
+    dataset_id = "ds_before_shards"
+    samples = []
+    for index, (image, label) in enumerate(pool[:6]):
+        path = f"digit_{label % 2}/{index}.png"
+        context.store.put_bytes(f"{files_prefix(dataset_id)}/{path}", png_bytes(image))
+        samples.append({"path": path, "label": label % 2, "split": "train"})
+    manifest = {
+        "version": 2,
+        "modality": "image",
+        "classes": ["digit_0", "digit_1"],
+        "samples": samples,
+        "shards": [],
+        "unlabelled": 0,
+        "skipped": [],
+        "class_counts": {},
+    }
+    context.store.put_bytes(manifest_key(dataset_id), json.dumps(manifest).encode())
+    items = dataset_items(context=context, dataset_id=dataset_id).items
+    assert [item.id for item in items] == [sample["path"] for sample in samples]
+    assert all(Path(item.content).read_bytes()[:4] == b"\x89PNG" for item in items)
