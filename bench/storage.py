@@ -2,10 +2,11 @@
 
 Same machine, same archive, one run: for each backend, (a) ingest: the upload through the API
 (`POST /v1/datasets`, streamed to the store) plus `process_upload` (the archive read back,
-extracted, the files and manifest written to the store), and (b) first epoch: `load_manifest`
-(on S3 the files come down into the host cache) plus one `fine_tune` epoch of the engine on
-them. The object store is an S3-compatible server in its own process: moto_server, the one
-available here, a pure-Python server, so the figures are an upper bound for MinIO or S3.
+extracted, the images packed into tar shards and written to the store with the manifest), and
+(b) first epoch: `load_manifest` (the shards come down and are extracted into the host cache)
+plus one `fine_tune` epoch of the engine on them. The object store is an S3-compatible server
+in its own process: moto_server, the one available here, a pure-Python server, so the figures
+are an upper bound for MinIO or S3.
 
 The first epoch runs the engine directly with its checkpoint in a temporary folder (the
 worker's job path also uploads it to the store after the epoch; not measured here).

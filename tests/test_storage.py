@@ -105,7 +105,7 @@ def test_a_failed_upload_leaves_the_previous_object_untouched(store: ArtifactSto
     with pytest.raises(ConnectionResetError):
         store.put_stream("uploads/ds_2/archive", _Chunks(total=20 * 2**20, fail_after=10 * 2**20))
     assert not store.exists("uploads/ds_2/archive")
-    assert store.children("uploads/ds_2") == []
+    assert store.children("uploads") == ["ds_1"]  # not even an empty folder for ds_2
 
 
 def test_delete_removes_exactly_one_folder(store: ArtifactStore) -> None:
@@ -144,6 +144,23 @@ def test_folders_put_listed_and_read_through_local_path(
     store.download("models/mv_1/weights.safetensors", target)
     assert target.read_bytes() == b"w" * 1000
     assert [p.name for p in target.parent.iterdir()] == ["w.bin"]  # no temporary left
+
+
+def test_local_file_holds_the_object_for_the_block_only(
+    store: ArtifactStore, tmp_path: Path
+) -> None:
+    store.put_bytes("uploads/ds_1/archive", b"PK\x03\x04 zip bytes")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    with store.local_file("uploads/ds_1/archive", scratch) as path:
+        assert path.read_bytes() == b"PK\x03\x04 zip bytes"
+    if isinstance(store, LocalStore):
+        assert path == store.root / "uploads" / "ds_1" / "archive"  # no copy of a local object
+    else:
+        assert not path.exists()
+        assert list(scratch.iterdir()) == []
+    with pytest.raises(ObjectNotFoundError), store.local_file("uploads/none", scratch):
+        pass
 
 
 def test_put_file_consumes_its_source(store: ArtifactStore, tmp_path: Path) -> None:

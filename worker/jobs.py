@@ -14,7 +14,8 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -33,6 +34,7 @@ from service.jobs.service import (
     attempt_artifacts_prefix,
     checkpoint_key,
     discard_job_files,
+    latest_checkpoint_key,
     record_event,
 )
 from service.jobs.states import LEASED_STATUSES, IllegalTransitionError, JobKind, JobStatus
@@ -121,6 +123,10 @@ class JobHooks(TrainingHooks):
         self.deadline_at = claim.deadline_at
         self.fraction_done = 0.0
         self._last_renewal = self._last_poll = time.monotonic()
+        self._saved_checkpoint = False
+        self._training = threading.Event()
+        """Set by the first `should_stop`: from then on training renews the lease."""
+        self._lost = threading.Event()
 
     def _event(self, kind: str, data: dict[str, Any]) -> None:
         def write(session: Session) -> None:
@@ -139,7 +145,55 @@ class JobHooks(TrainingHooks):
     def on_checkpoint(self, path: Path) -> None:
         # The store, not this host, keeps the checkpoint: a job whose host dies resumes on any
         # other. An object appears whole or not at all, so a crash mid-upload leaves the last one.
-        self.context.store.put_file(checkpoint_key(self.job_id), path)
+        # Fenced twice: an attempt that lost the job uploads nothing, and each attempt writes
+        # under its own key, so one that loses it during the upload cannot touch a newer one's.
+        if not _db(self.context, self._still_ours):
+            logger.info("job %s attempt %d lost the job; checkpoint not saved", *self._who())
+            return
+        self.context.store.put_file(checkpoint_key(self.job_id, self.attempt), path)
+        if not self._saved_checkpoint:
+            self._saved_checkpoint = True
+            # The one it resumed from (if any) is older than this attempt's: no longer needed.
+            while (
+                older := latest_checkpoint_key(
+                    self.context.store, self.job_id, before_attempt=self.attempt
+                )
+            ) is not None:
+                self.context.store.delete(older)
+
+    def _who(self) -> tuple[str, int]:
+        return self.job_id, self.attempt
+
+    @contextmanager
+    def renewing_lease(self) -> Iterator[None]:
+        """Keep the lease from the claim until training renews it between steps (its first
+        `should_stop`): the dataset, the checkpoint and a parent model come down from the store
+        first and may take longer than a lease. A thread renews it meanwhile; once a renewal
+        finds the job no longer this attempt's, `check_still_ours` and `should_stop` say so."""
+        renewer = threading.Thread(
+            target=self._renew_until_training, name=f"lease-{self.job_id}", daemon=True
+        )
+        renewer.start()
+        try:
+            yield
+        finally:
+            self._training.set()
+            renewer.join()
+
+    def _renew_until_training(self) -> None:
+        while not self._training.wait(LEASE_RENEWAL_SECONDS):
+            try:
+                if not _db(self.context, self._renew):
+                    self._lost.set()
+                    return
+            except Exception:
+                # The next renewal tries again; a lease is many renewals long.
+                logger.exception("job %s attempt %d: lease renewal failed", *self._who())
+
+    def check_still_ours(self) -> None:
+        """TrainingCancelled if the job was cancelled or taken over during setup."""
+        if self._lost.is_set():
+            raise TrainingCancelled()
 
     def on_resume(self, completed_epochs: int, steps_into_epoch: int) -> None:
         self._event(
@@ -158,6 +212,9 @@ class JobHooks(TrainingHooks):
         return shutdown_requested.is_set()
 
     def should_stop(self) -> bool:
+        self._training.set()
+        if self._lost.is_set():
+            return True
         if utcnow() >= self.deadline_at:
             raise DeadlineExceededError()
         now = time.monotonic()
@@ -335,31 +392,36 @@ def _resolve_auto_lr(
 def _train_and_publish(
     context: AppContext, *, job_id: str, hooks: JobHooks, plan: Plan, dataset_id: str
 ) -> None:
-    classes, train, val, test, unlabelled = _training_data(
-        context, job_id=job_id, dataset_id=dataset_id
-    )
-    if plan.needs_lr_finder:
-        plan = _resolve_auto_lr(
-            context, job_id=job_id, hooks=hooks, plan=plan, train=train, val=val
-        )
     with tempfile.TemporaryDirectory(dir=context.scratch_dir, prefix=f"train-{job_id}-") as scratch:
         checkpoint = Path(scratch) / "checkpoint.pt"
-        # An earlier attempt was handed back or lost: continue where it last saved.
-        resume = _download_checkpoint(context, job_id=job_id, dest=checkpoint)
-        result = run(
-            plan,
-            train=train,
-            val=val,
-            classes=classes,
-            unlabelled=unlabelled,
-            hooks=hooks,
-            weights_dir=context.settings.resolved_weights_dir,
-            checkpoint_path=checkpoint,
-            resume_from=checkpoint if resume else None,
-            parent_dir=_parent_folder(context, plan),
-            # Shared by this host's jobs: a dataset is tokenized once per tokenizer and length.
-            token_cache_dir=context.settings.resolved_cache_dir / TOKEN_CACHE_FOLDER,
-        )
+        with hooks.renewing_lease():
+            classes, train, val, test, unlabelled = _training_data(
+                context, job_id=job_id, dataset_id=dataset_id
+            )
+            if plan.needs_lr_finder:
+                plan = _resolve_auto_lr(
+                    context, job_id=job_id, hooks=hooks, plan=plan, train=train, val=val
+                )
+            # An earlier attempt was handed back or lost: continue where it last saved.
+            resume = _download_checkpoint(
+                context, job_id=job_id, attempt=hooks.attempt, dest=checkpoint
+            )
+            parent_dir = _parent_folder(context, plan)
+            hooks.check_still_ours()
+            result = run(
+                plan,
+                train=train,
+                val=val,
+                classes=classes,
+                unlabelled=unlabelled,
+                hooks=hooks,
+                weights_dir=context.settings.resolved_weights_dir,
+                checkpoint_path=checkpoint,
+                resume_from=checkpoint if resume else None,
+                parent_dir=parent_dir,
+                # Shared by this host's jobs: a dataset is tokenized once per tokenizer, length.
+                token_cache_dir=context.settings.resolved_cache_dir / TOKEN_CACHE_FOLDER,
+            )
     if hooks.should_stop():
         raise TrainingCancelled()
 
@@ -431,10 +493,13 @@ def _parent_folder(context: AppContext, plan: Plan) -> Path | None:
     return None if plan.parent is None else context.store.local_path(plan.parent)
 
 
-def _download_checkpoint(context: AppContext, *, job_id: str, dest: Path) -> bool:
-    """Fetch the job's checkpoint from the store to `dest`; False when it has none yet."""
+def _download_checkpoint(context: AppContext, *, job_id: str, attempt: int, dest: Path) -> bool:
+    """Fetch the latest checkpoint an earlier attempt saved to `dest`; False when none did."""
+    key = latest_checkpoint_key(context.store, job_id, before_attempt=attempt)
+    if key is None:
+        return False
     try:
-        context.store.download(checkpoint_key(job_id), dest)
+        context.store.download(key, dest)
     except ObjectNotFoundError:
         return False
     return True

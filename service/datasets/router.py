@@ -4,6 +4,7 @@ from fastapi import APIRouter, Body, Depends, Query, Request
 from sqlalchemy import select
 
 from service.datasets import service
+from service.datasets.ingest import SNIFF_BYTES
 from service.datasets.schemas import (
     TRANSFERABILITY_EXAMPLE,
     DatasetOut,
@@ -12,6 +13,7 @@ from service.datasets.schemas import (
     TransferabilityOut,
 )
 from service.datasets.service import MAX_SEED
+from service.db import new_id
 from service.deps import ContextDep, DatasetDep, SessionDep, TenantDep
 from service.pagination import Page, PageParams, page_params, paginate
 from service.tables import Dataset
@@ -95,13 +97,18 @@ UPLOAD_BODY: dict[str, Any] = {
     openapi_extra=UPLOAD_BODY,
 )
 async def upload_dataset(request: Request, context: ContextDep, tenant: TenantDep) -> DatasetOut:
+    dataset_id = new_id("ds")
     upload = await receive_upload(
         request,
         file_field="file",
         max_bytes=context.settings.max_upload_bytes,
-        scratch_dir=context.scratch_dir,
+        store=context.store,
+        key=service.archive_key(dataset_id),
+        head_bytes=SNIFF_BYTES,
     )
-    dataset = service.create_dataset(context=context, tenant=tenant, upload=upload)
+    dataset = service.create_dataset(
+        context=context, tenant=tenant, dataset_id=dataset_id, upload=upload
+    )
     return DatasetOut.model_validate(dataset)
 
 

@@ -7,13 +7,12 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from service.context import AppContext
 from service.datasets.ingest import (
-    SNIFF_BYTES,
     SUPPORTED_UPLOADS,
     DatasetRejectedError,
     IngestLimits,
@@ -25,11 +24,15 @@ from service.datasets.ingest import (
     ingest_upload,
     iter_text_rows,
     skipped_dict,
+    unpack_image_shards,
+    write_image_shards,
 )
 from service.datasets.lengths import summarise_token_lengths
 from service.datasets.schemas import BaseModelScoreOut, TransferabilityIn, TransferabilityOut
 from service.errors import ApiError
 from service.queues import INGEST_TASK
+from service.storage import LocalCache
+from service.storage.cache import entry_id
 from service.tables import Dataset, Tenant
 from service.uploads import ReceivedUpload
 from worker import engine
@@ -120,8 +123,7 @@ def _form_unlabelled(fields: dict[str, str]) -> bool:
 def _sniff(upload: ReceivedUpload, columns: TextColumns) -> str | None:
     """The upload's modality when its content already tells (None for an archive); 4xx for
     anything that is no dataset, or a CSV without the columns asked for."""
-    with upload.path.open("rb") as handle:
-        head = handle.read(SNIFF_BYTES)
+    head = upload.head
     kind = detect_upload(head)
     if kind is None:
         raise ApiError(
@@ -138,7 +140,11 @@ def _sniff(upload: ReceivedUpload, columns: TextColumns) -> str | None:
     return None if kind == "archive" else "text"
 
 
-def create_dataset(*, context: AppContext, tenant: Tenant, upload: ReceivedUpload) -> Dataset:
+def create_dataset(
+    *, context: AppContext, tenant: Tenant, dataset_id: str, upload: ReceivedUpload
+) -> Dataset:
+    """Record a dataset whose upload is already in the store (at `archive_key(dataset_id)`)
+    and queue its ingestion; a refused upload leaves neither the object nor a row."""
     fields = upload.fields
     try:
         seed = _form_seed(fields)
@@ -149,26 +155,26 @@ def create_dataset(*, context: AppContext, tenant: Tenant, upload: ReceivedUploa
         )
         keep_unlabelled = _form_unlabelled(fields)
         modality = _sniff(upload, columns)
-    except ApiError:
-        upload.path.unlink(missing_ok=True)
+        name = (fields.get("name") or Path(upload.filename).name.split(".")[0] or "dataset")[:200]
+        dataset = Dataset(
+            id=dataset_id,
+            tenant_id=tenant.id,
+            name=name,
+            upload_bytes=upload.size,
+            val_fraction=val_fraction,
+            seed=seed,
+            modality=modality,
+            text_column=columns.text,
+            label_column=columns.label,
+            keep_unlabelled=keep_unlabelled,
+        )
+        # The upload is stored before the row exists: no transaction stays open across it.
+        with context.db.session() as session:
+            session.add(dataset)
+            session.commit()
+    except BaseException:
+        context.store.delete(upload.key)
         raise
-    name = (fields.get("name") or Path(upload.filename).name.split(".")[0] or "dataset")[:200]
-    dataset = Dataset(
-        tenant_id=tenant.id,
-        name=name,
-        upload_bytes=upload.size,
-        val_fraction=val_fraction,
-        seed=seed,
-        modality=modality,
-        text_column=columns.text,
-        label_column=columns.label,
-        keep_unlabelled=keep_unlabelled,
-    )
-    with context.db.session() as session:
-        session.add(dataset)
-        session.flush()
-        context.store.put_file(archive_key(dataset.id), upload.path)
-        session.commit()
     _enqueue_ingest(context, dataset)
     return dataset
 
@@ -228,16 +234,17 @@ def process_upload(*, context: AppContext, dataset_id: str) -> None:
                 progress_session.commit()
 
     try:
-        result = ingest_upload(
-            context.store.local_path(archive_key(dataset_id)),
-            work / "files",
-            columns=columns,
-            limits=ingest_limits(context),
-            val_fraction=val_fraction,
-            seed=seed,
-            keep_unlabelled=keep_unlabelled,
-            progress=report,
-        )
+        with context.store.local_file(archive_key(dataset_id), work) as upload:
+            result = ingest_upload(
+                upload,
+                work / "files",
+                columns=columns,
+                limits=ingest_limits(context),
+                val_fraction=val_fraction,
+                seed=seed,
+                keep_unlabelled=keep_unlabelled,
+                progress=report,
+            )
     except DatasetRejectedError as exc:
         _finish(context, dataset_id, status="failed", error=(exc.code, exc.message))
         return
@@ -259,7 +266,11 @@ def process_upload(*, context: AppContext, dataset_id: str) -> None:
         if result.modality == "text"
         else None
     )
-    context.store.put_dir(files_prefix(dataset_id), work / "files")
+    stored = work / "files"
+    if result.modality == "image":
+        stored = work / "shards"
+        result = replace(result, shards=write_image_shards(work / "files", result.samples, stored))
+    context.store.put_dir(files_prefix(dataset_id), stored)
     context.store.put_bytes(manifest_key(dataset_id), json.dumps(result.to_manifest()).encode())
     shutil.rmtree(work, ignore_errors=True)
     _finish(context, dataset_id, status="ready", result=result, token_lengths=lengths)
@@ -478,8 +489,33 @@ def _stratified_subset(samples: list[Any], *, limit: int, seed: int) -> list[Any
 
 def load_manifest(*, context: AppContext, dataset_id: str) -> tuple[IngestResult, Path]:
     """The dataset's samples and the local folder their paths are relative to."""
-    manifest = json.loads(context.store.get_bytes(manifest_key(dataset_id)))
-    return IngestResult.from_manifest(manifest), context.store.local_path(files_prefix(dataset_id))
+    manifest = IngestResult.from_manifest(
+        json.loads(context.store.get_bytes(manifest_key(dataset_id)))
+    )
+    if manifest.modality == "image" and manifest.shards:
+        return manifest, _unpacked_images(context, dataset_id, manifest)
+    # Text shards are read in place; images ingested before version 3 are one object each.
+    return manifest, context.store.local_path(files_prefix(dataset_id))
+
+
+def _unpacked_images(context: AppContext, dataset_id: str, manifest: IngestResult) -> Path:
+    """The image shards' content as a folder in this host's cache (`THAW_CACHE_DIR`),
+    extracted once per host and shared by its processes; addressed by the shards' content
+    versions, so it never needs invalidating."""
+    store, settings = context.store, context.settings
+    keys = [f"{files_prefix(dataset_id)}/{shard.path}" for shard in manifest.shards]
+    where = settings.storage_url or str(settings.resolved_storage_dir)
+    entry = entry_id(where, *keys, *(store.stat(key).version for key in keys))
+    cache = LocalCache(settings.resolved_cache_dir, budget_bytes=settings.cache_bytes)
+
+    def fill(folder: Path) -> None:
+        unpack_image_shards(
+            manifest.shards,
+            lambda name: store.open(f"{files_prefix(dataset_id)}/{name}"),
+            folder,
+        )
+
+    return cache.get(entry, fill)
 
 
 def text_row_id(ordinal: int) -> str:

@@ -20,7 +20,7 @@ from service.jobs.schemas import (
     PlanOut,
     PreviewSpec,
 )
-from service.jobs.service import checkpoint_key
+from service.jobs.service import latest_checkpoint_key
 from service.jobs.states import JobKind
 from service.jobs.stream import job_event_stream, resume_cursor
 from service.pagination import Page, PageParams, page_params, paginate
@@ -236,9 +236,11 @@ def job_metrics(job: JobDep, session: SessionDep) -> JobMetricsOut:
     "to resume the job if its worker is lost; removed once the job ends.",
 )
 def job_checkpoints(job: JobDep, context: ContextDep) -> list[CheckpointOut]:
-    key = checkpoint_key(job.id)
+    key = latest_checkpoint_key(context.store, job.id)
+    if key is None:
+        return []
     try:
         info = context.store.stat(key)
-    except ObjectNotFoundError:
+    except ObjectNotFoundError:  # the job ended meanwhile
         return []
     return [CheckpointOut(name=key.rsplit("/", 1)[-1], size=info.size, saved_at=info.modified)]

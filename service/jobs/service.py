@@ -33,6 +33,7 @@ from service.jobs.states import (
 )
 from service.models.service import resolve_version
 from service.queues import CPU_QUEUE, GPU_QUEUE, TRAIN_TASK, refuse_unservable
+from service.storage import ArtifactStore
 from service.tables import Dataset, Job, JobEvent, ModelVersion, RegisteredModel, Tenant
 from worker import engine
 from worker.engine.artifacts import CONFIG_FILE, parse_model_config
@@ -185,8 +186,33 @@ def job_files_prefix(job_id: str) -> str:
     return f"jobs/{job_id}"
 
 
-def checkpoint_key(job_id: str) -> str:
-    return f"{job_files_prefix(job_id)}/checkpoint.pt"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def checkpoint_key(job_id: str, attempt: int) -> str:
+    """Each attempt saves under its own prefix, so a stale attempt (it lost its lease, a newer
+    one runs) can never overwrite the checkpoint the newer one saved."""
+    return f"{job_files_prefix(job_id)}/attempt-{attempt}/{CHECKPOINT_FILE}"
+
+
+def latest_checkpoint_key(
+    store: ArtifactStore, job_id: str, *, before_attempt: int | None = None
+) -> str | None:
+    """The checkpoint of the latest attempt (before `before_attempt`) that saved one, or None.
+    A job in flight when checkpoints moved under attempts kept one at the job's own prefix,
+    older than any attempt's."""
+    saved = [
+        int(name.removeprefix("attempt-"))
+        for name in store.children(job_files_prefix(job_id))
+        if name.startswith("attempt-") and name.removeprefix("attempt-").isdigit()
+    ]
+    for attempt in sorted(saved, reverse=True):
+        if before_attempt is not None and attempt >= before_attempt:
+            continue
+        if store.exists(checkpoint_key(job_id, attempt)):
+            return checkpoint_key(job_id, attempt)
+    legacy = f"{job_files_prefix(job_id)}/{CHECKPOINT_FILE}"
+    return legacy if store.exists(legacy) else None
 
 
 def job_artifacts_prefix(job_id: str) -> str:

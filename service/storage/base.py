@@ -90,6 +90,18 @@ class ArtifactStore(ABC):
     def download(self, key: str, dest: Path) -> None:
         """Copy the object to the local file `dest`, which appears whole or not at all."""
 
+    @contextmanager
+    def local_file(self, key: str, scratch: Path) -> Iterator[Path]:
+        """The object as a local file for the block, for readers that seek (zip, tar): a copy
+        downloaded into the folder `scratch` and removed afterwards; the local store's own
+        file, which must only be read."""
+        target = scratch / f".object-{os.getpid()}-{os.urandom(6).hex()}"
+        try:
+            self.download(key, target)
+            yield target
+        finally:
+            target.unlink(missing_ok=True)
+
     @abstractmethod
     def local_path(self, key: str) -> Path:
         """A local file or folder holding `key`, for code (PIL, torch) that reads paths; on an

@@ -1,5 +1,6 @@
 """The artifact store as one local folder: the embedded default, and a single-host deployment."""
 
+import contextlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ class LocalStore(ArtifactStore):
 
     def put_stream(self, key: str, stream: BinaryIO) -> int:
         target = self._path(key)
+        created = [folder for folder in target.parents if not folder.exists()]
         temp = temp_sibling(target)
         try:
             with temp.open("wb") as out:
@@ -42,6 +44,10 @@ class LocalStore(ArtifactStore):
             os.replace(temp, target)
         except BaseException:
             temp.unlink(missing_ok=True)
+            # A failed upload leaves no trace, not even the empty folders made for it.
+            for folder in created:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
             raise
         return written
 
@@ -85,6 +91,11 @@ class LocalStore(ArtifactStore):
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
+
+    @contextmanager
+    def local_file(self, key: str, scratch: Path) -> Iterator[Path]:
+        self.stat(key)  # ObjectNotFoundError as on any store
+        yield self._path(key)
 
     def local_path(self, key: str) -> Path:
         return self._path(key)

@@ -37,6 +37,9 @@ _PARALLEL_FILES = 16
 _TRANSFER = TransferConfig(
     multipart_threshold=CHUNK_BYTES, multipart_chunksize=CHUNK_BYTES, max_concurrency=4
 )
+# A stream's parts wait in memory for an upload thread: at most this many (s3transfer's
+# default is 10; boto3's constructor does not take it).
+_TRANSFER.max_in_memory_upload_chunks = 4
 
 
 def _missing(exc: ClientError) -> bool:

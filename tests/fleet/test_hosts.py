@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import redis
 
-from service.datasets.service import files_prefix, manifest_key
+from service.datasets.service import archive_key, files_prefix, manifest_key
 from service.settings import Settings
 from service.storage import open_store
 from tests.conftest import digits_split, fresh_postgres_database, zip_of_classes
@@ -65,8 +65,11 @@ def test_a_dataset_uploaded_to_the_api_is_ingested_on_another_host(
         )
     )
     assert store.exists(manifest_key(dataset_id))
-    assert set(store.children(files_prefix(dataset_id))) == {"digit_0", "digit_1", "digit_2"}
+    # A few shards, not one object per image.
+    assert store.children(files_prefix(dataset_id)) == ["images-00000.tar"]
     for host in ("api-host", "worker-host"):
         assert not (tmp_path / host / "artifacts" / "datasets").exists(), host
-    # The worker read the archive through its own cache, not a folder the API wrote.
-    assert list((tmp_path / "worker-host" / "cache" / "entries").iterdir())
+    # The worker fetched the archive from the store into its own scratch folder, not a folder
+    # the API wrote, and removed it once ingested.
+    assert list((tmp_path / "worker-host" / "tmp").iterdir()) == []
+    assert not store.exists(archive_key(dataset_id))

@@ -115,6 +115,9 @@ def test_oversized_upload_is_413_before_the_body_ends(
 
     scratch = server.data_dir / "tmp"
     assert not scratch.exists() or list(scratch.iterdir()) == [], "the partial upload was removed"
+    # The upload streamed to the store: its unfinished object left nothing there either.
+    uploads = server.data_dir / "artifacts" / "uploads"
+    assert not uploads.exists() or list(uploads.rglob("*")) == [], list(uploads.rglob("*"))
     listed = httpx.get(
         f"http://{server.host}:{server.port}/v1/datasets",
         headers={"Authorization": f"Bearer {server.key}"},

@@ -139,6 +139,11 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 def load_checkpoint(path: Path, plan: Plan) -> dict[str, Any]:
     """A checkpoint `run` wrote for this same plan; raises ValueError for another plan's."""
     state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
-    if Plan.from_dict(state["plan"]) != plan:
+    stored = dict(state["plan"])
+    if "parent_dir" in stored and "parent" not in stored:
+        # Written before parents were named by key: the host path it names is the parent the
+        # job's plan now names by key (migration 0006 rewrote that plan from this same path).
+        stored["parent"] = plan.parent
+    if Plan.from_dict(stored) != plan:
         raise ValueError(f"{path} was written for a different plan")
     return state

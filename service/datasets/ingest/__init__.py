@@ -7,7 +7,12 @@ one at a time and stores the kept ones as shards; `results` holds what all of th
 manifest, the skipped rows and files with their reasons, the split).
 """
 
-from service.datasets.ingest.images import ImageRejectedError, open_image
+from service.datasets.ingest.images import (
+    ImageRejectedError,
+    open_image,
+    unpack_image_shards,
+    write_image_shards,
+)
 from service.datasets.ingest.results import (
     MANIFEST_VERSION,
     DatasetRejectedError,
@@ -58,4 +63,6 @@ __all__ = [
     "iter_text_rows",
     "open_image",
     "skipped_dict",
+    "unpack_image_shards",
+    "write_image_shards",
 ]

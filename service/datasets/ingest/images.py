@@ -3,9 +3,11 @@ CSV manifest), extraction under the caps, and a full decode of every image that 
 
 import csv
 import io
+import tarfile
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -31,10 +33,14 @@ from service.datasets.ingest.results import (
     Sample,
     SkipCode,
     SkippedFile,
+    TextShard,
     pick_val,
     summary,
 )
 
+IMAGE_SHARD_BYTES = 64 * 2**20
+"""About this many bytes of images per shard: an object store serves a few large objects far
+faster than one small object per image."""
 _PATH_COLUMNS = ("path", "filename", "image")
 _MISSING_FILE = "The CSV lists a file that is not among the archive's usable files."
 _DUPLICATE_ROW = "The CSV lists this path more than once; the first row is kept."
@@ -367,3 +373,41 @@ def check_image_formats(limits: IngestLimits) -> None:
     unknown = sorted(limits.allowed_formats - set(Image.OPEN))
     if unknown or not limits.allowed_formats:
         raise ValueError(f"allowed_formats must be Pillow formats it can open; unknown: {unknown}")
+
+
+# --- Shards: how an ingested image dataset is stored -----------------------------------------
+
+
+def write_image_shards(root: Path, samples: Sequence[Sample], out: Path) -> list[TextShard]:
+    """Pack the kept images (files under `root` at their sample paths) into uncompressed tar
+    files in `out`, each about IMAGE_SHARD_BYTES, members named by sample path."""
+    groups: list[list[Path]] = []
+    packed = IMAGE_SHARD_BYTES
+    for sample in samples:
+        if packed >= IMAGE_SHARD_BYTES:
+            groups.append([])
+            packed = 0
+        groups[-1].append(root.joinpath(*sample.path.split("/")))
+        packed += groups[-1][-1].stat().st_size
+    out.mkdir(parents=True, exist_ok=True)
+    shards: list[TextShard] = []
+    for members in groups:
+        shard = TextShard(f"images-{len(shards):05d}.tar", len(members))
+        with tarfile.open(out / shard.path, "w", format=tarfile.PAX_FORMAT) as archive:
+            for member in members:
+                archive.add(member, arcname=member.relative_to(root).as_posix(), recursive=False)
+        shards.append(shard)
+    return shards
+
+
+def unpack_image_shards(
+    shards: Sequence[TextShard],
+    open_shard: Callable[[str], AbstractContextManager[IO[bytes]]],
+    dest: Path,
+) -> None:
+    """Extract the shards, each streamed from `open_shard(shard.path)`, into the folder `dest`:
+    the images land at their sample paths again."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for shard in shards:
+        with open_shard(shard.path) as stream, tarfile.open(fileobj=stream, mode="r|") as archive:
+            archive.extractall(dest, filter="data")

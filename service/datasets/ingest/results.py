@@ -48,9 +48,10 @@ RejectCode = Literal[
     "no_texts",
 ]
 
-MANIFEST_VERSION = 2
-"""Version 2 added `modality` and text shards; version 1 manifests (images) still load."""
-_READABLE_MANIFEST_VERSIONS = (1, 2)
+MANIFEST_VERSION = 3
+"""Version 2 added `modality` and text shards; version 3 stores images as tar shards too.
+Older manifests still load (their images are one object each)."""
+_READABLE_MANIFEST_VERSIONS = (1, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,8 @@ class Sample:
 
 @dataclass(frozen=True)
 class TextShard:
-    """A JSON Lines file of kept text rows: {"text", "label" (index or null), "split", "line"}."""
+    """A JSON Lines file of kept text rows: {"text", "label" (index or null), "split", "line"};
+    for images, a tar file of kept images named by their sample paths (`rows`: images)."""
 
     path: str  # relative to dest
     rows: int
@@ -94,7 +96,7 @@ class TextShard:
 @dataclass(frozen=True)
 class IngestResult:
     classes: list[str]
-    samples: list[Sample]  # images; empty for text, whose rows live in `shards`
+    samples: list[Sample]  # images (stored in `shards` from version 3); empty for text
     skipped: list[SkippedFile]
     class_counts: dict[str, dict[str, int]]
     modality: Modality = "image"
