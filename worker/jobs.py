@@ -267,6 +267,7 @@ def _train_and_publish(
         checkpoint = Path(scratch) / "checkpoint.pt"
         # An earlier attempt was handed back or lost: continue where it last saved.
         resume = _download_checkpoint(context, job_id=job_id, dest=checkpoint)
+        parent_dir = _parent_folder(context, plan)
         result = run(
             plan,
             train=train,
@@ -277,7 +278,7 @@ def _train_and_publish(
             weights_dir=context.settings.resolved_weights_dir,
             checkpoint_path=checkpoint,
             resume_from=checkpoint if resume else None,
-            parent_dir=_parent_folder(context, plan),
+            parent_dir=parent_dir,
             # Shared by this host's jobs: a dataset is tokenized once per tokenizer and length.
             token_cache_dir=context.settings.resolved_cache_dir / TOKEN_CACHE_FOLDER,
         )
@@ -296,6 +297,11 @@ def _train_and_publish(
         if context.settings.onnx_export:
             exports["onnx"] = _export_onnx(result.model, plan, out / ONNX_FILE).to_dict()
         result.metrics.update(trials.evaluate_on_test(out, test, classes=classes))
+        result.metrics.update(
+            trials.evaluate_on_old_task(
+                context, plan=plan, model_dir=out, parent_dir=parent_dir, test=test
+            )
+        )
         card = _db(
             context,
             lambda session: _model_card(
