@@ -17,17 +17,21 @@ upload), it:
 3. measures accuracy on a held-out test set neither step saw.
 It prints a table and Kendall's tau (tau-b) between the LogME scores and the test accuracies.
 
-    .venv/bin/python bench/logme_ranking.py [--per-class 20] [--epochs 4] [--image-size 64]
+    .venv/bin/python bench/logme_ranking.py [--per-class 20] [--test-per-class N]
+        [--epochs 4] [--image-size 64] [--processes 4]
         [--backbones efficientnet_lite0,timm:tf_efficientnet_lite1,...]
 
 The machine may be shared: only the ranking matters here, not the seconds.
 """
 
 import argparse
+import functools
 import importlib.resources
+import multiprocessing
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,9 +104,10 @@ def digits_samples(folder: Path) -> list[Sample]:
 
 
 def split(
-    samples: Sequence[Sample], *, per_class: int, val_per_class: int
+    samples: Sequence[Sample], *, per_class: int, val_per_class: int, test_per_class: int | None
 ) -> tuple[list[Sample], list[Sample], list[Sample]]:
-    """`per_class` training and `val_per_class` validation samples of each class; the rest test."""
+    """`per_class` training and `val_per_class` validation samples of each class, then up to
+    `test_per_class` test samples (None: all the rest)."""
     train: list[Sample] = []
     val: list[Sample] = []
     test: list[Sample] = []
@@ -110,9 +115,12 @@ def split(
     for sample in samples:
         seen = taken.get(sample.label, 0)
         taken[sample.label] = seen + 1
-        (train if seen < per_class else val if seen < per_class + val_per_class else test).append(
-            sample
-        )
+        if seen < per_class:
+            train.append(sample)
+        elif seen < per_class + val_per_class:
+            val.append(sample)
+        elif test_per_class is None or seen < per_class + val_per_class + test_per_class:
+            test.append(sample)
     return train, val, test
 
 
@@ -194,11 +202,16 @@ def rank_backbones(
     *,
     per_class: int,
     val_per_class: int,
+    test_per_class: int | None = None,
     image_size: int,
     epochs: int,
     workdir: Path,
+    processes: int = 1,
 ) -> tuple[list[BackboneResult], float, int]:
-    """Every backbone's result, Kendall's tau between LogME and test accuracy, and the test size."""
+    """Every backbone's result, Kendall's tau between LogME and test accuracy, and the test size.
+
+    With `processes` > 1 the backbones are scored and fine-tuned in that many worker processes
+    at once (each result is the same as in one process: every run seeds itself)."""
     weights_dir = workdir / "weights"
     for backbone in backbones:
         model_name = backbone.removeprefix(RANDOM_PREFIX).removeprefix("timm:")
@@ -207,20 +220,26 @@ def rank_backbones(
     images = workdir / "digits"
     images.mkdir(parents=True, exist_ok=True)
     train, val, test = split(
-        digits_samples(images), per_class=per_class, val_per_class=val_per_class
+        digits_samples(images),
+        per_class=per_class,
+        val_per_class=val_per_class,
+        test_per_class=test_per_class,
     )
-    results = [
-        evaluate(
-            backbone,
-            train=train,
-            val=val,
-            test=test,
-            weights_dir=weights_dir,
-            image_size=image_size,
-            epochs=epochs,
-        )
-        for backbone in backbones
-    ]
+    one = functools.partial(
+        evaluate,
+        train=train,
+        val=val,
+        test=test,
+        weights_dir=weights_dir,
+        image_size=image_size,
+        epochs=epochs,
+    )
+    if processes <= 1:
+        results = [one(backbone) for backbone in backbones]
+    else:
+        spawn = multiprocessing.get_context("spawn")  # no forking of torch's thread pools
+        with ProcessPoolExecutor(processes, mp_context=spawn) as pool:
+            results = list(pool.map(one, backbones))
     tau = kendall_tau([r.logme for r in results], [r.test_accuracy for r in results])
     return results, tau, len(test)
 
@@ -229,6 +248,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--per-class", type=int, default=20, help="training images per class")
     parser.add_argument("--val-per-class", type=int, default=10)
+    parser.add_argument(
+        "--test-per-class", type=int, default=None, help="default: every remaining image"
+    )
+    parser.add_argument("--processes", type=int, default=1, help="backbones run at once")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--backbones", default=",".join(DEFAULT_BACKBONES))
@@ -238,9 +261,11 @@ def main() -> None:
             args.backbones.split(","),
             per_class=args.per_class,
             val_per_class=args.val_per_class,
+            test_per_class=args.test_per_class,
             image_size=args.image_size,
             epochs=args.epochs,
             workdir=Path(workdir),
+            processes=args.processes,
         )
     print(
         f"digits, 10 classes: {10 * args.per_class} training, {10 * args.val_per_class} "

@@ -28,12 +28,12 @@ def test_kendall_tau_matches_scipy_with_and_without_ties() -> None:
 
 def test_the_ranking_pipeline_scores_fine_tunes_and_ranks(tmp_path: Path) -> None:
     """Small: pretrained Lite0 against the same network with random weights, on 10 training
-    digits per class for one epoch at 32 px; LogME and fine-tuning both put pretrained first."""
+    digits per class for one epoch at 64 px; LogME and fine-tuning both put pretrained first."""
     results, tau, test_size = rank_backbones(
         ["efficientnet_lite0", f"{RANDOM_PREFIX}efficientnet_lite0"],
         per_class=10,
         val_per_class=5,
-        image_size=32,
+        image_size=64,
         epochs=1,
         workdir=tmp_path,
     )
