@@ -488,7 +488,7 @@ class TestSplitOut(BaseModel):
             "examples": [
                 {
                     "experiment_id": EXPERIMENT_OUT_EXAMPLE["id"],
-                    "items": ["digit_0/00017.png", "digit_0/00042.png", "digit_1/00003.png"],
+                    "items": ["cat/0017.jpg", "cat/0042.jpg", "dog/0003.jpg"],
                 }
             ]
         }
