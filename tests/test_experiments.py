@@ -23,8 +23,8 @@ from service.jobs.reaper import reap
 from service.jobs.service import record_event
 from service.tables import Experiment, Job
 from tests.conftest import new_key
-from tests.test_api import assert_error
-from tests.test_strategies_api import digits_dataset
+from tests.test_api import assert_error, small_spec
+from tests.test_strategies_api import digits_dataset, train
 from tests.test_text_e2e import FIXTURE as DEBIAN_DESCRIPTIONS
 from worker import engine, jobs
 
@@ -130,6 +130,9 @@ def test_an_experiment_runs_scores_diagnoses_and_promotes(
         assert row["latency_ms_per_item"] > 0
         assert 0 < row["trainable_parameters"] <= row["total_parameters"]
         assert row["artifact_bytes"] > 0
+        # No parent model, so no old task to keep.
+        assert row["old_task_accuracy"] is None
+        assert row["old_task_change"] is None
         version = client.get(
             f"/v1/models/digits-exp/versions/{row['version']}", headers=auth
         ).json()
@@ -209,6 +212,43 @@ def test_an_experiment_runs_scores_diagnoses_and_promotes(
     listed = client.get("/v1/experiments?limit=1", headers=auth).json()
     assert [e["id"] for e in listed["data"]] == [exp_id]
     assert listed["has_more"] is False
+
+
+def test_an_experiment_from_a_registered_model_shows_the_old_task_kept_or_lost(
+    client: TestClient, context: AppContext, auth: dict[str, str]
+) -> None:
+    """The literature's old-task column on the user's data: a parent trained on digits 0-2, an
+    experiment on 3-5 from it; `lwf` keeps the old task, `fine_tune` loses some of it."""
+    old_data = digits_dataset(client, context, auth, [0, 1, 2])
+    train(client, context, auth, small_spec(old_data, model="old", epochs=4))
+    new_data = digits_dataset(client, context, auth, [3, 4, 5])
+    request = experiment_request(
+        new_data,
+        base_models=["model:old:1"],
+        strategies=["lwf", "fine_tune"],
+        settings={"epochs": 3, "batch_size": 8, "lr": 0.01, "image_size": 64, "seed": 1},
+    )
+    created = client.post("/v1/experiments", headers=auth, json=request)
+    assert created.status_code == 201, created.text
+    experiment = run_trials(client, context, auth, created.json())
+    assert experiment["status"] == "succeeded", experiment["trials"]
+
+    rows = {row["strategy"]: row for row in experiment["leaderboard"]}
+    parent_accuracy = set()
+    for row in rows.values():
+        assert 0.0 <= row["old_task_accuracy"] <= 1.0
+        parent_accuracy.add(round(row["old_task_accuracy"] - row["old_task_change"], 9))
+        version = client.get(f"/v1/models/digits-exp/versions/{row['version']}", headers=auth)
+        assert version.json()["metrics"]["old_task_items"] > 0
+    # Both trials were judged against the same parent on the same items, and it had learned.
+    (parent,) = parent_accuracy
+    assert parent >= 0.7
+    lwf, tuned = rows["lwf"], rows["fine_tune"]
+    print(
+        f"old task: parent {parent:.3f}, lwf {lwf['old_task_accuracy']:.3f}, "
+        f"fine_tune {tuned['old_task_accuracy']:.3f}"
+    )
+    assert lwf["old_task_change"] > tuned["old_task_change"]
 
 
 def test_cancel_stops_every_trial_and_bad_requests_are_refused(

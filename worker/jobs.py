@@ -437,6 +437,11 @@ def _train_and_publish(
         if context.settings.onnx_export:
             exports["onnx"] = _export_onnx(result.model, plan, out / ONNX_FILE).to_dict()
         result.metrics.update(trials.evaluate_on_test(out, test, classes=classes))
+        result.metrics.update(
+            trials.evaluate_on_old_task(
+                context, plan=plan, model_dir=out, parent_dir=parent_dir, test=test
+            )
+        )
         card = _db(
             context,
             lambda session: _model_card(

@@ -7,6 +7,10 @@
   `test_predictions.json` is published with the version) and the test metrics join the
   version's metrics: accuracy with its bootstrap 95 % interval, loss, macro F1, and the median
   latency of a one-item prediction;
+- `evaluate_on_old_task`: a trial that starts from a registered model (a parent) is also scored
+  on the parent's own task, on the parent's validation items: the parent's accuracy there, and
+  what the trial kept of it (an `lwf` trial with the old head it kept, any other with the
+  parent's head on the trial's backbone, as Li & Hoiem judge fine-tuning);
 - `after_epoch`: in an experiment that prunes, a trial is judged at each rung (successive
   halving), so a hopeless one stops at the next step;
 - `advance_after_job`: a trial's end moves its experiment on.
@@ -26,12 +30,12 @@ from PIL import Image
 from sqlalchemy import select
 
 from service.context import AppContext
-from service.datasets.service import DatasetItem
+from service.datasets.service import DatasetItem, dataset_items
 from service.experiments import service as experiments
 from service.experiments.split import TEST_PREDICTIONS_FILE, decode_test_split
 from service.experiments.statistics import bootstrap_interval, macro_f1
-from service.tables import Experiment, ExperimentTrial
-from worker.engine import Predictor
+from service.tables import Experiment, ExperimentTrial, ModelVersion
+from worker.engine import Plan, Predictor
 from worker.engine.predictor import Top
 
 logger = logging.getLogger(__name__)
@@ -80,11 +84,29 @@ def _read(item: DatasetItem) -> Image.Image | str:
     return item.content if isinstance(item.content, str) else _image(item.content)
 
 
-def _answer(predictor: Predictor, inputs: list[Image.Image | str], *, top_k: int) -> list[Top]:
+def _answer(
+    predictor: Predictor, inputs: list[Image.Image | str], *, top_k: int, task: str | None = None
+) -> list[Top]:
     if predictor.exported.text is not None:
         texts = [str(text) for text in inputs]
-        return [top for top, _truncated in predictor.predict_texts(texts, top_k=top_k)]
-    return predictor.predict([image for image in inputs if isinstance(image, Image.Image)], top_k)
+        answers = predictor.predict_texts(texts, top_k=top_k, task=task)
+        return [top for top, _truncated in answers]
+    images = [image for image in inputs if isinstance(image, Image.Image)]
+    return predictor.predict(images, top_k, task)
+
+
+def _accuracy(
+    predictor: Predictor, items: list[DatasetItem], classes: list[str], task: str
+) -> float:
+    """Top-1 accuracy of `predictor`'s `task` on `items` (labelled by index into `classes`)."""
+    correct = 0
+    for start in range(0, len(items), EVALUATION_BATCH):
+        batch = items[start : start + EVALUATION_BATCH]
+        answers = _answer(predictor, [_read(item) for item in batch], top_k=1, task=task)
+        correct += sum(
+            top[0][0] == classes[item.label] for item, top in zip(batch, answers, strict=True)
+        )
+    return correct / len(items)
 
 
 def evaluate_on_test(
@@ -131,6 +153,47 @@ def evaluate_on_test(
         ),
         "test_items": len(items),
         "latency_ms_per_item": 1000 * statistics.median(latencies[1:]),
+    }
+
+
+def evaluate_on_old_task(
+    context: AppContext,
+    *,
+    plan: Plan,
+    model_dir: Path,
+    parent_dir: Path | None,
+    test: list[DatasetItem],
+) -> dict[str, Any]:
+    """A trial from a parent model, scored on the parent's newest task with the parent's
+    validation items: `old_task_parent_accuracy` (the parent itself) and `old_task_accuracy`
+    (this trial). Empty for a job that is no trial or has no parent."""
+    parent_version_id = plan.extra.get("parent_version_id")
+    if not test or parent_dir is None or parent_version_id is None:
+        return {}
+
+    def parent_dataset(session: Any) -> str:
+        return session.get_one(ModelVersion, parent_version_id).dataset_id
+
+    dataset_id = context.db.retrying(parent_dataset, for_seconds=context.settings.lease_seconds)
+    data = dataset_items(context=context, dataset_id=dataset_id)
+    held_out = [item for item in data.items if item.split == "val"]
+    if not held_out:
+        return {}
+    parent = Predictor.load(parent_dir)
+    task = list(parent.tasks)[-1]
+    parent_accuracy = _accuracy(parent, held_out, data.classes, task)
+    trial = Predictor.load(model_dir)
+    if task in list(trial.tasks)[:-1]:
+        # LwF kept the old head beside the new one (and trained it to keep its answers).
+        accuracy = _accuracy(trial, held_out, data.classes, task)
+    else:
+        # The parent's head on what this trial did to the backbone.
+        parent.model.backbone.load_state_dict(trial.model.backbone.state_dict())
+        accuracy = _accuracy(parent, held_out, data.classes, task)
+    return {
+        "old_task_accuracy": accuracy,
+        "old_task_parent_accuracy": parent_accuracy,
+        "old_task_items": len(held_out),
     }
 
 

@@ -8,6 +8,7 @@ from service.deps import ContextDep, ExperimentDep, SessionDep, TenantDep
 from service.experiments import service
 from service.experiments.schemas import (
     EXPERIMENT_EXAMPLE,
+    FROM_PARENT_EXAMPLE,
     PROMOTE_EXAMPLE,
     ExperimentEventOut,
     ExperimentIn,
@@ -37,7 +38,21 @@ router = APIRouter(prefix="/v1/experiments", tags=["experiments"])
     "`model` tagged `experiment:<id>` and `trial:<id>`; the rest start as earlier ones end.",
 )
 def create_experiment(
-    request: Annotated[ExperimentIn, Body(examples=[EXPERIMENT_EXAMPLE])],
+    request: Annotated[
+        ExperimentIn,
+        Body(
+            openapi_examples={
+                "strategies": {
+                    "summary": "Strategies on one backbone, against scratch",
+                    "value": EXPERIMENT_EXAMPLE,
+                },
+                "from_a_registered_model": {
+                    "summary": "From a registered model: old-task accuracy kept or lost",
+                    "value": FROM_PARENT_EXAMPLE,
+                },
+            }
+        ),
+    ],
     session: SessionDep,
     context: ContextDep,
     tenant: TenantDep,

@@ -31,6 +31,16 @@ EXPERIMENT_EXAMPLE: dict[str, Any] = {
 }
 
 
+FROM_PARENT_EXAMPLE: dict[str, Any] = {
+    "dataset": "ds_0623f1c2a4b5e1a2b3c4d5e7",
+    "model": "digits-high",
+    "base_models": ["model:digits-low:1"],
+    "strategies": ["feature_extraction", "fine_tune", "lwf"],
+    "settings": {"epochs": 3, "batch_size": 16, "lr": 0.01, "image_size": 64, "seed": 1},
+}
+"""From a registered model: the leaderboard adds the old-task columns."""
+
+
 def _leave_out_per_trial_settings(schema: dict[str, Any]) -> None:
     for name in PER_TRIAL:
         schema.get("properties", {}).pop(name, None)
@@ -155,6 +165,136 @@ class ExperimentIn(BaseModel):
         return self
 
 
+_ROW_EXAMPLE: dict[str, Any] = {
+    "rank": 1,
+    "trial_id": "trl_0623f1c2a4b5e1a2b3c4d5e8",
+    "base_model": "efficientnet_lite0",
+    "strategy": "fine_tune",
+    "seed": 7,
+    "status": "succeeded",
+    "job_id": "job_0623f1c2a4b5e1a2b3c4d5e8",
+    "val_accuracy": 0.975,
+    "val_loss": 0.094,
+    "test_accuracy": 0.972,
+    "test_accuracy_interval": [0.944, 0.994],
+    "test_loss": 0.101,
+    "test_macro_f1": 0.972,
+    "epochs_run": 4,
+    "epochs_to_best": 4,
+    "wall_seconds": 41.3,
+    "trainable_parameters": 3384450,
+    "total_parameters": 3384450,
+    "artifact_bytes": 13562944,
+    "latency_ms_per_item": 7.9,
+    "old_task_accuracy": None,
+    "old_task_change": None,
+    "model": "digits-experiment",
+    "version": 4,
+    "version_id": "mv_0623f1c2a4b5e1a2b3c4d5e8",
+    "error": None,
+}
+_SCRATCH_ROW_EXAMPLE: dict[str, Any] = {
+    **_ROW_EXAMPLE,
+    "rank": 2,
+    "trial_id": "trl_0623f1c2a4b5e1a2b3c4d5e9",
+    "strategy": "scratch",
+    "job_id": "job_0623f1c2a4b5e1a2b3c4d5e9",
+    "val_accuracy": 0.65,
+    "val_loss": 1.02,
+    "test_accuracy": 0.639,
+    "test_accuracy_interval": [0.569, 0.708],
+    "test_loss": 1.05,
+    "test_macro_f1": 0.627,
+    "wall_seconds": 39.8,
+    "version": 1,
+    "version_id": "mv_0623f1c2a4b5e1a2b3c4d5e9",
+}
+EXPERIMENT_OUT_EXAMPLE: dict[str, Any] = {
+    "id": "exp_0623f1c2a4b5e1a2b3c4d5e6",
+    "status": "succeeded",
+    "dataset_id": "ds_0623f1c2a4b5e1a2b3c4d5e6",
+    "model_name": "digits-experiment",
+    "request": {**EXPERIMENT_EXAMPLE, "strategies": ["scratch", "fine_tune"]},
+    "test_size": 144,
+    "max_parallel": 2,
+    "deadline_at": "2026-05-01T13:00:00Z",
+    "trials": [
+        {
+            "id": row["trial_id"],
+            "position": position,
+            "base_model": row["base_model"],
+            "strategy": row["strategy"],
+            "seed": row["seed"],
+            "status": row["status"],
+            "reason": None,
+            "job_id": row["job_id"],
+        }
+        for position, row in enumerate([_SCRATCH_ROW_EXAMPLE, _ROW_EXAMPLE])
+    ],
+    "leaderboard": [_ROW_EXAMPLE, _SCRATCH_ROW_EXAMPLE],
+    "diagnosis": {
+        "base_models": [
+            {
+                "base_model": "efficientnet_lite0",
+                "scratch": {"trials": 1, "best_val_accuracy": 0.65, "test_accuracy": 0.639},
+                "comparisons": [
+                    {
+                        "strategy": "fine_tune",
+                        "trials": 1,
+                        "start": {"transfer": 0.9, "scratch": 0.31, "difference": 0.59},
+                        "slope": {
+                            "threshold": 0.585,
+                            "epochs_to_threshold": {"transfer": 1, "scratch": 3},
+                            "area_under_val_curve": {
+                                "epochs": 4,
+                                "transfer": 0.944,
+                                "scratch": 0.508,
+                            },
+                        },
+                        "asymptote": {
+                            "transfer": 0.972,
+                            "scratch": 0.639,
+                            "difference": 0.333,
+                            "interval": [0.257, 0.41],
+                            "test_items": 144,
+                        },
+                        "negative_transfer": False,
+                        "helps": True,
+                        "cost": {"wall_seconds": {"transfer": 41.3, "scratch": 39.8}},
+                    }
+                ],
+                "overfitting": [
+                    {
+                        "trial_id": "trl_0623f1c2a4b5e1a2b3c4d5e8",
+                        "strategy": "fine_tune",
+                        "flag": False,
+                        "best_val_loss_epoch": 4,
+                        "best_val_loss": 0.094,
+                        "last_val_loss": 0.094,
+                        "val_loss_rise": 0.0,
+                        "train_loss_at_best": 0.05,
+                        "last_train_loss": 0.05,
+                    }
+                ],
+            }
+        ],
+        "negative_transfer": [],
+        "summary": [
+            "efficientnet_lite0/fine_tune: start 90.0 % val accuracy after epoch 1 against "
+            "scratch's 31.0 %.",
+            "efficientnet_lite0/fine_tune: reached 90 % of scratch's best val accuracy (58.5 %) "
+            "in 1 epoch (scratch: 3 epochs); area under the val curve 0.944 vs 0.508 over 4 "
+            "epochs.",
+            "efficientnet_lite0/fine_tune: beat scratch (test accuracy 97.2 % vs 63.9 % on 144 "
+            "items, difference 33.3 points, 95 % interval 25.7 to 41.0).",
+        ],
+    },
+    "preselection": None,
+    "created_at": "2026-05-01T12:00:00Z",
+    "finished_at": "2026-05-01T12:01:30Z",
+}
+
+
 class TrialOut(BaseModel):
     id: str
     position: int
@@ -196,6 +336,18 @@ class LeaderboardRow(BaseModel):
         description="Median time of a one-item prediction with the exported model, measured "
         "by the worker on the test split."
     )
+    old_task_accuracy: float | None = Field(
+        default=None,
+        description="For a trial from a registered model (`model:<name>:<version>`): accuracy "
+        "on the parent's newest task, over the parent dataset's validation items; `lwf` answers "
+        "with the old head it kept, other strategies with the parent's head on their backbone. "
+        "None for other trials.",
+    )
+    old_task_change: float | None = Field(
+        default=None,
+        description="`old_task_accuracy` minus the parent's own accuracy on the same items: "
+        "about 0 where the old task was kept, negative where it was lost.",
+    )
     model: str
     version: int | None
     version_id: str | None
@@ -203,6 +355,8 @@ class LeaderboardRow(BaseModel):
 
 
 class ExperimentOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [EXPERIMENT_OUT_EXAMPLE]})
+
     id: str
     status: str = Field(
         description="`running` until every trial ended; then `succeeded` (at least one trial "
@@ -233,7 +387,25 @@ class ExperimentOut(BaseModel):
 
 
 class ExperimentSummaryOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
+    model_config = ConfigDict(
+        from_attributes=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    key: EXPERIMENT_OUT_EXAMPLE[key]
+                    for key in (
+                        "id",
+                        "status",
+                        "dataset_id",
+                        "model_name",
+                        "test_size",
+                        "created_at",
+                        "finished_at",
+                    )
+                }
+            ]
+        },
+    )
 
     id: str
     status: str
@@ -245,7 +417,25 @@ class ExperimentSummaryOut(BaseModel):
 
 
 class ExperimentEventOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
+    model_config = ConfigDict(
+        from_attributes=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": 7,
+                    "kind": "trial",
+                    "data": {
+                        "trial_id": _ROW_EXAMPLE["trial_id"],
+                        "status": "succeeded",
+                        "job_id": _ROW_EXAMPLE["job_id"],
+                        "version": 4,
+                        "test_accuracy": 0.972,
+                    },
+                    "created_at": "2026-05-01T12:01:29Z",
+                }
+            ]
+        },
+    )
 
     id: int
     kind: str
@@ -269,6 +459,21 @@ class PromoteIn(BaseModel):
 
 
 class PromoteOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "experiment_id": EXPERIMENT_OUT_EXAMPLE["id"],
+                    "trial_id": _ROW_EXAMPLE["trial_id"],
+                    "model": "digits-experiment",
+                    "alias": "production",
+                    "version": 4,
+                    "test_accuracy": 0.972,
+                }
+            ]
+        }
+    )
+
     experiment_id: str
     trial_id: str
     model: str
@@ -278,6 +483,17 @@ class PromoteOut(BaseModel):
 
 
 class TestSplitOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "experiment_id": EXPERIMENT_OUT_EXAMPLE["id"],
+                    "items": ["cat/0017.jpg", "cat/0042.jpg", "dog/0003.jpg"],
+                }
+            ]
+        }
+    )
+
     experiment_id: str
     items: list[str] = Field(
         description="Ids of the held-out dataset items, sorted: manifest paths for images, "

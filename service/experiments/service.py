@@ -568,6 +568,8 @@ def _row(
         else None
     )
     low, high = _float(metrics, "test_accuracy_low"), _float(metrics, "test_accuracy_high")
+    old_task = _float(metrics, "old_task_accuracy")
+    parent_accuracy = _float(metrics, "old_task_parent_accuracy")
     weights = next(
         (a["size"] for a in (version.artifacts if version else []) if a["name"] == WEIGHTS_FILE),
         None,
@@ -593,6 +595,10 @@ def _row(
         total_parameters=trial.total_parameters,
         artifact_bytes=weights,
         latency_ms_per_item=_float(metrics, "latency_ms_per_item"),
+        old_task_accuracy=old_task,
+        old_task_change=None
+        if old_task is None or parent_accuracy is None
+        else old_task - parent_accuracy,
         model=experiment.model_name,
         version=version.version if version is not None else None,
         version_id=version.id if version is not None else None,

@@ -13,16 +13,26 @@ from urllib.parse import urlsplit
 from fastapi import APIRouter, Cookie, Depends, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
-from sqlalchemy import select
+from sqlalchemy import func, select
 from starlette.types import Receive, Scope, Send
 
 from service.auth.service import authenticate
 from service.datasets.service import text_samples
 from service.deps import SessionDep
+from service.experiments.service import experiment_out
 from service.jobs.schemas import JobSpec
 from service.jobs.states import ACTIVE_STATUSES, JobStatus
 from service.models.service import model_out, version_out
-from service.tables import Dataset, Job, JobEvent, ModelVersion, RegisteredModel, Tenant
+from service.tables import (
+    Dataset,
+    Experiment,
+    ExperimentEvent,
+    Job,
+    JobEvent,
+    ModelVersion,
+    RegisteredModel,
+    Tenant,
+)
 from worker.engine.recipe import stage_recipes
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
@@ -123,6 +133,45 @@ def job_page(job_id: str, request: Request, session: SessionDep, tenant: UiTenan
         events=events,
         cancellable=cancellable,
         recipes=stage_recipes(job.plan),
+    )
+
+
+@router.get("/experiments")
+def experiments_page(request: Request, session: SessionDep, tenant: UiTenant) -> HTMLResponse:
+    experiments = session.scalars(
+        select(Experiment)
+        .where(Experiment.tenant_id == tenant.id)
+        .order_by(Experiment.id.desc())
+        .limit(LIST_LIMIT)
+    ).all()
+    return _page(request, "experiments.html", tenant=tenant, experiments=experiments)
+
+
+@router.get("/experiments/{experiment_id}")
+def experiment_page(
+    experiment_id: str, request: Request, session: SessionDep, tenant: UiTenant
+) -> Response:
+    experiment = session.get(Experiment, experiment_id)
+    if experiment is None or experiment.tenant_id != tenant.id:
+        return _page(
+            request,
+            "missing.html",
+            status_code=404,
+            tenant=tenant,
+            what=f"experiment {experiment_id}",
+        )
+    shown = experiment_out(session, context=request.app.state.context, experiment=experiment)
+    last_event = session.scalar(
+        select(func.max(ExperimentEvent.id)).where(ExperimentEvent.experiment_id == experiment.id)
+    )
+    return _page(
+        request,
+        "experiment.html",
+        tenant=tenant,
+        experiment=shown,
+        last_event=last_event or 0,
+        # The old-task columns appear only for an experiment started from a registered model.
+        old_task=any(row.old_task_accuracy is not None for row in shown.leaderboard),
     )
 
 

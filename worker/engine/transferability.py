@@ -235,3 +235,19 @@ def _stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
         members = rng.permutation(np.flatnonzero(labels == label))
         fold_of[members] = np.arange(len(members)) % folds
     return fold_of
+
+
+def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
+    """Kendall's tau-b between two scorings of the same items: how well a transferability score
+    (x) ranks base models as their fine-tuned accuracy (y) does. +1 the same order, -1 reversed;
+    tau-b counts tied pairs as neither agreeing nor disagreeing and rescales for them."""
+    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or len(a) < 2:
+        raise ValueError("Kendall's tau needs two equally long sequences of at least two scores")
+    upper = np.triu_indices(len(a), k=1)
+    da = np.sign(a[:, None] - a[None, :])[upper]
+    db = np.sign(b[:, None] - b[None, :])[upper]
+    untied_a, untied_b = np.count_nonzero(da), np.count_nonzero(db)
+    if untied_a == 0 or untied_b == 0:
+        raise ValueError("Kendall's tau is undefined when every score is the same")
+    return float(np.sum(da * db) / math.sqrt(untied_a * untied_b))
