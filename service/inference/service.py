@@ -13,6 +13,7 @@ by PyTorch otherwise; `LoadedModel.backend_reason` (and the `thaw_inference_back
 says why a version runs in PyTorch.
 """
 
+import gc
 import io
 import logging
 import os
@@ -480,6 +481,10 @@ class ModelCache:
                 self._loaded[version.id] = model
                 self._shrink()
                 self._loading.pop(version.id, None)
+            # The model's objects (many for a torch module) stay until it is unloaded: keep
+            # them out of full collections too (`gc.freeze` at startup, service/main.py).
+            gc.collect()
+            gc.freeze()
         return model
 
     def _hit(self, version_id: str) -> LoadedModel | None:
@@ -504,6 +509,9 @@ class ModelCache:
     def _unload(self, model: LoadedModel) -> None:
         if model.batcher is not None:
             model.batcher.stop()
+        # Frozen objects are never collected as cycles: hand them back to the collector so an
+        # unloaded model's cycles can go (the next load freezes what is left again).
+        gc.unfreeze()
         self.metrics.cache_evictions.labels(model.version_id).inc()
         self.metrics.backend.remove(model.version_id, model.backend, model.backend_reason or "")
         logger.info("unloaded %s", model.version_id)
