@@ -411,10 +411,8 @@ def histogram_quantile(
     """One version's series of a Prometheus histogram: its count and the upper bound of the
     bucket holding `quantile`."""
     buckets = [
-        (float(bound), float(count))
-        for labels, bound, count in re.findall(
-            rf'^{name}_bucket\{{([^}}]*)le="([^"]+)"[^}}]*\}} (\S+)', exposition, re.M
-        )
+        (float(re.search(r'le="([^"]+)"', labels).group(1)), float(count))  # type: ignore[union-attr]
+        for labels, count in re.findall(rf"^{name}_bucket\{{([^}}]*)\}} (\S+)", exposition, re.M)
         if f'version_id="{version_id}"' in labels
     ]
     total = buckets[-1][1] if buckets else 0.0

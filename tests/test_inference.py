@@ -3,6 +3,7 @@ queue, the memory-budgeted model cache, the ONNX backend and the Prometheus metr
 
 import base64
 import dataclasses
+import gc
 import threading
 import time
 from collections import Counter
@@ -309,6 +310,21 @@ def test_a_reservation_holds_room_from_admission_until_its_pass() -> None:
     # A call larger than the capacity is one pass: it is let in when nothing waits.
     assert len(alone.submit(np.concatenate([pixels(0)] * 5)).result(10)[0]) == 5
     alone.stop()
+
+
+def test_loaded_models_are_kept_out_of_full_garbage_collections(served: Registry) -> None:
+    # A full collection walks every tracked object with the GIL held; what a load built lives
+    # until the unload, so it is frozen, and handed back to the collector at the unload.
+    client = served.client
+    path = "/v1/models/digits/versions/1/predict"
+    body = {"images": [{"data": b64(held_out_pngs(1)[0])}]}
+    assert client.post(path, headers=served.auth, json=body).status_code == 200
+    cache: ModelCache = client.app.state.predictors  # type: ignore[attr-defined]
+    for version_id in cache.loaded():
+        cache.evict(version_id)
+    assert gc.get_freeze_count() == 0
+    assert client.post(path, headers=served.auth, json=body).status_code == 200
+    assert gc.get_freeze_count() > 0
 
 
 def test_cache_unloads_least_recently_used_within_the_budget(served: Registry) -> None:
