@@ -10,19 +10,30 @@ and the model has the `model.onnx` the publisher exports. Then, in one run, it p
 - a bare FastAPI endpoint's req/s (the HTTP floor) and thaw's `/healthz` req/s, each from its own
   uvicorn process started exactly like thaw's;
 - predict req/s with p50/p99, dynamic batching on and off (`THAW_BATCH_MAX_SIZE=1`), one small
-  PNG per multipart call, and an overload run against a small queue (503s, p99);
-- the figure that counts: predict ÷ min(HTTP floor, raw ONNX Runtime at batch 32).
+  PNG per multipart call, and the same for a text model: a minilm_l6 model trained the same way
+  (feature extraction, one epoch, on 60 Debian package descriptions, `max_length` 32; it
+  measures speed, not accuracy), one description per JSON `{"texts": [...]}` call;
+- where an accepted call's time went in the server (queue wait, forward pass, whole call, from
+  its Prometheus histograms), and an overload run at 8x the connections (503s, p99);
+- with `--sweep`, batched predict for several batcher settings (`THAW_BATCH_MAX_SIZE`,
+  `THAW_BATCH_MAX_DELAY_MS`), which is where the defaults come from;
+- the figures that count: predict ÷ min(HTTP floor, raw ONNX Runtime at batch 32), and batched ÷
+  unbatched beside the model's own batch gain (raw ONNX Runtime b32 ÷ b1 images/s at the
+  server's thread count), so the reader sees how much of the possible gain thaw delivers.
 
 The load comes from `wrk` (Debian: `apt-get install wrk`), a C load generator in its own
 process, with a Lua script for the multipart body. `--profile DIR` also records the batched
 predict run with py-spy (a dev dependency) and prints where the server's time went.
 
-    .venv/bin/python bench/inference.py [--connections 32] [--seconds 10] [--profile DIR]
+    .venv/bin/python bench/inference.py [--connections 32] [--seconds 5] [--rounds 3]
+        [--compile] [--sweep] [--profile DIR]
 
-The machine is shared: compare figures within one run, and run again if one looks disturbed.
+The machine is shared: compare figures within one run (the load average is printed at the start
+and the end), and run again if one looks disturbed.
 """
 
 import argparse
+import csv
 import io
 import json
 import logging
@@ -37,7 +48,7 @@ import time
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -58,11 +69,19 @@ from service.settings import Settings
 from service.tables import ModelVersion
 from worker import jobs
 from worker.engine import Predictor
-from worker.engine.artifacts import ONNX_FILE, ONNX_INPUT, ONNX_OUTPUT
+from worker.engine.artifacts import (
+    ONNX_FILE,
+    ONNX_INPUT,
+    ONNX_OUTPUT,
+    ONNX_TEXT_INPUTS,
+    read_model_config,
+)
+from worker.engine.tokens import SpecialTokens, encode, load_backend, pad
 
 logger = logging.getLogger("bench.inference")
 
 PREDICT_PATH = "/v1/models/digits/versions/1/predict"
+TEXT_PREDICT_PATH = "/v1/models/sections/versions/1/predict"
 BOUNDARY = "thawbenchboundary"
 # Reports one machine-readable line at the end of a wrk run (latencies in microseconds).
 WRK_REPORT = """
@@ -100,8 +119,41 @@ def digits() -> list[tuple[np.ndarray, int]]:
     return [(image, int(label)) for image, label in zip(images, data.target, strict=True)]
 
 
-def train(data_dir: Path) -> tuple[str, Path]:
-    """Publish `digits` v1 (3 classes, feature extraction); an API key and the model folder."""
+TEXT_FIXTURE = Path(__file__).parent.parent / "tests" / "fixtures" / "debian_descriptions.csv"
+TEXT_PER_CLASS = 10
+
+
+def descriptions() -> list[dict[str, str]]:
+    """The Debian descriptions fixture's rows: `text`, `label`."""
+    with TEXT_FIXTURE.open(encoding="utf-8") as file:
+        return list(csv.DictReader(file))
+
+
+def text_upload() -> bytes:
+    """The first `TEXT_PER_CLASS` descriptions of each section, as a CSV upload."""
+    taken: Counter[str] = Counter()
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["text", "label"])
+    for row in descriptions():
+        if taken[row["label"]] < TEXT_PER_CLASS:
+            taken[row["label"]] += 1
+            writer.writerow([row["text"], row["label"]])
+    return out.getvalue().encode()
+
+
+@dataclass
+class Trained:
+    key: str
+    image_dir: Path
+    """`digits` v1: EfficientNet-Lite0 at 64 px."""
+    text_dir: Path
+    """`sections` v1: minilm_l6, max_length 32."""
+
+
+def train(data_dir: Path) -> Trained:
+    """Publish `digits` v1 (3 classes) and `sections` v1 (a text model) by feature extraction,
+    one epoch each, through the real job path."""
     settings = Settings(data_dir=data_dir, reaper_interval_seconds=3600)
     migrate_database(settings)
     buffer = io.BytesIO()
@@ -109,32 +161,39 @@ def train(data_dir: Path) -> tuple[str, Path]:
         kept = [item for item in digits() if item[1] < 3][:90]
         for index, (image, label) in enumerate(kept):
             archive.writestr(f"d/digit_{label}/{index:04d}.png", png(image))
+    uploads = {
+        "digits": (
+            ("d.zip", buffer.getvalue()),
+            {"base_model": "efficientnet_lite0", "image_size": 64},
+        ),
+        "sections": (("s.csv", text_upload()), {"base_model": "minilm_l6", "max_length": 32}),
+    }
+    folders: dict[str, Path] = {}
     with TestClient(create_app(settings)) as client:
         context = client.app.state.context  # type: ignore[attr-defined]
         with context.db.session() as session:
             _, key = create_key(session, tenant_name="bench")
         auth = {"Authorization": f"Bearer {key}"}
-        dataset = client.post(
-            "/v1/datasets", headers=auth, files={"file": ("d.zip", buffer.getvalue())}
-        ).json()
-        process_upload(context=context, dataset_id=dataset["id"])
-        spec = {
-            "dataset": dataset["id"],
-            "model": "digits",
-            "base_model": "efficientnet_lite0",
-            "strategy": "feature_extraction",
-            "epochs": 1,
-            "batch_size": 16,
-            "image_size": 64,
-        }
-        job = client.post("/v1/jobs", headers=auth, json=spec).json()
-        jobs.execute(context, job_id=job["id"])
-        assert client.get(f"/v1/jobs/{job['id']}", headers=auth).json()["status"] == "succeeded"
-        with context.db.session() as session:
-            version = session.query(ModelVersion).one()
-            assert version.exports["onnx"]["exported"], version.exports
-            model_dir = context.store.local_path(version.artifact_prefix)
-    return str(key), model_dir
+        for model, (upload, model_spec) in uploads.items():
+            dataset = client.post("/v1/datasets", headers=auth, files={"file": upload}).json()
+            process_upload(context=context, dataset_id=dataset["id"])
+            spec = {
+                "dataset": dataset["id"],
+                "model": model,
+                "strategy": "feature_extraction",
+                "epochs": 1,
+                "batch_size": 16,
+                **model_spec,
+            }
+            job = client.post("/v1/jobs", headers=auth, json=spec).json()
+            jobs.execute(context, job_id=job["id"])
+            done = client.get(f"/v1/jobs/{job['id']}", headers=auth).json()
+            assert done["status"] == "succeeded", done
+            with context.db.session() as session:
+                version = session.query(ModelVersion).filter_by(job_id=job["id"]).one()
+                assert version.exports["onnx"]["exported"], version.exports
+                folders[model] = context.store.local_path(version.artifact_prefix)
+    return Trained(str(key), folders["digits"], folders["sections"])
 
 
 # --- the raw model --------------------------------------------------------------------------
@@ -151,13 +210,21 @@ def images_per_second(forward: Callable[[], object], batch: int, seconds: float)
     return count / elapsed
 
 
+def thread_counts() -> list[int]:
+    """One thread, the server's default (`THAW_INFERENCE_THREADS`), and all cores (ONNX
+    Runtime; torch at the server's count only)."""
+    cores = os.cpu_count() or 1
+    return sorted({1, Settings().resolved_inference_threads, cores})
+
+
 def raw_model(model_dir: Path, seconds: float, *, compile_model: bool) -> dict[str, float]:
     """Images/s per backend, variant, thread count and batch size, in this process."""
     predictor = Predictor.load(model_dir)
     module = predictor.model.eval()
     size = predictor.exported.preprocessing.image_size
+    served_threads = Settings().resolved_inference_threads
     results: dict[str, float] = {}
-    for threads in sorted({1, os.cpu_count() or 1}):
+    for threads in thread_counts():
         torch.set_num_threads(threads)
         session = onnx_session(model_dir / ONNX_FILE, threads)
         for batch in (1, 32):
@@ -175,6 +242,11 @@ def raw_model(model_dir: Path, seconds: float, *, compile_model: bool) -> dict[s
             ort = partial(session.run, [ONNX_OUTPUT], {ONNX_INPUT: inputs.numpy()})
 
             tag = f"{threads}t b{batch:<2}"
+            results[f"onnxruntime          {tag}"] = images_per_second(ort, batch, seconds)
+            if threads != served_threads:
+                # torch with more threads than the server gives it: on a shared host its
+                # spinning threads ran at 0.3-5 images/s, minutes per figure.
+                continue
             results[f"torch no_grad        {tag}"] = images_per_second(plain, batch, seconds)
             results[f"torch inference_mode {tag}"] = images_per_second(
                 inference_mode, batch, seconds
@@ -184,9 +256,10 @@ def raw_model(model_dir: Path, seconds: float, *, compile_model: bool) -> dict[s
                 lambda last=last: inference_mode(last), batch, seconds
             )
             module.to(memory_format=torch.contiguous_format)
-            results[f"onnxruntime          {tag}"] = images_per_second(ort, batch, seconds)
     if compile_model:
         started = time.perf_counter()
+        threads = Settings().resolved_inference_threads
+        torch.set_num_threads(threads)
         compiled = torch.compile(module)
         for batch in (1, 32):
             inputs = torch.randn(batch, 3, size, size)
@@ -195,12 +268,60 @@ def raw_model(model_dir: Path, seconds: float, *, compile_model: bool) -> dict[s
                 with torch.inference_mode():
                     return compiled(inputs)
 
-            results[f"torch.compile        {torch.get_num_threads()}t b{batch:<2}"] = (
-                images_per_second(run_compiled, batch, seconds)
-            )
+            try:
+                rate = images_per_second(run_compiled, batch, seconds)
+            except Exception as exc:  # a CPU or toolchain torch.compile does not support
+                logger.info("  torch.compile failed here: %s", exc)
+                break
+            results[f"torch.compile        {threads}t b{batch:<2}"] = rate
         logger.info(
             "  (torch.compile: %.0f s including compilation)", time.perf_counter() - started
         )
+    return results
+
+
+def text_batches(model_dir: Path, texts: list[str]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Batch 1 (the predict body's text) and 32 (fixture texts) as the server pads them."""
+    text = read_model_config(model_dir).text
+    assert text is not None
+    backend = load_backend(model_dir)
+
+    def padded(batch: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        special = SpecialTokens.from_dict(text.special_tokens)
+        encoded = encode(
+            backend, batch, special, max_length=text.max_length, truncation=text.truncation
+        )
+        return pad(encoded.ids, special.pad_id)
+
+    return {1: padded(texts[:1]), 32: padded(texts[:32])}
+
+
+def raw_text_model(model_dir: Path, texts: list[str], seconds: float) -> dict[str, float]:
+    """Texts/s of the text model in torch (`inference_mode`) and ONNX Runtime."""
+    predictor = Predictor.load(model_dir)
+    module = predictor.model.eval()
+    batches = text_batches(model_dir, texts)
+    served_threads = Settings().resolved_inference_threads
+    results: dict[str, float] = {}
+    for threads in thread_counts():
+        torch.set_num_threads(threads)
+        session = onnx_session(model_dir / ONNX_FILE, threads)
+        for batch, (ids, mask) in batches.items():
+            stacked = torch.stack([torch.from_numpy(ids), torch.from_numpy(mask)], dim=1)
+
+            def inference_mode(inputs: torch.Tensor = stacked) -> object:
+                with torch.inference_mode():
+                    return module.forward_tasks(inputs)
+
+            ort = partial(
+                session.run, [ONNX_OUTPUT], dict(zip(ONNX_TEXT_INPUTS, (ids, mask), strict=True))
+            )
+            tag = f"{threads}t b{batch:<2} L{ids.shape[1]:<3}"
+            results[f"onnxruntime          {tag}"] = images_per_second(ort, batch, seconds)
+            if threads == served_threads:
+                results[f"torch inference_mode {tag}"] = images_per_second(
+                    inference_mode, batch, seconds
+                )
     return results
 
 
@@ -258,6 +379,11 @@ class Load:
     failed: int
     """Connect, read, write errors and timeouts."""
 
+    @property
+    def answered_rate(self) -> float:
+        """2xx answers per second: what a run served, refusals left out."""
+        return self.rate * (self.requests - self.refused) / max(1, self.requests)
+
     def __str__(self) -> str:
         return (
             f"{self.rate:8.1f} req/s  p50 {self.p50_ms:7.1f} ms  p99 {self.p99_ms:7.1f} ms  "
@@ -279,26 +405,53 @@ def wrk(url: str, script: str, args: argparse.Namespace, *, connections: int) ->
     return Load(requests / (duration_us / 1e6), p50 / 1000, p99 / 1000, requests, status, failed)
 
 
-def histogram_p99(exposition: str, name: str) -> tuple[int, float]:
-    """A Prometheus histogram's count and the upper bound of the bucket holding its p99."""
+def histogram_quantile(
+    exposition: str, name: str, quantile: float, version_id: str
+) -> tuple[int, float]:
+    """One version's series of a Prometheus histogram: its count and the upper bound of the
+    bucket holding `quantile`."""
     buckets = [
-        (float(bound), float(count))
-        for bound, count in re.findall(
-            rf'^{name}_bucket\{{[^}}]*le="([^"]+)"[^}}]*\}} (\S+)', exposition, re.M
-        )
+        (float(re.search(r'le="([^"]+)"', labels).group(1)), float(count))  # type: ignore[union-attr]
+        for labels, count in re.findall(rf"^{name}_bucket\{{([^}}]*)\}} (\S+)", exposition, re.M)
+        if f'version_id="{version_id}"' in labels
     ]
     total = buckets[-1][1] if buckets else 0.0
-    bound = next((b for b, count in buckets if count >= 0.99 * total), float("inf"))
+    bound = next((b for b, count in buckets if count >= quantile * total), float("inf"))
     return int(total), bound
 
 
-def predict_script(body_path: Path, key: str) -> str:
+def report_server_times(url: str, key: str, kinds: tuple[str, ...]) -> None:
+    """Where accepted calls' time went in the server, per model, from its histograms (bucket
+    upper bounds, so coarse)."""
+    exposition = httpx.get(f"{url}/metrics").text
+    for kind in kinds:
+        name = "digits" if kind == "image" else "sections"
+        version_id = httpx.get(
+            f"{url}/v1/models/{name}/versions/1", headers={"Authorization": f"Bearer {key}"}
+        ).json()["id"]
+        logger.info("  %s model:", kind)
+        for metric, unit in (
+            ("thaw_predict_request_seconds", "ms"),
+            ("thaw_inference_queue_seconds", "ms"),
+            ("thaw_inference_forward_seconds", "ms"),
+            ("thaw_inference_batch_size", "inputs"),
+        ):
+            count, p50 = histogram_quantile(exposition, metric, 0.5, version_id)
+            _, p99 = histogram_quantile(exposition, metric, 0.99, version_id)
+            scale = 1000 if unit == "ms" else 1
+            logger.info(
+                "    %-31s p50 <= %6g %s  p99 <= %6g %s  (%d observed)",
+                metric, scale * p50, unit, scale * p99, unit, count,
+            )  # fmt: skip
+
+
+def predict_script(body_path: Path, key: str, content_type: str) -> str:
     return f"""
 local file = assert(io.open({json.dumps(str(body_path))}, "rb"))
 wrk.method = "POST"
 wrk.body = file:read("*a")
 file:close()
-wrk.headers["Content-Type"] = "multipart/form-data; boundary={BOUNDARY}"
+wrk.headers["Content-Type"] = "{content_type}"
 wrk.headers["Authorization"] = "Bearer {key}"
 """
 
@@ -324,7 +477,7 @@ def profiled(pid: int, args: argparse.Namespace) -> Iterator[None]:
     out.mkdir(parents=True, exist_ok=True)
     raw = out / "predict.collapsed"
     spy = subprocess.Popen(
-        ["py-spy", "record", "--pid", str(pid), "--duration", f"{args.seconds:g}",
+        [args.py_spy, "record", "--pid", str(pid), "--duration", f"{args.seconds:g}",
          "--rate", "200", "--subprocesses", "--format", "raw", "--output", str(raw)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
@@ -359,6 +512,15 @@ def report_profile(raw: Path) -> None:
 # --- the run ----------------------------------------------------------------------------------
 
 
+SWEEP = [(8, 5.0), (16, 5.0), (32, 0.0), (32, 2.0), (32, 5.0), (32, 10.0), (64, 5.0)]
+"""(THAW_BATCH_MAX_SIZE, THAW_BATCH_MAX_DELAY_MS) pairs that `--sweep` runs batched predict at."""
+
+
+def load_average() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} (1, 5, 15 min)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--connections", type=int, default=32)
@@ -373,21 +535,32 @@ def main() -> None:
         action="store_true",
         help="also time torch.compile (about 4 minutes of compiling on 2 busy cores)",
     )
+    parser.add_argument(
+        "--sweep", action="store_true", help="batched predict at several batcher settings"
+    )
     parser.add_argument("--profile", help="folder for a py-spy profile of the predict run")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("bench/inference.py needs wrk: apt-get install wrk")
-    if args.profile and shutil.which("py-spy") is None:
+    # py-spy is a dev dependency: it sits beside this interpreter in the virtual environment.
+    args.py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=Path(sys.executable).parent)
+    if args.profile and args.py_spy is None:
         raise SystemExit("--profile needs py-spy: pip install py-spy")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="thaw-bench-") as folder:
         args.scratch = folder
         data_dir = Path(folder) / "data"
-        key, model_dir = train(data_dir)
+        trained = train(data_dir)
+        key = trained.key
         image = png(digits()[-1][0])
-        body_path = Path(folder) / "predict-body"
-        body_path.write_bytes(multipart_body(image))
+        texts = [row["text"] for row in descriptions()[-64:]]
+        bodies = {
+            "image": Path(folder) / "image-body",
+            "text": Path(folder) / "text-body",
+        }
+        bodies["image"].write_bytes(multipart_body(image))
+        bodies["text"].write_bytes(json.dumps({"texts": texts[:1]}).encode())
         thaw_env = {
             "THAW_DATA_DIR": str(data_dir),
             "THAW_REAPER_INTERVAL_SECONDS": "3600",
@@ -395,8 +568,8 @@ def main() -> None:
             "THAW_RATE_LIMIT_PER_MINUTE": "0",
         }
         logger.info(
-            "EfficientNet-Lite0, 64 px, %d cores, %d connections, %d rounds of %g s per load, "
-            "uvicorn --loop %s --http %s --workers %d",
+            "%d cores, %d connections, %d rounds of %g s per load, "
+            "uvicorn --loop %s --http %s --workers %d; %s",
             os.cpu_count(),
             args.connections,
             args.rounds,
@@ -404,27 +577,58 @@ def main() -> None:
             args.loop,
             args.http,
             args.workers,
+            load_average(),
         )
-        logger.info("raw model, images/s (this process; t = threads):")
-        raw = raw_model(model_dir, args.raw_seconds, compile_model=args.compile)
+        logger.info("raw image model (EfficientNet-Lite0, 64 px), images/s (t = threads):")
+        raw = raw_model(trained.image_dir, args.raw_seconds, compile_model=args.compile)
         for name, rate in raw.items():
             logger.info("  %s %8.1f", name, rate)
-        raw_ort = max(rate for name, rate in raw.items() if "onnxruntime" in name and "b32" in name)
+        logger.info("raw text model (minilm_l6, max_length 32), texts/s (L = padded length):")
+        raw_text = raw_text_model(trained.text_dir, texts, args.raw_seconds)
+        for name, rate in raw_text.items():
+            logger.info("  %s %8.1f", name, rate)
 
         get = 'wrk.method = "GET"\nwrk.path = "/healthz"\n'
-        post = predict_script(body_path, key)
+        scripts = {
+            "image": predict_script(
+                bodies["image"], key, f"multipart/form-data; boundary={BOUNDARY}"
+            ),
+            "text": predict_script(bodies["text"], key, "application/json"),
+        }
+        paths = {"image": PREDICT_PATH, "text": TEXT_PREDICT_PATH}
         thaw = "service.main:create_app"
-        unbatched_env = {**thaw_env, "THAW_BATCH_MAX_SIZE": "1"}
+        # Batching off: one input per pass, and a queue as deep as the connections, so the
+        # unbatched figure measures batching, not refusals.
+        unbatched_env = {
+            **thaw_env,
+            "THAW_BATCH_MAX_SIZE": "1",
+            "THAW_BATCH_QUEUE_BATCHES": str(args.connections),
+        }
+        sweep = SWEEP if args.sweep else []
         loads: dict[str, list[Load]] = {}
         # All servers stay up (idle ones cost nothing) and the loads take turns, round after
         # round, so a neighbour's burst on this shared machine disturbs every figure alike.
-        with (
-            server("inference:bare_app", args, {}) as (bare_url, _),
-            server(thaw, args, thaw_env) as (batched_url, batched_pid),
-            server(thaw, args, unbatched_env) as (unbatched_url, _),
-        ):
-            for url in (batched_url, unbatched_url):
-                warm_up(url, key, image)
+        with ExitStack() as servers:
+            bare_url, _ = servers.enter_context(server("inference:bare_app", args, {}))
+            batched_url, batched_pid = servers.enter_context(server(thaw, args, thaw_env))
+            unbatched_url, _ = servers.enter_context(server(thaw, args, unbatched_env))
+            swept = {
+                (size, delay): servers.enter_context(
+                    server(
+                        thaw,
+                        args,
+                        {
+                            **thaw_env,
+                            "THAW_BATCH_MAX_SIZE": str(size),
+                            "THAW_BATCH_MAX_DELAY_MS": str(delay),
+                        },
+                    )
+                )[0]
+                for size, delay in sweep
+            }
+            for url in (batched_url, unbatched_url, *swept.values()):
+                for kind in ("image", "text"):
+                    warm_up(url, key, kind, bodies[kind])
             served_by = re.findall(
                 r'thaw_inference_backend\{[^}]*backend="(\w+)"[^}]*reason="([^"]*)"',
                 httpx.get(f"{batched_url}/metrics").text,
@@ -433,73 +637,115 @@ def main() -> None:
                 runs: list[tuple[str, str, str]] = [
                     ("bare FastAPI GET", bare_url, get),
                     ("thaw /healthz", batched_url, get),
-                    ("predict batched", f"{batched_url}{PREDICT_PATH}", post),
-                    ("predict unbatched", f"{unbatched_url}{PREDICT_PATH}", post),
+                ]
+                for kind in ("image", "text"):
+                    runs += [
+                        (f"{kind} batched", f"{batched_url}{paths[kind]}", scripts[kind]),
+                        (f"{kind} unbatched", f"{unbatched_url}{paths[kind]}", scripts[kind]),
+                    ]
+                runs += [
+                    (f"image b{size} {delay:g}ms", f"{url}{PREDICT_PATH}", scripts["image"])
+                    for (size, delay), url in swept.items()
                 ]
                 for label, url, script in runs:
-                    profiling = round_number == 0 and label == "predict batched"
-                    with profiled(batched_pid, args) if profiling else _nothing():
+                    profiling = round_number == 0 and label == "image batched"
+                    with profiled(batched_pid, args) if profiling else nullcontext():
                         load = wrk(url, script, args, connections=args.connections)
                     loads.setdefault(label, []).append(load)
                     logger.info("%-18s %s", label, load)
-        # Eight times the connections, against an admission limit of twice them: the refused
-        # calls are answered 503 at once, the accepted ones keep a bounded latency.
-        limit = 2 * args.connections
-        overload_env = {**thaw_env, "THAW_PREDICT_MAX_IN_FLIGHT": str(limit)}
-        with server(thaw, args, overload_env) as (url, _):
-            warm_up(url, key, image)
-            overload = wrk(f"{url}{PREDICT_PATH}", post, args, connections=8 * args.connections)
-            metrics = httpx.get(f"{url}/metrics").text
-        accepted, accepted_p99 = histogram_p99(metrics, "thaw_predict_request_seconds")
-        logger.info(
-            "overload (%d connections, at most %d in flight) %s",
-            8 * args.connections,
-            limit,
-            overload,
-        )
-        logger.info(
-            "  accepted %d calls, p99 <= %g ms in the server (thaw_predict_request_seconds)",
-            accepted,
-            1000 * accepted_p99,
-        )
-        logger.info("  (wrk's p50/p99 are of every call, the refused ones included)")
+            logger.info("in the batched server, all rounds (image and text calls):")
+            report_server_times(batched_url, key, ("image", "text"))
+
+        # Eight times the connections at the default settings: the model's queue refuses
+        # what would wait more than THAW_BATCH_QUEUE_BATCHES passes, at once, and the calls it
+        # accepts keep a bounded latency.
+        overload_connections = 8 * args.connections
+        with server(thaw, args, thaw_env) as (url, _):
+            warm_up(url, key, "image", bodies["image"])
+            overload = wrk(
+                f"{url}{PREDICT_PATH}", scripts["image"], args, connections=overload_connections
+            )
+            logger.info("overload (%d connections) %s", overload_connections, overload)
+            logger.info(
+                "  %.1f answered/s; wrk's p50/p99 are of every call, the refused ones included;"
+                " the server's, of the accepted ones:",
+                overload.answered_rate,
+            )
+            report_server_times(url, key, ("image",))
 
         # The fastest round is the one the neighbours disturbed least.
         best = {label: max(runs, key=lambda load: load.rate) for label, runs in loads.items()}
         logger.info("fastest round of each:")
         for label, load in best.items():
             logger.info("  %-18s %s", label, load)
-        batched, bare = best["predict batched"], best["bare FastAPI GET"]
         logger.info("served by: %s", served_by or "(not reported)")
-        logger.info(
-            "predict / min(HTTP floor %.0f, raw ORT b32 %.0f) = %.2f   (target >= 0.5)",
-            bare.rate,
-            raw_ort,
-            batched.rate / min(bare.rate, raw_ort),
-        )
-        logger.info(
-            "batched / unbatched = %.2fx   (target >= 3)",
-            batched.rate / best["predict unbatched"].rate,
-        )
-        logger.info("p99 / p50 batched = %.2f   (target <= 3)", batched.p99_ms / batched.p50_ms)
+        bare = best["bare FastAPI GET"]
+        threads = Settings().resolved_inference_threads
+        for kind, rates in (("image", raw), ("text", raw_text)):
+            batched, unbatched = best[f"{kind} batched"], best[f"{kind} unbatched"]
+            ort = {
+                batch: max(
+                    rate
+                    for name, rate in rates.items()
+                    if "onnxruntime" in name and f" b{batch} " in f"{name} "
+                )
+                for batch in (1, 32)
+            }
+            own_gain = own_batch_gain(rates, threads)
+            gain = batched.answered_rate / unbatched.answered_rate
+            logger.info(
+                "%s: predict / min(HTTP floor %.0f, raw ORT b32 %.0f) = %.2f   (target >= 0.5)",
+                kind,
+                bare.rate,
+                ort[32],
+                batched.answered_rate / min(bare.rate, ort[32]),
+            )
+            logger.info(
+                "%s: batched / unbatched = %.2fx (target >= 3); the model's own batch gain "
+                "(raw ORT b32 / b1 at %d thread%s) = %.2fx; batched / unbatched / own gain = %.2f",
+                kind,
+                gain,
+                threads,
+                "" if threads == 1 else "s",
+                own_gain,
+                gain / own_gain,
+            )
+            logger.info(
+                "%s: p99 / p50 batched = %.2f   (target <= 3)",
+                kind,
+                batched.p99_ms / batched.p50_ms,
+            )
         logger.info(
             "healthz / bare = %.2f   (target >= 0.8)", best["thaw /healthz"].rate / bare.rate
         )
+        logger.info("at the end: %s", load_average())
 
 
-def warm_up(url: str, key: str, image: bytes) -> None:
-    """One call loads the model, so no load run pays for it."""
+def own_batch_gain(rates: dict[str, float], threads: int) -> float:
+    """Raw ONNX Runtime throughput at batch 32 over batch 1, at the server's thread count."""
+    by_batch = {
+        batch: next(
+            rate
+            for name, rate in rates.items()
+            if name.startswith("onnxruntime") and f" {threads}t b{batch} " in f"{name} "
+        )
+        for batch in (1, 32)
+    }
+    return by_batch[32] / by_batch[1]
+
+
+def warm_up(url: str, key: str, kind: str, body: Path) -> None:
+    """One call per model loads it, so no load run pays for it."""
+    path = PREDICT_PATH if kind == "image" else TEXT_PREDICT_PATH
+    content_type = (
+        f"multipart/form-data; boundary={BOUNDARY}" if kind == "image" else "application/json"
+    )
     httpx.post(
-        f"{url}{PREDICT_PATH}",
-        headers={"Authorization": f"Bearer {key}"},
-        files=[("images", ("x.png", image))],
+        f"{url}{path}",
+        headers={"Authorization": f"Bearer {key}", "Content-Type": content_type},
+        content=body.read_bytes(),
         timeout=120,
     ).raise_for_status()
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 if __name__ == "__main__":

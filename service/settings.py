@@ -122,10 +122,13 @@ class Settings(BaseSettings):
         ge=0.0,
         description="Dynamic batching: longest wait for more requests before a forward pass.",
     )
-    batch_queue_size: int = Field(
-        default=256,
+    batch_queue_batches: int = Field(
+        default=2,
         ge=1,
-        description="Predict requests waiting per loaded model; beyond it predict answers 503.",
+        description="Dynamic batching: how many full forward passes' worth of inputs "
+        "(`THAW_BATCH_MAX_SIZE` each) may wait per loaded model, counted from the moment a call "
+        "is accepted; beyond it predict answers 503 with `Retry-After`, so an accepted call "
+        "waits for at most this many passes ahead of its own.",
     )
     predict_max_in_flight: int = Field(
         default=256,

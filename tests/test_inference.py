@@ -3,6 +3,7 @@ queue, the memory-budgeted model cache, the ONNX backend and the Prometheus metr
 
 import base64
 import dataclasses
+import gc
 import threading
 import time
 from collections import Counter
@@ -23,7 +24,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.cli import migrate_database
 from service.inference.metrics import InferenceMetrics
 from service.inference.resolution import ServedVersion
-from service.inference.service import Batcher, LoadedModel, ModelCache, QueueFullError
+from service.inference.service import (
+    Batcher,
+    LoadedModel,
+    ModelCache,
+    ModelUnloadedError,
+    QueueFullError,
+)
 from service.main import create_app
 from service.tables import ModelVersion
 from tests.conftest import digits_split, make_settings, new_key, png_bytes, version_folder
@@ -163,8 +170,10 @@ def _load_served_model(
 
 
 def test_full_queue_answers_503_with_retry_after(served: Registry) -> None:
-    # A second app on the same data, whose model takes one waiting request at most.
-    settings = make_settings(served.context.settings.data_dir, batch_queue_size=1)
+    # A second app on the same data, whose model lets one image wait at most.
+    settings = make_settings(
+        served.context.settings.data_dir, batch_max_size=1, batch_queue_batches=1
+    )
     path = "/v1/models/digits/versions/2/predict"
     body = {"images": [{"data": b64(held_out_pngs(1)[0])}]}
     with TestClient(create_app(settings)) as client:
@@ -227,7 +236,7 @@ def test_batcher_gathers_waiting_requests_up_to_the_maximum() -> None:
         return [np.tile(batch[:, :1, 0, 0], (1, 2))]
 
     batcher = Batcher(
-        fake_model(forward), max_size=4, max_delay=0.0, queue_size=10, metrics=InferenceMetrics()
+        fake_model(forward), max_size=4, max_delay=0.0, queue_batches=3, metrics=InferenceMetrics()
     )
     futures = [batcher.submit(pixels(i)) for i in range(6)]
     gate.set()
@@ -248,7 +257,7 @@ def test_batcher_gathers_waiting_requests_up_to_the_maximum() -> None:
         return [np.zeros((len(batch), 2))]
 
     slow = Batcher(
-        fake_model(stuck), max_size=1, max_delay=0.0, queue_size=1, metrics=InferenceMetrics()
+        fake_model(stuck), max_size=1, max_delay=0.0, queue_batches=1, metrics=InferenceMetrics()
     )
     try:
         slow.submit(pixels(0))
@@ -259,6 +268,63 @@ def test_batcher_gathers_waiting_requests_up_to_the_maximum() -> None:
     finally:
         blocked.set()
         slow.stop()
+
+
+def test_a_reservation_holds_room_from_admission_until_its_pass() -> None:
+    # Room is counted in inputs (capacity 2 here) from the moment a call is accepted, before
+    # its images are decoded, so calls still decoding cannot overfill the queue.
+    entered = threading.Event()
+    gate = threading.Event()
+
+    def forward(batch: np.ndarray) -> list[np.ndarray]:
+        entered.set()
+        gate.wait(10)
+        return [np.zeros((len(batch), 2))]
+
+    batcher = Batcher(
+        fake_model(forward), max_size=2, max_delay=0.0, queue_batches=1, metrics=InferenceMetrics()
+    )
+    decoding = batcher.reserve(2)
+    with pytest.raises(QueueFullError):
+        batcher.reserve(1)
+    # One of its two images did not decode: only one goes in, and its room is freed.
+    running = decoding.submit(pixels(1))
+    assert entered.wait(10)  # in its pass now, no longer waiting
+    waiting = [batcher.reserve(1), batcher.reserve(1)]
+    with pytest.raises(QueueFullError):
+        batcher.reserve(1)
+    waiting[0].release()  # that call ended before its pass (nothing readable)
+    waiting[0].release()  # twice is harmless
+    later = batcher.reserve(1)
+    futures = [waiting[1].submit(pixels(2)), later.submit(pixels(3))]
+    batcher.stop()  # still serves what it accepted
+    gate.set()
+    assert [len(f.result(10)[0]) for f in (running, *futures)] == [1, 1, 1]
+    batcher._thread.join(10)
+    with pytest.raises(ModelUnloadedError):
+        batcher.reserve(1)
+
+    alone = Batcher(
+        fake_model(forward), max_size=2, max_delay=0.0, queue_batches=1, metrics=InferenceMetrics()
+    )
+    # A call larger than the capacity is one pass: it is let in when nothing waits.
+    assert len(alone.submit(np.concatenate([pixels(0)] * 5)).result(10)[0]) == 5
+    alone.stop()
+
+
+def test_loaded_models_are_kept_out_of_full_garbage_collections(served: Registry) -> None:
+    # A full collection walks every tracked object with the GIL held; what a load built lives
+    # until the unload, so it is frozen, and handed back to the collector at the unload.
+    client = served.client
+    path = "/v1/models/digits/versions/1/predict"
+    body = {"images": [{"data": b64(held_out_pngs(1)[0])}]}
+    assert client.post(path, headers=served.auth, json=body).status_code == 200
+    cache: ModelCache = client.app.state.predictors  # type: ignore[attr-defined]
+    for version_id in cache.loaded():
+        cache.evict(version_id)
+    assert gc.get_freeze_count() == 0
+    assert client.post(path, headers=served.auth, json=body).status_code == 200
+    assert gc.get_freeze_count() > 0
 
 
 def test_cache_unloads_least_recently_used_within_the_budget(served: Registry) -> None:
@@ -373,6 +439,14 @@ def test_metrics_report_latency_batches_queue_and_cache_by_value(served: Registr
         "thaw_inference_batch_size_sum",
         "thaw_model_cache_hits_total",
     )
+    # Loaded first, so the counted calls are cache hits whichever tests ran before.
+    warm = {"images": [{"data": b64(held_out_pngs(1)[0])}]}
+    assert (
+        client.post(
+            "/v1/models/digits/versions/1/predict", headers=served.auth, json=warm
+        ).status_code
+        == 200
+    )
     before = client.get("/metrics").text
     calls, images_per_call = 3, 2
     began = time.perf_counter()
@@ -453,7 +527,7 @@ def _record_into(statements: list[str]) -> Any:
 
 @pytest.mark.parametrize(
     "limit",
-    [{"batch_queue_size": 2}, {"predict_max_in_flight": 2}],
+    [{"batch_max_size": 1, "batch_queue_batches": 2}, {"predict_max_in_flight": 2}],
     ids=["model queue", "admission"],
 )
 def test_overload_answers_503_with_retry_after_and_every_call_ends(
@@ -469,7 +543,12 @@ def test_overload_answers_503_with_retry_after_and_every_call_ends(
         model = _load_served_model(client, path, auth, body)
         real_forward = model.forward
 
+        assert model.batcher is not None
+        batcher = model.batcher
+        depths: list[int] = []
+
         def slow_forward(batch: np.ndarray) -> list[np.ndarray]:
+            depths.append(batcher._waiting)  # inputs accepted and waiting behind this pass
             time.sleep(0.05)  # a slow model, not synchronisation
             return real_forward(batch)
 
@@ -484,6 +563,10 @@ def test_overload_answers_503_with_retry_after_and_every_call_ends(
     # Each refusal is counted where it happened, and only there.
     assert at_admission + at_queue == statuses[503]
     assert (at_admission > 0) == ("predict_max_in_flight" in limit)
+    # The model's queue let at most its capacity wait: each accepted call waited for at most
+    # two passes ahead of its own (plus the one running when it arrived).
+    if "batch_queue_batches" in limit:
+        assert max(depths) <= 2, depths
     assert set(statuses) == {200, 503}, statuses
     for answer in answers:
         if answer.status_code == 503:

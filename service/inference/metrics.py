@@ -29,13 +29,29 @@ class InferenceMetrics:
         )
         self.queue_depth = Gauge(
             "thaw_inference_queue_depth",
-            "Predict requests waiting for a forward pass.",
+            "Inputs (images or texts) of accepted predict calls not yet in a forward pass.",
             LABELS,
             registry=self.registry,
         )
+        # Where an accepted call's time goes: waiting for its pass, and the pass itself
+        # (batch normalisation or padding, then the model); their sum bounds its latency.
+        self.queue_seconds = Histogram(
+            "thaw_inference_queue_seconds",
+            "Time a predict request waited in its model's queue for a forward pass.",
+            LABELS,
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
+        self.forward_seconds = Histogram(
+            "thaw_inference_forward_seconds",
+            "Time of one forward pass, from gathered requests to logits.",
+            LABELS,
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
         self.rejected = Counter(
             "thaw_inference_rejected",
-            "Predict requests refused with 503 because the queue was full.",
+            "Predict requests refused with 503 because their model's queue was full.",
             LABELS,
             registry=self.registry,
         )

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Annotated, Any, NoReturn
 
-import numpy as np
 import orjson
 from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -36,6 +35,7 @@ from service.inference.service import (
     ModelCache,
     ModelUnloadedError,
     QueueFullError,
+    Reservation,
     decode_images,
     decode_pool,
     encode_texts,
@@ -207,31 +207,27 @@ def _resolve(request: Request, credentials: Credentials, name: str, ref: str) ->
     return served
 
 
-async def _run_batch(
-    cache: ModelCache, version: ServedVersion, model: LoadedModel, inputs: Any
-) -> list[np.ndarray]:
+def _overloaded(message: str) -> ApiError:
+    return ApiError(503, "overloaded", message, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
+async def _reserve(
+    cache: ModelCache, version: ServedVersion, model: LoadedModel, count: int
+) -> tuple[LoadedModel, Reservation]:
+    """Room for `count` inputs in the model's queue, before any is decoded: a call the queue
+    cannot take is refused before it costs anything."""
     for _ in range(2):
         assert model.batcher is not None
         try:
-            future = model.batcher.submit(inputs)
+            return model, model.batcher.reserve(count)
         except ModelUnloadedError:
-            # Unloaded between lookup and submit (cache pressure): load it again, once.
+            # Unloaded between lookup and reserve (cache pressure): load it again, once.
             model = await run_in_threadpool(cache.get, version)
-            continue
         except QueueFullError:
-            raise ApiError(
-                503,
-                "overloaded",
-                "Too many predict calls are waiting for this model; retry shortly.",
-                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            raise _overloaded(
+                "Too many predict calls are waiting for this model; retry shortly."
             ) from None
-        return await asyncio.wrap_future(future)
-    raise ApiError(
-        503,
-        "overloaded",
-        "The model cache is too small for the models in use; retry shortly.",
-        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-    )
+    raise _overloaded("The model cache is too small for the models in use; retry shortly.")
 
 
 @router.post(
@@ -262,11 +258,8 @@ async def predict(
     state = request.app.state
     if state.predicts_in_flight >= state.context.settings.predict_max_in_flight:
         state.inference_metrics.rejected_at_admission.inc()
-        raise ApiError(
-            503,
-            "overloaded",
-            "This server is working on as many predict calls as it can; retry shortly.",
-            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        raise _overloaded(
+            "This server is working on as many predict calls as it can; retry shortly."
         )
     state.predicts_in_flight += 1
     try:
@@ -324,36 +317,43 @@ async def _predict(request: Request, credentials: Credentials, name: str, versio
             param="texts" if body.kind == "text" else "images",
         )
     answered = task or list(model.tasks)[-1]
-    results: list[dict[str, Any]]
-    inputs: Any
-    if body.texts is not None:
-        metrics.images.labels(*labels).inc(len(body.texts))
-        encode = partial(
-            encode_texts, model, body.texts, max_chars=context.settings.max_predict_text_chars
-        )
-        results, good, inputs, _ = await loop.run_in_executor(decode_pool(), encode)
-    else:
-        assert body.images is not None
-        assert model.preprocessing is not None
-        metrics.images.labels(*labels).inc(len(body.images))
-        decoded = partial(
-            decode_images,
-            body.images,
-            preprocessing=model.preprocessing,
-            limits=ingest_limits(context),
-        )
-        results, good, inputs = await loop.run_in_executor(decode_pool(), decoded)
-    if good:
-        logits = await _run_batch(cache, served, model, inputs)
-        fill_predictions(
-            model,
-            results,
-            good,
-            logits,
-            task=answered,
-            top_k=body.top_k,
-            calibrated=body.calibrated,
-        )
+    inputs_sent = body.texts if body.texts is not None else body.images
+    assert inputs_sent is not None
+    metrics.images.labels(*labels).inc(len(inputs_sent))
+    # The batcher counts rows: an image is one per test-time view (`preprocessing.tta`).
+    views = len(model.preprocessing.tta) if body.images is not None and model.preprocessing else 1
+    model, reservation = await _reserve(cache, served, model, len(inputs_sent) * views)
+    try:
+        results: list[dict[str, Any]]
+        inputs: Any
+        if body.texts is not None:
+            encode = partial(
+                encode_texts, model, body.texts, max_chars=context.settings.max_predict_text_chars
+            )
+            results, good, inputs, _ = await loop.run_in_executor(decode_pool(), encode)
+        else:
+            assert body.images is not None
+            assert model.preprocessing is not None
+            decoded = partial(
+                decode_images,
+                body.images,
+                preprocessing=model.preprocessing,
+                limits=ingest_limits(context),
+            )
+            results, good, inputs = await loop.run_in_executor(decode_pool(), decoded)
+        if good:
+            logits = await asyncio.wrap_future(reservation.submit(inputs))
+            fill_predictions(
+                model,
+                results,
+                good,
+                logits,
+                task=answered,
+                top_k=body.top_k,
+                calibrated=body.calibrated,
+            )
+    finally:
+        reservation.release()
     metrics.request_seconds.labels(*labels).observe(time.perf_counter() - started)
     response = {
         "model": served.model_name,

@@ -13,6 +13,7 @@ by PyTorch otherwise; `LoadedModel.backend_reason` (and the `thaw_inference_back
 says why a version runs in PyTorch.
 """
 
+import gc
 import io
 import logging
 import os
@@ -253,11 +254,42 @@ def _torch_forward(
 class _Request:
     inputs: Any
     """(N, H, W, 3) uint8, as `view_pixels` makes them; or N texts' framed token ids."""
+    queued_at: float = field(default_factory=time.perf_counter)
     future: Future[list[np.ndarray]] = field(default_factory=Future)
 
 
+class Reservation:
+    """Room for one call's inputs in a batcher, held from admission (before decoding) until
+    the batcher takes them into a forward pass, or released unused."""
+
+    def __init__(self, batcher: "Batcher", count: int) -> None:
+        self._batcher = batcher
+        self._count = count
+        self._submitted = False
+
+    def submit(self, inputs: Any) -> Future[list[np.ndarray]]:
+        """Queue the decoded inputs (at most the reserved count: unreadable ones drop out)."""
+        assert not self._submitted
+        assert len(inputs) <= self._count
+        self._submitted = True
+        return self._batcher._enqueue(inputs, reserved=self._count)
+
+    def release(self) -> None:
+        """Give the room back unless the inputs were submitted; safe to call twice."""
+        if not self._submitted:
+            self._submitted = True
+            self._batcher._release(self._count)
+
+
 class Batcher:
-    """One worker thread per loaded model, running gathered requests as one forward pass."""
+    """One worker thread per loaded model, running gathered requests as one forward pass.
+
+    Admission is counted in inputs: `reserve` holds room for a call's inputs before they are
+    decoded, and refuses (QueueFullError) once `queue_batches` full passes' worth are waiting,
+    so an accepted call waits for at most that many passes, plus the one running, plus its
+    own: its latency is bounded by the measured pass time (`thaw_inference_forward_seconds`),
+    whatever the offered load.
+    """
 
     def __init__(
         self,
@@ -265,40 +297,62 @@ class Batcher:
         *,
         max_size: int,
         max_delay: float,
-        queue_size: int,
+        queue_batches: int,
         metrics: InferenceMetrics,
     ) -> None:
         self.model = model
         self.max_size = max_size
         self.max_delay = max_delay
-        self._queue: queue.Queue[_Request] = queue.Queue(maxsize=queue_size)
+        self.capacity = queue_batches * max_size
+        self._queue: queue.Queue[_Request] = queue.Queue()
         self._lock = threading.Lock()
+        self._waiting = 0
+        """Inputs reserved or queued and not yet in a forward pass."""
         self._stopping = False
         self._closed = False
         labels = (model.version_id,)
         self._batch_size = metrics.batch_size.labels(*labels)
         self._depth = metrics.queue_depth.labels(*labels)
         self._rejected = metrics.rejected.labels(*labels)
+        self._queue_seconds = metrics.queue_seconds.labels(*labels)
+        self._forward_seconds = metrics.forward_seconds.labels(*labels)
         self._thread = threading.Thread(
             target=self._run, name=f"batcher-{model.version_id}", daemon=True
         )
         self._thread.start()
 
-    def submit(self, inputs: Any) -> Future[list[np.ndarray]]:
-        request = _Request(inputs)
+    def reserve(self, count: int) -> Reservation:
+        """Room for `count` inputs, or QueueFullError when the queue holds its capacity. A call
+        larger than the capacity alone is let in when nothing waits (it is one pass)."""
         with self._lock:
             if self._closed:
                 raise ModelUnloadedError(self.model.version_id)
-            try:
-                self._queue.put_nowait(request)
-            except queue.Full:
+            if self._waiting and self._waiting + count > self.capacity:
                 self._rejected.inc()
-                raise QueueFullError(self.model.version_id) from None
-        self._depth.set(self._queue.qsize())
+                raise QueueFullError(self.model.version_id)
+            self._waiting += count
+            self._depth.set(self._waiting)
+        return Reservation(self, count)
+
+    def submit(self, inputs: Any) -> Future[list[np.ndarray]]:
+        """Reserve and queue at once (inputs already decoded)."""
+        return self.reserve(len(inputs)).submit(inputs)
+
+    def _enqueue(self, inputs: Any, *, reserved: int) -> Future[list[np.ndarray]]:
+        request = _Request(inputs)
+        with self._lock:
+            self._waiting -= reserved - len(inputs)
+            self._queue.put_nowait(request)
         return request.future
 
+    def _release(self, count: int) -> None:
+        with self._lock:
+            self._waiting -= count
+            self._depth.set(self._waiting)
+
     def stop(self) -> None:
-        """Finish what is queued, then end the thread; later submits raise ModelUnloadedError."""
+        """Finish what is queued or reserved, then end the thread; later reserves raise
+        ModelUnloadedError."""
         self._stopping = True
 
     def _next(self, timeout: float | None) -> _Request | None:
@@ -314,7 +368,7 @@ class Batcher:
             held = None
             if first is None:
                 with self._lock:
-                    if self._stopping and self._queue.empty():
+                    if self._stopping and self._waiting == 0:
                         self._closed = True
                         return
                 continue
@@ -331,7 +385,6 @@ class Batcher:
                     break
                 batch.append(request)
                 count += len(request.inputs)
-            self._depth.set(self._queue.qsize())
             self._forward(batch, count)
 
     def _next_nowait(self) -> _Request | None:
@@ -341,7 +394,13 @@ class Batcher:
             return None
 
     def _forward(self, batch: list[_Request], count: int) -> None:
+        started = time.perf_counter()
+        with self._lock:
+            self._waiting -= count
+            self._depth.set(self._waiting)
         self._batch_size.observe(count)
+        for request in batch:
+            self._queue_seconds.observe(started - request.queued_at)
         try:
             inputs = self.model.batch_input([request.inputs for request in batch])
             logits = self.model.forward(inputs)
@@ -350,6 +409,8 @@ class Batcher:
             for request in batch:
                 request.future.set_exception(exc)
             return
+        finally:
+            self._forward_seconds.observe(time.perf_counter() - started)
         start = 0
         for request in batch:
             end = start + len(request.inputs)
@@ -404,7 +465,7 @@ class ModelCache:
                 model,
                 max_size=self.settings.batch_max_size,
                 max_delay=self.settings.batch_max_delay_ms / 1000,
-                queue_size=self.settings.batch_queue_size,
+                queue_batches=self.settings.batch_queue_batches,
                 metrics=self.metrics,
             )
             self.metrics.cache_loads.labels(*labels).inc()
@@ -420,6 +481,10 @@ class ModelCache:
                 self._loaded[version.id] = model
                 self._shrink()
                 self._loading.pop(version.id, None)
+            # The model's objects (many for a torch module) stay until it is unloaded: keep
+            # them out of full collections too (`gc.freeze` at startup, service/main.py).
+            gc.collect()
+            gc.freeze()
         return model
 
     def _hit(self, version_id: str) -> LoadedModel | None:
@@ -444,6 +509,9 @@ class ModelCache:
     def _unload(self, model: LoadedModel) -> None:
         if model.batcher is not None:
             model.batcher.stop()
+        # Frozen objects are never collected as cycles: hand them back to the collector so an
+        # unloaded model's cycles can go (the next load freezes what is left again).
+        gc.unfreeze()
         self.metrics.cache_evictions.labels(model.version_id).inc()
         self.metrics.backend.remove(model.version_id, model.backend, model.backend_reason or "")
         logger.info("unloaded %s", model.version_id)
