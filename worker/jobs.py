@@ -39,6 +39,7 @@ from service.models.card import render_card
 from service.models.service import publish_version
 from service.queues import TRAIN_TASK
 from service.storage import ObjectNotFoundError
+from service.storage.cache import LocalCache
 from service.tables import Dataset, Job
 from worker import trials
 from worker.engine import (
@@ -59,9 +60,6 @@ from worker.engine.onnx_export import OnnxExport, export_onnx, export_text_onnx
 logger = logging.getLogger(__name__)
 
 LEASE_RENEWAL_SECONDS = 1.0
-TOKEN_CACHE_FOLDER = "tokens"
-"""Beside the object cache's entries in `THAW_CACHE_DIR`: text datasets' token ids by tokenizer,
-length and truncation (`worker.engine.token_cache`), outside `THAW_CACHE_BYTES`' budget."""
 STATUS_POLL_SECONDS = 0.05
 """How stale a worker's view of its job's status may be: a cancel stops training at the first
 step boundary after it; a few small reads a second cost nothing beside a training step."""
@@ -278,8 +276,11 @@ def _train_and_publish(
             checkpoint_path=checkpoint,
             resume_from=checkpoint if resume else None,
             parent_dir=_parent_folder(context, plan),
-            # Shared by this host's jobs: a dataset is tokenized once per tokenizer and length.
-            token_cache_dir=context.settings.resolved_cache_dir / TOKEN_CACHE_FOLDER,
+            # Shared by this host's jobs: a dataset is tokenized once per tokenizer and length,
+            # its entry kept within the host cache's budget beside downloaded objects.
+            token_cache=LocalCache(
+                context.settings.resolved_cache_dir, budget_bytes=context.settings.cache_bytes
+            ),
         )
     if hooks.should_stop():
         raise TrainingCancelled()
