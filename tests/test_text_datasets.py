@@ -25,6 +25,7 @@ from service.datasets.ingest import (
     ingest_upload,
     iter_text_rows,
 )
+from service.datasets.ingest.results import MAX_LISTED_SKIPPED
 from service.datasets.service import load_text_rows, process_upload
 
 FIXTURE = Path(__file__).parent / "fixtures" / "debian_descriptions.csv"
@@ -262,6 +263,24 @@ def post_dataset(
     client: TestClient, auth: dict[str, str], name: str, data: bytes, **fields: str
 ) -> Any:
     return client.post("/v1/datasets", headers=auth, files={"file": (name, data)}, data=fields)
+
+
+def test_a_dataset_lists_the_first_skipped_rows_and_counts_them_all(
+    client: TestClient, context: AppContext, auth: dict[str, str]
+) -> None:
+    empty_rows = MAX_LISTED_SKIPPED + 5
+    data = FIXTURE.read_bytes() + b",games\n" * empty_rows  # rows 602 on have no text
+    response = post_dataset(client, auth, "debian.csv", data)
+    assert response.status_code == 202, response.text
+    process_upload(context=context, dataset_id=response.json()["id"])
+
+    shown = client.get(f"/v1/datasets/{response.json()['id']}", headers=auth).json()
+    assert shown["status"] == "ready", (shown["error_code"], shown["error_message"])
+    assert shown["num_texts"] == 600
+    assert shown["num_skipped"] == empty_rows
+    assert len(shown["skipped"]) == MAX_LISTED_SKIPPED
+    assert [s["line"] for s in shown["skipped"]] == list(range(602, 602 + MAX_LISTED_SKIPPED))
+    assert {s["code"] for s in shown["skipped"]} == {"empty_text"}
 
 
 def test_text_dataset_over_http(

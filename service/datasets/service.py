@@ -26,6 +26,7 @@ from service.datasets.ingest import (
     iter_text_rows,
     skipped_dict,
 )
+from service.datasets.ingest.results import MAX_LISTED_SKIPPED
 from service.datasets.lengths import summarise_token_lengths
 from service.datasets.schemas import BaseModelScoreOut, TransferabilityIn, TransferabilityOut
 from service.errors import ApiError
@@ -371,7 +372,8 @@ def _finish(
             dataset.num_texts = result.num_labelled if result.modality == "text" else 0
             dataset.num_unlabelled = result.unlabelled
             dataset.token_lengths = token_lengths
-            dataset.skipped = [skipped_dict(s) for s in result.skipped]
+            dataset.skipped = [skipped_dict(s) for s in result.skipped[:MAX_LISTED_SKIPPED]]
+            dataset.num_skipped = len(result.skipped)
         session.commit()
     # The archive was only needed to build the files; a redelivered task finds the dataset
     # no longer `processing` and never reads it again.
