@@ -283,6 +283,47 @@ def test_a_dataset_lists_the_first_skipped_rows_and_counts_them_all(
     assert {s["code"] for s in shown["skipped"]} == {"empty_text"}
 
 
+def test_transferability_scores_minilm_per_encoder_layer(
+    client: TestClient, context: AppContext, auth: dict[str, str]
+) -> None:
+    """LogME, a linear probe and the per-group curve on minilm_l6's frozen, mean-pooled
+    features of the fixture's training texts."""
+    rows = fixture_rows()
+    labels = sorted({row["label"] for row in rows})
+    per_class = {label: [r for r in rows if r["label"] == label][:40] for label in labels}
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=["text", "label"], extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(row for chosen in per_class.values() for row in chosen)
+    response = post_dataset(client, auth, "debian.csv", out.getvalue().encode())
+    assert response.status_code == 202, response.text
+    dataset_id = response.json()["id"]
+    process_upload(context=context, dataset_id=dataset_id)
+
+    path = f"/v1/datasets/{dataset_id}/transferability"
+    scored = client.post(path, headers=auth, json={"base_models": ["minilm_l6"]})
+    assert scored.status_code == 200, scored.text
+    body = scored.json()
+    assert body["images"] == 32 * len(labels)  # the training split's texts
+    (score,) = body["ranking"]
+    assert score["base_model"] == "minilm_l6"
+    groups = [g["group"] for g in score["groups"]]
+    assert groups == ["embeddings", *(f"layer.{i}" for i in range(6))]
+    print({g["group"]: round(g["logme"], 3) for g in score["groups"]}, score)
+    # Sentence embeddings separate six Debian sections far better than chance (1/6).
+    assert score["linear_probe_accuracy"] > 0.6
+    # The last layer's masked mean is the encoder's pooled output: the same score.
+    assert score["groups"][-1]["logme"] == pytest.approx(score["logme"])
+    # Contextual features carry more about the section than the token embeddings alone.
+    assert score["logme"] > score["groups"][0]["logme"]
+    assert 1 <= score["suggested_partial_groups"] <= len(groups) - 1
+
+    image_model = client.post(path, headers=auth, json={"base_models": ["efficientnet_lite0"]})
+    assert image_model.status_code == 422, image_model.text
+    error = image_model.json()["error"]
+    assert (error["code"], error["param"]) == ("wrong_modality", "base_models[0]")
+
+
 def test_text_dataset_over_http(
     client: TestClient, context: AppContext, auth: dict[str, str]
 ) -> None:
