@@ -27,6 +27,8 @@ from service.datasets.ingest import (
 )
 from service.datasets.ingest.results import MAX_LISTED_SKIPPED
 from service.datasets.service import load_text_rows, process_upload
+from tests.engine.test_text_train import write_tiny_bert
+from tests.test_experiments import experiment_request
 
 FIXTURE = Path(__file__).parent / "fixtures" / "debian_descriptions.csv"
 
@@ -322,6 +324,38 @@ def test_transferability_scores_minilm_per_encoder_layer(
     assert image_model.status_code == 422, image_model.text
     error = image_model.json()["error"]
     assert (error["code"], error["param"]) == ("wrong_modality", "base_models[0]")
+
+
+def test_preselect_keeps_the_text_model_whose_features_fit_best(
+    client: TestClient, context: AppContext, auth: dict[str, str]
+) -> None:
+    """An experiment on a text dataset scores its text candidates (the pretrained MiniLM and a
+    randomly initialised 2-layer BERT folder) before any trial and keeps the better one."""
+    write_tiny_bert(context.settings.resolved_weights_dir)
+    rows = fixture_rows()
+    labels = sorted({row["label"] for row in rows})
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=["text", "label"], extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(r for label in labels for r in [r for r in rows if r["label"] == label][:20])
+    response = post_dataset(client, auth, "debian.csv", out.getvalue().encode())
+    assert response.status_code == 202, response.text
+    process_upload(context=context, dataset_id=response.json()["id"])
+
+    request = experiment_request(
+        response.json()["id"],
+        model="debian-exp",
+        base_models=["hf:tiny_bert", "minilm_l6"],
+        strategies=["feature_extraction"],
+        settings={"epochs": 1, "max_length": 32, "seed": 1},
+        preselect=1,
+    )
+    created = client.post("/v1/experiments", headers=auth, json=request)
+    assert created.status_code == 201, created.text
+    preselection = created.json()["preselection"]
+    assert (preselection["kept"], preselection["dropped"]) == (["minilm_l6"], ["hf:tiny_bert"])
+    assert [r["base_model"] for r in preselection["ranking"]] == ["minilm_l6", "hf:tiny_bert"]
+    assert {t["base_model"] for t in created.json()["trials"]} == {"minilm_l6"}
 
 
 def test_text_dataset_over_http(
