@@ -63,7 +63,9 @@ class Dataset(Base):
     classes: Mapped[list[str]] = mapped_column(JSON, default=list)
     class_counts: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     num_images: Mapped[int] = mapped_column(Integer, default=0)
+    # The first MAX_LISTED_SKIPPED skipped files or rows; `num_skipped` counts them all.
     skipped: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    num_skipped: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # "image" or "text"; None while an uploaded archive has not been read yet.
     modality: Mapped[str | None] = mapped_column(String(10))
     # CSV and JSON Lines uploads: the fields that hold the text and the label.

@@ -1,5 +1,6 @@
 """The Alembic migrations build exactly the schema the models describe, on SQLite and Postgres."""
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -134,4 +135,30 @@ def test_parent_keys_migration_rewrites_stored_plans_both_ways(database_url: str
 
     command.upgrade(config, PARENT_KEYS)
     assert stored() == plans
+    engine.dispose()
+
+
+def test_skipped_count_migration_counts_what_older_datasets_list(database_url: str) -> None:
+    """Before 0008 a dataset listed every skipped file; upgrading counts them."""
+    engine = make_engine(database_url)
+    config = alembic_config(database_url)
+    command.upgrade(config, "0007_job_kind")
+    skipped = json.dumps(
+        [{"path": f"{n}.gif", "code": "not_an_image", "reason": "no"} for n in "ab"]
+    )
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            "INSERT INTO tenants (id, name, created_at) VALUES ('tn_1', 't', CURRENT_TIMESTAMP)"
+        )
+        connection.exec_driver_sql(
+            "INSERT INTO datasets (id, tenant_id, name, status, progress, upload_bytes, "
+            "val_fraction, seed, classes, class_counts, num_images, skipped, keep_unlabelled, "
+            "num_texts, num_unlabelled, created_at, updated_at) VALUES ('ds_1', 'tn_1', 'd', "
+            "'ready', 1, 0, 0.2, 0, '[]', '{}', 0, '" + skipped + "', TRUE, 0, 0, "
+            "CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+        )
+    command.upgrade(config, "head")
+    with Session(engine) as session:
+        assert session.get_one(Dataset, "ds_1").num_skipped == 2
+    command.downgrade(config, "0007_job_kind")
     engine.dispose()

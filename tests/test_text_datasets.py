@@ -25,7 +25,10 @@ from service.datasets.ingest import (
     ingest_upload,
     iter_text_rows,
 )
+from service.datasets.ingest.results import MAX_LISTED_SKIPPED
 from service.datasets.service import load_text_rows, process_upload
+from tests.engine.test_text_train import write_tiny_bert
+from tests.test_experiments import experiment_request
 
 FIXTURE = Path(__file__).parent / "fixtures" / "debian_descriptions.csv"
 
@@ -262,6 +265,97 @@ def post_dataset(
     client: TestClient, auth: dict[str, str], name: str, data: bytes, **fields: str
 ) -> Any:
     return client.post("/v1/datasets", headers=auth, files={"file": (name, data)}, data=fields)
+
+
+def test_a_dataset_lists_the_first_skipped_rows_and_counts_them_all(
+    client: TestClient, context: AppContext, auth: dict[str, str]
+) -> None:
+    empty_rows = MAX_LISTED_SKIPPED + 5
+    data = FIXTURE.read_bytes() + b",games\n" * empty_rows  # rows 602 on have no text
+    response = post_dataset(client, auth, "debian.csv", data)
+    assert response.status_code == 202, response.text
+    process_upload(context=context, dataset_id=response.json()["id"])
+
+    shown = client.get(f"/v1/datasets/{response.json()['id']}", headers=auth).json()
+    assert shown["status"] == "ready", (shown["error_code"], shown["error_message"])
+    assert shown["num_texts"] == 600
+    assert shown["num_skipped"] == empty_rows
+    assert len(shown["skipped"]) == MAX_LISTED_SKIPPED
+    assert [s["line"] for s in shown["skipped"]] == list(range(602, 602 + MAX_LISTED_SKIPPED))
+    assert {s["code"] for s in shown["skipped"]} == {"empty_text"}
+
+
+def test_transferability_scores_minilm_per_encoder_layer(
+    client: TestClient, context: AppContext, auth: dict[str, str]
+) -> None:
+    """LogME, a linear probe and the per-group curve on minilm_l6's frozen, mean-pooled
+    features of the fixture's training texts."""
+    rows = fixture_rows()
+    labels = sorted({row["label"] for row in rows})
+    per_class = {label: [r for r in rows if r["label"] == label][:40] for label in labels}
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=["text", "label"], extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(row for chosen in per_class.values() for row in chosen)
+    response = post_dataset(client, auth, "debian.csv", out.getvalue().encode())
+    assert response.status_code == 202, response.text
+    dataset_id = response.json()["id"]
+    process_upload(context=context, dataset_id=dataset_id)
+
+    path = f"/v1/datasets/{dataset_id}/transferability"
+    scored = client.post(path, headers=auth, json={"base_models": ["minilm_l6"]})
+    assert scored.status_code == 200, scored.text
+    body = scored.json()
+    assert body["images"] == 32 * len(labels)  # the training split's texts
+    (score,) = body["ranking"]
+    assert score["base_model"] == "minilm_l6"
+    groups = [g["group"] for g in score["groups"]]
+    assert groups == ["embeddings", *(f"layer.{i}" for i in range(6))]
+    print({g["group"]: round(g["logme"], 3) for g in score["groups"]}, score)
+    # Sentence embeddings separate six Debian sections far better than chance (1/6).
+    assert score["linear_probe_accuracy"] > 0.6
+    # The last layer's masked mean is the encoder's pooled output: the same score.
+    assert score["groups"][-1]["logme"] == pytest.approx(score["logme"])
+    # Contextual features carry more about the section than the token embeddings alone.
+    assert score["logme"] > score["groups"][0]["logme"]
+    assert 1 <= score["suggested_partial_groups"] <= len(groups) - 1
+
+    image_model = client.post(path, headers=auth, json={"base_models": ["efficientnet_lite0"]})
+    assert image_model.status_code == 422, image_model.text
+    error = image_model.json()["error"]
+    assert (error["code"], error["param"]) == ("wrong_modality", "base_models[0]")
+
+
+def test_preselect_keeps_the_text_model_whose_features_fit_best(
+    client: TestClient, context: AppContext, auth: dict[str, str]
+) -> None:
+    """An experiment on a text dataset scores its text candidates (the pretrained MiniLM and a
+    randomly initialised 2-layer BERT folder) before any trial and keeps the better one."""
+    write_tiny_bert(context.settings.resolved_weights_dir)
+    rows = fixture_rows()
+    labels = sorted({row["label"] for row in rows})
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=["text", "label"], extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(r for label in labels for r in [r for r in rows if r["label"] == label][:20])
+    response = post_dataset(client, auth, "debian.csv", out.getvalue().encode())
+    assert response.status_code == 202, response.text
+    process_upload(context=context, dataset_id=response.json()["id"])
+
+    request = experiment_request(
+        response.json()["id"],
+        model="debian-exp",
+        base_models=["hf:tiny_bert", "minilm_l6"],
+        strategies=["feature_extraction"],
+        settings={"epochs": 1, "max_length": 32, "seed": 1},
+        preselect=1,
+    )
+    created = client.post("/v1/experiments", headers=auth, json=request)
+    assert created.status_code == 201, created.text
+    preselection = created.json()["preselection"]
+    assert (preselection["kept"], preselection["dropped"]) == (["minilm_l6"], ["hf:tiny_bert"])
+    assert [r["base_model"] for r in preselection["ranking"]] == ["minilm_l6", "hf:tiny_bert"]
+    assert {t["base_model"] for t in created.json()["trials"]} == {"minilm_l6"}
 
 
 def test_text_dataset_over_http(

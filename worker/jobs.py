@@ -42,6 +42,7 @@ from service.models.card import render_card
 from service.models.service import publish_version
 from service.queues import TRAIN_TASK
 from service.storage import ObjectNotFoundError
+from service.storage.cache import LocalCache
 from service.tables import Dataset, Job
 from worker import trials
 from worker.engine import (
@@ -64,9 +65,6 @@ from worker.engine.plan import with_found_lr
 logger = logging.getLogger(__name__)
 
 LEASE_RENEWAL_SECONDS = 1.0
-TOKEN_CACHE_FOLDER = "tokens"
-"""Beside the object cache's entries in `THAW_CACHE_DIR`: text datasets' token ids by tokenizer,
-length and truncation (`worker.engine.token_cache`), outside `THAW_CACHE_BYTES`' budget."""
 STATUS_POLL_SECONDS = 0.05
 """How stale a worker's view of its job's status may be: a cancel stops training at the first
 step boundary after it; a few small reads a second cost nothing beside a training step."""
@@ -322,6 +320,14 @@ def _training_data(
     return data.classes, train, val, test, data.unlabelled
 
 
+def _token_cache(context: AppContext) -> LocalCache:
+    """Shared by this host's jobs: a dataset is tokenized once per tokenizer and length, its
+    entry kept within the host cache's budget beside downloaded objects."""
+    return LocalCache(
+        context.settings.resolved_cache_dir, budget_bytes=context.settings.cache_bytes
+    )
+
+
 def _lr_finding(
     context: AppContext, *, hooks: JobHooks, plan: Plan, train: list[Any], val: list[Any]
 ) -> LrFinding:
@@ -332,7 +338,7 @@ def _lr_finding(
         hooks=hooks,
         weights_dir=context.settings.resolved_weights_dir,
         parent_dir=_parent_folder(context, plan),
-        token_cache_dir=context.settings.resolved_cache_dir / TOKEN_CACHE_FOLDER,
+        token_cache=_token_cache(context),
     )
 
 
@@ -419,8 +425,7 @@ def _train_and_publish(
                 checkpoint_path=checkpoint,
                 resume_from=checkpoint if resume else None,
                 parent_dir=parent_dir,
-                # Shared by this host's jobs: a dataset is tokenized once per tokenizer, length.
-                token_cache_dir=context.settings.resolved_cache_dir / TOKEN_CACHE_FOLDER,
+                token_cache=_token_cache(context),
             )
     if hooks.should_stop():
         raise TrainingCancelled()

@@ -37,7 +37,7 @@ def _show_dataset(dataset: Any) -> None:
             ["modality", dataset.modality],
             *sizes,
             ["classes", len(dataset.classes)],
-            ["skipped " + ("rows" if text else "files"), len(dataset.skipped)],
+            ["skipped " + ("rows" if text else "files"), dataset.num_skipped],
             ["error", dataset.error_message],
         ],
     )
@@ -169,7 +169,7 @@ def datasets_ls(
             "modality": lambda d: d.modality,
             "samples": lambda d: d.num_texts if d.modality == "text" else d.num_images,
             "classes": lambda d: len(d.classes),
-            "skipped": lambda d: len(d.skipped),
+            "skipped": lambda d: d.num_skipped,
             "created": lambda d: f"{d.created_at:%Y-%m-%d %H:%M}",
         },
     )

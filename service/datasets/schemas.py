@@ -4,6 +4,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from service.datasets.imbalance import imbalance_report
+from service.datasets.ingest.results import MAX_LISTED_SKIPPED
 from worker.engine.spec import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 
 
@@ -87,7 +88,11 @@ class DatasetOut(BaseModel):
         description="Token counts against a text model's maximum: `minilm_l6` at ingest when "
         "its tokenizer is installed, or the model asked for with `?base_model=`."
     )
-    skipped: list[SkippedFileOut]
+    skipped: list[SkippedFileOut] = Field(
+        description=f"The first {MAX_LISTED_SKIPPED} skipped files or rows, in the order met, "
+        "each with its reason (and line); `num_skipped` counts them all."
+    )
+    num_skipped: int = Field(description="Every skipped file or row.")
     created_at: datetime
     updated_at: datetime
 

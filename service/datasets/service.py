@@ -27,6 +27,7 @@ from service.datasets.ingest import (
     unpack_image_shards,
     write_image_shards,
 )
+from service.datasets.ingest.results import MAX_LISTED_SKIPPED
 from service.datasets.lengths import summarise_token_lengths
 from service.datasets.schemas import BaseModelScoreOut, TransferabilityIn, TransferabilityOut
 from service.errors import ApiError
@@ -382,7 +383,8 @@ def _finish(
             dataset.num_texts = result.num_labelled if result.modality == "text" else 0
             dataset.num_unlabelled = result.unlabelled
             dataset.token_lengths = token_lengths
-            dataset.skipped = [skipped_dict(s) for s in result.skipped]
+            dataset.skipped = [skipped_dict(s) for s in result.skipped[:MAX_LISTED_SKIPPED]]
+            dataset.num_skipped = len(result.skipped)
         session.commit()
     # The archive was only needed to build the files; a redelivered task finds the dataset
     # no longer `processing` and never reads it again.
@@ -407,18 +409,11 @@ def score_transferability(
 ) -> TransferabilityOut:
     """Rank base models for this dataset from their frozen features (LogME, linear probe)."""
     require_ready(dataset, needed_by="transferability scores")
-    if dataset.modality == "text":
-        raise ApiError(
-            422,
-            "wrong_modality",
-            f"Dataset {dataset.id} holds texts; transferability scores image datasets only "
-            "for now.",
-            "dataset_id",
-        )
     data = dataset_items(context=context, dataset_id=dataset.id)
     train = [item for item in data.items if item.split == "train"]
     scored, scores = rank_base_models(
         context=context,
+        modality=data.modality,
         items=train,
         base_models=request.base_models,
         max_images=request.max_images,
@@ -436,23 +431,34 @@ def score_transferability(
 def rank_base_models(
     *,
     context: AppContext,
+    modality: str,
     items: list[DatasetItem],
     base_models: list[str],
     max_images: int,
     image_size: int | None,
     seed: int,
     param: str,
+    max_length: int | None = None,
 ) -> tuple[int, list[Any]]:
-    """Score each base model's frozen features on at most `max_images` of these image items
-    (drawn per class with `seed`): how many were scored, and the scores, best LogME first.
-    The caller chooses the items, so an experiment can leave its test split out."""
+    """Score each base model's frozen features on at most `max_images` of these items (images,
+    or texts tokenized to `max_length`; drawn per class with `seed`): how many were scored,
+    and the scores, best LogME first. The caller chooses the items, so an experiment can
+    leave its test split out."""
     weights_dir = context.settings.resolved_weights_dir
     for index, name in enumerate(base_models):
         where = f"{param}[{index}]"
         try:
-            engine.get_base_model_info(name)
+            info = engine.get_base_model_info(name)
         except engine.UnknownBaseModelError as exc:
             raise ApiError(422, "unknown_base_model", f"{exc}", where) from None
+        if info.modality != modality:
+            raise ApiError(
+                422,
+                "wrong_modality",
+                f"{where}: {name} is {'a text' if info.modality == 'text' else 'an image'} "
+                f"model but the dataset holds {modality}s.",
+                where,
+            )
         if not engine.weights_available(name, weights_dir):
             raise ApiError(
                 422,
@@ -462,10 +468,20 @@ def rank_base_models(
                 where,
             )
     chosen = _stratified_subset(items, limit=max_images, seed=seed)
-    samples = [engine.Sample(path=Path(item.content), label=item.label) for item in chosen]
+    samples = [
+        engine.TextSample(str(item.content), item.label)
+        if modality == "text"
+        else engine.Sample(path=Path(item.content), label=item.label)
+        for item in chosen
+    ]
     scores = [
         engine.score_base_model(
-            name, samples, weights_dir=weights_dir, image_size=image_size, seed=seed
+            name,
+            samples,
+            weights_dir=weights_dir,
+            image_size=image_size,
+            max_length=max_length,
+            seed=seed,
         )
         for name in base_models
     ]

@@ -136,23 +136,17 @@ def _preselect(
 ) -> dict[str, Any]:
     """Score the candidates on the training items outside the test split; keep the best
     `request.preselect` by LogME. Returns what `preselection` shows."""
-    if modality == "text":
-        raise ApiError(
-            422,
-            "wrong_modality",
-            "preselect scores frozen image features; this dataset holds texts, so list the "
-            "base models to try without it.",
-            "preselect",
-        )
     settings = request.settings.model_dump()
     scored, scores = rank_base_models(
         context=context,
+        modality=modality or "image",
         items=train,
         base_models=request.base_models,
         max_images=PRESELECT_MAX_IMAGES,
         image_size=settings.get("image_size"),
         seed=int(settings["seed"]),
         param="base_models",
+        max_length=settings.get("max_length"),
     )
     ranking = [dataclasses.asdict(score) for score in scores]
     kept = [score.base_model for score in scores[: request.preselect]]

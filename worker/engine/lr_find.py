@@ -28,6 +28,7 @@ from .model import freeze, make_param_groups, set_batchnorm_mode
 from .optim import make_optimizer
 from .plan import CLASSIFY, Plan
 from .spec import MODALITY_DEFAULTS
+from .token_cache import EntryCache
 from .train import Samples, _loss_for, _set_up_run
 
 START_LR = 1e-7
@@ -156,7 +157,7 @@ def lr_find(
     weights_dir: Path | None = None,
     num_workers: int = 0,
     parent_dir: Path | None = None,
-    token_cache_dir: Path | None = None,
+    token_cache: EntryCache | None = None,
     steps: int | None = None,
     start_lr: float = START_LR,
     end_lr: float = END_LR,
@@ -178,7 +179,7 @@ def lr_find(
         num_workers=num_workers,
         unlabelled=(),
         parent_dir=parent_dir,
-        token_cache_dir=token_cache_dir,
+        token_cache=token_cache,
     )
     model = training.model
     freeze(model, stage.trainable_groups)

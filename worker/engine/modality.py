@@ -33,6 +33,7 @@ from .augment import augmented_batches, stage_augment
 from .data import ImageDataset, Sample
 from .imbalance import training_sampler
 from .plan import Plan, Stage
+from .token_cache import EntryCache
 from .zoo import Backbone
 
 
@@ -139,7 +140,7 @@ def inputs_for(
     device: torch.device,
     shuffle: torch.Generator,
     num_workers: int,
-    token_cache_dir: Path | None,
+    token_cache: EntryCache | None,
 ) -> Inputs:
     if plan.modality == "text":
         from .text import TextInputs
@@ -151,7 +152,7 @@ def inputs_for(
             unlabelled=unlabelled,
             weights_dir=weights_dir,
             shuffle=shuffle,
-            token_cache_dir=token_cache_dir,
+            token_cache=token_cache,
         )
     if unlabelled:
         raise ValueError("unlabelled texts are for text base models")

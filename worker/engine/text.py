@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .plan import Plan, Stage
 from .text_zoo import TextBackbone, load_tokenizer
-from .token_cache import cached_encode
+from .token_cache import EntryCache, cached_encode
 from .tokens import Encoded, SpecialTokens, encode, pad, plain_backend
 from .zoo import Backbone
 
@@ -154,7 +154,7 @@ class MaskedLanguageModel(nn.Module):
 
 class TextInputs:
     """Loaders over a run's texts, tokenized once when the run starts, or read from
-    `token_cache_dir` when a run on this host already tokenized the same texts alike."""
+    `token_cache` when a run on this host already tokenized the same texts alike."""
 
     def __init__(
         self,
@@ -165,7 +165,7 @@ class TextInputs:
         unlabelled: Sequence[str],
         weights_dir: Path | None,
         shuffle: torch.Generator,
-        token_cache_dir: Path | None = None,
+        token_cache: EntryCache | None = None,
     ) -> None:
         assert plan.max_length is not None
         assert plan.truncation is not None
@@ -178,7 +178,7 @@ class TextInputs:
         texts = [sample.text for sample in [*train, *val]] + list(unlabelled)
         max_length, truncation = plan.max_length, plan.truncation
         encoded = cached_encode(
-            token_cache_dir,
+            token_cache,
             backend,
             texts,
             max_length=max_length,

@@ -1,30 +1,43 @@
-"""A dataset's token ids kept on disk, so each tokenizer and length tokenizes it once per host.
+"""A dataset's token ids kept in the host's cache, so each tokenizer and length tokenizes it once
+per host, within the host cache's size budget.
 
 An entry is addressed by what determines its content: the tokenizer (a hash of its
 `tokenizer.json`), `max_length`, the truncation and a hash of the texts in order. A second job
 on the same texts (another strategy, a retry, a resumed attempt) reads the ids instead of
-tokenizing again. Entries are written under a temporary name and renamed into place, so two
-jobs on one host that fill the same entry at once each write a whole file and a reader sees a
-whole entry or none. An unreadable entry is tokenized again and rewritten.
+tokenizing again. The cache is the worker's `service.storage.cache.LocalCache` (the engine
+sees it only as `EntryCache`): its budget (`THAW_CACHE_BYTES`) and least-recently-used
+eviction cover token entries and downloaded objects alike, two jobs that want the same entry
+at once tokenize once (the second waits on the first's file lock and reads its entry), and an
+entry being read is never evicted. An unreadable entry is tokenized again and dropped, so the
+next run fills it afresh.
 """
 
 import hashlib
-import os
-import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from .tokens import Encoded
 
+PREFIX = "tokens-"
 SUFFIX = ".npz"
 
 
+class EntryCache(Protocol):
+    """A host cache of files with a size budget (`service.storage.cache.LocalCache`)."""
+
+    def hold(self, entry: str, fill: Callable[[Path], None]) -> AbstractContextManager[Path]:
+        """The entry's path, made by `fill(temporary path)` when absent, kept from eviction
+        until the block ends."""
+        ...
+
+
 def entry_name(backend: Any, texts: Sequence[str], *, max_length: int, truncation: str) -> str:
-    """The entry's file name: a hash of the tokenizer, the length, the truncation and the texts."""
+    """The entry's name: a hash of the tokenizer, the length, the truncation and the texts."""
     digest = hashlib.sha256()
     digest.update(hashlib.sha256(backend.to_str().encode("utf-8")).digest())
     digest.update(f"{max_length}\0{truncation}\0{len(texts)}\0".encode())
@@ -32,11 +45,11 @@ def entry_name(backend: Any, texts: Sequence[str], *, max_length: int, truncatio
         encoded = text.encode("utf-8")
         digest.update(len(encoded).to_bytes(8, "little"))
         digest.update(encoded)
-    return digest.hexdigest() + SUFFIX
+    return PREFIX + digest.hexdigest() + SUFFIX
 
 
 def cached_encode(
-    folder: Path | None,
+    cache: EntryCache | None,
     backend: Any,
     texts: Sequence[str],
     *,
@@ -44,18 +57,24 @@ def cached_encode(
     truncation: str,
     tokenize: Callable[[], Encoded],
 ) -> Encoded:
-    """`tokenize()`'s result for these texts, read from `folder` when an entry is there, else
-    computed and stored; `folder` None tokenizes without a cache."""
-    if folder is None:
+    """`tokenize()`'s result for these texts, read from `cache` when an entry is there, else
+    computed and stored; `cache` None tokenizes without one."""
+    if cache is None:
         return tokenize()
-    path = folder / entry_name(backend, texts, max_length=max_length, truncation=truncation)
-    stored = _read(path, len(texts))
-    if stored is not None:
-        os.utime(path)  # recently used: a host's cleanup can drop the oldest entries first
-        return stored
-    encoded = tokenize()
-    _write(path, encoded)
-    return encoded
+    filled: list[Encoded] = []
+
+    def fill(temporary: Path) -> None:
+        filled.append(tokenize())
+        _write(temporary, filled[0])
+
+    entry = entry_name(backend, texts, max_length=max_length, truncation=truncation)
+    with cache.hold(entry, fill) as path:
+        if filled:
+            return filled[0]
+        stored = _read(path, len(texts))
+        if stored is None:
+            path.unlink(missing_ok=True)
+    return stored if stored is not None else tokenize()
 
 
 def _read(path: Path, count: int) -> Encoded | None:
@@ -72,23 +91,17 @@ def _read(path: Path, count: int) -> Encoded | None:
 
 
 def _write(path: Path, encoded: Encoded) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write the entry at `path`, which the cache renames into place once it is whole."""
     offsets = np.zeros(len(encoded.ids) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(row) for row in encoded.ids])
     flat = np.fromiter(
         (token for row in encoded.ids for token in row), dtype=np.int64, count=int(offsets[-1])
     )
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=SUFFIX)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            np.savez(
-                file,
-                ids=flat,
-                offsets=offsets,
-                lengths=np.asarray(encoded.lengths, dtype=np.int64),
-                truncated=np.asarray(encoded.truncated, dtype=bool),
-            )
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with path.open("wb") as file:
+        np.savez(
+            file,
+            ids=flat,
+            offsets=offsets,
+            lengths=np.asarray(encoded.lengths, dtype=np.int64),
+            truncated=np.asarray(encoded.truncated, dtype=bool),
+        )

@@ -54,6 +54,7 @@ from .plan import CLASSIFY, MASKED_LM, Plan, Stage
 from .resume import ResumeState, StageStart
 from .stage_data import StageBatches, StageData
 from .text import TextSample
+from .token_cache import EntryCache
 from .tta import evaluate_tta
 
 Samples = Sequence[Sample] | Sequence[TextSample]
@@ -127,15 +128,16 @@ def run(
     resume_from: Path | None = None,
     unlabelled: Sequence[str] = (),
     parent_dir: Path | None = None,
-    token_cache_dir: Path | None = None,
+    token_cache: EntryCache | None = None,
 ) -> TrainingResult:
     """Train a model by `plan` and evaluate it on `val` after every epoch.
 
     `train` and `val` are `Sample`s (image files) for an image plan, `TextSample`s for a text
     plan; `unlabelled` texts join the training texts in ulmfit's masked-LM stage. A plan with
     a parent model (`plan.parent`) starts from its exported files in the folder `parent_dir`.
-    A text run keeps its token ids in `token_cache_dir` (when given) and reuses those of an
-    earlier run on the same texts, tokenizer, length and truncation.
+    A text run keeps its token ids in `token_cache` (when given: the host's cache, within its
+    budget) and reuses those of an earlier run on the same texts, tokenizer, length and
+    truncation.
 
     Deterministic for a given seed, device and thread count. With early stopping, a stage
     ends once its val loss has not improved on the best so far for `patience` epochs, and
@@ -175,7 +177,7 @@ def run(
                 "resume_from": resume_from,
                 "unlabelled": unlabelled,
                 "parent_dir": parent_dir,
-                "token_cache_dir": token_cache_dir,
+                "token_cache": token_cache,
             },
         )
     training = _set_up_run(
@@ -188,7 +190,7 @@ def run(
         num_workers=num_workers,
         unlabelled=unlabelled,
         parent_dir=parent_dir,
-        token_cache_dir=token_cache_dir,
+        token_cache=token_cache,
     )
     # Before any training, so the recording is of the parent as it was (also on resume).
     training.data.record_old_outputs()
@@ -225,7 +227,7 @@ def _set_up_run(
     num_workers: int,
     unlabelled: Sequence[str],
     parent_dir: Path | None,
-    token_cache_dir: Path | None,
+    token_cache: EntryCache | None,
 ) -> _Training:
     """Seed the random streams, then build the model and the data every stage draws on."""
     seed_everything(plan.seed)
@@ -248,7 +250,7 @@ def _set_up_run(
         device=device,
         shuffle=shuffle,
         num_workers=num_workers,
-        token_cache_dir=token_cache_dir,
+        token_cache=token_cache,
     )
     stage_steps = [inputs.steps(train, stage) for stage in plan.stages]
     progress = Progress(

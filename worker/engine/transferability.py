@@ -22,6 +22,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from .data import ImageDataset, Sample
+from .spec import MODALITY_DEFAULTS
+from .text import TextSample
 from .zoo import Backbone, build_backbone, get_base_model_info
 
 MAX_ITERATIONS = 11
@@ -111,23 +113,40 @@ class Transferability:
 
 def score_base_model(
     base_model: str,
-    samples: Sequence[Sample],
+    samples: Sequence[Sample | TextSample],
     *,
     weights_dir: Path | None,
     image_size: int | None = None,
+    max_length: int | None = None,
     batch_size: int = 64,
     seed: int = 0,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> Transferability:
-    """Score a zoo backbone's pretrained features for `samples` from one forward pass each."""
+    """Score a zoo backbone's pretrained features for `samples` (image `Sample`s, or
+    `TextSample`s for a text model, tokenized to `max_length`) from one forward pass each."""
     started = time.perf_counter()
     info = get_base_model_info(base_model)
-    backbone = build_backbone(base_model, pretrained=True, weights_dir=weights_dir)
-    images = ImageDataset(
-        samples, image_size=image_size or info.input_size, mean=info.mean, std=info.std
-    )
-    loader = DataLoader(images, batch_size=batch_size, shuffle=False)
-    pooled, by_group = group_features(backbone, loader, on_progress=on_progress)
+    if info.modality == "text":
+        length = max_length or MODALITY_DEFAULTS["text"].max_length or 128
+        texts = [sample.text for sample in samples if isinstance(sample, TextSample)]
+        pooled, by_group = text_group_features(
+            base_model,
+            texts,
+            weights_dir=weights_dir,
+            max_length=min(length, info.max_length or length),
+            batch_size=batch_size,
+            on_progress=on_progress,
+        )
+    else:
+        backbone = build_backbone(base_model, pretrained=True, weights_dir=weights_dir)
+        images = ImageDataset(
+            [sample for sample in samples if isinstance(sample, Sample)],
+            image_size=image_size or info.input_size,
+            mean=info.mean,
+            std=info.std,
+        )
+        loader = DataLoader(images, batch_size=batch_size, shuffle=False)
+        pooled, by_group = group_features(backbone, loader, on_progress=on_progress)
     labels = np.array([sample.label for sample in samples])
     groups = tuple(GroupScore(group=name, logme=logme(f, labels)) for name, f in by_group.items())
     peak = int(np.argmax([group.logme for group in groups])) if groups else len(groups) - 1
@@ -170,6 +189,55 @@ def group_features(
         for handle in handles:
             handle.remove()
     by_group = {name: torch.cat(parts).numpy() for name, parts in outputs.items() if parts}
+    return torch.cat(pooled).numpy(), by_group
+
+
+def text_group_features(
+    base_model: str,
+    texts: Sequence[str],
+    *,
+    weights_dir: Path | None,
+    max_length: int,
+    batch_size: int = 64,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """A text encoder's pooled output (its features for a head), and the hidden states after
+    each layer group (`embeddings`, `layer.<i>`) mean-pooled over the attention mask, as the
+    encoder pools its output, so padding never enters a feature."""
+    from .text_zoo import build_text_backbone, load_tokenizer
+    from .tokens import SpecialTokens, encode, pad, plain_backend
+
+    backbone = build_text_backbone(base_model, pretrained=True, weights_dir=weights_dir)
+    names = [name for name, _ in backbone.groups()]
+    tokenizer = load_tokenizer(base_model, weights_dir)
+    special = SpecialTokens.of(tokenizer)
+    encoded = encode(
+        plain_backend(tokenizer.backend_tokenizer),
+        texts,
+        special,
+        max_length=max_length,
+        truncation="head",
+    )
+    pooled: list[Tensor] = []
+    outputs: dict[str, list[Tensor]] = {name: [] for name in names}
+    starts = range(0, len(texts), batch_size)
+    backbone.eval()
+    with torch.inference_mode():
+        for done, start in enumerate(starts, start=1):
+            ids, mask = pad(encoded.ids[start : start + batch_size], special.pad_id)
+            ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
+            # hidden_states: the embeddings' output, then each encoder layer's, in order.
+            states = backbone.net(
+                input_ids=ids_t, attention_mask=mask_t, output_hidden_states=True
+            ).hidden_states
+            weights = mask_t.unsqueeze(-1).to(states[0].dtype)
+            means = [(h * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9) for h in states]
+            for name, mean in zip(names, means, strict=True):
+                outputs[name].append(mean)
+            pooled.append(means[-1])  # the encoder's own pooling: its last layer's mean
+            if on_progress is not None:
+                on_progress(done, len(starts))
+    by_group = {name: torch.cat(parts).numpy() for name, parts in outputs.items()}
     return torch.cat(pooled).numpy(), by_group
 
 

@@ -150,6 +150,12 @@ class IngestResult:
         )
 
 
+MAX_LISTED_SKIPPED = 1000
+"""Skipped files or rows a dataset lists (the rest are counted in `num_skipped`): a CSV of a
+million bad rows must not make a dataset's row, and every GET of it, hundreds of megabytes.
+A thousand is more than anyone reads and enough to see every kind of mistake an upload holds."""
+
+
 def skipped_dict(skipped: SkippedFile) -> dict[str, Any]:
     entry: dict[str, Any] = {"path": skipped.path, "code": skipped.code, "reason": skipped.reason}
     if skipped.line is not None:
