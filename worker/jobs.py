@@ -45,6 +45,7 @@ from worker.engine import (
     EpochResult,
     Plan,
     Sample,
+    SharedFeatures,
     TextSample,
     TrainingCancelled,
     TrainingHooks,
@@ -55,6 +56,7 @@ from worker.engine import (
 )
 from worker.engine.artifacts import CARD_FILE, LABELS_FILE, ONNX_FILE
 from worker.engine.onnx_export import OnnxExport, export_onnx, export_text_onnx
+from worker.feature_store import ArtifactFeatureStore, dataset_features_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +64,8 @@ LEASE_RENEWAL_SECONDS = 1.0
 TOKEN_CACHE_FOLDER = "tokens"
 """Beside the object cache's entries in `THAW_CACHE_DIR`: text datasets' token ids by tokenizer,
 length and truncation (`worker.engine.token_cache`), outside `THAW_CACHE_BYTES`' budget."""
+FEATURE_LOCK_FOLDER = "feature-locks"
+"""Beside it: a lock per shared-features entry that a job on this host is computing."""
 STATUS_POLL_SECONDS = 0.05
 """How stale a worker's view of its job's status may be: a cancel stops training at the first
 step boundary after it; a few small reads a second cost nothing beside a training step."""
@@ -239,11 +243,22 @@ def _plan_of(session: Session, job_id: str) -> tuple[Plan, str]:
     return Plan.from_dict(job.plan), job.dataset_id
 
 
-def _training_data(
-    context: AppContext, *, job_id: str, dataset_id: str
-) -> tuple[list[str], list[Any], list[Any], list[DatasetItem], list[str]]:
-    """The dataset's classes, train and val samples, the experiment's test items (none for a
-    job that is no trial) and (text only) its unlabelled texts."""
+@dataclass(frozen=True)
+class TrainingData:
+    classes: list[str]
+    train: list[Any]
+    val: list[Any]
+    train_ids: list[str]
+    val_ids: list[str]
+    test: list[DatasetItem]
+    """The experiment's test items (none for a job that is no trial)."""
+    unlabelled: list[str]
+    """Text only: texts without a label."""
+
+
+def _training_data(context: AppContext, *, job_id: str, dataset_id: str) -> TrainingData:
+    """The dataset's classes, train and val samples with their item ids, the experiment's test
+    items and (text only) its unlabelled texts."""
     data = dataset_items(context=context, dataset_id=dataset_id)
     kept, test = trials.without_test_split(context, job_id=job_id, items=data.items)
 
@@ -252,16 +267,34 @@ def _training_data(
             return TextSample(text=str(item.content), label=item.label)
         return Sample(path=Path(item.content), label=item.label)
 
-    train = [sample(item) for item in kept if item.split == "train"]
-    val = [sample(item) for item in kept if item.split == "val"]
-    return data.classes, train, val, test, data.unlabelled
+    train = [item for item in kept if item.split == "train"]
+    val = [item for item in kept if item.split == "val"]
+    return TrainingData(
+        classes=data.classes,
+        train=[sample(item) for item in train],
+        val=[sample(item) for item in val],
+        train_ids=[item.id for item in train],
+        val_ids=[item.id for item in val],
+        test=test,
+        unlabelled=data.unlabelled,
+    )
 
 
 def _train_and_publish(
     context: AppContext, *, job_id: str, hooks: JobHooks, plan: Plan, dataset_id: str
 ) -> None:
-    classes, train, val, test, unlabelled = _training_data(
-        context, job_id=job_id, dataset_id=dataset_id
+    data = _training_data(context, job_id=job_id, dataset_id=dataset_id)
+    classes, test = data.classes, data.test
+    # Every job's frozen-backbone features go to the store, where later jobs on the same items,
+    # weights and preprocessing (an experiment's other trials among them) read them.
+    shared = SharedFeatures(
+        store=ArtifactFeatureStore(
+            context.store,
+            prefix=dataset_features_prefix(dataset_id),
+            lock_dir=context.settings.resolved_cache_dir / FEATURE_LOCK_FOLDER,
+        ),
+        train_ids=data.train_ids,
+        val_ids=data.val_ids,
     )
     with tempfile.TemporaryDirectory(dir=context.scratch_dir, prefix=f"train-{job_id}-") as scratch:
         checkpoint = Path(scratch) / "checkpoint.pt"
@@ -269,10 +302,10 @@ def _train_and_publish(
         resume = _download_checkpoint(context, job_id=job_id, dest=checkpoint)
         result = run(
             plan,
-            train=train,
-            val=val,
+            train=data.train,
+            val=data.val,
             classes=classes,
-            unlabelled=unlabelled,
+            unlabelled=data.unlabelled,
             hooks=hooks,
             weights_dir=context.settings.resolved_weights_dir,
             checkpoint_path=checkpoint,
@@ -280,6 +313,7 @@ def _train_and_publish(
             parent_dir=_parent_folder(context, plan),
             # Shared by this host's jobs: a dataset is tokenized once per tokenizer and length.
             token_cache_dir=context.settings.resolved_cache_dir / TOKEN_CACHE_FOLDER,
+            shared_features=shared,
         )
     if hooks.should_stop():
         raise TrainingCancelled()

@@ -39,9 +39,9 @@ ERASING_P = 0.25
 
 def stage_augment(plan: Plan, stage: Stage) -> str:
     """The augmentation level a stage's training batches get: the plan's, except in stages
-    that train on cached features (computed once, unaugmented) or distil the parent's outputs
-    (recorded on the unaugmented images)."""
-    if stage.cache_features or stage.distill or plan.modality != "image":
+    that distil the parent's outputs (recorded on the unaugmented images). A stage on cached
+    features gets it through `feature_views` augmented views computed once (`features.py`)."""
+    if stage.distill or plan.modality != "image":
         return "none"
     return plan.augment
 

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .artifacts import WEIGHTS_FILE
 from .augment import stage_augment
+from .features import cached_views
 from .plan import HEAD, LM_HEAD, OLD_HEADS, HeadConfig, Plan, Stage, steps_per_epoch
 from .zoo import Backbone, build_backbone
 
@@ -238,6 +239,7 @@ def describe_plan(
                 "bn_mode": stage.bn_mode,
                 "cache_features": stage.cache_features,
                 "augment": stage_augment(plan, stage),
+                "feature_views": cached_views(plan, stage),
                 "steps": (
                     None if train_size is None else steps_per_epoch(plan, train_size) * stage.epochs
                 ),

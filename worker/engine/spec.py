@@ -210,7 +210,7 @@ class RunSettings:
     )
     augment: AugmentLevel = setting(
         "none",
-        description="Image models, stages that train the backbone: `light` random resized "
+        description="Image models: `light` random resized "
         "crop and horizontal flip; `standard` adds TrivialAugmentWide; `strong` adds random "
         "erasing and MixUp/CutMix. Text models: must stay `none`.",
     )
@@ -218,6 +218,15 @@ class RunSettings:
         True,
         description="Include the horizontal flip in `augment`; false where mirroring changes "
         "the class (digits, text in images).",
+    )
+    feature_views: int = setting(
+        4,
+        ge=1,
+        le=32,
+        description="Image models with `augment`: stages on cached backbone features (the "
+        "frozen-backbone head stage) compute this many augmented views of each training "
+        "image once, and train on one of them per image each epoch: one backbone pass per "
+        "image and view, not per epoch. MixUp/CutMix are not applied to cached features.",
     )
     device: Device = setting("cpu", description="`cuda` sends the job to the `gpu` queue.")
     lwf_temperature: float = setting(2.0, gt=0.0, le=100.0)

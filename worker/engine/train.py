@@ -30,6 +30,7 @@ from torch import nn
 from .calibration import Calibration, calibrate
 from .checkpoint import checkpoint_state, partial_epoch, save_checkpoint
 from .data import Sample
+from .features import SharedFeatures
 from .imbalance import loss_weights
 from .loop import (
     EpochResult,
@@ -119,6 +120,7 @@ def run(
     unlabelled: Sequence[str] = (),
     parent_dir: Path | None = None,
     token_cache_dir: Path | None = None,
+    shared_features: SharedFeatures | None = None,
 ) -> TrainingResult:
     """Train a model by `plan` and evaluate it on `val` after every epoch.
 
@@ -126,7 +128,10 @@ def run(
     plan; `unlabelled` texts join the training texts in ulmfit's masked-LM stage. A plan with
     a parent model (`plan.parent`) starts from its exported files in the folder `parent_dir`.
     A text run keeps its token ids in `token_cache_dir` (when given) and reuses those of an
-    earlier run on the same texts, tokenizer, length and truncation.
+    earlier run on the same texts, tokenizer, length and truncation. With `shared_features`,
+    stages on a frozen backbone read its features from that store when another run stored
+    them (same weights, preprocessing, items and view), and store those they compute; the
+    result is the same either way.
 
     Deterministic for a given seed, device and thread count. With early stopping, a stage
     ends once its val loss has not improved on the best so far for `patience` epochs, and
@@ -156,6 +161,7 @@ def run(
         unlabelled=unlabelled,
         parent_dir=parent_dir,
         token_cache_dir=token_cache_dir,
+        shared_features=shared_features,
     )
     # Before any training, so the recording is of the parent as it was (also on resume).
     training.data.record_old_outputs()
@@ -193,6 +199,7 @@ def _set_up_run(
     unlabelled: Sequence[str],
     parent_dir: Path | None,
     token_cache_dir: Path | None,
+    shared_features: SharedFeatures | None,
 ) -> _Training:
     """Seed the random streams, then build the model and the data every stage draws on."""
     seed_everything(plan.seed)
@@ -228,6 +235,7 @@ def _set_up_run(
         precision=precision,
         shuffle=shuffle,
         check_cancelled=progress.check_cancelled,
+        shared=shared_features,
     )
     return _Training(
         plan=plan,
