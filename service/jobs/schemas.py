@@ -95,6 +95,15 @@ class StagePreview(BaseModel):
     schedule: str
     bn_mode: str
     cache_features: bool
+    augment: str = Field(
+        default="none", description="Image augmentation of the stage's training items."
+    )
+    feature_views: int | None = Field(
+        default=None,
+        description="Stages on cached backbone features: views of each training item whose "
+        "features are computed once (1: plain; `feature_views` when augmented); null for "
+        "stages that train the backbone.",
+    )
     trainable_groups: list[dict[str, Any]]
     trainable_parameters: int
     total_parameters: int
