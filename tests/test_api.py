@@ -266,6 +266,14 @@ def test_plan_preview_lists_stages_and_parameters(
     assert head["epochs"] + unfreeze["epochs"] == 3
     rates = [g["lr"] for g in unfreeze["trainable_groups"]]
     assert rates == sorted(rates), "lower groups train with lower rates"
+    assert (head["augment"], head["feature_views"], unfreeze["feature_views"]) == ("none", 1, None)
+    augmented = client.post(
+        "/v1/jobs/plan", headers=auth, json={**spec, "augment": "light", "feature_views": 3}
+    ).json()
+    assert [(stage["augment"], stage["feature_views"]) for stage in augmented["stages"]] == [
+        ("light", 3),
+        ("light", None),
+    ]
     assert client.get("/v1/jobs", headers=auth).json()["data"] == [], "a preview creates no job"
     # The recipe per stage: the resolved top rate, augmentation, the weight average, TTA.
     assert (head["lr"], unfreeze["lr"]) == (0.01, max(rates))

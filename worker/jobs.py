@@ -49,6 +49,7 @@ from worker.engine import (
     EpochResult,
     Plan,
     Sample,
+    SharedFeatures,
     TextSample,
     TrainingCancelled,
     TrainingHooks,
@@ -61,10 +62,14 @@ from worker.engine.artifacts import CARD_FILE, LABELS_FILE, ONNX_FILE
 from worker.engine.lr_find import LrFinding, lr_find
 from worker.engine.onnx_export import OnnxExport, export_onnx, export_text_onnx
 from worker.engine.plan import with_found_lr
+from worker.feature_store import ArtifactFeatureStore, dataset_features_prefix
 
 logger = logging.getLogger(__name__)
 
 LEASE_RENEWAL_SECONDS = 1.0
+FEATURE_LOCK_FOLDER = "feature-locks"
+"""Beside the object cache's entries in `THAW_CACHE_DIR`: a lock per shared-features entry that
+a job on this host is computing."""
 STATUS_POLL_SECONDS = 0.05
 """How stale a worker's view of its job's status may be: a cancel stops training at the first
 step boundary after it; a few small reads a second cost nothing beside a training step."""
@@ -302,11 +307,22 @@ def _plan_of(session: Session, job_id: str) -> tuple[str, Plan, str]:
     return job.kind, Plan.from_dict(job.plan), job.dataset_id
 
 
-def _training_data(
-    context: AppContext, *, job_id: str, dataset_id: str
-) -> tuple[list[str], list[Any], list[Any], list[DatasetItem], list[str]]:
-    """The dataset's classes, train and val samples, the experiment's test items (none for a
-    job that is no trial) and (text only) its unlabelled texts."""
+@dataclass(frozen=True)
+class TrainingData:
+    classes: list[str]
+    train: list[Any]
+    val: list[Any]
+    train_ids: list[str]
+    val_ids: list[str]
+    test: list[DatasetItem]
+    """The experiment's test items (none for a job that is no trial)."""
+    unlabelled: list[str]
+    """Text only: texts without a label."""
+
+
+def _training_data(context: AppContext, *, job_id: str, dataset_id: str) -> TrainingData:
+    """The dataset's classes, train and val samples with their item ids, the experiment's test
+    items and (text only) its unlabelled texts."""
     data = dataset_items(context=context, dataset_id=dataset_id)
     kept, test = trials.without_test_split(context, job_id=job_id, items=data.items)
 
@@ -315,9 +331,17 @@ def _training_data(
             return TextSample(text=str(item.content), label=item.label)
         return Sample(path=Path(item.content), label=item.label)
 
-    train = [sample(item) for item in kept if item.split == "train"]
-    val = [sample(item) for item in kept if item.split == "val"]
-    return data.classes, train, val, test, data.unlabelled
+    train = [item for item in kept if item.split == "train"]
+    val = [item for item in kept if item.split == "val"]
+    return TrainingData(
+        classes=data.classes,
+        train=[sample(item) for item in train],
+        val=[sample(item) for item in val],
+        train_ids=[item.id for item in train],
+        val_ids=[item.id for item in val],
+        test=test,
+        unlabelled=data.unlabelled,
+    )
 
 
 def _token_cache(context: AppContext) -> LocalCache:
@@ -346,8 +370,8 @@ def _find_lr(
     context: AppContext, *, job_id: str, hooks: JobHooks, plan: Plan, dataset_id: str
 ) -> None:
     """An `lr_find` job: the range test; its curve and suggestion end the job as its result."""
-    _, train, val, _, _ = _training_data(context, job_id=job_id, dataset_id=dataset_id)
-    finding = _lr_finding(context, hooks=hooks, plan=plan, train=train, val=val)
+    data = _training_data(context, job_id=job_id, dataset_id=dataset_id)
+    finding = _lr_finding(context, hooks=hooks, plan=plan, train=data.train, val=data.val)
     if hooks.should_stop():
         raise TrainingCancelled()
 
@@ -401,13 +425,23 @@ def _train_and_publish(
     with tempfile.TemporaryDirectory(dir=context.scratch_dir, prefix=f"train-{job_id}-") as scratch:
         checkpoint = Path(scratch) / "checkpoint.pt"
         with hooks.renewing_lease():
-            classes, train, val, test, unlabelled = _training_data(
-                context, job_id=job_id, dataset_id=dataset_id
-            )
+            data = _training_data(context, job_id=job_id, dataset_id=dataset_id)
+            classes, test = data.classes, data.test
             if plan.needs_lr_finder:
                 plan = _resolve_auto_lr(
-                    context, job_id=job_id, hooks=hooks, plan=plan, train=train, val=val
+                    context, job_id=job_id, hooks=hooks, plan=plan, train=data.train, val=data.val
                 )
+            # Every job's frozen-backbone features go to the store, where later jobs on the same
+            # items, weights and preprocessing (an experiment's other trials among them) read them.
+            shared = SharedFeatures(
+                store=ArtifactFeatureStore(
+                    context.store,
+                    prefix=dataset_features_prefix(dataset_id),
+                    lock_dir=context.settings.resolved_cache_dir / FEATURE_LOCK_FOLDER,
+                ),
+                train_ids=data.train_ids,
+                val_ids=data.val_ids,
+            )
             # An earlier attempt was handed back or lost: continue where it last saved.
             resume = _download_checkpoint(
                 context, job_id=job_id, attempt=hooks.attempt, dest=checkpoint
@@ -416,16 +450,17 @@ def _train_and_publish(
             hooks.check_still_ours()
             result = run(
                 plan,
-                train=train,
-                val=val,
+                train=data.train,
+                val=data.val,
                 classes=classes,
-                unlabelled=unlabelled,
+                unlabelled=data.unlabelled,
                 hooks=hooks,
                 weights_dir=context.settings.resolved_weights_dir,
                 checkpoint_path=checkpoint,
                 resume_from=checkpoint if resume else None,
                 parent_dir=parent_dir,
                 token_cache=_token_cache(context),
+                shared_features=shared,
             )
     if hooks.should_stop():
         raise TrainingCancelled()

@@ -107,7 +107,10 @@ class StagePreview(BaseModel):
     )
     augment: str = Field(description="The augmentation level of the stage's training batches.")
     feature_views: int | None = Field(
-        default=None, description="Cached stages: augmented views of each image in the cache."
+        default=None,
+        description="Stages on cached backbone features: views of each training item whose "
+        "features are computed once (1: plain; `feature_views` when augmented); null for "
+        "stages that train the backbone.",
     )
     ema: float | None = Field(description="The weight average's decay; null when off.")
     tta: list[str] | None = Field(

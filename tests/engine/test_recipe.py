@@ -249,10 +249,13 @@ def test_augment_levels_flip_switch_and_the_preview_per_stage() -> None:
     assert v2.RandomErasing in [type(step) for step in image_transform(strong, 64).transforms]
     assert batch_mix(strong) is not None
     assert batch_mix(plan) is None
-    # freeze_unfreeze: the cached head stage sees unaugmented features; the unfreeze stage
-    # trains on augmented images.
+    # freeze_unfreeze: the cached head stage trains on the features of `feature_views`
+    # augmented views of each image; the unfreeze stage on freshly augmented images.
     preview = describe_plan(plan, build_model(plan, weights_dir=None))
-    assert [stage["augment"] for stage in preview] == ["none", "standard"]
+    assert [(stage["augment"], stage["feature_views"]) for stage in preview] == [
+        ("standard", 4),
+        ("standard", None),
+    ]
     assert [stage["tta"] for stage in preview] == [None, ["original"]]
 
 

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from .checkpoint import load_checkpoint
     from .data import ImageDataset, Sample, preprocess
     from .export import export_model
+    from .features import FeatureStore, SharedFeatures
     from .loop import (
         EpochPosition,
         EpochResult,
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
 _HOMES = {
     "data": ("ImageDataset", "Sample", "preprocess"),
     "export": ("export_model",),
+    "features": ("FeatureStore", "SharedFeatures"),
     "model": (
         "TransferModel",
         "build_model",

@@ -43,7 +43,6 @@ def stage_augment(plan: Plan, stage: Stage) -> str:
     return augment_level(
         plan.augment,
         modality=plan.modality,
-        cache_features=stage.cache_features,
         distill=stage.distill,
     )
 

@@ -180,6 +180,7 @@ def lr_find(
         unlabelled=(),
         parent_dir=parent_dir,
         token_cache=token_cache,
+        shared_features=None,
     )
     model = training.model
     freeze(model, stage.trainable_groups)

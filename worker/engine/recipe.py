@@ -39,11 +39,12 @@ def tta_views(mode: str, *, flip: bool) -> tuple[str, ...]:
     return tuple(view for view in TTA_MODES[mode] if flip or FLIP_VIEW not in view)
 
 
-def augment_level(augment: str, *, modality: str, cache_features: bool, distill: bool) -> str:
+def augment_level(augment: str, *, modality: str, distill: bool) -> str:
     """The augmentation a stage's training batches get: the plan's, except in stages that
-    train on cached features (computed once, unaugmented) or distil the parent's outputs
-    (recorded on the unaugmented images), and never for text."""
-    if cache_features or distill or modality != "image":
+    distil the parent's outputs (recorded on the unaugmented images), and never for text. A
+    stage on cached features gets it through `feature_views` augmented views computed once
+    (`features.py`)."""
+    if distill or modality != "image":
         return "none"
     return augment
 
@@ -68,7 +69,6 @@ def stage_recipes(plan: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "augment": augment_level(
                     plan.get("augment", "none"),
                     modality=modality,
-                    cache_features=stage.get("cache_features", False),
                     distill=stage.get("distill", False),
                 ),
                 "ema": plan.get("ema"),

@@ -4,7 +4,9 @@ A checkpoint is written at one of three moments, and each says where the random 
 (`rng_state`) must be put back for the resumed run to draw what the uninterrupted one drew:
 
 - at the end of a stage: the next stage starts afresh, with the streams restored *before*
-  its setup (computing cached features draws from them);
+  its setup (which draws nothing today: cached features are computed or read from the shared
+  store under `fork_rng`, so a store hit and a miss leave the streams alike; restoring first
+  keeps resume exact should a setup ever draw);
 - at the end of an epoch inside a stage: that stage is set up again, then its optimizer,
   scheduler, scaler and patience count are restored and the streams restored *after* setup;
 - at a pause inside an epoch: as at an epoch's end, except that the paused epoch itself

@@ -215,7 +215,7 @@ class RunSettings:
     )
     augment: AugmentLevel = setting(
         "none",
-        description="Image models, stages that train the backbone: `light` random resized "
+        description="Image models: `light` random resized "
         "crop and horizontal flip; `standard` adds TrivialAugmentWide; `strong` adds random "
         "erasing and MixUp/CutMix. Text models: must stay `none`.",
     )
@@ -239,6 +239,15 @@ class RunSettings:
         description="Keep an exponential moving average of the weights with this decay per "
         "step (e.g. 0.99; warmed up as min(decay, (1 + n) / (10 + n)) over a stage's n steps); "
         "validation, early stopping and the exported model use the averaged weights.",
+    )
+    feature_views: int = setting(
+        4,
+        ge=1,
+        le=32,
+        description="Image models with `augment`: stages on cached backbone features (the "
+        "frozen-backbone head stage) compute this many augmented views of each training "
+        "image once, and train on one of them per image each epoch: one backbone pass per "
+        "image and view, not per epoch. MixUp/CutMix are not applied to cached features.",
     )
     device: Device = setting("cpu", description="`cuda` sends the job to the `gpu` queue.")
     gpus: int = setting(

@@ -4,6 +4,11 @@
 when a stage starts, which answers with a `StageBatches`. Which inputs (images, texts) the
 batches hold is the modality's business (`modality.Inputs`); the feature cache, LwF's
 recorded outputs and the choice of module are the same for every modality.
+
+Backbone features are computed once per run and input size (and view), and with a
+`SharedFeatures` once across runs: looked up in the store first, computed and stored only when
+absent (`features.py`). LwF's recorded outputs are the parent's old heads applied to the same
+features as its head-only warm-up trains on, so the two share one backbone pass.
 """
 
 import logging
@@ -14,12 +19,21 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data import DataLoader, RandomSampler, Sampler, TensorDataset
 
+from .features import (
+    SharedFeatures,
+    ViewFeatures,
+    ViewSampler,
+    cached_views,
+    feature_key,
+    view_batches,
+    weights_digest,
+)
 from .imbalance import training_sampler
 from .loop import Batches, Precision
 from .lwf import AllTasks
-from .modality import Inputs
+from .modality import ImageInputs, Inputs
 from .model import TransferModel
 from .plan import MASKED_LM, Plan, Stage
 
@@ -81,7 +95,12 @@ class StageData:
         precision: Precision,
         shuffle: torch.Generator,
         check_cancelled: Callable[[], None],
+        shared: SharedFeatures | None = None,
     ) -> None:
+        if shared is not None and (
+            len(shared.train_ids) != len(train) or len(shared.val_ids) != len(val)
+        ):
+            raise ValueError("shared features need one id per training and validation sample")
         self.plan = plan
         self.model = model
         self.train = train
@@ -91,8 +110,12 @@ class StageData:
         self.precision = precision
         self.shuffle = shuffle
         self.check_cancelled = check_cancelled
+        self.shared = shared
         # Valid only while no stage has trained the backbone since they were computed.
-        self.features: dict[Hashable, tuple[TensorDataset, TensorDataset]] = {}
+        self.features: dict[tuple[str, Hashable, int | None], Tensor] = {}
+        """Per split, input key and view (None: the plain items)."""
+        self._weights: str | None = None
+        """The backbone's weights digest, while the features above are valid."""
         self.recorded: dict[Hashable, Tensor] = {}
         """LwF: the parent's old-head logits on every training sample, per input key."""
 
@@ -100,19 +123,17 @@ class StageData:
         return training_sampler(self.plan, [sample.label for sample in self.train], self.shuffle)
 
     def record_old_outputs(self) -> None:
-        """Run the untouched model once over the training samples at every distilled size."""
+        """The untouched model's old heads on every training sample at every distilled size:
+        applied to the backbone's features (read or computed as a cached stage's are)."""
         stages = {_input_key(stage): stage for stage in self.plan.stages if stage.distill}
         self.model.eval()
         for key, stage in stages.items():
-            outputs = []
-            loader = self.inputs.batches(self.train, stage, shuffled=False)
+            features = self._features("train", stage, view=None)
             with torch.no_grad(), self.precision.autocast():
-                for inputs, _ in loader:
-                    *old, _new = self.model.forward_tasks(
-                        self.precision.inputs(inputs, self.device)
-                    )
-                    outputs.append(torch.cat(old, dim=1).float())
-                    self.check_cancelled()
+                outputs = [
+                    torch.cat([head(chunk) for head in self.model.old_heads], dim=1).float()
+                    for chunk in features.split(self.plan.batch_size)
+                ]
             self.recorded[key] = torch.cat(outputs).cpu()
 
     def for_stage(self, stage: Stage) -> StageBatches:
@@ -120,6 +141,7 @@ class StageData:
             return self._cached_features(stage)
         # This stage trains the backbone, so features computed before it go stale.
         self.features.clear()
+        self._weights = None
         if stage.objective == MASKED_LM:
             assert self.model.lm_head is not None
             trained, train, val_lm = self.inputs.language_model(
@@ -136,43 +158,108 @@ class StageData:
             self.model, self.model, self.inputs.batches(self.train, stage, shuffled=True), val
         )
 
-    def _backbone_features(self, samples: Sequence[Any], stage: Stage) -> TensorDataset:
-        batches = self.inputs.batches(samples, stage, shuffled=False)
-        features = compute_features(
+    def _features(self, split: str, stage: Stage, view: int | None) -> Tensor:
+        """The backbone's features of a split's items (`view`: augmented), in order."""
+        memo = (split, _input_key(stage), view)
+        if memo not in self.features:
+            # Iterating a DataLoader draws a seed from the global stream: forked, computing
+            # features draws nothing, so a store hit and a miss leave the same random state.
+            with torch.random.fork_rng(devices=[]):
+                self.features[memo] = self._load(split, stage, view)
+        return self.features[memo]
+
+    def _load(self, split: str, stage: Stage, view: int | None) -> Tensor:
+        samples = self.train if split == "train" else self.val
+        if self.shared is None:
+            return self._compute(samples, stage, view)
+        if self._weights is None:
+            self._weights = weights_digest(self.model.backbone)
+        key = feature_key(
+            self.plan,
+            stage,
+            weights=self._weights,
+            precision=self.precision,
+            ids=self.shared.train_ids if split == "train" else self.shared.val_ids,
+            view=view,
+        )
+        store = self.shared.store
+        stored = _usable(store.get(key), len(samples))
+        if stored is None:
+            with store.filling(key):
+                stored = _usable(store.get(key), len(samples))
+                if stored is None:
+                    features = self._compute(samples, stage, view)
+                    store.put(key, features.cpu())
+                    return features
+        logger.info(
+            "read %s features of %d items from the store", self.plan.base_model, len(stored)
+        )
+        return stored.to(self.device)
+
+    def _compute(self, samples: Sequence[Any], stage: Stage, view: int | None) -> Tensor:
+        started = time.perf_counter()
+        if view is None:
+            batches = self.inputs.batches(samples, stage, shuffled=False)
+        else:
+            assert isinstance(self.inputs, ImageInputs)
+            assert stage.image_size is not None
+            batches = view_batches(
+                samples,
+                self.plan,
+                stage.image_size,
+                view,
+                num_workers=self.inputs.num_workers,
+                pin_memory=self.device.type == "cuda",
+            )
+        features, _ = compute_features(
             self.model.backbone, batches, self.device, self.check_cancelled, self.precision
         )
-        return TensorDataset(*features)
+        logger.info(
+            "computed %s features of %d samples (%s%s) in %.1fs",
+            self.plan.base_model,
+            len(samples),
+            f"{stage.image_size}px"
+            if stage.image_size is not None
+            else f"{self.plan.max_length} tokens",
+            "" if view is None else f", augmented view {view}",
+            time.perf_counter() - started,
+        )
+        return features
 
     def _cached_features(self, stage: Stage) -> StageBatches:
-        """The head trains on backbone features, computed on the stage's first use of its
-        input size."""
-        key = _input_key(stage)
-        if key not in self.features:
-            started = time.perf_counter()
-            self.features[key] = (
-                self._backbone_features(self.train, stage),
-                self._backbone_features(self.val, stage),
-            )
-            logger.info(
-                "computed %s features of %d samples (%s) in %.1fs",
-                self.plan.base_model,
-                len(self.train) + len(self.val),
-                f"{key}px" if key is not None else f"{self.plan.max_length} tokens",
-                time.perf_counter() - started,
-            )
-        train_features, val_features = self.features[key]
+        """The head trains on backbone features (of `feature_views` augmented views of each
+        training item, one drawn per item each epoch, when the stage is augmented)."""
         batch_size = self.plan.batch_size
         head = self.model.head
+        labels = torch.tensor([sample.label for sample in self.train], device=self.device)
+        val_labels = torch.tensor([sample.label for sample in self.val], device=self.device)
+        val = DataLoader(
+            TensorDataset(self._features("val", stage, None), val_labels), batch_size=batch_size
+        )
         sampler = self._train_sampler()
-        return StageBatches(
-            head,
-            head,
-            DataLoader(
-                train_features,
+        views = cached_views(self.plan, stage)
+        if views == 1:
+            train = DataLoader(
+                TensorDataset(self._features("train", stage, None), labels),
                 batch_size=batch_size,
                 shuffle=sampler is None,
                 sampler=sampler,
                 generator=self.shuffle,
-            ),
-            DataLoader(val_features, batch_size=batch_size),
+            )
+            return StageBatches(head, head, train, val)
+        assert views is not None
+        order = sampler or RandomSampler(range(len(self.train)), generator=self.shuffle)
+        train = DataLoader(
+            ViewFeatures([self._features("train", stage, view) for view in range(views)], labels),
+            batch_size=batch_size,
+            sampler=ViewSampler(order, views, self.shuffle),
+            generator=self.shuffle,
         )
+        return StageBatches(head, head, train, val)
+
+
+def _usable(stored: Tensor | None, count: int) -> Tensor | None:
+    """A stored entry with one row per item; None otherwise (then it is computed again)."""
+    if stored is None or stored.dim() != 2 or len(stored) != count:
+        return None
+    return stored

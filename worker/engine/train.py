@@ -34,6 +34,7 @@ from .checkpoint import checkpoint_state, partial_epoch, save_checkpoint
 from .data import Sample
 from .distributed import RankHooks, Ranks, current_ranks, launch, shard, sync_buffers
 from .ema import WeightAverage
+from .features import SharedFeatures
 from .imbalance import loss_weights
 from .loop import (
     EpochResult,
@@ -129,6 +130,7 @@ def run(
     unlabelled: Sequence[str] = (),
     parent_dir: Path | None = None,
     token_cache: EntryCache | None = None,
+    shared_features: SharedFeatures | None = None,
 ) -> TrainingResult:
     """Train a model by `plan` and evaluate it on `val` after every epoch.
 
@@ -137,7 +139,10 @@ def run(
     a parent model (`plan.parent`) starts from its exported files in the folder `parent_dir`.
     A text run keeps its token ids in `token_cache` (when given: the host's cache, within its
     budget) and reuses those of an earlier run on the same texts, tokenizer, length and
-    truncation.
+    truncation. With `shared_features`, stages on a frozen backbone read its features from
+    that store when another run stored them (same weights, preprocessing, items and view), and
+    store those they compute; the result is the same either way (a run on several processes
+    computes its own: the store stays with the worker's process).
 
     Deterministic for a given seed, device and thread count. With early stopping, a stage
     ends once its val loss has not improved on the best so far for `patience` epochs, and
@@ -191,6 +196,7 @@ def run(
         unlabelled=unlabelled,
         parent_dir=parent_dir,
         token_cache=token_cache,
+        shared_features=shared_features,
     )
     # Before any training, so the recording is of the parent as it was (also on resume).
     training.data.record_old_outputs()
@@ -228,6 +234,7 @@ def _set_up_run(
     unlabelled: Sequence[str],
     parent_dir: Path | None,
     token_cache: EntryCache | None,
+    shared_features: SharedFeatures | None,
 ) -> _Training:
     """Seed the random streams, then build the model and the data every stage draws on."""
     seed_everything(plan.seed)
@@ -267,6 +274,7 @@ def _set_up_run(
         precision=precision,
         shuffle=shuffle,
         check_cancelled=progress.check_cancelled,
+        shared=shared_features,
     )
     return _Training(
         plan=plan,
