@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from safetensors.torch import save_file
+from sklearn.datasets import load_digits
 
 from worker.engine import (
     HeadConfig,
@@ -100,3 +101,17 @@ def parent_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         task_name="shapes",
     )
     return write_parent(tmp_path_factory.mktemp("parent"), config, ["circle", "square"])
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> list[Sample]:
+    """sklearn's 8x8 digit scans (1797, real) as PNGs, shuffled; preprocessing upsamples them
+    like any upload."""
+    folder = tmp_path_factory.mktemp("digits")
+    data = load_digits()
+    samples = []
+    for index, (pixels, label) in enumerate(zip(data.images, data.target, strict=True)):
+        path = folder / f"{index:04d}.png"
+        Image.fromarray((pixels * 255 / 16).astype(np.uint8)).save(path)
+        samples.append(Sample(path, int(label)))
+    return [samples[i] for i in np.random.default_rng(0).permutation(len(samples))]

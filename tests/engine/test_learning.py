@@ -4,9 +4,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
-from sklearn.datasets import load_digits
 
 from worker.engine import (
     ParentModel,
@@ -18,19 +16,6 @@ from worker.engine import (
     export_model,
     run,
 )
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> list[Sample]:
-    """The 8x8 digit scans as PNGs, shuffled; preprocessing upsamples them like any upload."""
-    folder = tmp_path_factory.mktemp("digits")
-    data = load_digits()
-    samples = []
-    for index, (pixels, label) in enumerate(zip(data.images, data.target, strict=True)):
-        path = folder / f"{index:04d}.png"
-        Image.fromarray((pixels * 255 / 16).astype(np.uint8)).save(path)
-        samples.append(Sample(path, int(label)))
-    return [samples[i] for i in np.random.default_rng(0).permutation(len(samples))]
 
 
 def test_feature_extraction_learns_digits(digits: list[Sample]) -> None:

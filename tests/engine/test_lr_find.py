@@ -1,26 +1,10 @@
 """The learning-rate range test on real digits (sklearn) with efficientnet_lite0."""
 
-import numpy as np
 import pytest
-from PIL import Image
-from sklearn.datasets import load_digits
 
 from worker.engine import Sample, TransferConfig, compile_plan
 from worker.engine.lr_find import LrFinding, lr_find, valley
 from worker.engine.plan import with_found_lr
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> list[Sample]:
-    """The 8x8 digit scans as PNGs, shuffled."""
-    folder = tmp_path_factory.mktemp("digits")
-    data = load_digits()
-    samples = []
-    for index, (pixels, label) in enumerate(zip(data.images, data.target, strict=True)):
-        path = folder / f"{index:04d}.png"
-        Image.fromarray((pixels * 255 / 16).astype(np.uint8)).save(path)
-        samples.append(Sample(path, int(label)))
-    return [samples[i] for i in np.random.default_rng(0).permutation(len(samples))]
 
 
 @pytest.fixture(scope="module")

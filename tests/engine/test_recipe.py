@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from sklearn.datasets import load_digits
 from torchvision.transforms import v2
 
 from service.datasets.ingest import IngestLimits
@@ -47,19 +46,6 @@ CROP_VIEWS_WITH_ORIGINAL = ("original", *CROP_VIEWS)
 
 CLASSES = [str(digit) for digit in range(10)]
 MINORITY = range(5, 10)
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> list[Sample]:
-    """The 8x8 digit scans as PNGs, shuffled."""
-    folder = tmp_path_factory.mktemp("digits")
-    data = load_digits()
-    samples = []
-    for index, (pixels, label) in enumerate(zip(data.images, data.target, strict=True)):
-        path = folder / f"{index:04d}.png"
-        Image.fromarray((pixels * 255 / 16).astype(np.uint8)).save(path)
-        samples.append(Sample(path, int(label)))
-    return [samples[i] for i in np.random.default_rng(0).permutation(len(samples))]
 
 
 def _first(samples: list[Sample], per_class: Callable[[int], int]) -> list[Sample]:
