@@ -67,10 +67,16 @@ def main() -> None:
     parser.add_argument("--val", type=int, default=240)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    report(train_count=args.train, val_count=args.val, threads=args.threads)
+
+
+def report(*, train_count: int, val_count: int, threads: int) -> None:
+    """Run the job on one process and on two, and print how they compare (also called by
+    bench/storage.py, which reports the fleet's figures together)."""
+    torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as folder:
-        samples = digits(Path(folder), args.train + args.val)
-        train, val = samples[: args.train], samples[args.train :]
+        samples = digits(Path(folder), train_count + val_count)
+        train, val = samples[:train_count], samples[train_count:]
         one, one_seconds = timed(1, train, val)
         two, two_seconds = timed(2, train, val)
     expected = one.model.state_dict()
@@ -84,8 +90,8 @@ def main() -> None:
         for name, tensor in two.model.state_dict().items()
     )
     print(
-        f"digits: {args.train} train, {args.val} val; {CONFIG.base_model} {CONFIG.image_size}px, "
-        f"batch {CONFIG.batch_size}, {args.threads} thread(s) per process; "
+        f"digits: {train_count} train, {val_count} val; {CONFIG.base_model} "
+        f"{CONFIG.image_size}px, batch {CONFIG.batch_size}, {threads} thread(s) per process; "
         f"load average {os.getloadavg()[0]:.1f}"
     )
     print(

@@ -11,7 +11,8 @@ are an upper bound for MinIO or S3.
 The first epoch runs the engine directly with its checkpoint in a temporary folder (the
 worker's job path also uploads it to the store after the epoch; not measured here).
 
-Run as `.venv/bin/python bench/storage.py [--images N]`.
+Run as `.venv/bin/python bench/storage.py [--images N] [--ddp-train N]`; it ends with bench/ddp.py's
+one-process-against-two comparison (`--ddp-train 0` leaves it out).
 """
 
 import argparse
@@ -135,6 +136,12 @@ def measure(settings: Settings, data: bytes) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=400)
+    parser.add_argument(
+        "--ddp-train",
+        type=int,
+        default=480,
+        help="training images of the DDP comparison (bench/ddp.py); 0 leaves it out",
+    )
     args = parser.parse_args()
     os.environ.update(CREDENTIALS)
     data = archive(args.images)
@@ -153,6 +160,11 @@ def main() -> None:
     for name, index in (("ingest", 0), ("first epoch", 1)):
         ratio = s3[index] / local[index]
         print(f"{name:12} local {local[index]:6.2f} s  s3 {s3[index]:6.2f} s  s3/local {ratio:.2f}")
+    if args.ddp_train:
+        # One job on two processes against one process (the fleet issue's DDP figure).
+        from ddp import report
+
+        report(train_count=args.ddp_train, val_count=args.ddp_train // 2, threads=1)
 
 
 if __name__ == "__main__":
