@@ -15,8 +15,8 @@ Rows, per dataset (mean validation accuracy over seeds):
 - `hand recipe`: plain PyTorch on the same backbone and weights: random resized crop and
   flip, label smoothing 0.1, one epoch of head warm-up then the whole network at
   discriminative rates (÷2.6 per group), AdamW and cosine decay, flip test-time augmentation.
-Test-time augmentation for thaw: a `tta` column appears when `TransferSettings` has a `tta`
-setting (it does not yet on this branch).
+Test-time augmentation for thaw: the `thaw defaults + tta` row adds `tta: flip` (the hand
+recipe's flip TTA) and reads the accuracy of the averaged views.
 
 Run as `.venv/bin/python bench/quality.py [--seeds 2] [--shots 5]`. Target: thaw's defaults
 >= the hand recipe on both datasets.
@@ -102,7 +102,9 @@ def thaw_accuracy(
         TransferConfig(base_model=BASE_MODEL, num_classes=len(classes), seed=seed, **settings)
     )
     result = run(plan, train=train, val=val, classes=classes)
-    return float(result.metrics["val_accuracy"])
+    # With `tta`, the final validation's views averaged (metrics.tta); else the single view.
+    tta = result.metrics.get("tta")
+    return float(tta["val_accuracy"] if tta else result.metrics["val_accuracy"])
 
 
 class _Images(Dataset[tuple[Tensor, int]]):
