@@ -283,7 +283,8 @@ def test_plan_preview_lists_stages_and_parameters(
     head, unfreeze = client.post("/v1/jobs/plan", headers=auth, json={**spec, **recipe}).json()[
         "stages"
     ]
-    assert (head["augment"], head["ema"], head["tta"]) == ("none", 0.99, None)
+    # The cached head stage is augmented through its `feature_views` views.
+    assert (head["augment"], head["ema"], head["tta"]) == ("light", 0.99, None)
     assert (unfreeze["augment"], unfreeze["ema"]) == ("light", 0.99)
     assert unfreeze["tta"] == ["original", "flip"]
     mirrorless = client.post("/v1/jobs/plan", headers=auth, json={**spec, **recipe, "flip": False})

@@ -29,6 +29,7 @@ BODIES: dict[tuple[str, str], dict[str, Any]] = {
     },
     ("post", "/v1/jobs"): {"json": {}},
     ("post", "/v1/jobs/plan"): {"json": {}},
+    ("post", "/v1/jobs/lr-find"): {"json": {}},
     # The transferability endpoint (on main, not yet on this branch): its defaults suffice.
     ("post", "/v1/datasets/{dataset_id}/transferability"): {"json": {}},
     ("post", "/v1/experiments"): {"json": {}},
