@@ -518,13 +518,4 @@ def test_preselect_scores_candidates_outside_the_test_split_and_keeps_the_best(
     assert_error(
         client.post("/v1/experiments", headers=auth, json=too_many), 422, "invalid_request"
     )
-    texts = text_dataset(client, context, auth, rows=30)
-    on_text = experiment_request(
-        texts, base_models=["minilm_l6"], preselect=1, settings={"epochs": 1, "max_length": 32}
-    )
-    assert_error(
-        client.post("/v1/experiments", headers=auth, json=on_text),
-        422,
-        "wrong_modality",
-        "preselect",
-    )
+    # Preselect on a text dataset: tests/test_text_datasets.py (it scores minilm_l6 per layer).
