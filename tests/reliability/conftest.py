@@ -78,13 +78,19 @@ class Fleet:
         wait_ready(self.base, self.api, self.api_log)
 
     def start_worker(self, queues: str = "cpu") -> "Worker":
+        worker = self.launch_worker(queues)
+        worker.wait_ready()
+        return worker
+
+    def launch_worker(self, queues: str = "cpu") -> "Worker":
+        """A worker process, not yet ready: a test may go on while it imports, and then
+        `wait_ready` on it."""
         name = f"w{len(self.workers) + 1}"
         log = self.root / f"{name}.log"
         command = [*THAW, "worker", "--queues", queues, "--name", name]
         process = self.stack.enter_context(running(command, self.env, log, signal.SIGTERM))
         worker = Worker(name=name, process=process, log=log)
         self.workers.append(worker)
-        worker.wait_ready()
         return worker
 
     def stop_workers(self) -> None:
