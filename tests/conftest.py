@@ -4,6 +4,7 @@ service fails the run instead of skipping the tests that need it."""
 import io
 import os
 import secrets
+import shutil
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -107,12 +108,26 @@ def make_settings(data_dir: Path, **overrides: Any) -> Settings:
     return Settings(data_dir=data_dir, reaper_interval_seconds=3600, **overrides)
 
 
+@pytest.fixture(scope="session")
+def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data folder holding only a migrated SQLite database, migrated once per session: a
+    test's copy of it is where `migrate_database` would leave a fresh folder, without the
+    migrations' cost per test (about 0.3 s of CPU each)."""
+    data_dir = tmp_path_factory.mktemp("migrated") / "data"
+    migrate_database(make_settings(data_dir))
+    return data_dir
+
+
 @pytest.fixture
-def settings(tmp_path: Path, job_database: str | None) -> Settings:
+def settings(tmp_path: Path, job_database: str | None, migrated_sqlite: Path) -> Settings:
     """Embedded settings (folder store, folder broker) in a fresh data folder, on SQLite, or
     on Postgres too for tests marked `on_postgres_too`."""
-    settings = make_settings(tmp_path / "data", database_url=job_database)
-    migrate_database(settings)
+    data_dir = tmp_path / "data"
+    settings = make_settings(data_dir, database_url=job_database)
+    if job_database is None:
+        shutil.copytree(migrated_sqlite, data_dir)
+    else:
+        migrate_database(settings)
     return settings
 
 

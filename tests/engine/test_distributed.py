@@ -124,38 +124,32 @@ def _assert_same_steps(result: TrainingResult, expected: TrainingResult) -> None
     assert result.metrics["confusion_matrix"] == expected.metrics["confusion_matrix"]
 
 
-def test_two_processes_reach_the_weights_of_one(
+def test_two_processes_paused_and_resumed_reach_the_weights_of_one(
     tmp_path: Path, data: Data, one_process: TrainingResult
 ) -> None:
-    hooks = _Recorder()
-    checkpoint = tmp_path / "checkpoint.pt"
-
-    result = _run(data, gpus=2, hooks=hooks, checkpoint=checkpoint)
-
-    _assert_same_steps(result, one_process)
-    # The calling process is rank 0, the only one that reports and checkpoints.
-    assert [epoch.global_epoch for epoch in hooks.epochs] == [1, 2, 3]
-    assert hooks.checkpoints == 3
-    assert hooks.steps == STEPS
-    assert torch.load(checkpoint, weights_only=True)["epoch"] == 2
-
-
-def test_a_pause_stops_every_rank_and_both_resume_from_rank_0s_checkpoint(
-    tmp_path: Path, data: Data, one_process: TrainingResult
-) -> None:
+    """Every step runs on two processes, before the pause or after the resume (one run of
+    each: a spawn is most of this module's time), and together they end where one process
+    does."""
     checkpoint = tmp_path / "checkpoint.pt"
     # Step 5 is the second of the fine-tuning stage's first epoch.
+    before = _Recorder(pause_after=5)
     with pytest.raises(TrainingPaused):
-        _run(data, gpus=2, hooks=_Recorder(pause_after=5), checkpoint=checkpoint)
+        _run(data, gpus=2, hooks=before, checkpoint=checkpoint)
     state = torch.load(checkpoint, weights_only=True)
     assert (state["stage_index"], state["partial"]["steps"]) == (1, 2)
     assert state["partial"]["samples"] == 16
 
-    hooks = _Recorder()
-    resumed = _run(data, gpus=2, hooks=hooks, checkpoint=checkpoint, resume=True)
+    after = _Recorder()
+    resumed = _run(data, gpus=2, hooks=after, checkpoint=checkpoint, resume=True)
 
-    assert hooks.resumed == [(1, 2)]
+    assert after.resumed == [(1, 2)]
     _assert_same_steps(resumed, one_process)
+    # The calling process is rank 0, the only one that reports and checkpoints: each epoch
+    # once, a checkpoint per epoch and one at the pause.
+    assert [epoch.global_epoch for epoch in before.epochs + after.epochs] == [1, 2, 3]
+    assert (before.checkpoints, after.checkpoints) == (2, 2)
+    assert (before.steps, after.steps) == (5, STEPS)
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 2
 
 
 def test_a_cancel_stops_every_rank(tmp_path: Path, data: Data) -> None:

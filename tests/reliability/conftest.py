@@ -82,6 +82,13 @@ class Fleet:
         worker.wait_ready()
         return worker
 
+    def start_workers(self, count: int, queues: str = "cpu") -> list["Worker"]:
+        """`count` workers started together: their imports overlap instead of queueing."""
+        workers = [self.launch_worker(queues) for _ in range(count)]
+        for worker in workers:
+            worker.wait_ready()
+        return workers
+
     def launch_worker(self, queues: str = "cpu") -> "Worker":
         """A worker process, not yet ready: a test may go on while it imports, and then
         `wait_ready` on it."""

@@ -103,7 +103,7 @@ def test_duplicate_delivery_runs_once(fleet: Fleet, digits: str) -> None:
     create_celery_for(fleet).send_task(TRAIN_TASK, args=[job_id], queue=CPU_QUEUE)
     assert broker.llen(CPU_QUEUE) == 2
     broker.rename(CPU_QUEUE, HELD_QUEUE)
-    workers = [fleet.start_worker(), fleet.start_worker()]
+    workers = fleet.start_workers(2)
     fleet.wait_until("both workers blocked on the queue", lambda: blocked_consumers(fleet) == 2)
     broker.rename(HELD_QUEUE, CPU_QUEUE)
     fleet.wait(job_id, {"succeeded", "failed", "cancelled"})

@@ -81,9 +81,7 @@ def test_sigterm_hand_back_of_a_text_job_resumes_exactly(fleet: Fleet) -> None:
     # Two workers of one torch thread each, started together: the job to hand back and the
     # same job never interrupted (the reference) then train side by side, one on each (a
     # worker takes one task at a time), instead of one after the other.
-    workers = [fleet.launch_worker("cpu,datasets") for _ in range(2)]
-    for worker in workers:
-        worker.wait_ready()
+    workers = fleet.start_workers(2, "cpu,datasets")
     texts = upload_texts(fleet)
     job_id = submit_text(fleet, texts, "handed-text")
     reference_id = submit_text(fleet, texts, "uninterrupted-text")
@@ -96,6 +94,7 @@ def test_sigterm_hand_back_of_a_text_job_resumes_exactly(fleet: Fleet) -> None:
     # The first epoch's event is written after its checkpoint: SIGTERM now lands in epoch 2.
     fleet.wait_until(f"job {job_id} past its first epoch", lambda: fleet.epochs(job_id) == [1])
     [first] = [w for w in workers if fleet.statuses(job_id)[1]["worker"] == w.identity]
+    [reference] = [w for w in workers if w is not first]
     first.kill(signal.SIGTERM)
     assert first.wait_exit(timeout=60) == 0
 
@@ -103,11 +102,13 @@ def test_sigterm_hand_back_of_a_text_job_resumes_exactly(fleet: Fleet) -> None:
     assert fleet.wait(job_id, {"succeeded", "failed", "cancelled"})["status"] == "succeeded"
     statuses = fleet.statuses(job_id)
     print("status events:", statuses)
-    assert statuses[1:4] == [
+    assert statuses[1:3] == [
         {"status": "running", "worker": first.identity},
         {"status": "queued", "reason": "worker_shutdown"},
-        {"status": "running", "worker": fresh.identity},
     ]
+    # Another worker took it: the fresh one, or the other if the reference was done first.
+    assert statuses[3]["status"] == "running"
+    assert statuses[3]["worker"] in {fresh.identity, reference.identity}
     [resumed] = [s for s in statuses if s["status"] == "resumed"]
     # It continued from the step the first worker stopped at, inside epoch 2.
     assert resumed["completed_epochs"] == 1
