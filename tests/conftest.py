@@ -78,6 +78,7 @@ def redis_url() -> str:
 
 
 ON_POSTGRES_TOO = "on_postgres_too"
+ONNX_EXPORT = "onnx_export"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -85,6 +86,11 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         f"{ON_POSTGRES_TOO}: run an API test on Postgres as well as SQLite, for the job "
         "lifecycle and its conditional updates, which SQLite's whole-file lock cannot race",
+    )
+    config.addinivalue_line(
+        "markers",
+        f"{ONNX_EXPORT}: an API test whose jobs publish `model.onnx`, as by default; the others "
+        "skip the export (seconds of CPU a job), which cannot fail a publish",
     )
 
 
@@ -119,11 +125,18 @@ def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def settings(tmp_path: Path, job_database: str | None, migrated_sqlite: Path) -> Settings:
+def settings(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    job_database: str | None,
+    migrated_sqlite: Path,
+) -> Settings:
     """Embedded settings (folder store, folder broker) in a fresh data folder, on SQLite, or
-    on Postgres too for tests marked `on_postgres_too`."""
+    on Postgres too for tests marked `on_postgres_too`; ONNX export only for tests marked
+    `onnx_export`."""
     data_dir = tmp_path / "data"
-    settings = make_settings(data_dir, database_url=job_database)
+    onnx_export = request.node.get_closest_marker(ONNX_EXPORT) is not None
+    settings = make_settings(data_dir, database_url=job_database, onnx_export=onnx_export)
     if job_database is None:
         shutil.copytree(migrated_sqlite, data_dir)
     else:

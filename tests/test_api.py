@@ -390,6 +390,7 @@ def test_pagination(client: TestClient, context: AppContext, auth: dict[str, str
 
 
 @pytest.mark.on_postgres_too
+@pytest.mark.onnx_export
 def test_train_publish_predict_and_tenant_isolation(
     client: TestClient, context: AppContext, auth: dict[str, str]
 ) -> None:
