@@ -130,12 +130,6 @@ class Settings(BaseSettings):
         "is accepted; beyond it predict answers 503 with `Retry-After`, so an accepted call "
         "waits for at most this many passes ahead of its own.",
     )
-    batch_passes_in_flight: int = Field(
-        default=1,
-        ge=1,
-        description="Dynamic batching: forward passes of one model that may run at once; the "
-        "next pass gathers while one runs and starts beside it when it is full.",
-    )
     predict_max_in_flight: int = Field(
         default=256,
         ge=1,

@@ -6,7 +6,7 @@ import dataclasses
 import gc
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
@@ -196,7 +196,7 @@ def test_full_queue_answers_503_with_retry_after(served: Registry) -> None:
                 assert entered.wait(10)  # the first call is in its forward pass
                 queued = pool.submit(client.post, path, headers=auth, json=body)
                 deadline = time.monotonic() + 10
-                while not model.batcher._pending and time.monotonic() < deadline:
+                while model.batcher._queue.qsize() < 1 and time.monotonic() < deadline:
                     time.sleep(0.01)
                 refused = client.post(path, headers=auth, json=body)
                 assert_error(refused, 503, "overloaded")
@@ -270,53 +270,6 @@ def test_batcher_gathers_waiting_requests_up_to_the_maximum() -> None:
         slow.stop()
 
 
-def test_a_second_pass_gathers_until_full_then_runs_beside_the_first() -> None:
-    first_entered, release_first, second_entered = (threading.Event() for _ in range(3))
-    sizes: list[int] = []
-
-    def forward(batch: np.ndarray) -> list[np.ndarray]:
-        sizes.append(len(batch))
-        if len(sizes) == 1:
-            first_entered.set()
-            release_first.wait(10)
-        else:
-            second_entered.set()
-        return [np.zeros((len(batch), 2))]
-
-    batcher = Batcher(
-        fake_model(forward),
-        max_size=2,
-        max_delay=0.0,
-        queue_batches=3,
-        metrics=InferenceMetrics(),
-        passes_in_flight=2,
-    )
-    taken = threading.Semaphore(0)
-
-    class WatchedQueue(deque[Any]):
-        def popleft(self) -> Any:
-            taken.release()
-            return super().popleft()
-
-    batcher._pending = WatchedQueue()
-    try:
-        running = batcher.submit(pixels(0))
-        assert taken.acquire(timeout=10)
-        assert first_entered.wait(10)
-        waiting = [batcher.submit(pixels(1))]
-        assert taken.acquire(timeout=10)  # the next pass has it: past its delay (0), it keeps
-        waiting.append(batcher.submit(pixels(2)))  # gathering while the first runs...
-        # ...and, full, runs beside it.
-        assert second_entered.wait(10)
-        assert [len(f.result(10)[0]) for f in waiting] == [1, 1]
-        assert not running.done()
-        assert sizes == [1, 2]
-    finally:
-        release_first.set()
-        batcher.stop()
-    assert len(running.result(10)[0]) == 1
-
-
 def test_a_reservation_holds_room_from_admission_until_its_pass() -> None:
     # Room is counted in inputs (capacity 2 here) from the moment a call is accepted, before
     # its images are decoded, so calls still decoding cannot overfill the queue.
@@ -347,8 +300,7 @@ def test_a_reservation_holds_room_from_admission_until_its_pass() -> None:
     batcher.stop()  # still serves what it accepted
     gate.set()
     assert [len(f.result(10)[0]) for f in (running, *futures)] == [1, 1, 1]
-    for thread in batcher._threads:
-        thread.join(10)
+    batcher._thread.join(10)
     with pytest.raises(ModelUnloadedError):
         batcher.reserve(1)
 

@@ -17,9 +17,10 @@ import gc
 import io
 import logging
 import os
+import queue
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -281,19 +282,13 @@ class Reservation:
 
 
 class Batcher:
-    """Worker threads per loaded model, running gathered requests as forward passes.
+    """One worker thread per loaded model, running gathered requests as one forward pass.
 
     Admission is counted in inputs: `reserve` holds room for a call's inputs before they are
     decoded, and refuses (QueueFullError) once `queue_batches` full passes' worth are waiting,
-    so an accepted call waits for at most that many passes, plus the ones running, plus its
+    so an accepted call waits for at most that many passes, plus the one running, plus its
     own: its latency is bounded by the measured pass time (`thaw_inference_forward_seconds`),
     whatever the offered load.
-
-    One worker at a time gathers the next pass (two gatherers would split it). With
-    `passes_in_flight` above 1, the gatherer of the next pass keeps gathering while another
-    pass runs, past `max_delay`, until its batch is full (then it runs beside the other) or
-    the other pass ends: passes stay as full as the queue allows, and a host's idle core can
-    run one while another runs.
     """
 
     def __init__(
@@ -304,19 +299,13 @@ class Batcher:
         max_delay: float,
         queue_batches: int,
         metrics: InferenceMetrics,
-        passes_in_flight: int = 1,
     ) -> None:
         self.model = model
         self.max_size = max_size
         self.max_delay = max_delay
         self.capacity = queue_batches * max_size
-        self._pending: deque[_Request] = deque()
+        self._queue: queue.Queue[_Request] = queue.Queue()
         self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
-        """Notified when a request is queued or a pass ends: what the gatherer waits for."""
-        self._gathering = threading.Lock()
-        self._running = 0
-        """Forward passes in progress."""
         self._waiting = 0
         """Inputs reserved or queued and not yet in a forward pass."""
         self._stopping = False
@@ -327,14 +316,10 @@ class Batcher:
         self._rejected = metrics.rejected.labels(*labels)
         self._queue_seconds = metrics.queue_seconds.labels(*labels)
         self._forward_seconds = metrics.forward_seconds.labels(*labels)
-        self._threads = [
-            threading.Thread(
-                target=self._run, name=f"batcher-{model.version_id}-{index}", daemon=True
-            )
-            for index in range(passes_in_flight)
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._thread = threading.Thread(
+            target=self._run, name=f"batcher-{model.version_id}", daemon=True
+        )
+        self._thread.start()
 
     def reserve(self, count: int) -> Reservation:
         """Room for `count` inputs, or QueueFullError when the queue holds its capacity. A call
@@ -357,8 +342,7 @@ class Batcher:
         request = _Request(inputs)
         with self._lock:
             self._waiting -= reserved - len(inputs)
-            self._pending.append(request)
-            self._changed.notify()
+            self._queue.put_nowait(request)
         return request.future
 
     def _release(self, count: int) -> None:
@@ -367,50 +351,53 @@ class Batcher:
             self._depth.set(self._waiting)
 
     def stop(self) -> None:
-        """Finish what is queued or reserved, then end the threads; later reserves raise
+        """Finish what is queued or reserved, then end the thread; later reserves raise
         ModelUnloadedError."""
         self._stopping = True
 
-    def _run(self) -> None:
-        while True:
-            with self._gathering:
-                batch = self._gather()
-            if batch is None:
-                return
-            self._forward(batch)
+    def _next(self, timeout: float | None) -> _Request | None:
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
 
-    def _gather(self) -> list[_Request] | None:
-        """The next pass's requests (counted as running), or None once stopped and drained."""
-        with self._changed:
-            while not self._pending:
-                if self._stopping and self._waiting == 0:
-                    self._closed = True
-                    return None
-                self._changed.wait(IDLE_POLL_SECONDS)
-            batch = [self._pending.popleft()]
-            count = len(batch[0].inputs)
+    def _run(self) -> None:
+        held: _Request | None = None
+        while True:
+            first = held or self._next(IDLE_POLL_SECONDS)
+            held = None
+            if first is None:
+                with self._lock:
+                    if self._stopping and self._waiting == 0:
+                        self._closed = True
+                        return
+                continue
+            batch = [first]
+            count = len(first.inputs)
             deadline = time.monotonic() + self.max_delay
             while count < self.max_size:
-                if self._pending:
-                    if count + len(self._pending[0].inputs) > self.max_size:
-                        break  # would overflow this pass; it opens the next one
-                    request = self._pending.popleft()
-                    batch.append(request)
-                    count += len(request.inputs)
-                    continue
-                left = deadline - time.monotonic()
-                if left <= 0 and self._running == 0:
+                waiting = deadline - time.monotonic()
+                request = self._next(waiting) if waiting > 0 else self._next_nowait()
+                if request is None:
                     break
-                # Until more arrive, the delay ends, or (past it) the running pass ends.
-                self._changed.wait(left if left > 0 else None)
-            self._running += 1
+                if count + len(request.inputs) > self.max_size:
+                    held = request  # would overflow this pass; it opens the next one
+                    break
+                batch.append(request)
+                count += len(request.inputs)
+            self._forward(batch, count)
+
+    def _next_nowait(self) -> _Request | None:
+        try:
+            return self._queue.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _forward(self, batch: list[_Request], count: int) -> None:
+        started = time.perf_counter()
+        with self._lock:
             self._waiting -= count
             self._depth.set(self._waiting)
-        return batch
-
-    def _forward(self, batch: list[_Request]) -> None:
-        started = time.perf_counter()
-        count = sum(len(request.inputs) for request in batch)
         self._batch_size.observe(count)
         for request in batch:
             self._queue_seconds.observe(started - request.queued_at)
@@ -424,9 +411,6 @@ class Batcher:
             return
         finally:
             self._forward_seconds.observe(time.perf_counter() - started)
-            with self._changed:
-                self._running -= 1
-                self._changed.notify()
         start = 0
         for request in batch:
             end = start + len(request.inputs)
@@ -483,7 +467,6 @@ class ModelCache:
                 max_delay=self.settings.batch_max_delay_ms / 1000,
                 queue_batches=self.settings.batch_queue_batches,
                 metrics=self.metrics,
-                passes_in_flight=self.settings.batch_passes_in_flight,
             )
             self.metrics.cache_loads.labels(*labels).inc()
             self.metrics.backend.labels(*labels, model.backend, model.backend_reason or "").set(1)
