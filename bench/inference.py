@@ -6,10 +6,13 @@ and the model has the `model.onnx` the publisher exports. Then, in one run, it p
 
 - the raw model's throughput in PyTorch (plain, `inference_mode`, channels-last, and
   `torch.compile` with `--compile`) and in ONNX Runtime (1 and all intra-op threads), at batch 1
-  and 32, measured in this process;
+  and 32, measured in this process, per second and per second of its CPU; and the image model
+  in ONNX Runtime at the server's thread count from batch 1 to 64 (the model's own batch gain);
 - a bare FastAPI endpoint's req/s (the HTTP floor) and thaw's `/healthz` req/s, each from its own
   uvicorn process started exactly like thaw's;
-- predict req/s with p50/p99, dynamic batching on and off (`THAW_BATCH_MAX_SIZE=1`), one small
+- predict req/s with p50/p99 and answers per second of the server's CPU (its processes' CPU
+  time over the run, so a figure does not hang on the share of the host the scheduler gave the
+  server), dynamic batching on and off (`THAW_BATCH_MAX_SIZE=1`), one small
   PNG per multipart call, and the same for a text model: a minilm_l6 model trained the same way
   (feature extraction, one epoch, on 60 Debian package descriptions, `max_length` 32; it
   measures speed, not accuracy), one description per JSON `{"texts": [...]}` call;
@@ -18,8 +21,9 @@ and the model has the `model.onnx` the publisher exports. Then, in one run, it p
 - with `--sweep`, batched predict for several batcher settings (`THAW_BATCH_MAX_SIZE`,
   `THAW_BATCH_MAX_DELAY_MS`), which is where the defaults come from;
 - the figures that count: predict ÷ min(HTTP floor, raw ONNX Runtime at batch 32), and batched ÷
-  unbatched beside the model's own batch gain (raw ONNX Runtime b32 ÷ b1 images/s at the
-  server's thread count), so the reader sees how much of the possible gain thaw delivers.
+  unbatched, per second and per second of the server's CPU, beside the model's own batch gain
+  (its cheapest batch up to `THAW_BATCH_MAX_SIZE` ÷ batch 1, images per CPU-second), the most
+  batching can give where the CPU is the limit.
 
 The load comes from `wrk` (Debian: `apt-get install wrk`), a C load generator in its own
 process, with a Lua script for the multipart body. `--profile DIR` also records the batched
