@@ -201,9 +201,6 @@ def test_full_queue_answers_503_with_retry_after(served: Registry) -> None:
                 refused = client.post(path, headers=auth, json=body)
                 assert_error(refused, 503, "overloaded")
                 assert refused.headers["Retry-After"] == "1"
-                # Refused before its body is read: a malformed one is no 422 while full.
-                unread = client.post(path, headers=auth, json={"images": "not a list"})
-                assert_error(unread, 503, "overloaded")
                 release.set()
                 assert running.result().status_code == 200
                 assert queued.result().status_code == 200

@@ -207,9 +207,6 @@ def _resolve(request: Request, credentials: Credentials, name: str, ref: str) ->
     return served
 
 
-QUEUE_FULL = "Too many predict calls are waiting for this model; retry shortly."
-
-
 def _overloaded(message: str) -> ApiError:
     return ApiError(503, "overloaded", message, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
@@ -227,7 +224,9 @@ async def _reserve(
             # Unloaded between lookup and reserve (cache pressure): load it again, once.
             model = await run_in_threadpool(cache.get, version)
         except QueueFullError:
-            raise _overloaded(QUEUE_FULL) from None
+            raise _overloaded(
+                "Too many predict calls are waiting for this model; retry shortly."
+            ) from None
     raise _overloaded("The model cache is too small for the models in use; retry shortly.")
 
 
@@ -276,13 +275,6 @@ async def _predict(request: Request, credentials: Credentials, name: str, versio
     resolve = partial(_resolve, request, credentials, name, version)
     served = await loop.run_in_executor(resolve_pool(), resolve)
     context: AppContext = request.app.state.context
-    cache: ModelCache = request.app.state.predictors
-    model = cache.peek(served)
-    if model is not None and model.batcher is not None:
-        try:
-            model.batcher.refuse_if_full()
-        except QueueFullError:
-            raise _overloaded(QUEUE_FULL) from None
     content_type = request.headers.get("content-type", "")
     try:
         if content_type.startswith("multipart/form-data"):
@@ -299,9 +291,11 @@ async def _predict(request: Request, credentials: Credentials, name: str, versio
         # The caller hung up mid-body: nobody reads an answer, and it is no server error.
         return Response(status_code=400)
     started = time.perf_counter()
+    cache: ModelCache = request.app.state.predictors
     metrics: InferenceMetrics = request.app.state.inference_metrics
     labels = (served.id,)
     # Loading is slow and CPU-bound: keep it off the event loop.
+    model = cache.peek(served)
     if model is None:
         model = await run_in_threadpool(cache.get, served)
     task = body.task

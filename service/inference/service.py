@@ -334,14 +334,6 @@ class Batcher:
             self._depth.set(self._waiting)
         return Reservation(self, count)
 
-    def refuse_if_full(self) -> None:
-        """QueueFullError when no call could be let in now, whatever its size: checked before
-        a call's body is read, so under overload a refusal costs no parsing."""
-        with self._lock:
-            if self._waiting >= self.capacity:
-                self._rejected.inc()
-                raise QueueFullError(self.model.version_id)
-
     def submit(self, inputs: Any) -> Future[list[np.ndarray]]:
         """Reserve and queue at once (inputs already decoded)."""
         return self.reserve(len(inputs)).submit(inputs)
