@@ -6,10 +6,13 @@ and the model has the `model.onnx` the publisher exports. Then, in one run, it p
 
 - the raw model's throughput in PyTorch (plain, `inference_mode`, channels-last, and
   `torch.compile` with `--compile`) and in ONNX Runtime (1 and all intra-op threads), at batch 1
-  and 32, measured in this process;
+  and 32, measured in this process, per second and per second of its CPU; and the image model
+  in ONNX Runtime at the server's thread count from batch 1 to 64 (the model's own batch gain);
 - a bare FastAPI endpoint's req/s (the HTTP floor) and thaw's `/healthz` req/s, each from its own
   uvicorn process started exactly like thaw's;
-- predict req/s with p50/p99, dynamic batching on and off (`THAW_BATCH_MAX_SIZE=1`), one small
+- predict req/s with p50/p99 and answers per second of the server's CPU (its processes' CPU
+  time over the run, so a figure does not hang on the share of the host the scheduler gave the
+  server), dynamic batching on and off (`THAW_BATCH_MAX_SIZE=1`), one small
   PNG per multipart call, and the same for a text model: a minilm_l6 model trained the same way
   (feature extraction, one epoch, on 60 Debian package descriptions, `max_length` 32; it
   measures speed, not accuracy), one description per JSON `{"texts": [...]}` call;
@@ -18,8 +21,9 @@ and the model has the `model.onnx` the publisher exports. Then, in one run, it p
 - with `--sweep`, batched predict for several batcher settings (`THAW_BATCH_MAX_SIZE`,
   `THAW_BATCH_MAX_DELAY_MS`), which is where the defaults come from;
 - the figures that count: predict ÷ min(HTTP floor, raw ONNX Runtime at batch 32), and batched ÷
-  unbatched beside the model's own batch gain (raw ONNX Runtime b32 ÷ b1 images/s at the
-  server's thread count), so the reader sees how much of the possible gain thaw delivers.
+  unbatched, per second and per second of the server's CPU, beside the model's own batch gain
+  (its cheapest batch up to `THAW_BATCH_MAX_SIZE` ÷ batch 1, images per CPU-second), the most
+  batching can give where the CPU is the limit.
 
 The load comes from `wrk` (Debian: `apt-get install wrk`), a C load generator in its own
 process, with a Lua script for the multipart body. `--profile DIR` also records the batched
@@ -199,15 +203,27 @@ def train(data_dir: Path) -> Trained:
 # --- the raw model --------------------------------------------------------------------------
 
 
-def images_per_second(forward: Callable[[], object], batch: int, seconds: float) -> float:
+@dataclass
+class Rate:
+    wall: float
+    """Inputs per second."""
+    cpu: float
+    """Inputs per second of this process's CPU time: what an input costs, whatever share of
+    the shared cores the scheduler gave the run."""
+
+    def __str__(self) -> str:
+        return f"{self.wall:8.1f} /s  {self.cpu:8.1f} /cpu-s"
+
+
+def images_per_second(forward: Callable[[], object], batch: int, seconds: float) -> Rate:
     for _ in range(3):
         forward()
     count = 0
-    began = time.perf_counter()
+    began, cpu_began = time.perf_counter(), time.process_time()
     while (elapsed := time.perf_counter() - began) < seconds:
         forward()
         count += batch
-    return count / elapsed
+    return Rate(count / elapsed, count / max(time.process_time() - cpu_began, 1e-9))
 
 
 def thread_counts() -> list[int]:
@@ -217,13 +233,13 @@ def thread_counts() -> list[int]:
     return sorted({1, Settings().resolved_inference_threads, cores})
 
 
-def raw_model(model_dir: Path, seconds: float, *, compile_model: bool) -> dict[str, float]:
+def raw_model(model_dir: Path, seconds: float, *, compile_model: bool) -> dict[str, Rate]:
     """Images/s per backend, variant, thread count and batch size, in this process."""
     predictor = Predictor.load(model_dir)
     module = predictor.model.eval()
     size = predictor.exported.preprocessing.image_size
     served_threads = Settings().resolved_inference_threads
-    results: dict[str, float] = {}
+    results: dict[str, Rate] = {}
     for threads in thread_counts():
         torch.set_num_threads(threads)
         session = onnx_session(model_dir / ONNX_FILE, threads)
@@ -296,13 +312,42 @@ def text_batches(model_dir: Path, texts: list[str]) -> dict[int, tuple[np.ndarra
     return {1: padded(texts[:1]), 32: padded(texts[:32])}
 
 
-def raw_text_model(model_dir: Path, texts: list[str], seconds: float) -> dict[str, float]:
+CURVE_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def onnx_batch_curve(model_dir: Path, seconds: float, rounds: int = 2) -> dict[int, Rate]:
+    """The image model in ONNX Runtime at the server's thread count, per batch size: the
+    batches taking turns for `rounds` rounds, each keeping its cheapest round (CPU)."""
+    preprocessing = read_model_config(model_dir).preprocessing
+    assert preprocessing is not None
+    size = preprocessing.image_size
+    session = onnx_session(model_dir / ONNX_FILE, Settings().resolved_inference_threads)
+    curve: dict[int, Rate] = {}
+    for _ in range(rounds):
+        for batch in CURVE_BATCHES:
+            inputs = np.random.default_rng(0).random((batch, 3, size, size), dtype=np.float32)
+            ort = partial(session.run, [ONNX_OUTPUT], {ONNX_INPUT: inputs})
+            rate = images_per_second(ort, batch, seconds)
+            if batch not in curve or rate.cpu > curve[batch].cpu:
+                curve[batch] = rate
+    return curve
+
+
+def own_batch_gain(curve: dict[int, Rate], max_batch: int) -> tuple[int, float]:
+    """The model's own gain from batching: its cheapest batch of at most `max_batch` inputs
+    (images per CPU-second) over batch 1, and that batch. Batched ÷ unbatched predict cannot
+    exceed it where the host's CPU is the limit."""
+    best = max((batch for batch in curve if batch <= max_batch), key=lambda b: curve[b].cpu)
+    return best, curve[best].cpu / curve[1].cpu
+
+
+def raw_text_model(model_dir: Path, texts: list[str], seconds: float) -> dict[str, Rate]:
     """Texts/s of the text model in torch (`inference_mode`) and ONNX Runtime."""
     predictor = Predictor.load(model_dir)
     module = predictor.model.eval()
     batches = text_batches(model_dir, texts)
     served_threads = Settings().resolved_inference_threads
-    results: dict[str, float] = {}
+    results: dict[str, Rate] = {}
     for threads in thread_counts():
         torch.set_num_threads(threads)
         session = onnx_session(model_dir / ONNX_FILE, threads)
@@ -378,31 +423,64 @@ class Load:
     """Answers other than 2xx/3xx."""
     failed: int
     """Connect, read, write errors and timeouts."""
+    server_cpu_seconds: float
+    """CPU time the server's processes (all their threads) used during the run."""
 
     @property
     def answered_rate(self) -> float:
         """2xx answers per second: what a run served, refusals left out."""
         return self.rate * (self.requests - self.refused) / max(1, self.requests)
 
+    @property
+    def answered_per_cpu_second(self) -> float:
+        """2xx answers per second of the server's CPU time: what a call costs the server,
+        whatever share of the shared cores the scheduler gave it during the run."""
+        return (self.requests - self.refused) / max(self.server_cpu_seconds, 1e-9)
+
     def __str__(self) -> str:
         return (
             f"{self.rate:8.1f} req/s  p50 {self.p50_ms:7.1f} ms  p99 {self.p99_ms:7.1f} ms  "
+            f"{self.answered_per_cpu_second:6.1f} answers/cpu-s  "
             f"({self.requests} calls, {self.refused} non-2xx, {self.failed} socket errors)"
         )
 
 
-def wrk(url: str, script: str, args: argparse.Namespace, *, connections: int) -> Load:
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process and its descendants (uvicorn's workers)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                # The fields after the command's closing parenthesis: ppid is the 2nd, utime
+                # and stime the 12th and 13th.
+                fields = (entry / "stat").read_text().rpartition(")")[2].split()
+            except OSError:  # the process ended meanwhile
+                continue
+            stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / ticks)
+    tree = [pid]
+    for member in tree:  # grows as it is walked: breadth first
+        tree += [child for child, (parent, _) in stats.items() if parent == member]
+    return sum(stats[member][1] for member in tree if member in stats)
+
+
+def wrk(
+    url: str, script: str, args: argparse.Namespace, *, connections: int, server_pid: int
+) -> Load:
     folder = Path(args.scratch)
     lua = folder / f"load-{time.monotonic_ns()}.lua"
     lua.write_text(script + WRK_REPORT)
     command = ["wrk", "-t", "1", "-c", str(connections), "-d", f"{args.seconds:g}s"]
     command += ["--timeout", "10s", "-s", str(lua), url]
+    cpu_before = cpu_seconds(server_pid)
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    server_cpu = cpu_seconds(server_pid) - cpu_before
     match = re.search(r"THAW-WRK (\d+) (\d+) (\d+) (\d+) (\d+) (\d+)", out)
     if match is None:
         raise RuntimeError(f"wrk printed no report:\n{out}")
     requests, duration_us, p50, p99, status, failed = (int(g) for g in match.groups())
-    return Load(requests / (duration_us / 1e6), p50 / 1000, p99 / 1000, requests, status, failed)
+    rate = requests / (duration_us / 1e6)
+    return Load(rate, p50 / 1000, p99 / 1000, requests, status, failed, server_cpu)
 
 
 def histogram_quantile(
@@ -582,11 +660,18 @@ def main() -> None:
         logger.info("raw image model (EfficientNet-Lite0, 64 px), images/s (t = threads):")
         raw = raw_model(trained.image_dir, args.raw_seconds, compile_model=args.compile)
         for name, rate in raw.items():
-            logger.info("  %s %8.1f", name, rate)
+            logger.info("  %s %s", name, rate)
         logger.info("raw text model (minilm_l6, max_length 32), texts/s (L = padded length):")
+        curve = onnx_batch_curve(trained.image_dir, args.raw_seconds / 2)
+        logger.info(
+            "image model in ONNX Runtime at the server's %d thread(s), per batch size:",
+            Settings().resolved_inference_threads,
+        )
+        for batch, rate in curve.items():
+            logger.info("  b%-3d %s  (%.2fx b1 per CPU-s)", batch, rate, rate.cpu / curve[1].cpu)
         raw_text = raw_text_model(trained.text_dir, texts, args.raw_seconds)
         for name, rate in raw_text.items():
-            logger.info("  %s %8.1f", name, rate)
+            logger.info("  %s %s", name, rate)
 
         get = 'wrk.method = "GET"\nwrk.path = "/healthz"\n'
         scripts = {
@@ -609,21 +694,26 @@ def main() -> None:
         # All servers stay up (idle ones cost nothing) and the loads take turns, round after
         # round, so a neighbour's burst on this shared machine disturbs every figure alike.
         with ExitStack() as servers:
-            bare_url, _ = servers.enter_context(server("inference:bare_app", args, {}))
-            batched_url, batched_pid = servers.enter_context(server(thaw, args, thaw_env))
-            unbatched_url, _ = servers.enter_context(server(thaw, args, unbatched_env))
+            # Each server's base URL, and its process id (whose CPU time each load reads).
+            pids: dict[str, int] = {}
+
+            def start(app: str, env: dict[str, str]) -> str:
+                url, pid = servers.enter_context(server(app, args, env))
+                pids[url] = pid
+                return url
+
+            bare_url = start("inference:bare_app", {})
+            batched_url = start(thaw, thaw_env)
+            unbatched_url = start(thaw, unbatched_env)
             swept = {
-                (size, delay): servers.enter_context(
-                    server(
-                        thaw,
-                        args,
-                        {
-                            **thaw_env,
-                            "THAW_BATCH_MAX_SIZE": str(size),
-                            "THAW_BATCH_MAX_DELAY_MS": str(delay),
-                        },
-                    )
-                )[0]
+                (size, delay): start(
+                    thaw,
+                    {
+                        **thaw_env,
+                        "THAW_BATCH_MAX_SIZE": str(size),
+                        "THAW_BATCH_MAX_DELAY_MS": str(delay),
+                    },
+                )
                 for size, delay in sweep
             }
             for url in (batched_url, unbatched_url, *swept.values()):
@@ -634,23 +724,30 @@ def main() -> None:
                 httpx.get(f"{batched_url}/metrics").text,
             )
             for round_number in range(args.rounds):
-                runs: list[tuple[str, str, str]] = [
-                    ("bare FastAPI GET", bare_url, get),
-                    ("thaw /healthz", batched_url, get),
+                # (label, server, path, wrk script)
+                runs: list[tuple[str, str, str, str]] = [
+                    ("bare FastAPI GET", bare_url, "", get),
+                    ("thaw /healthz", batched_url, "", get),
                 ]
                 for kind in ("image", "text"):
                     runs += [
-                        (f"{kind} batched", f"{batched_url}{paths[kind]}", scripts[kind]),
-                        (f"{kind} unbatched", f"{unbatched_url}{paths[kind]}", scripts[kind]),
+                        (f"{kind} batched", batched_url, paths[kind], scripts[kind]),
+                        (f"{kind} unbatched", unbatched_url, paths[kind], scripts[kind]),
                     ]
                 runs += [
-                    (f"image b{size} {delay:g}ms", f"{url}{PREDICT_PATH}", scripts["image"])
+                    (f"image b{size} {delay:g}ms", url, PREDICT_PATH, scripts["image"])
                     for (size, delay), url in swept.items()
                 ]
-                for label, url, script in runs:
+                for label, url, path, script in runs:
                     profiling = round_number == 0 and label == "image batched"
-                    with profiled(batched_pid, args) if profiling else nullcontext():
-                        load = wrk(url, script, args, connections=args.connections)
+                    with profiled(pids[url], args) if profiling else nullcontext():
+                        load = wrk(
+                            f"{url}{path}",
+                            script,
+                            args,
+                            connections=args.connections,
+                            server_pid=pids[url],
+                        )
                     loads.setdefault(label, []).append(load)
                     logger.info("%-18s %s", label, load)
             logger.info("in the batched server, all rounds (image and text calls):")
@@ -660,10 +757,14 @@ def main() -> None:
         # what would wait more than THAW_BATCH_QUEUE_BATCHES passes, at once, and the calls it
         # accepts keep a bounded latency.
         overload_connections = 8 * args.connections
-        with server(thaw, args, thaw_env) as (url, _):
+        with server(thaw, args, thaw_env) as (url, pid):
             warm_up(url, key, "image", bodies["image"])
             overload = wrk(
-                f"{url}{PREDICT_PATH}", scripts["image"], args, connections=overload_connections
+                f"{url}{PREDICT_PATH}",
+                scripts["image"],
+                args,
+                connections=overload_connections,
+                server_pid=pid,
             )
             logger.info("overload (%d connections) %s", overload_connections, overload)
             logger.info(
@@ -681,18 +782,28 @@ def main() -> None:
         logger.info("served by: %s", served_by or "(not reported)")
         bare = best["bare FastAPI GET"]
         threads = Settings().resolved_inference_threads
-        for kind, rates in (("image", raw), ("text", raw_text)):
+        max_batch = Settings().batch_max_size
+        text_curve = {
+            batch: next(
+                rate
+                for name, rate in raw_text.items()
+                if name.startswith("onnxruntime") and f" {threads}t b{batch} " in f"{name} "
+            )
+            for batch in (1, 32)
+        }
+        for kind, rates, model_curve in (("image", raw, curve), ("text", raw_text, text_curve)):
             batched, unbatched = best[f"{kind} batched"], best[f"{kind} unbatched"]
             ort = {
                 batch: max(
-                    rate
+                    rate.wall
                     for name, rate in rates.items()
                     if "onnxruntime" in name and f" b{batch} " in f"{name} "
                 )
                 for batch in (1, 32)
             }
-            own_gain = own_batch_gain(rates, threads)
+            own_batch, own_gain = own_batch_gain(model_curve, max_batch)
             gain = batched.answered_rate / unbatched.answered_rate
+            cpu_gain = batched.answered_per_cpu_second / unbatched.answered_per_cpu_second
             logger.info(
                 "%s: predict / min(HTTP floor %.0f, raw ORT b32 %.0f) = %.2f   (target >= 0.5)",
                 kind,
@@ -701,14 +812,16 @@ def main() -> None:
                 batched.answered_rate / min(bare.rate, ort[32]),
             )
             logger.info(
-                "%s: batched / unbatched = %.2fx (target >= 3); the model's own batch gain "
-                "(raw ORT b32 / b1 at %d thread%s) = %.2fx; batched / unbatched / own gain = %.2f",
+                "%s: batched / unbatched = %.2fx in req/s (target >= 3), %.2fx in answers per "
+                "server CPU-s; the model's own batch gain (ORT b%d / b1 per CPU-s, %d thread%s) "
+                "= %.2fx, the most batching can give where the CPU is the limit",
                 kind,
                 gain,
+                cpu_gain,
+                own_batch,
                 threads,
                 "" if threads == 1 else "s",
                 own_gain,
-                gain / own_gain,
             )
             logger.info(
                 "%s: p99 / p50 batched = %.2f   (target <= 3)",
@@ -719,19 +832,6 @@ def main() -> None:
             "healthz / bare = %.2f   (target >= 0.8)", best["thaw /healthz"].rate / bare.rate
         )
         logger.info("at the end: %s", load_average())
-
-
-def own_batch_gain(rates: dict[str, float], threads: int) -> float:
-    """Raw ONNX Runtime throughput at batch 32 over batch 1, at the server's thread count."""
-    by_batch = {
-        batch: next(
-            rate
-            for name, rate in rates.items()
-            if name.startswith("onnxruntime") and f" {threads}t b{batch} " in f"{name} "
-        )
-        for batch in (1, 32)
-    }
-    return by_batch[32] / by_batch[1]
 
 
 def warm_up(url: str, key: str, kind: str, body: Path) -> None:
