@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from rich.console import Console
 from sqlalchemy import select
 from typer.testing import CliRunner
 
@@ -16,6 +17,7 @@ import service.client
 from service.cli import app
 from service.cli import experiments as experiments_cli
 from service.context import AppContext
+from service.experiments.schemas import EXPERIMENT_OUT_EXAMPLE, ExperimentOut
 from service.tables import Job
 from tests.test_strategies_api import digits_dataset
 from worker import jobs
@@ -100,3 +102,46 @@ def test_create_watch_show_and_promote(
     missing = runner.invoke(app, ["experiments", "show", "exp_missing", *common])
     assert missing.exit_code == 1
     assert "experiment_not_found" in missing.output
+
+
+def rendered(experiment: ExperimentOut) -> list[list[str]]:
+    """The leaderboard table's header and rows, cell by cell."""
+    console = Console(record=True, width=400)
+    console.print(experiments_cli._leaderboard(experiment))
+    # Rich draws the header's borders heavy (┃), the rows' light (│).
+    text = console.export_text().replace("┃", "│")
+    lines = [line for line in text.splitlines() if "│" in line]
+    return [[cell.strip() for cell in line.strip("│ ").split("│")] for line in lines]
+
+
+def test_show_has_the_old_task_columns_for_an_experiment_from_a_registered_model() -> None:
+    """The literature's old-task columns, in the CLI's table when the trials have a parent."""
+    from_parent = ExperimentOut.model_validate(
+        {
+            **EXPERIMENT_OUT_EXAMPLE,
+            "request": {**EXPERIMENT_OUT_EXAMPLE["request"], "base_models": ["model:old:1"]},
+            "leaderboard": [
+                {
+                    **row,
+                    "base_model": "model:old:1",
+                    "old_task_accuracy": accuracy,
+                    "old_task_change": change,
+                }
+                for row, accuracy, change in zip(
+                    EXPERIMENT_OUT_EXAMPLE["leaderboard"],
+                    [0.912, 0.5],
+                    [-0.021, -0.433],
+                    strict=True,
+                )
+            ],
+        }
+    )
+    rows = rendered(from_parent)
+    header = rows[0]
+    old_task = [row[header.index("old-task acc %")] for row in rows[1:]]
+    change = [row[header.index("old-task change (points)")] for row in rows[1:]]
+    assert old_task == ["91.2", "50.0"]
+    assert change == ["-2.1", "-43.3"]
+
+    plain = rendered(ExperimentOut.model_validate(EXPERIMENT_OUT_EXAMPLE))
+    assert not [column for column in plain[0] if column.startswith("old-task")]

@@ -476,10 +476,9 @@ def _train_and_publish(
         (out / LABELS_FILE).write_text(json.dumps(classes, indent=2) + "\n")
         if context.settings.onnx_export:
             exports["onnx"] = _export_onnx(result.model, plan, out / ONNX_FILE).to_dict()
-        result.metrics.update(trials.evaluate_on_test(out, test, classes=classes))
         result.metrics.update(
-            trials.evaluate_on_old_task(
-                context, plan=plan, model_dir=out, parent_dir=parent_dir, test=test
+            trials.evaluate(
+                context, plan=plan, model_dir=out, parent_dir=parent_dir, test=test, classes=classes
             )
         )
         card = _db(

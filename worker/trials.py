@@ -3,14 +3,16 @@
 - `without_test_split`: the experiment's test split leaves the dataset's items (images or texts)
   before the training and validation sets are built, so no trial trains or selects (early
   stopping) on it;
-- `evaluate_on_test`: the exported model answers every test item (its file
-  `test_predictions.json` is published with the version) and the test metrics join the
-  version's metrics: accuracy with its bootstrap 95 % interval, loss, macro F1, and the median
-  latency of a one-item prediction;
-- `evaluate_on_old_task`: a trial that starts from a registered model (a parent) is also scored
-  on the parent's own task, on the parent's validation items: the parent's accuracy there, and
-  what the trial kept of it (an `lwf` trial with the old head it kept, any other with the
-  parent's head on the trial's backbone, as Li & Hoiem judge fine-tuning);
+- `evaluate`: a trial's scoring, on one load of its exported model:
+  - `evaluate_on_test`: the model answers every test item (its file `test_predictions.json` is
+    published with the version) and the test metrics join the version's metrics: accuracy
+    with its bootstrap 95 % interval, loss, macro F1, and the median latency of a one-item
+    prediction, timed on the scoring's own first items (asked one at a time), so the latency
+    column costs no prediction beyond the scoring;
+  - `evaluate_on_old_task`: a trial that starts from a registered model (a parent) is also
+    scored on the parent's own task, on the parent's validation items: the parent's accuracy
+    there, and what the trial kept of it (an `lwf` trial with the old head it kept, any other
+    with the parent's head on the trial's backbone, as Li & Hoiem judge fine-tuning);
 - `after_epoch`: in an experiment that prunes, a trial is judged at each rung (successive
   halving), so a hopeless one stops at the next step;
 - `advance_after_job`: a trial's end moves its experiment on.
@@ -41,8 +43,11 @@ from worker.engine.predictor import Top
 logger = logging.getLogger(__name__)
 
 EVALUATION_BATCH = 64
-LATENCY_ITEMS = 16
-"""One-item predictions timed for the latency column (after one untimed warm-up)."""
+LATENCY_ITEMS = 6
+"""The first test items are scored one at a time, and all but the first (the warm-up: the
+first call after loading pays for allocating the kernels) timed for the latency column; the
+rest are scored in batches. A median of five is stable enough to compare trials and keeps a
+trial's scoring to a few calls more than its batches."""
 PROBABILITY_FLOOR = 1e-12
 
 
@@ -110,36 +115,35 @@ def _accuracy(
 
 
 def evaluate_on_test(
-    model_dir: Path, test: list[DatasetItem], *, classes: list[str]
+    predictor: Predictor, model_dir: Path, test: list[DatasetItem], *, classes: list[str]
 ) -> dict[str, Any]:
-    """Score the exported model on the test split; writes `test_predictions.json` into
-    `model_dir` and returns the test metrics (empty when there is no test split)."""
+    """Score `predictor` (loaded from the exported `model_dir`) on the test split; writes
+    `test_predictions.json` into `model_dir` and returns the test metrics (empty when there is
+    no test split)."""
     if not test:
         return {}
-    predictor = Predictor.load(model_dir)
     index = {label: position for position, label in enumerate(classes)}
-    items: list[dict[str, Any]] = []
-    for start in range(0, len(test), EVALUATION_BATCH):
-        batch = test[start : start + EVALUATION_BATCH]
-        answers = _answer(predictor, [_read(item) for item in batch], top_k=len(classes))
-        for item, ranked in zip(batch, answers, strict=True):
-            probability = dict(ranked)
-            items.append(
-                {
-                    "item": item.id,
-                    "label": item.label,
-                    "predicted": index[ranked[0][0]],
-                    "probability": probability.get(classes[item.label], 0.0),
-                }
-            )
-    correct = [float(item["predicted"] == item["label"]) for item in items]
-    low, high = bootstrap_interval(correct)
-    latencies = []
-    for item in [test[0], *test[:LATENCY_ITEMS]]:
+    answers: list[Top] = []
+    latencies: list[float] = []
+    for item in test[:LATENCY_ITEMS]:
         one = _read(item)
         began = time.perf_counter()
-        _answer(predictor, [one], top_k=1)
+        answers.extend(_answer(predictor, [one], top_k=len(classes)))
         latencies.append(time.perf_counter() - began)
+    for start in range(LATENCY_ITEMS, len(test), EVALUATION_BATCH):
+        batch = test[start : start + EVALUATION_BATCH]
+        answers.extend(_answer(predictor, [_read(item) for item in batch], top_k=len(classes)))
+    items: list[dict[str, Any]] = [
+        {
+            "item": item.id,
+            "label": item.label,
+            "predicted": index[ranked[0][0]],
+            "probability": dict(ranked).get(classes[item.label], 0.0),
+        }
+        for item, ranked in zip(test, answers, strict=True)
+    ]
+    correct = [float(item["predicted"] == item["label"]) for item in items]
+    low, high = bootstrap_interval(correct)
     (model_dir / TEST_PREDICTIONS_FILE).write_text(json.dumps({"items": items}) + "\n")
     return {
         "test_accuracy": float(np.mean(correct)),
@@ -152,7 +156,8 @@ def evaluate_on_test(
             [item["label"] for item in items], [item["predicted"] for item in items], len(classes)
         ),
         "test_items": len(items),
-        "latency_ms_per_item": 1000 * statistics.median(latencies[1:]),
+        # A one-item test split has only its warm-up call to time.
+        "latency_ms_per_item": 1000 * statistics.median(latencies[1:] or latencies),
     }
 
 
@@ -160,13 +165,14 @@ def evaluate_on_old_task(
     context: AppContext,
     *,
     plan: Plan,
-    model_dir: Path,
+    trial: Predictor,
     parent_dir: Path | None,
     test: list[DatasetItem],
 ) -> dict[str, Any]:
     """A trial from a parent model, scored on the parent's newest task with the parent's
     validation items: `old_task_parent_accuracy` (the parent itself) and `old_task_accuracy`
-    (this trial). Empty for a job that is no trial or has no parent."""
+    (this trial, `trial`: the predictor `evaluate_on_test` scored). Empty for a job that is no
+    trial or has no parent."""
     parent_version_id = plan.extra.get("parent_version_id")
     if not test or parent_dir is None or parent_version_id is None:
         return {}
@@ -182,7 +188,6 @@ def evaluate_on_old_task(
     parent = Predictor.load(parent_dir)
     task = list(parent.tasks)[-1]
     parent_accuracy = _accuracy(parent, held_out, data.classes, task)
-    trial = Predictor.load(model_dir)
     if task in list(trial.tasks)[:-1]:
         # LwF kept the old head beside the new one (and trained it to keep its answers).
         accuracy = _accuracy(trial, held_out, data.classes, task)
@@ -195,6 +200,25 @@ def evaluate_on_old_task(
         "old_task_parent_accuracy": parent_accuracy,
         "old_task_items": len(held_out),
     }
+
+
+def evaluate(
+    context: AppContext,
+    *,
+    plan: Plan,
+    model_dir: Path,
+    parent_dir: Path | None,
+    test: list[DatasetItem],
+    classes: list[str],
+) -> dict[str, Any]:
+    """A trial's test metrics and (from a parent) old-task metrics, from one load of the
+    exported model in `model_dir`; empty for a job that is no trial (nothing loaded)."""
+    if not test:
+        return {}
+    predictor = Predictor.load(model_dir)
+    return evaluate_on_test(predictor, model_dir, test, classes=classes) | evaluate_on_old_task(
+        context, plan=plan, trial=predictor, parent_dir=parent_dir, test=test
+    )
 
 
 def after_epoch(context: AppContext, *, job_id: str) -> None:

@@ -21,6 +21,7 @@ from service.cli.client import (
     print_json,
     table,
 )
+from service.jobs.schemas import PARENT_PREFIX
 
 experiments_app = typer.Typer(
     help="Compare base models and strategies on one dataset: leaderboard, diagnosis (client)."
@@ -44,6 +45,15 @@ def _percent(value: float | None) -> str:
     return "" if value is None else f"{100 * value:.1f}"
 
 
+def _from_registered_model(experiment: Any) -> bool:
+    """Whether a base model is a registered model (a parent): its trials have old-task columns."""
+    return any(str(name).startswith(PARENT_PREFIX) for name in experiment.request["base_models"])
+
+
+def _signed_points(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:+.1f}"
+
+
 def _leaderboard(experiment: Any) -> Any:
     from rich.table import Table
 
@@ -52,7 +62,7 @@ def _leaderboard(experiment: Any) -> Any:
         title=f"experiment {experiment.id}: {experiment.status}, {done}/{len(experiment.trials)} "
         f"trials ended, test split {experiment.test_size} items"
     )
-    for column in [
+    columns = [
         "#",
         "base model",
         "strategy",
@@ -68,11 +78,15 @@ def _leaderboard(experiment: Any) -> Any:
         "weights MB",
         "ms/item",
         "version",
-    ]:
+    ]
+    old_task = _from_registered_model(experiment)
+    if old_task:
+        columns[-1:-1] = ["old-task acc %", "old-task change (points)"]
+    for column in columns:
         board.add_column(column)
     for row in experiment.leaderboard:
         interval = row.test_accuracy_interval
-        board.add_row(
+        cells = [
             str(row.rank),
             row.base_model,
             row.strategy,
@@ -89,7 +103,10 @@ def _leaderboard(experiment: Any) -> Any:
             "" if row.artifact_bytes is None else f"{row.artifact_bytes / 1e6:.1f}",
             "" if row.latency_ms_per_item is None else f"{row.latency_ms_per_item:.1f}",
             "" if row.version is None else f"{row.model}:{row.version}",
-        )
+        ]
+        if old_task:
+            cells[-1:-1] = [_percent(row.old_task_accuracy), _signed_points(row.old_task_change)]
+        board.add_row(*cells)
     return board
 
 

@@ -47,7 +47,7 @@ from service.experiments.split import (
 from service.jobs import service as jobs
 from service.jobs import transitions
 from service.jobs.history import epoch_history
-from service.jobs.schemas import JobSpec
+from service.jobs.schemas import PARENT_PREFIX, JobSpec
 from service.jobs.states import TERMINAL_STATUSES, IllegalTransitionError, JobStatus
 from service.models.service import set_alias
 from service.tables import (
@@ -104,6 +104,19 @@ def _trial_spec(request: ExperimentIn, *, base_model: str, strategy: str, seed: 
             f"base model {base_model}, strategy {strategy}: {first['msg']}",
             "settings",
         ) from None
+
+
+def _scratch_architecture(
+    session: Session, *, context: AppContext, tenant: Tenant, base_model: str
+) -> str:
+    """What a `scratch` trial trains for a base model: the same; for a registered model (a
+    parent), its architecture from random weights, the baseline its transfer trials are judged
+    against (scratch starts from no model's weights, so it cannot start from the parent's)."""
+    if not base_model.startswith(PARENT_PREFIX):
+        return base_model
+    parent = jobs.resolve_parent(session, context=context, tenant=tenant, reference=base_model)
+    architecture: str = parent.plan["base_model"]
+    return architecture
 
 
 def _parameters(
@@ -200,8 +213,15 @@ def create_experiment(*, context: AppContext, tenant: Tenant, request: Experimen
         trials: list[ExperimentTrial] = []
         for base_model in base_models:
             for strategy in request.strategies:
+                trained = (
+                    _scratch_architecture(
+                        session, context=context, tenant=tenant, base_model=base_model
+                    )
+                    if strategy == "scratch"
+                    else base_model
+                )
                 for seed in seeds:
-                    spec = _trial_spec(request, base_model=base_model, strategy=strategy, seed=seed)
+                    spec = _trial_spec(request, base_model=trained, strategy=strategy, seed=seed)
                     trainable, total = _parameters(
                         session, context=context, tenant=tenant, spec=spec
                     )

@@ -21,6 +21,9 @@ SPEC_EXAMPLE: dict[str, Any] = {
 }
 
 
+PARENT_PREFIX = "model:"
+"""A base model that names a registered model version: `model:<name>:<version or alias>`."""
+
 MODEL_NAME_HELP = (
     "Registry name to publish under (a new version each run): lowercase letters, digits, "
     "`.`, `_`, `-`."

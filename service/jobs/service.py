@@ -18,6 +18,7 @@ from service.datasets.service import require_modality, require_ready
 from service.errors import ApiError
 from service.jobs import transitions
 from service.jobs.schemas import (
+    PARENT_PREFIX,
     TRANSFER_SETTING_NAMES,
     JobSpec,
     PlanOut,
@@ -43,9 +44,6 @@ if TYPE_CHECKING:
     from worker.engine import ParentModel, Plan, TransferConfig
 
 logger = logging.getLogger(__name__)
-
-
-PARENT_PREFIX = "model:"
 
 
 def transfer_config(
