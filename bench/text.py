@@ -11,8 +11,9 @@
     evaluation `run` reports on it is a test accuracy.
 
 Run as `.venv/bin/python bench/text.py`; `--quick` skips (c), `--table-only` runs only (c),
-`--extraction-only` runs only (b), `--table-per-class N` takes the first N texts of each
-class for (c) and `--rows` chooses its rows. (c) trains nine jobs: on two cores shared with
+`--extraction-only` runs only (b), `--finetune-only` runs only (a) (`--finetune-epochs`
+bounds it: 6 steps an epoch at the defaults), `--table-per-class N` takes the first N texts
+of each class for (c) and `--rows` chooses its rows. (c) trains nine jobs: on two cores shared with
 other work a full-encoder job on 180 texts took about five minutes (two epochs), so the whole
 fixture takes hours there. In (a) and (b) each side runs `--repeats` times, alternating, and
 the fastest of each counts, so other load on the machine penalises both alike.
@@ -21,6 +22,7 @@ the fastest of each counts, so other load on the machine penalises both alike.
 import argparse
 import csv
 import json
+import math
 import random
 import tempfile
 import time
@@ -259,6 +261,10 @@ def main() -> None:
         "--extraction-only", action="store_true", help="only the feature_extraction timing (b)"
     )
     parser.add_argument(
+        "--finetune-only", action="store_true", help="only the fine_tune throughput (a)"
+    )
+    parser.add_argument("--finetune-epochs", type=int, default=2, help="epochs of (a)")
+    parser.add_argument(
         "--table-per-class",
         type=int,
         default=0,
@@ -283,8 +289,9 @@ def main() -> None:
         return
     if not args.extraction_only:
         fine_tune_throughput(args, train, val, classes, common)
-    extraction_speed_up(args, train, val, classes, common)
-    if not (args.quick or args.extraction_only):
+    if not args.finetune_only:
+        extraction_speed_up(args, train, val, classes, common)
+    if not (args.quick or args.extraction_only or args.finetune_only):
         accuracy_table(args, samples, classes)
     print(json.dumps({"threads": args.threads, "torch": torch.__version__}))
 
@@ -296,7 +303,7 @@ def fine_tune_throughput(
     classes: list[str],
     common: dict[str, Any],
 ) -> None:
-    tune = compile_plan(TransferConfig(strategy="fine_tune", epochs=2, **common))
+    tune = compile_plan(TransferConfig(strategy="fine_tune", epochs=args.finetune_epochs, **common))
     times = fastest(
         args.repeats,
         {
@@ -307,7 +314,8 @@ def fine_tune_throughput(
     texts = tune.stages[0].epochs * len(train)
     print(
         f"(a) fine_tune {MINILM}, max_length {args.max_length}, {len(train)} train / {len(val)} "
-        f"val texts, batch {args.batch_size}, {args.threads} threads, 2 epochs"
+        f"val texts, batch {args.batch_size}, {args.threads} threads, {args.finetune_epochs} "
+        f"epochs ({tune.stages[0].epochs * math.ceil(len(train) / args.batch_size)} steps)"
     )
     print(f"    thaw run:  {texts / times['thaw']:7.1f} train texts/s ({times['thaw']:.2f}s)")
     print(f"    hand loop: {texts / times['hand']:7.1f} train texts/s ({times['hand']:.2f}s)")

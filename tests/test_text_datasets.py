@@ -258,6 +258,21 @@ def test_text_manifest_round_trips(tmp_path: Path) -> None:
     assert IngestResult.from_manifest(json.loads(json.dumps(result.to_manifest()))) == result
 
 
+def test_the_manifest_lists_the_first_skipped_rows_and_counts_them_all(tmp_path: Path) -> None:
+    empty_rows = MAX_LISTED_SKIPPED + 5
+    result = ingest_bytes(tmp_path, FIXTURE.read_bytes() + b",games\n" * empty_rows)
+    assert result.num_skipped == empty_rows
+
+    manifest = json.loads(json.dumps(result.to_manifest()))
+    loaded = IngestResult.from_manifest(manifest)
+
+    assert len(manifest["skipped"]) == MAX_LISTED_SKIPPED
+    assert manifest["num_skipped"] == empty_rows
+    assert loaded.skipped == result.skipped[:MAX_LISTED_SKIPPED]
+    assert loaded.num_skipped == empty_rows
+    assert IngestResult.from_manifest(loaded.to_manifest()) == loaded
+
+
 # --- Over HTTP --------------------------------------------------------------------------------
 
 

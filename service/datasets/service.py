@@ -384,7 +384,7 @@ def _finish(
             dataset.num_unlabelled = result.unlabelled
             dataset.token_lengths = token_lengths
             dataset.skipped = [skipped_dict(s) for s in result.skipped[:MAX_LISTED_SKIPPED]]
-            dataset.num_skipped = len(result.skipped)
+            dataset.num_skipped = result.num_skipped
         session.commit()
     # The archive was only needed to build the files; a redelivered task finds the dataset
     # no longer `processing` and never reads it again.

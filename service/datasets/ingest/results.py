@@ -102,6 +102,13 @@ class IngestResult:
     modality: Modality = "image"
     shards: list[TextShard] = field(default_factory=list)
     unlabelled: int = 0  # texts kept without a label (for a language-model stage)
+    unlisted_skipped: int = 0
+    """Skipped rows and files counted but not listed in `skipped`: a result read back from a
+    manifest lists the first MAX_LISTED_SKIPPED only."""
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped) + self.unlisted_skipped
 
     @property
     def num_labelled(self) -> int:
@@ -115,7 +122,8 @@ class IngestResult:
             "samples": [{"path": s.path, "label": s.label, "split": s.split} for s in self.samples],
             "shards": [{"path": s.path, "rows": s.rows} for s in self.shards],
             "unlabelled": self.unlabelled,
-            "skipped": [skipped_dict(s) for s in self.skipped],
+            "skipped": [skipped_dict(s) for s in self.skipped[:MAX_LISTED_SKIPPED]],
+            "num_skipped": self.num_skipped,
             "class_counts": {name: dict(counts) for name, counts in self.class_counts.items()},
         }
 
@@ -123,6 +131,7 @@ class IngestResult:
     def from_manifest(cls, data: dict[str, Any]) -> "IngestResult":
         if data.get("version") not in _READABLE_MANIFEST_VERSIONS:
             raise ValueError(f"unsupported manifest version {data.get('version')!r}")
+        listed = len(data["skipped"])
         return cls(
             classes=[str(name) for name in data["classes"]],
             samples=[
@@ -147,6 +156,8 @@ class IngestResult:
                 TextShard(path=str(s["path"]), rows=int(s["rows"])) for s in data.get("shards", [])
             ],
             unlabelled=int(data.get("unlabelled", 0)),
+            # Manifests written before the cap list every skipped row and carry no count.
+            unlisted_skipped=int(data.get("num_skipped", listed)) - listed,
         )
 
 

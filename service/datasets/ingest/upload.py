@@ -169,5 +169,5 @@ def _log_result(upload: Path, result: IngestResult) -> None:
         len(result.classes),
         len(result.samples) or result.num_labelled,
         result.unlabelled,
-        len(result.skipped),
+        result.num_skipped,
     )
