@@ -5,7 +5,13 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from service.jobs.spec_schema import model_of
 from service.jobs.states import JobStatus
-from worker.engine.spec import NAME_PATTERN, TransferSettings, decode, settings_of
+from worker.engine.spec import (
+    FEW_SHOT_HEAD_STEPS,
+    NAME_PATTERN,
+    TransferSettings,
+    decode,
+    settings_of,
+)
 
 SPEC_EXAMPLE: dict[str, Any] = {
     "dataset": "ds_0623f1c2a4b5e1a2b3c4d5e6",
@@ -101,7 +107,13 @@ class StagePreview(BaseModel):
     trainable_groups: list[dict[str, Any]]
     trainable_parameters: int
     total_parameters: int
-    steps: int
+    passes: int = Field(
+        default=1,
+        description="Shuffled passes over the training items in each epoch: more than one on "
+        "cached backbone features when the training split is small, so that the stage "
+        f"takes at least {FEW_SHOT_HEAD_STEPS} optimizer steps in all.",
+    )
+    steps: int = Field(description="Optimizer steps of the stage, over all its epochs.")
     lr: float | str = Field(
         description="The stage's top rate, resolved (lower groups ÷ the decay); "
         "`auto, resolved at run time` for a spec with `lr: auto`: the learning-rate finder "

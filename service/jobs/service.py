@@ -51,13 +51,18 @@ def transfer_config(
     *,
     model_name: str | None,
     num_classes: int,
+    train_size: int,
     parent: ParentModel | None = None,
 ) -> TransferConfig:
-    """The engine's config for a spec: its transfer settings, the dataset's classes, the parent;
-    the task is named after the registry model unless the spec names it."""
+    """The engine's config for a spec: its transfer settings, the dataset's classes and
+    training-split size (cached stages make more passes over a small one), the parent; the
+    task is named after the registry model unless the spec names it."""
     settings = spec.model_dump(include=TRANSFER_SETTING_NAMES)
     settings["task_name"] = settings["task_name"] or model_name
-    return decode(engine.TransferConfig, {**settings, "num_classes": num_classes, "parent": parent})
+    return decode(
+        engine.TransferConfig,
+        {**settings, "num_classes": num_classes, "train_size": train_size, "parent": parent},
+    )
 
 
 def resolve_parent(
@@ -113,11 +118,13 @@ def resolve_plan(
     )
     # `hf:<folder>` base models are checkpoint folders in the weights directory.
     engine.remember_folders(context.settings.resolved_weights_dir)
+    train_size = sum(int(c["train"]) for c in dataset.class_counts.values())
     try:
         config = transfer_config(
             spec,
             model_name=model_name,
             num_classes=len(dataset.classes),
+            train_size=train_size,
             parent=None if parent is None else _parent_model(context, parent),
         )
         plan = engine.compile_plan(config)
@@ -144,7 +151,6 @@ def resolve_plan(
             "base_model",
         )
     model = engine.build_model(plan, weights_dir=weights_dir, pretrained=False)
-    train_size = sum(int(c["train"]) for c in dataset.class_counts.values())
     described = engine.describe_plan(plan, model, train_size=train_size)
     stages = [StagePreview.model_validate(stage) for stage in described]
     preview = PlanOut(

@@ -187,7 +187,8 @@ def lr_find(
     set_batchnorm_mode(model, stage)
     optimizer = make_optimizer(plan, make_param_groups(model, stage))
     batches = training.data.for_stage(stage)
-    count = steps if steps is not None else range_steps(len(batches.train))
+    # Sized by passes over the data: a cached stage's epoch may make several (`Stage.passes`).
+    count = steps if steps is not None else range_steps(len(batches.train) // stage.passes)
     training.progress.total_steps = count
     top_lr = max(stage.group_lrs.values())
     curve = _Curve(exponential_lrs(start_lr, end_lr, count))

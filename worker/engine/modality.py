@@ -9,7 +9,8 @@ sits behind `Inputs` (this module's image implementation, `text.TextInputs` for 
   `inputs` is one tensor the backbone takes whole and `targets` the labels (with LwF's
   recorded outputs when given). Shuffled loaders draw only from the run's shuffle stream,
   which is what makes a resumed run redraw the same batches.
-- `steps(samples, stage)`: optimizer steps per epoch of the stage.
+- `steps(samples, stage)`: optimizer steps of one pass over the samples (an epoch of a stage
+  on cached features makes `stage.passes` passes).
 - `describe()`: facts kept with the metrics (text: token-length statistics).
 - `language_model(...)`: ulmfit's masked-LM stage (text only).
 

@@ -211,7 +211,8 @@ def make_param_groups(model: TransferModel, stage: Stage) -> list[dict[str, Any]
 def describe_plan(
     plan: Plan, model: TransferModel, *, train_size: int | None = None
 ) -> list[dict[str, Any]]:
-    """Per stage: what trains at which rate, parameter counts, optimizer steps, and the recipe:
+    """Per stage: what trains at which rate, parameter counts, passes over the training items
+    per epoch and optimizer steps, and the recipe:
     augmentation, the weight average's decay (`ema`), and on the last stage the test-time
     views the final validation averages (`tta`)."""
     group_sizes = {
@@ -248,8 +249,11 @@ def describe_plan(
                 "cache_features": stage.cache_features,
                 **recipe,
                 "feature_views": cached_views(plan, stage),
+                "passes": stage.passes,
                 "steps": (
-                    None if train_size is None else steps_per_epoch(plan, train_size) * stage.epochs
+                    None
+                    if train_size is None
+                    else steps_per_epoch(plan, stage, train_size) * stage.epochs
                 ),
             }
         )

@@ -15,6 +15,7 @@ from .artifacts import ModelConfig, ModelConfigError, read_model_config
 from .spec import (
     ALL,
     AUTO,
+    FEW_SHOT_HEAD_STEPS,
     MAX_IMAGE_SIZE,
     MIN_IMAGE_SIZE,
     MODALITY_DEFAULTS,
@@ -108,10 +109,15 @@ class TransferConfig(TransferSettings):
 
     `early_stopping_patience`: end a stage when the val loss has not improved for this many
     epochs, and keep the weights with the lowest val loss (see `train.run`).
+
+    `train_size`: how many training items the plan will train on. A stage on cached features
+    (a preset's or one in `stages`) then makes several passes over them per epoch
+    (`Stage.passes`), enough for `FEW_SHOT_HEAD_STEPS` steps in all; None: one pass.
     """
 
     num_classes: int
     parent: ParentModel | None = None
+    train_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -133,6 +139,10 @@ class Stage:
     auto_lr: bool = False
     """The rates follow the spec's `lr: auto` and await the learning-rate finder: `group_lrs`
     hold them for the modality's default rate, and `with_found_lr` scales them at run time."""
+    passes: int = 1
+    """Shuffled passes over the training items in each epoch; more than one only on cached
+    features with few items (`cached_passes`), so an epoch still ends in one validation and
+    one checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -231,6 +241,8 @@ def _validate(config: TransferConfig) -> None:
         raise ValueError("the scratch strategy starts from random weights; drop parent_dir")
     if config.stages is not None and not config.stages:
         raise ValueError("stages must list at least one stage when given")
+    if config.train_size is not None and config.train_size < 1:
+        raise ValueError(f"train_size must be at least 1; got {config.train_size}")
     if config.batch_size % config.gpus:
         raise ValueError(
             f"gpus: batch_size {config.batch_size} does not split evenly over {config.gpus} "
@@ -658,6 +670,11 @@ def compile_plan(config: TransferConfig) -> Plan:
             for stage in stages
             for sub in _resize_progressively(stage, config.progressive_resizing)
         )
+    if config.train_size is not None:
+        stages = tuple(
+            replace(stage, passes=cached_passes(stage, config.train_size, config.batch_size))
+            for stage in stages
+        )
     extra: dict[str, Any] = {"strategy": config.strategy}
     if config.parent is not None:
         extra["parent"] = config.base_model
@@ -699,5 +716,15 @@ def with_found_lr(plan: Plan, lr: float) -> Plan:
     return replace(plan, stages=stages, extra={**plan.extra, "lr": {AUTO: lr}})
 
 
-def steps_per_epoch(plan: Plan, train_size: int) -> int:
-    return math.ceil(train_size / plan.batch_size)
+def cached_passes(stage: Stage, train_size: int, batch_size: int) -> int:
+    """Passes over `train_size` items per epoch that give a stage on cached features at least
+    `FEW_SHOT_HEAD_STEPS` steps over its epochs; 1 for a stage that trains the backbone."""
+    if not stage.cache_features:
+        return 1
+    steps_per_pass = math.ceil(train_size / batch_size)
+    return max(1, math.ceil(FEW_SHOT_HEAD_STEPS / (stage.epochs * steps_per_pass)))
+
+
+def steps_per_epoch(plan: Plan, stage: Stage, train_size: int) -> int:
+    """Optimizer steps in one epoch of `stage` on `train_size` items."""
+    return stage.passes * math.ceil(train_size / plan.batch_size)

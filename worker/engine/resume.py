@@ -61,10 +61,11 @@ class PausedEpoch:
         self, batches: DataLoader[Any], shuffle: torch.Generator
     ) -> Iterator[Any]:
         """The batches the epoch had left, in the order the paused run drew."""
-        # The iterator draws the epoch's batch order from the shuffle stream, so it is drawn again
-        # from where the epoch began; the batches done before the pause are passed over (their
-        # images still load, but nothing trains) and the streams then set to where the pause left
-        # them, which includes the dropout draws of those steps.
+        # The iterator draws the epoch's batch order (on cached features, each pass's as the pass
+        # starts) from the shuffle stream, so it is drawn again from where the epoch began; the
+        # batches done before the pause are passed over (their images still load, but nothing
+        # trains) and the streams then set to where the pause left them, which includes the
+        # dropout draws of those steps and the orders of the passes drawn so far.
         restore_rng(self.epoch_start_rng, shuffle)
         remaining = iter(batches)
         for _ in range(self.steps):

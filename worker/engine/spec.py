@@ -77,6 +77,11 @@ MODALITY_DEFAULTS: dict[str, ModalityDefaults] = {
 ULMFIT_LR_DECAY = 2.6
 ULMFIT_LM_LR = 1e-4
 """ulmfit: the masked-LM stage's rate (the encoder's top layer; ÷ lr_decay per layer below)."""
+FEW_SHOT_HEAD_STEPS = 50
+"""The fewest optimizer steps a stage on cached features takes over all its epochs, by making
+several passes over a small training split per epoch. A one-epoch head stage on few-shot data
+would otherwise take a handful (5 shots x 10 classes in batches of 32: 2 steps) and leave the
+head barely trained, while steps on cached features cost almost nothing."""
 
 _SETTING = "thaw.setting"
 
@@ -246,8 +251,9 @@ class RunSettings:
         le=32,
         description="Image models with `augment`: stages on cached backbone features (the "
         "frozen-backbone head stage) compute this many augmented views of each training "
-        "image once, and train on one of them per image each epoch: one backbone pass per "
-        "image and view, not per epoch. MixUp/CutMix are not applied to cached features.",
+        "image once, and train on one of them per image each pass over the features: one "
+        "backbone pass per image and view, not per epoch. MixUp/CutMix are not applied to "
+        "cached features.",
     )
     device: Device = setting("cpu", description="`cuda` sends the job to the `gpu` queue.")
     gpus: int = setting(
@@ -322,7 +328,9 @@ class TransferSettings(RunSettings):
         None,
         ge=1,
         le=MAX_EPOCHS,
-        description="freeze_unfreeze: epochs of the head-only stage.",
+        description="freeze_unfreeze: epochs of the head-only stage (on cached backbone "
+        f"features; it makes at least {FEW_SHOT_HEAD_STEPS} optimizer steps in all, with "
+        "several passes over a small training split per epoch).",
     )
     partial_groups: int = setting(
         2, ge=1, le=100, description="partial: how many top backbone groups train."
@@ -330,7 +338,9 @@ class TransferSettings(RunSettings):
     stages: tuple[StageSpec, ...] | None = setting(
         None,
         max_length=50,
-        description="Explicit stages instead of the preset's (then `epochs` is their sum).",
+        description="Explicit stages instead of the preset's (then `epochs` is their sum). "
+        "A stage where no backbone group trains runs on cached features and, as the presets' "
+        f"head stages, makes at least {FEW_SHOT_HEAD_STEPS} optimizer steps in all.",
     )
     progressive_resizing: tuple[int, ...] | None = setting(
         None,

@@ -13,13 +13,20 @@ features as its head-only warm-up trains on, so the two share one backbone pass.
 
 import logging
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, RandomSampler, Sampler, TensorDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    Sampler,
+    TensorDataset,
+)
 
 from .features import (
     SharedFeatures,
@@ -229,8 +236,9 @@ class StageData:
         return features
 
     def _cached_features(self, stage: Stage) -> StageBatches:
-        """The head trains on backbone features (of `feature_views` augmented views of each
-        training item, one drawn per item each epoch, when the stage is augmented)."""
+        """The head trains on backbone features: `stage.passes` shuffled passes over the
+        training items each epoch (with `feature_views` augmented views of each item, a view
+        drawn per item and pass, when the stage is augmented)."""
         batch_size = self.plan.batch_size
         head = self.model.head
         labels = torch.tensor([sample.label for sample in self.train], device=self.device)
@@ -238,26 +246,44 @@ class StageData:
         val = DataLoader(
             TensorDataset(self._features("val", stage, None), val_labels), batch_size=batch_size
         )
-        sampler = self._train_sampler()
+        order: Sampler[Any] = self._train_sampler() or RandomSampler(
+            range(len(self.train)), generator=self.shuffle
+        )
         views = cached_views(self.plan, stage)
-        if views == 1:
-            train = DataLoader(
-                TensorDataset(self._features("train", stage, None), labels),
-                batch_size=batch_size,
-                shuffle=sampler is None,
-                sampler=sampler,
-                generator=self.shuffle,
-            )
-            return StageBatches(head, head, train, val)
         assert views is not None
-        order = sampler or RandomSampler(range(len(self.train)), generator=self.shuffle)
+        dataset: Dataset[Any]
+        if views == 1:
+            dataset = TensorDataset(self._features("train", stage, None), labels)
+        else:
+            dataset = ViewFeatures(
+                [self._features("train", stage, view) for view in range(views)], labels
+            )
+            order = ViewSampler(order, views, self.shuffle)
         train = DataLoader(
-            ViewFeatures([self._features("train", stage, view) for view in range(views)], labels),
-            batch_size=batch_size,
-            sampler=ViewSampler(order, views, self.shuffle),
+            dataset,
+            batch_sampler=Passes(order, batch_size, stage.passes),
             generator=self.shuffle,
         )
         return StageBatches(head, head, train, val)
+
+
+class Passes(Sampler[list[Any]]):
+    """One epoch's batches: `passes` passes, each batching a fresh iteration of `order`.
+
+    Each pass draws its order (and, through a `ViewSampler`, its views) from the shuffle
+    stream as it starts, as an epoch of one pass does, so a run resumed mid-epoch redraws the
+    same batches by iterating from the epoch's start."""
+
+    def __init__(self, order: Sampler[Any], batch_size: int, passes: int) -> None:
+        self.batches = BatchSampler(order, batch_size, drop_last=False)
+        self.passes = passes
+
+    def __len__(self) -> int:
+        return self.passes * len(self.batches)
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        for _ in range(self.passes):
+            yield from self.batches
 
 
 def _usable(stored: Tensor | None, count: int) -> Tensor | None:

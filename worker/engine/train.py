@@ -1,7 +1,8 @@
 """Execute a Plan: stage by stage, epoch by epoch, evaluating on the validation set each epoch.
 
 Stages whose backbone is entirely frozen train the head on backbone features computed once
-per image size, so their epochs cost a pass over the head only. LwF stages also fit the old
+per image size, so their epochs cost passes over the head only (several per epoch on few
+training items: `Stage.passes`). LwF stages also fit the old
 heads to outputs the parent model gave on the new images, recorded once before training.
 A checkpoint written after every epoch lets `run(..., resume_from=...)` continue a job with
 exactly the weights an uninterrupted run would have reached. A run can also be paused after
@@ -259,7 +260,8 @@ def _set_up_run(
         num_workers=num_workers,
         token_cache=token_cache,
     )
-    stage_steps = [inputs.steps(train, stage) for stage in plan.stages]
+    # A stage on cached features makes `passes` passes over the training items per epoch.
+    stage_steps = [stage.passes * inputs.steps(train, stage) for stage in plan.stages]
     progress = Progress(
         hooks,
         sum(stage.epochs * steps for stage, steps in zip(plan.stages, stage_steps, strict=True)),
