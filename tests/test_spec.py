@@ -44,10 +44,12 @@ def test_engine_config_takes_every_setting_and_its_default_from_the_declaration(
 
     for item, _ in settings_of(TransferSettings):
         assert config_defaults[item.name] == item.default, item.name
-    # What the config adds is what only the engine knows: the classes and the parent.
+    # What the config adds is what only the engine knows: the classes, the training split's
+    # size and the parent.
     assert set(config_defaults) - {item.name for item, _ in settings_of(TransferSettings)} == {
         "num_classes",
         "parent",
+        "train_size",
     }
 
 

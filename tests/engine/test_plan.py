@@ -154,6 +154,40 @@ def test_describe_plan_counts_parameters_and_steps(
     assert describe_plan(plan, model)[0]["steps"] is None
 
 
+def test_cached_stages_make_enough_passes_for_few_shot_data(
+    make_config: Callable[..., TransferConfig],
+) -> None:
+    # 5 shots x 10 classes in batches of 8: 7 steps a pass; the 1-epoch head stage needs
+    # ceil(50 / 7) = 8 passes for its 50 steps. Fine-tuning stages keep one pass an epoch.
+    few = compile_plan(make_config("freeze_unfreeze", epochs=4, train_size=50))
+    assert [(stage.name, stage.passes) for stage in few.stages] == [("head", 8), ("unfreeze", 1)]
+    # Over 3 epochs, 3 passes each give 63 steps: 2 would give 42.
+    extraction = compile_plan(make_config(epochs=3, train_size=50))
+    assert extraction.stages[0].passes == 3
+    # 400 items are 50 steps a pass: one is enough.
+    assert compile_plan(make_config("freeze_unfreeze", train_size=400)).stages[0].passes == 1
+    assert compile_plan(make_config("freeze_unfreeze")).stages[0].passes == 1
+    assert compile_plan(make_config("fine_tune", train_size=10)).stages[0].passes == 1
+    # Explicit stages get it too, on every stage on cached features and no other.
+    stages = (
+        StageSpec(groups=("head",), epochs=2),
+        StageSpec(groups=("all",), epochs=2),
+        StageSpec(groups=("head",), epochs=5),
+    )
+    written = compile_plan(make_config(stages=stages, train_size=20))
+    assert [stage.passes for stage in written.stages] == [9, 1, 4]
+
+    model = build_model(few, weights_dir=None)
+    head, unfreeze = describe_plan(few, model, train_size=50)
+    assert (head["passes"], head["steps"]) == (8, 56)
+    assert (unfreeze["passes"], unfreeze["steps"]) == (1, 21)
+
+
+def test_train_size_must_be_positive(make_config: Callable[..., TransferConfig]) -> None:
+    with pytest.raises(ValueError, match="train_size must be at least 1"):
+        compile_plan(make_config(train_size=0))
+
+
 def test_partial_trains_the_top_groups_and_the_head(
     make_config: Callable[..., TransferConfig],
 ) -> None:

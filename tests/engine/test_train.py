@@ -1,6 +1,7 @@
 import itertools
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -391,12 +392,21 @@ class _StopAfterEpochs(TrainingHooks):
 
 
 class _PauseAfterSteps(TrainingHooks):
-    """Pauses once the run's step count reaches `steps` (never when None); records resumes."""
+    """Pauses once the run's step count reaches `steps` (never when None); records resumes,
+    ended epochs and checkpoints."""
 
     def __init__(self, steps: int | None = None) -> None:
         self.steps = steps
         self.progress: list[tuple[int, int]] = []
         self.resumed: list[tuple[int, int]] = []
+        self.epochs: list[EpochResult] = []
+        self.checkpoints = 0
+
+    def on_epoch_end(self, result: EpochResult) -> None:
+        self.epochs.append(result)
+
+    def on_checkpoint(self, path: Path) -> None:
+        self.checkpoints += 1
 
     def on_progress(self, done_steps: int, total_steps: int) -> None:
         self.progress.append((done_steps, total_steps))
@@ -548,6 +558,55 @@ def test_run_paused_twice_in_one_epoch_resumes_exactly(
         resume_from=checkpoint,
     )
 
+    _assert_same_run(resumed, uninterrupted)
+
+
+# With its 24 training images known, RESUMABLE's 2-epoch cached head stage makes 9 passes of
+# 3 steps each epoch (27 steps, 54 in the stage; FEW_SHOT_HEAD_STEPS is 50); the fine-tuning
+# stage keeps 3 steps an epoch: 63 steps in all.
+FEW_SHOT = replace(RESUMABLE, train_size=24, feature_views=2)
+
+
+@pytest.mark.parametrize("augment", ["none", "light"], ids=["plain", "augmented-views"])
+def test_run_paused_inside_a_later_pass_resumes_exactly(
+    tmp_path: Path, colour_data: Data, augment: str
+) -> None:
+    plan = compile_plan(replace(FEW_SHOT, augment=augment))
+    assert [stage.passes for stage in plan.stages] == [9, 1]
+    train, val = colour_data
+
+    def go(hooks: TrainingHooks, checkpoint: Path, *, resume: bool = False) -> TrainingResult:
+        return run(
+            plan,
+            train=train,
+            val=val,
+            classes=["r", "g", "b"],
+            hooks=hooks,
+            checkpoint_path=checkpoint,
+            resume_from=checkpoint if resume else None,
+        )
+
+    whole = _PauseAfterSteps()
+    uninterrupted = go(whole, tmp_path / "uninterrupted.pt")
+    # Passes stay inside the epoch: one validation, one event and one checkpoint per epoch.
+    assert [(entry.stage_index, entry.epoch) for entry in whole.epochs] == [
+        (0, 1), (0, 2), (1, 1), (1, 2), (1, 3)
+    ]  # fmt: skip
+    assert whole.checkpoints == 5
+    assert whole.progress == [(step, 63) for step in range(1, 64)]
+
+    # Step 5 of the first epoch is the second of its second pass.
+    checkpoint = tmp_path / "checkpoint.pt"
+    with pytest.raises(TrainingPaused):
+        go(_PauseAfterSteps(5), checkpoint)
+    state = torch.load(checkpoint, weights_only=True)
+    assert (state["stage_index"], state["epoch"], state["partial"]["steps"]) == (0, 0, 5)
+
+    hooks = _PauseAfterSteps()
+    resumed = go(hooks, checkpoint, resume=True)
+
+    assert hooks.resumed == [(0, 5)]
+    assert hooks.progress[0] == (6, 63)
     _assert_same_run(resumed, uninterrupted)
 
 
