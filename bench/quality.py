@@ -98,8 +98,16 @@ def few_shot(
 def thaw_accuracy(
     train: list[Sample], val: list[Sample], classes: list[str], seed: int, **settings: Any
 ) -> float:
+    # As the service compiles a job's plan: with the training split's size, which sets the
+    # head stage's passes over the cached features.
     plan = compile_plan(
-        TransferConfig(base_model=BASE_MODEL, num_classes=len(classes), seed=seed, **settings)
+        TransferConfig(
+            base_model=BASE_MODEL,
+            num_classes=len(classes),
+            train_size=len(train),
+            seed=seed,
+            **settings,
+        )
     )
     result = run(plan, train=train, val=val, classes=classes)
     # With `tta`, the final validation's views averaged (metrics.tta); else the single view.
