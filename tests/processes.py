@@ -97,7 +97,7 @@ def wait_ready(base: str, process: subprocess.Popen[bytes], log: Path, timeout: 
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(0.5)
+        time.sleep(0.2)
     pytest.fail(f"server not ready after {timeout}s:\n{log.read_text()[-3000:]}")
 
 
@@ -107,5 +107,5 @@ def poll(client: httpx.Client, path: str, until: set[str], timeout: float) -> di
         body: dict[str, Any] = client.get(path).raise_for_status().json()
         if body["status"] in until:
             return body
-        time.sleep(1)
+        time.sleep(0.25)
     pytest.fail(f"{path} did not reach {until} in {timeout}s: {body}")
