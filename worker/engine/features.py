@@ -43,6 +43,7 @@ from .augment import SEED_BOUND, AugmentedImages, MixingCollate, stage_augment
 from .data import Sample
 from .loop import Precision
 from .plan import Plan, Stage
+from .recipe import cached_view_count
 
 FEATURES_FORMAT = 2
 """Bump when what a stored entry holds, or how features are computed, changes (2: text
@@ -78,12 +79,12 @@ class SharedFeatures:
 
 
 def cached_views(plan: Plan, stage: Stage) -> int | None:
-    """How many views of each training item a stage on cached features trains on (1: the plain
-    item; `feature_views` when the stage is augmented); None for a stage that trains the
-    backbone, which sees fresh inputs every epoch."""
-    if not stage.cache_features:
-        return None
-    return plan.feature_views if stage_augment(plan, stage) != "none" else 1
+    """The views of each training item `stage` trains on (`recipe.cached_view_count`)."""
+    return cached_view_count(
+        cache_features=stage.cache_features,
+        augment=stage_augment(plan, stage),
+        feature_views=plan.feature_views,
+    )
 
 
 def weights_digest(module: nn.Module) -> str:

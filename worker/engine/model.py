@@ -8,7 +8,6 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .artifacts import WEIGHTS_FILE
-from .features import cached_views
 from .plan import HEAD, LM_HEAD, OLD_HEADS, HeadConfig, Plan, Stage, steps_per_epoch
 from .recipe import stage_recipes
 from .zoo import Backbone, build_backbone
@@ -248,8 +247,6 @@ def describe_plan(
                 "bn_mode": stage.bn_mode,
                 "cache_features": stage.cache_features,
                 **recipe,
-                "feature_views": cached_views(plan, stage),
-                "passes": stage.passes,
                 "steps": (
                     None
                     if train_size is None

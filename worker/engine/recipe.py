@@ -49,16 +49,29 @@ def augment_level(augment: str, *, modality: str, distill: bool) -> str:
     return augment
 
 
+def cached_view_count(*, cache_features: bool, augment: str, feature_views: int) -> int | None:
+    """How many views of each training item a stage on cached features trains on (1: the plain
+    item; `feature_views` when the stage is augmented); None for a stage that trains the
+    backbone, which sees fresh inputs every epoch."""
+    if not cache_features:
+        return None
+    return feature_views if augment != "none" else 1
+
+
 def stage_recipes(plan: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Per stage of a plan as `Plan.to_dict()` writes it: `lr` (its top group's rate, or
     `AUTO_LR_PREVIEW` until the finder has run),
-    `augment`, `ema` (the decay, or None) and `tta` (the last stage of an image plan: the
-    views the final validation and predict average; None elsewhere)."""
+    `augment`, `feature_views` and `passes` (on cached features: the views of each item and
+    the passes over them per epoch), `ema` (the decay, or None) and `tta` (the last stage of
+    an image plan: the views the final validation and predict average; None elsewhere)."""
     stages = plan.get("stages", [])
     modality = plan.get("modality", "image")
     recipes = []
     for index, stage in enumerate(stages):
         last = index == len(stages) - 1
+        augment = augment_level(
+            plan.get("augment", "none"), modality=modality, distill=stage.get("distill", False)
+        )
         recipes.append(
             {
                 "lr": (
@@ -66,11 +79,13 @@ def stage_recipes(plan: Mapping[str, Any]) -> list[dict[str, Any]]:
                     if stage.get("auto_lr", False)
                     else max(stage["group_lrs"].values())
                 ),
-                "augment": augment_level(
-                    plan.get("augment", "none"),
-                    modality=modality,
-                    distill=stage.get("distill", False),
+                "augment": augment,
+                "feature_views": cached_view_count(
+                    cache_features=stage["cache_features"],
+                    augment=augment,
+                    feature_views=plan.get("feature_views", 1),
                 ),
+                "passes": stage.get("passes", 1),
                 "ema": plan.get("ema"),
                 "tta": (
                     list(tta_views(plan.get("tta", "none"), flip=plan.get("flip", True)))
