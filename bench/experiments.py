@@ -13,6 +13,16 @@ It prints experiment ÷ separate jobs (the issue's target is ≤ 0.8, from shari
 features across trials) and transferability ÷ experiment (target ≤ 0.05), then the
 leaderboard and the diagnosis it got.
 
+Interleaved, so that a shared machine's changing load falls on both sides alike: each trial
+runs, then the separate job of the same strategy, then the next trial (the experiment starts
+its next trial when one ends, and in-process that trial waits, queued, for the bench's next
+call). The experiment's time is the sum of its own segments (the creation request, each
+trial's job from its claim to its end, the experiment moving on included, and the final
+read of its leaderboard); a separate job's, from its submission to its end. It prints both
+wall and process CPU time per pair (CPU time counts the work, less what waits for other
+processes), and the torch threads (`--threads`, default 1: on a loaded machine more threads
+than free cores spin while they wait for each other, and wall times swing by whole multiples).
+
 Same data on both sides: the separate jobs train on a second dataset made of the same images
 less the experiment's test split (uploaded after the experiment carved it; the bench prints
 both sides' train and val counts, which the upload's own stratified split may make differ by
@@ -24,12 +34,13 @@ columns and latency), which is the experiment's own work and counted in its time
 Shared features: the experiment's trials share frozen-backbone features through the store
 (`features/<dataset>/` in the artifact store). The reference is the same trials run as a user
 would run them without thaw's experiment, each computing its own features, so every separate
-job starts with that folder emptied (a fresh store): the separate jobs never read features
-another job computed. An untimed one-epoch job runs first (its features then removed), so
-neither side pays for loading torch, the weights and the images for the first time.
+job starts with its dataset's folder emptied (a fresh store): the separate jobs never read
+features another job computed. An untimed one-epoch job runs first (its features then
+removed), so neither side pays for loading torch, the weights and the images for the first
+time.
 
     .venv/bin/python bench/experiments.py [--classes 4] [--per-class 40] [--epochs 3]
-        [--image-size 64] [--base-model efficientnet_lite0] [--device cpu]
+        [--image-size 64] [--base-model efficientnet_lite0] [--device cpu] [--threads 1]
 
 The machine may be shared: compare figures within one run.
 """
@@ -42,10 +53,14 @@ import tempfile
 import time
 import zipfile
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import select
@@ -60,7 +75,7 @@ from service.main import create_app
 from service.settings import Settings
 from service.tables import Experiment, Job
 from worker import jobs
-from worker.feature_store import FEATURES_PREFIX
+from worker.feature_store import FEATURES_PREFIX, dataset_features_prefix
 
 
 def digits_zip(classes: int, per_class: int, *, leaving_out: frozenset[str] = frozenset()) -> bytes:
@@ -99,18 +114,41 @@ def split_counts(items: list[DatasetItem]) -> str:
     return f"{counts['train']} train, {counts['val']} val"
 
 
+@dataclass
+class Spent:
+    """Wall and process CPU seconds spent on one side."""
+
+    wall: float = 0.0
+    cpu: float = 0.0
+
+    @contextmanager
+    def timing(self) -> Iterator[None]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall += time.perf_counter() - wall
+            self.cpu += time.process_time() - cpu
+
+
 def run_queued(context: AppContext) -> int:
     """Run queued jobs one at a time until none is left; returns how many ran."""
     ran = 0
-    while True:
-        with context.db.session() as session:
-            job_id = session.scalar(
-                select(Job.id).where(Job.status == "queued").order_by(Job.created_at)
-            )
-        if job_id is None:
-            return ran
-        jobs.execute(context, job_id=job_id)
+    while run_next(context):
         ran += 1
+    return ran
+
+
+def run_next(context: AppContext) -> bool:
+    """Run the oldest queued job, if any (as a one-job-at-a-time worker would pick it)."""
+    with context.db.session() as session:
+        job_id = session.scalar(
+            select(Job.id).where(Job.status == "queued").order_by(Job.created_at)
+        )
+    if job_id is None:
+        return False
+    jobs.execute(context, job_id=job_id)
+    return True
 
 
 def main() -> None:
@@ -121,8 +159,10 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--base-model", default="efficientnet_lite0")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory(prefix="thaw-bench-") as folder:
         settings = Settings(data_dir=Path(folder), reaper_interval_seconds=3600)
@@ -143,8 +183,8 @@ def main() -> None:
             }
             print(
                 f"{args.base_model}, {args.classes} classes x {args.per_class} images, "
-                f"{args.epochs} epochs at {args.image_size} px on {args.device}, "
-                f"strategies: {', '.join(DEFAULT_STRATEGIES)}"
+                f"{args.epochs} epochs at {args.image_size} px on {args.device} "
+                f"({args.threads} torch threads), strategies: {', '.join(DEFAULT_STRATEGIES)}"
             )
             print(f"load average at start: {os.getloadavg()}")
             warm_up = client.post(
@@ -163,26 +203,21 @@ def main() -> None:
             run_queued(context)
             context.store.delete(FEATURES_PREFIX)
 
-            began = time.perf_counter()
-            created = client.post(
-                "/v1/experiments",
-                headers=auth,
-                json={
-                    "dataset": dataset,
-                    "model": "bench-exp",
-                    "base_models": [args.base_model],
-                    "settings": settings_shared,
-                    "budget": {"max_parallel": 1},
-                },
-            )
-            created.raise_for_status()
+            experiment_spent = Spent()
+            with experiment_spent.timing():
+                created = client.post(
+                    "/v1/experiments",
+                    headers=auth,
+                    json={
+                        "dataset": dataset,
+                        "model": "bench-exp",
+                        "base_models": [args.base_model],
+                        "settings": settings_shared,
+                        "budget": {"max_parallel": 1},
+                    },
+                )
+                created.raise_for_status()
             experiment_id = created.json()["id"]
-            run_queued(context)
-            experiment: dict[str, Any] = client.get(
-                f"/v1/experiments/{experiment_id}", headers=auth
-            ).json()
-            experiment_seconds = time.perf_counter() - began
-            assert experiment["status"] == "succeeded", experiment["trials"]
 
             with context.db.session() as session:
                 split_key = session.get_one(Experiment, experiment_id).test_split_key
@@ -208,24 +243,37 @@ def main() -> None:
                 f"separate jobs: {split_counts(separate_items)}"
             )
 
-            separate_seconds = 0.0
+            pairs: list[tuple[str, Spent, Spent]] = []
             for strategy in DEFAULT_STRATEGIES:
-                context.store.delete(FEATURES_PREFIX)  # a fresh store: no job reads another's
-                began = time.perf_counter()
-                submitted = client.post(
-                    "/v1/jobs",
-                    headers=auth,
-                    json={
-                        **settings_shared,
-                        "dataset": same_images,
-                        "model": "bench-separate",
-                        "base_model": args.base_model,
-                        "strategy": strategy,
-                    },
-                )
-                submitted.raise_for_status()
-                run_queued(context)
-                separate_seconds += time.perf_counter() - began
+                trial = Spent()
+                with trial.timing():
+                    assert run_next(context), f"the experiment queued no {strategy} trial"
+                separate = Spent()
+                # A fresh store: no separate job reads features another job computed.
+                context.store.delete(dataset_features_prefix(same_images))
+                with separate.timing():
+                    submitted = client.post(
+                        "/v1/jobs",
+                        headers=auth,
+                        json={
+                            **settings_shared,
+                            "dataset": same_images,
+                            "model": "bench-separate",
+                            "base_model": args.base_model,
+                            "strategy": strategy,
+                        },
+                    )
+                    submitted.raise_for_status()
+                    # By id: the experiment's next trial is already queued, and older.
+                    jobs.execute(context, job_id=submitted.json()["id"])
+                pairs.append((strategy, trial, separate))
+            assert not run_next(context), "a job was left queued"
+
+            with experiment_spent.timing():
+                experiment: dict[str, Any] = client.get(
+                    f"/v1/experiments/{experiment_id}", headers=auth
+                ).json()
+            assert experiment["status"] == "succeeded", experiment["trials"]
 
             began = time.perf_counter()
             scored = client.post(
@@ -236,17 +284,39 @@ def main() -> None:
             scored.raise_for_status()
             transferability_seconds = time.perf_counter() - began
 
+    separate_spent = Spent()
+    for _, trial, separate in pairs:
+        experiment_spent.wall += trial.wall
+        experiment_spent.cpu += trial.cpu
+        separate_spent.wall += separate.wall
+        separate_spent.cpu += separate.cpu
     print(f"load average at end: {os.getloadavg()}")
-    print(f"experiment wall time:            {experiment_seconds:8.1f} s")
-    print(f"same trials as separate jobs:    {separate_seconds:8.1f} s")
-    print(f"transferability call:            {transferability_seconds:8.1f} s")
     print(
-        f"experiment / separate jobs:      {experiment_seconds / separate_seconds:8.2f} "
-        "(target <= 0.8)"
+        f"\n{'strategy':<18} {'trial s':>8} {'job s':>8} {'ratio':>6} {'trial cpu':>10} "
+        f"{'job cpu':>8} {'ratio':>6}"
+    )
+    for strategy, trial, separate in pairs:
+        print(
+            f"{strategy:<18} {trial.wall:8.1f} {separate.wall:8.1f} "
+            f"{trial.wall / separate.wall:6.2f} {trial.cpu:10.1f} {separate.cpu:8.1f} "
+            f"{trial.cpu / separate.cpu:6.2f}"
+        )
+    print(
+        f"\nexperiment wall time:            {experiment_spent.wall:8.1f} s "
+        f"(cpu {experiment_spent.cpu:.1f} s)"
     )
     print(
-        f"transferability / experiment:    {transferability_seconds / experiment_seconds:8.3f} "
-        "(target <= 0.05)"
+        f"same trials as separate jobs:    {separate_spent.wall:8.1f} s "
+        f"(cpu {separate_spent.cpu:.1f} s)"
+    )
+    print(f"transferability call:            {transferability_seconds:8.1f} s")
+    print(
+        f"experiment / separate jobs:      {experiment_spent.wall / separate_spent.wall:8.2f} "
+        f"(cpu {experiment_spent.cpu / separate_spent.cpu:.2f}; target <= 0.8)"
+    )
+    print(
+        "transferability / experiment:    "
+        f"{transferability_seconds / experiment_spent.wall:8.3f} (target <= 0.05)"
     )
     print(f"\nleaderboard (test split: {experiment['test_size']} items)")
     print(

@@ -8,12 +8,14 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
+import torch
 from PIL import Image
 
 from service.datasets.service import DatasetItem
 from service.experiments.split import TEST_PREDICTIONS_FILE
 from worker import trials
-from worker.engine import Predictor
+from worker.engine import Predictor, TrainingResult, TransferConfig, compile_plan, export_model
+from worker.engine.model import build_model
 
 CLASSES = ["dark", "light"]
 
@@ -73,3 +75,34 @@ def test_every_test_item_is_answered_once_and_the_first_ones_timed_alone(
     ]
     assert reader.calls == [1] * timed + batches
     assert metrics["latency_ms_per_item"] > 0
+
+
+def test_the_trained_model_in_memory_scores_as_its_exported_files(tmp_path: Path) -> None:
+    """A trial scores the model it has just exported without loading it again, and answers as
+    the exported files do."""
+    plan = compile_plan(
+        TransferConfig(
+            base_model="efficientnet_lite0",
+            strategy="feature_extraction",
+            num_classes=2,
+            image_size=64,
+            pretrained=False,
+        )
+    )
+    torch.manual_seed(0)
+    model = build_model(plan, weights_dir=None, pretrained=False)
+    model.train()
+    result = TrainingResult(model=model, history=[], metrics={"classes": CLASSES})
+    export_model(result, plan, tmp_path)
+    images = [Image.new("RGB", (40, 30), (shade, 255 - shade, 90)) for shade in (0, 90, 200)]
+
+    in_memory = Predictor.load(tmp_path, model=model)
+    from_files = Predictor.load(tmp_path)
+
+    assert in_memory.model is model
+    assert not model.training
+    for ranked, expected in zip(
+        in_memory.predict(images, top_k=2), from_files.predict(images, top_k=2), strict=True
+    ):
+        assert [label for label, _ in ranked] == [label for label, _ in expected]
+        assert [p for _, p in ranked] == pytest.approx([p for _, p in expected], abs=1e-6)

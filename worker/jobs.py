@@ -478,7 +478,13 @@ def _train_and_publish(
             exports["onnx"] = _export_onnx(result.model, plan, out / ONNX_FILE).to_dict()
         result.metrics.update(
             trials.evaluate(
-                context, plan=plan, model_dir=out, parent_dir=parent_dir, test=test, classes=classes
+                context,
+                plan=plan,
+                model_dir=out,
+                parent_dir=parent_dir,
+                test=test,
+                classes=classes,
+                model=result.model,
             )
         )
         card = _db(

@@ -3,7 +3,8 @@
 - `without_test_split`: the experiment's test split leaves the dataset's items (images or texts)
   before the training and validation sets are built, so no trial trains or selects (early
   stopping) on it;
-- `evaluate`: a trial's scoring, on one load of its exported model:
+- `evaluate`: a trial's scoring of its exported model (the trained model in memory, whose
+  weights it holds: nothing is built or loaded again):
   - `evaluate_on_test`: the model answers every test item (its file `test_predictions.json` is
     published with the version) and the test metrics join the version's metrics: accuracy
     with its bootstrap 95 % interval, loss, macro F1, and the median latency of a one-item
@@ -37,7 +38,7 @@ from service.experiments import service as experiments
 from service.experiments.split import TEST_PREDICTIONS_FILE, decode_test_split
 from service.experiments.statistics import bootstrap_interval, macro_f1
 from service.tables import Experiment, ExperimentTrial, ModelVersion
-from worker.engine import Plan, Predictor
+from worker.engine import Plan, Predictor, TransferModel
 from worker.engine.predictor import Top
 
 logger = logging.getLogger(__name__)
@@ -210,12 +211,14 @@ def evaluate(
     parent_dir: Path | None,
     test: list[DatasetItem],
     classes: list[str],
+    model: TransferModel,
 ) -> dict[str, Any]:
-    """A trial's test metrics and (from a parent) old-task metrics, from one load of the
-    exported model in `model_dir`; empty for a job that is no trial (nothing loaded)."""
+    """A trial's test metrics and (from a parent) old-task metrics, of the model exported in
+    `model_dir`: `model`, the trained model whose weights it holds, is scored as it is (on the
+    CPU, as predict serves it), not built and loaded again; empty for a job that is no trial."""
     if not test:
         return {}
-    predictor = Predictor.load(model_dir)
+    predictor = Predictor.load(model_dir, model=model)
     return evaluate_on_test(predictor, model_dir, test, classes=classes) | evaluate_on_old_task(
         context, plan=plan, trial=predictor, parent_dir=parent_dir, test=test
     )

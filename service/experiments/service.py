@@ -186,7 +186,7 @@ def create_experiment(*, context: AppContext, tenant: Tenant, request: Experimen
         require_ready(dataset, needed_by="experiments", param="dataset")
         items = dataset_items(context=context, dataset_id=dataset.id).items
         held_out = carve_test_split(
-            dataset_items(context=context, dataset_id=dataset.id).items,
+            items,
             fraction=request.test_fraction,
             seed=request.test_seed,
         )

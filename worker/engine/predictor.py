@@ -33,15 +33,22 @@ class Predictor:
         """A text model's `tokenizers.Tokenizer` (set by `load`)."""
 
     @classmethod
-    def load(cls, model_dir: Path, device: str = "cpu") -> Self:
+    def load(
+        cls, model_dir: Path, device: str = "cpu", *, model: TransferModel | None = None
+    ) -> Self:
+        """The exported model in `model_dir`. `model`: the model whose weights `model_dir`
+        holds, still in memory (a job scoring what it has just exported), used as it is
+        instead of being built and loaded again."""
         config = json.loads((model_dir / CONFIG_FILE).read_text())
         exported = parse_model_config(config, source=str(model_dir))
-        plan = Plan.from_dict(exported.plan)
-        # The exported weights replace everything, so no pretrained weights are needed here.
-        model = build_model_for_export(plan, exported.encoder)
-        model.load_state_dict(load_file(model_dir / WEIGHTS_FILE), strict=True)
+        if model is None:
+            plan = Plan.from_dict(exported.plan)
+            # The exported weights replace everything, so no pretrained weights are needed.
+            model = build_model_for_export(plan, exported.encoder)
+            model.load_state_dict(load_file(model_dir / WEIGHTS_FILE), strict=True)
         torch_device = torch.device(device)
-        model.to(torch_device).eval()
+        # A model given from training may be channels-last (amp on CUDA): served as loaded.
+        model.to(torch_device).to(memory_format=torch.contiguous_format).eval()
         predictor = cls(model, config, torch_device)
         if exported.text is not None:
             predictor.tokenizer = load_backend(model_dir)
