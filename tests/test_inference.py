@@ -21,15 +21,19 @@ from PIL import Image
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.auth.service import revoke_key
 from service.cli import migrate_database
+from service.datasets.ingest.results import IngestLimits
 from service.inference.metrics import InferenceMetrics
 from service.inference.resolution import ServedVersion
 from service.inference.service import (
+    INLINE_MAX_PIXELS,
     Batcher,
     LoadedModel,
     ModelCache,
     ModelUnloadedError,
     QueueFullError,
+    decode_small_call,
 )
 from service.main import create_app
 from service.tables import ModelVersion
@@ -39,6 +43,7 @@ from tests.test_registry import Registry, publish
 from worker.engine import Predictor
 from worker.engine.artifacts import Preprocessing
 from worker.engine.onnx_export import export_onnx
+from worker.engine.pixels import normalise
 
 
 @pytest.fixture(scope="module")
@@ -520,6 +525,85 @@ def test_resolution_is_cached_and_a_deleted_version_or_moved_alias_is_not_served
         assert_error(client.post(path, headers=auth, json=body), 404, "version_not_found")
         cache = client.app.state.predictors  # type: ignore[attr-defined]
         assert third["id"] not in cache.loaded()
+
+
+def test_a_cached_key_is_still_checked_for_revocation_and_its_rate_limit(
+    served: Registry,
+) -> None:
+    # Predict answers a cached key and version on the event loop, without a session: the
+    # shared generations and the rate limit are checked there all the same.
+    settings = make_settings(served.context.settings.data_dir, rate_limit_per_minute=3)
+    body = {"images": [{"data": b64(held_out_pngs(1)[0])}]}
+    path = "/v1/models/digits/versions/1/predict"
+    with TestClient(create_app(settings)) as client:
+        context = client.app.state.context  # type: ignore[attr-defined]
+        limited, revoked = new_key(context, "team-a"), new_key(context, "team-a")
+        answers = [client.post(path, headers=limited, json=body) for _ in range(4)]
+        assert [answer.status_code for answer in answers] == [200, 200, 200, 429]
+        assert answers[-1].headers["Retry-After"]
+        assert client.post(path, headers=revoked, json=body).status_code == 200
+        with context.db.session() as session:
+            assert revoke_key(session, prefix=revoked["Authorization"][7:19]) is not None
+        assert_error(client.post(path, headers=revoked, json=body), 401, "unauthorized")
+        assert_error(client.post(path, json=body), 401, "unauthorized")
+
+
+def test_normalise_looks_up_exactly_what_computing_each_pixel_gives() -> None:
+    def computed(pixels: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
+        scaled = pixels.astype(np.float32) / np.float32(255)
+        mean = np.asarray(preprocessing.mean, dtype=np.float32)
+        std = np.asarray(preprocessing.std, dtype=np.float32)
+        return ((scaled - mean) / std).transpose(0, 3, 1, 2)
+
+    every_value = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, axis=3)
+    random = np.random.default_rng(0).integers(0, 256, (5, 9, 7, 3), dtype=np.uint8)
+    for mean, std in [((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), ((0, 0.5, 1), (1, 2, 3))]:
+        preprocessing = Preprocessing(image_size=8, mean=mean, std=std)
+        for batch in (every_value, random, random[:, :, ::-1], random[:0]):
+            looked_up = normalise(batch, preprocessing)
+            assert looked_up.flags.c_contiguous
+            assert looked_up.dtype == np.float32
+            want = computed(batch, preprocessing)
+            assert looked_up.shape == want.shape
+            assert np.array_equal(looked_up.view(np.uint32), want.view(np.uint32))
+
+
+def test_only_a_call_of_one_small_image_is_decoded_on_the_event_loop() -> None:
+    preprocessing = Preprocessing(image_size=8, mean=(0, 0, 0), std=(1, 1, 1))
+    limits = IngestLimits()
+    small = png_bytes(np.zeros((16, 16), dtype=np.uint8))
+    side = int(INLINE_MAX_PIXELS**0.5) + 1
+    large = png_bytes(np.zeros((side, side), dtype=np.uint8))
+
+    def inline(images: list[tuple[str, bytes | None]]) -> Any:
+        return decode_small_call(images, preprocessing=preprocessing, limits=limits)
+
+    results, good, decoded = inline([("a.png", small)])
+    assert results[0]["error"] is None
+    assert good == [0]
+    assert decoded is not None
+    assert decoded.shape == (1, 8, 8, 3)
+    # Unreadable inputs are answered there too, as the pool would answer them.
+    assert inline([("b.png", b"junk")])[0][0]["error"]["code"] == "not_an_image"
+    assert inline([("c.png", None)])[0][0]["error"]["code"] == "invalid_base64"
+    # Larger work goes to the decode pool: more than one image, or one over the pixel cap
+    # (seen in its header, before any pixel is decoded).
+    assert inline([("a.png", small), ("a.png", small)]) is None
+    assert inline([("big.png", large)]) is None
+
+
+def test_an_image_too_large_to_decode_inline_is_answered(served: Registry) -> None:
+    side = int(INLINE_MAX_PIXELS**0.5) + 1
+    image = Image.fromarray(np.full((side, side), 128, dtype=np.uint8)).convert("RGB")
+    buffer = BytesIO()
+    image.save(buffer, format="PNG")
+    answered = served.client.post(
+        "/v1/models/digits/versions/1/predict",
+        headers=served.auth,
+        files=[("images", ("big.png", buffer.getvalue()))],
+    )
+    assert answered.status_code == 200, answered.text
+    assert answered.json()["predictions"][0]["top"]
 
 
 def _record_into(statements: list[str]) -> Any:
