@@ -23,17 +23,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.auth.service import revoke_key
 from service.cli import migrate_database
-from service.datasets.ingest.results import IngestLimits
 from service.inference.metrics import InferenceMetrics
 from service.inference.resolution import ServedVersion
 from service.inference.service import (
-    INLINE_MAX_PIXELS,
     Batcher,
     LoadedModel,
     ModelCache,
     ModelUnloadedError,
     QueueFullError,
-    decode_small_call,
 )
 from service.main import create_app
 from service.tables import ModelVersion
@@ -566,44 +563,6 @@ def test_normalise_looks_up_exactly_what_computing_each_pixel_gives() -> None:
             want = computed(batch, preprocessing)
             assert looked_up.shape == want.shape
             assert np.array_equal(looked_up.view(np.uint32), want.view(np.uint32))
-
-
-def test_only_a_call_of_one_small_image_is_decoded_on_the_event_loop() -> None:
-    preprocessing = Preprocessing(image_size=8, mean=(0, 0, 0), std=(1, 1, 1))
-    limits = IngestLimits()
-    small = png_bytes(np.zeros((16, 16), dtype=np.uint8))
-    side = int(INLINE_MAX_PIXELS**0.5) + 1
-    large = png_bytes(np.zeros((side, side), dtype=np.uint8))
-
-    def inline(images: list[tuple[str, bytes | None]]) -> Any:
-        return decode_small_call(images, preprocessing=preprocessing, limits=limits)
-
-    results, good, decoded = inline([("a.png", small)])
-    assert results[0]["error"] is None
-    assert good == [0]
-    assert decoded is not None
-    assert decoded.shape == (1, 8, 8, 3)
-    # Unreadable inputs are answered there too, as the pool would answer them.
-    assert inline([("b.png", b"junk")])[0][0]["error"]["code"] == "not_an_image"
-    assert inline([("c.png", None)])[0][0]["error"]["code"] == "invalid_base64"
-    # Larger work goes to the decode pool: more than one image, or one over the pixel cap
-    # (seen in its header, before any pixel is decoded).
-    assert inline([("a.png", small), ("a.png", small)]) is None
-    assert inline([("big.png", large)]) is None
-
-
-def test_an_image_too_large_to_decode_inline_is_answered(served: Registry) -> None:
-    side = int(INLINE_MAX_PIXELS**0.5) + 1
-    image = Image.fromarray(np.full((side, side), 128, dtype=np.uint8)).convert("RGB")
-    buffer = BytesIO()
-    image.save(buffer, format="PNG")
-    answered = served.client.post(
-        "/v1/models/digits/versions/1/predict",
-        headers=served.auth,
-        files=[("images", ("big.png", buffer.getvalue()))],
-    )
-    assert answered.status_code == 200, answered.text
-    assert answered.json()["predictions"][0]["top"]
 
 
 def _record_into(statements: list[str]) -> Any:

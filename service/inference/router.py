@@ -33,7 +33,6 @@ from service.inference.schemas import (
     PredictTextJson,
 )
 from service.inference.service import (
-    INLINE_MAX_TEXT_CHARS,
     LoadedModel,
     ModelCache,
     ModelUnloadedError,
@@ -41,7 +40,6 @@ from service.inference.service import (
     Reservation,
     decode_images,
     decode_pool,
-    decode_small_call,
     encode_texts,
     fill_predictions,
     resolve_pool,
@@ -299,9 +297,10 @@ async def predict(
 
 
 async def _predict(request: Request, credentials: Credentials, name: str, version: str) -> Response:
-    # The lean path: no thread hop for a cached key and version, a loaded model or a small
-    # call's decoding, one into the batcher; the answer encoded by orjson without a response
-    # model pass. A hop cost more CPU than the work it carried (bench/inference.py's profile).
+    # The lean path: no thread hop for a cached key and version (a hop cost more than those
+    # dictionary lookups) nor for a loaded model, one for decoding (Pillow and the tokenizer
+    # work outside the GIL there, beside the event loop), one into the batcher; the answer
+    # encoded by orjson without a response model pass.
     loop = asyncio.get_running_loop()
     served = _resolve_from_caches(request, credentials, name, version)
     if served is None:
@@ -363,23 +362,17 @@ async def _predict(request: Request, credentials: Credentials, name: str, versio
             encode = partial(
                 encode_texts, model, body.texts, max_chars=context.settings.max_predict_text_chars
             )
-            if sum(len(text) for text in body.texts) <= INLINE_MAX_TEXT_CHARS:
-                results, good, inputs, _ = encode()
-            else:
-                results, good, inputs, _ = await loop.run_in_executor(decode_pool(), encode)
+            results, good, inputs, _ = await loop.run_in_executor(decode_pool(), encode)
         else:
             assert body.images is not None
             assert model.preprocessing is not None
-            limits = ingest_limits(context)
-            decoded = decode_small_call(
-                body.images, preprocessing=model.preprocessing, limits=limits
+            decode = partial(
+                decode_images,
+                body.images,
+                preprocessing=model.preprocessing,
+                limits=ingest_limits(context),
             )
-            if decoded is None:
-                decode = partial(
-                    decode_images, body.images, preprocessing=model.preprocessing, limits=limits
-                )
-                decoded = await loop.run_in_executor(decode_pool(), decode)
-            results, good, inputs = decoded
+            results, good, inputs = await loop.run_in_executor(decode_pool(), decode)
         if good:
             logits = await asyncio.wrap_future(reservation.submit(inputs))
             fill_predictions(

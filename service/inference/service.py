@@ -1,8 +1,7 @@
 """Inference: loaded models in a memory-budgeted LRU cache, each behind a dynamic batcher.
 
 A predict call decodes and resizes its images in the decode pool (Pillow works outside the
-GIL; a call of one small image or of short texts is prepared on the event loop, cheaper than
-the hop), then hands their uint8 pixels to the model's batcher. The batcher's one worker thread
+GIL), then hands their uint8 pixels to the model's batcher. The batcher's one worker thread
 gathers waiting requests into a single forward pass (up to `batch_max_size` images, waiting at
 most `batch_max_delay_ms` for more), normalises the whole batch in one operation, and answers
 each request with its rows. Texts go the same way: tokenized in the decode pool, then padded
@@ -24,7 +23,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -562,35 +561,6 @@ def decode_images(
         except ImageRejectedError as exc:
             results[index]["error"] = {"code": exc.code, "message": exc.reason}
     return results, good, (np.concatenate(pixels) if pixels else None)
-
-
-INLINE_MAX_PIXELS = 256 * 256
-"""An image at most this large (and `INLINE_MAX_BYTES`), alone in its call, is decoded on the
-event loop: it takes about as long as the thread hop that would otherwise carry it (~0.1 ms for
-bench/inference.py's 8x8 PNG), and the hop's wake-ups and GIL hand-overs cost the loop more."""
-INLINE_MAX_BYTES = 256 * 1024
-INLINE_MAX_TEXT_CHARS = 2_000
-"""A call's texts, at most this many characters in all, are tokenized on the event loop, for
-the same reason (one ~500-character text: ~0.1 ms)."""
-
-
-def decode_small_call(
-    images: list[tuple[str, bytes | None]],
-    *,
-    preprocessing: Preprocessing,
-    limits: IngestLimits,
-) -> tuple[list[Prediction], list[int], np.ndarray | None] | None:
-    """`decode_images` in the calling thread for a call of one small image; None for any other
-    call, or an image whose header shows it over `INLINE_MAX_PIXELS` (checked before any pixel
-    is decoded), which the decode pool then takes under the real limits."""
-    if len(images) != 1 or len(images[0][1] or b"") > INLINE_MAX_BYTES:
-        return None
-    small = replace(limits, max_image_pixels=min(limits.max_image_pixels, INLINE_MAX_PIXELS))
-    decoded = decode_images(images, preprocessing=preprocessing, limits=small)
-    error = decoded[0][0]["error"]
-    if error is not None and error["code"] == "too_many_pixels":
-        return None
-    return decoded
 
 
 def encode_texts(
