@@ -27,7 +27,9 @@ and the model has the `model.onnx` the publisher exports. Then, in one run, it p
 
 The load comes from `wrk` (Debian: `apt-get install wrk`), a C load generator in its own
 process, with a Lua script for the multipart body. `--profile DIR` also records the batched
-predict run with py-spy (a dev dependency) and prints where the server's time went.
+image and text predict runs with py-spy (a dev dependency) and prints where the server's time
+went, per function and per part of a call (key check, body parsing, decoding, forward pass...)
+in CPU-ms per answer.
 
     .venv/bin/python bench/inference.py [--connections 32] [--seconds 5] [--rounds 3]
         [--compile] [--sweep] [--profile DIR]
@@ -52,7 +54,7 @@ import time
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -546,29 +548,58 @@ def multipart_body(image: bytes) -> bytes:
 
 
 @contextmanager
-def profiled(pid: int, args: argparse.Namespace) -> Iterator[None]:
-    """py-spy samples the server (all threads, native frames off) while the load runs."""
+def profiled(pid: int, args: argparse.Namespace, name: str) -> Iterator[list[Load]]:
+    """py-spy samples the server (all threads, native frames off) while the load runs; the
+    caller appends the run's `Load`, whose CPU per answer scales the breakdown."""
+    loads: list[Load] = []
     if not args.profile:
-        yield
+        yield loads
         return
     out = Path(args.profile)
     out.mkdir(parents=True, exist_ok=True)
-    raw = out / "predict.collapsed"
+    raw = out / f"{name}.collapsed"
+    # --nonblocking: sampling without pausing the server, so it is not slowed by the profile.
     spy = subprocess.Popen(
         [args.py_spy, "record", "--pid", str(pid), "--duration", f"{args.seconds:g}",
-         "--rate", "200", "--subprocesses", "--format", "raw", "--output", str(raw)],
+         "--rate", "200", "--subprocesses", "--threads", "--nonblocking", "--format", "raw",
+         "--output", str(raw)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        yield
+        yield loads
     finally:
         spy.wait(timeout=args.seconds + 60)
-    report_profile(raw)
+    report_profile(raw, loads[0] if loads else None)
 
 
-def report_profile(raw: Path) -> None:
-    """Per function, the share of the server's busy samples in which it is on the stack."""
+# Where a predict call's time goes: the first of these patterns found walking a sampled stack
+# from its innermost frame outwards names the sample's part.
+PROFILE_PARTS = [
+    ("forward pass (ONNX Runtime / torch)", r"Session\.run \(|forward_tasks|_torch_forward"),
+    ("batch input (normalise, pad)", r"batch_input \("),
+    ("batcher (gather, hand results back)", r"Batcher\."),
+    ("image decode and resize (Pillow)", r"decode_images \(|open_image \(|view_pixels \("),
+    ("text tokenize", r"encode_texts \("),
+    ("key check and version resolution", r"_resolve \(|_resolve_from_caches \("),
+    ("body parsing (multipart, JSON)", r"_read_multipart \(|_read_json \("),
+    ("top-k and probabilities", r"fill_predictions \("),
+    ("metrics (prometheus_client)", r"prometheus_client/"),
+    ("response encoding and send", r"orjson|Response\.__call__|RequestResponseCycle\.send"),
+    ("predict route, rest", r"router\.py:\d+\)$|_predict \(|predict \(service"),
+    ("FastAPI routing and dependencies", r"fastapi/routing|fastapi/dependencies"),
+    ("middleware (Starlette/FastAPI)", r"middleware|_body_limit|telemetry|_exception_handler"),
+    ("Starlette routing", r"starlette/routing|starlette/applications|fastapi/applications"),
+    ("uvicorn HTTP protocol", r"uvicorn/protocols"),
+    ("thread pool hand-offs", r"concurrent/futures"),
+    ("event loop", r"asyncio|uvloop|Runner\.run"),
+]
+
+
+def report_profile(raw: Path, load: "Load | None") -> None:
+    """Per function, the share of the server's busy samples in which it is on the stack; then
+    per part of a call, its share and (scaled by the run's server CPU per answer) its ms."""
     inclusive: Counter[str] = Counter()
+    parts: Counter[str] = Counter()
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
@@ -580,10 +611,31 @@ def report_profile(raw: Path) -> None:
         total += samples
         for frame in set(frames):
             inclusive[frame] += samples
+        part = next(
+            (
+                name
+                for frame in reversed(frames)
+                for name, pattern in PROFILE_PARTS
+                if re.search(pattern, frame)
+            ),
+            "other",
+        )
+        parts[part] += samples
     logger.info("profile: %d busy samples; functions on >= 3 %% of them (inclusive):", total)
     for frame, samples in inclusive.most_common(60):
-        if samples / total >= 0.03 and not frame.startswith(("<module>", "run (", "_bootstrap")):
+        if samples / total >= 0.03 and not frame.startswith(
+            ("<module>", "run (", "_bootstrap", "process ", "thread ")
+        ):
             logger.info("  %5.1f %%  %s", 100 * samples / total, frame)
+    cpu_ms = 1000 / load.answered_per_cpu_second if load else float("nan")
+    logger.info(
+        "  per part of a call (busy samples; ms = share x the server's %.2f CPU-ms per answer;"
+        " on a loaded host a runnable thread waiting for a core also counts as busy):",
+        cpu_ms,
+    )
+    for part, samples in parts.most_common():
+        share = samples / total
+        logger.info("  %5.1f %%  %5.3f ms  %s", 100 * share, share * cpu_ms, part)
     logger.info("  (collapsed stacks: %s)", raw)
 
 
@@ -616,7 +668,7 @@ def main() -> None:
     parser.add_argument(
         "--sweep", action="store_true", help="batched predict at several batcher settings"
     )
-    parser.add_argument("--profile", help="folder for a py-spy profile of the predict run")
+    parser.add_argument("--profile", help="folder for py-spy profiles of the predict runs")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("bench/inference.py needs wrk: apt-get install wrk")
@@ -739,8 +791,13 @@ def main() -> None:
                     for (size, delay), url in swept.items()
                 ]
                 for label, url, path, script in runs:
-                    profiling = round_number == 0 and label == "image batched"
-                    with profiled(pids[url], args) if profiling else nullcontext():
+                    profiling = round_number == 0 and label in ("image batched", "text batched")
+                    recorder: AbstractContextManager[list[Load]] = (
+                        profiled(pids[url], args, label.replace(" ", "-"))
+                        if profiling
+                        else nullcontext([])
+                    )
+                    with recorder as seen:
                         load = wrk(
                             f"{url}{path}",
                             script,
@@ -748,6 +805,7 @@ def main() -> None:
                             connections=args.connections,
                             server_pid=pids[url],
                         )
+                        seen.append(load)
                     loads.setdefault(label, []).append(load)
                     logger.info("%-18s %s", label, load)
             logger.info("in the batched server, all rounds (image and text calls):")

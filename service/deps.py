@@ -57,7 +57,13 @@ def get_tenant(
             headers={"WWW-Authenticate": "Bearer"},
         )
     key_id, tenant = found
-    limiter: RateLimiter = state.rate_limiter
+    take_rate_token(request, key_id)
+    return tenant
+
+
+def take_rate_token(request: Request, key_id: str) -> None:
+    """One call's token from the key's rate limit, or 429 with `Retry-After`."""
+    limiter: RateLimiter = request.app.state.rate_limiter
     wait = limiter.retry_after(key_id)
     if wait is not None:
         raise ApiError(
@@ -66,7 +72,6 @@ def get_tenant(
             f"Too many requests with this API key; retry in {wait} s.",
             headers={"Retry-After": str(wait)},
         )
-    return tenant
 
 
 TenantDep = Annotated[Tenant, Depends(get_tenant)]

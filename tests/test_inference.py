@@ -21,6 +21,7 @@ from PIL import Image
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.auth.service import revoke_key
 from service.cli import migrate_database
 from service.inference.metrics import InferenceMetrics
 from service.inference.resolution import ServedVersion
@@ -39,6 +40,7 @@ from tests.test_registry import Registry, publish
 from worker.engine import Predictor
 from worker.engine.artifacts import Preprocessing
 from worker.engine.onnx_export import export_onnx
+from worker.engine.pixels import normalise
 
 
 @pytest.fixture(scope="module")
@@ -520,6 +522,47 @@ def test_resolution_is_cached_and_a_deleted_version_or_moved_alias_is_not_served
         assert_error(client.post(path, headers=auth, json=body), 404, "version_not_found")
         cache = client.app.state.predictors  # type: ignore[attr-defined]
         assert third["id"] not in cache.loaded()
+
+
+def test_a_cached_key_is_still_checked_for_revocation_and_its_rate_limit(
+    served: Registry,
+) -> None:
+    # Predict answers a cached key and version on the event loop, without a session: the
+    # shared generations and the rate limit are checked there all the same.
+    settings = make_settings(served.context.settings.data_dir, rate_limit_per_minute=3)
+    body = {"images": [{"data": b64(held_out_pngs(1)[0])}]}
+    path = "/v1/models/digits/versions/1/predict"
+    with TestClient(create_app(settings)) as client:
+        context = client.app.state.context  # type: ignore[attr-defined]
+        limited, revoked = new_key(context, "team-a"), new_key(context, "team-a")
+        answers = [client.post(path, headers=limited, json=body) for _ in range(4)]
+        assert [answer.status_code for answer in answers] == [200, 200, 200, 429]
+        assert answers[-1].headers["Retry-After"]
+        assert client.post(path, headers=revoked, json=body).status_code == 200
+        with context.db.session() as session:
+            assert revoke_key(session, prefix=revoked["Authorization"][7:19]) is not None
+        assert_error(client.post(path, headers=revoked, json=body), 401, "unauthorized")
+        assert_error(client.post(path, json=body), 401, "unauthorized")
+
+
+def test_normalise_looks_up_exactly_what_computing_each_pixel_gives() -> None:
+    def computed(pixels: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
+        scaled = pixels.astype(np.float32) / np.float32(255)
+        mean = np.asarray(preprocessing.mean, dtype=np.float32)
+        std = np.asarray(preprocessing.std, dtype=np.float32)
+        return ((scaled - mean) / std).transpose(0, 3, 1, 2)
+
+    every_value = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, axis=3)
+    random = np.random.default_rng(0).integers(0, 256, (5, 9, 7, 3), dtype=np.uint8)
+    for mean, std in [((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), ((0, 0.5, 1), (1, 2, 3))]:
+        preprocessing = Preprocessing(image_size=8, mean=mean, std=std)
+        for batch in (every_value, random, random[:, :, ::-1], random[:0]):
+            looked_up = normalise(batch, preprocessing)
+            assert looked_up.flags.c_contiguous
+            assert looked_up.dtype == np.float32
+            want = computed(batch, preprocessing)
+            assert looked_up.shape == want.shape
+            assert np.array_equal(looked_up.view(np.uint32), want.view(np.uint32))
 
 
 def _record_into(statements: list[str]) -> Any:

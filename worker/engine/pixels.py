@@ -10,6 +10,8 @@ both predict backends build the views with these functions, so predict does what
 measured.
 """
 
+from functools import cache
+
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -31,12 +33,28 @@ def image_pixels(image: Image.Image, image_size: int) -> np.ndarray:
 
 
 def normalise(pixels: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
-    """(N, H, W, 3) uint8 → (N, 3, H, W) float32, normalised as training's `preprocess` does:
-    the same float32 operations in the same order, so the values are identical."""
-    scaled = pixels.astype(np.float32) / np.float32(255)
-    mean = np.asarray(preprocessing.mean, dtype=np.float32)
-    std = np.asarray(preprocessing.std, dtype=np.float32)
-    return np.ascontiguousarray(((scaled - mean) / std).transpose(0, 3, 1, 2))
+    """(N, H, W, 3) uint8 → (N, 3, H, W) float32, normalised as training's `preprocess` does.
+
+    A uint8 channel has 256 values, so each is normalised once (`_channel_tables`, with the
+    same float32 operations in the same order as training, so the values are identical) and
+    the batch is a table lookup: 5x less CPU than computing every pixel (bench/inference.py's
+    profile), and it runs in the batcher's one thread, ahead of every forward pass."""
+    # Tuples whatever the caller built: the tables are cached by value.
+    tables = _channel_tables(tuple(preprocessing.mean), tuple(preprocessing.std))
+    planar = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
+    normalised = np.empty(planar.shape, dtype=np.float32)
+    for channel, table in enumerate(tables):
+        np.take(table, planar[:, channel], out=normalised[:, channel], mode="clip")
+    return normalised
+
+
+@cache
+def _channel_tables(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """(3, 256) float32: every uint8 value of each channel, scaled to [0, 1] and normalised."""
+    scaled = np.arange(256, dtype=np.uint8)[:, None].astype(np.float32) / np.float32(255)
+    mean_array = np.asarray(mean, dtype=np.float32)
+    std_array = np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(((scaled - mean_array) / std_array).T)
 
 
 def view_pixels(image: Image.Image, image_size: int, views: tuple[str, ...]) -> np.ndarray:
