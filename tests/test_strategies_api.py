@@ -14,12 +14,16 @@ from worker import jobs
 
 
 def digits_dataset(
-    client: TestClient, context: AppContext, auth: dict[str, str], labels: list[int]
+    client: TestClient,
+    context: AppContext,
+    auth: dict[str, str],
+    labels: list[int],
+    per_label: int = 15,
 ) -> str:
     pool, _ = digits_split()
     chosen: list[tuple[np.ndarray, int]] = []
     for label in labels:
-        chosen += [item for item in pool if item[1] == label][:15]
+        chosen += [item for item in pool if item[1] == label][:per_label]
     response = client.post(
         "/v1/datasets", headers=auth, files={"file": ("d.zip", zip_of_classes(chosen))}
     )
