@@ -721,10 +721,15 @@ def cached_passes(stage: Stage, train_size: int, batch_size: int) -> int:
     `FEW_SHOT_HEAD_STEPS` steps over its epochs; 1 for a stage that trains the backbone."""
     if not stage.cache_features:
         return 1
-    steps_per_pass = math.ceil(train_size / batch_size)
-    return max(1, math.ceil(FEW_SHOT_HEAD_STEPS / (stage.epochs * steps_per_pass)))
+    return max(
+        1, math.ceil(FEW_SHOT_HEAD_STEPS / (stage.epochs * _steps_per_pass(train_size, batch_size)))
+    )
+
+
+def _steps_per_pass(train_size: int, batch_size: int) -> int:
+    return math.ceil(train_size / batch_size)
 
 
 def steps_per_epoch(plan: Plan, stage: Stage, train_size: int) -> int:
     """Optimizer steps in one epoch of `stage` on `train_size` items."""
-    return stage.passes * math.ceil(train_size / plan.batch_size)
+    return stage.passes * _steps_per_pass(train_size, plan.batch_size)
