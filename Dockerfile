@@ -18,4 +18,4 @@ RUN pip install --no-cache-dir -e . \
 USER thaw
 VOLUME ["/data"]
 EXPOSE 8000
-CMD ["uvicorn", "--factory", "service.main:create_app", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["thaw", "api", "--host", "0.0.0.0", "--port", "8000"]

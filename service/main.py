@@ -11,7 +11,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 
 from service.auth.keycache import ApiKeyCache
@@ -67,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         stop.set()
         reaper.join(timeout=5)
         predictors.close()
+        metrics.close()
 
     app = FastAPI(
         title="thaw",
@@ -96,7 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"status": "ok"}
 
     def scrape() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     metrics_route = app.get(
         "/metrics",

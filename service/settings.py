@@ -99,11 +99,20 @@ class Settings(BaseSettings):
         "the parity check at publish (others run in PyTorch, the reason in `/metrics`); `torch` "
         "serves every version in PyTorch.",
     )
+    api_processes: int | None = Field(
+        default=None,
+        ge=1,
+        description="API processes `thaw serve` and `thaw api` run on this host, each with its "
+        "own model cache, batchers and rate-limit buckets (one process's event loop holds the "
+        "GIL for HTTP, so one process serves about one core's worth of calls); default: one "
+        "per core.",
+    )
     inference_threads: int | None = Field(
         default=None,
         ge=1,
         description="CPU threads of one forward pass (ONNX Runtime intra-op, or torch); "
-        "default: half the cores, at least 1, leaving the rest to decoding and HTTP.",
+        "default: half the cores shared out among the API processes, at least 1, leaving the "
+        "rest to decoding and HTTP.",
     )
     resolution_cache_seconds: float = Field(
         default=5.0,
@@ -202,8 +211,13 @@ class Settings(BaseSettings):
     )
 
     @property
+    def resolved_api_processes(self) -> int:
+        return self.api_processes or os.cpu_count() or 1
+
+    @property
     def resolved_inference_threads(self) -> int:
-        return self.inference_threads or max(1, (os.cpu_count() or 1) // 2)
+        cores = os.cpu_count() or 1
+        return self.inference_threads or max(1, cores // (2 * self.resolved_api_processes))
 
     @property
     def resolved_database_url(self) -> str:

@@ -1,7 +1,8 @@
 """End to end over HTTP against real processes, as an operator runs them:
 
-- fleet: `thaw migrate`, a Celery worker process (`thaw worker`), the API under uvicorn, with
-  PostgreSQL as the database and Redis as the broker (the commands docker-compose.yml runs);
+- fleet: `thaw migrate`, a Celery worker process (`thaw worker`), the API (`thaw api`, one
+  process per core), with PostgreSQL as the database and Redis as the broker (the commands
+  docker-compose.yml runs);
 - embedded: `thaw serve` alone on SQLite with its folder broker, stopped and started again.
 
 Each uploads half of sklearn's digits (every other image, less a held-out set: the processes are
@@ -10,7 +11,6 @@ EfficientNet-Lite0, and classifies the held-out digits through the predict endpo
 
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -93,18 +93,10 @@ def test_fleet_processes_on_postgres_and_redis(
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     worker_log, api_log = tmp_path / "worker.log", tmp_path / "api.log"
-    api = [
-        "uvicorn",
-        "--factory",
-        "service.main:create_app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
+    api = [*THAW, "api", "--port", str(port)]
     with (
         running([*THAW, "worker", "--queues", "cpu,datasets"], env, worker_log, signal.SIGTERM),
-        running([sys.executable, "-m", *api], env, api_log) as server,
+        running(api, env, api_log) as server,
     ):
         wait_ready(base, server, api_log)
         with httpx.Client(base_url=base, headers=headers, timeout=60) as client:

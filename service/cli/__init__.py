@@ -15,6 +15,7 @@ app = typer.Typer(help="thaw: a self-hosted transfer-learning service.", no_args
 app.command()(operator.migrate)
 app.command()(operator.worker)
 app.command()(operator.serve)
+app.command()(operator.api)
 app.add_typer(operator.keys_app, name="keys")
 app.add_typer(datasets.datasets_app, name="datasets")
 app.add_typer(jobs.jobs_app, name="jobs", no_args_is_help=True)

@@ -1,10 +1,12 @@
-"""Operator commands, run where the service runs: `serve`, `worker`, `migrate`, `keys`."""
+"""Operator commands, run where the service runs: `serve`, `api`, `worker`, `migrate`, `keys`."""
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -78,20 +80,62 @@ def worker(
     os.execv(sys.executable, worker_command(queues, name=name))
 
 
+def run_api(*, host: str, port: int, access_log: bool) -> None:
+    """uvicorn serving the API in `THAW_API_PROCESSES` processes (default one per core), until
+    Ctrl-C or SIGTERM. Several processes answer on one port, so their Prometheus metrics are
+    pooled through a folder of their own (`PROMETHEUS_MULTIPROC_DIR`, made fresh here and
+    removed at exit unless the operator set one): `/metrics` reports the host, whichever
+    process answers the scrape."""
+    import uvicorn
+
+    from service.inference.metrics import MULTIPROCESS_DIR
+
+    processes = get_settings().resolved_api_processes
+    pooled = None
+    if processes > 1 and MULTIPROCESS_DIR not in os.environ:
+        pooled = tempfile.mkdtemp(prefix="thaw-metrics-")
+        os.environ[MULTIPROCESS_DIR] = pooled
+    try:
+        uvicorn.run(
+            "service.main:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=processes,
+            log_level="info",
+            access_log=access_log,
+        )
+    finally:
+        if pooled is not None:
+            shutil.rmtree(pooled, ignore_errors=True)
+
+
+def api(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    access_log: Annotated[
+        bool, typer.Option(help="Log every request (a log line per predict call).")
+    ] = False,
+) -> None:
+    """Run the API alone (a fleet's replica): `THAW_API_PROCESSES` processes on one port. The
+    database must be migrated (`thaw migrate`) and workers run elsewhere."""
+    _setup_logging()
+    run_api(host=host, port=port, access_log=access_log)
+
+
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     workers: Annotated[bool, typer.Option(help="Also start the worker processes.")] = True,
 ) -> None:
-    """Run the API, a training worker and a dataset worker on this machine.
+    """Run the API (`THAW_API_PROCESSES` processes), a training worker and a dataset worker on
+    this machine.
 
     With no configuration everything lives under THAW_DATA_DIR (default ./thaw-data): SQLite, the
     artifact folder and a folder broker, so stopping and starting again loses nothing.
     """
-    import uvicorn
-
+    from service.context import AppContext
     from service.jobs.reaper import resend_pending
-    from service.main import create_app
     from service.queues import this_host_has_cuda
 
     _setup_logging()
@@ -106,10 +150,9 @@ def serve(
             subprocess.Popen(worker_command(training_queues, name="train")),
             subprocess.Popen(worker_command("datasets", name="datasets")),
         ]
-    application = create_app()
-    resend_pending(application.state.context)
+    resend_pending(AppContext(settings))
     try:
-        uvicorn.run(application, host=host, port=port, log_level="info")
+        run_api(host=host, port=port, access_log=True)
     finally:
         _stop_children(children)
 

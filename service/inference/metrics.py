@@ -1,6 +1,18 @@
-"""Prometheus metrics of the inference path, on a registry per app (tests build many apps)."""
+"""Prometheus metrics of the inference path, on a registry per app (tests build many apps).
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+With several API processes on one port (`thaw api`, `THAW_API_PROCESSES`), a scrape reaches
+whichever process accepts it, so each process writes its values to files in the folder
+`PROMETHEUS_MULTIPROC_DIR` names (prometheus_client's multiprocess mode, chosen when the client
+is imported) and a scrape reads all of them: counters and histograms summed over the processes,
+gauges as each one's `multiprocess_mode` says.
+"""
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
 # The version id only: whoever holds the scrape token reads every tenant's series, and a
 # model's name is its tenant's own (an id names a version across tenants without revealing it).
@@ -32,6 +44,7 @@ class InferenceMetrics:
             "Inputs (images or texts) of accepted predict calls not yet in a forward pass.",
             LABELS,
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         # Where an accepted call's time goes: waiting for its pass, and the pass itself
         # (batch normalisation or padding, then the model); their sum bounds its latency.
@@ -79,9 +92,33 @@ class InferenceMetrics:
             "not ONNX Runtime.",
             (*LABELS, "backend", "reason"),
             registry=self.registry,
+            multiprocess_mode="livemax",
         )
         self.cache_bytes = Gauge(
             "thaw_model_cache_bytes",
-            "Estimated memory of the loaded models.",
+            "Estimated memory of the loaded models (every API process's, summed).",
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
+
+    def unloaded(self, version_id: str, backend: str, reason: str) -> None:
+        """A version left this process's cache: its `thaw_inference_backend` series goes, or
+        with pooled metrics (which cannot drop a series) reads 0 from this process."""
+        if MULTIPROCESS_DIR in os.environ:
+            self.backend.labels(version_id, backend, reason).set(0)
+        else:
+            self.backend.remove(version_id, backend, reason)
+
+    def exposition(self) -> bytes:
+        """What a scrape answers: this process's metrics, or every API process's pooled."""
+        if MULTIPROCESS_DIR not in os.environ:
+            return generate_latest(self.registry)
+        pooled = CollectorRegistry()
+        MultiProcessCollector(pooled)
+        return generate_latest(pooled)
+
+    def close(self) -> None:
+        """At the process's exit: its live gauges leave the pool (its counters stay, as
+        Prometheus expects of a counter)."""
+        if MULTIPROCESS_DIR in os.environ:
+            mark_process_dead(os.getpid())

@@ -513,7 +513,7 @@ class ModelCache:
         # unloaded model's cycles can go (the next load freezes what is left again).
         gc.unfreeze()
         self.metrics.cache_evictions.labels(model.version_id).inc()
-        self.metrics.backend.remove(model.version_id, model.backend, model.backend_reason or "")
+        self.metrics.unloaded(model.version_id, model.backend, model.backend_reason or "")
         logger.info("unloaded %s", model.version_id)
 
     def evict(self, version_id: str) -> None:

@@ -1,6 +1,7 @@
-"""A fleet of real processes for the fault tests, as docker-compose.yml runs them: the API under
-uvicorn (its reaper does the recovery), Celery workers started and killed by the tests, a fresh
-Postgres database per test module, and Redis.
+"""A fleet of real processes for the fault tests, as docker-compose.yml runs them but for the
+API, which runs as one uvicorn process so a test can kill it outright (its reaper does the
+recovery); Celery workers started and killed by the tests, a fresh Postgres database per test
+module, and Redis.
 
 Timings are shortened so faults are noticed in seconds: leases of a few seconds, the reaper
 every half second. Workers use one torch thread so two of them share the machine's cores."""
