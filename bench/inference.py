@@ -408,7 +408,7 @@ def server(app: str, args: argparse.Namespace, env: dict[str, str]) -> Iterator[
         command = [
             sys.executable, "-m", "uvicorn", "inference:bare_app", "--factory",
             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-            "--no-access-log", "--workers", env.get("THAW_API_PROCESSES", str(args.processes)),
+            "--no-access-log", "--workers", str(args.processes),
         ]  # fmt: skip
     else:
         command = [sys.executable, "-m", "service.cli", "api", "--port", str(port)]
@@ -952,9 +952,10 @@ def warm_up(url: str, key: str, kind: str, body: Path, processes: int) -> None:
         f"multipart/form-data; boundary={BOUNDARY}" if kind == "image" else "application/json"
     )
     headers = {"Authorization": f"Bearer {key}", "Content-Type": content_type}
+    content = body.read_bytes()
 
     def call(_: int) -> None:
-        httpx.post(f"{url}{path}", headers=headers, content=body.read_bytes(), timeout=120)
+        httpx.post(f"{url}{path}", headers=headers, content=content, timeout=120).raise_for_status()
 
     def loads() -> float:
         scrape = httpx.get(f"{url}/metrics", timeout=10).text

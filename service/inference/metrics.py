@@ -21,6 +21,8 @@ LABELS = ("version_id",)
 
 class InferenceMetrics:
     def __init__(self) -> None:
+        # prometheus_client chose how it stores values when it was imported, by this variable.
+        self.pooled = MULTIPROCESS_DIR in os.environ
         self.registry = CollectorRegistry()
         self.request_seconds = Histogram(
             "thaw_predict_request_seconds",
@@ -104,14 +106,14 @@ class InferenceMetrics:
     def unloaded(self, version_id: str, backend: str, reason: str) -> None:
         """A version left this process's cache: its `thaw_inference_backend` series goes, or
         with pooled metrics (which cannot drop a series) reads 0 from this process."""
-        if MULTIPROCESS_DIR in os.environ:
+        if self.pooled:
             self.backend.labels(version_id, backend, reason).set(0)
         else:
             self.backend.remove(version_id, backend, reason)
 
     def exposition(self) -> bytes:
         """What a scrape answers: this process's metrics, or every API process's pooled."""
-        if MULTIPROCESS_DIR not in os.environ:
+        if not self.pooled:
             return generate_latest(self.registry)
         pooled = CollectorRegistry()
         MultiProcessCollector(pooled)
@@ -120,5 +122,5 @@ class InferenceMetrics:
     def close(self) -> None:
         """At the process's exit: its live gauges leave the pool (its counters stay, as
         Prometheus expects of a counter)."""
-        if MULTIPROCESS_DIR in os.environ:
+        if self.pooled:
             mark_process_dead(os.getpid())
