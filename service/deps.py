@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from service.auth.ratelimit import RateLimiter
 from service.auth.service import authenticate_cached
+from service.bounds import VersionRef
 from service.context import AppContext
 from service.errors import ApiError, not_found
 from service.models.service import resolve_version
@@ -119,7 +120,7 @@ ModelDep = Annotated[RegisteredModel, Depends(load_model)]
 
 def load_version(
     model: ModelDep,
-    version: Annotated[str, Path(description="Version number, or an alias such as `production`.")],
+    version: VersionRef,
     session: SessionDep,
 ) -> ModelVersion:
     found = resolve_version(session, model=model, ref=version)

@@ -65,8 +65,25 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+ECHO_CHARS = 64
+"""An error message quotes at most this much of what the client sent."""
+LISTED_DETAILS = 5
+"""A 422 lists this many problems at most, and says how many more there were."""
+
+
+def echo(value: object) -> str:
+    """`value` quoted for an error message: escaped (`repr`), and cut to a short prefix, so an
+    answer never grows with the input (a 10 MB id is not sent back)."""
+    text = str(value)
+    if len(text) <= ECHO_CHARS:
+        return repr(text)
+    return f"{text[:ECHO_CHARS]!r}... ({len(text)} characters)"
+
+
 def not_found(kind: str, ident: str) -> ApiError:
-    return ApiError(404, f"{kind}_not_found", f"No {kind} {ident!r} in this tenant.", param=kind)
+    return ApiError(
+        404, f"{kind}_not_found", f"No {kind} {echo(ident)} in this tenant.", param=kind
+    )
 
 
 def error_body(code: str, message: str, param: str | None = None, **extra: Any) -> dict[str, Any]:
@@ -94,7 +111,8 @@ def _param_of(loc: tuple[Any, ...]) -> str:
     parts = [str(p) for p in loc[1:]] if loc and loc[0] in ("body", "query", "path") else loc
     if loc and loc[0] == "body":
         parts = [part for part in parts if not _UNION_MEMBER.fullmatch(str(part))]
-    return ".".join(str(p) for p in parts)
+    # An unknown key is the client's text: named, but never at length.
+    return ".".join(str(p) if len(str(p)) <= ECHO_CHARS else echo(p) for p in parts)
 
 
 _UNION_MEMBER = re.compile(r".*[-\[].*")
@@ -133,18 +151,22 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
         details = [
             {"param": _param_of(tuple(err["loc"])), "message": err["msg"], "type": err["type"]}
-            for err in exc.errors()
+            for err in errors[:LISTED_DETAILS]
         ]
         param = str(details[0]["param"]) if details else None
         message = str(details[0]["message"]) if details else "invalid request"
+        if len(errors) > LISTED_DETAILS:
+            message += f" (and {len(errors) - 1} more problems; `details` lists {LISTED_DETAILS})"
         return JSONResponse(
             error_body(
                 "invalid_request",
                 f"{param}: {message}" if param else message,
                 param,
                 details=details,
+                more_details=max(0, len(errors) - LISTED_DETAILS),
             ),
             422,
         )

@@ -7,7 +7,7 @@ from pydantic import BaseModel
 from sqlalchemy import Select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
-from service.errors import ApiError
+from service.bounds import parse_cursor
 
 T = TypeVar("T")
 
@@ -26,7 +26,12 @@ class PageParams(BaseModel):
 def page_params(
     limit: Annotated[int, Query(ge=1, le=200, description="Items per page.")] = 20,
     after: Annotated[
-        str | None, Query(description="Return items after this id (the previous `last_id`).")
+        str | None,
+        Query(
+            max_length=100,
+            description="Return items after this id (the previous `last_id`); an event id is "
+            "an integer from 0 to 2**63-1.",
+        ),
     ] = None,
 ) -> PageParams:
     # `?after=` with no value means the first page, as if it were absent.
@@ -36,12 +41,7 @@ def page_params(
 def _cursor(id_column: InstrumentedAttribute[Any], after: str) -> Any:
     if id_column.type.python_type is not int:
         return after
-    try:
-        return int(after)
-    except ValueError:
-        raise ApiError(
-            422, "invalid_request", "after: must be an integer id", param="after"
-        ) from None
+    return parse_cursor(after, param="after")
 
 
 def paginate(

@@ -64,6 +64,12 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(
         default=2 * 2**30, description="Largest accepted dataset upload, in bytes."
     )
+    max_json_body_bytes: int = Field(
+        default=2**20,
+        ge=1024,
+        description="Largest request body, in bytes, outside uploads and predict (which have "
+        "their own caps): a larger one is refused with 413 as it arrives.",
+    )
     max_archive_members: int = Field(default=100_000, description="Most entries in an archive.")
     max_member_bytes: int = Field(default=50 * 2**20, description="Largest file in an archive.")
     max_extracted_bytes: int = Field(

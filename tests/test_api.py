@@ -37,13 +37,14 @@ def ready_dataset(
     auth: dict[str, str],
     classes: int = 3,
     per_class: int = 12,
+    names: list[str] | None = None,
 ) -> str:
     pool, _ = digits_split()
     items = [item for item in pool if item[1] < classes]
     chosen: list[tuple[np.ndarray, int]] = []
     for label in range(classes):
         chosen += [item for item in items if item[1] == label][:per_class]
-    dataset = upload(client, auth, zip_of_classes(chosen))
+    dataset = upload(client, auth, zip_of_classes(chosen, names))
     process_upload(context=context, dataset_id=dataset["id"])
     shown = client.get(f"/v1/datasets/{dataset['id']}", headers=auth).json()
     assert shown["status"] == "ready", shown

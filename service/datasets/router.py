@@ -3,6 +3,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, Query, Request
 from sqlalchemy import select
 
+from service.bounds import MAX_SEED
 from service.datasets import service
 from service.datasets.ingest import SNIFF_BYTES
 from service.datasets.schemas import (
@@ -12,7 +13,6 @@ from service.datasets.schemas import (
     TransferabilityIn,
     TransferabilityOut,
 )
-from service.datasets.service import MAX_SEED
 from service.db import new_id
 from service.deps import ContextDep, DatasetDep, SessionDep, TenantDep
 from service.pagination import Page, PageParams, page_params, paginate

@@ -3,6 +3,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
+from service.bounds import BodySeed, RequestBody
 from service.datasets.imbalance import imbalance_report
 from service.datasets.ingest.results import MAX_LISTED_SKIPPED
 from worker.engine.spec import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
@@ -112,10 +113,8 @@ class DatasetOut(BaseModel):
 TRANSFERABILITY_EXAMPLE: dict[str, Any] = {"base_models": ["efficientnet_lite0"], "max_images": 500}
 
 
-class TransferabilityIn(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [TRANSFERABILITY_EXAMPLE]}
-    )
+class TransferabilityIn(RequestBody):
+    model_config = ConfigDict(json_schema_extra={"examples": [TRANSFERABILITY_EXAMPLE]})
 
     base_models: list[str] = Field(
         default_factory=lambda: ["efficientnet_lite0"],
@@ -135,7 +134,7 @@ class TransferabilityIn(BaseModel):
         le=MAX_IMAGE_SIZE,
         description="Default: each base model's input size.",
     )
-    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    seed: BodySeed = 0
 
 
 class GroupScoreOut(BaseModel):

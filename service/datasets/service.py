@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from service.bounds import MAX_SEED
 from service.context import AppContext
 from service.datasets.ingest import (
     SUPPORTED_UPLOADS,
@@ -40,8 +41,6 @@ from worker import engine
 
 logger = logging.getLogger(__name__)
 
-
-MAX_SEED = 2**31 - 1
 DEFAULT_TEXT_BASE_MODEL = "minilm_l6"
 """The text model whose token lengths a text dataset reports when ingested."""
 _TOKENIZE_CHUNK = 10_000
@@ -100,7 +99,8 @@ def _form_float(
 
 def _form_seed(fields: dict[str, str]) -> int:
     raw = fields.get("seed") or "0"
-    if not raw.isdigit() or int(raw) > MAX_SEED:
+    # Short first: `int()` of a 16 KiB field of digits would raise, not answer.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 10 or int(raw) > MAX_SEED:
         raise ApiError(
             422, "invalid_request", f"seed: an integer from 0 to {MAX_SEED}", param="seed"
         )

@@ -3,6 +3,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from service.bounds import BodySeed, RequestBody
 from service.jobs.schemas import MODEL_NAME_HELP
 from service.jobs.spec_schema import model_of
 from worker.engine.spec import NAME_PATTERN, Strategy, TransferSettings
@@ -46,8 +47,8 @@ def _leave_out_per_trial_settings(schema: dict[str, Any]) -> None:
         schema.get("properties", {}).pop(name, None)
 
 
-class SharedSettingsFields(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra=_leave_out_per_trial_settings)
+class SharedSettingsFields(RequestBody):
+    model_config = ConfigDict(json_schema_extra=_leave_out_per_trial_settings)
 
     @model_validator(mode="before")
     @classmethod
@@ -74,9 +75,7 @@ else:
     )
 
 
-class Budget(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class Budget(RequestBody):
     max_parallel: int = Field(
         default=2, ge=1, le=64, description="Most trials queued or running at once."
     )
@@ -97,10 +96,10 @@ class Budget(BaseModel):
     )
 
 
-class ExperimentIn(BaseModel):
+class ExperimentIn(RequestBody):
     """What to compare: every base model with every strategy (and seed) on one dataset."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [EXPERIMENT_EXAMPLE]})
+    model_config = ConfigDict(json_schema_extra={"examples": [EXPERIMENT_EXAMPLE]})
 
     dataset: str = Field(description="A `ready` dataset id.")
     model: str = Field(
@@ -121,7 +120,7 @@ class ExperimentIn(BaseModel):
         default_factory=SharedSettings,
         description="The transfer settings every trial shares (a job spec's fields).",
     )
-    seeds: list[int] | None = Field(
+    seeds: list[BodySeed] | None = Field(
         default=None,
         min_length=1,
         max_length=10,
@@ -134,10 +133,11 @@ class ExperimentIn(BaseModel):
         description="Share of each class (in the dataset's train and val alike) held out as "
         "the test split, which no trial trains or selects on.",
     )
-    test_seed: int = Field(default=0, ge=0, description="Seed of the test split's draw.")
+    test_seed: BodySeed = Field(default=0, description="Seed of the test split's draw.")
     preselect: int | None = Field(
         default=None,
         ge=1,
+        le=10,
         description="Keep only the best `preselect` base models by their transferability "
         "(LogME of frozen features, POST /v1/datasets/{id}/transferability) scored on the "
         "training rows outside the test split, before any trial runs; images only. The scores "
@@ -446,9 +446,8 @@ class ExperimentEventOut(BaseModel):
 PROMOTE_EXAMPLE: dict[str, Any] = {"trial": "trl_0623f1c2a4b5e1a2b3c4d5e6", "alias": "production"}
 
 
-class PromoteIn(BaseModel):
+class PromoteIn(RequestBody):
     model_config = ConfigDict(
-        extra="forbid",
         json_schema_extra={"examples": [{}, PROMOTE_EXAMPLE]},
     )
 

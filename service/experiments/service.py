@@ -26,7 +26,7 @@ from service.context import AppContext
 from service.datasets.schemas import TransferabilityIn
 from service.datasets.service import dataset_items, rank_base_models, require_ready
 from service.db import new_id, utcnow
-from service.errors import ApiError
+from service.errors import ApiError, echo, not_found
 from service.experiments import pruning
 from service.experiments.diagnosis import EpochPoint, TrialRecord, diagnose
 from service.experiments.plots import trial_curves_svg
@@ -177,12 +177,7 @@ def create_experiment(*, context: AppContext, tenant: Tenant, request: Experimen
     with context.db.session() as session:
         dataset = session.get(Dataset, request.dataset)
         if dataset is None or dataset.tenant_id != tenant.id:
-            raise ApiError(
-                404,
-                "dataset_not_found",
-                f"No dataset {request.dataset!r} in this tenant.",
-                "dataset",
-            )
+            raise not_found("dataset", request.dataset)
         require_ready(dataset, needed_by="experiments", param="dataset")
         items = dataset_items(context=context, dataset_id=dataset.id).items
         held_out = carve_test_split(
@@ -760,7 +755,7 @@ def promote(
             raise ApiError(
                 404,
                 "trial_not_found",
-                f"Experiment {experiment.id} has no trial {request.trial!r}.",
+                f"Experiment {experiment.id} has no trial {echo(request.trial)}.",
                 "trial",
             )
         if found.version is None:

@@ -13,15 +13,17 @@ from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from service.auth.keycache import ApiKeyCache
 from service.auth.service import hash_key
+from service.bounds import VersionRef
 from service.context import AppContext
 from service.datasets.service import ingest_limits
 from service.deps import _bearer as bearer
 from service.deps import get_tenant, load_model, load_version, take_rate_token
-from service.errors import ApiError
+from service.errors import ApiError, echo
 from service.inference.metrics import InferenceMetrics
 from service.inference.resolution import ResolutionCache, ServedVersion
 from service.inference.schemas import (
@@ -111,8 +113,14 @@ def _too_large(name: str, limit: int) -> ApiError:
 
 async def _read_multipart(request: Request, context: AppContext) -> _Body:
     settings = context.settings
-    # One file over the cap is read so that "too many" is answered as such (413).
-    form = await request.form(max_files=settings.max_predict_images + 1, max_fields=10)
+    # One file over the cap is read so that "too many" is answered as such (413); the parser
+    # stops at the one after it, and its refusal is the same 413.
+    try:
+        form = await request.form(max_files=settings.max_predict_images + 1, max_fields=10)
+    except StarletteHTTPException as exc:
+        if str(exc.detail).startswith("Too many files"):
+            raise _too_many(settings.max_predict_images) from None
+        raise
     uploads = [item for item in form.getlist("images") if isinstance(item, UploadFile)]
     if not uploads:
         raise ApiError(422, "invalid_request", "images: at least one file is required", "images")
@@ -278,7 +286,7 @@ async def _reserve(
 async def predict(
     request: Request,
     name: Annotated[str, Path(description="Model name, unique in your tenant.")],
-    version: Annotated[str, Path(description="Version number, or an alias such as `production`.")],
+    version: VersionRef,
 ) -> Response:
     # Admission first, before the key is even checked: under a load this process cannot
     # serve, refusing costs next to nothing and the accepted calls keep a bounded latency.
@@ -335,7 +343,7 @@ async def _predict(request: Request, credentials: Credentials, name: str, versio
         raise ApiError(
             422,
             "unknown_task",
-            f"task: this model answers {', '.join(model.tasks)}, not {task!r}.",
+            f"task: this model answers {', '.join(model.tasks)}, not {echo(task)}.",
             param="task",
         )
     if body.kind != model.modality:

@@ -65,8 +65,9 @@ class PredictOptions(BaseModel):
 
 
 class PredictJson(PredictOptions):
+    # Strict, unlike the multipart form's options, which arrive as text.
     model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [PREDICT_JSON_EXAMPLE]}
+        extra="forbid", strict=True, json_schema_extra={"examples": [PREDICT_JSON_EXAMPLE]}
     )
 
     images: list[ImageIn] = Field(min_length=1)
@@ -82,7 +83,7 @@ class PredictTextJson(PredictOptions):
     """A text model's predict body."""
 
     model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [PREDICT_TEXT_EXAMPLE]}
+        extra="forbid", strict=True, json_schema_extra={"examples": [PREDICT_TEXT_EXAMPLE]}
     )
 
     texts: list[str] = Field(min_length=1, description="Texts to classify, in order.")

@@ -19,6 +19,13 @@ from service.tables import Job, ModelVersion
 matplotlib.use("Agg")
 # SVG text as text, not paths: smaller files, and the labels stay searchable and testable.
 matplotlib.rcParams["svg.fonttype"] = "none"
+# Text is drawn as written: class labels, stage and model names are the clients' words, and
+# matplotlib would read `$...$` in them as math (a label `$\undefinedmacro$` failed the whole
+# plot) or, with usetex, hand them to TeX. Set here once, for every figure of the process
+# (a per-figure `rc_context` would race between the API's threads); every Text made later
+# reads it, titles, tick labels and legends included.
+matplotlib.rcParams["text.parse_math"] = False
+matplotlib.rcParams["text.usetex"] = False
 
 
 def curves_svg(events: list[dict[str, Any]], *, title: str) -> bytes:

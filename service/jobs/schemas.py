@@ -3,6 +3,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
+from service.bounds import RequestBody
 from service.jobs.spec_schema import model_of
 from service.jobs.states import JobStatus
 from worker.engine.spec import (
@@ -36,11 +37,11 @@ MODEL_NAME_HELP = (
 )
 
 
-class SpecFields(BaseModel):
+class SpecFields(RequestBody):
     """A request's own fields; the transfer settings beside them come from the engine's
     declaration (`worker/engine/spec.py`)."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [SPEC_EXAMPLE]})
+    model_config = ConfigDict(json_schema_extra={"examples": [SPEC_EXAMPLE]})
 
     dataset: str = Field(description="A `ready` dataset id.")
     max_runtime_seconds: int | None = Field(

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from service.context import AppContext
 from service.datasets.service import require_modality, require_ready
-from service.errors import ApiError
+from service.errors import ApiError, echo, not_found
 from service.jobs import transitions
 from service.jobs.schemas import (
     PARENT_PREFIX,
@@ -80,7 +80,7 @@ def resolve_parent(
         raise ApiError(
             404,
             "base_model_not_found",
-            f"No registered model version {reference!r} in this tenant; write "
+            f"No registered model version {echo(reference)} in this tenant; write "
             "`model:<name>:<version or alias>`, e.g. `model:shoes:production`.",
             "base_model",
         )
@@ -98,9 +98,7 @@ def resolve_plan(
     """Check the spec against the tenant's dataset and the zoo and compile its plan."""
     dataset = session.get(Dataset, spec.dataset)
     if dataset is None or dataset.tenant_id != tenant.id:
-        raise ApiError(
-            404, "dataset_not_found", f"No dataset {spec.dataset!r} in this tenant.", "dataset"
-        )
+        raise not_found("dataset", spec.dataset)
     require_ready(dataset, needed_by="jobs", param="dataset")
     settings = spec.transfer_settings()
     if settings.strategy == "lwf" and not settings.base_model.startswith(PARENT_PREFIX):

@@ -14,6 +14,7 @@ from typing import Annotated, Any, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from pydantic.fields import FieldInfo
 
+from service.bounds import RequestBody
 from worker.engine.spec import Bounds, settings_of
 
 
@@ -124,5 +125,5 @@ _MODEL_NAMES = {"HeadConfig": "HeadSpec", "StageSpec": "StageIn"}
 @cache
 def _dataclass_model(cls: type) -> type[BaseModel]:
     return model_of(
-        cls, name=_MODEL_NAMES.get(cls.__name__, cls.__name__), config=ConfigDict(extra="forbid")
+        cls, name=_MODEL_NAMES.get(cls.__name__, cls.__name__), config=RequestBody.model_config
     )

@@ -5,8 +5,9 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
+from service.bounds import ALIAS_PATTERN
 from service.deps import ContextDep, ModelDep, SessionDep, TenantDep, VersionDep
-from service.errors import ApiError
+from service.errors import ApiError, echo
 from service.models.schemas import (
     AliasIn,
     AliasOut,
@@ -45,7 +46,7 @@ PageDep = Annotated[PageParams, Depends(page_params)]
 AliasPath = Annotated[
     str,
     Path(
-        pattern=r"^[a-z][a-z0-9._-]{0,99}$",
+        pattern=f"^{ALIAS_PATTERN}$",
         description="Alias name such as `production`: lowercase, starting with a letter (so "
         "it can never be mistaken for a version number).",
     ),
@@ -228,7 +229,7 @@ def remove_alias(model: ModelDep, alias: AliasPath, session: SessionDep) -> Resp
 def download_artifact(version: VersionDep, artifact: str, context: ContextDep) -> StreamingResponse:
     if artifact not in {a["name"] for a in version.artifacts}:
         raise ApiError(
-            404, "artifact_not_found", f"Version has no artifact {artifact!r}.", "artifact"
+            404, "artifact_not_found", f"Version has no artifact {echo(artifact)}.", "artifact"
         )
     key = f"{version.artifact_prefix}/{artifact}"
     size = context.store.stat(key).size

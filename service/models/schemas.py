@@ -3,6 +3,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from service.bounds import BodyId, RequestBody
+
 Tag = Annotated[
     str,
     StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/=-]{0,99}$"),
@@ -101,15 +103,15 @@ class ModelOut(BaseModel):
     aliases: dict[str, int]
 
 
-class ModelPatch(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"tags": ["shoes"]}]})
+class ModelPatch(RequestBody):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"tags": ["shoes"]}]})
 
     tags: list[Tag] | None = Field(default=None, max_length=32, description=TAG_DESCRIPTION)
 
 
-class VersionPatch(BaseModel):
+class VersionPatch(RequestBody):
     model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [{"tags": ["reviewed"], "archived": False}]}
+        json_schema_extra={"examples": [{"tags": ["reviewed"], "archived": False}]}
     )
 
     tags: list[Tag] | None = Field(
@@ -121,10 +123,10 @@ class VersionPatch(BaseModel):
     )
 
 
-class AliasIn(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"version": 3}]})
+class AliasIn(RequestBody):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"version": 3}]})
 
-    version: int = Field(ge=1, description="The version number the alias points at.")
+    version: BodyId = Field(description="The version number the alias points at.")
 
 
 class AliasOut(BaseModel):

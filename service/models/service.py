@@ -9,8 +9,9 @@ from sqlalchemy import ColumnElement, Select, and_, delete, exists, func, or_, s
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import InstrumentedAttribute, Session, aliased
 
+from service.bounds import INT64_MAX
 from service.db import utcnow
-from service.errors import ApiError
+from service.errors import ApiError, echo
 from service.jobs import transitions
 from service.jobs.history import epoch_history
 from service.jobs.states import IllegalTransitionError
@@ -42,6 +43,8 @@ from service.tables import (
 
 def resolve_version(session: Session, *, model: RegisteredModel, ref: str) -> ModelVersion | None:
     if ref.isdigit():
+        if len(ref) > 19 or int(ref) > INT64_MAX:  # no such version, and no such column value
+            return None
         return session.scalar(
             select(ModelVersion).where(
                 ModelVersion.model_id == model.id, ModelVersion.version == int(ref)
@@ -294,7 +297,7 @@ def parse_metric_filter(text: str) -> MetricFilter:
         raise ApiError(
             422,
             "invalid_filter",
-            f"metric: {text!r} is not `<name><op><number>` with op one of >=, <=, >, <, = "
+            f"metric: {echo(text)} is not `<name><op><number>` with op one of >=, <=, >, <, = "
             "(e.g. `val_accuracy>=0.9`).",
             param="metric",
         )
@@ -306,7 +309,7 @@ def parse_order(text: str) -> str:
         raise ApiError(
             422,
             "invalid_order",
-            f"order: {text!r} is not a field or metric name, optionally prefixed with `-` "
+            f"order: {echo(text)} is not a field or metric name, optionally prefixed with `-` "
             "(e.g. `-val_accuracy`, `created_at`, `version`).",
             param="order",
         )
