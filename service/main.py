@@ -11,7 +11,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from sqlalchemy import text
 
 from service.auth.keycache import ApiKeyCache
@@ -31,9 +31,11 @@ from service.jobs.reaper import start_reaper
 from service.jobs.router import router as jobs_router
 from service.models.router import router as models_router
 from service.models.router import search_router as model_search_router
+from service.queues import consumer_registry
 from service.replicas import API_KEYS, MODELS
 from service.settings import Settings, get_settings
 from service.storage import StorageError
+from service.supervision import WorkerRestarts, restarts_file, stranded_queues
 from service.ui.router import router as ui_router
 
 logger = logging.getLogger(__name__)
@@ -98,13 +100,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # async: answered on the event loop, without a thread-pool hop.
         return {"status": "ok"}
 
+    # Restarts of `thaw serve`'s workers: its supervisor's file, the same for every process.
+    supervision_metrics = CollectorRegistry()
+    supervision_metrics.register(WorkerRestarts(restarts_file(context.settings)))
+    consumers = consumer_registry(context.settings)
+
     def scrape() -> Response:
-        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+        exposition = metrics.exposition() + generate_latest(supervision_metrics)
+        return Response(exposition, media_type=CONTENT_TYPE_LATEST)
 
     metrics_route = app.get(
         "/metrics",
         tags=["ops"],
-        summary="Prometheus metrics: predict latency, batch sizes, queue depth, model cache",
+        summary="Prometheus metrics: predict latency, batch sizes, queue depth, model cache, "
+        "worker restarts",
         description="With `THAW_METRICS_TOKEN` set, a scrape must send it as a bearer token.",
         response_class=Response,
     )
@@ -129,7 +138,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 )
             return scrape()
 
-    @app.get("/readyz", tags=["ops"], summary="Database, broker and storage are reachable")
+    @app.get(
+        "/readyz",
+        tags=["ops"],
+        summary="Database, broker and storage are reachable, and every queue with work has a "
+        "live worker",
+    )
     def readyz() -> Any:
         checks: dict[str, str] = {}
         try:
@@ -149,11 +163,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             checks["storage"] = "ok"
         except StorageError as exc:
             checks["storage"] = f"error: {type(exc).__name__}"
-        if all(value == "ok" for value in checks.values()):
+        problems = [f"{name} unreachable" for name, value in checks.items() if value != "ok"]
+        if checks["database"] == "ok":
+            try:
+                stranded = stranded_queues(context, consumers)
+            except Exception as exc:
+                checks["workers"] = f"error: {type(exc).__name__}"
+                problems.append("the live-queue registry unreadable")
+            else:
+                checks["workers"] = "ok"
+                if stranded:
+                    checks["workers"] = "no live worker for " + ", ".join(stranded)
+                    problems += [
+                        f"no live worker consumes the {queue!r} queue, which has {count} "
+                        "job(s) or dataset(s) to work on"
+                        for queue, count in stranded.items()
+                    ]
+        if not problems:
             return {"status": "ready", "checks": checks}
-        failing = ", ".join(k for k, v in checks.items() if v != "ok")
         return JSONResponse(
-            {**error_body("not_ready", f"Unreachable: {failing}."), "checks": checks}, 503
+            {**error_body("not_ready", f"Not ready: {'; '.join(problems)}."), "checks": checks},
+            503,
         )
 
     install_error_handlers(app)

@@ -6,9 +6,13 @@ when a process first needs one.
 """
 
 import logging
+import os
+import socket
 import threading
+import time
+from abc import ABC, abstractmethod
 from functools import cache
-from typing import Any
+from pathlib import Path
 
 from celery import Celery
 from kombu import Queue
@@ -28,8 +32,14 @@ INGEST_TASK = "thaw.ingest_dataset"
 CONSUMER_HEARTBEAT_SECONDS = 10.0
 CONSUMER_TTL_SECONDS = 3 * CONSUMER_HEARTBEAT_SECONDS
 """A worker re-announces the queues it consumes every heartbeat; an announcement lives three
-heartbeats, so a worker that died (or lost Redis) is no longer counted after at most that."""
+heartbeats, so a worker that died (or lost Redis) is no longer counted after at most that,
+or at once when its supervisor (`thaw serve`) saw it die and forgot it."""
 _CONSUMERS = "thaw:consumers:"
+
+
+def worker_identity() -> str:
+    """How a worker process names itself as the owner of a lease (a job's, an ingest's)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def create_celery(settings: Settings) -> Celery:
@@ -69,34 +79,105 @@ def create_celery(settings: Settings) -> Celery:
     return app
 
 
-def _redis(url: str) -> Any:
-    import redis
+class ConsumerRegistry(ABC):
+    """Which worker consumes which queue, as the workers last announced it: the live-queue
+    registry. In Redis on a fleet, in a folder under the data directory on the embedded
+    default (its workers share the API's machine)."""
 
-    return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+    @abstractmethod
+    def announce(self, *, queues: list[str], worker: str) -> None:
+        """Say that `worker` consumes `queues`, for the next `CONSUMER_TTL_SECONDS`."""
+
+    @abstractmethod
+    def forget(self, worker: str) -> None:
+        """Drop `worker`'s announcements at once: its supervisor saw it die."""
+
+    @abstractmethod
+    def live(self) -> set[str]:
+        """The queues some worker announced within `CONSUMER_TTL_SECONDS`."""
 
 
-def announce_consumer(url: str, *, queues: list[str], worker: str) -> None:
-    """Say in Redis that `worker` consumes `queues`, for the next `CONSUMER_TTL_SECONDS`."""
-    client = _redis(url)
-    with client.pipeline() as pipe:
+class RedisConsumers(ConsumerRegistry):
+    """A key per queue and worker, expiring after `CONSUMER_TTL_SECONDS`."""
+
+    def __init__(self, url: str) -> None:
+        import redis
+
+        self.client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+
+    def announce(self, *, queues: list[str], worker: str) -> None:
+        with self.client.pipeline() as pipe:
+            for queue in queues:
+                pipe.set(f"{_CONSUMERS}{queue}:{worker}", "1", ex=int(CONSUMER_TTL_SECONDS))
+            pipe.execute()
+
+    def forget(self, worker: str) -> None:
+        keys = [
+            key
+            for key in self.client.scan_iter(match=f"{_CONSUMERS}*", count=500)
+            if key.decode().rsplit(":", 1)[1] == worker
+        ]
+        if keys:
+            self.client.delete(*keys)
+
+    def live(self) -> set[str]:
+        return {
+            key.decode().removeprefix(_CONSUMERS).rsplit(":", 1)[0]
+            for key in self.client.scan_iter(match=f"{_CONSUMERS}*", count=500)
+        }
+
+
+class FolderConsumers(ConsumerRegistry):
+    """A file per queue and worker (`<queue>+<worker>`), live while its modification time is
+    within `CONSUMER_TTL_SECONDS`."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def announce(self, *, queues: list[str], worker: str) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
         for queue in queues:
-            pipe.set(f"{_CONSUMERS}{queue}:{worker}", "1", ex=int(CONSUMER_TTL_SECONDS))
-        pipe.execute()
+            (self.folder / f"{queue}+{worker}").touch()
+
+    def forget(self, worker: str) -> None:
+        for entry in self._entries():
+            if entry.name.split("+", 1)[1] == worker:
+                entry.unlink(missing_ok=True)
+
+    def live(self) -> set[str]:
+        fresh_after = time.time() - CONSUMER_TTL_SECONDS
+        live: set[str] = set()
+        for entry in self._entries():
+            try:
+                if entry.stat().st_mtime >= fresh_after:
+                    live.add(entry.name.split("+", 1)[0])
+            except FileNotFoundError:
+                continue  # forgotten meanwhile
+        return live
+
+    def _entries(self) -> list[Path]:
+        if not self.folder.is_dir():
+            return []
+        return [entry for entry in self.folder.iterdir() if "+" in entry.name]
+
+
+def consumer_registry(settings: Settings) -> ConsumerRegistry:
+    url = settings.shared_redis_url
+    if url is not None:
+        return RedisConsumers(url)
+    return FolderConsumers(settings.data_dir.resolve() / "consumers")
 
 
 def start_consumer_heartbeat(
     settings: Settings, *, queues: list[str], worker: str, stop: threading.Event
-) -> threading.Thread | None:
-    """Announce this worker's queues every heartbeat until `stop` (a fleet only: the embedded
-    default's worker runs on the API's machine, which refuses what it cannot serve)."""
-    url = settings.shared_redis_url
-    if url is None:
-        return None
+) -> threading.Thread:
+    """Announce this worker's queues every heartbeat until `stop`."""
+    registry = consumer_registry(settings)
 
     def beat() -> None:
         while True:
             try:
-                announce_consumer(url, queues=queues, worker=worker)
+                registry.announce(queues=queues, worker=worker)
             except Exception as exc:
                 logger.warning("could not announce the queues this worker consumes: %s", exc)
             if stop.wait(CONSUMER_HEARTBEAT_SECONDS):
@@ -105,15 +186,6 @@ def start_consumer_heartbeat(
     thread = threading.Thread(target=beat, name="thaw-queue-heartbeat", daemon=True)
     thread.start()
     return thread
-
-
-def live_queues(url: str) -> set[str]:
-    """The queues some worker announced within `CONSUMER_TTL_SECONDS`."""
-    client = _redis(url)
-    return {
-        key.decode().removeprefix(_CONSUMERS).rsplit(":", 1)[0]
-        for key in client.scan_iter(match=f"{_CONSUMERS}*", count=500)
-    }
 
 
 @cache

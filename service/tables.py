@@ -75,6 +75,13 @@ class Dataset(Base):
     num_texts: Mapped[int] = mapped_column(Integer, default=0)
     num_unlabelled: Mapped[int] = mapped_column(Integer, default=0)
     token_lengths: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Ingest holds a lease as a running job does (`service/datasets/lease.py`): the attempt
+    # that claimed it, its worker, until when; the reaper re-sends a dataset whose lease
+    # expired, or fails it once its workers vanished THAW_MAX_WORKER_LOSSES times.
+    attempt: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    worker_losses: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 

@@ -80,7 +80,8 @@ def test_health_and_readiness(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200, ready.text
-    assert ready.json()["checks"] == {"database": "ok", "broker": "ok", "storage": "ok"}
+    checks = {"database": "ok", "broker": "ok", "storage": "ok", "workers": "ok"}
+    assert ready.json()["checks"] == checks
 
 
 @pytest.mark.parametrize("header", [None, "Bearer nope", "Basic abc", "Bearer thaw_" + "x" * 43])

@@ -8,9 +8,7 @@ where it is and hands the job back to the queue, for another worker to continue.
 import dataclasses
 import json
 import logging
-import os
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -40,7 +38,7 @@ from service.jobs.service import (
 from service.jobs.states import LEASED_STATUSES, IllegalTransitionError, JobKind, JobStatus
 from service.models.card import render_card
 from service.models.service import publish_version
-from service.queues import TRAIN_TASK
+from service.queues import TRAIN_TASK, worker_identity
 from service.storage import ObjectNotFoundError
 from service.storage.cache import LocalCache
 from service.tables import Dataset, Job
@@ -88,10 +86,6 @@ class DeadlineExceededError(Exception):
 class Claim:
     attempt: int
     deadline_at: datetime
-
-
-def worker_identity() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _db(context: AppContext, operation: Callable[[Session], T]) -> T:

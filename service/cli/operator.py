@@ -3,8 +3,7 @@
 import logging
 import os
 import shutil
-import signal
-import subprocess
+import socket
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -51,8 +50,9 @@ def migrate() -> None:
     migrate_database()
 
 
-def worker_command(queues: str, *, name: str) -> list[str]:
-    """A Celery worker process; `python -m worker` builds thaw's app when it starts."""
+def worker_command(queues: str, *, node: str) -> list[str]:
+    """A Celery worker process named `node` (`name@host`; Celery expands `%h` to the host);
+    `python -m worker` builds thaw's app when it starts."""
     return [
         sys.executable,
         "-m",
@@ -62,7 +62,7 @@ def worker_command(queues: str, *, name: str) -> list[str]:
         "--pool",
         "solo",
         "--hostname",
-        f"{name}@%h",
+        node,
         "--without-gossip",
         "--without-mingle",
         "--loglevel",
@@ -77,7 +77,7 @@ def worker(
     name: Annotated[str, typer.Option(help="Worker name.")] = "worker",
 ) -> None:
     """Run a Celery worker (one task at a time; run more processes to scale)."""
-    os.execv(sys.executable, worker_command(queues, name=name))
+    os.execv(sys.executable, worker_command(queues, node=f"{name}@%h"))
 
 
 def run_api(*, host: str, port: int, access_log: bool) -> None:
@@ -129,45 +129,37 @@ def serve(
     workers: Annotated[bool, typer.Option(help="Also start the worker processes.")] = True,
 ) -> None:
     """Run the API (`THAW_API_PROCESSES` processes), a training worker and a dataset worker on
-    this machine.
+    this machine, restarting a worker that dies.
 
     With no configuration everything lives under THAW_DATA_DIR (default ./thaw-data): SQLite, the
     artifact folder and a folder broker, so stopping and starting again loses nothing.
     """
     from service.context import AppContext
     from service.jobs.reaper import resend_pending
-    from service.queues import this_host_has_cuda
+    from service.queues import consumer_registry, this_host_has_cuda
+    from service.supervision import SupervisedWorker, Supervisor, restarts_file
 
     _setup_logging()
     settings = get_settings()
     # Children must agree on the data folder whatever their working directory.
     os.environ["THAW_DATA_DIR"] = str(settings.data_dir.resolve())
     migrate_database()
-    children: list[subprocess.Popen[bytes]] = []
+    supervised: list[SupervisedWorker] = []
     if workers:
+        machine = socket.gethostname()
         training_queues = "cpu,gpu" if this_host_has_cuda() else "cpu"
-        children = [
-            subprocess.Popen(worker_command(training_queues, name="train")),
-            subprocess.Popen(worker_command("datasets", name="datasets")),
-        ]
+        for name, queues in (("train", training_queues), ("datasets", "datasets")):
+            node = f"{name}@{machine}"
+            supervised.append(SupervisedWorker(name, node, worker_command(queues, node=node)))
+    supervisor = Supervisor(
+        supervised, registry=consumer_registry(settings), counts=restarts_file(settings)
+    )
+    supervisor.start()
     resend_pending(AppContext(settings))
     try:
         run_api(host=host, port=port, access_log=True)
     finally:
-        _stop_children(children)
-
-
-def _stop_children(children: list["subprocess.Popen[bytes]"], timeout: float = 20.0) -> None:
-    for child in children:
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-    for child in children:
-        try:
-            child.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            # A training worker hands its job back after the current step; one busy in a
-            # step-less phase (caching features) is killed, and its lease re-queues the job.
-            child.kill()
+        supervisor.stop()
 
 
 @keys_app.command("create")

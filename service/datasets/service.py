@@ -8,11 +8,15 @@ import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import update
+
 from service.bounds import MAX_SEED
 from service.context import AppContext
+from service.datasets import lease
 from service.datasets.ingest import (
     SUPPORTED_UPLOADS,
     DatasetRejectedError,
@@ -32,7 +36,7 @@ from service.datasets.ingest.results import MAX_LISTED_SKIPPED
 from service.datasets.lengths import summarise_token_lengths
 from service.datasets.schemas import BaseModelScoreOut, TransferabilityIn, TransferabilityOut
 from service.errors import ApiError
-from service.queues import INGEST_TASK
+from service.queues import INGEST_TASK, worker_identity
 from service.storage import LocalCache
 from service.storage.cache import entry_id
 from service.tables import Dataset, Tenant
@@ -208,31 +212,69 @@ def ingest_limits(context: AppContext) -> IngestLimits:
 
 
 def process_upload(*, context: AppContext, dataset_id: str) -> None:
-    """Extract, validate and split an uploaded archive; records `ready` or `failed`."""
+    """Extract, validate and split an uploaded archive; records `ready` or `failed`. This
+    worker holds the dataset's lease meanwhile (`lease.py`)."""
     with context.db.session() as session:
-        dataset = session.get(Dataset, dataset_id)
-        if dataset is None or dataset.status != "processing":
-            logger.info("dataset %s is not waiting for processing; nothing to do", dataset_id)
+        attempt = lease.claim(
+            session,
+            dataset_id=dataset_id,
+            owner=worker_identity(),
+            lease=timedelta(seconds=context.settings.lease_seconds),
+        )
+        dataset = session.get(Dataset, dataset_id) if attempt is not None else None
+        if attempt is None or dataset is None:
+            logger.info("dataset %s is not waiting for a worker; nothing to do", dataset_id)
             return
         val_fraction, seed = dataset.val_fraction, dataset.seed
         columns = TextColumns(
             text=dataset.text_column or "text", label=dataset.label_column or "label"
         )
         keep_unlabelled = dataset.keep_unlabelled
+    try:
+        with lease.IngestLease(context, dataset_id=dataset_id, attempt=attempt) as held:
+            _ingest(
+                context,
+                dataset_id,
+                attempt=attempt,
+                held=held,
+                columns=columns,
+                val_fraction=val_fraction,
+                seed=seed,
+                keep_unlabelled=keep_unlabelled,
+            )
+    except lease.IngestLostError:
+        logger.info(
+            "dataset %s attempt %d stopped: another attempt ingests it", dataset_id, attempt
+        )
 
+
+def _ingest(
+    context: AppContext,
+    dataset_id: str,
+    *,
+    attempt: int,
+    held: lease.IngestLease,
+    columns: TextColumns,
+    val_fraction: float,
+    seed: int,
+    keep_unlabelled: bool,
+) -> None:
     work = Path(tempfile.mkdtemp(dir=context.scratch_dir, prefix=f"ingest-{dataset_id}-"))
     last_report = 0.0
 
     def report(done: int, total: int) -> None:
         nonlocal last_report
+        held.check()
         if time.monotonic() - last_report < 1.0:
             return
         last_report = time.monotonic()
         with context.db.session() as progress_session:
-            row = progress_session.get(Dataset, dataset_id)
-            if row is not None:
-                row.progress = round(done / max(total, 1), 4)
-                progress_session.commit()
+            progress_session.execute(
+                update(Dataset)
+                .where(*lease.holds(dataset_id, attempt))
+                .values(progress=round(done / max(total, 1), 4))
+            )
+            progress_session.commit()
 
     try:
         with context.store.local_file(archive_key(dataset_id), work) as upload:
@@ -247,13 +289,19 @@ def process_upload(*, context: AppContext, dataset_id: str) -> None:
                 progress=report,
             )
     except DatasetRejectedError as exc:
-        _finish(context, dataset_id, status="failed", error=(exc.code, exc.message))
+        _finish(
+            context, dataset_id, attempt=attempt, status="failed", error=(exc.code, exc.message)
+        )
         return
+    except lease.IngestLostError:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     except Exception:
         logger.exception("ingestion of %s crashed", dataset_id)
         _finish(
             context,
             dataset_id,
+            attempt=attempt,
             status="failed",
             error=("ingest_error", "The archive could not be processed; the error was logged."),
         )
@@ -262,19 +310,26 @@ def process_upload(*, context: AppContext, dataset_id: str) -> None:
         if not (work / "files").exists():
             shutil.rmtree(work, ignore_errors=True)
 
-    lengths = (
-        _ingest_token_lengths(context, result, work / "files")
-        if result.modality == "text"
-        else None
+    try:
+        lengths = (
+            _ingest_token_lengths(context, result, work / "files")
+            if result.modality == "text"
+            else None
+        )
+        stored = work / "files"
+        if result.modality == "image":
+            stored = work / "shards"
+            result = replace(
+                result, shards=write_image_shards(work / "files", result.samples, stored)
+            )
+        held.check()
+        context.store.put_dir(files_prefix(dataset_id), stored)
+        context.store.put_bytes(manifest_key(dataset_id), json.dumps(result.to_manifest()).encode())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    _finish(
+        context, dataset_id, attempt=attempt, status="ready", result=result, token_lengths=lengths
     )
-    stored = work / "files"
-    if result.modality == "image":
-        stored = work / "shards"
-        result = replace(result, shards=write_image_shards(work / "files", result.samples, stored))
-    context.store.put_dir(files_prefix(dataset_id), stored)
-    context.store.put_bytes(manifest_key(dataset_id), json.dumps(result.to_manifest()).encode())
-    shutil.rmtree(work, ignore_errors=True)
-    _finish(context, dataset_id, status="ready", result=result, token_lengths=lengths)
 
 
 def _ingest_token_lengths(
@@ -362,30 +417,43 @@ def _finish(
     context: AppContext,
     dataset_id: str,
     *,
+    attempt: int,
     status: str,
     result: IngestResult | None = None,
     error: tuple[str, str] | None = None,
     token_lengths: dict[str, Any] | None = None,
 ) -> None:
+    values: dict[str, Any] = {
+        "status": status,
+        "progress": 1.0,
+        "lease_owner": None,
+        "lease_expires_at": None,
+    }
+    if error is not None:
+        values["error_code"], values["error_message"] = error
+    if result is not None:
+        values.update(
+            modality=result.modality,
+            classes=result.classes,
+            class_counts=result.class_counts,
+            num_images=len(result.samples),
+            num_texts=result.num_labelled if result.modality == "text" else 0,
+            num_unlabelled=result.unlabelled,
+            token_lengths=token_lengths,
+            skipped=[skipped_dict(s) for s in result.skipped[:MAX_LISTED_SKIPPED]],
+            num_skipped=result.num_skipped,
+        )
     with context.db.session() as session:
-        dataset = session.get(Dataset, dataset_id)
-        if dataset is None:
-            return
-        dataset.status = status
-        dataset.progress = 1.0
-        if error is not None:
-            dataset.error_code, dataset.error_message = error
-        if result is not None:
-            dataset.modality = result.modality
-            dataset.classes = result.classes
-            dataset.class_counts = result.class_counts
-            dataset.num_images = len(result.samples)
-            dataset.num_texts = result.num_labelled if result.modality == "text" else 0
-            dataset.num_unlabelled = result.unlabelled
-            dataset.token_lengths = token_lengths
-            dataset.skipped = [skipped_dict(s) for s in result.skipped[:MAX_LISTED_SKIPPED]]
-            dataset.num_skipped = result.num_skipped
+        # Fenced: an attempt that lost the dataset to a later one records nothing.
+        recorded = session.execute(
+            update(Dataset).where(*lease.holds(dataset_id, attempt)).values(**values)
+        ).rowcount  # type: ignore[attr-defined]
         session.commit()
+    if not recorded:
+        logger.info(
+            "dataset %s attempt %d lost it; its result is not recorded", dataset_id, attempt
+        )
+        return
     # The archive was only needed to build the files; a redelivered task finds the dataset
     # no longer `processing` and never reads it again.
     context.store.delete(archive_key(dataset_id))

@@ -4,6 +4,8 @@
 - jobs past their deadline fail with `deadline_exceeded`;
 - jobs whose lease expired are re-queued, or fail with `worker_lost` once their workers have
   vanished `THAW_MAX_WORKER_LOSSES` times (a job that kills its worker must not loop);
+- datasets whose ingest lease expired (`service/datasets/lease.py`) are sent to the
+  `datasets` queue again, or fail with `worker_lost` after `THAW_MAX_WORKER_LOSSES` lost workers;
 - experiments move on (`service.experiments.service.advance`): trials ended by the above, or
   cancelled directly, are noted and the next pending trials start;
 - when the broker lost its messages (Redis restarted or flushed), every queued job and
@@ -25,12 +27,14 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service.context import AppContext
+from service.datasets import lease as ingest_lease
+from service.datasets.service import archive_key
 from service.db import utcnow
 from service.experiments.service import advance_all as advance_experiments
 from service.jobs import transitions
 from service.jobs.service import discard_job_files
 from service.jobs.states import ACTIVE_STATUSES, LEASED_STATUSES, IllegalTransitionError, JobStatus
-from service.queues import INGEST_TASK, TRAIN_TASK, live_queues
+from service.queues import INGEST_TASK, TRAIN_TASK, RedisConsumers
 from service.tables import Dataset, Job, JobEvent
 
 logger = logging.getLogger(__name__)
@@ -91,13 +95,44 @@ def reap_expired_leases(context: AppContext) -> int:
     return len(requeued)
 
 
+def reap_expired_ingests(context: AppContext) -> int:
+    """Send again each dataset whose ingest lease expired (its worker died mid-ingest), or fail
+    it after too many lost workers; returns how many were sent again."""
+    now = utcnow()
+    resend: list[str] = []
+    failed: list[str] = []
+    with context.db.session() as session:
+        expired = session.scalars(
+            select(Dataset).where(Dataset.status == "processing", Dataset.lease_expires_at < now)
+        ).all()
+        for dataset in expired:
+            outcome = ingest_lease.expire(
+                session,
+                dataset=dataset,
+                max_worker_losses=context.settings.max_worker_losses,
+                now=now,
+            )
+            if outcome == "processing":
+                resend.append(dataset.id)
+            elif outcome == "failed":
+                failed.append(dataset.id)
+        session.commit()
+    for dataset_id in resend:
+        logger.warning("dataset %s lost its ingest worker; sending it again", dataset_id)
+        context.celery.send_task(INGEST_TASK, args=[dataset_id])
+    for dataset_id in failed:
+        logger.warning("dataset %s failed: its ingest workers kept vanishing", dataset_id)
+        context.store.delete(archive_key(dataset_id))
+    return len(resend)
+
+
 def match_jobs_to_live_workers(context: AppContext) -> None:
     """Mark queued jobs no live worker can take as `waiting_for_worker`, put waiting ones
     back in the queue when a worker can, and re-send those queued too long. Fleet only."""
     url = context.settings.shared_redis_url
     if url is None:
         return
-    live = live_queues(url)
+    live = RedisConsumers(url).live()
     now = utcnow()
     stale_before = now - timedelta(seconds=context.settings.queue_resend_seconds)
     send: list[tuple[str, str]] = []
@@ -177,6 +212,7 @@ def reap(context: AppContext) -> None:
     # Deadlines first: a job both overdue and abandoned fails rather than runs again.
     fail_overdue_jobs(context)
     reap_expired_leases(context)
+    reap_expired_ingests(context)
     # Experiments whose trials ended here, or were cancelled directly, move on.
     advance_experiments(context)
     if broker_started_empty(context):

@@ -18,7 +18,7 @@ from service.cli import migrate_database
 from service.context import AppContext
 from service.jobs.reaper import match_jobs_to_live_workers
 from service.main import create_app
-from service.queues import announce_consumer, live_queues, this_host_has_cuda
+from service.queues import RedisConsumers, this_host_has_cuda
 from tests.conftest import make_settings, new_key
 from tests.processes import running, thaw_env
 from tests.test_api import assert_error, ready_dataset, small_spec
@@ -48,7 +48,7 @@ def test_a_job_no_live_worker_consumes_waits_visibly_then_goes_back_to_its_queue
 ) -> None:
     client, auth = fleet_api
     context: AppContext = client.app.state.context  # type: ignore[attr-defined]
-    announce_consumer(redis_url, queues=["cpu", "datasets"], worker="cpu-host")
+    RedisConsumers(redis_url).announce(queues=["cpu", "datasets"], worker="cpu-host")
     dataset_id = ready_dataset(client, context, auth)
     created = client.post("/v1/jobs", headers=auth, json=small_spec(dataset_id, device="cuda"))
     assert created.status_code == 201, created.text  # a fleet may have a GPU host
@@ -69,7 +69,7 @@ def test_a_job_no_live_worker_consumes_waits_visibly_then_goes_back_to_its_queue
     page = client.get(f"/ui/jobs/{job_id}", headers=signed_in)
     assert 'id="cancel"' in page.text, "the dashboard lets a waiting job be cancelled"
 
-    announce_consumer(redis_url, queues=["gpu"], worker="gpu-host")
+    RedisConsumers(redis_url).announce(queues=["gpu"], worker="gpu-host")
     match_jobs_to_live_workers(context)
     assert client.get(f"/v1/jobs/{job_id}", headers=auth).json()["status"] == "queued"
     assert _statuses(client, auth, job_id)[-1]["data"] == {"status": "queued", "queue": "gpu"}
@@ -85,7 +85,7 @@ def test_a_job_queued_too_long_is_sent_again(
 ) -> None:
     client, auth = fleet_api
     context: AppContext = client.app.state.context  # type: ignore[attr-defined]
-    announce_consumer(redis_url, queues=["cpu"], worker="cpu-host")
+    RedisConsumers(redis_url).announce(queues=["cpu"], worker="cpu-host")
     dataset_id = ready_dataset(client, context, auth)
     job_id = client.post("/v1/jobs", headers=auth, json=small_spec(dataset_id)).json()["id"]
     redis.Redis.from_url(redis_url).delete("cpu")  # the message is lost, the broker is not
@@ -124,6 +124,6 @@ def test_a_real_worker_announces_the_queues_it_consumes(tmp_path: Path, redis_ur
     command += ["--hostname", "announcer@%h", "--without-gossip", "--without-mingle"]
     with running(command, env, tmp_path / "worker.log", stop_signal=signal.SIGTERM):
         deadline = time.monotonic() + 90
-        while live_queues(redis_url) != {"cpu", "datasets"}:
+        while RedisConsumers(redis_url).live() != {"cpu", "datasets"}:
             assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()[-2000:]
             time.sleep(0.5)
