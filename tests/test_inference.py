@@ -100,6 +100,34 @@ def test_json_and_multipart_give_the_same_answers_in_order(served: Registry) -> 
     assert multipart["predictions"][0]["top"] == a["top"]
     assert multipart["predictions"][1]["top"] == unnamed["top"]
 
+    # Each answer belongs to its own image: checked against the torch predictor, which shares
+    # no code with the service's answer assembly (both routes above do).
+    version = client.get("/v1/models/digits/versions/1", headers=auth).json()
+    predictor = Predictor.load(version_folder(served.context, version["id"]))
+    want_first, want_second = predictor.predict(
+        [Image.open(BytesIO(first)), Image.open(BytesIO(second))], top_k=3
+    )
+    assert_distinct_answers(want_first, want_second)
+    assert_same_top(a["top"], want_first)
+    assert_same_top(unnamed["top"], want_second)
+
+
+Top = list[tuple[str, float]]
+
+
+def assert_same_top(got: list[dict[str, Any]], want: Top, atol: float = 1e-5) -> None:
+    """An answer's top-k as the service sent it equals (label, probability) pairs computed
+    independently."""
+    assert [t["label"] for t in got] == [label for label, _ in want]
+    assert np.allclose([t["probability"] for t in got], [p for _, p in want], atol=atol)
+
+
+def assert_distinct_answers(one: Top, other: Top) -> None:
+    """Two inputs' answers differ enough that swapping them would be seen."""
+    assert [label for label, _ in one] != [label for label, _ in other] or not np.allclose(
+        [p for _, p in one], [p for _, p in other], atol=1e-3
+    )
+
 
 def test_batched_answers_match_the_plain_predictor(served: Registry) -> None:
     client, auth = served.client, served.auth

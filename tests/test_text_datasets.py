@@ -176,12 +176,17 @@ def test_an_enormous_line_is_one_skipped_row(tmp_path: Path) -> None:
 
 
 def test_an_unclosed_quote_cannot_swallow_the_file(tmp_path: Path) -> None:
-    data = b"text,label\none,a\ntwo,a\nthree,b\nfour,b\n" + b'"open quote,b\n' + b"z,b\n" * 50_000
+    after = "".join(f"after {n},c\n" for n in range(50_000)).encode()
+    data = b"text,label\none,a\ntwo,a\nthree,b\nfour,b\n" + b'"open quote,b\n' + after
 
     result = ingest_bytes(tmp_path, data, limits=IngestLimits(max_text_field_bytes=1000))
 
     assert (6, "bad_row") in skips(result) or (6, "too_large") in skips(result)
     assert result.class_counts["a"]["total"] == 2
+    # The quote may take the rows up to the CSV field limit with it, never the rest of the file.
+    assert result.class_counts.get("c", {"total": 0})["total"] > 25_000
+    texts = {r.text for r in iter_text_rows(tmp_path / "files", result.shards)}
+    assert "after 49999" in texts
 
 
 def test_custom_csv_columns(tmp_path: Path) -> None:

@@ -20,8 +20,9 @@ from service.main import create_app
 from tests.conftest import make_settings, new_key, version_folder
 from tests.engine.test_text_train import debian_texts
 from tests.test_api import assert_error, ready_dataset
-from tests.test_inference import b64, held_out_pngs
+from tests.test_inference import assert_distinct_answers, assert_same_top, b64, held_out_pngs
 from tests.test_registry import Registry, publish
+from worker.engine import Predictor
 
 LONG = "a free software implementation of the classic card game " * 20
 
@@ -128,6 +129,14 @@ def test_predict_with_strings_answers_in_order(
     assert empty["error"]["code"] == "empty_text"
     assert oversized["error"]["code"] == "text_too_long"
     assert empty["top"] is None
+    # Each answer belongs to its own text: checked against the torch predictor, which shares no
+    # code with the service's answer assembly.
+    version = registry.client.get("/v1/models/sections/versions/1", headers=registry.auth).json()
+    predictor = Predictor.load(version_folder(registry.context, version["id"]))
+    (want_first, _), (want_long, _) = predictor.predict_texts([body["texts"][0], LONG], top_k=2)
+    assert_distinct_answers(want_first, want_long)
+    assert_same_top(first["top"], want_first, atol=1e-4)
+    assert_same_top(long["top"], want_long, atol=1e-4)
     metrics = registry.client.get("/metrics").text
     assert 'backend="onnx"' in metrics
 

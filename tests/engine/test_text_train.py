@@ -447,13 +447,19 @@ def uninterrupted(text_data: TextData, weights_dir: Path) -> TrainingResult:
 
 # 42 training texts + 2 unlabelled in batches of 16: 3 steps in the masked-LM epoch, then 3
 # per epoch in the head stage (epoch 2) and the top-layer stage (epoch 3).
-@pytest.mark.parametrize("pause_after", [2, 4, 8], ids=["masked-lm", "head", "top-layer"])
+# A resume reports (completed epochs, steps into the next): the pause point, not a fresh start.
+@pytest.mark.parametrize(
+    ("pause_after", "resumed_at"),
+    [(2, (0, 2)), (4, (1, 1)), (8, (2, 2))],
+    ids=["masked-lm", "head", "top-layer"],
+)
 def test_text_run_paused_mid_epoch_resumes_to_exactly_the_same_weights(
     tmp_path: Path,
     text_data: TextData,
     weights_dir: Path,
     uninterrupted: TrainingResult,
     pause_after: int,
+    resumed_at: tuple[int, int],
 ) -> None:
     train, val, classes = text_data
     checkpoint = tmp_path / "checkpoint.pt"
@@ -473,8 +479,13 @@ def test_text_run_paused_mid_epoch_resumes_to_exactly_the_same_weights(
 
     with pytest.raises(TrainingPaused):
         attempt(_PauseAfterSteps(pause_after), resume=False)
-    resumed = attempt(_PauseAfterSteps(), resume=True)
+    hooks = _PauseAfterSteps()
+    resumed = attempt(hooks, resume=True)
 
+    # Training is deterministic, so a run that ignored the checkpoint and started over would end
+    # at the same weights: the resume itself, and the steps it skipped, must be seen.
+    assert hooks.resumed == [resumed_at]
+    assert hooks.progress[0][0] == pause_after + 1
     expected = uninterrupted.model.state_dict()
     assert all(torch.equal(v, expected[k]) for k, v in resumed.model.state_dict().items())
     losses = [(r.train_loss, r.val_loss) for r in resumed.history]
