@@ -31,6 +31,7 @@ from service.jobs.reaper import start_reaper
 from service.jobs.router import router as jobs_router
 from service.models.router import router as models_router
 from service.models.router import search_router as model_search_router
+from service.oip.router import router as oip_router
 from service.queues import consumer_registry
 from service.replicas import API_KEYS, MODELS
 from service.settings import Settings, get_settings
@@ -190,6 +191,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Routes are matched in order: the ops probes and predict, the hot paths, go first.
     for router in (
         inference_router,
+        oip_router,
         auth_router,
         datasets_router,
         base_models_router,

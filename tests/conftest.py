@@ -207,3 +207,31 @@ def zip_of_classes(items: list[tuple[np.ndarray, int]], names: list[str] | None 
             folder = names[label] if names else f"digit_{label}"
             archive.writestr(f"digits/{folder}/{index:05d}.png", png_bytes(image))
     return buffer.getvalue()
+
+
+@contextmanager
+def served_over_http(app: Any) -> Iterator[str]:
+    """`app` (already started, e.g. by a TestClient) also behind a real HTTP server on a free
+    local port, for clients that speak HTTP themselves (tritonclient): `host:port`."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    # The app's lifespan already ran in its TestClient: not a second time here.
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("the HTTP server did not start")
+            threading.Event().wait(0.01)
+        host, port = sock.getsockname()
+        yield f"{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()

@@ -38,9 +38,9 @@ from tests.conftest import digits_split, make_settings, new_key, png_bytes, vers
 from tests.test_api import assert_error, ready_dataset
 from tests.test_registry import Registry, publish
 from worker.engine import Predictor
-from worker.engine.artifacts import Preprocessing
+from worker.engine.artifacts import Preprocessing, read_model_config
 from worker.engine.onnx_export import export_onnx
-from worker.engine.pixels import normalise
+from worker.engine.pixels import normalise, view_pixels
 
 
 @pytest.fixture(scope="module")
@@ -662,3 +662,139 @@ def test_other_tenants_cannot_predict(served: Registry) -> None:
         files=[("images", ("a.png", base64.b64decode(png)))],
     )
     assert multipart.status_code == 404
+
+
+def test_batch_input_joins_preprocessed_tensors_with_pixels_it_normalises() -> None:
+    model = fake_model(lambda batch: [batch])
+    assert model.preprocessing is not None
+    tensor = np.random.default_rng(0).normal(size=(2, 3, 8, 8)).astype(np.float32)
+    joined = model.batch_input([pixels(10), tensor, pixels(200)])
+    expected = [normalise(pixels(10), model.preprocessing), tensor]
+    expected.append(normalise(pixels(200), model.preprocessing))
+    np.testing.assert_array_equal(joined, np.concatenate(expected))
+    assert model.batch_input([tensor]) is tensor  # a lone tensor goes to the pass as it is
+
+
+def _predicted(client: TestClient, auth: dict[str, str], version: str, pngs: list[bytes]) -> Any:
+    """Predict's probabilities of every label, a row per image, in label order."""
+    body = {"images": [{"data": b64(png)} for png in pngs], "top_k": 100}
+    answer = client.post(f"/v1/models/digits/versions/{version}/predict", headers=auth, json=body)
+    assert answer.status_code == 200, answer.text
+    labels = sorted(top["label"] for top in answer.json()["predictions"][0]["top"])
+    return labels, np.array(
+        [
+            [{t["label"]: t["probability"] for t in p["top"]}[label] for label in labels]
+            for p in answer.json()["predictions"]
+        ]
+    )
+
+
+def test_open_inference_protocol_with_tritonclient(served: Registry) -> None:
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    from tests.conftest import served_over_http
+
+    client, auth = served.client, served.auth
+    pngs = held_out_pngs(3)
+    folder = version_folder(
+        served.context, client.get("/v1/models/digits/versions/1", headers=auth).json()["id"]
+    )
+    preprocessing = read_model_config(folder).image
+    size = preprocessing.image_size
+    tensor = normalise(
+        np.concatenate(
+            [
+                view_pixels(Image.open(BytesIO(png)).convert("RGB"), size, ("original",))
+                for png in pngs
+            ]
+        ),
+        preprocessing,
+    )
+    labels, expected = _predicted(client, auth, "1", pngs)
+    assert (
+        client.put(
+            "/v1/models/digits/aliases/production", headers=auth, json={"version": 1}
+        ).status_code
+        == 200
+    )
+    with served_over_http(client.app) as url:
+        triton_client = triton.InferenceServerClient(url)
+        assert triton_client.is_server_live()
+        assert triton_client.is_server_ready()
+        assert triton_client.is_model_ready("digits", "1", headers=auth)
+        metadata = triton_client.get_model_metadata("digits", "1", headers=auth)
+        assert metadata["versions"] == ["1"]
+        assert {key: metadata["inputs"][0][key] for key in ("name", "datatype", "shape")} == {
+            "name": "images",
+            "datatype": "FP32",
+            "shape": [-1, 3, size, size],
+        }
+        assert sorted(metadata["outputs"][0]["parameters"]["labels"]) == labels
+
+        def infer(inputs: list[Any], version: str = "1", **parameters: Any) -> Any:
+            outputs = [
+                triton.InferRequestedOutput("probabilities", binary_data=binary)
+                for binary in [parameters.pop("binary_output", True)]
+            ] + [triton.InferRequestedOutput("top_labels", binary_data=False)]
+            return triton_client.infer(
+                "digits",
+                inputs,
+                model_version=version,
+                outputs=outputs,
+                # A copy: tritonclient writes its binary header into the dict it is given.
+                headers=dict(auth),
+                parameters=parameters or None,
+            )
+
+        for binary in (True, False):
+            images = triton.InferInput("images", list(tensor.shape), "FP32")
+            images.set_data_from_numpy(tensor, binary_data=binary)
+            result = infer([images], binary_output=binary, top_k=2)
+            got = result.as_numpy("probabilities")
+            order = [
+                metadata["outputs"][0]["parameters"]["labels"].index(label) for label in labels
+            ]
+            np.testing.assert_allclose(got[:, order], expected, atol=1e-5)
+            top = result.as_numpy("top_labels")
+            assert top.shape == (3, 2)
+            best = [labels[i] for i in expected.argmax(axis=1)]
+            assert [
+                label.decode() if isinstance(label, bytes) else label for label in top[:, 0]
+            ] == best
+
+        for binary in (True, False):
+            encoded = triton.InferInput("image_bytes", [3], "BYTES")
+            data = pngs if binary else [b64(png).encode() for png in pngs]
+            encoded.set_data_from_numpy(np.array(data, dtype=np.object_), binary_data=binary)
+            for version in ("production", ""):  # an alias, and the default version (production)
+                result = infer([encoded], version=version)
+                assert result.get_response()["model_version"] == "1"
+                np.testing.assert_allclose(
+                    result.as_numpy("probabilities")[:, order], expected, atol=1e-5
+                )
+
+        wrong = triton.InferInput("images", [1, 3, size + 1, size], "FP32")
+        wrong.set_data_from_numpy(np.zeros((1, 3, size + 1, size), np.float32))
+        with pytest.raises(InferenceServerException) as refused:
+            infer([wrong])
+        assert refused.value.status() == "400"
+        assert "shape" in refused.value.message()
+
+        other = new_key(served.context, "team-b")
+        images = triton.InferInput("images", list(tensor.shape), "FP32")
+        images.set_data_from_numpy(tensor)
+        with pytest.raises(InferenceServerException) as hidden:
+            triton_client.infer("digits", [images], model_version="1", headers=dict(other))
+        assert hidden.value.status() == "404"
+        assert "digit" not in str(hidden.value.message()).replace("'digits'", "")
+        with pytest.raises(InferenceServerException) as unknown:
+            triton_client.get_model_metadata("nothing", headers=auth)
+        assert unknown.value.status() == "404"
+        triton_client.close()
+    answer = client.post(
+        "/v2/models/digits/versions/1/infer", headers=auth, content=b'{"inputs": []}'
+    )
+    assert answer.status_code == 400
+    assert isinstance(answer.json()["error"], str)
+    client.delete("/v1/models/digits/aliases/production", headers=auth)

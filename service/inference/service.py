@@ -120,8 +120,16 @@ class LoadedModel:
             rows = [row for request in inputs for row in request]
             return pad(rows, self.text.special_tokens["pad_id"])
         assert self.preprocessing is not None
-        pixels = inputs[0] if len(inputs) == 1 else np.concatenate(inputs)
-        return normalise(pixels, self.preprocessing)
+        if all(block.dtype == np.uint8 for block in inputs):
+            pixels = inputs[0] if len(inputs) == 1 else np.concatenate(inputs)
+            return normalise(pixels, self.preprocessing)
+        # A float32 block came preprocessed (the Open Inference Protocol's raw tensors): it
+        # joins the pass as it is, beside the pixels normalised here.
+        blocks = [
+            block if block.dtype == np.float32 else normalise(block, self.preprocessing)
+            for block in inputs
+        ]
+        return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -253,7 +261,8 @@ def _torch_forward(
 @dataclass
 class _Request:
     inputs: Any
-    """(N, H, W, 3) uint8, as `view_pixels` makes them; or N texts' framed token ids."""
+    """(N, H, W, 3) uint8, as `view_pixels` makes them; (N, 3, H, W) float32, already
+    normalised; or N texts' framed token ids."""
     queued_at: float = field(default_factory=time.perf_counter)
     future: Future[list[np.ndarray]] = field(default_factory=Future)
 
@@ -610,13 +619,21 @@ def fill_predictions(
     """Each good input's top-k labels, with probabilities calibrated unless asked not to and
     (images) averaged over the input's test-time views, as the torch predictor does."""
     labels = model.tasks[task]
-    index = list(model.tasks).index(task)
-    temperature = model.temperatures[index] if calibrated else 1.0
     views = len(model.preprocessing.tta) if model.preprocessing is not None else 1
-    rows = average_views(_softmax(logits[index] / temperature), views)
+    rows = probabilities(model, logits, task=task, calibrated=calibrated, views=views)
     k = max(1, min(top_k, len(labels)))
     for index, row in zip(good, rows, strict=True):
         top = np.argsort(-row, kind="stable")[:k]
         results[index]["top"] = [
             {"label": labels[i], "probability": float(row[i])} for i in top.tolist()
         ]
+
+
+def probabilities(
+    model: LoadedModel, logits: list[np.ndarray], *, task: str, calibrated: bool, views: int
+) -> np.ndarray:
+    """A task's class probabilities, a row per input: calibrated unless asked not to, and
+    averaged over each input's `views` adjacent rows (its test-time views)."""
+    index = list(model.tasks).index(task)
+    temperature = model.temperatures[index] if calibrated else 1.0
+    return average_views(_softmax(logits[index] / temperature), views)
