@@ -31,6 +31,8 @@ from service.jobs.reaper import start_reaper
 from service.jobs.router import router as jobs_router
 from service.models.router import router as models_router
 from service.models.router import search_router as model_search_router
+from service.monitoring.router import router as monitoring_router
+from service.monitoring.service import Recorder
 from service.oip.router import router as oip_router
 from service.queues import consumer_registry
 from service.replicas import API_KEYS, MODELS
@@ -71,6 +73,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         stop.set()
         reaper.join(timeout=5)
         predictors.close()
+        if recorder is not None:
+            recorder.close()
         metrics.close()
 
     app = FastAPI(
@@ -90,6 +94,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     predictors = ModelCache(store=context.store, settings=context.settings, metrics=metrics)
     app.state.inference_metrics = metrics
     app.state.predictors = predictors
+    recorder = Recorder(context, metrics) if context.settings.monitor else None
+    app.state.monitor = recorder
     resolutions = ResolutionCache(ttl_seconds=context.settings.resolution_cache_seconds)
     resolutions.watch(context.db.sessionmaker)
     context.changes.on_change(MODELS, resolutions.invalidate)
@@ -198,6 +204,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         jobs_router,
         experiments_router,
         models_router,
+        monitoring_router,
         model_search_router,
         ui_router,
     ):

@@ -155,6 +155,30 @@ class Settings(BaseSettings):
     onnx_export: bool = Field(
         default=True, description="Export `model.onnx` (checked against PyTorch) at publish."
     )
+    monitor: bool = Field(
+        default=True,
+        description="Record predict traffic per version (a prediction id, the predicted label, "
+        "its confidence and, sampled, its reduced backbone features; never the input) and test "
+        "each window of it for shift against the version's reference profile.",
+    )
+    monitor_sample_rate: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of predictions whose reduced features are kept for the shift test.",
+    )
+    monitor_window_size: int = Field(
+        default=500,
+        ge=2,
+        le=10_000,
+        description="Predictions per monitoring window (pooled over every API process).",
+    )
+    monitor_window_minutes: float = Field(
+        default=60.0,
+        gt=0,
+        description="A window also closes once its oldest prediction is this old (checked as "
+        "predictions arrive), however few it holds.",
+    )
     torch_threads: int | None = Field(
         default=None, description="Torch CPU threads in the worker; default: all cores."
     )

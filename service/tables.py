@@ -3,7 +3,17 @@
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
@@ -283,3 +293,54 @@ __all__ = [
     "VersionMetric",
     "VersionTag",
 ]
+
+
+class MonitorWindow(Base):
+    """A closed window of a version's predict traffic and its shift test."""
+
+    __tablename__ = "monitor_windows"
+    # The sequence number is unique per version: two processes closing a window at once
+    # cannot both write the same one.
+    __table_args__ = (UniqueConstraint("version_id", "seq"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("mw"))
+    version_id: Mapped[str] = mapped_column(
+        ForeignKey("model_versions.id", ondelete="CASCADE"), index=True
+    )
+    seq: Mapped[int] = mapped_column(Integer)
+    start: Mapped[datetime] = mapped_column(UTCDateTime)
+    end: Mapped[datetime] = mapped_column(UTCDateTime)
+    count: Mapped[int] = mapped_column(Integer)
+    sampled: Mapped[int] = mapped_column(Integer)
+    """Predictions whose features were kept and tested."""
+    score: Mapped[float | None] = mapped_column(Float)
+    p_value: Mapped[float | None] = mapped_column(Float)
+    shifted: Mapped[bool | None] = mapped_column(Boolean)
+    estimated_accuracy: Mapped[float | None] = mapped_column(Float)
+    # {"class_frequencies": {...}, "class_shift": {...}, "confidence_shift": {...}, ...}
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class MonitorPrediction(Base):
+    """One prediction as monitoring keeps it: never the input, only what was answered, its
+    reduced features until its window is tested, and the label fed back for it."""
+
+    __tablename__ = "monitor_predictions"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    """The `prediction_id` predict answered."""
+    version_id: Mapped[str] = mapped_column(
+        ForeignKey("model_versions.id", ondelete="CASCADE"), index=True
+    )
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    predicted: Mapped[str] = mapped_column(String(200))
+    confidence: Mapped[float] = mapped_column(Float)
+    features: Mapped[bytes | None] = mapped_column(LargeBinary)
+    """float32 reduced features while the window is open (sampled); cleared when it closes."""
+    window_id: Mapped[str | None] = mapped_column(
+        ForeignKey("monitor_windows.id", ondelete="SET NULL"), index=True
+    )
+    label: Mapped[str | None] = mapped_column(String(200))
+    """The true label fed back, if any."""
+    labelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

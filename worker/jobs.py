@@ -23,7 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.context import AppContext
-from service.datasets.service import DatasetItem, dataset_items
+from service.datasets.service import DatasetItem, dataset_items, ingest_limits
 from service.db import new_id, utcnow
 from service.jobs import transitions
 from service.jobs.history import epoch_history
@@ -38,6 +38,7 @@ from service.jobs.service import (
 from service.jobs.states import LEASED_STATUSES, IllegalTransitionError, JobKind, JobStatus
 from service.models.card import render_card
 from service.models.service import publish_version
+from service.monitoring.reference import write_reference
 from service.queues import TRAIN_TASK, worker_identity
 from service.storage import ObjectNotFoundError
 from service.storage.cache import LocalCache
@@ -470,6 +471,9 @@ def _train_and_publish(
         (out / LABELS_FILE).write_text(json.dumps(classes, indent=2) + "\n")
         if context.settings.onnx_export:
             exports["onnx"] = _export_onnx(result.model, plan, out / ONNX_FILE).to_dict()
+        exports["monitoring"] = write_reference(
+            out, model=result.model, train=data.train, val=data.val, limits=ingest_limits(context)
+        )
         result.metrics.update(
             trials.evaluate(
                 context,

@@ -70,6 +70,40 @@ class InferenceMetrics:
             LABELS,
             registry=self.registry,
         )
+        # Monitoring: the latest closed window of each version (whichever process closed it).
+        self.shift_score = Gauge(
+            "thaw_monitor_shift_score",
+            "The latest window's squared MMD against the version's reference profile.",
+            LABELS,
+            registry=self.registry,
+            multiprocess_mode="mostrecent",
+        )
+        self.shift_p_value = Gauge(
+            "thaw_monitor_shift_p_value",
+            "The latest window's permutation p-value of the shift test.",
+            LABELS,
+            registry=self.registry,
+            multiprocess_mode="mostrecent",
+        )
+        self.shifted = Gauge(
+            "thaw_monitor_shifted",
+            "1 when the latest window shifted (p-value below the significance), else 0.",
+            LABELS,
+            registry=self.registry,
+            multiprocess_mode="mostrecent",
+        )
+        self.estimated_accuracy = Gauge(
+            "thaw_monitor_estimated_accuracy",
+            "The latest window's accuracy estimated from calibrated confidences.",
+            LABELS,
+            registry=self.registry,
+            multiprocess_mode="mostrecent",
+        )
+        self.monitor_failures = Counter(
+            "thaw_monitor_failures",
+            "Predictions or windows monitoring could not record or test (predict answered).",
+            registry=self.registry,
+        )
         self.rejected_at_admission = Counter(
             "thaw_predict_rejected_at_admission",
             "Predict calls refused with 503 on arrival: THAW_PREDICT_MAX_IN_FLIGHT calls were "

@@ -21,6 +21,7 @@ from service.auth.service import hash_key
 from service.bounds import VersionRef
 from service.context import AppContext
 from service.datasets.service import ingest_limits
+from service.db import new_id
 from service.deps import _bearer as bearer
 from service.deps import get_tenant, load_model, load_version, take_rate_token
 from service.errors import ApiError, echo
@@ -46,6 +47,7 @@ from service.inference.service import (
     fill_predictions,
     resolve_pool,
 )
+from service.monitoring.service import Recorder
 
 Credentials = HTTPAuthorizationCredentials | None
 
@@ -382,16 +384,23 @@ async def _predict(request: Request, credentials: Credentials, name: str, versio
             )
             results, good, inputs = await loop.run_in_executor(decode_pool(), decode)
         if good:
-            logits = await asyncio.wrap_future(reservation.submit(inputs))
+            outputs = await asyncio.wrap_future(reservation.submit(inputs))
             fill_predictions(
                 model,
                 results,
                 good,
-                logits,
+                outputs,
                 task=answered,
                 top_k=body.top_k,
                 calibrated=body.calibrated,
             )
+            recorder: Recorder | None = request.app.state.monitor
+            if recorder is not None:
+                # Every answered input gets an id its true label can be fed back under.
+                prediction_ids = [new_id("pr") for _ in good]
+                for index, prediction_id in zip(good, prediction_ids, strict=True):
+                    results[index]["prediction_id"] = prediction_id
+                recorder.record(served, model, prediction_ids, outputs)
     finally:
         reservation.release()
     metrics.request_seconds.labels(*labels).observe(time.perf_counter() - started)

@@ -16,6 +16,11 @@ class ImageError(BaseModel):
 class ImagePrediction(BaseModel):
     image: str = Field(description="The file name as sent.")
     top: list[LabelScore] | None = None
+    prediction_id: str | None = Field(
+        default=None,
+        description="Send the true label under this id to `.../feedback` (absent on an error "
+        "entry, or when THAW_MONITOR is off).",
+    )
     error: ImageError | None = None
 
 
@@ -26,6 +31,11 @@ class TextPrediction(BaseModel):
         default=None,
         description="Whether the text was longer than the model reads (its `max_length` "
         "tokens), so only part of it was classified.",
+    )
+    prediction_id: str | None = Field(
+        default=None,
+        description="Send the true label under this id to `.../feedback` (absent on an error "
+        "entry, or when THAW_MONITOR is off).",
     )
     error: ImageError | None = None
 

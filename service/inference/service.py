@@ -37,6 +37,7 @@ from service.settings import Settings
 from service.storage import ArtifactStore
 from worker import engine
 from worker.engine.artifacts import (
+    ONNX_FEATURES,
     ONNX_FILE,
     ONNX_INPUT,
     ONNX_OUTPUT,
@@ -84,6 +85,19 @@ class ModelUnloadedError(Exception):
     """The model was unloaded between lookup and submit; look it up again."""
 
 
+@dataclass(frozen=True)
+class Outputs:
+    """A forward pass's answer: per task, class logits (a row per input row), and the pooled
+    backbone features of the same rows (None from a `model.onnx` exported without them)."""
+
+    logits: list[np.ndarray]
+    features: np.ndarray | None
+
+    def rows(self, start: int, end: int) -> "Outputs":
+        features = None if self.features is None else self.features[start:end]
+        return Outputs([task[start:end] for task in self.logits], features)
+
+
 @dataclass
 class LoadedModel:
     version_id: str
@@ -95,9 +109,9 @@ class LoadedModel:
     """An image model's; None for a text model."""
     backend: str
     nbytes: int
-    forward: Callable[[Any], list[np.ndarray]]
+    forward: Callable[[Any], Outputs]
     """A normalised (N, 3, H, W) float32 batch, or (text) an (ids, attention mask) pair of
-    (N, L) int64 arrays → per task, class logits, a row per input."""
+    (N, L) int64 arrays → per task, class logits, and the pooled features, a row per input."""
     temperatures: list[float]
     """Per task, what its logits are divided by for calibrated probabilities
     (`ModelConfig.temperatures`)."""
@@ -164,31 +178,58 @@ def load_model(
     """Load a version's artifacts with the backend `choose_backend` picks, then warm it up."""
     config = read_model_config(model_dir)
     used, reason = choose_backend(version, config, model_dir, requested=backend)
-    forward: Callable[[Any], list[np.ndarray]]
-    if used == "onnx" and config.text is not None:
-        session = onnx_session(model_dir / ONNX_FILE, threads)
-
-        def forward(batch: tuple[np.ndarray, np.ndarray]) -> list[np.ndarray]:
-            (logits,) = session.run([ONNX_OUTPUT], dict(zip(ONNX_TEXT_INPUTS, batch, strict=True)))
-            return [np.asarray(logits)]
-
-        nbytes = (model_dir / ONNX_FILE).stat().st_size
-    elif used == "onnx":
-        session = onnx_session(model_dir / ONNX_FILE, threads)
-
-        def forward(batch: np.ndarray) -> list[np.ndarray]:
-            (logits,) = session.run([ONNX_OUTPUT], {ONNX_INPUT: batch})
-            return [np.asarray(logits)]
-
+    forward: Callable[[Any], Outputs]
+    if used == "onnx":
+        forward = _onnx_forward(model_dir / ONNX_FILE, threads, text=config.text is not None)
         nbytes = (model_dir / ONNX_FILE).stat().st_size
     else:
         forward, nbytes = _torch_forward(model_dir, threads, text=config.text is not None)
-    loaded = LoadedModel(
+    return _warmed_up(
+        config,
         version_id=version.id,
         name=version.model_name,
+        forward=forward,
+        nbytes=nbytes,
+        backend=used,
+        reason=reason,
+        model_dir=model_dir,
+    )
+
+
+def load_in_memory(model_dir: Path, *, model: Any, version_id: str) -> LoadedModel:
+    """The exported model in `model_dir` served by PyTorch from `model`, the trained module whose
+    weights it holds, still in memory (the worker computing a reference profile at publish)."""
+    config = read_model_config(model_dir)
+    forward, nbytes = _torch_forward(model_dir, None, text=config.text is not None, model=model)
+    return _warmed_up(
+        config,
+        version_id=version_id,
+        name="",
+        forward=forward,
+        nbytes=nbytes,
+        backend="torch",
+        reason="in memory",
+        model_dir=model_dir,
+    )
+
+
+def _warmed_up(
+    config: ModelConfig,
+    *,
+    version_id: str,
+    name: str,
+    forward: Callable[[Any], Outputs],
+    nbytes: int,
+    backend: str,
+    reason: str | None,
+    model_dir: Path,
+) -> LoadedModel:
+    loaded = LoadedModel(
+        version_id=version_id,
+        name=name,
         tasks=config.task_labels(),
         preprocessing=config.preprocessing,
-        backend=used,
+        backend=backend,
         backend_reason=reason,
         nbytes=nbytes,
         forward=forward,
@@ -203,6 +244,23 @@ def load_model(
         size = config.image.image_size
         loaded.forward(np.zeros((1, 3, size, size), dtype=np.float32))
     return loaded
+
+
+def _onnx_forward(path: Path, threads: int, *, text: bool) -> Callable[[Any], Outputs]:
+    session = onnx_session(path, threads)
+    # A model.onnx exported before monitoring has no features output: served without them.
+    names = [ONNX_OUTPUT]
+    if ONNX_FEATURES in {output.name for output in session.get_outputs()}:
+        names.append(ONNX_FEATURES)
+
+    def forward(batch: Any) -> Outputs:
+        feed = dict(zip(ONNX_TEXT_INPUTS, batch, strict=True)) if text else {ONNX_INPUT: batch}
+        outputs = session.run(names, feed)
+        return Outputs(
+            [np.asarray(outputs[0])], np.asarray(outputs[1]) if len(outputs) > 1 else None
+        )
+
+    return forward
 
 
 def onnx_session(path: Path, threads: int) -> Any:
@@ -220,39 +278,45 @@ def onnx_session(path: Path, threads: int) -> Any:
 
 
 def _torch_forward(
-    model_dir: Path, threads: int, *, text: bool
-) -> tuple[Callable[[Any], list[np.ndarray]], int]:
-    """The PyTorch forward pass of a version, and the bytes its weights take."""
+    model_dir: Path, threads: int | None, *, text: bool, model: Any = None
+) -> tuple[Callable[[Any], Outputs], int]:
+    """The PyTorch forward pass of a version, and the bytes its weights take. `model`: the
+    module whose weights `model_dir` holds, already in memory; `threads` None leaves torch's."""
     # Imported here, as onnxruntime is above: an API process that serves only ONNX versions
     # never loads torch.
     import torch
 
-    # Process-wide; the API process's other torch work (previews) is light.
-    torch.set_num_threads(threads)
-    predictor = engine.Predictor.load(model_dir)
-    if text:
-        model = predictor.model
+    def outputs(features: Any, logits: list[Any]) -> Outputs:
+        return Outputs(
+            [task.float().cpu().numpy() for task in logits], features.float().cpu().numpy()
+        )
 
-        def forward_text(batch: tuple[np.ndarray, np.ndarray]) -> list[np.ndarray]:
+    if threads is not None:
+        # Process-wide; the API process's other torch work (previews) is light.
+        torch.set_num_threads(threads)
+    predictor = engine.Predictor.load(model_dir, model=model)
+    if text:
+        text_model = predictor.model
+
+        def forward_text(batch: tuple[np.ndarray, np.ndarray]) -> Outputs:
             inputs = torch.stack([torch.from_numpy(array) for array in batch], dim=1)
             with torch.inference_mode():
-                outputs = model.forward_tasks(inputs.to(predictor.device))
-                return [logits.float().cpu().numpy() for logits in outputs]
+                return outputs(*text_model.forward_with_features(inputs.to(predictor.device)))
 
-        tensors = [*model.parameters(), *model.buffers()]
+        tensors = [*text_model.parameters(), *text_model.buffers()]
         return forward_text, sum(t.numel() * t.element_size() for t in tensors)
     # Channels-last ran faster than the default layout at batch 1 and 32 in every
     # bench/inference.py run (e.g. 248 against 188 images/s at batch 32, one thread);
     # torch.compile was faster still but took minutes to compile, too long for a load.
     module = predictor.model.to(memory_format=torch.channels_last)
 
-    def forward(batch: np.ndarray) -> list[np.ndarray]:
+    def forward(batch: np.ndarray) -> Outputs:
         inputs = torch.from_numpy(batch).to(predictor.device)
         # Every head is a small layer on shared features: computing all of them lets one
         # batch serve requests for different tasks.
         with torch.inference_mode():
-            outputs = module.forward_tasks(inputs.contiguous(memory_format=torch.channels_last))
-            return [logits.float().cpu().numpy() for logits in outputs]
+            channels_last = inputs.contiguous(memory_format=torch.channels_last)
+            return outputs(*module.forward_with_features(channels_last))
 
     nbytes = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
     return forward, nbytes
@@ -264,7 +328,7 @@ class _Request:
     """(N, H, W, 3) uint8, as `view_pixels` makes them; (N, 3, H, W) float32, already
     normalised; or N texts' framed token ids."""
     queued_at: float = field(default_factory=time.perf_counter)
-    future: Future[list[np.ndarray]] = field(default_factory=Future)
+    future: Future[Outputs] = field(default_factory=Future)
 
 
 class Reservation:
@@ -276,7 +340,7 @@ class Reservation:
         self._count = count
         self._submitted = False
 
-    def submit(self, inputs: Any) -> Future[list[np.ndarray]]:
+    def submit(self, inputs: Any) -> Future[Outputs]:
         """Queue the decoded inputs (at most the reserved count: unreadable ones drop out)."""
         assert not self._submitted
         assert len(inputs) <= self._count
@@ -343,11 +407,11 @@ class Batcher:
             self._depth.set(self._waiting)
         return Reservation(self, count)
 
-    def submit(self, inputs: Any) -> Future[list[np.ndarray]]:
+    def submit(self, inputs: Any) -> Future[Outputs]:
         """Reserve and queue at once (inputs already decoded)."""
         return self.reserve(len(inputs)).submit(inputs)
 
-    def _enqueue(self, inputs: Any, *, reserved: int) -> Future[list[np.ndarray]]:
+    def _enqueue(self, inputs: Any, *, reserved: int) -> Future[Outputs]:
         request = _Request(inputs)
         with self._lock:
             self._waiting -= reserved - len(inputs)
@@ -412,7 +476,7 @@ class Batcher:
             self._queue_seconds.observe(started - request.queued_at)
         try:
             inputs = self.model.batch_input([request.inputs for request in batch])
-            logits = self.model.forward(inputs)
+            outputs = self.model.forward(inputs)
         except Exception as exc:
             logger.exception("forward pass of %s failed", self.model.version_id)
             for request in batch:
@@ -423,7 +487,7 @@ class Batcher:
         start = 0
         for request in batch:
             end = start + len(request.inputs)
-            request.future.set_result([task[start:end] for task in logits])
+            request.future.set_result(outputs.rows(start, end))
             start = end
 
 
@@ -610,7 +674,7 @@ def fill_predictions(
     model: LoadedModel,
     results: list[Prediction],
     good: list[int],
-    logits: list[np.ndarray],
+    outputs: Outputs,
     *,
     task: str,
     top_k: int,
@@ -620,7 +684,7 @@ def fill_predictions(
     (images) averaged over the input's test-time views, as the torch predictor does."""
     labels = model.tasks[task]
     views = len(model.preprocessing.tta) if model.preprocessing is not None else 1
-    rows = probabilities(model, logits, task=task, calibrated=calibrated, views=views)
+    rows = probabilities(model, outputs.logits, task=task, calibrated=calibrated, views=views)
     k = max(1, min(top_k, len(labels)))
     for index, row in zip(good, rows, strict=True):
         top = np.argsort(-row, kind="stable")[:k]

@@ -390,10 +390,10 @@ async def _infer(request: Request, name: str, ref: str) -> Response:
             )
             results, _, inputs = await loop.run_in_executor(decode_pool(), decode)
             _refuse_failed(results, "image")
-        logits = await asyncio.wrap_future(reservation.submit(inputs))
+        outputs = await asyncio.wrap_future(reservation.submit(inputs))
     finally:
         reservation.release()
-    rows = probabilities(model, logits, task=answered, calibrated=calibrated, views=views)
+    rows = probabilities(model, outputs.logits, task=answered, calibrated=calibrated, views=views)
     classes = model.tasks[answered]
     k = min(top_k, len(classes))
     top = np.argsort(-rows, axis=1, kind="stable")[:, :k]

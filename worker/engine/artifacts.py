@@ -24,6 +24,9 @@ CARD_FILE = "card.md"
 
 ONNX_INPUT = "images"
 ONNX_OUTPUT = "logits"
+ONNX_FEATURES = "features"
+"""The pooled backbone features, a second output of `model.onnx` (what monitoring tests for
+shift); a `model.onnx` exported before it has only `logits`."""
 """The ONNX graph's one input (a float batch, NCHW, preprocessed) and one output (the newest
 task's logits)."""
 ONNX_TEXT_INPUTS = ("input_ids", "attention_mask")

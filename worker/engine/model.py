@@ -56,8 +56,13 @@ class TransferModel(nn.Module):
         return logits
 
     def forward_tasks(self, x: Tensor) -> list[Tensor]:
+        return self.forward_with_features(x)[1]
+
+    def forward_with_features(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """The pooled backbone features (the space monitoring watches) and every task's logits,
+        oldest first, from one pass."""
         features = self.backbone(x)
-        return [head(features) for head in [*self.old_heads, self.head]]
+        return features, [head(features) for head in [*self.old_heads, self.head]]
 
     def groups(self) -> list[tuple[str, list[nn.Module]]]:
         """Parameter groups, input to output; the new head is always the last, named "head"."""

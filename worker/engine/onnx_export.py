@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .artifacts import ONNX_INPUT, ONNX_OUTPUT, ONNX_TEXT_INPUTS
+from .artifacts import ONNX_FEATURES, ONNX_INPUT, ONNX_OUTPUT, ONNX_TEXT_INPUTS
 
 logger = logging.getLogger(__name__)
 
@@ -32,16 +32,26 @@ class OnnxExport:
         return asdict(self)
 
 
-class _TextInputs(nn.Module):
-    """A text model with ONNX's two inputs, packed into the one tensor the model takes."""
+class _WithFeatures(nn.Module):
+    """The new task's logits and, as a second output, the pooled backbone features the logits
+    are computed from: predict gets monitoring's features from the same pass, for free."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        logits: torch.Tensor = self.model(torch.stack([input_ids, attention_mask], dim=1))
-        return logits
+    def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features, logits = self.model.forward_with_features(inputs)  # type: ignore[operator]
+        return logits[-1], features
+
+
+class _TextInputs(_WithFeatures):
+    """A text model with ONNX's two inputs, packed into the one tensor the model takes."""
+
+    def forward(  # type: ignore[override]
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return super().forward(torch.stack([input_ids, attention_mask], dim=1))
 
 
 def export_onnx(
@@ -62,10 +72,10 @@ def export_onnx(
         (torch.randn(n, 3, image_size, image_size, generator=generator),) for n in PARITY_BATCHES
     ]
     return _export_checked(
-        model,
+        _WithFeatures(model),
         samples,
         (ONNX_INPUT,),
-        {ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}},
+        {ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}, ONNX_FEATURES: {0: "batch"}},
         out_path,
         tolerance,
     )
@@ -96,7 +106,7 @@ def export_text_onnx(
         _TextInputs(model),
         samples,
         names,
-        {**axes, ONNX_OUTPUT: {0: "batch"}},
+        {**axes, ONNX_OUTPUT: {0: "batch"}, ONNX_FEATURES: {0: "batch"}},
         out_path,
         tolerance,
     )
@@ -123,7 +133,7 @@ def _export_checked(
                 tuple(tensor.to(device) for tensor in samples[0]),
                 str(out_path),
                 input_names=list(input_names),
-                output_names=[ONNX_OUTPUT],
+                output_names=[ONNX_OUTPUT, ONNX_FEATURES],
                 dynamic_axes=dynamic_axes,
                 opset_version=17,
                 dynamo=False,
@@ -134,10 +144,12 @@ def _export_checked(
         max_diff = 0.0
         for inputs in samples:
             with torch.no_grad():
-                expected = model(*(tensor.to(device) for tensor in inputs)).cpu().numpy()
+                expected = model(*(tensor.to(device) for tensor in inputs))
             feed = {name: tensor.numpy() for name, tensor in zip(input_names, inputs, strict=True)}
-            (actual,) = session.run([ONNX_OUTPUT], feed)
-            max_diff = max(max_diff, float(np.abs(np.asarray(actual) - expected).max()))
+            actual = session.run([ONNX_OUTPUT, ONNX_FEATURES], feed)
+            for ours, theirs in zip(actual, expected, strict=True):
+                difference = np.abs(np.asarray(ours) - theirs.cpu().numpy()).max()
+                max_diff = max(max_diff, float(difference))
     except Exception as exc:
         logger.warning("ONNX export failed: %s: %s", type(exc).__name__, exc)
         out_path.unlink(missing_ok=True)

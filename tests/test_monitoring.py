@@ -1,0 +1,166 @@
+"""Monitoring over HTTP: a version's reference profile at publish, its predict traffic cut into
+windows and tested for shift, accuracy estimated without labels, and labels fed back."""
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service.cli import migrate_database
+from service.main import create_app
+from service.monitoring.service import Recorder
+from service.tables import ModelVersion
+from tests.conftest import digits_split, make_settings, new_key, png_bytes
+from tests.test_api import assert_error, ready_dataset
+from tests.test_registry import Registry, publish
+
+WINDOW = 20
+CLASSES = 3
+
+
+@pytest.fixture(scope="module")
+def monitored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """`digits` v1 (3 classes, 50 images each, one epoch), windows of 20 predictions."""
+    settings = make_settings(
+        tmp_path_factory.mktemp("monitoring") / "data", monitor_window_size=WINDOW
+    )
+    migrate_database(settings)
+    with TestClient(create_app(settings)) as client:
+        context = client.app.state.context  # type: ignore[attr-defined]
+        auth = new_key(context, "team-a")
+        made = Registry(client, context, auth, ready_dataset(client, context, auth, per_class=50))
+        publish(made, epochs=1)
+        yield made
+
+
+def unseen_digits() -> list[tuple[np.ndarray, int]]:
+    """Digits of the model's classes that were never uploaded: held out, then the pool's rest."""
+    pool, held_out = digits_split()
+    rest: list[tuple[np.ndarray, int]] = []
+    for label in range(CLASSES):
+        rest += [item for item in pool if item[1] == label][50:]
+    return [item for item in held_out if item[1] < CLASSES] + rest
+
+
+def predict(registry: Registry, images: list[np.ndarray]) -> list[dict[str, Any]]:
+    files = [("images", (f"{i}.png", png_bytes(image))) for i, image in enumerate(images)]
+    response = registry.client.post(
+        "/v1/models/digits/versions/1/predict", headers=registry.auth, files=files
+    )
+    assert response.status_code == 200, response.text
+    predictions: list[dict[str, Any]] = response.json()["predictions"]
+    return predictions
+
+
+def monitoring(registry: Registry) -> dict[str, Any]:
+    recorder: Recorder = registry.client.app.state.monitor  # type: ignore[attr-defined]
+    recorder.flush()
+    response = registry.client.get("/v1/models/digits/versions/1/monitoring", headers=registry.auth)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def test_shifted_traffic_alarms_the_estimate_falls_and_feedback_shows_accuracy(
+    monitored: Registry,
+) -> None:
+    client, auth = monitored.client, monitored.auth
+    before = monitoring(monitored)
+    assert before["reference"] is True, before
+    assert before["windows"] == []
+    assert 0 < before["validation_accuracy"] <= 1
+
+    digits = unseen_digits()
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(digits))
+    normal = [digits[i] for i in order[: 3 * WINDOW]]
+    answered = []
+    for start in range(0, len(normal), 10):
+        answered += predict(monitored, [image for image, _ in normal[start : start + 10]])
+    calm = monitoring(monitored)["windows"]
+    assert [window["count"] for window in calm] == [WINDOW] * 3
+    assert not any(window["shifted"] for window in calm), calm
+    assert all(window["sampled"] == WINDOW for window in calm)
+
+    # The same kind of digits, inverted: bright strokes on black become dark on white.
+    inverted = [255 - digits[i][0] for i in order[3 * WINDOW : 5 * WINDOW]]
+    predict(monitored, inverted[:WINDOW])
+    predict(monitored, inverted[WINDOW:])
+    windows = monitoring(monitored)["windows"]
+    shifted = windows[3:]
+    assert len(shifted) == 2
+    assert any(window["shifted"] for window in shifted), shifted
+    assert shifted[-1]["p_value"] < min(window["p_value"] for window in calm)
+    calm_estimate = np.mean([window["estimated_accuracy"] for window in calm])
+    assert max(window["estimated_accuracy"] for window in shifted) < calm_estimate
+    assert sum(shifted[0]["class_frequencies"].values()) == pytest.approx(1.0)
+
+    # Labels fed back for the first window's predictions: observed accuracy beside the estimate.
+    labels = [f"digit_{label}" for _, label in normal]
+    feedback = [
+        {"prediction_id": p["prediction_id"], "label": label}
+        for p, label in zip(answered[:WINDOW], labels[:WINDOW], strict=True)
+    ]
+    response = client.post(
+        "/v1/models/digits/versions/1/feedback", headers=auth, json={"feedback": feedback}
+    )
+    assert response.status_code == 200, response.text
+    assert response.json() == {"recorded": WINDOW}
+    first = monitoring(monitored)["windows"][0]
+    right = sum(
+        p["top"][0]["label"] == label
+        for p, label in zip(answered[:WINDOW], labels[:WINDOW], strict=True)
+    )
+    assert first["observed_accuracy"] == pytest.approx(right / WINDOW)
+    assert first["labelled"] == WINDOW
+    assert monitoring(monitored)["windows"][1]["observed_accuracy"] is None
+
+    one = client.post(
+        "/v1/models/digits/versions/1/feedback",
+        headers=auth,
+        json={"prediction_id": answered[WINDOW]["prediction_id"], "label": labels[WINDOW]},
+    )
+    assert one.json() == {"recorded": 1}
+
+
+def test_feedback_for_an_unknown_or_another_teams_prediction_is_404(monitored: Registry) -> None:
+    client, auth = monitored.client, monitored.auth
+    (answer,) = predict(monitored, [unseen_digits()[0][0]])
+    monitoring(monitored)
+    url = "/v1/models/digits/versions/1/feedback"
+    unknown = client.post(url, headers=auth, json={"prediction_id": "pr_nope", "label": "digit_0"})
+    assert_error(unknown, 404, "prediction_not_found")
+    wrong = client.post(
+        url, headers=auth, json={"prediction_id": answer["prediction_id"], "label": "cat"}
+    )
+    assert_error(wrong, 422, "unknown_label")
+    both = client.post(
+        url, headers=auth, json={"prediction_id": answer["prediction_id"], "feedback": []}
+    )
+    assert both.status_code == 422
+    # Another team has its own `digits`: the id is not its version's prediction.
+    other = new_key(monitored.context, "team-b")
+    theirs = client.post(
+        url, headers=other, json={"prediction_id": answer["prediction_id"], "label": "digit_0"}
+    )
+    assert theirs.status_code == 404
+
+
+def test_a_version_without_a_reference_says_why(monitored: Registry) -> None:
+    with monitored.context.db.session() as session:
+        version = session.query(ModelVersion).one()
+        exports = dict(version.exports)
+        version.exports = {key: value for key, value in exports.items() if key != "monitoring"}
+        session.commit()
+    try:
+        shown = monitored.client.get(
+            "/v1/models/digits/versions/1/monitoring", headers=monitored.auth
+        ).json()
+        assert shown["reference"] is False
+        assert "before monitoring" in shown["reason"]
+    finally:
+        with monitored.context.db.session() as session:
+            session.query(ModelVersion).one().exports = exports
+            session.commit()
