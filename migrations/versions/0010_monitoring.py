@@ -1,7 +1,7 @@
 """monitoring: predictions kept per version, and their windows' shift tests
 
-Revision ID: 0009_monitoring
-Revises: 0008_skipped_count
+Revision ID: 0010_monitoring
+Revises: 0009_ingest_lease
 Create Date: 2026-12-07
 """
 
@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0009_monitoring"
-down_revision: str | None = "0008_skipped_count"
+revision: str = "0010_monitoring"
+down_revision: str | None = "0009_ingest_lease"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
