@@ -20,7 +20,6 @@ from service.auth.keycache import ApiKeyCache
 from service.auth.service import hash_key
 from service.bounds import VersionRef
 from service.context import AppContext
-from service.datasets.service import ingest_limits
 from service.deps import _bearer as bearer
 from service.deps import get_tenant, load_model, load_version, take_rate_token
 from service.errors import ApiError, echo
@@ -44,6 +43,7 @@ from service.inference.service import (
     decode_pool,
     encode_texts,
     fill_predictions,
+    predict_limits,
     resolve_pool,
 )
 
@@ -378,7 +378,7 @@ async def _predict(request: Request, credentials: Credentials, name: str, versio
                 decode_images,
                 body.images,
                 preprocessing=model.preprocessing,
-                limits=ingest_limits(context),
+                limits=predict_limits(context),
             )
             results, good, inputs = await loop.run_in_executor(decode_pool(), decode)
         if good:
