@@ -85,6 +85,12 @@ class Settings(BaseSettings):
     max_predict_bytes: int = Field(
         default=20 * 2**20, description="Largest image accepted by predict, in bytes."
     )
+    max_predict_pixels: int = Field(
+        default=4_000_000,
+        description="Most pixels predict decodes per image (width x height; a JPEG counts at "
+        "the reduced scale it is decoded at, see the README): a larger image gets a "
+        "`too_many_pixels` error entry. Decoding time grows with it.",
+    )
     max_predict_texts: int = Field(default=256, description="Most texts in one predict call.")
     max_predict_text_chars: int = Field(
         default=20_000,

@@ -209,6 +209,61 @@ def test_spec_errors_name_the_field(
     assert_error(response, 422, "invalid_request", param)
 
 
+def test_json_types_are_strict_and_bodies_and_errors_bounded(
+    client: TestClient, auth: dict[str, str]
+) -> None:
+    # `true` is no integer, nor `"2"`: on every route that takes a spec, and in an
+    # experiment's nested settings and budget.
+    for path in ("/v1/jobs/plan", "/v1/jobs", "/v1/jobs/lr-find"):
+        for wrong in (True, "2", 2.0):
+            response = client.post(path, headers=auth, json=small_spec("ds_x", epochs=wrong))
+            assert_error(response, 422, "invalid_request", "epochs")
+    experiment = {"dataset": "ds_x", "model": "m", "base_models": ["efficientnet_lite0"]}
+    for change, param in (
+        ({"settings": {"epochs": True}}, "settings.epochs"),
+        ({"budget": {"max_parallel": True}}, "budget.max_parallel"),
+        ({"test_seed": 2**63}, "test_seed"),
+        ({"seeds": [2**70]}, "seeds.0"),
+    ):
+        response = client.post("/v1/experiments", headers=auth, json={**experiment, **change})
+        assert_error(response, 422, "invalid_request", param)
+
+    # A long id is quoted by a short, escaped prefix, not sent back whole.
+    long_id = "ds_" + "\u202e" * 300_000
+    missing = client.post("/v1/jobs/plan", headers=auth, json=small_spec(long_id))
+    error = assert_error(missing, 404, "dataset_not_found", "dataset")
+    assert len(missing.content) < 1000
+    assert "(300003 characters)" in error["message"]
+
+    # A 422 lists a few problems and counts the rest.
+    unknown = {f"key_{index}": index for index in range(20_000)}
+    flooded = client.post("/v1/jobs/plan", headers=auth, json={**small_spec("ds_x"), **unknown})
+    error = assert_error(flooded, 422, "invalid_request", "key_0")
+    assert len(error["details"]) == 5
+    assert error["more_details"] == 19_995
+    assert len(flooded.content) < 2000
+
+    # Over the JSON body cap: refused on its declared length, and while it streams in.
+    cap = client.app.state.context.settings.max_json_body_bytes  # type: ignore[attr-defined]
+    declared = client.post(
+        "/v1/jobs/plan",
+        headers={**auth, "Content-Type": "application/json"},
+        content=b" " * (cap + 1),
+    )
+    assert_error(declared, 413, "payload_too_large")
+
+    def chunks() -> Any:
+        yield b'{"dataset": "'
+        for _ in range(cap // 65536 + 1):
+            yield b"x" * 65536
+        yield b'"}'
+
+    streamed = client.post(
+        "/v1/experiments", headers={**auth, "Content-Type": "application/json"}, content=chunks()
+    )
+    assert_error(streamed, 413, "payload_too_large")
+
+
 def test_engine_rules_name_the_field(
     client: TestClient, context: AppContext, auth: dict[str, str]
 ) -> None:

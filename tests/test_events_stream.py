@@ -129,6 +129,33 @@ def test_stream_is_tenant_scoped_and_validates_the_cursor(
         "invalid_request",
         "Last-Event-ID",
     )
+    # Cursors past the database's 64-bit range, on the job's and an experiment's events and
+    # streams: a 422 before the stream's first byte (they were a 500, or a 200 cut short).
+    experiment = client.post(
+        "/v1/experiments",
+        headers=auth,
+        json={
+            "dataset": dataset_id,
+            "model": "cursor",
+            "base_models": ["efficientnet_lite0"],
+            "strategies": ["fine_tune"],
+        },
+    )
+    assert experiment.status_code == 201, experiment.text
+    huge, negative = "9" * 40, "-" + "9" * 40
+    for base in (f"/v1/jobs/{job['id']}", f"/v1/experiments/{experiment.json()['id']}"):
+        for cursor in (huge, negative, str(2**63)):
+            for path in (f"{base}/events?after={cursor}", f"{base}/events/stream?after={cursor}"):
+                assert_error(client.get(path, headers=auth), 422, "invalid_request", "after")
+        assert_error(
+            client.get(f"{base}/events/stream", headers={**auth, "Last-Event-ID": str(2**63)}),
+            422,
+            "invalid_request",
+            "Last-Event-ID",
+        )
+        last = client.get(f"{base}/events?after={2**63 - 1}", headers=auth)
+        assert last.status_code == 200
+        assert last.json()["data"] == []
 
 
 def test_idle_stream_sends_keepalives_and_ends_on_cancel(

@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.auth.service import revoke_key
 from service.cli import migrate_database
+from service.datasets.ingest import open_image
 from service.inference.metrics import InferenceMetrics
 from service.inference.resolution import ServedVersion
 from service.inference.service import (
@@ -31,6 +32,7 @@ from service.inference.service import (
     ModelCache,
     ModelUnloadedError,
     QueueFullError,
+    predict_limits,
 )
 from service.main import create_app
 from service.tables import ModelVersion
@@ -187,6 +189,60 @@ def test_bad_requests_name_the_parameter(served: Registry) -> None:
     )
     many = {"images": [{"data": png}] * 65}
     assert_error(client.post(path, headers=auth, json=many), 413, "too_many_images", "images")
+    # However many files a multipart call carries, the refusal is the same 413 (500 files
+    # were the form parser's own 400).
+    for count in (65, 500):
+        files = [("images", (f"{index}.png", b"x")) for index in range(count)]
+        response = client.post(path, headers=auth, files=files)
+        assert_error(response, 413, "too_many_images", "images")
+    assert_error(
+        client.post(path, headers=auth, json={"images": [{"data": png}], "top_k": True}),
+        422,
+        "invalid_request",
+        "top_k",
+    )
+
+
+def test_numbers_past_the_database_range_are_422(served: Registry) -> None:
+    client, auth = served.client, served.auth
+    for version in ("9" * 41, str(2**63), "-1", "1.0"):
+        for path in (
+            f"/v1/models/digits/versions/{version}",
+            f"/v1/models/digits/versions/{version}/predict",
+        ):
+            method = client.post if path.endswith("/predict") else client.get
+            assert_error(method(path, headers=auth), 422, "invalid_request", "version")
+    largest = client.get(f"/v1/models/digits/versions/{2**63 - 1}", headers=auth)
+    assert_error(largest, 404, "version_not_found", "version")
+    for wrong in (2**63, True, "1", 0):
+        response = client.put(
+            "/v1/models/digits/aliases/edge", headers=auth, json={"version": wrong}
+        )
+        assert_error(response, 422, "invalid_request", "version")
+
+
+def test_predict_decodes_a_large_jpeg_at_a_reduced_scale_and_caps_other_pixels(
+    served: Registry,
+) -> None:
+    client, auth = served.client, served.auth
+    settings = client.app.state.context.settings  # type: ignore[attr-defined]
+    assert settings.max_predict_pixels < settings.max_image_pixels
+    # Flat images: large in pixels, small in bytes, as the ones that held a call for seconds.
+    over = Image.new("RGB", (2100, settings.max_predict_pixels // 2100 + 1), "white")
+    jpeg = BytesIO()
+    Image.new("RGB", (6000, 6000), "white").save(jpeg, format="JPEG")
+    png = BytesIO()
+    over.save(png, format="PNG")
+    files = [("images", ("big.jpg", jpeg.getvalue())), ("images", ("big.png", png.getvalue()))]
+    answer = client.post("/v1/models/digits/versions/1/predict", headers=auth, files=files)
+    assert answer.status_code == 200, answer.text
+    photo, drawing = answer.json()["predictions"]
+    assert photo["top"] is not None, photo
+    assert drawing["error"]["code"] == "too_many_pixels"
+    # The JPEG was decoded at 1/8 scale: the smallest that still covers the model's input.
+    limits = predict_limits(client.app.state.context)  # type: ignore[attr-defined]
+    with open_image(BytesIO(jpeg.getvalue()), limits, draft_to=256) as image:
+        assert image.size == (750, 750)
 
 
 def _load_served_model(

@@ -182,9 +182,12 @@ def stream_events(
     experiment: ExperimentDep,
     session: SessionDep,
     context: ContextDep,
-    last_event_id: Annotated[str | None, Header(description="Resume after this event id.")] = None,
+    last_event_id: Annotated[
+        str | None, Header(description="Resume after this event id (0 to 2**63-1).")
+    ] = None,
     after: Annotated[
-        str | None, Query(description="Resume after this event id (when no Last-Event-ID).")
+        str | None,
+        Query(description="Resume after this event id, 0 to 2**63-1 (when no Last-Event-ID)."),
     ] = None,
 ) -> StreamingResponse:
     cursor = resume_cursor(last_event_id=last_event_id, after=after)

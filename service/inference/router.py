@@ -20,7 +20,6 @@ from service.auth.keycache import ApiKeyCache
 from service.auth.service import hash_key
 from service.bounds import VersionRef
 from service.context import AppContext
-from service.datasets.service import ingest_limits
 from service.db import new_id
 from service.deps import _bearer as bearer
 from service.deps import get_tenant, load_model, load_version, take_rate_token
@@ -45,6 +44,7 @@ from service.inference.service import (
     decode_pool,
     encode_texts,
     fill_predictions,
+    predict_limits,
     resolve_pool,
 )
 from service.monitoring.service import Recorder
@@ -380,7 +380,7 @@ async def _predict(request: Request, credentials: Credentials, name: str, versio
                 decode_images,
                 body.images,
                 preprocessing=model.preprocessing,
-                limits=ingest_limits(context),
+                limits=predict_limits(context),
             )
             results, good, inputs = await loop.run_in_executor(decode_pool(), decode)
         if good:

@@ -13,6 +13,7 @@ by PyTorch otherwise; `LoadedModel.backend_reason` (and the `thaw_inference_back
 says why a version runs in PyTorch.
 """
 
+import dataclasses
 import gc
 import io
 import logging
@@ -30,7 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from service.context import AppContext
 from service.datasets.ingest import ImageRejectedError, IngestLimits, open_image
+from service.datasets.service import ingest_limits
 from service.inference.metrics import InferenceMetrics
 from service.inference.resolution import ServedVersion
 from service.settings import Settings
@@ -47,7 +50,7 @@ from worker.engine.artifacts import (
     TextPreprocessing,
     read_model_config,
 )
-from worker.engine.pixels import average_views, normalise, view_pixels
+from worker.engine.pixels import CROP_ENLARGE, average_views, normalise, view_pixels
 from worker.engine.tokens import SpecialTokens, encode, load_backend, pad
 
 logger = logging.getLogger(__name__)
@@ -607,6 +610,14 @@ class ModelCache:
             self._loaded.clear()
 
 
+def predict_limits(context: AppContext) -> IngestLimits:
+    """The image limits of predict: an upload's, with predict's own (lower) pixel cap, so one
+    call's decoding stays well under a second."""
+    return dataclasses.replace(
+        ingest_limits(context), max_image_pixels=context.settings.max_predict_pixels
+    )
+
+
 def decode_images(
     images: list[tuple[str, bytes | None]],
     *,
@@ -614,12 +625,16 @@ def decode_images(
     limits: IngestLimits,
 ) -> tuple[list[Prediction], list[int], np.ndarray | None]:
     """Per-image results (errors filled in), the indexes that decoded, and their pixels: a
-    row per test-time view (`preprocessing.tta`), an image's views adjacent.
+    row per test-time view (`preprocessing.tta`), an image's views adjacent. A JPEG is decoded
+    at a reduced scale when it is much larger than the model's input; `limits` caps the
+    pixels decoded per image (`THAW_MAX_PREDICT_PIXELS`).
 
     An entry whose bytes are None was already found unreadable (bad base64)."""
     results: list[Prediction] = [{"image": name, "top": None, "error": None} for name, _ in images]
     good: list[int] = []
     pixels: list[np.ndarray] = []
+    # The largest side a view is resized from (a crop view's enlarged image).
+    draft_to = round(preprocessing.image_size * CROP_ENLARGE)
     for index, (_, data) in enumerate(images):
         if data is None:
             results[index]["error"] = {
@@ -628,7 +643,7 @@ def decode_images(
             }
             continue
         try:
-            with open_image(io.BytesIO(data), limits) as image:
+            with open_image(io.BytesIO(data), limits, draft_to=draft_to) as image:
                 pixels.append(view_pixels(image, preprocessing.image_size, preprocessing.tta))
             good.append(index)
         except ImageRejectedError as exc:

@@ -19,7 +19,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from service.context import AppContext
-from service.datasets.service import ingest_limits
 from service.deps import _bearer as bearer
 from service.deps import get_tenant, load_model
 from service.errors import ApiError
@@ -38,6 +37,7 @@ from service.inference.service import (
     decode_images,
     decode_pool,
     encode_texts,
+    predict_limits,
     probabilities,
     resolve_pool,
 )
@@ -386,7 +386,7 @@ async def _infer(request: Request, name: str, ref: str) -> Response:
                 decode_images,
                 named,
                 preprocessing=model.preprocessing,
-                limits=ingest_limits(context),
+                limits=predict_limits(context),
             )
             results, _, inputs = await loop.run_in_executor(decode_pool(), decode)
             _refuse_failed(results, "image")

@@ -249,8 +249,14 @@ class ImageRejectedError(Exception):
         self.reason = reason
 
 
-def open_image(source: Path | IO[bytes], limits: IngestLimits) -> Image.Image:
-    """Open and fully decode an untrusted image under the allowlist and the pixel cap."""
+def open_image(
+    source: Path | IO[bytes], limits: IngestLimits, *, draft_to: int | None = None
+) -> Image.Image:
+    """Open and fully decode an untrusted image under the allowlist and the pixel cap.
+
+    With `draft_to`, a JPEG is decoded at the smallest of 1/8, 1/4, 1/2 or full scale that
+    still covers `draft_to` pixels a side (libjpeg scales while decoding, so a large photo
+    costs a fraction of its full decode), and the pixel cap counts the pixels so decoded."""
     allowed = sorted(limits.allowed_formats)
     with warnings.catch_warnings():
         # Pillow only warns between 1x and 2x its MAX_IMAGE_PIXELS; a warning that is merely
@@ -262,6 +268,8 @@ def open_image(source: Path | IO[bytes], limits: IngestLimits) -> Image.Image:
                 raise ImageRejectedError(
                     "format_not_allowed", f"{img.format} images are not accepted."
                 )
+            if draft_to is not None and img.format == "JPEG":
+                img.draft(None, (draft_to, draft_to))
             width, height = img.size
             if width * height > limits.max_image_pixels:
                 raise ImageRejectedError(
