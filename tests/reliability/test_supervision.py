@@ -74,7 +74,7 @@ def stranded(base: str) -> set[str]:
     return set(workers.removeprefix("no live worker for ").split(", "))
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(900)
 def test_serve_restarts_killed_workers_and_their_work_finishes(tmp_path: Path) -> None:
     env = thaw_env(
         tmp_path / "data",
@@ -98,7 +98,7 @@ def test_serve_restarts_killed_workers_and_their_work_finishes(tmp_path: Path) -
         running([*THAW, "serve", "--port", str(port)], env, log) as server,
         httpx.Client(base_url=base, headers=headers, timeout=60) as client,
     ):
-        wait_ready(base, server, log)
+        wait_ready(base, server, log, timeout=300)
         upload = client.post("/v1/datasets", files={"file": ("d.zip", zip_of_classes(small))})
         assert upload.status_code == 202, upload.text
         dataset = poll(client, f"/v1/datasets/{upload.json()['id']}", {"ready", "failed"}, 60)
