@@ -229,15 +229,15 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(
         default=120.0,
         gt=0,
-        description="A running job's lease, renewed every second by its worker; once it "
-        "expires the job is handed to another worker. Also how long a worker retries "
-        "database writes before giving the job up.",
+        description="A running job's lease, and a dataset ingest's, renewed every second by "
+        "its worker; once it expires the job or dataset is handed to another worker. Also how "
+        "long a worker retries database writes before giving the job up.",
     )
     max_worker_losses: int = Field(
         default=3,
         ge=1,
-        description="Times a job's worker may vanish (lease expired) before the job fails "
-        "with `worker_lost` instead of being retried.",
+        description="Times a job's or a dataset ingest's worker may vanish (lease expired) "
+        "before the job or dataset fails with `worker_lost` instead of being retried.",
     )
     job_max_runtime_seconds: int = Field(
         default=24 * 3600,

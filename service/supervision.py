@@ -196,9 +196,7 @@ def stranded_queues(context: AppContext, registry: ConsumerRegistry) -> dict[str
                 select(Job.queue, func.count())
                 .where(Job.status.in_(sorted(ACTIVE_STATUSES)))
                 .group_by(Job.queue)
-            )
-            .tuples()
-            .all()
+            ).all()
         )
         ingesting = session.scalar(
             select(func.count()).select_from(Dataset).where(Dataset.status == "processing")
