@@ -159,3 +159,52 @@ def test_the_wrong_input_kind_is_a_422_naming_what_the_model_takes(
         "/v1/models/sections/versions/1/predict", headers=auth, json={"texts": [1, {"a": 2}]}
     )
     assert not_strings.status_code == 422
+
+
+def test_open_inference_protocol_with_strings(
+    text_version: tuple[Registry, dict[str, Any], int],
+) -> None:
+    import numpy as np
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    from tests.conftest import served_over_http
+
+    registry, version, _ = text_version
+    client, auth = registry.client, registry.auth
+    texts = ["PostgreSQL extension for full text search", LONG, "a card game"]
+    labels = version["labels"]
+    answer = client.post(
+        "/v1/models/sections/versions/1/predict",
+        headers=auth,
+        json={"texts": texts, "top_k": len(labels)},
+    ).json()["predictions"]
+    expected = np.array(
+        [
+            [{t["label"]: t["probability"] for t in p["top"]}[label] for label in labels]
+            for p in answer
+        ]
+    )
+    with served_over_http(client.app) as url:
+        triton_client = triton.InferenceServerClient(url)
+        metadata = triton_client.get_model_metadata("sections", headers=auth)
+        assert metadata["inputs"] == [{"name": "texts", "datatype": "BYTES", "shape": [-1]}]
+        assert metadata["outputs"][0]["parameters"]["labels"] == labels
+        for binary in (True, False):
+            strings = triton.InferInput("texts", [len(texts)], "BYTES")
+            strings.set_data_from_numpy(
+                np.array([text.encode() for text in texts], dtype=np.object_), binary_data=binary
+            )
+            result = triton_client.infer(
+                "sections", [strings], model_version="1", headers=dict(auth)
+            )
+            np.testing.assert_allclose(result.as_numpy("probabilities"), expected, atol=1e-5)
+            best = [labels[i].encode() for i in expected.argmax(axis=1)]
+            assert list(result.as_numpy("top_labels")[:, 0]) == best
+        empty = triton.InferInput("texts", [1], "BYTES")
+        empty.set_data_from_numpy(np.array([b" "], dtype=np.object_))
+        with pytest.raises(InferenceServerException) as refused:
+            triton_client.infer("sections", [empty], headers=dict(auth))
+        assert refused.value.status() == "400"
+        assert "empty" in str(refused.value.message())
+        triton_client.close()
