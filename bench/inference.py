@@ -18,6 +18,9 @@ and the model has the `model.onnx` the publisher exports. Then, in one run, it p
   PNG per multipart call, and the same for a text model: a minilm_l6 model trained the same way
   (feature extraction, one epoch, on 60 Debian package descriptions, `max_length` 32; it
   measures speed, not accuracy), one description per JSON `{"texts": [...]}` call;
+- the Open Inference Protocol's binary path (`POST /v2/models/digits/versions/1/infer`, a
+  preprocessed `(B, 3, 64, 64)` float32 tensor after the JSON header, straight to the batcher):
+  calls/s with 1 and 32 images per call, beside predict and the raw model in ONNX Runtime;
 - where an accepted call's time went in the server (queue wait, forward pass, whole call, from
   its Prometheus histograms), and an overload run at 8x the connections (503s, p99);
 - with `--sweep`, batched predict for several batcher settings (`THAW_BATCH_MAX_SIZE`,
@@ -91,6 +94,8 @@ from worker.engine.tokens import SpecialTokens, encode, load_backend, pad
 logger = logging.getLogger("bench.inference")
 
 PREDICT_PATH = "/v1/models/digits/versions/1/predict"
+OIP_PATH = "/v2/models/digits/versions/1/infer"
+OIP_BATCHES = (1, 32)
 TEXT_PREDICT_PATH = "/v1/models/sections/versions/1/predict"
 BOUNDARY = "thawbenchboundary"
 # Reports one machine-readable line at the end of a wrk run (latencies in microseconds).
@@ -558,6 +563,38 @@ wrk.headers["Authorization"] = "Bearer {key}"
 """
 
 
+def oip_body(model_dir: Path, image: bytes, batch: int) -> tuple[bytes, int]:
+    """An OIP binary infer request: `batch` copies of the image preprocessed as the version
+    says, raw after the JSON header; and the header's length."""
+    from worker.engine.pixels import normalise, view_pixels
+
+    preprocessing = read_model_config(model_dir).image
+    one = view_pixels(Image.open(io.BytesIO(image)), preprocessing.image_size, ("original",))
+    tensor = np.ascontiguousarray(normalise(np.repeat(one, batch, axis=0), preprocessing))
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "images",
+                    "datatype": "FP32",
+                    "shape": list(tensor.shape),
+                    "parameters": {"binary_data_size": tensor.nbytes},
+                }
+            ],
+            "outputs": [{"name": "top_labels"}],
+            "parameters": {"top_k": 1},
+        }
+    ).encode()
+    return header + tensor.astype("<f4").tobytes(), len(header)
+
+
+def oip_script(body_path: Path, key: str, header_length: int) -> str:
+    return (
+        predict_script(body_path, key, "application/octet-stream")
+        + f'wrk.headers["Inference-Header-Content-Length"] = "{header_length}"\n'
+    )
+
+
 def multipart_body(image: bytes) -> bytes:
     return (
         (
@@ -758,6 +795,11 @@ def main() -> None:
             ),
             "text": predict_script(bodies["text"], key, "application/json"),
         }
+        for batch in OIP_BATCHES:
+            body, header_length = oip_body(trained.image_dir, image, batch)
+            bodies[f"oip b{batch}"] = Path(folder) / f"oip-body-{batch}"
+            bodies[f"oip b{batch}"].write_bytes(body)
+            scripts[f"oip b{batch}"] = oip_script(bodies[f"oip b{batch}"], key, header_length)
         paths = {"image": PREDICT_PATH, "text": TEXT_PREDICT_PATH}
         thaw = "service.main:create_app"
         # Batching off: one input per pass, and a queue as deep as the connections, so the
@@ -822,6 +864,10 @@ def main() -> None:
                         (f"{kind} batched", batched_url, paths[kind], scripts[kind]),
                         (f"{kind} unbatched", unbatched_url, paths[kind], scripts[kind]),
                     ]
+                runs += [
+                    (f"oip binary b{batch}", batched_url, OIP_PATH, scripts[f"oip b{batch}"])
+                    for batch in OIP_BATCHES
+                ]
                 if single_url is not None:
                     runs.append(("image 1 process", single_url, PREDICT_PATH, scripts["image"]))
                 runs += [
@@ -835,12 +881,15 @@ def main() -> None:
                         if profiling
                         else nullcontext([])
                     )
+                    # 32 images a call: two calls in flight per process fill its batcher's
+                    # queue (THAW_BATCH_QUEUE_BATCHES passes) without refusals.
+                    connections = 2 * processes[url] if label == "oip binary b32" else None
                     with recorder as seen:
                         load = wrk(
                             f"{url}{path}",
                             script,
                             args,
-                            connections=args.connections,
+                            connections=connections or args.connections,
                             server_pid=pids[url],
                         )
                         seen.append(load)
@@ -903,6 +952,8 @@ def main() -> None:
                 for batch in (1, 32)
             }
             limits[kind] = min(bare.rate, ort[32])
+            if kind == "image":
+                ort_images = ort
             own_batch, own_gain = own_batch_gain(model_curve, max_batch)
             gain = batched.answered_rate / unbatched.answered_rate
             cpu_gain = batched.answered_per_cpu_second / unbatched.answered_per_cpu_second
@@ -930,6 +981,19 @@ def main() -> None:
                 kind,
                 batched.p99_ms / batched.p50_ms,
             )
+        oip_images = best["oip binary b32"].answered_rate * 32
+        logger.info(
+            "oip binary: b32 images/s / raw ORT b32 = %.0f / %.0f = %.2f   (target >= 0.8)",
+            oip_images,
+            ort_images[32],
+            oip_images / ort_images[32],
+        )
+        logger.info(
+            "oip binary: b1 calls/s / image predict calls/s = %.0f / %.0f = %.2f   (target >= 1)",
+            best["oip binary b1"].answered_rate,
+            best["image batched"].answered_rate,
+            best["oip binary b1"].answered_rate / best["image batched"].answered_rate,
+        )
         if "image 1 process" in best:
             single = best["image 1 process"].answered_rate
             logger.info(

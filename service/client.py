@@ -353,6 +353,21 @@ class ThawClient:
             partial.replace(destination)
         return destination
 
+    def download_export(self, name: str, ref: str, export_format: str, destination: Path) -> Path:
+        """A version exported for another stack (`triton`, `mlflow`, `hf`), as a zip."""
+        path = f"/v1/models/{name}/versions/{ref}/export"
+        params = {"format": export_format}
+        with self._http.stream("GET", path, params=params, timeout=None) as response:
+            if response.is_error:
+                response.read()
+                _raise_for_error(response)
+            partial = destination.with_name(destination.name + ".part")
+            with partial.open("wb") as out:
+                for chunk in response.iter_bytes():
+                    out.write(chunk)
+            partial.replace(destination)
+        return destination
+
     def set_alias(self, name: str, alias: str, version: int) -> AliasOut:
         response = self._request(
             "PUT", f"/v1/models/{name}/aliases/{alias}", json={"version": version}

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +145,19 @@ def test_watch_a_job_to_completion_then_use_the_model(
     )
     assert json.loads((tmp_path / "out" / "config.json").read_text())
     assert downloaded["files"] == [str(tmp_path / "out" / "config.json")]
+    archive = tmp_path / "triton.zip"
+    exported = thaw_json(
+        server,
+        "models",
+        "export",
+        "cli-digits:production",
+        "--format",
+        "triton",
+        "-o",
+        str(archive),
+    )
+    assert exported == {"model": "cli-digits", "version": 1, "file": str(archive)}
+    assert "cli-digits/config.pbtxt" in zipfile.ZipFile(archive).namelist()
 
     answer = thaw_json(server, "predict", "cli-digits", str(server.held_out), "--top-k", "2")
     assert answer["version"] == 1

@@ -6,6 +6,7 @@ import dataclasses
 import gc
 import threading
 import time
+import zipfile
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -854,3 +855,101 @@ def test_open_inference_protocol_with_tritonclient(served: Registry) -> None:
     assert answer.status_code == 400
     assert isinstance(answer.json()["error"], str)
     client.delete("/v1/models/digits/aliases/production", headers=auth)
+
+
+def exported(client: TestClient, auth: dict[str, str], path: str, fmt: str, into: Path) -> Path:
+    """`GET .../export?format=fmt` unzipped into `into`."""
+    answer = client.get(f"{path}/export", params={"format": fmt}, headers=auth)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"] == "application/zip"
+    with zipfile.ZipFile(BytesIO(answer.content)) as archive:
+        archive.extractall(into)
+    return into
+
+
+def triton_config(folder: Path) -> Any:
+    """`config.pbtxt` parsed by Triton's own protobuf definitions."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse((folder / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+
+
+def run_declared(folder: Path, config: Any, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """`1/model.onnx` run in ONNX Runtime with inputs of the shapes `config` declares."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(folder / "1" / "model.onnx"))
+    declared = {tensor.name: list(tensor.dims) for tensor in config.input}
+    assert set(declared) == set(feeds)
+    for name, array in feeds.items():
+        assert array.shape[0] <= config.max_batch_size
+        assert all(d in (-1, s) for d, s in zip(declared[name], array.shape[1:], strict=True))
+    (output,) = config.output
+    (logits,) = session.run([output.name], feeds)
+    assert list(logits.shape[1:]) == list(output.dims)
+    return np.asarray(logits)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return np.asarray(exp / exp.sum(axis=1, keepdims=True))
+
+
+def test_exports_load_in_triton_and_mlflow_and_answer_as_predict(
+    served: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow.onnx
+    import mlflow.pyfunc
+    import pandas
+
+    import service.models.export as export
+
+    client, auth = served.client, served.auth
+    path = "/v1/models/digits/versions/1"
+    version_id = client.get(path, headers=auth).json()["id"]
+    pngs = held_out_pngs(3)
+    labels, expected = _predicted(client, auth, "1", pngs)
+    model_config = read_model_config(version_folder(served.context, version_id))
+
+    repository = exported(client, auth, path, "triton", tmp_path / "triton")
+    entry = repository / "digits"
+    config = triton_config(entry)
+    assert config.backend == "onnxruntime"
+    assert config.HasField("dynamic_batching")
+    order = (entry / config.output[0].label_filename).read_text().split()
+    assert sorted(order) == labels
+    prep = model_config.image
+    tensor = normalise(
+        np.concatenate(
+            [view_pixels(Image.open(BytesIO(png)), prep.image_size, prep.tta) for png in pngs]
+        ),
+        prep,
+    )
+    logits = run_declared(entry, config, {"images": tensor})
+    answered = softmax(logits / model_config.temperature)
+    columns = [order.index(label) for label in labels]
+    np.testing.assert_allclose(answered[:, columns], expected, atol=1e-5)
+
+    loaded = mlflow.pyfunc.load_model(str(exported(client, auth, path, "mlflow", tmp_path / "ml")))
+    frame = loaded.predict(pandas.DataFrame({"image": pngs}))
+    np.testing.assert_allclose(frame[labels].to_numpy(), expected, atol=1e-5)
+    assert mlflow.onnx.load_model(str(tmp_path / "ml")).graph.input[0].name == "images"
+
+    # Built once: a second download is the kept zip, not a new build.
+    def refuse(*_: Any) -> None:
+        raise AssertionError("built twice")
+
+    monkeypatch.setattr(export, "write_triton", refuse)
+    again = client.get(f"{path}/export", params={"format": "triton"}, headers=auth)
+    assert again.status_code == 200
+    assert zipfile.ZipFile(BytesIO(again.content)).namelist()
+    assert_error(
+        client.get(f"{path}/export", params={"format": "hf"}, headers=auth),
+        409,
+        "export_unavailable",
+        "format",
+    )
+    other = new_key(served.context, "team-b")
+    refused = client.get(f"{path}/export", params={"format": "mlflow"}, headers=other)
+    assert refused.status_code == 404

@@ -168,3 +168,109 @@ def test_the_wrong_input_kind_is_a_422_naming_what_the_model_takes(
         "/v1/models/sections/versions/1/predict", headers=auth, json={"texts": [1, {"a": 2}]}
     )
     assert not_strings.status_code == 422
+
+
+def test_open_inference_protocol_with_strings(
+    text_version: tuple[Registry, dict[str, Any], int],
+) -> None:
+    import numpy as np
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    from tests.conftest import served_over_http
+
+    registry, version, _ = text_version
+    client, auth = registry.client, registry.auth
+    texts = ["PostgreSQL extension for full text search", LONG, "a card game"]
+    labels = version["labels"]
+    answer = client.post(
+        "/v1/models/sections/versions/1/predict",
+        headers=auth,
+        json={"texts": texts, "top_k": len(labels)},
+    ).json()["predictions"]
+    expected = np.array(
+        [
+            [{t["label"]: t["probability"] for t in p["top"]}[label] for label in labels]
+            for p in answer
+        ]
+    )
+    with served_over_http(client.app) as url:
+        triton_client = triton.InferenceServerClient(url)
+        metadata = triton_client.get_model_metadata("sections", headers=auth)
+        assert metadata["inputs"] == [{"name": "texts", "datatype": "BYTES", "shape": [-1]}]
+        assert metadata["outputs"][0]["parameters"]["labels"] == labels
+        for binary in (True, False):
+            strings = triton.InferInput("texts", [len(texts)], "BYTES")
+            strings.set_data_from_numpy(
+                np.array([text.encode() for text in texts], dtype=np.object_), binary_data=binary
+            )
+            result = triton_client.infer(
+                "sections", [strings], model_version="1", headers=dict(auth)
+            )
+            np.testing.assert_allclose(result.as_numpy("probabilities"), expected, atol=1e-5)
+            best = [labels[i].encode() for i in expected.argmax(axis=1)]
+            assert list(result.as_numpy("top_labels")[:, 0]) == best
+        empty = triton.InferInput("texts", [1], "BYTES")
+        empty.set_data_from_numpy(np.array([b" "], dtype=np.object_))
+        with pytest.raises(InferenceServerException) as refused:
+            triton_client.infer("sections", [empty], headers=dict(auth))
+        assert refused.value.status() == "400"
+        assert "empty" in str(refused.value.message())
+        triton_client.close()
+
+
+def test_text_exports_load_in_transformers_triton_and_mlflow_and_answer_as_predict(
+    text_version: tuple[Registry, dict[str, Any], int], tmp_path: Path
+) -> None:
+    import mlflow.pyfunc
+    import numpy as np
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tests.test_inference import exported, run_declared, softmax, triton_config
+    from worker.engine.artifacts import read_model_config
+    from worker.engine.tokens import SpecialTokens, encode, load_backend, pad
+
+    registry, version, _ = text_version
+    client, auth = registry.client, registry.auth
+    path = "/v1/models/sections/versions/1"
+    texts = ["PostgreSQL extension for full text search", LONG, "a card game"]
+    labels = version["labels"]
+    answer = client.post(
+        f"{path}/predict", headers=auth, json={"texts": texts, "top_k": len(labels)}
+    ).json()["predictions"]
+    expected = np.array(
+        [
+            [{t["label"]: t["probability"] for t in p["top"]}[label] for label in labels]
+            for p in answer
+        ]
+    )
+
+    folder = exported(client, auth, path, "hf", tmp_path / "hf")
+    model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    batch = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+    with torch.inference_mode():
+        logits = model(**batch).logits
+    answered = torch.softmax(logits, dim=-1).numpy()
+    assert [model.config.id2label[i] for i in range(len(labels))] == labels
+    np.testing.assert_allclose(answered, expected, atol=1e-5)
+
+    thaw_folder = version_folder(registry.context, version["id"])
+    config = read_model_config(thaw_folder)
+    assert config.text is not None
+    encoded = encode(
+        load_backend(thaw_folder),
+        texts,
+        SpecialTokens.from_dict(config.text.special_tokens),
+        max_length=config.text.max_length,
+        truncation=config.text.truncation,
+    )
+    ids, mask = pad(encoded.ids, config.text.special_tokens["pad_id"])
+    entry = exported(client, auth, path, "triton", tmp_path / "triton") / "sections"
+    triton = triton_config(entry)
+    logits = run_declared(entry, triton, {"input_ids": ids, "attention_mask": mask})
+    np.testing.assert_allclose(softmax(logits / config.temperature), expected, atol=1e-5)
+
+    loaded = mlflow.pyfunc.load_model(str(exported(client, auth, path, "mlflow", tmp_path / "ml")))
+    np.testing.assert_allclose(loaded.predict(texts)[labels].to_numpy(), expected, atol=1e-5)

@@ -1,4 +1,4 @@
-"""Client commands for registered models: ls, show, download, alias."""
+"""Client commands for registered models: ls, show, download, export, alias."""
 
 from pathlib import Path
 from typing import Annotated
@@ -125,6 +125,31 @@ def models_download(
         table(
             f"{name} v{version.version}", ["file", "bytes"], [[p, p.stat().st_size] for p in paths]
         )
+
+
+@models_app.command("export")
+def models_export(
+    ref: Annotated[str, typer.Argument(metavar="NAME[:REF]")],
+    export_format: Annotated[
+        str, typer.Option("--format", help="triton, mlflow or hf (text versions).")
+    ],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="The zip to write.")] = None,
+    url: UrlOption = DEFAULT_URL,
+    api_key: KeyOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Export a version for another serving stack, as a zip (latest version without :REF)."""
+    from service.client import parse_ref
+
+    name, version_ref = parse_ref(ref)
+    with client_session(url, api_key) as client:
+        version = client.get_version(name, version_ref)
+        target = output or Path(f"{name}-v{version.version}-{export_format}.zip")
+        path = client.download_export(name, str(version.version), export_format, target)
+    if as_json:
+        print_json({"model": name, "version": version.version, "file": str(path)})
+    else:
+        table(f"{name} v{version.version}", ["file", "bytes"], [[path, path.stat().st_size]])
 
 
 @models_app.command("alias")

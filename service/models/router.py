@@ -1,6 +1,6 @@
 from collections.abc import Iterator
 from dataclasses import replace
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
@@ -8,6 +8,7 @@ from fastapi.responses import StreamingResponse
 from service.bounds import ALIAS_PATTERN
 from service.deps import ContextDep, ModelDep, SessionDep, TenantDep, VersionDep
 from service.errors import ApiError, echo
+from service.models.export import ensure_export
 from service.models.schemas import (
     AliasIn,
     AliasOut,
@@ -239,6 +240,37 @@ def download_artifact(version: VersionDep, artifact: str, context: ContextDep) -
         headers={
             "Content-Length": str(size),
             "Content-Disposition": f'attachment; filename="{artifact}"',
+        },
+    )
+
+
+@router.get(
+    "/{name}/versions/{version}/export",
+    summary="Export a version for another serving stack (a zip)",
+    description="`triton`: a Triton model repository entry (`config.pbtxt`, `labels.txt`, "
+    "`1/model.onnx`); `mlflow`: an MLflow model (`onnx` and `python_function` flavors); `hf` "
+    "(text versions): a Hugging Face folder for `AutoModelForSequenceClassification."
+    "from_pretrained(folder, trust_remote_code=True)`. Built on the first request and kept "
+    "with the version's artifacts; 409 when the version cannot be exported so.\n\n"
+    "`curl -H 'Authorization: Bearer $KEY' -o digits-triton.zip "
+    "'.../v1/models/digits/versions/production/export?format=triton'`",
+    response_class=StreamingResponse,
+)
+def export_version(
+    version: VersionDep,
+    context: ContextDep,
+    export_format: Annotated[
+        Literal["triton", "mlflow", "hf"], Query(alias="format", description="The target.")
+    ],
+) -> StreamingResponse:
+    key = ensure_export(context.store, version=version, fmt=export_format)
+    filename = f"{version.model.name}-v{version.version}-{export_format}.zip"
+    return StreamingResponse(
+        stream_object(context.store, key),
+        media_type="application/zip",
+        headers={
+            "Content-Length": str(context.store.stat(key).size),
+            "Content-Disposition": f'attachment; filename="{filename}"',
         },
     )
 

@@ -207,7 +207,12 @@ def _metadata(served: ServedVersion, config: ModelConfig) -> ModelMetadata:
     )
 
 
-@router.get("/models/{name}", summary="Model metadata (OIP)", openapi_extra=_SECURED)
+@router.get(
+    "/models/{name}",
+    summary="Model metadata (OIP)",
+    openapi_extra=_SECURED,
+    response_model_exclude_none=True,
+)
 async def model_metadata(request: Request, name: NamePath) -> ModelMetadata:
     served = await _served(request, name, DEFAULT_REF)
     return _metadata(served, await _config(request, served))
@@ -217,6 +222,7 @@ async def model_metadata(request: Request, name: NamePath) -> ModelMetadata:
     "/models/{name}/versions/{version}",
     summary="Model version metadata (OIP)",
     openapi_extra=_SECURED,
+    response_model_exclude_none=True,
 )
 async def version_metadata(request: Request, name: NamePath, version: VersionPath) -> ModelMetadata:
     served = await _served(request, name, version)
