@@ -29,6 +29,7 @@ from service.inference.schemas import PredictOut
 from service.jobs.schemas import JobEventOut, JobOut, LrFindOut, PlanOut
 from service.jobs.states import TERMINAL_STATUSES
 from service.models.schemas import AliasOut, ModelOut, VersionDetail, VersionOut
+from service.monitoring.schemas import FeedbackOut, MonitoringOut
 
 logger = logging.getLogger(__name__)
 
@@ -339,6 +340,17 @@ class ThawClient:
 
     def get_version(self, name: str, ref: str | None = None) -> VersionDetail:
         return self._get(VersionDetail, f"/v1/models/{name}/versions/{self.resolve_ref(name, ref)}")
+
+    def get_monitoring(self, name: str, ref: str, *, limit: int = 100) -> MonitoringOut:
+        """The version's latest monitoring windows, oldest first."""
+        path = f"/v1/models/{name}/versions/{ref}/monitoring"
+        return self._get(MonitoringOut, path, params={"limit": limit})
+
+    def send_feedback(self, name: str, ref: str, labels: dict[str, str]) -> FeedbackOut:
+        """The true label of each prediction id."""
+        body = {"feedback": [{"prediction_id": i, "label": label} for i, label in labels.items()]}
+        response = self._request("POST", f"/v1/models/{name}/versions/{ref}/feedback", json=body)
+        return FeedbackOut.model_validate(response.json())
 
     def download_artifact(self, name: str, ref: str, artifact: str, destination: Path) -> Path:
         path = f"/v1/models/{name}/versions/{ref}/artifacts/{artifact}"

@@ -32,6 +32,7 @@ from service.inference.service import (
     LoadedModel,
     ModelCache,
     ModelUnloadedError,
+    Outputs,
     QueueFullError,
     predict_limits,
 )
@@ -271,7 +272,7 @@ def test_full_queue_answers_503_with_retry_after(served: Registry) -> None:
         entered = threading.Event()
         real_forward = model.forward
 
-        def slow_forward(batch: np.ndarray) -> list[np.ndarray]:
+        def slow_forward(batch: np.ndarray) -> Outputs:
             entered.set()
             release.wait(10)
             return real_forward(batch)
@@ -317,10 +318,10 @@ def test_batcher_gathers_waiting_requests_up_to_the_maximum() -> None:
     sizes: list[int] = []
     gate = threading.Event()
 
-    def forward(batch: np.ndarray) -> list[np.ndarray]:
+    def forward(batch: np.ndarray) -> Outputs:
         gate.wait(10)
         sizes.append(len(batch))
-        return [np.tile(batch[:, :1, 0, 0], (1, 2))]
+        return Outputs([np.tile(batch[:, :1, 0, 0], (1, 2))], None)
 
     batcher = Batcher(
         fake_model(forward), max_size=4, max_delay=0.0, queue_batches=3, metrics=InferenceMetrics()
@@ -329,7 +330,7 @@ def test_batcher_gathers_waiting_requests_up_to_the_maximum() -> None:
     gate.set()
     results = [f.result(10) for f in futures]
     # Each request gets back its own rows (normalised as one batch), however the passes were cut.
-    assert [float(r[0][0, 0]) for r in results] == pytest.approx([i / 255 for i in range(6)])
+    assert [float(r.logits[0][0, 0]) for r in results] == pytest.approx([i / 255 for i in range(6)])
     assert sum(sizes) == 6
     assert max(sizes) <= 4
     assert len(sizes) < 6  # some requests shared a pass
@@ -338,10 +339,10 @@ def test_batcher_gathers_waiting_requests_up_to_the_maximum() -> None:
     blocked = threading.Event()
     taken = threading.Event()
 
-    def stuck(batch: np.ndarray) -> list[np.ndarray]:
+    def stuck(batch: np.ndarray) -> Outputs:
         taken.set()
         blocked.wait(10)
-        return [np.zeros((len(batch), 2))]
+        return Outputs([np.zeros((len(batch), 2))], None)
 
     slow = Batcher(
         fake_model(stuck), max_size=1, max_delay=0.0, queue_batches=1, metrics=InferenceMetrics()
@@ -363,10 +364,10 @@ def test_a_reservation_holds_room_from_admission_until_its_pass() -> None:
     entered = threading.Event()
     gate = threading.Event()
 
-    def forward(batch: np.ndarray) -> list[np.ndarray]:
+    def forward(batch: np.ndarray) -> Outputs:
         entered.set()
         gate.wait(10)
-        return [np.zeros((len(batch), 2))]
+        return Outputs([np.zeros((len(batch), 2))], None)
 
     batcher = Batcher(
         fake_model(forward), max_size=2, max_delay=0.0, queue_batches=1, metrics=InferenceMetrics()
@@ -386,7 +387,7 @@ def test_a_reservation_holds_room_from_admission_until_its_pass() -> None:
     futures = [waiting[1].submit(pixels(2)), later.submit(pixels(3))]
     batcher.stop()  # still serves what it accepted
     gate.set()
-    assert [len(f.result(10)[0]) for f in (running, *futures)] == [1, 1, 1]
+    assert [len(f.result(10).logits[0]) for f in (running, *futures)] == [1, 1, 1]
     batcher._thread.join(10)
     with pytest.raises(ModelUnloadedError):
         batcher.reserve(1)
@@ -395,7 +396,7 @@ def test_a_reservation_holds_room_from_admission_until_its_pass() -> None:
         fake_model(forward), max_size=2, max_delay=0.0, queue_batches=1, metrics=InferenceMetrics()
     )
     # A call larger than the capacity is one pass: it is let in when nothing waits.
-    assert len(alone.submit(np.concatenate([pixels(0)] * 5)).result(10)[0]) == 5
+    assert len(alone.submit(np.concatenate([pixels(0)] * 5)).result(10).logits[0]) == 5
     alone.stop()
 
 
@@ -679,7 +680,7 @@ def test_overload_answers_503_with_retry_after_and_every_call_ends(
         batcher = model.batcher
         depths: list[int] = []
 
-        def slow_forward(batch: np.ndarray) -> list[np.ndarray]:
+        def slow_forward(batch: np.ndarray) -> Outputs:
             depths.append(batcher._waiting)  # inputs accepted and waiting behind this pass
             time.sleep(0.05)  # a slow model, not synchronisation
             return real_forward(batch)

@@ -2,13 +2,17 @@
 windows and tested for shift, accuracy estimated without labels, and labels fed back."""
 
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from typer.testing import CliRunner
 
+from service.cli import app as cli
 from service.cli import migrate_database
+from service.client import ThawClient
 from service.main import create_app
 from service.monitoring.service import Recorder
 from service.tables import ModelVersion
@@ -71,6 +75,9 @@ def test_shifted_traffic_alarms_the_estimate_falls_and_feedback_shows_accuracy(
     assert before["reference"] is True, before
     assert before["windows"] == []
     assert 0 < before["validation_accuracy"] <= 1
+    card = client.get("/v1/models/digits/versions/1/artifacts/card.md", headers=auth).text
+    assert "## Monitoring" in card
+    assert "MMD permutation test" in card
 
     digits = unseen_digits()
     rng = np.random.default_rng(0)
@@ -117,12 +124,56 @@ def test_shifted_traffic_alarms_the_estimate_falls_and_feedback_shows_accuracy(
     assert first["labelled"] == WINDOW
     assert monitoring(monitored)["windows"][1]["observed_accuracy"] is None
 
+    # The latest window's gauges, and the table `thaw models monitor` prints.
+    scrape = client.get("/metrics").text
+    version_id = client.get("/v1/models/digits/versions/1", headers=auth).json()["id"]
+    assert f'thaw_monitor_shifted{{version_id="{version_id}"}} 1.0' in scrape
+    assert "thaw_monitor_estimated_accuracy{" in scrape
+    shown = run_cli(monitored, ["models", "monitor", "digits:1"])
+    assert "SHIFTED" in shown
+    assert "validation accuracy" in shown
+
     one = client.post(
         "/v1/models/digits/versions/1/feedback",
         headers=auth,
         json={"prediction_id": answered[WINDOW]["prediction_id"], "label": labels[WINDOW]},
     )
     assert one.json() == {"recorded": 1}
+
+
+def run_cli(registry: Registry, arguments: list[str]) -> str:
+    """A client command against the module's app, through the test client's transport."""
+    key = registry.auth["Authorization"].removeprefix("Bearer ")
+    transport = registry.client._transport
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("service.client.ThawClient", partial(ThawClient, transport=transport))
+        result = CliRunner().invoke(
+            cli,
+            [*arguments, "--url", "http://testserver", "--api-key", key],
+            env={"COLUMNS": "200"},
+        )
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_a_broken_monitor_is_a_log_line_and_a_metric_never_a_failed_predict(
+    monitored: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*_: Any) -> None:
+        raise RuntimeError("monitor broke")
+
+    monkeypatch.setattr("service.monitoring.service.summarise", broken)
+    counted = "thaw_monitor_failures_total "
+
+    def failures() -> float:
+        scrape = monitored.client.get("/metrics").text
+        return float(scrape.split(counted)[1].split()[0])
+
+    before = failures()
+    (answer,) = predict(monitored, [unseen_digits()[0][0]])
+    assert answer["top"]
+    monitoring(monitored)
+    assert failures() == before + 1
 
 
 def test_feedback_for_an_unknown_or_another_teams_prediction_is_404(monitored: Registry) -> None:

@@ -287,7 +287,7 @@ def test_onnx_model_matches_pytorch_on_real_images(registry: Registry) -> None:
     with torch.no_grad():
         expected = predictor.model(batch).numpy()
     session = onnxruntime.InferenceSession(str(folder / "model.onnx"))
-    (actual,) = session.run(None, {"images": batch.numpy()})
+    (actual,) = session.run(["logits"], {"images": batch.numpy()})
     assert np.abs(actual - expected).max() < 1e-4
 
 

@@ -488,7 +488,11 @@ def _train_and_publish(
         card = _db(
             context,
             lambda session: _model_card(
-                session, job_id=job_id, metrics=result.metrics, onnx=exports.get("onnx")
+                session,
+                job_id=job_id,
+                metrics=result.metrics,
+                onnx=exports.get("onnx"),
+                monitoring=exports.get("monitoring"),
             ),
         )
         (out / CARD_FILE).write_text(card)
@@ -564,7 +568,12 @@ def _export_onnx(model: Any, plan: Plan, out_path: Path) -> OnnxExport:
 
 
 def _model_card(
-    session: Session, *, job_id: str, metrics: dict[str, Any], onnx: dict[str, Any] | None
+    session: Session,
+    *,
+    job_id: str,
+    metrics: dict[str, Any],
+    onnx: dict[str, Any] | None,
+    monitoring: dict[str, Any] | None,
 ) -> str:
     job = session.get_one(Job, job_id)
     dataset = session.get_one(Dataset, job.dataset_id)
@@ -583,6 +592,7 @@ def _model_card(
         metrics=metrics,
         history=epoch_history(session, job_id=job.id),
         onnx=onnx,
+        monitoring=monitoring,
     )
 
 

@@ -1,5 +1,6 @@
-"""Client commands for registered models: ls, show, download, export, alias."""
+"""Client commands for registered models: ls, show, monitor, download, export, alias."""
 
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -94,6 +95,61 @@ def models_show(
             for v in versions
         ],
     )
+
+
+def _rate(value: float | None) -> str | None:
+    return None if value is None else f"{value:.3f}"
+
+
+@models_app.command("monitor")
+def models_monitor(
+    ref: Annotated[str, typer.Argument(metavar="NAME:REF")],
+    url: UrlOption = DEFAULT_URL,
+    api_key: KeyOption = None,
+    as_json: JsonOption = False,
+    limit: Annotated[int, typer.Option(help="The latest windows shown.")] = 20,
+    every: Annotated[
+        float, typer.Option(help="Seconds between refreshes; 0 prints once.", min=0)
+    ] = 0,
+) -> None:
+    """A version's predict traffic, window by window: shift test, estimated and observed
+    accuracy; with --every, printed again as windows close (Ctrl-C ends it)."""
+    from service.client import parse_ref
+
+    name, version_ref = parse_ref(ref)
+    with client_session(url, api_key) as client:
+        version = client.resolve_ref(name, version_ref)
+        while True:
+            shown = client.get_monitoring(name, version, limit=limit)
+            if as_json:
+                print_json(shown)
+            else:
+                table(
+                    f"{name} v{shown.version}: "
+                    + (
+                        f"validation accuracy {_rate(shown.validation_accuracy)}, "
+                        f"significance {shown.significance}"
+                        if shown.reference
+                        else f"no reference profile ({shown.reason})"
+                    ),
+                    ["window", "end", "count", "score", "p", "shifted", "estimated", "observed"],
+                    [
+                        [
+                            w.seq,
+                            f"{w.end:%Y-%m-%d %H:%M:%S}",
+                            w.count,
+                            None if w.score is None else f"{w.score:.4f}",
+                            None if w.p_value is None else f"{w.p_value:.3f}",
+                            "SHIFTED" if w.shifted else ("no" if w.shifted is False else None),
+                            _rate(w.estimated_accuracy),
+                            _rate(w.observed_accuracy),
+                        ]
+                        for w in shown.windows
+                    ],
+                )
+            if not every:
+                return
+            time.sleep(every)
 
 
 @models_app.command("download")

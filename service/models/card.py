@@ -55,6 +55,7 @@ def render_card(
     metrics: dict[str, Any],
     history: list[dict[str, Any]],
     onnx: dict[str, Any] | None,
+    monitoring: dict[str, Any] | None = None,
 ) -> str:
     """Markdown: data, training, results, intended use and limits, from the job's own records."""
     counts: dict[str, dict[str, int]] = dataset.get("class_counts", {})
@@ -154,6 +155,8 @@ def render_card(
             ),
         ]
     lines += ["", "## How far the probabilities can be trusted", "", _calibration(metrics)]
+    if monitoring is not None:
+        lines += ["", "## Monitoring", "", _monitoring(monitoring, items)]
     lines += [
         "",
         "## Intended use",
@@ -183,3 +186,21 @@ def render_card(
     if weak:
         limits.append(f"- Classes recalled less than {_percent(WEAK_RECALL)}: {', '.join(weak)}.")
     return "\n".join([*lines, *limits, ""])
+
+
+def _monitoring(profile: dict[str, Any], items: str) -> str:
+    if not profile.get("reference"):
+        return (
+            "No reference profile, so predict traffic is not tested for shift "
+            f"({profile.get('reason')}); accuracy is still estimated per window and observed "
+            "where labels are fed back."
+        )
+    return (
+        f"Predict traffic is tested for shift window by window against a reference of "
+        f"{profile.get('rows')} validation {items} in a {profile.get('dims')}-dimensional "
+        "projection of the backbone's features (MMD permutation test, significance 0.01); "
+        "each window's accuracy is estimated from calibrated confidences, which promise "
+        f"{_percent(profile.get('validation_expected_accuracy'))} on that sample against "
+        f"{_percent(profile.get('validation_accuracy'))} measured. See "
+        "`GET .../monitoring` or `thaw models monitor NAME:REF`."
+    )

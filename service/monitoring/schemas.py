@@ -1,6 +1,6 @@
 from datetime import datetime
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 LABEL_LENGTH = 200
 
@@ -63,6 +63,19 @@ class FeedbackItem(BaseModel):
 
 
 class FeedbackIn(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"prediction_id": "pr_0006440c2f3e1a9b2c3d4e5f6a7b", "label": "digit_3"},
+                {
+                    "feedback": [
+                        {"prediction_id": "pr_0006440c2f3e1a9b2c3d4e5f6a7b", "label": "cat"}
+                    ]
+                },
+            ]
+        },
+    )
     prediction_id: str | None = Field(default=None, max_length=40)
     label: str | None = Field(default=None, min_length=1, max_length=LABEL_LENGTH)
     feedback: list[FeedbackItem] | None = Field(

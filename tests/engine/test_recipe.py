@@ -310,8 +310,8 @@ def test_tta_in_predict_equals_tta_in_evaluation_on_both_backends(
     results, good, pixels = decode_images(
         encoded, preprocessing=onnx_model.preprocessing, limits=IngestLimits()
     )
-    logits = onnx_model.forward(onnx_model.batch_input([pixels]))
-    fill_predictions(onnx_model, results, good, logits, task="main", top_k=10, calibrated=False)
+    outputs = onnx_model.forward(onnx_model.batch_input([pixels]))
+    fill_predictions(onnx_model, results, good, outputs, task="main", top_k=10, calibrated=False)
     for want, torch_row, served_row in zip(evaluated, torch_rows, results, strict=True):
         assert served_row["top"] is not None
         onnx_row = [(entry["label"], entry["probability"]) for entry in served_row["top"]]
