@@ -11,6 +11,7 @@ from .artifacts import CONFIG_FILE, FORMAT, WEIGHTS_FILE
 from .calibration import Calibration
 from .plan import Plan
 from .recipe import tta_views
+from .strategies import strategy_of
 from .train import TrainingResult
 from .zoo import get_base_model_info
 
@@ -100,7 +101,7 @@ def export_model(
     # safetensors refuses views and non-contiguous tensors; the copy also leaves the device.
     state = {
         name: tensor.detach().cpu().contiguous()
-        for name, tensor in result.model.state_dict().items()
+        for name, tensor in strategy_of(plan).export_state(result.model, plan).items()
     }
     save_file(state, weights_path, metadata={"format": FORMAT})
     config = model_config(
