@@ -530,6 +530,10 @@ class Backbone(nn.Module):
             for name, paths in zip(self.info.group_names, self._group_paths, strict=True)
         ]
 
+    def make_lm_head(self) -> nn.Module:
+        """A masked-LM head over this backbone's tokens (text backbones override this)."""
+        raise ValueError(f"{self.info.name} reads {self.info.modality}s; it has no language model")
+
 
 def _is_text(name: str) -> bool:
     from .text_zoo import is_text_model

@@ -27,9 +27,6 @@ class Ulmfit(Strategy):
     def prepare_model(self, model: "TransferModel", plan: "Plan") -> ParameterGroups:
         # The LM head is its own group (`TransferModel.lm_head`), present with an LM stage only.
         if plan.has_lm_stage:
-            from ..text_zoo import TextBackbone
-
-            assert isinstance(model.backbone, TextBackbone)
             model.lm_head = model.backbone.make_lm_head()
         return []
 
