@@ -93,7 +93,8 @@ def text_export(plan: Plan, out_dir: Path, weights_dir: Path | None) -> dict[str
 def export_model(
     result: TrainingResult, plan: Plan, out_dir: Path, *, weights_dir: Path | None = None
 ) -> dict[str, Path]:
-    """Write weights and config.json (and a text model's tokenizer files) into `out_dir`."""
+    """Write weights and config.json (and a text model's tokenizer files) into `out_dir`;
+    `result.model` then becomes the model as served (`Strategy.for_inference`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     text = text_export(plan, out_dir, weights_dir) if plan.modality == "text" else None
     weights_path = out_dir / WEIGHTS_FILE
@@ -108,4 +109,6 @@ def export_model(
         plan, result.metrics["classes"], text=text, calibration=result.calibration
     )
     config_path.write_text(json.dumps(config, indent=2) + "\n")
+    # From here on the model is the one served and exported to ONNX (adapters merged).
+    result.model = strategy_of(plan).for_inference(result.model)
     return {"weights": weights_path, "config": config_path}

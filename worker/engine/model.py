@@ -7,7 +7,7 @@ from typing import Any, Self
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from .artifacts import WEIGHTS_FILE
+from .artifacts import WEIGHTS_FILE, read_model_config
 from .plan import HEAD, LM_HEAD, OLD_HEADS, HeadConfig, Plan, Stage, steps_per_epoch
 from .recipe import stage_recipes
 from .strategies import ParameterGroups, strategy_of
@@ -88,12 +88,14 @@ class TransferModel(nn.Module):
         return self
 
 
-def _load_parent(model: TransferModel, parent_dir: Path) -> None:
+def _load_parent(model: TransferModel, parent_dir: Path, weights_dir: Path | None) -> None:
     """Start from an exported model: its backbone, and its heads as the old tasks' heads.
 
     The parent's own old heads come first and its newest head last, matching `old_tasks`.
+    A parent that stored only what it trained (`Strategy.stores_base` False) is rebuilt over
+    its base model's weights first.
     """
-    state = load_file(parent_dir / WEIGHTS_FILE)
+    state = load_exported(parent_dir, weights_dir=weights_dir).state_dict()
     backbone = {
         k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")
     }
@@ -140,7 +142,7 @@ def build_model(
     old_heads = [build_head(feature_dim, task.head, len(task.labels)) for task in plan.old_tasks]
     model = TransferModel(backbone, head, old_heads)
     if use_weights and parent_dir is not None:
-        _load_parent(model, parent_dir)
+        _load_parent(model, parent_dir, weights_dir)
     model.added_groups = strategy_of(plan).prepare_model(model, plan)
     return model
 
@@ -160,6 +162,25 @@ def build_model_for_export(plan: Plan, encoder_config: dict[str, Any] | None) ->
     model = TransferModel(backbone, build_head(feature_dim, plan.head, plan.num_classes), old_heads)
     model.added_groups = strategy_of(plan).prepare_model(model, plan)
     return model
+
+
+def load_exported(model_dir: Path, *, weights_dir: Path | None = None) -> TransferModel:
+    """The model an exported folder holds, as it is served (`Strategy.for_inference`).
+
+    A folder whose strategy stores only what it trained (LoRA's adapters and the heads) is
+    loaded over its base model's pretrained weights, from `weights_dir` (or the zoo's
+    packaged files)."""
+    exported = read_model_config(model_dir)
+    plan = Plan.from_dict(exported.plan)
+    strategy = strategy_of(plan)
+    state = load_file(model_dir / WEIGHTS_FILE)
+    if strategy.stores_base:
+        # The exported weights replace everything, so no pretrained weights are needed.
+        model = build_model_for_export(plan, exported.encoder)
+    else:
+        model = build_model(plan, weights_dir=weights_dir)
+    strategy.load_state(model, state)
+    return strategy.for_inference(model)
 
 
 def freeze(model: TransferModel, trainable_groups: tuple[str, ...]) -> None:

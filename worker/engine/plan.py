@@ -136,6 +136,10 @@ def _validate(config: TransferConfig, strategy: Strategy) -> None:
     if config.head_epochs is not None and not strategy.takes_head_epochs:
         takers = " and ".join(name for name, s in STRATEGIES.items() if s.takes_head_epochs)
         raise ValueError(f"head_epochs only applies to the {takers} strategies")
+    for other in STRATEGIES.values():
+        for name in other.settings:
+            if other is not strategy and getattr(config, name) is not None:
+                raise ValueError(f"{name} only applies to the {other.name} strategy")
     strategy.check(config)
     if config.stages is not None and not config.stages:
         raise ValueError("stages must list at least one stage when given")
@@ -373,10 +377,12 @@ def compile_plan(config: TransferConfig) -> Plan:
     _validate(config, strategy)
     if strategy.compiles_own_stages and config.stages is not None:
         raise ValueError(f"the {strategy.name} strategy compiles its own stages; drop stages")
+    base = _resolve_base(config, strategy)
     base = replace(
-        _resolve_base(config, strategy),
+        base,
         added_groups=strategy.added_groups,
         strategy_lr_decay=strategy.lr_decay,
+        family=get_base_model_info(base.base_model).family,
     )
     stages = (
         tuple(_spec_stage(config, base, i, spec) for i, spec in enumerate(config.stages))
@@ -400,6 +406,9 @@ def compile_plan(config: TransferConfig) -> Plan:
             for stage in stages
         )
     extra: dict[str, Any] = {"strategy": config.strategy}
+    notes = strategy.notes(config, base)
+    if notes:
+        extra[strategy.name] = notes
     if config.parent is not None:
         extra["parent"] = config.base_model
     run_settings = {item.name: getattr(config, item.name) for item in fields(RunSettings)}

@@ -175,6 +175,8 @@ class Base:
     and the heads: a stage training one of them changes the features, so is never cached."""
     strategy_lr_decay: float | None = None
     """The strategy's own default `lr_decay`, if it has one, over the modality's."""
+    family: str = ""
+    """The architecture's family in the zoo (`BaseModelInfo.family`)."""
 
     @property
     def head_groups(self) -> tuple[str, ...]:

@@ -10,7 +10,7 @@ Importable without torch (the API reads a strategy's declarations); what needs t
 imported where it runs.
 """
 
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from ..stages import HEAD, Base, Stage, TransferConfig, make_stage
 
@@ -41,6 +41,15 @@ class Strategy(Protocol):
     """Parameter groups `prepare_model` adds, between the backbone and the heads."""
     lr_decay: ClassVar[float | None] = None
     """Its default `lr_decay`, over the modality's."""
+    settings: ClassVar[tuple[str, ...]] = ()
+    """Spec settings only this strategy reads; the others refuse them."""
+    stores_base: ClassVar[bool] = True
+    """Its published weights hold the whole model; False: only what it trained (adapters,
+    heads), loaded over the base model's weights (`load_state`)."""
+
+    def notes(self, config: TransferConfig, base: Base) -> dict[str, Any]:
+        """What it resolved from the spec, kept in `Plan.extra[name]` for `prepare_model`."""
+        return {}
 
     def check(self, config: TransferConfig) -> None:
         """Raise ValueError, naming the field, for a config this strategy cannot run."""
@@ -61,6 +70,15 @@ class Strategy(Protocol):
     def export_state(self, model: "TransferModel", plan: "Plan") -> "dict[str, Tensor]":
         """The tensors a published version stores."""
         return dict(model.state_dict())
+
+    def load_state(self, model: "TransferModel", state: "dict[str, Tensor]") -> None:
+        """Load what `export_state` stored into a model `prepare_model` prepared (over the
+        base model's weights when `stores_base` is False)."""
+        model.load_state_dict(state, strict=True)
+
+    def for_inference(self, model: "TransferModel") -> "TransferModel":
+        """The trained model as it is served and exported to ONNX (adapters merged)."""
+        return model
 
 
 def head_only(config: TransferConfig, base: Base, epochs: int) -> Stage:
