@@ -12,6 +12,7 @@ from .feature_extraction import FeatureExtraction
 from .fine_tune import FineTune
 from .freeze_unfreeze import FreezeUnfreeze
 from .gradual_unfreeze import GradualUnfreeze
+from .lora import Lora
 from .lwf import LearningWithoutForgetting
 from .partial import Partial
 from .scratch import Scratch
@@ -33,6 +34,7 @@ STRATEGIES: dict[str, Strategy] = {
         LearningWithoutForgetting(),
         Scratch(),
         Ulmfit(),
+        Lora(),
     )
 }
 """In `spec.Strategy`'s order."""
