@@ -62,6 +62,7 @@ from service.tables import (
     VersionTag,
 )
 from worker.engine.artifacts import WEIGHTS_FILE
+from worker.engine.strategies import strategy_named
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +213,7 @@ def create_experiment(*, context: AppContext, tenant: Tenant, request: Experimen
                     _scratch_architecture(
                         session, context=context, tenant=tenant, base_model=base_model
                     )
-                    if strategy == "scratch"
+                    if not strategy_named(strategy).pretrained
                     else base_model
                 )
                 for seed in seeds:

@@ -39,6 +39,7 @@ from service.tables import Dataset, Job, JobEvent, ModelVersion, RegisteredModel
 from worker import engine
 from worker.engine.artifacts import CONFIG_FILE, parse_model_config
 from worker.engine.spec import AUTO, decode
+from worker.engine.strategies import strategy_named
 
 if TYPE_CHECKING:
     from worker.engine import ParentModel, Plan, TransferConfig
@@ -101,12 +102,12 @@ def resolve_plan(
         raise not_found("dataset", spec.dataset)
     require_ready(dataset, needed_by="jobs", param="dataset")
     settings = spec.transfer_settings()
-    if settings.strategy == "lwf" and not settings.base_model.startswith(PARENT_PREFIX):
+    needs_parent = strategy_named(settings.strategy).needs_parent
+    if needs_parent is not None and not settings.base_model.startswith(PARENT_PREFIX):
         raise ApiError(
             422,
             "invalid_spec",
-            "base_model: Learning without Forgetting keeps the task of one of your registered "
-            "models; set base_model to `model:<name>:<version or alias>`.",
+            f"base_model: {needs_parent}; set base_model to `model:<name>:<version or alias>`.",
             "base_model",
         )
     parent = (

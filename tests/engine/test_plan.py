@@ -1,6 +1,7 @@
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
@@ -18,6 +19,8 @@ from worker.engine import (
     get_base_model_info,
 )
 from worker.engine.artifacts import ModelConfig, Preprocessing
+from worker.engine.spec import Strategy
+from worker.engine.strategies import STRATEGIES
 
 RESNET_GROUPS = ("stem", "layer1", "layer2", "layer3", "layer4", "head")
 
@@ -441,3 +444,11 @@ def test_a_plan_exported_with_a_parent_folder_path_still_loads(
     stored["parent_dir"] = stored.pop("parent")  # as config.json files written before keys
 
     assert Plan.from_dict(stored).parent is None
+
+
+def test_every_strategy_the_spec_offers_is_one_registered_module() -> None:
+    # The spec's choices (the API schema) and the registry compile_plan asks must agree.
+    assert list(STRATEGIES) == list(get_args(Strategy))
+    for name, strategy in STRATEGIES.items():
+        assert strategy.name == name
+        assert type(strategy).__module__.startswith(f"worker.engine.strategies.{name}")

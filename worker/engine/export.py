@@ -11,6 +11,7 @@ from .artifacts import CONFIG_FILE, FORMAT, WEIGHTS_FILE
 from .calibration import Calibration
 from .plan import Plan
 from .recipe import tta_views
+from .strategies import strategy_of
 from .train import TrainingResult
 from .zoo import get_base_model_info
 
@@ -92,7 +93,8 @@ def text_export(plan: Plan, out_dir: Path, weights_dir: Path | None) -> dict[str
 def export_model(
     result: TrainingResult, plan: Plan, out_dir: Path, *, weights_dir: Path | None = None
 ) -> dict[str, Path]:
-    """Write weights and config.json (and a text model's tokenizer files) into `out_dir`."""
+    """Write weights and config.json (and a text model's tokenizer files) into `out_dir`;
+    `result.model` then becomes the model as served (`Strategy.for_inference`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     text = text_export(plan, out_dir, weights_dir) if plan.modality == "text" else None
     weights_path = out_dir / WEIGHTS_FILE
@@ -100,11 +102,13 @@ def export_model(
     # safetensors refuses views and non-contiguous tensors; the copy also leaves the device.
     state = {
         name: tensor.detach().cpu().contiguous()
-        for name, tensor in result.model.state_dict().items()
+        for name, tensor in strategy_of(plan).export_state(result.model, plan).items()
     }
     save_file(state, weights_path, metadata={"format": FORMAT})
     config = model_config(
         plan, result.metrics["classes"], text=text, calibration=result.calibration
     )
     config_path.write_text(json.dumps(config, indent=2) + "\n")
+    # From here on the model is the one served and exported to ONNX (adapters merged).
+    result.model = strategy_of(plan).for_inference(result.model)
     return {"weights": weights_path, "config": config_path}

@@ -7,9 +7,10 @@ from typing import Any, Self
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from .artifacts import WEIGHTS_FILE
+from .artifacts import WEIGHTS_FILE, read_model_config
 from .plan import HEAD, LM_HEAD, OLD_HEADS, HeadConfig, Plan, Stage, steps_per_epoch
 from .recipe import stage_recipes
+from .strategies import ParameterGroups, strategy_of
 from .zoo import Backbone, build_backbone
 
 logger = logging.getLogger(__name__)
@@ -41,14 +42,16 @@ class TransferModel(nn.Module):
         backbone: Backbone,
         head: nn.Sequential,
         old_heads: list[nn.Sequential] | None = None,
-        lm_head: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.old_heads = nn.ModuleList(old_heads or [])
-        self.lm_head = lm_head
+        self.lm_head: nn.Module | None = None
         """ulmfit: the masked-LM head its LM stage trains (text models with that stage only)."""
+        self.added_groups: ParameterGroups = []
+        """The groups the plan's strategy added (`Strategy.prepare_model`); their modules
+        live inside the backbone, so their state is the backbone's."""
         self._frozen_batchnorm: tuple[str, ...] = ()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -72,7 +75,9 @@ class TransferModel(nn.Module):
         lm: list[tuple[str, list[nn.Module]]] = (
             [(LM_HEAD, [self.lm_head])] if self.lm_head is not None else []
         )
-        return [*self.backbone.groups(), *lm, *old, (HEAD, [self.head])]
+        # After the backbone's groups: freezing a backbone group freezes the modules a
+        # strategy added inside it, and its own group then decides for them.
+        return [*self.backbone.groups(), *self.added_groups, *lm, *old, (HEAD, [self.head])]
 
     def freeze_batchnorm(self, module_names: tuple[str, ...]) -> None:
         """Keep these BatchNorm modules in eval mode, whatever `train()` later asks for."""
@@ -88,12 +93,14 @@ class TransferModel(nn.Module):
         return self
 
 
-def _load_parent(model: TransferModel, parent_dir: Path) -> None:
+def _load_parent(model: TransferModel, parent_dir: Path, weights_dir: Path | None) -> None:
     """Start from an exported model: its backbone, and its heads as the old tasks' heads.
 
     The parent's own old heads come first and its newest head last, matching `old_tasks`.
+    A parent that stored only what it trained (`Strategy.stores_base` False) is rebuilt over
+    its base model's weights first.
     """
-    state = load_file(parent_dir / WEIGHTS_FILE)
+    state = load_exported(parent_dir, weights_dir=weights_dir).state_dict()
     backbone = {
         k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")
     }
@@ -138,15 +145,10 @@ def build_model(
     feature_dim = backbone.info.feature_dim
     head = build_head(feature_dim, plan.head, plan.num_classes)
     old_heads = [build_head(feature_dim, task.head, len(task.labels)) for task in plan.old_tasks]
-    lm_head = None
-    if plan.has_lm_stage:
-        from .text_zoo import TextBackbone
-
-        assert isinstance(backbone, TextBackbone)
-        lm_head = backbone.make_lm_head()
-    model = TransferModel(backbone, head, old_heads, lm_head)
+    model = TransferModel(backbone, head, old_heads)
     if use_weights and parent_dir is not None:
-        _load_parent(model, parent_dir)
+        _load_parent(model, parent_dir, weights_dir)
+    model.added_groups = strategy_of(plan).prepare_model(model, plan)
     return model
 
 
@@ -162,10 +164,28 @@ def build_model_for_export(plan: Plan, encoder_config: dict[str, Any] | None) ->
     )
     feature_dim = backbone.info.feature_dim
     old_heads = [build_head(feature_dim, task.head, len(task.labels)) for task in plan.old_tasks]
-    lm_head = backbone.make_lm_head() if plan.has_lm_stage else None
-    return TransferModel(
-        backbone, build_head(feature_dim, plan.head, plan.num_classes), old_heads, lm_head
-    )
+    model = TransferModel(backbone, build_head(feature_dim, plan.head, plan.num_classes), old_heads)
+    model.added_groups = strategy_of(plan).prepare_model(model, plan)
+    return model
+
+
+def load_exported(model_dir: Path, *, weights_dir: Path | None = None) -> TransferModel:
+    """The model an exported folder holds, as it is served (`Strategy.for_inference`).
+
+    A folder whose strategy stores only what it trained (LoRA's adapters and the heads) is
+    loaded over its base model's pretrained weights, from `weights_dir` (or the zoo's
+    packaged files)."""
+    exported = read_model_config(model_dir)
+    plan = Plan.from_dict(exported.plan)
+    strategy = strategy_of(plan)
+    state = load_file(model_dir / WEIGHTS_FILE)
+    if strategy.stores_base:
+        # The exported weights replace everything, so no pretrained weights are needed.
+        model = build_model_for_export(plan, exported.encoder)
+    else:
+        model = build_model(plan, weights_dir=weights_dir)
+    strategy.load_state(model, state)
+    return strategy.for_inference(model)
 
 
 def freeze(model: TransferModel, trainable_groups: tuple[str, ...]) -> None:
@@ -219,8 +239,15 @@ def describe_plan(
     per epoch and optimizer steps, and the recipe:
     augmentation, the weight average's decay (`ema`), and on the last stage the test-time
     views the final validation averages (`tta`)."""
+    # A strategy's added modules sit inside backbone groups: they count in their own group.
+    added = {id(p) for _, modules in model.added_groups for m in modules for p in m.parameters()}
     group_sizes = {
-        name: sum(p.numel() for module in modules for p in module.parameters())
+        name: sum(
+            p.numel()
+            for module in modules
+            for p in module.parameters()
+            if id(p) not in added or name in dict(model.added_groups)
+        )
         for name, modules in model.groups()
     }
     total = sum(group_sizes.values())

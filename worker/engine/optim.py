@@ -9,7 +9,8 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from .loop import Evaluation
-from .plan import Plan, Schedule
+from .plan import Plan
+from .spec import Schedule
 
 ONE_CYCLE_PCT_START = 0.3
 ONE_CYCLE_DIV_FACTOR = 25.0

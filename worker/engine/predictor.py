@@ -7,11 +7,9 @@ from typing import Any, Self
 
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
-from .artifacts import CONFIG_FILE, WEIGHTS_FILE, ModelConfig, parse_model_config
-from .model import TransferModel, build_model_for_export
-from .plan import Plan
+from .artifacts import CONFIG_FILE, ModelConfig, parse_model_config
+from .model import TransferModel, load_exported
 from .tokens import Encoded, SpecialTokens, encode, load_backend, pad
 from .tta import view_probabilities
 
@@ -34,18 +32,21 @@ class Predictor:
 
     @classmethod
     def load(
-        cls, model_dir: Path, device: str = "cpu", *, model: TransferModel | None = None
+        cls,
+        model_dir: Path,
+        device: str = "cpu",
+        *,
+        model: TransferModel | None = None,
+        weights_dir: Path | None = None,
     ) -> Self:
         """The exported model in `model_dir`. `model`: the model whose weights `model_dir`
         holds, still in memory (a job scoring what it has just exported), used as it is
-        instead of being built and loaded again."""
+        instead of being built and loaded again. `weights_dir`: where the base model's
+        weights are, for a version that stores only its adapters (`load_exported`)."""
         config = json.loads((model_dir / CONFIG_FILE).read_text())
         exported = parse_model_config(config, source=str(model_dir))
         if model is None:
-            plan = Plan.from_dict(exported.plan)
-            # The exported weights replace everything, so no pretrained weights are needed.
-            model = build_model_for_export(plan, exported.encoder)
-            model.load_state_dict(load_file(model_dir / WEIGHTS_FILE), strict=True)
+            model = load_exported(model_dir, weights_dir=weights_dir)
         torch_device = torch.device(device)
         # A model given from training may be channels-last (amp on CUDA): served as loaded.
         model.to(torch_device).to(memory_format=torch.contiguous_format).eval()

@@ -27,6 +27,7 @@ Strategy = Literal[
     "lwf",
     "scratch",
     "ulmfit",
+    "lora",
 ]
 Schedule = Literal["constant", "cosine", "one_cycle", "slanted_triangular"]
 BatchNormMode = Literal["train", "frozen"]
@@ -381,6 +382,32 @@ class TransferSettings(RunSettings):
         gt=0.0,
         le=MAX_LR,
         description="ulmfit: the masked-LM stage's top rate (default 1e-4; ÷ lr_decay per layer).",
+    )
+    lora_rank: int | None = setting(
+        None,
+        ge=1,
+        le=256,
+        description="lora: the rank of each adapter (default: the base model family's, 8 or 4 "
+        "for EfficientNet and MobileNet).",
+    )
+    lora_alpha: float | None = setting(
+        None,
+        gt=0.0,
+        le=4096.0,
+        description="lora: the adapters' scale is lora_alpha / lora_rank (default 2 * rank).",
+    )
+    lora_dropout: float | None = setting(
+        None, ge=0.0, lt=1.0, description="lora: dropout on each adapter's input (default 0)."
+    )
+    lora_targets: tuple[str, ...] | None = setting(
+        None,
+        min_length=1,
+        max_length=64,
+        items=Bounds(min_length=1, max_length=200),
+        description="lora: the modules adapted, as module-name suffixes (`query`, "
+        "`blocks.3.0.conv_pwl`) or `pointwise` (every 1x1 convolution that narrows the "
+        "channels). Default: the base model family's (attention projections for BERT-family "
+        "and ViT, pointwise convolutions for EfficientNet and MobileNet).",
     )
 
 

@@ -39,10 +39,10 @@ from .features import (
 )
 from .imbalance import training_sampler
 from .loop import Batches, Precision, in_sample_order
-from .lwf import AllTasks
 from .modality import ImageInputs, Inputs
 from .model import TransferModel
 from .plan import MASKED_LM, Plan, Stage
+from .strategies.lwf.distillation import AllTasks
 
 logger = logging.getLogger(__name__)
 

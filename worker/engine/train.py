@@ -12,8 +12,8 @@ redoing the epoch, again ending where the uninterrupted run would have.
 
 The pieces live beside this module: the epoch loop and evaluation in `loop`, optimizer,
 schedules and early stopping in `optim`, the checkpoint file in `checkpoint`, what a resumed
-run restores when in `resume`, LwF's loss in `lwf`, and the batches (images or cached
-features) each stage trains on in `stage_data`.
+run restores when in `resume`, each stage's loss in the plan's strategy (`strategies/`),
+and the batches (images or cached features) each stage trains on in `stage_data`.
 """
 
 import logging
@@ -48,13 +48,13 @@ from .loop import (
     precision_for,
     train_one_epoch,
 )
-from .lwf import LwFLoss
 from .modality import inputs_for
 from .model import TransferModel, build_model, freeze, make_param_groups, set_batchnorm_mode
 from .optim import EarlyStopping, make_optimizer, make_scheduler
 from .plan import CLASSIFY, MASKED_LM, Plan, Stage
 from .resume import ResumeState, StageStart
 from .stage_data import StageBatches, StageData
+from .strategies import strategy_of
 from .text import TextSample
 from .token_cache import EntryCache
 from .tta import evaluate_tta
@@ -360,17 +360,10 @@ def _set_up_stage(training: _Training, stage_index: int) -> _StageSetup:
 
 
 def _loss_for(plan: Plan, stage: Stage, training: _Training) -> nn.Module:
-    if stage.objective == MASKED_LM:
-        return nn.CrossEntropyLoss()
     weights = loss_weights(plan, [sample.label for sample in training.data.train])
     if weights is not None:
         weights = weights.to(training.device)
-    if stage.distill:
-        old_sizes = [len(task.labels) for task in plan.old_tasks]
-        return LwFLoss(
-            plan.label_smoothing, old_sizes, plan.lwf_temperature, plan.lwf_lambda, weights
-        )
-    return nn.CrossEntropyLoss(weight=weights, label_smoothing=plan.label_smoothing)
+    return strategy_of(plan).loss(plan, stage, weights)
 
 
 def _train_epoch(training: _Training, setup: _StageSetup, epoch: int, start: StageStart) -> bool:

@@ -29,6 +29,29 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 TIMM_PREFIX = "timm:"
 
 
+POINTWISE = "pointwise"
+"""A `lora_targets` entry meaning every pointwise projection: a 1x1 convolution (groups 1)
+that narrows the channels, as the blocks of EfficientNet and MobileNet end with."""
+ATTENTION = ("query", "key", "value", "q_lin", "k_lin", "v_lin", "qkv", "out_proj")
+LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    "efficientnet_lite": (POINTWISE,),
+    "efficientnet": (POINTWISE,),
+    "mobilenet_v3": (POINTWISE,),
+    # Basic blocks have no 1x1 convolution besides the shortcut; their second 3x3 is adapted.
+    "resnet": ("conv2",),
+    "vgg": ("classifier.0", "classifier.3"),
+    # ConvNeXt's pointwise layers are Linear (the block's expansion and projection).
+    "convnext": ("block.3", "block.5"),
+    # torchvision's ViT packs query/key/value into one parameter; its output projection and
+    # the MLP are modules.
+    "vit": ("out_proj", "mlp.0", "mlp.3"),
+}
+"""`lora`: the modules an adapter wraps by default, per family, as module-name suffixes (or
+`pointwise`). BERT-family encoders (every text family) adapt their attention projections;
+a family not listed here (timm's) adapts its attention projections, or else its pointwise
+projections."""
+
+
 class WeightsUnavailableError(Exception):
     """Pretrained weights were requested but their file is not where thaw looks for it."""
 
@@ -529,6 +552,41 @@ class Backbone(nn.Module):
             (name, [self._member(path) for path in paths])
             for name, paths in zip(self.info.group_names, self._group_paths, strict=True)
         ]
+
+    def adapter_targets(self, wanted: tuple[str, ...] | None) -> list[str]:
+        """Full names of the modules a LoRA adapter wraps: those `wanted` names (module-name
+        suffixes, or `pointwise`), else the family's `LORA_TARGETS`."""
+        if wanted is None:
+            wanted = LORA_TARGETS.get(self.info.family)
+        if wanted is None:
+            wanted = ATTENTION if self._named(ATTENTION) else (POINTWISE,)
+        found = self._named(tuple(name for name in wanted if name != POINTWISE))
+        if POINTWISE in wanted:
+            found += [
+                name
+                for name, module in self.named_modules()
+                if isinstance(module, nn.Conv2d)
+                and module.kernel_size == (1, 1)
+                and module.groups == 1
+                and module.out_channels < module.in_channels
+            ]
+        if not found:
+            raise ValueError(
+                f"lora_targets: no module of {self.info.name} matches {', '.join(wanted)}"
+            )
+        return sorted(set(found))
+
+    def _named(self, suffixes: tuple[str, ...]) -> list[str]:
+        return [
+            name
+            for name, module in self.named_modules()
+            if isinstance(module, nn.Linear | nn.Conv2d)
+            and any(name == suffix or name.endswith(f".{suffix}") for suffix in suffixes)
+        ]
+
+    def make_lm_head(self) -> nn.Module:
+        """A masked-LM head over this backbone's tokens (text backbones override this)."""
+        raise ValueError(f"{self.info.name} reads {self.info.modality}s; it has no language model")
 
 
 def _is_text(name: str) -> bool:

@@ -1,10 +1,12 @@
-"""Learning without Forgetting (Li & Hoiem 2016): its loss, and the module training every task."""
+"""LwF's distillation loss (Li & Hoiem 2016), and the module training every task."""
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
-from .model import TransferModel
+if TYPE_CHECKING:
+    from ...model import TransferModel
 
 
 def soft_cross_entropy(logits: Tensor, reference: Tensor, temperature: float) -> Tensor:
@@ -50,7 +52,7 @@ class LwFLoss(nn.Module):
 class AllTasks(nn.Module):
     """Trains an LwF model: forward answers every task, oldest first."""
 
-    def __init__(self, model: TransferModel) -> None:
+    def __init__(self, model: "TransferModel") -> None:
         super().__init__()
         self.model = model
 
