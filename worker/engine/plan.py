@@ -12,15 +12,18 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import ModelConfig, ModelConfigError, read_model_config
+from .data_defaults import data_defaults
 from .spec import (
     ALL,
     AUTO,
     FEW_SHOT_HEAD_STEPS,
+    HEAD_C_GRID,
     MAX_IMAGE_SIZE,
     MIN_IMAGE_SIZE,
     MODALITY_DEFAULTS,
     ULMFIT_LM_LR,
     ULMFIT_LR_DECAY,
+    AugmentLevel,
     BatchNormMode,
     HeadConfig,
     Modality,
@@ -143,6 +146,13 @@ class Stage:
     """Shuffled passes over the training items in each epoch; more than one only on cached
     features with few items (`cached_passes`), so an epoch still ends in one validation and
     one checkpoint."""
+    solve: bool = False
+    """The head is linear and the backbone frozen: the stage fits the head to its optimum on
+    the cached features in its one epoch (`linear_probe.probe` over `c_grid`) instead of
+    stepping it."""
+    c_grid: tuple[float, ...] | None = None
+    """A solved stage's L2 strengths (scikit-learn's C): `HEAD_C_GRID`, or (a refit) the one
+    its run chose on validation."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +173,10 @@ class Plan(RunSettings):
     num_classes: int
     head: HeadConfig
     stages: tuple[Stage, ...]
+    augment: AugmentLevel = "none"
+    """As the spec asked, or what its data chose when left out (`data_defaults`)."""
+    label_smoothing: float = 0.0
+    """As `augment`."""
     pretrained: bool
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -226,6 +240,11 @@ def _validate(config: TransferConfig) -> None:
     head_epoch_strategies = ("freeze_unfreeze", "lwf")
     if config.head_epochs is not None and config.strategy not in head_epoch_strategies:
         raise ValueError("head_epochs only applies to the freeze_unfreeze and lwf strategies")
+    if config.head_epochs is not None and config.stages is None and _solves_head(config):
+        raise ValueError(
+            "head_epochs: the linear head stage is solved in one epoch (solve_head); set "
+            "solve_head: false to step it for several epochs"
+        )
     if config.strategy in head_epoch_strategies and config.stages is None:
         if config.epochs < 2:
             raise ValueError(f"{config.strategy} needs epochs >= 2 (head epochs, then the rest)")
@@ -248,6 +267,15 @@ def _validate(config: TransferConfig) -> None:
             f"gpus: batch_size {config.batch_size} does not split evenly over {config.gpus} "
             f"processes; choose a batch_size that is a multiple of {config.gpus}"
         )
+
+
+def _solves_head(config: TransferConfig) -> bool:
+    """The presets' head-only stages are solved: asked for, and the head is linear (convex)."""
+    return config.solve_head and not config.head.hidden
+
+
+def _solved(stage: Stage) -> Stage:
+    return replace(stage, solve=True, epochs=1, c_grid=HEAD_C_GRID)
 
 
 def _discriminative_lrs(top_lr: float, groups: tuple[str, ...], decay: float) -> dict[str, float]:
@@ -308,7 +336,7 @@ def _check_modality_settings(config: TransferConfig, base_model: str, modality: 
                         f"stages[{index}].image_size: {base_model} is a text model; "
                         "image_size is for images"
                     )
-        if config.augment != "none":
+        if config.augment not in (None, "none"):
             raise ValueError(f"augment: {base_model} is a text model; augment is for images")
         if config.tta != "none":
             raise ValueError(
@@ -659,6 +687,11 @@ def compile_plan(config: TransferConfig) -> Plan:
         if config.stages is not None
         else _preset_stages(config, base)
     )
+    if config.stages is None and _solves_head(config):
+        stages = tuple(
+            _solved(stage) if stage.cache_features and stage.objective == CLASSIFY else stage
+            for stage in stages
+        )
     if config.progressive_resizing is not None:
         info = get_base_model_info(base.base_model)
         if info.fixed_input_size:
@@ -679,6 +712,15 @@ def compile_plan(config: TransferConfig) -> Plan:
     if config.parent is not None:
         extra["parent"] = config.base_model
     run_settings = {item.name: getattr(config, item.name) for item in fields(RunSettings)}
+    resolved, chosen = data_defaults(
+        config,
+        modality=base.modality,
+        num_classes=config.num_classes,
+        train_size=config.train_size,
+    )
+    run_settings |= resolved
+    if chosen is not None:
+        extra["defaults"] = chosen
     return Plan(
         **run_settings,
         base_model=base.base_model,
@@ -718,8 +760,9 @@ def with_found_lr(plan: Plan, lr: float) -> Plan:
 
 def cached_passes(stage: Stage, train_size: int, batch_size: int) -> int:
     """Passes over `train_size` items per epoch that give a stage on cached features at least
-    `FEW_SHOT_HEAD_STEPS` steps over its epochs; 1 for a stage that trains the backbone."""
-    if not stage.cache_features:
+    `FEW_SHOT_HEAD_STEPS` steps over its epochs; 1 for a stage that trains the backbone or
+    a solved one."""
+    if not stage.cache_features or stage.solve:
         return 1
     return max(
         1, math.ceil(FEW_SHOT_HEAD_STEPS / (stage.epochs * _steps_per_pass(train_size, batch_size)))
@@ -731,5 +774,9 @@ def _steps_per_pass(train_size: int, batch_size: int) -> int:
 
 
 def steps_per_epoch(plan: Plan, stage: Stage, train_size: int) -> int:
-    """Optimizer steps in one epoch of `stage` on `train_size` items."""
+    """Optimizer steps in one epoch of `stage` on `train_size` items (a solved stage: one
+    per L2 strength it fits)."""
+    if stage.solve:
+        assert stage.c_grid is not None
+        return len(stage.c_grid)
     return stage.passes * _steps_per_pass(train_size, plan.batch_size)
