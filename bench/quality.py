@@ -1,34 +1,41 @@
-"""Few-shot accuracy of thaw's defaults against a careful hand-written recipe, on real images.
+"""Accuracy of thaw's defaults against a careful hand-written recipe, on real images, at a
+few and at many images per class.
 
 Datasets, built at run time (nothing large is committed):
 - `digits`: sklearn's 8x8 digit scans (10 classes), as PNGs;
-- `icons`: the installed Adwaita icon theme's 48px icons (Debian package `adwaita-icon-theme`),
-  labelled by their context folder (actions, devices, mimetypes, places, status), flattened on
-  white. A different need from digits: line drawings whose class is what they show, where
-  mirroring changes nothing.
-Each dataset is split few-shot: `--shots` training images per class, up to `--val` per class
-for validation, per seed a different draw.
+- `icons`: the installed 48px icons of the Adwaita and Oxygen themes (Debian packages
+  `adwaita-icon-theme`, `oxygen-icon-theme`), labelled by their context folder (actions, apps,
+  devices, mimetypes, status: the contexts with at least 120 icons), flattened on white. A
+  different need from digits: drawings whose class is what they show, where mirroring changes
+  nothing.
+Each dataset is split per setting of `--shots`: that many training images per class, up to
+`--val` per class for validation, per seed a different draw. Few shots train at the base
+model's input size for 6 epochs; from `MANY_SHOTS` per class, at 64 px for 8 epochs (thaw
+and the hand recipe alike), as a user with a thousand images would.
 
-Rows, per dataset (mean validation accuracy over seeds):
-- `thaw defaults`: a spec with only the base model (`TransferConfig` defaults otherwise);
-- `augment=<level>`: the defaults with that augmentation level;
+Rows, per dataset and setting (mean validation accuracy over seeds):
+- `thaw defaults`: a spec with only the base model, the epochs and the image size (defaults
+  otherwise, which follow the training split's size: `extra.defaults` in the plan);
+- `thaw defaults + tta`: the same with `tta: flip` (the hand recipe's flip TTA), reading the
+  accuracy of the averaged views;
+- `stepped head`: the defaults with `solve_head: false` (the head stage stepped by AdamW, as
+  before heads were solved);
+- `feature_extraction`: the frozen backbone's solved linear head alone;
 - `hand recipe`: plain PyTorch on the same backbone and weights: random resized crop and
   flip, label smoothing 0.1, one epoch of head warm-up then the whole network at
-  discriminative rates (÷2.6 per group), AdamW and cosine decay, flip test-time augmentation.
-Test-time augmentation for thaw: the `thaw defaults + tta` row adds `tta: flip` (the hand
-recipe's flip TTA) and reads the accuracy of the averaged views.
+  discriminative rates (÷2.6 per group), AdamW and cosine decay, frozen BatchNorm, flip
+  test-time augmentation.
 
-Run as `.venv/bin/python bench/quality.py [--seeds 2] [--shots 5]`. Target: thaw's defaults
->= the hand recipe on both datasets.
+Run as `.venv/bin/python bench/quality.py [--seeds 2] [--shots 5,100]`. Target: thaw's
+defaults >= the hand recipe on both datasets at every setting.
 """
 
 import argparse
 import math
 import tempfile
 import time
-from dataclasses import fields
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,13 +45,19 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from worker.engine import Sample, TransferConfig, build_backbone, compile_plan, run
-from worker.engine.spec import AugmentLevel, TransferSettings
+from worker.engine.refit import refit
+from worker.engine.tta import evaluate_tta
 from worker.engine.zoo import get_base_model_info
 
 BASE_MODEL = "efficientnet_lite0"
-ICON_ROOT = Path("/usr/share/icons/Adwaita/48x48")
-ICON_CONTEXTS = ("actions", "devices", "mimetypes", "places", "status")
-LEVELS: tuple[str, ...] = get_args(AugmentLevel)
+ICON_ROOTS = (Path("/usr/share/icons/Adwaita/48x48"), Path("/usr/share/icons/oxygen/base/48x48"))
+ICON_CONTEXTS = ("actions", "apps", "devices", "mimetypes", "status")
+MANY_SHOTS = 20
+"""From this many training images per class a setting trains at `MANY_SHOTS_SIZE` px for
+`MANY_SHOTS_EPOCHS` epochs."""
+MANY_SHOTS_SIZE = 64
+MANY_SHOTS_EPOCHS = 8
+FEW_SHOTS_EPOCHS = 6
 
 
 def digits_dataset(folder: Path) -> tuple[list[Sample], list[str]]:
@@ -61,45 +74,67 @@ def digits_dataset(folder: Path) -> tuple[list[Sample], list[str]]:
 
 
 def icons_dataset(folder: Path) -> tuple[list[Sample], list[str]]:
-    if not ICON_ROOT.is_dir():
-        raise SystemExit(f"no icons at {ICON_ROOT}: apt-get install adwaita-icon-theme")
+    missing = [str(root) for root in ICON_ROOTS if not root.is_dir()]
+    if missing:
+        raise SystemExit(
+            f"no icons at {', '.join(missing)}: apt-get install adwaita-icon-theme "
+            "oxygen-icon-theme"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     samples = []
     for label, context in enumerate(ICON_CONTEXTS):
-        for source in sorted((ICON_ROOT / context).glob("*.png")):
-            with Image.open(source) as icon:
-                rgba = icon.convert("RGBA")
-            flat = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            flat.alpha_composite(rgba)
-            path = folder / f"{context}-{source.stem}.png"
-            flat.convert("RGB").save(path)
-            samples.append(Sample(path, label))
+        for theme, root in enumerate(ICON_ROOTS):
+            for source in sorted((root / context).glob("*.png")):
+                with Image.open(source) as icon:
+                    rgba = icon.convert("RGBA")
+                flat = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                flat.alpha_composite(rgba)
+                path = folder / f"{context}-{theme}-{source.stem}.png"
+                flat.convert("RGB").save(path)
+                samples.append(Sample(path, label))
     return samples, list(ICON_CONTEXTS)
 
 
-def few_shot(
-    samples: list[Sample], classes: int, shots: int, val_per_class: int, seed: int
-) -> tuple[list[Sample], list[Sample]]:
+def split(
+    samples: list[Sample],
+    classes: int,
+    shots: int,
+    val_per_class: int,
+    test_per_class: int,
+    seed: int,
+) -> tuple[list[Sample], list[Sample], list[Sample]]:
+    """Per class: `shots` training images, then up to `val_per_class` for validation and up to
+    `test_per_class` held out for the score (which no run sees: thaw chooses on validation)."""
     order = np.random.default_rng(seed).permutation(len(samples))
-    train: list[Sample] = []
-    val: list[Sample] = []
+    parts: tuple[list[Sample], list[Sample], list[Sample]] = ([], [], [])
     taken = [0] * classes
     for index in order:
         sample = samples[index]
         count = taken[sample.label]
-        if count < shots:
-            train.append(sample)
-        elif count < shots + val_per_class:
-            val.append(sample)
+        for part, limit in zip(
+            parts,
+            (shots, shots + val_per_class, shots + val_per_class + test_per_class),
+            strict=True,
+        ):
+            if count < limit:
+                part.append(sample)
+                break
         taken[sample.label] += 1
-    return train, val
+    return parts
 
 
 def thaw_accuracy(
-    train: list[Sample], val: list[Sample], classes: list[str], seed: int, **settings: Any
+    train: list[Sample],
+    val: list[Sample],
+    test: list[Sample],
+    classes: list[str],
+    seed: int,
+    **settings: Any,
 ) -> float:
+    """Held-out accuracy of the model thaw publishes for this spec (with `tta`, of the
+    averaged views; with `refit`, of the model refit on train + validation)."""
     # As the service compiles a job's plan: with the training split's size, which sets the
-    # head stage's passes over the cached features.
+    # data-dependent defaults.
     plan = compile_plan(
         TransferConfig(
             base_model=BASE_MODEL,
@@ -110,9 +145,10 @@ def thaw_accuracy(
         )
     )
     result = run(plan, train=train, val=val, classes=classes)
-    # With `tta`, the final validation's views averaged (metrics.tta); else the single view.
-    tta = result.metrics.get("tta")
-    return float(tta["val_accuracy"] if tta else result.metrics["val_accuracy"])
+    if plan.refit:
+        result = refit(plan, result, train=train, val=val, classes=classes)
+    summary, _ = evaluate_tta(result.model, test, plan, torch.device("cpu"))
+    return float(summary["val_accuracy"])
 
 
 class _Images(Dataset[tuple[Tensor, int]]):
@@ -130,12 +166,18 @@ class _Images(Dataset[tuple[Tensor, int]]):
 
 
 def hand_recipe_accuracy(
-    train: list[Sample], val: list[Sample], classes: list[str], seed: int, epochs: int = 6
+    train: list[Sample],
+    val: list[Sample],
+    classes: list[str],
+    seed: int,
+    *,
+    epochs: int,
+    image_size: int | None,
 ) -> float:
     """What a careful engineer writes by hand; see the module's doc."""
     torch.manual_seed(seed)
     info = get_base_model_info(BASE_MODEL)
-    size, mean, std = info.input_size, list(info.mean), list(info.std)
+    size, mean, std = image_size or info.input_size, list(info.mean), list(info.std)
     augmented = v2.Compose(
         [
             v2.PILToTensor(),
@@ -201,21 +243,30 @@ def hand_recipe_accuracy(
     return hits / len(val)
 
 
+ROWS: tuple[tuple[str, dict[str, Any] | None], ...] = (
+    ("thaw defaults", {}),
+    ("thaw defaults + tta", {"tta": "flip"}),
+    ("thaw defaults + refit", {"refit": True}),
+    ("stepped head", {"solve_head": False}),
+    ("feature_extraction", {"strategy": "feature_extraction"}),
+    ("hand recipe", None),
+)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--shots", type=int, default=5, help="Training images per class.")
+    parser.add_argument(
+        "--shots", default="5,100", help="Training images per class, settings by commas."
+    )
     parser.add_argument("--val", type=int, default=20, help="Validation images per class.")
+    parser.add_argument("--test", type=int, default=40, help="Held-out images per class.")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rows", default=",".join(row for row, _ in ROWS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    has_tta = "tta" in {item.name for item in fields(TransferSettings)}
-    default_level = TransferSettings().augment
-    rows: list[tuple[str, dict[str, Any] | None]] = [("thaw defaults", {})]
-    # The defaults row already measures the default level.
-    rows += [(f"augment={level}", {"augment": level}) for level in LEVELS if level != default_level]
-    if has_tta:
-        rows.append(("thaw defaults + tta", {"tta": "flip"}))
+    shots = [int(count) for count in args.shots.split(",")]
+    rows = [(row, settings) for row, settings in ROWS if row in args.rows.split(",")]
     with tempfile.TemporaryDirectory(prefix="thaw-quality-") as scratch:
         datasets = {
             "digits": digits_dataset(Path(scratch) / "digits"),
@@ -223,41 +274,61 @@ def main() -> None:
         }
         results: dict[tuple[str, str], list[float]] = {}
         seconds: dict[tuple[str, str], float] = {}
-        for name, (samples, classes) in datasets.items():
-            for seed in range(args.seeds):
-                train, val = few_shot(samples, len(classes), args.shots, args.val, seed)
-                for row, settings in [*rows, ("hand recipe", None)]:
-                    started = time.perf_counter()
-                    accuracy = (
-                        hand_recipe_accuracy(train, val, classes, seed)
-                        if settings is None
-                        else thaw_accuracy(train, val, classes, seed, **settings)
+        for count in shots:
+            many = count >= MANY_SHOTS
+            epochs = MANY_SHOTS_EPOCHS if many else FEW_SHOTS_EPOCHS
+            image_size = MANY_SHOTS_SIZE if many else None
+            for name, (samples, classes) in datasets.items():
+                column = f"{name}@{count}"
+                for seed in range(args.seeds):
+                    train, val, test = split(
+                        samples, len(classes), count, args.val, args.test, seed
                     )
-                    elapsed = time.perf_counter() - started
-                    results.setdefault((name, row), []).append(accuracy)
-                    seconds[(name, row)] = seconds.get((name, row), 0.0) + elapsed
-                    print(
-                        f"{name} seed {seed} {row}: {accuracy:.3f} ({elapsed:.0f}s; "
-                        f"{len(train)} train, {len(val)} val)",
-                        flush=True,
-                    )
-    names = list(datasets)
+                    for row, settings in rows:
+                        started = time.perf_counter()
+                        accuracy = (
+                            hand_recipe_accuracy(
+                                train, test, classes, seed, epochs=epochs, image_size=image_size
+                            )
+                            if settings is None
+                            else thaw_accuracy(
+                                train,
+                                val,
+                                test,
+                                classes,
+                                seed,
+                                epochs=epochs,
+                                **({"image_size": image_size} if image_size else {}),
+                                **settings,
+                            )
+                        )
+                        elapsed = time.perf_counter() - started
+                        results.setdefault((column, row), []).append(accuracy)
+                        seconds[(column, row)] = seconds.get((column, row), 0.0) + elapsed
+                        print(
+                            f"{column} seed {seed} {row}: {accuracy:.3f} ({elapsed:.0f}s; "
+                            f"{len(train)} train, {len(val)} val, {len(test)} test)",
+                            flush=True,
+                        )
+    columns = list(dict.fromkeys(column for column, _ in results))
     print(
-        f"\nfew-shot validation accuracy, mean of {args.seeds} seeds "
-        f"({args.shots} shots/class, {BASE_MODEL}; the defaults train with augment="
-        f"{default_level}); wall seconds summed over seeds"
+        f"\nheld-out accuracy, mean of {args.seeds} seeds ({BASE_MODEL}; <set>@<training "
+        f"images per class>; from {MANY_SHOTS} per class at {MANY_SHOTS_SIZE} px for "
+        f"{MANY_SHOTS_EPOCHS} epochs, else the input size for {FEW_SHOTS_EPOCHS}); wall "
+        "seconds summed over seeds"
     )
-    print(f"{'recipe':<24}" + "".join(f"{n:>10}{'s':>7}" for n in names))
-    for row in [*(r for r, _ in rows), "hand recipe"]:
+    print(f"{'recipe':<24}" + "".join(f"{c:>12}{'s':>6}" for c in columns))
+    for row, _ in rows:
         cells = "".join(
-            f"{np.mean(results[(n, row)]):>10.3f}{seconds[(n, row)]:>7.0f}" for n in names
+            f"{np.mean(results[(c, row)]):>12.3f}{seconds[(c, row)]:>6.0f}" for c in columns
         )
         print(f"{row:<24}{cells}")
-    if not has_tta:
-        print("(no tta column: TransferSettings has no `tta` setting on this build)")
-    for name in names:
-        gap = np.mean(results[(name, "thaw defaults")]) - np.mean(results[(name, "hand recipe")])
-        print(f"{name}: thaw defaults - hand recipe = {gap:+.3f}")
+    if any(row == "hand recipe" for row, _ in rows):
+        for column in columns:
+            gap = np.mean(results[(column, "thaw defaults")]) - np.mean(
+                results[(column, "hand recipe")]
+            )
+            print(f"{column}: thaw defaults - hand recipe = {gap:+.3f}")
 
 
 if __name__ == "__main__":

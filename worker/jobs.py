@@ -61,6 +61,7 @@ from worker.engine.artifacts import CARD_FILE, LABELS_FILE, ONNX_FILE
 from worker.engine.lr_find import LrFinding, lr_find
 from worker.engine.onnx_export import OnnxExport, export_onnx, export_text_onnx
 from worker.engine.plan import with_found_lr
+from worker.engine.refit import refit
 from worker.feature_store import ArtifactFeatureStore, dataset_features_prefix
 
 logger = logging.getLogger(__name__)
@@ -457,6 +458,23 @@ def _train_and_publish(
                 token_cache=_token_cache(context),
                 shared_features=shared,
             )
+            if plan.refit:
+                # Once more on train + validation with what the run chose; this is published.
+                result = refit(
+                    plan,
+                    result,
+                    train=data.train,
+                    val=data.val,
+                    classes=classes,
+                    unlabelled=data.unlabelled,
+                    hooks=hooks,
+                    weights_dir=context.settings.resolved_weights_dir,
+                    parent_dir=parent_dir,
+                    token_cache=_token_cache(context),
+                    shared_features=dataclasses.replace(
+                        shared, train_ids=[*data.train_ids, *data.val_ids]
+                    ),
+                )
     if hooks.should_stop():
         raise TrainingCancelled()
 

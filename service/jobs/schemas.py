@@ -128,6 +128,12 @@ class StagePreview(BaseModel):
         "features are computed once (1: plain; `feature_views` when augmented); null for "
         "stages that train the backbone.",
     )
+    solver: dict[str, Any] | None = Field(
+        default=None,
+        description="A head stage solved rather than stepped (`solve_head`): the method, the "
+        "L2 strengths (scikit-learn's C) it fits the optimum at, and what chooses among them; "
+        "its `steps` count one per strength. Null for a stepped stage.",
+    )
     ema: float | None = Field(description="The weight average's decay; null when off.")
     tta: list[str] | None = Field(
         description="Last stage of an image plan: the test-time views the final validation "

@@ -14,6 +14,20 @@ def _percent(value: Any) -> str:
     return f"{100 * float(value):.1f}%" if isinstance(value, int | float) else "n/a"
 
 
+def _refit(metrics: dict[str, Any]) -> str:
+    refit = metrics.get("refit")
+    if not refit:
+        return ""
+    return (
+        f" These numbers are of the run that chose the recipe on validation. The published "
+        f"model was then refit (`refit: true`): trained once more with that recipe (stages "
+        f"{', '.join(refit['stages'])}, epochs {refit['epochs']}) on the training and "
+        f"validation items together ({refit['train_items']} items), so it has seen the "
+        "validation items and has no held-out score of its own; the test split, where there "
+        "is one, still measures it."
+    )
+
+
 def _calibration(metrics: dict[str, Any]) -> str:
     calibration = metrics.get("calibration")
     if not calibration:
@@ -96,8 +110,13 @@ def render_card(
         lines.append(
             f"- Stage `{stage.get('name')}`: {stage.get('epochs')} epoch(s) at "
             f"{stage.get('image_size')} px, trains {', '.join(stage.get('trainable_groups', []))}"
-            f" at a top rate of {recipe['lr']:.3g}; BatchNorm {stage.get('bn_mode')}; "
-            f"augmentation `{recipe['augment']}`."
+            + (
+                f", solved to the optimum (logistic regression by L-BFGS, C chosen on "
+                f"validation from {recipe['solver']['c_grid']})"
+                if recipe["solver"]
+                else f" at a top rate of {recipe['lr']:.3g}"
+            )
+            + f"; BatchNorm {stage.get('bn_mode')}; augmentation `{recipe['augment']}`."
         )
     lines.append(
         f"- Weight average (EMA): decay {plan['ema']:g}, whose weights were validated and exported."
@@ -117,7 +136,8 @@ def render_card(
         "",
         f"Validation accuracy {_percent(metrics.get('val_accuracy'))}, validation loss "
         f"{metrics.get('val_loss', 'n/a')}, over {len(history)} epoch(s); macro-F1 "
-        f"{_percent(metrics.get('macro_f1'))} (every class counted equally).{_tta(metrics)}",
+        f"{_percent(metrics.get('macro_f1'))} (every class counted equally).{_tta(metrics)}"
+        f"{_refit(metrics)}",
         "",
         "| class | precision | recall | f1 | support |",
         "|---|---|---|---|---|",

@@ -19,7 +19,8 @@ from worker.engine import (
     get_base_model_info,
 )
 from worker.engine.artifacts import ModelConfig, Preprocessing
-from worker.engine.spec import Strategy
+from worker.engine.recipe import stage_recipes
+from worker.engine.spec import HEAD_C_GRID, Strategy
 from worker.engine.strategies import STRATEGIES
 
 RESNET_GROUPS = ("stem", "layer1", "layer2", "layer3", "layer4", "head")
@@ -452,3 +453,52 @@ def test_every_strategy_the_spec_offers_is_one_registered_module() -> None:
     for name, strategy in STRATEGIES.items():
         assert strategy.name == name
         assert type(strategy).__module__.startswith(f"worker.engine.strategies.{name}")
+
+
+@pytest.mark.parametrize(
+    ("train_size", "augment", "label_smoothing", "reason"),
+    [(15, "none", 0.0, "5 training images per class is under 20"),
+     (300, "light", 0.1, "100 training images per class is at least 20"),
+     (None, "none", 0.0, "size is unknown")],
+    ids=["few-shot", "many-shot", "unknown-size"],
+)  # fmt: skip
+def test_unset_augmentation_follows_the_images_per_class(
+    make_config: Callable[..., TransferConfig],
+    train_size: int | None,
+    augment: str,
+    label_smoothing: float,
+    reason: str,
+) -> None:
+    plan = compile_plan(make_config("freeze_unfreeze", epochs=3, train_size=train_size))
+
+    assert (plan.augment, plan.label_smoothing) == (augment, label_smoothing)
+    chosen = plan.extra["defaults"]
+    assert (chosen["augment"], chosen["label_smoothing"]) == (augment, label_smoothing)
+    assert reason in chosen["why"]
+    # What the spec sets wins, and only what it left out is noted.
+    explicit = compile_plan(
+        make_config("freeze_unfreeze", epochs=3, train_size=train_size, augment="strong")
+    )
+    assert (explicit.augment, explicit.extra["defaults"]["label_smoothing"]) == (
+        "strong",
+        label_smoothing,
+    )
+    assert "augment" not in explicit.extra["defaults"]
+
+
+def test_solved_head_stages_show_in_the_preview(
+    make_config: Callable[..., TransferConfig],
+) -> None:
+    plan = compile_plan(make_config("gradual_unfreeze", epochs=4, solve_head=True, train_size=24))
+
+    head, *rest = stage_recipes(plan.to_dict())
+    assert head["solver"]["c_grid"] == list(HEAD_C_GRID)
+    assert head["passes"] == 1
+    assert all(recipe["solver"] is None for recipe in rest)
+    assert [stage.epochs for stage in plan.stages] == [1, 1, 1, 1]
+    with pytest.raises(ValueError, match="solve_head"):
+        compile_plan(make_config("freeze_unfreeze", epochs=3, solve_head=True, head_epochs=2))
+    hidden = compile_plan(
+        make_config("freeze_unfreeze", epochs=3, head=HeadConfig(hidden=(8,)), solve_head=True)
+    )
+    assert not hidden.stages[0].solve

@@ -34,6 +34,8 @@ class EpochResult:
     learning_rates: dict[str, float]
     """Per optimizer group, as set for the step after this epoch's last one."""
     seconds: float
+    solved_c: float | None = None
+    """A solved head stage's epoch: the L2 strength (scikit-learn's C) chosen on validation."""
 
 
 class TrainingHooks:
@@ -88,11 +90,13 @@ class Progress:
         if self.hooks.should_stop():
             raise TrainingCancelled(f"cancelled after {self.done_steps} steps")
 
-    def step(self) -> None:
+    def step(self, *, pausable: bool = True) -> None:
+        """One step done. `pausable=False`: a step of work that cannot stop half-way (a
+        solved head's fit), which may be cancelled but pauses at the epoch's end instead."""
         self.done_steps += 1
         self.hooks.on_progress(self.done_steps, self.total_steps)
         self.check_cancelled()
-        if self.hooks.should_pause():
+        if pausable and self.hooks.should_pause():
             raise TrainingPaused(f"paused after {self.done_steps} steps")
 
 

@@ -11,13 +11,16 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from .artifacts import ModelConfig
+from .data_defaults import data_defaults
 from .spec import (
     ALL,
     AUTO,
     FEW_SHOT_HEAD_STEPS,
+    HEAD_C_GRID,
     MAX_IMAGE_SIZE,
     MIN_IMAGE_SIZE,
     MODALITY_DEFAULTS,
+    AugmentLevel,
     HeadConfig,
     Modality,
     RunSettings,
@@ -74,6 +77,10 @@ class Plan(RunSettings):
     num_classes: int
     head: HeadConfig
     stages: tuple[Stage, ...]
+    augment: AugmentLevel = "none"
+    """As the spec asked, or what its data chose when left out (`data_defaults`)."""
+    label_smoothing: float = 0.0
+    """As `augment`."""
     pretrained: bool
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -140,6 +147,11 @@ def _validate(config: TransferConfig, strategy: Strategy) -> None:
         for name in other.settings:
             if other is not strategy and getattr(config, name) is not None:
                 raise ValueError(f"{name} only applies to the {other.name} strategy")
+    if config.head_epochs is not None and config.stages is None and _solves_head(config):
+        raise ValueError(
+            "head_epochs: the linear head stage is solved in one epoch (solve_head); set "
+            "solve_head: false to step it for several epochs"
+        )
     strategy.check(config)
     if config.stages is not None and not config.stages:
         raise ValueError("stages must list at least one stage when given")
@@ -150,6 +162,15 @@ def _validate(config: TransferConfig, strategy: Strategy) -> None:
             f"gpus: batch_size {config.batch_size} does not split evenly over {config.gpus} "
             f"processes; choose a batch_size that is a multiple of {config.gpus}"
         )
+
+
+def _solves_head(config: TransferConfig) -> bool:
+    """The presets' head-only stages are solved: asked for, and the head is linear (convex)."""
+    return config.solve_head and not config.head.hidden
+
+
+def _solved(stage: Stage) -> Stage:
+    return replace(stage, solve=True, epochs=1, c_grid=HEAD_C_GRID)
 
 
 def parent_tasks(config: ModelConfig) -> tuple[TaskInfo, ...]:
@@ -175,7 +196,7 @@ def _check_modality_settings(
                         f"stages[{index}].image_size: {base_model} is a text model; "
                         "image_size is for images"
                     )
-        if config.augment != "none":
+        if config.augment not in (None, "none"):
             raise ValueError(f"augment: {base_model} is a text model; augment is for images")
         if config.tta != "none":
             raise ValueError(
@@ -389,6 +410,11 @@ def compile_plan(config: TransferConfig) -> Plan:
         if config.stages is not None
         else strategy.stages(config, base)
     )
+    if config.stages is None and _solves_head(config):
+        stages = tuple(
+            _solved(stage) if stage.cache_features and stage.objective == CLASSIFY else stage
+            for stage in stages
+        )
     if config.progressive_resizing is not None:
         info = get_base_model_info(base.base_model)
         if info.fixed_input_size:
@@ -412,6 +438,15 @@ def compile_plan(config: TransferConfig) -> Plan:
     if config.parent is not None:
         extra["parent"] = config.base_model
     run_settings = {item.name: getattr(config, item.name) for item in fields(RunSettings)}
+    resolved, chosen = data_defaults(
+        config,
+        modality=base.modality,
+        num_classes=config.num_classes,
+        train_size=config.train_size,
+    )
+    run_settings |= resolved
+    if chosen is not None:
+        extra["defaults"] = chosen
     return Plan(
         **run_settings,
         base_model=base.base_model,
@@ -451,8 +486,9 @@ def with_found_lr(plan: Plan, lr: float) -> Plan:
 
 def cached_passes(stage: Stage, train_size: int, batch_size: int) -> int:
     """Passes over `train_size` items per epoch that give a stage on cached features at least
-    `FEW_SHOT_HEAD_STEPS` steps over its epochs; 1 for a stage that trains the backbone."""
-    if not stage.cache_features:
+    `FEW_SHOT_HEAD_STEPS` steps over its epochs; 1 for a stage that trains the backbone or
+    a solved one."""
+    if not stage.cache_features or stage.solve:
         return 1
     return max(
         1, math.ceil(FEW_SHOT_HEAD_STEPS / (stage.epochs * _steps_per_pass(train_size, batch_size)))
@@ -464,5 +500,9 @@ def _steps_per_pass(train_size: int, batch_size: int) -> int:
 
 
 def steps_per_epoch(plan: Plan, stage: Stage, train_size: int) -> int:
-    """Optimizer steps in one epoch of `stage` on `train_size` items."""
+    """Optimizer steps in one epoch of `stage` on `train_size` items (a solved stage: one
+    per L2 strength it fits)."""
+    if stage.solve:
+        assert stage.c_grid is not None
+        return len(stage.c_grid)
     return stage.passes * _steps_per_pass(train_size, plan.batch_size)

@@ -9,6 +9,8 @@ average's decay, and the test-time views of the final validation.
 from collections.abc import Mapping
 from typing import Any
 
+from .spec import HEAD_C_GRID
+
 ORIGINAL_VIEW = "original"
 """The one view of an image predicted without test-time augmentation."""
 FLIP_VIEW = "flip"
@@ -62,8 +64,10 @@ def stage_recipes(plan: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Per stage of a plan as `Plan.to_dict()` writes it: `lr` (its top group's rate, or
     `AUTO_LR_PREVIEW` until the finder has run),
     `augment`, `feature_views` and `passes` (on cached features: the views of each item and
-    the passes over them per epoch), `ema` (the decay, or None) and `tta` (the last stage of
-    an image plan: the views the final validation and predict average; None elsewhere)."""
+    the passes over them per epoch), `solver` (a solved head stage: how, and the L2
+    strengths it chooses from; None for a stepped stage), `ema` (the decay, or None) and
+    `tta` (the last stage of an image plan: the views the final validation and predict
+    average; None elsewhere)."""
     stages = plan.get("stages", [])
     modality = plan.get("modality", "image")
     recipes = []
@@ -86,6 +90,15 @@ def stage_recipes(plan: Mapping[str, Any]) -> list[dict[str, Any]]:
                     feature_views=plan.get("feature_views", 1),
                 ),
                 "passes": stage.get("passes", 1),
+                "solver": (
+                    {
+                        "method": "L-BFGS to the optimum (logistic regression)",
+                        "c_grid": list(stage.get("c_grid") or HEAD_C_GRID),
+                        "chosen_on": "validation loss",
+                    }
+                    if stage.get("solve", False)
+                    else None
+                ),
                 "ema": plan.get("ema"),
                 "tta": (
                     list(tta_views(plan.get("tta", "none"), flip=plan.get("flip", True)))

@@ -78,11 +78,18 @@ MODALITY_DEFAULTS: dict[str, ModalityDefaults] = {
 ULMFIT_LR_DECAY = 2.6
 ULMFIT_LM_LR = 1e-4
 """ulmfit: the masked-LM stage's rate (the encoder's top layer; ÷ lr_decay per layer below)."""
+DATA_RICH_PER_CLASS = 20
+"""Image training splits with at least this many items per class get light augmentation and
+label smoothing 0.1 by default (measured better at 100 per class; worse at 5)."""
 FEW_SHOT_HEAD_STEPS = 50
 """The fewest optimizer steps a stage on cached features takes over all its epochs, by making
 several passes over a small training split per epoch. A one-epoch head stage on few-shot data
 would otherwise take a handful (5 shots x 10 classes in batches of 32: 2 steps) and leave the
 head barely trained, while steps on cached features cost almost nothing."""
+
+HEAD_C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
+"""A solved head's L2 strengths, as scikit-learn's C (the optimum at each is fitted, and the
+one with the lowest validation loss kept; see `linear_probe.py`)."""
 
 _SETTING = "thaw.setting"
 
@@ -201,7 +208,13 @@ class RunSettings:
     batch_size: int = setting(32, ge=1, le=4096)
     optimizer: OptimizerName = setting("adamw")
     weight_decay: float = setting(0.01, ge=0.0, le=1.0)
-    label_smoothing: float = setting(0.0, ge=0.0, lt=1.0)
+    label_smoothing: float | None = setting(
+        None,
+        ge=0.0,
+        lt=1.0,
+        description="Default: 0.1 for image models trained on at least "
+        f"{DATA_RICH_PER_CLASS} images per class, else 0 (see the plan's `extra.defaults`).",
+    )
     class_weights: ClassWeights = setting(
         "none",
         description="`balanced` weighs each class's loss by n_samples / (n_classes * "
@@ -219,11 +232,14 @@ class RunSettings:
         description="End a stage when the val loss has not improved for this many epochs, "
         "and keep the weights with the lowest val loss.",
     )
-    augment: AugmentLevel = setting(
-        "none",
+    augment: AugmentLevel | None = setting(
+        None,
         description="Image models: `light` random resized "
         "crop and horizontal flip; `standard` adds TrivialAugmentWide; `strong` adds random "
-        "erasing and MixUp/CutMix. Text models: must stay `none`.",
+        "erasing and MixUp/CutMix. Default: `light` when the training split has at least "
+        f"{DATA_RICH_PER_CLASS} images per class, `none` below (augmentation hurt at 5 per "
+        "class); the preview's plan says which under `extra.defaults`. Text models: must be "
+        "left out or `none`.",
     )
     flip: bool = setting(
         True,
@@ -273,6 +289,14 @@ class RunSettings:
         True, description="On CUDA: bf16 autocast (fp16 with loss scaling on older GPUs)."
     )
     amp_cpu: bool = setting(False, public=False)
+    refit: bool = setting(
+        False,
+        description="Once the run has chosen its recipe on the validation split (the epochs "
+        "early stopping kept, a solved head's L2 strength, the calibration), train once more "
+        "on the training and validation items together with that recipe and publish that "
+        "model (AutoGluon's refit_full). Its validation metrics stay those of the run that "
+        "chose the recipe; the model card says so. Costs about one more run.",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -329,9 +353,19 @@ class TransferSettings(RunSettings):
         None,
         ge=1,
         le=MAX_EPOCHS,
-        description="freeze_unfreeze: epochs of the head-only stage (on cached backbone "
-        f"features; it makes at least {FEW_SHOT_HEAD_STEPS} optimizer steps in all, with "
-        "several passes over a small training split per epoch).",
+        description="freeze_unfreeze and lwf with `solve_head: false` (or a head with hidden "
+        "layers): epochs of the head-only stage (on cached backbone features; it makes at "
+        f"least {FEW_SHOT_HEAD_STEPS} optimizer steps in all, with several passes over a small "
+        "training split per epoch).",
+    )
+    solve_head: bool = setting(
+        True,
+        description="Head-only stages of the presets on a linear head (`feature_extraction`; "
+        "the first stage of `freeze_unfreeze`, `gradual_unfreeze`, `ulmfit` and `lwf`) are "
+        "solved, not stepped: multinomial logistic regression on the frozen features, fitted "
+        "to its optimum by full-batch L-BFGS with the L2 strength chosen on validation from "
+        f"C in {list(HEAD_C_GRID)}. Such a stage takes one epoch. false: the optimizer steps "
+        "it for its epochs like any other stage.",
     )
     partial_groups: int = setting(
         2, ge=1, le=100, description="partial: how many top backbone groups train."

@@ -235,6 +235,17 @@ class StageData:
         )
         return features
 
+    def head_features(self, stage: Stage) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """A stage on cached features as whole tensors, for a solved head: the training
+        features (every augmented view of every item, when the stage has views) with their
+        labels, and the validation features with theirs."""
+        labels = torch.tensor([sample.label for sample in self.train], device=self.device)
+        views = cached_views(self.plan, stage)
+        assert views is not None
+        train = torch.cat([self._features("train", stage, view) for view in _view_keys(views)])
+        val_labels = torch.tensor([sample.label for sample in self.val], device=self.device)
+        return train, labels.repeat(views), self._features("val", stage, None), val_labels
+
     def _cached_features(self, stage: Stage) -> StageBatches:
         """The head trains on backbone features: `stage.passes` shuffled passes over the
         training items each epoch (with `feature_views` augmented views of each item, a view
@@ -284,6 +295,11 @@ class Passes(Sampler[list[Any]]):
     def __iter__(self) -> Iterator[list[Any]]:
         for _ in range(self.passes):
             yield from self.batches
+
+
+def _view_keys(views: int) -> list[int | None]:
+    """The feature keys of a stage's training views: the plain items, or each augmented view."""
+    return [None] if views == 1 else list(range(views))
 
 
 def _usable(stored: Tensor | None, count: int) -> Tensor | None:

@@ -131,6 +131,13 @@ class Stage:
     """Shuffled passes over the training items in each epoch; more than one only on cached
     features with few items (`cached_passes`), so an epoch still ends in one validation and
     one checkpoint."""
+    solve: bool = False
+    """The head is linear and the backbone frozen: the stage fits the head to its optimum on
+    the cached features in its one epoch (`linear_probe.probe` over `c_grid`) instead of
+    stepping it."""
+    c_grid: tuple[float, ...] | None = None
+    """A solved stage's L2 strengths (scikit-learn's C): `HEAD_C_GRID`, or (a refit) the one
+    its run chose on validation."""
 
 
 @dataclass(frozen=True)

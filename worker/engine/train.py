@@ -36,7 +36,8 @@ from .data import Sample
 from .distributed import RankHooks, Ranks, current_ranks, launch, shard, sync_buffers
 from .ema import WeightAverage
 from .features import SharedFeatures
-from .imbalance import loss_weights
+from .imbalance import balanced_class_weights, loss_weights
+from .linear_probe import probe
 from .loop import (
     EpochResult,
     Precision,
@@ -260,8 +261,12 @@ def _set_up_run(
         num_workers=num_workers,
         token_cache=token_cache,
     )
-    # A stage on cached features makes `passes` passes over the training items per epoch.
-    stage_steps = [stage.passes * inputs.steps(train, stage) for stage in plan.stages]
+    # A stage on cached features makes `passes` passes over the training items per epoch; a
+    # solved one counts a step per L2 strength it fits.
+    stage_steps = [
+        len(stage.c_grid) if stage.c_grid is not None else stage.passes * inputs.steps(train, stage)
+        for stage in plan.stages
+    ]
     progress = Progress(
         hooks,
         sum(stage.epochs * steps for stage, steps in zip(plan.stages, stage_steps, strict=True)),
@@ -370,7 +375,11 @@ def _train_epoch(training: _Training, setup: _StageSetup, epoch: int, start: Sta
     """Train and evaluate one epoch, record and checkpoint it; True when the stage should stop."""
     training.progress.check_cancelled()
     started = time.perf_counter()
-    train_loss = _train_steps(training, setup, epoch, start)
+    solved_c = None
+    if setup.stage.solve:
+        train_loss, solved_c = _solve_head(training, setup)
+    else:
+        train_loss = _train_steps(training, setup, epoch, start)
     if training.ranks is not None:
         sync_buffers(training.model)
     validated = training.ema.applied(training.model) if training.ema is not None else nullcontext()
@@ -400,6 +409,7 @@ def _train_epoch(training: _Training, setup: _StageSetup, epoch: int, start: Sta
         val_accuracy=evaluation.accuracy,
         learning_rates={group["name"]: group["lr"] for group in setup.optimizer.param_groups},
         seconds=time.perf_counter() - started,
+        solved_c=solved_c,
     )
     training.history.append(result)
     logger.info(
@@ -453,6 +463,57 @@ def _train_steps(training: _Training, setup: _StageSetup, epoch: int, start: Sta
             position.steps,
         )
         raise
+
+
+def _solve_head(training: _Training, setup: _StageSetup) -> tuple[float, float]:
+    """A solved stage's epoch: the linear head fitted to its optimum on the cached features
+    at every strength of the stage's `c_grid`, the one with the lowest validation loss put in the
+    model. Its training loss, and the strength chosen. Label smoothing is for stepped stages:
+    the solved head's regulariser is its L2 strength, chosen on validation."""
+    plan, model = training.plan, training.model
+    train_x, train_y, val_x, val_y = training.data.head_features(setup.stage)
+    labels = [sample.label for sample in training.data.train]
+    assert setup.stage.c_grid is not None
+    # A balanced sampler draws every class equally often: in expectation, balanced weights.
+    weights = (
+        balanced_class_weights(labels, plan.num_classes)
+        if plan.sampler == "balanced"
+        else loss_weights(plan, labels)
+    )
+    found = probe(
+        train_x,
+        train_y,
+        val_x,
+        val_y,
+        plan.num_classes,
+        grid=setup.stage.c_grid,
+        class_weights=weights,
+        after_fit=lambda: training.progress.step(pausable=False),
+    )
+    linear = model.head[-1]
+    assert isinstance(linear, nn.Linear)
+    with torch.no_grad():
+        linear.weight.copy_(found.solution.weight)
+        linear.bias.copy_(found.solution.bias)
+        logits = train_x.double() @ found.solution.weight.T + found.solution.bias
+        train_loss = float(
+            nn.functional.cross_entropy(
+                logits,
+                train_y,
+                weight=weights.to(logits) if weights is not None else None,
+            )
+        )
+    if training.ema is not None:
+        # Nothing was stepped to average: the solved weights are the stage's.
+        training.ema.start_stage(model)
+    logger.info(
+        "stage %s: solved the head (C %g of %s, val losses %s)",
+        setup.stage.name,
+        found.c,
+        list(setup.stage.c_grid),
+        {c: round(loss, 4) for c, loss in found.val_losses.items()},
+    )
+    return train_loss, found.c
 
 
 def _after_step(training: _Training) -> None:
