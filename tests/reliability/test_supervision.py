@@ -96,7 +96,7 @@ def test_serve_restarts_killed_workers_and_their_work_finishes(tmp_path: Path) -
     log = tmp_path / "serve.log"
     with (
         running([*THAW, "serve", "--port", str(port)], env, log) as server,
-        httpx.Client(base_url=base, headers=headers, timeout=60) as client,
+        httpx.Client(base_url=base, headers=headers, timeout=300) as client,
     ):
         wait_ready(base, server, log, timeout=300)
         upload = client.post("/v1/datasets", files={"file": ("d.zip", zip_of_classes(small))})
