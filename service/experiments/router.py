@@ -20,7 +20,7 @@ from service.experiments.schemas import (
 )
 from service.experiments.split import decode_test_split
 from service.experiments.stream import experiment_event_stream
-from service.jobs.stream import resume_cursor
+from service.jobs.stream import SSE_EVENT_SCHEMA, resume_cursor
 from service.pagination import Page, PageParams, page_params, paginate
 from service.tables import Experiment, ExperimentEvent
 
@@ -174,7 +174,7 @@ def list_events(
     responses={
         200: {
             "description": "The event stream.",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
         }
     },
 )

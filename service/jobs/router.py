@@ -22,7 +22,7 @@ from service.jobs.schemas import (
 )
 from service.jobs.service import latest_checkpoint_key
 from service.jobs.states import JobKind
-from service.jobs.stream import job_event_stream, resume_cursor
+from service.jobs.stream import SSE_EVENT_SCHEMA, job_event_stream, resume_cursor
 from service.pagination import Page, PageParams, page_params, paginate
 from service.storage import ObjectNotFoundError
 from service.tables import Job, JobEvent
@@ -145,7 +145,7 @@ def list_events(
             "description": "The event stream.",
             "content": {
                 "text/event-stream": {
-                    "schema": {"type": "string"},
+                    "schema": SSE_EVENT_SCHEMA,
                     "example": STREAM_EXAMPLE,
                 }
             },

@@ -36,6 +36,18 @@ class _Snapshot:
     events: list[JobEventOut]
 
 
+SSE_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "One server-sent event: `id` (stored events), `event` and `data` (JSON).",
+    "properties": {
+        "id": {"type": "string"},
+        "event": {"type": "string"},
+        "data": {"type": "string"},
+    },
+}
+"""The schema of each event of a `text/event-stream` answer, as OpenAPI tools read it."""
+
+
 def resume_cursor(*, last_event_id: str | None, after: str | None) -> int:
     """Where to resume: the `Last-Event-ID` header wins over `?after=`; 0 means from the start."""
     value = last_event_id if last_event_id not in (None, "") else after
