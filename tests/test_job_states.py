@@ -174,7 +174,12 @@ CALLS: dict[Transition, Call] = {
         s, job_id=job.id, code="broker_unavailable", message="The queue was unreachable."
     ),
     Transition.SUCCEED: lambda s, job, attempt: transitions.succeed(
-        s, job_id=job.id, attempt=attempt, version_id="mv_1", register_version=lambda _: 3
+        s,
+        job_id=job.id,
+        attempt=attempt,
+        version_id="mv_1",
+        # The version is registered for this very job (a KeyError for any other).
+        register_version=lambda registered: {job.id: 3}[registered.id],
     ),
 }
 
@@ -252,7 +257,7 @@ def expected(transition: Transition, source: JobStatus, before: dict[str, Any]) 
         return Outcome(
             JobStatus.FAILED,
             {"status": "failed", "code": "broker_unavailable"},
-            {"error_code": "broker_unavailable"},
+            {"error_code": "broker_unavailable", "error_message": "The queue was unreachable."},
         )
     assert transition is Transition.SUCCEED
     return Outcome(

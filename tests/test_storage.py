@@ -301,6 +301,14 @@ def test_two_hosts_processes_read_one_s3_object_through_one_cache(
     assert hashlib.sha256(path.read_bytes()).hexdigest() == source.digest.hexdigest()
     leftovers = [p.name for p in path.parent.iterdir() if p.name.startswith(".")]
     assert leftovers == []
+    # Downloaded once: the two processes together sent the object store the GETs (ranged
+    # parts) that one download sends, counted in the server's own request log.
+    key = "models/mv_1/weights.safetensors"
+    through_the_cache = s3_server.requests_for("GET", key)
+    store.download(key, tmp_path / "once")
+    one_download = s3_server.requests_for("GET", key) - through_the_cache
+    assert one_download >= 1
+    assert through_the_cache == one_download
 
 
 def test_readyz_names_an_object_store_it_cannot_reach(s3_server: S3Server, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 stands in a separate container: the store is reached over HTTP by a real boto3 client."""
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -25,6 +26,23 @@ CREDENTIALS = {
 @dataclass(frozen=True)
 class S3Server:
     endpoint_url: str
+    log: Path
+    """The server's request log (one line a request), for tests that count requests."""
+
+    def requests_for(self, method: str, key: str) -> int:
+        """How many `method` requests the server has logged for an object whose key ends with
+        `key` (any query string: ranged and multipart parts count each)."""
+        # The server logs a request once it has answered it: a marker request, answered after
+        # every request made before this call, is awaited in the log first.
+        marker = f"/moto-api/?mark={os.urandom(8).hex()}"
+        httpx.get(f"{self.endpoint_url}{marker}", timeout=10)
+        deadline = time.monotonic() + 10
+        while marker not in (text := self.log.read_text(errors="replace")):
+            assert time.monotonic() < deadline, f"{marker} never logged"
+            time.sleep(0.01)
+        pattern = re.compile(rf'"{method} /\S*{re.escape(key)}(\?\S*)? HTTP')
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", text)  # the log colours some status lines
+        return sum(bool(pattern.search(line)) for line in plain.splitlines())
 
     def create_bucket(self, name: str) -> None:
         import boto3
@@ -78,7 +96,7 @@ def moto_server(log: Path) -> Iterator[S3Server]:
                 if time.monotonic() > deadline:
                     pytest.fail(f"moto_server not up after 30 s:\n{log.read_text()[-2000:]}")
                 time.sleep(0.1)
-        yield S3Server(endpoint_url=endpoint)
+        yield S3Server(endpoint_url=endpoint, log=log)
     finally:
         process.terminate()
         process.wait(timeout=10)

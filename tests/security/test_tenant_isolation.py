@@ -99,6 +99,9 @@ def test_no_route_lets_another_tenant_see_or_touch_anything(
     table = route_table(client)
     api_routes = [(m, t, b) for m, t, b in table if t.startswith("/v1/")]
     checked: list[str] = []
+    # What the intruder got a 404 for, for tenant A to try afterwards: a route that 404s for
+    # any reason (a wrong path, a broken lookup) must not pass as isolated.
+    controls: list[tuple[str, str, str]] = []
 
     def attempt(method: str, template: str, path: str, has_body: bool) -> None:
         body = BODIES.get((method, template), {})
@@ -115,6 +118,8 @@ def test_no_route_lets_another_tenant_see_or_touch_anything(
             assert "Not found" in response.text, (method, path, response.text)
         else:
             assert response.status_code == 404, (method, path, response.text)
+        if re.search(r"\{[^}]+\}", template):
+            controls.append((method, template, path))
         checked.append(f"{method.upper()} {path}")
 
     for method, template, has_body in table:
@@ -136,6 +141,37 @@ def test_no_route_lets_another_tenant_see_or_touch_anything(
     assert [c for c in checked if c.startswith("GET /ui/jobs/")] == [f"GET /ui/jobs/{job_id}"]
     assert len([c for c in checked if c.startswith(("GET /ui/api/", "DELETE /ui/api/"))]) >= 15
     assert len(checked) >= 60, checked
+
+    # The positive control: tenant A, on the very same paths, is not told "not found". Reads
+    # first; then each change once (directly, not again through the bridge); then the event
+    # streams (which end once the experiment's cancel has ended it); deletes last and deepest
+    # first, so that deleting a parent does not make its children's paths vanish.
+    owner = {"Authorization": auth["Authorization"], "Cookie": f"thaw_key={key_of(auth)}"}
+    owner["X-Thaw-UI"] = "1"
+
+    def phase(control: tuple[str, str, str]) -> tuple[int, int]:
+        method, template, _ = control
+        if method == "get":
+            return (2 if template.endswith("/stream") else 0), 0
+        return (3 if method == "delete" else 1), -template.count("/")
+
+    ordered = sorted(
+        (c for c in controls if c[0] == "get" or not c[2].startswith("/ui/api/")), key=phase
+    )
+    reads = [c for c in ordered if c[0] == "get"]
+    changes = [c for c in ordered if c[0] != "get"]
+    for method, template, path in ordered:
+        body = BODIES.get((method, template), {})
+        response = client.request(method, path, headers=owner, follow_redirects=False, **body)
+        assert response.status_code != 404, (method, path, response.text)
+        assert response.status_code < 500, (method, path, response.text)
+    print(f"positive control: {len(reads)} reads, {len(changes)} changes")
+    assert len(reads) >= 20, reads
+    assert len(changes) >= 5, changes
+
+
+def key_of(headers: dict[str, str]) -> str:
+    return headers["Authorization"].removeprefix("Bearer ")
 
 
 def format_path(template: str, values: dict[str, str]) -> str:
