@@ -261,7 +261,7 @@ def write_mlflow(folder: Path, config: ModelConfig, out: Path) -> None:
         requirements.append("tokenizers")
     (out / "requirements.txt").write_text("".join(f"{r}\n" for r in requirements))
     (out / "python_env.yaml").write_text(
-        "python: \"3.11\"\nbuild_dependencies:\n- pip\ndependencies:\n- -r requirements.txt\n"
+        'python: "3.11"\nbuild_dependencies:\n- pip\ndependencies:\n- -r requirements.txt\n'
     )
 
 
