@@ -121,9 +121,9 @@ def contrast(image: np.ndarray, strength: float, rng: np.random.Generator) -> np
 
 
 SHIFTS = {
-    "pixel noise": (noise, (24.0, 64.0), "sd {:g}"),
-    "rotation": (rotation, (20.0, 60.0), "{:g} deg"),
-    "contrast": (contrast, (0.6, 0.3), "x{:g}"),
+    "pixel noise": (noise, (8.0, 24.0), "sd {:g}"),
+    "rotation": (rotation, (5.0, 20.0), "{:g} deg"),
+    "contrast": (contrast, (0.9, 0.6), "x{:g}"),
 }
 
 

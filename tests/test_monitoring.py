@@ -1,10 +1,12 @@
 """Monitoring over HTTP: a version's reference profile at publish, its predict traffic cut into
 windows and tested for shift, accuracy estimated without labels, and labels fed back."""
 
+import re
 from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -13,6 +15,11 @@ from typer.testing import CliRunner
 from service.cli import app as cli
 from service.cli import migrate_database
 from service.client import ThawClient
+from service.datasets.ingest import IngestLimits
+from service.db import new_id
+from service.inference.metrics import InferenceMetrics
+from service.inference.resolution import ServedVersion
+from service.inference.service import decode_images
 from service.main import create_app
 from service.monitoring.service import Recorder
 from service.tables import ModelVersion
@@ -141,10 +148,24 @@ def test_shifted_traffic_alarms_the_estimate_falls_and_feedback_shows_accuracy(
     assert one.json() == {"recorded": 1}
 
 
+def relay(client: TestClient) -> httpx.MockTransport:
+    """Requests of another httpx client, answered by the test client's app."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        response = client.request(
+            request.method, str(request.url), headers=request.headers, content=request.content
+        )
+        return httpx.Response(
+            response.status_code, headers=response.headers, content=response.content
+        )
+
+    return httpx.MockTransport(answer)
+
+
 def run_cli(registry: Registry, arguments: list[str]) -> str:
     """A client command against the module's app, through the test client's transport."""
     key = registry.auth["Authorization"].removeprefix("Bearer ")
-    transport = registry.client._transport
+    transport = relay(registry.client)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("service.client.ThawClient", partial(ThawClient, transport=transport))
         result = CliRunner().invoke(
@@ -163,11 +184,11 @@ def test_a_broken_monitor_is_a_log_line_and_a_metric_never_a_failed_predict(
         raise RuntimeError("monitor broke")
 
     monkeypatch.setattr("service.monitoring.service.summarise", broken)
-    counted = "thaw_monitor_failures_total "
 
     def failures() -> float:
         scrape = monitored.client.get("/metrics").text
-        return float(scrape.split(counted)[1].split()[0])
+        (count,) = re.findall(r"^thaw_monitor_failures_total (\S+)$", scrape, re.MULTILINE)
+        return float(count)
 
     before = failures()
     (answer,) = predict(monitored, [unseen_digits()[0][0]])
@@ -215,3 +236,32 @@ def test_a_version_without_a_reference_says_why(monitored: Registry) -> None:
         with monitored.context.db.session() as session:
             session.query(ModelVersion).one().exports = exports
             session.commit()
+
+
+def test_windows_pool_the_traffic_of_several_processes(monitored: Registry) -> None:
+    # Two recorders on one database, as two API processes have: neither records a window's
+    # worth, together they close one.
+    context = monitored.context
+    with context.db.session() as session:
+        served = ServedVersion.of(session.query(ModelVersion).one())
+    model = monitored.client.app.state.predictors.get(served)  # type: ignore[attr-defined]
+    images = [(str(i), png_bytes(image)) for i, (image, _) in enumerate(unseen_digits()[:WINDOW])]
+    _, _, pixels = decode_images(
+        list(images), preprocessing=model.preprocessing, limits=IngestLimits()
+    )
+    outputs = model.forward(model.batch_input([pixels]))
+    before = len(monitoring(monitored)["windows"])
+    processes = [Recorder(context, InferenceMetrics()) for _ in range(2)]
+    try:
+        half = WINDOW // 2
+        for index, recorder in enumerate(processes):
+            rows = range(index * half, (index + 1) * half)
+            ids = [new_id("pr") for _ in rows]
+            recorder.record(served, model, ids, outputs.rows(rows.start, rows.stop))
+            recorder.flush()
+    finally:
+        for recorder in processes:
+            recorder.close()
+    windows = monitoring(monitored)["windows"]
+    assert len(windows) == before + 1
+    assert windows[-1]["count"] == WINDOW
