@@ -149,8 +149,7 @@ def resolve_plan(
             '(GET /v1/base-models), or send "pretrained": false to train from scratch.',
             "base_model",
         )
-    model = engine.build_model(plan, weights_dir=weights_dir, pretrained=False)
-    described = engine.describe_plan(plan, model, train_size=train_size)
+    described = engine.preview_plan(plan, weights_dir=weights_dir, train_size=train_size)
     stages = [StagePreview.model_validate(stage) for stage in described]
     preview = PlanOut(
         base_model=plan.base_model,

@@ -12,9 +12,11 @@ from worker.engine import (
     TransferConfig,
     build_model,
     compile_plan,
+    describe_plan,
     freeze,
     get_base_model_info,
     make_param_groups,
+    preview_plan,
     set_batchnorm_mode,
 )
 
@@ -138,3 +140,19 @@ def test_a_plan_with_a_parent_needs_the_parents_folder(
 
     with pytest.raises(ValueError, match="pass its folder as parent_dir"):
         build_model(plan, weights_dir=None)
+
+
+def test_the_preview_counts_on_the_meta_device(
+    make_config: Callable[..., TransferConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plan = compile_plan(make_config("fine_tune"))
+    real = describe_plan(plan, build_model(plan, weights_dir=None, pretrained=False))
+    # No weights are drawn: a random initialisation during the preview fails the test.
+    monkeypatch.setattr(nn.init, "kaiming_normal_", _no_initialisation)
+    monkeypatch.setattr(nn.init, "normal_", _no_initialisation)
+    assert preview_plan(plan, weights_dir=None) == real
+
+
+def _no_initialisation(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+    assert tensor.is_meta, "the preview initialised real weights"
+    return tensor

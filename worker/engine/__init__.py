@@ -27,6 +27,7 @@ if TYPE_CHECKING:
         describe_plan,
         freeze,
         make_param_groups,
+        preview_plan,
         set_batchnorm_mode,
     )
     from .plan import (
@@ -64,6 +65,7 @@ _HOMES = {
         "describe_plan",
         "freeze",
         "make_param_groups",
+        "preview_plan",
         "set_batchnorm_mode",
     ),
     "plan": (

@@ -4,6 +4,7 @@ import logging
 from pathlib import Path
 from typing import Any, Self
 
+import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -230,6 +231,16 @@ def make_param_groups(model: TransferModel, stage: Stage) -> list[dict[str, Any]
         for name, modules in model.groups()
         if name in stage.trainable_groups
     ]
+
+
+def preview_plan(
+    plan: Plan, *, weights_dir: Path | None, train_size: int | None = None
+) -> list[dict[str, Any]]:
+    """`describe_plan` of the plan's model built on the meta device: every shape and count,
+    no weights allocated or initialised (what job creation and experiments show)."""
+    with torch.device("meta"):
+        model = build_model(plan, weights_dir=weights_dir, pretrained=False)
+    return describe_plan(plan, model, train_size=train_size)
 
 
 def describe_plan(
