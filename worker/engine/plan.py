@@ -240,7 +240,12 @@ def _validate(config: TransferConfig) -> None:
     head_epoch_strategies = ("freeze_unfreeze", "lwf")
     if config.head_epochs is not None and config.strategy not in head_epoch_strategies:
         raise ValueError("head_epochs only applies to the freeze_unfreeze and lwf strategies")
-    if config.head_epochs is not None and config.stages is None and _solves_head(config):
+    if (
+        config.head_epochs is not None
+        and config.head_epochs > 1
+        and config.stages is None
+        and _solves_head(config)
+    ):
         raise ValueError(
             "head_epochs: the linear head stage is solved in one epoch (solve_head); set "
             "solve_head: false to step it for several epochs"
