@@ -62,6 +62,9 @@ def small_spec(dataset_id: str, **overrides: Any) -> dict[str, Any]:
         "lr": 0.01,
         "image_size": 64,
         "seed": 1,
+        # Epoch-by-epoch behaviour (events, progress, pause) needs a stepped head: a solved
+        # one takes a single epoch (tests/engine/test_linear_probe.py).
+        "solve_head": False,
     }
     return {**spec, **overrides}
 

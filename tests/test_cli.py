@@ -26,6 +26,7 @@ batch_size: 16
 lr: 0.01
 image_size: 64
 seed: 3
+solve_head: false
 """
 
 

@@ -121,6 +121,8 @@ def text_config(weights_dir: Path) -> Callable[..., TransferConfig]:
             "epochs": 2,
             "batch_size": 16,
             "schedule": "constant",
+            # Stepped heads, epoch by epoch; solved heads: test_linear_probe.py.
+            "solve_head": False,
             **overrides,
         }
         return TransferConfig(**settings)

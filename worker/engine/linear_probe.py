@@ -22,8 +22,12 @@ import torch
 from torch import Tensor
 from torch.nn import functional
 
-MAX_ITERATIONS = 500
-"""L-BFGS iterations per strength (warm-started ones converge in far fewer)."""
+MAX_ITERATIONS = 200
+"""L-BFGS iterations per strength (scikit-learn's default is 100; warm-started strengths
+converge in far fewer)."""
+GRADIENT_TOLERANCE = 1e-6
+"""Stop once no gradient entry of the mean loss exceeds this: far below what moves a loss by
+1e-3, and reached in tens of iterations where 1e-9 takes hundreds on separable few-shot data."""
 
 
 @dataclass(frozen=True)
@@ -88,8 +92,8 @@ def fit(
         [weight, bias],
         lr=1.0,
         max_iter=MAX_ITERATIONS,
-        tolerance_grad=1e-9,
-        tolerance_change=1e-12,
+        tolerance_grad=GRADIENT_TOLERANCE,
+        tolerance_change=1e-10,
         history_size=20,
         line_search_fn="strong_wolfe",
     )

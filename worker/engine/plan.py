@@ -147,7 +147,12 @@ def _validate(config: TransferConfig, strategy: Strategy) -> None:
         for name in other.settings:
             if other is not strategy and getattr(config, name) is not None:
                 raise ValueError(f"{name} only applies to the {other.name} strategy")
-    if config.head_epochs is not None and config.stages is None and _solves_head(config):
+    if (
+        config.head_epochs is not None
+        and config.head_epochs > 1
+        and config.stages is None
+        and _solves_head(config)
+    ):
         raise ValueError(
             "head_epochs: the linear head stage is solved in one epoch (solve_head); set "
             "solve_head: false to step it for several epochs"
