@@ -24,6 +24,7 @@ from tests.test_inference import assert_distinct_answers, assert_same_top, b64, 
 from tests.test_registry import Registry, publish
 from worker.engine import Predictor
 
+FIRST = "PostgreSQL extension for full text search"
 LONG = "a free software implementation of the classic card game " * 20
 
 
@@ -112,7 +113,7 @@ def test_predict_with_strings_answers_in_order(
 ) -> None:
     registry, _, _ = text_version
     body = {
-        "texts": ["PostgreSQL extension for full text search", "", LONG, "x" * 2001],
+        "texts": [FIRST, "", LONG, "x" * 2001],
         "top_k": 2,
     }
     answered = registry.client.post(
@@ -133,7 +134,7 @@ def test_predict_with_strings_answers_in_order(
     # code with the service's answer assembly.
     version = registry.client.get("/v1/models/sections/versions/1", headers=registry.auth).json()
     predictor = Predictor.load(version_folder(registry.context, version["id"]))
-    (want_first, _), (want_long, _) = predictor.predict_texts([body["texts"][0], LONG], top_k=2)
+    (want_first, _), (want_long, _) = predictor.predict_texts([FIRST, LONG], top_k=2)
     assert_distinct_answers(want_first, want_long)
     assert_same_top(first["top"], want_first, atol=1e-4)
     assert_same_top(long["top"], want_long, atol=1e-4)
