@@ -428,6 +428,16 @@ def test_text_dataset_over_http(
         ).status_code
         == 200
     )
+    # A text scratch model's own recipe, shown before anything runs.
+    scratch = client.post(
+        "/v1/jobs/plan",
+        headers=auth,
+        json={**spec, "base_model": "minilm_l6", "strategy": "scratch"},
+    ).json()
+    (stage,) = scratch["stages"]
+    assert (stage["schedule"], stage["lr"]) == ("one_cycle", 1e-3)
+    assert {group["lr"] for group in stage["trainable_groups"]} == {1e-3}
+    assert scratch["plan"]["extra"]["defaults"] == {"lr": 1e-3, "schedule": "one_cycle"}
 
 
 def test_token_lengths_against_a_shorter_maximum(

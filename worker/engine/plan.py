@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import ModelConfig, ModelConfigError, read_model_config
+from .preset_defaults import DEFAULT_SCHEDULE, applied_defaults, default_lr, preset_defaults
 from .spec import (
     ALL,
     AUTO,
@@ -435,17 +436,22 @@ def _stage(
     cache = objective == CLASSIFY and not set(trainable) & set(base.backbone_groups)
     if follows_lr is None:
         follows_lr = top_lr is None
+    boost = None
     if top_lr is None:
         head_lr, factor = _rates(config, base)
         top_lr = head_lr if cache else head_lr * factor
+        boost = None if cache else preset_defaults(base.modality, config.strategy).head_boost
+    group_lrs = _discriminative_lrs(
+        top_lr, trainable, _lr_decay(config, base) if lr_decay is None else lr_decay
+    )
+    if boost is not None and HEAD in group_lrs:
+        group_lrs[HEAD] *= boost
     return Stage(
         name=name,
         trainable_groups=trainable,
-        group_lrs=_discriminative_lrs(
-            top_lr, trainable, _lr_decay(config, base) if lr_decay is None else lr_decay
-        ),
+        group_lrs=group_lrs,
         epochs=epochs,
-        schedule=schedule or config.schedule,
+        schedule=schedule or config.schedule or _default_schedule(config, base),
         bn_mode="frozen" if cache else (bn_mode or config.bn_mode),
         image_size=base.image_size,
         cache_features=cache,
@@ -464,12 +470,20 @@ def _lr_decay(config: TransferConfig, base: _Base) -> float:
     return MODALITY_DEFAULTS[base.modality].lr_decay
 
 
+def _default_schedule(config: TransferConfig, base: _Base) -> Schedule:
+    return preset_defaults(base.modality, config.strategy).schedule or DEFAULT_SCHEDULE
+
+
 def _rates(config: TransferConfig, base: _Base) -> tuple[float, float]:
     """The head's rate on a frozen backbone, and the factor once the backbone trains."""
     defaults = MODALITY_DEFAULTS[base.modality]
     # `auto` compiles at the default rate; the finder's rate rescales those stages at run time.
     return (
-        defaults.lr if config.lr is None or isinstance(config.lr, str) else config.lr,
+        (
+            default_lr(base.modality, config.strategy)
+            if config.lr is None or isinstance(config.lr, str)
+            else config.lr
+        ),
         (
             config.fine_tune_lr_factor
             if config.fine_tune_lr_factor is not None
@@ -530,7 +544,9 @@ def _preset_stages(config: TransferConfig, base: _Base) -> tuple[Stage, ...]:
 
 def _lm_stages(config: TransferConfig, base: _Base) -> tuple[Stage, ...]:
     """ulmfit's target-task language-model stage: the encoder and an LM head, on masked tokens."""
-    epochs = config.lm_epochs if config.lm_epochs is not None else 1
+    epochs = config.lm_epochs
+    if epochs is None:
+        epochs = preset_defaults(base.modality, config.strategy).lm_epochs or 0
     if epochs == 0:
         return ()
     return (
@@ -676,6 +692,9 @@ def compile_plan(config: TransferConfig) -> Plan:
             for stage in stages
         )
     extra: dict[str, Any] = {"strategy": config.strategy}
+    own_defaults = applied_defaults(base.modality, config.strategy, config)
+    if own_defaults:
+        extra["defaults"] = own_defaults
     if config.parent is not None:
         extra["parent"] = config.base_model
     run_settings = {item.name: getattr(config, item.name) for item in fields(RunSettings)}
@@ -702,7 +721,7 @@ def with_found_lr(plan: Plan, lr: float) -> Plan:
     """The plan of a spec with `lr: auto` once the learning-rate finder chose `lr` (the head's
     rate on a frozen backbone): every stage that follows `lr` keeps its groups' ratios, scaled
     from the default rate it was compiled at; `extra["lr"]` records the choice."""
-    default = MODALITY_DEFAULTS[plan.modality].lr
+    default = default_lr(plan.modality, plan.extra.get("strategy", ""))
     stages = tuple(
         replace(
             stage,
