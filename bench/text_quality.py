@@ -390,6 +390,8 @@ def report(
     epochs_run: dict[tuple[str, str], int],
 ) -> None:
     names = args.datasets
+    # Rows measured on every dataset (a run stopped early leaves some out); `n` counts the
+    # seeds each mean is over when a row lacks some.
     rows = [row for row in rows if all((name, row) in results for name in names)]
     print(
         f"\ntest accuracy, mean of {args.seeds} seeds ({args.train} labelled + {args.test} "
@@ -402,7 +404,9 @@ def report(
         cells = "".join(
             f"{np.mean(results[(n, row)]):>14.3f}{seconds[(n, row)]:>7.0f}" for n in names
         )
-        print(f"{row:<28}{cells}")
+        seeds = {len(results[(n, row)]) for n in names}
+        short = "" if seeds == {args.seeds} else f"  (n = {'/'.join(map(str, sorted(seeds)))})"
+        print(f"{row:<28}{cells}{short}")
     for name in names:
         mean = {row: float(np.mean(results[(name, row)])) for row in rows}
         comparable = [

@@ -435,9 +435,9 @@ def test_text_dataset_over_http(
         json={**spec, "base_model": "minilm_l6", "strategy": "scratch"},
     ).json()
     (stage,) = scratch["stages"]
-    assert (stage["schedule"], stage["lr"]) == ("one_cycle", 1e-3)
-    assert {group["lr"] for group in stage["trainable_groups"]} == {1e-3}
-    assert scratch["plan"]["extra"]["defaults"] == {"lr": 1e-3, "schedule": "one_cycle"}
+    assert (stage["schedule"], stage["lr"]) == ("one_cycle", 5e-4)
+    assert {group["lr"] for group in stage["trainable_groups"]} == {5e-4}
+    assert scratch["plan"]["extra"]["defaults"] == {"lr": 5e-4, "schedule": "one_cycle"}
 
 
 def test_token_lengths_against_a_shorter_maximum(

@@ -294,7 +294,7 @@ class TransferSettings(RunSettings):
         le=MAX_LR,
         description="The head's rate while the backbone is frozen, and `scratch`'s for every "
         "layer. Default: 0.001 for image base models, 0.002 for text (`scratch` on text: "
-        "0.001). `auto`: the worker first runs the learning-rate finder "
+        "0.0005). `auto`: the worker first runs the learning-rate finder "
         "(as `POST /v1/jobs/lr-find`) on the first stage and trains at its suggestion; the "
         "groups' rates keep their ratios, and the plan records the rate chosen.",
     )
