@@ -281,8 +281,7 @@ def main() -> None:
     assert max_length is not None
     rows = row_order(args.presets, script=not args.no_script)
     if args.table:
-        results, seconds, epochs_run = read_results(args.table)
-        report(args, rows, results, seconds, epochs_run)
+        report(args, rows, *read_results(args.table))
         return
     results: dict[tuple[str, str], list[float]] = {}
     seconds: dict[tuple[str, str], float] = {}
