@@ -433,6 +433,16 @@ def test_text_dataset_over_http(
         ).status_code
         == 200
     )
+    # A text scratch model's own recipe, shown before anything runs.
+    scratch = client.post(
+        "/v1/jobs/plan",
+        headers=auth,
+        json={**spec, "base_model": "minilm_l6", "strategy": "scratch"},
+    ).json()
+    (stage,) = scratch["stages"]
+    assert (stage["schedule"], stage["lr"]) == ("one_cycle", 5e-4)
+    assert {group["lr"] for group in stage["trainable_groups"]} == {5e-4}
+    assert scratch["plan"]["extra"]["preset_defaults"] == {"lr": 5e-4, "schedule": "one_cycle"}
 
 
 def test_token_lengths_against_a_shorter_maximum(

@@ -495,18 +495,66 @@ def test_text_run_paused_mid_epoch_resumes_to_exactly_the_same_weights(
     assert resumed.metrics == uninterrupted.metrics
 
 
+def test_a_text_scratch_model_learns_with_its_defaults() -> None:
+    """MiniLM's architecture from random weights, every recipe setting left to the preset:
+    at the transfer presets' text rate with no warm-up it stayed at chance (1/6 here)."""
+    train, classes = debian_texts(20)
+    val, _ = debian_texts(10, skip=20)
+    plan = compile_plan(
+        TransferConfig(
+            base_model="minilm_l6",
+            strategy="scratch",
+            num_classes=len(classes),
+            max_length=32,
+            epochs=4,
+        )
+    )
+    result = run(plan, train=train, val=val, classes=classes)
+    majority = 1 / len(classes)
+    assert result.metrics["val_accuracy"] >= majority + 0.1, result.metrics
+
+
 def test_text_plans_show_what_applies(text_config: Callable[..., TransferConfig]) -> None:
-    plan = compile_plan(text_config("fine_tune", base_model="minilm_l6", max_length=None))
+    plan = compile_plan(
+        text_config("fine_tune", base_model="minilm_l6", max_length=None, schedule=None)
+    )
     assert (plan.modality, plan.max_length, plan.truncation) == ("text", 128, "head")
     (stage,) = plan.stages
     assert stage.image_size is None
-    assert stage.group_lrs["head"] == pytest.approx(2e-3 * 0.05)
+    # The new head from random weights at ten times the encoder's top rate.
+    assert stage.group_lrs["head"] == pytest.approx(2e-3 * 0.05 * 10)
     assert stage.group_lrs["layer.5"] == pytest.approx(2e-3 * 0.05 / 1.2)
     model = build_text_model(plan, weights_dir=None, pretrained=False)
     (described,) = describe_plan(plan, model, train_size=100)
     assert described["max_length"] == 128
     assert "image_size" not in described
-    ulmfit = compile_plan(text_config("ulmfit", base_model="minilm_l6", epochs=3))
+    assert (stage.schedule, plan.extra["preset_defaults"]) == (
+        "slanted_triangular",
+        {"schedule": "slanted_triangular", "head_boost": 10.0},
+    )
+    # A spec's own rate for a stage is taken as it is.
+    written = compile_plan(
+        text_config(
+            "fine_tune", base_model="minilm_l6", stages=(StageSpec(groups=("top:1",), lr=1e-4),)
+        )
+    )
+    assert written.stages[0].group_lrs == {"layer.5": 1e-4 / 1.2, "head": 1e-4}
+    scratch = compile_plan(text_config("scratch", base_model="minilm_l6", schedule=None))
+    assert scratch.stages[0].schedule == "one_cycle"
+    assert set(scratch.stages[0].group_lrs.values()) == {5e-4}
+    assert scratch.extra["preset_defaults"] == {"lr": 5e-4, "schedule": "one_cycle"}
+    # What the spec sets wins, and the plan no longer claims the preset's value.
+    chosen = compile_plan(text_config("scratch", base_model="minilm_l6", lr=1e-4))
+    assert chosen.stages[0].schedule == "constant"
+    assert "preset_defaults" not in chosen.extra
+    assert set(chosen.stages[0].group_lrs.values()) == {1e-4}
+    image = compile_plan(TransferConfig(strategy="scratch", num_classes=3))
+    assert (image.stages[0].schedule, image.stages[0].group_lrs["head"]) == ("cosine", 1e-3)
+    assert "preset_defaults" not in image.extra
+    no_lm = compile_plan(text_config("ulmfit", base_model="minilm_l6", epochs=3))
+    assert [s.name for s in no_lm.stages] == ["head", "unfreeze_top_1", "unfreeze_top_2"]
+    assert no_lm.extra["preset_defaults"] == {"lm_epochs": 0}
+    ulmfit = compile_plan(text_config("ulmfit", base_model="minilm_l6", epochs=3, lm_epochs=1))
     assert [s.name for s in ulmfit.stages] == [
         "masked_lm",
         "head",

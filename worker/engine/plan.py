@@ -12,6 +12,7 @@ from typing import Any
 
 from .artifacts import ModelConfig
 from .data_defaults import data_defaults
+from .preset_defaults import applied_defaults, default_lr
 from .spec import (
     ALL,
     AUTO,
@@ -440,6 +441,9 @@ def compile_plan(config: TransferConfig) -> Plan:
     notes = strategy.notes(config, base)
     if notes:
         extra[strategy.name] = notes
+    own_defaults = applied_defaults(base.modality, config.strategy, config)
+    if own_defaults:
+        extra["preset_defaults"] = own_defaults
     if config.parent is not None:
         extra["parent"] = config.base_model
     run_settings = {item.name: getattr(config, item.name) for item in fields(RunSettings)}
@@ -475,7 +479,7 @@ def with_found_lr(plan: Plan, lr: float) -> Plan:
     """The plan of a spec with `lr: auto` once the learning-rate finder chose `lr` (the head's
     rate on a frozen backbone): every stage that follows `lr` keeps its groups' ratios, scaled
     from the default rate it was compiled at; `extra["lr"]` records the choice."""
-    default = MODALITY_DEFAULTS[plan.modality].lr
+    default = default_lr(plan.modality, plan.extra.get("strategy", ""))
     stages = tuple(
         replace(
             stage,

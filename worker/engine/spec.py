@@ -317,8 +317,9 @@ class TransferSettings(RunSettings):
         None,
         gt=0.0,
         le=MAX_LR,
-        description="The head's rate while the backbone is frozen. Default: 0.001 for image "
-        "base models, 0.002 for text. `auto`: the worker first runs the learning-rate finder "
+        description="The head's rate while the backbone is frozen, and `scratch`'s for every "
+        "layer. Default: 0.001 for image base models, 0.002 for text (`scratch` on text: "
+        "0.0005). `auto`: the worker first runs the learning-rate finder "
         "(as `POST /v1/jobs/lr-find`) on the first stage and trains at its suggestion; the "
         "groups' rates keep their ratios, and the plan records the rate chosen.",
     )
@@ -329,7 +330,12 @@ class TransferSettings(RunSettings):
         message=IMAGE_SIZE_RANGE,
         description="Default: the base model's input size.",
     )
-    schedule: Schedule = setting("cosine")
+    schedule: Schedule | None = setting(
+        None,
+        description="The rate schedule of the preset's stages (`gradual_unfreeze` and `ulmfit` "
+        "always use `slanted_triangular`). Default: `cosine`, except on text base models "
+        "`one_cycle` for `scratch` and `slanted_triangular` (a 10 % warm-up) for `fine_tune`.",
+    )
     lr_decay: float | None = setting(
         None,
         ge=1.0,
@@ -409,7 +415,8 @@ class TransferSettings(RunSettings):
         ge=0,
         le=MAX_EPOCHS,
         description="ulmfit: epochs of the masked-LM stage on the dataset's texts before the "
-        "classifier (default 1; 0 leaves the stage out). Not counted in `epochs`.",
+        "classifier (default 0: the stage did not pay on labelled sets of a few hundred "
+        "texts; 1 or more adds it). Not counted in `epochs`.",
     )
     lm_lr: float | None = setting(
         None,

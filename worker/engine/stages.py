@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .artifacts import ModelConfig, ModelConfigError, read_model_config
+from .preset_defaults import DEFAULT_SCHEDULE, default_lr, preset_defaults
 from .spec import (
     AUTO,
     MODALITY_DEFAULTS,
@@ -206,7 +207,11 @@ class Base:
         # `auto` compiles at the default rate; the finder's rate rescales those stages at
         # run time.
         return (
-            defaults.lr if config.lr is None or isinstance(config.lr, str) else config.lr,
+            (
+                default_lr(self.modality, config.strategy)
+                if config.lr is None or isinstance(config.lr, str)
+                else config.lr
+            ),
             (
                 config.fine_tune_lr_factor
                 if config.fine_tune_lr_factor is not None
@@ -239,17 +244,23 @@ def make_stage(
     cache = objective == CLASSIFY and not set(trainable) - set(base.head_groups)
     if follows_lr is None:
         follows_lr = top_lr is None
+    own = preset_defaults(base.modality, config.strategy)
+    boost = None
     if top_lr is None:
         head_lr, factor = base.rates(config)
         top_lr = head_lr if cache else head_lr * factor
+        boost = None if cache else own.head_boost
+    group_lrs = discriminative_lrs(
+        top_lr, trainable, base.lr_decay(config) if lr_decay is None else lr_decay
+    )
+    if boost is not None and HEAD in group_lrs:
+        group_lrs[HEAD] *= boost
     return Stage(
         name=name,
         trainable_groups=trainable,
-        group_lrs=discriminative_lrs(
-            top_lr, trainable, base.lr_decay(config) if lr_decay is None else lr_decay
-        ),
+        group_lrs=group_lrs,
         epochs=epochs,
-        schedule=schedule or config.schedule,
+        schedule=schedule or config.schedule or own.schedule or DEFAULT_SCHEDULE,
         bn_mode="frozen" if cache else (bn_mode or config.bn_mode),
         image_size=base.image_size,
         cache_features=cache,
