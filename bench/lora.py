@@ -105,7 +105,8 @@ def main() -> None:
         kind, strategy = args.one
         print(json.dumps(one(kind, strategy, args)))
         return
-    rows = []
+    print("| data | strategy | val accuracy | trainable | artifacts | peak RSS |")
+    print("|---|---|---|---|---|---|", flush=True)
     for kind in args.kinds:
         for strategy in STRATEGIES:
             done = subprocess.run(
@@ -114,15 +115,13 @@ def main() -> None:
                 text=True,
                 check=True,
             )
-            rows.append((kind, strategy, json.loads(done.stdout.strip().splitlines()[-1])))
-    print("| data | strategy | val accuracy | trainable | artifacts | peak RSS |")
-    print("|---|---|---|---|---|---|")
-    for kind, strategy, row in rows:
-        print(
-            f"| {kind} ({row['train']} train / {row['val']} val) | {strategy} | "
-            f"{row['accuracy']:.3f} | {100 * row['trainable']:.2f} % | "
-            f"{row['artifacts'] / 1e6:.2f} MB | {row['rss_mb']:.0f} MB |"
-        )
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            print(
+                f"| {kind} ({row['train']} train / {row['val']} val) | {strategy} | "
+                f"{row['accuracy']:.3f} | {100 * row['trainable']:.2f} % | "
+                f"{row['artifacts'] / 1e6:.2f} MB | {row['rss_mb']:.0f} MB |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -35,7 +35,13 @@ from service.jobs.service import (
     latest_checkpoint_key,
     record_event,
 )
-from service.jobs.states import LEASED_STATUSES, IllegalTransitionError, JobKind, JobStatus
+from service.jobs.states import (
+    LEASED_STATUSES,
+    RESUMED,
+    IllegalTransitionError,
+    JobKind,
+    JobStatus,
+)
 from service.models.card import render_card
 from service.models.service import publish_version
 from service.monitoring.reference import write_reference
@@ -198,7 +204,7 @@ class JobHooks(TrainingHooks):
         self._event(
             "status",
             {
-                "status": "resumed",
+                "status": RESUMED,
                 "completed_epochs": completed_epochs,
                 "steps_into_epoch": steps_into_epoch,
             },

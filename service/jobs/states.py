@@ -41,6 +41,10 @@ class JobKind(StrEnum):
     """The learning-rate range test on the plan's first stage: a curve, no model version."""
 
 
+RESUMED = "resumed"
+"""A `status` event's value when an attempt continues from an earlier attempt's checkpoint:
+not a state (the job stays `running`), so no transition leads to it."""
+
 TERMINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
 ACTIVE_STATUSES = frozenset(JobStatus) - TERMINAL_STATUSES
 """Not ended yet: these count against a tenant's cap on active jobs."""
