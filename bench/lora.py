@@ -28,10 +28,10 @@ STRATEGIES = ("fine_tune", "lora")
 
 def _image_job(args: argparse.Namespace, folder: Path) -> tuple[Any, Any, Any, list[str]]:
     sys.path.insert(0, str(Path(__file__).parent))
-    from quality import digits_dataset, few_shot
+    from quality import digits_dataset, split
 
     samples, classes = digits_dataset(folder / "digits")
-    train, val = few_shot(samples, len(classes), args.shots, args.val, seed=0)
+    train, val, _ = split(samples, len(classes), args.shots, args.val, 0, seed=0)
     common = {"base_model": "efficientnet_lite0", "image_size": args.image_size}
     return common, train, val, classes
 
