@@ -123,7 +123,7 @@ def test_feature_extraction_solves_the_head_in_one_epoch(
     assert len(val_x) == len(val)
     assert epoch.solved_c == found.c
     assert epoch.val_loss == pytest.approx(found.val_losses[found.c], abs=1e-5)
-    assert epoch.val_loss == min(found.val_losses.values())
+    assert found.val_losses[found.c] == min(found.val_losses.values())
     head = result.model.head[-1]
     torch.testing.assert_close(head.weight.double(), found.solution.weight, atol=1e-6, rtol=0)
     # The optimum on the run's own features, as scikit-learn finds it at the chosen C.
