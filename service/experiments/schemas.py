@@ -69,8 +69,8 @@ else:
     SharedSettings = model_of(
         TransferSettings,
         name="ExperimentSettings",
-        doc="The transfer settings every trial shares: a job spec's settings (ARCHITECTURE.md "
-        "§5) without `base_model`, `strategy` and `stages`, which each trial sets.",
+        doc="The transfer settings every trial shares: a job spec's settings (README, "
+        "Strategies) without `base_model`, `strategy` and `stages`, which each trial sets.",
         base=SharedSettingsFields,
     )
 

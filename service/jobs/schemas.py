@@ -82,7 +82,7 @@ else:
     JobSpec = model_of(
         TransferSettings,
         name="JobSpec",
-        doc="What to train: the transfer spec (ARCHITECTURE.md §5).",
+        doc="What to train: the transfer spec (README, Strategies).",
         base=JobFields,
     )
     PreviewSpec = model_of(
