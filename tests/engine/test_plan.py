@@ -496,8 +496,9 @@ def test_solved_head_stages_show_in_the_preview(
     assert head["passes"] == 1
     assert all(recipe["solver"] is None for recipe in rest)
     assert [stage.epochs for stage in plan.stages] == [1, 1, 1, 1]
-    with pytest.raises(ValueError, match="solve_head"):
-        compile_plan(make_config("freeze_unfreeze", epochs=3, solve_head=True, head_epochs=2))
+    # Several head epochs asked for are stepped, as asked; the rest of `epochs` follows.
+    stepped = compile_plan(make_config("freeze_unfreeze", epochs=3, solve_head=True, head_epochs=2))
+    assert [(stage.solve, stage.epochs) for stage in stepped.stages] == [(False, 2), (False, 1)]
     hidden = compile_plan(
         make_config("freeze_unfreeze", epochs=3, head=HeadConfig(hidden=(8,)), solve_head=True)
     )

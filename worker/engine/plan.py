@@ -148,16 +148,6 @@ def _validate(config: TransferConfig, strategy: Strategy) -> None:
         for name in other.settings:
             if other is not strategy and getattr(config, name) is not None:
                 raise ValueError(f"{name} only applies to the {other.name} strategy")
-    if (
-        config.head_epochs is not None
-        and config.head_epochs > 1
-        and config.stages is None
-        and _solves_head(config)
-    ):
-        raise ValueError(
-            "head_epochs: the linear head stage is solved in one epoch (solve_head); set "
-            "solve_head: false to step it for several epochs"
-        )
     strategy.check(config)
     if config.stages is not None and not config.stages:
         raise ValueError("stages must list at least one stage when given")
@@ -171,8 +161,9 @@ def _validate(config: TransferConfig, strategy: Strategy) -> None:
 
 
 def _solves_head(config: TransferConfig) -> bool:
-    """The presets' head-only stages are solved: asked for, and the head is linear (convex)."""
-    return config.solve_head and not config.head.hidden
+    """The presets' head-only stages are solved: asked for, the head is linear (convex), and
+    the spec did not ask for several head epochs (`head_epochs` > 1 steps the head for them)."""
+    return config.solve_head and not config.head.hidden and (config.head_epochs or 1) <= 1
 
 
 def _solved(stage: Stage) -> Stage:

@@ -359,9 +359,10 @@ class TransferSettings(RunSettings):
         None,
         ge=1,
         le=MAX_EPOCHS,
-        description="freeze_unfreeze and lwf with `solve_head: false` (or a head with hidden "
-        "layers): epochs of the head-only stage (on cached backbone features; it makes at "
-        f"least {FEW_SHOT_HEAD_STEPS} optimizer steps in all, with several passes over a small "
+        description="freeze_unfreeze and lwf: epochs of the head-only stage. Default 1, "
+        "which a linear head spends solved (`solve_head`); more than 1 steps the head for that "
+        "many epochs (on cached backbone features; it makes at least "
+        f"{FEW_SHOT_HEAD_STEPS} optimizer steps in all, with several passes over a small "
         "training split per epoch).",
     )
     solve_head: bool = setting(
@@ -370,8 +371,9 @@ class TransferSettings(RunSettings):
         "the first stage of `freeze_unfreeze`, `gradual_unfreeze`, `ulmfit` and `lwf`) are "
         "solved, not stepped: multinomial logistic regression on the frozen features, fitted "
         "to its optimum by full-batch L-BFGS with the L2 strength chosen on validation from "
-        f"C in {list(HEAD_C_GRID)}. Such a stage takes one epoch. false: the optimizer steps "
-        "it for its epochs like any other stage.",
+        f"C in {list(HEAD_C_GRID)}. Such a stage takes one epoch; `head_epochs` > 1 asks for a "
+        "stepped head instead. false: the optimizer steps it for its epochs like any other "
+        "stage.",
     )
     partial_groups: int = setting(
         2, ge=1, le=100, description="partial: how many top backbone groups train."
