@@ -457,10 +457,11 @@ def test_every_strategy_the_spec_offers_is_one_registered_module() -> None:
 
 @pytest.mark.parametrize(
     ("train_size", "augment", "label_smoothing", "reason"),
-    [(15, "none", 0.0, "5 training images per class is under 20"),
-     (300, "light", 0.1, "100 training images per class is at least 20"),
+    [(15, "none", 0.0, "5 training images per class is under 100"),
+     (204, "none", 0.0, "68 training images per class is under 100"),
+     (300, "light", 0.1, "100 training images per class is at least 100"),
      (None, "none", 0.0, "size is unknown")],
-    ids=["few-shot", "many-shot", "unknown-size"],
+    ids=["few-shot", "68-per-class", "many-shot", "unknown-size"],
 )  # fmt: skip
 def test_unset_augmentation_follows_the_images_per_class(
     make_config: Callable[..., TransferConfig],
