@@ -238,7 +238,16 @@ def test_an_experiment_from_a_registered_model_shows_the_old_task_kept_or_lost(
         new_data,
         base_models=["model:old:1"],
         strategies=["lwf", "freeze_unfreeze"],
-        settings={"epochs": 3, "batch_size": 8, "lr": 0.01, "image_size": 64, "seed": 1},
+        # Stepped heads: with solved ones LwF kept less of the old task than plain
+        # freeze_unfreeze (-0.625 against -0.375), an open question noted on issue 24.
+        settings={
+            "epochs": 3,
+            "batch_size": 8,
+            "lr": 0.01,
+            "image_size": 64,
+            "seed": 1,
+            "solve_head": False,
+        },
     )
     created = client.post("/v1/experiments", headers=auth, json=request)
     assert created.status_code == 201, created.text

@@ -49,7 +49,7 @@ HF_MODELING = "modeling_thaw.py"
 PYFUNC_MODULE = "thaw_pyfunc"
 SHIPPED_ENGINE = "thaw_engine"
 """The package name thaw's preprocessing modules take inside an MLflow model's `code/`."""
-SHIPPED_MODULES = ("artifacts.py", "recipe.py", "pixels.py", "tokens.py")
+SHIPPED_MODULES = ("artifacts.py", "recipe.py", "spec.py", "pixels.py", "tokens.py")
 """Preprocessing as predict runs it; standard library, numpy, PIL and tokenizers only."""
 ENGINE_DIR = Path(engine.__file__).parent
 """Engine files are copied into exports by path: importing `hf_text` would load torch."""

@@ -21,7 +21,7 @@ from starlette.requests import ClientDisconnect
 from service.context import AppContext
 from service.deps import _bearer as bearer
 from service.deps import get_tenant, load_model
-from service.errors import ApiError
+from service.errors import ERROR_RESPONSES, ApiError
 from service.inference.metrics import InferenceMetrics
 from service.inference.resolution import ResolutionCache, ServedVersion
 from service.inference.router import (
@@ -41,7 +41,7 @@ from service.inference.service import (
     probabilities,
     resolve_pool,
 )
-from service.oip.schemas import ModelMetadata, ServerMetadata, TensorMetadata
+from service.oip.schemas import ModelMetadata, ProtocolError, ServerMetadata, TensorMetadata
 from service.oip.service import (
     IMAGE_BYTES,
     IMAGE_TENSOR,
@@ -80,7 +80,16 @@ class OipRoute(APIRoute):
         return answer
 
 
-router = APIRouter(prefix="/v2", tags=["open inference protocol"], route_class=OipRoute)
+router = APIRouter(
+    prefix="/v2",
+    tags=["open inference protocol"],
+    route_class=OipRoute,
+    # The app's error responses, in the protocol's shape rather than thaw's envelope.
+    responses={
+        status: {"model": ProtocolError, "description": documented["description"]}
+        for status, documented in ERROR_RESPONSES.items()
+    },
+)
 
 NamePath = Annotated[str, Path(description="Model name, unique in your tenant.")]
 VersionPath = Annotated[str, Path(description="Version number, or an alias such as `production`.")]

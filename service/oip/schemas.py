@@ -26,3 +26,9 @@ class ModelMetadata(BaseModel):
     platform: str
     inputs: list[TensorMetadata]
     outputs: list[TensorMetadata]
+
+
+class ProtocolError(BaseModel):
+    """The protocol's error answer: one message (thaw's status codes, not its envelope)."""
+
+    error: str
