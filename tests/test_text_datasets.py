@@ -183,8 +183,9 @@ def test_an_unclosed_quote_cannot_swallow_the_file(tmp_path: Path) -> None:
 
     assert (6, "bad_row") in skips(result) or (6, "too_large") in skips(result)
     assert result.class_counts["a"]["total"] == 2
-    # The quote may take the rows up to the CSV field limit with it, never the rest of the file.
-    assert result.class_counts.get("c", {"total": 0})["total"] > 25_000
+    # The quote may take the rows up to the CSV field limit with it (about 34,000 of these
+    # short rows), never the rest of the file: its last row is read.
+    assert result.class_counts.get("c", {"total": 0})["total"] > 10_000
     texts = {r.text for r in iter_text_rows(tmp_path / "files", result.shards)}
     assert "after 49999" in texts
 
