@@ -111,7 +111,9 @@ def test_no_route_lets_another_tenant_see_or_touch_anything(
         assert not leaked, (method, path, leaked)
         if not re.search(r"\{[^}]+\}", template):
             # Lists and pages without ids: whatever they answer, none of A's data is in it.
-            assert response.status_code < 500, (method, path, response.text)
+            # (`/readyz` is rightly 503 here: A's queued work has no live worker in this test.)
+            if path != "/readyz":
+                assert response.status_code < 500, (method, path, response.text)
         elif template.startswith("/ui/") and not template.startswith("/ui/api/"):
             # A dashboard page: the "Not found" page, with the API's 404 for another's id.
             assert response.status_code == 404, (method, path, response.text)
