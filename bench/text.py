@@ -73,16 +73,21 @@ def stratified_split(
     return train, test
 
 
-class _Classifier(nn.Module):
-    """What a user writes: the encoder, mean pooling over the mask, a linear head."""
+class ScriptClassifier(nn.Module):
+    """What a user writes: the encoder (pretrained, or the same architecture from random
+    weights), mean pooling over the mask, a linear head."""
 
-    def __init__(self, classes: int) -> None:
+    def __init__(self, classes: int, *, pretrained: bool = True) -> None:
         super().__init__()
-        from transformers import AutoModel
+        from transformers import AutoConfig, AutoModel
 
-        self.encoder = AutoModel.from_pretrained(
-            MINILM_FOLDER, local_files_only=True, add_pooling_layer=False
-        )
+        if pretrained:
+            self.encoder = AutoModel.from_pretrained(
+                MINILM_FOLDER, local_files_only=True, add_pooling_layer=False
+            )
+        else:
+            config = AutoConfig.from_pretrained(MINILM_FOLDER, local_files_only=True)
+            self.encoder = AutoModel.from_config(config, add_pooling_layer=False)
         self.head = nn.Linear(self.encoder.config.hidden_size, classes)
 
     def features(self, ids: Tensor, mask: Tensor) -> Tensor:
@@ -121,7 +126,7 @@ def hand_fine_tune(plan: Plan, train: list[TextSample], val: list[TextSample]) -
 
     torch.manual_seed(plan.seed)
     tokenizer = AutoTokenizer.from_pretrained(MINILM_FOLDER, local_files_only=True)
-    model = _Classifier(plan.num_classes)
+    model = ScriptClassifier(plan.num_classes)
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=plan.weight_decay)
     loss_fn = nn.CrossEntropyLoss()
     for _ in range(plan.stages[0].epochs):
@@ -143,7 +148,7 @@ def hand_feature_extraction(plan: Plan, train: list[TextSample], val: list[TextS
 
     torch.manual_seed(plan.seed)
     tokenizer = AutoTokenizer.from_pretrained(MINILM_FOLDER, local_files_only=True)
-    model = _Classifier(plan.num_classes)
+    model = ScriptClassifier(plan.num_classes)
     model.encoder.requires_grad_(False)
     optimizer = torch.optim.AdamW(model.head.parameters(), lr=plan.stages[0].group_lrs["head"])
     loss_fn = nn.CrossEntropyLoss()

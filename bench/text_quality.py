@@ -40,6 +40,7 @@ from typing import Any, get_args
 
 import numpy as np
 import torch
+from text import ScriptClassifier
 from torch import Tensor, nn
 
 from worker.engine import ParentModel, TextSample, TransferConfig, compile_plan, export_model, run
@@ -141,33 +142,6 @@ def test_accuracy(model: nn.Module, test: list[TextSample], max_length: int) -> 
     return hits / len(test)
 
 
-class _Classifier(nn.Module):
-    """What a user writes: the encoder, mean pooling over the mask, a linear head."""
-
-    def __init__(self, classes: int, *, pretrained: bool) -> None:
-        super().__init__()
-        from transformers import AutoConfig, AutoModel
-
-        if pretrained:
-            self.encoder = AutoModel.from_pretrained(
-                MINILM_FOLDER, local_files_only=True, add_pooling_layer=False
-            )
-        else:
-            config = AutoConfig.from_pretrained(MINILM_FOLDER, local_files_only=True)
-            self.encoder = AutoModel.from_config(config, add_pooling_layer=False)
-        self.head = nn.Linear(self.encoder.config.hidden_size, classes)
-
-    def features(self, ids: Tensor, mask: Tensor) -> Tensor:
-        hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        weights = mask.unsqueeze(-1).to(hidden.dtype)
-        pooled: Tensor = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-        return pooled
-
-    def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
-        logits: Tensor = self.head(self.features(ids, mask))
-        return logits
-
-
 def script_accuracy(
     preset: str,
     train: list[TextSample],
@@ -181,7 +155,7 @@ def script_accuracy(
     """The hand-written script's row for `preset` (see the module's doc)."""
     torch.manual_seed(seed)
     tokenizer = _tokenizer()
-    model = _Classifier(classes, pretrained=preset != "scratch")
+    model = ScriptClassifier(classes, pretrained=preset != "scratch")
     if preset == "feature_extraction":
         from sklearn.linear_model import LogisticRegression
 
