@@ -23,6 +23,8 @@ BRIDGE = "/ui/api/v1/{path:path}"
 BODIES: dict[tuple[str, str], dict[str, Any]] = {
     ("put", "/v1/models/{name}/aliases/{alias}"): {"json": {"version": 1}},
     ("patch", "/v1/models/{name}"): {"json": {"tags": ["x"]}},
+    # Empty: the owner is told 422 (say which form), anyone else 404 before the body is read.
+    ("post", "/v1/models/{name}/versions/{version}/feedback"): {"json": {}},
     ("patch", "/v1/models/{name}/versions/{version}"): {"json": {"tags": ["x"]}},
     ("post", "/v1/models/{name}/versions/{version}/predict"): {
         "files": [("images", ("a.png", IMAGE))]
