@@ -84,6 +84,9 @@ def test_dashboard_end_to_end(server: Server, tmp_path: Path) -> None:
         page.goto(f"{server.url}/ui/jobs")
         page.select_option("#new-job select[name=dataset]", label="browser-digits (45 images)")
         page.fill("#new-job input[name=model]", "browser-digits")
+        # freeze_unfreeze: its solved head takes one epoch, the unfreeze stage the other (a
+        # solved feature_extraction would take one epoch whatever `epochs` says).
+        page.select_option("#new-job select[name=strategy]", "freeze_unfreeze")
         page.fill("#new-job input[name=epochs]", "2")
         page.click("#new-job button[type=submit]")
         expect(page).to_have_url(re.compile(r"/ui/jobs/job_"))
