@@ -20,7 +20,7 @@ from worker.engine import (
 )
 from worker.engine.artifacts import ModelConfig, Preprocessing
 from worker.engine.recipe import stage_recipes
-from worker.engine.spec import HEAD_C_GRID, Strategy
+from worker.engine.spec import HEAD_C_GRID, SpecError, Strategy
 from worker.engine.strategies import STRATEGIES
 
 RESNET_GROUPS = ("stem", "layer1", "layer2", "layer3", "layer4", "head")
@@ -504,3 +504,25 @@ def test_solved_head_stages_show_in_the_preview(
         make_config("freeze_unfreeze", epochs=3, head=HeadConfig(hidden=(8,)), solve_head=True)
     )
     assert not hidden.stages[0].solve
+
+
+@pytest.mark.parametrize(
+    ("strategy", "settings", "field"),
+    [
+        ("fine_tune", {"head_epochs": 2}, "head_epochs"),
+        ("freeze_unfreeze", {"epochs": 1}, "epochs"),
+        ("partial", {"partial_groups": 9}, "partial_groups"),
+        ("fine_tune", {"stages": (StageSpec(groups=("layer9",)),)}, "stages[0].groups"),
+        ("fine_tune", {"max_length": 64}, "max_length"),
+        ("scratch", {"lora_rank": 4}, "lora_rank"),
+    ],
+)
+def test_a_refused_setting_names_its_field(
+    make_config: Callable[..., TransferConfig],
+    strategy: str,
+    settings: dict[str, object],
+    field: str,
+) -> None:
+    with pytest.raises(SpecError) as refused:
+        compile_plan(make_config(strategy, **settings))
+    assert refused.value.field == field
