@@ -74,6 +74,7 @@ from service.tables import (
     VersionTag,
 )
 from worker.engine.artifacts import WEIGHTS_FILE
+from worker.engine.stages import Plan
 from worker.engine.strategies import strategy_named
 
 logger = logging.getLogger(__name__)
@@ -123,8 +124,7 @@ def _scratch_architecture(
     if not base_model.startswith(PARENT_PREFIX):
         return base_model
     parent = jobs.resolve_parent(session, context=context, tenant=tenant, reference=base_model)
-    architecture: str = parent.plan["base_model"]
-    return architecture
+    return Plan.from_dict(parent.plan).base_model
 
 
 def _parameters(

@@ -7,7 +7,7 @@ executes plans, so what will happen can be shown (`describe_plan`) before anythi
 """
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import fields, replace
 from typing import Any
 
 from .artifacts import ModelConfig
@@ -21,13 +21,10 @@ from .spec import (
     MAX_IMAGE_SIZE,
     MIN_IMAGE_SIZE,
     MODALITY_DEFAULTS,
-    AugmentLevel,
     HeadConfig,
-    Modality,
     RunSettings,
     SpecError,
     StageSpec,
-    Truncation,
     check_settings,
     decode,
 )
@@ -41,6 +38,7 @@ from .stages import (
     TOP,
     Base,
     ParentModel,
+    Plan,
     Stage,
     TaskInfo,
     TransferConfig,
@@ -68,65 +66,6 @@ __all__ = [
     "steps_per_epoch",
     "with_found_lr",
 ]
-
-
-@dataclass(frozen=True, kw_only=True)
-class Plan(RunSettings):
-    """A compiled plan: the run settings as asked, plus everything resolved from the zoo,
-    the preset and the parent. Its JSON form (`to_dict`) is stored with jobs and versions."""
-
-    base_model: str
-    num_classes: int
-    head: HeadConfig
-    stages: tuple[Stage, ...]
-    augment: AugmentLevel = "none"
-    """As the spec asked, or what its data chose when left out (`data_defaults`)."""
-    label_smoothing: float = 0.0
-    """As `augment`."""
-    pretrained: bool
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    parent: str | None = None
-    """Start from this exported model's weights instead of ImageNet's: its `ParentModel`
-    location (the service's storage key of the version). `run` gets its files as a folder."""
-    modality: Modality = "image"
-    max_length: int | None = None
-    """Text: tokens per text, special tokens included."""
-    truncation: Truncation | None = None
-    """Text: which tokens a longer text keeps."""
-    task_name: str = DEFAULT_TASK
-    old_tasks: tuple[TaskInfo, ...] = ()
-    """LwF: the parent's tasks, whose heads are kept beside the new one."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Free-form notes for people reading the plan (strategy name, parent reference)."""
-
-    @property
-    def image_size(self) -> int:
-        """The size the finished model was last trained at, hence the one to predict at."""
-        size = self.stages[-1].image_size
-        if size is None:
-            raise ValueError(f"a {self.modality} plan has no image size")
-        return size
-
-    @property
-    def needs_lr_finder(self) -> bool:
-        """The spec asked for `lr: auto` and no rate has been found for it yet."""
-        return any(stage.auto_lr for stage in self.stages)
-
-    @property
-    def has_lm_stage(self) -> bool:
-        return any(stage.objective == MASKED_LM for stage in self.stages)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Plan":
-        """Inverse of `to_dict`; fields newer than the stored plan take their defaults."""
-        # Exported models' config.json from before parents were named by key carry a host
-        # path under `parent_dir`; a finished model never reads its parent again.
-        data = {name: value for name, value in data.items() if name != "parent_dir"}
-        return decode(cls, data)
 
 
 def _validate(config: TransferConfig, strategy: Strategy) -> None:

@@ -22,7 +22,7 @@ from service.models.service import publish_version
 from service.monitoring.reference import write_reference
 from service.tables import Dataset, Job
 from worker import trials
-from worker.engine import export_bundle
+from worker.engine import Plan, export_bundle
 from worker.engine.artifacts import CARD_FILE
 from worker.jobs.hooks import db
 from worker.jobs.training import Trained
@@ -146,7 +146,7 @@ def _model_card(
             "num_images": dataset.num_images,
         },
         spec=job.spec,
-        plan=job.plan,
+        plan=Plan.from_dict(job.plan),
         metrics=metrics,
         history=epoch_history(session, job_id=job.id),
         onnx=onnx,
