@@ -21,8 +21,9 @@ from service.inference.metrics import InferenceMetrics
 from service.inference.resolution import ServedVersion
 from service.inference.service import decode_images
 from service.main import create_app
+from service.monitoring.capture import capture_key, capture_prefix, enforce_bounds
 from service.monitoring.service import Recorder
-from service.tables import ModelVersion
+from service.tables import ModelVersion, MonitorPrediction
 from tests.conftest import digits_split, make_settings, new_key, png_bytes
 from tests.test_api import assert_error, ready_dataset
 from tests.test_registry import Registry, publish
@@ -265,3 +266,71 @@ def test_windows_pool_the_traffic_of_several_processes(monitored: Registry) -> N
     windows = monitoring(monitored)["windows"]
     assert len(windows) == before + 1
     assert windows[-1]["count"] == WINDOW
+
+
+def captures(registry: Registry, auth: dict[str, str] | None = None) -> dict[str, Any]:
+    registry.client.app.state.monitor.flush()  # type: ignore[attr-defined]
+    response = registry.client.get("/v1/models/digits/captures", headers=auth or registry.auth)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def test_capture_keeps_inputs_only_when_on_bounded_and_deletable(monitored: Registry) -> None:
+    client, auth, store = monitored.client, monitored.auth, monitored.context.store
+    assert captures(monitored)["items"] == 0
+    images = [image for image, _ in unseen_digits()[:4]]
+    predict(monitored, images[:1])
+    assert captures(monitored)["items"] == 0  # off by default: nothing of an input is kept
+
+    patched = client.patch("/v1/models/digits", headers=auth, json={"capture": True})
+    assert patched.status_code == 200, patched.text
+    assert patched.json()["capture"] is True
+    # One call each: their order in time is what the bound goes by.
+    answered = [answer for image in images for answer in predict(monitored, [image])]
+    kept = captures(monitored)
+    assert (kept["capture"], kept["items"], kept["labelled"]) == (True, 4, 0)
+    with monitored.context.db.session() as session:
+        model_id = session.query(ModelVersion).one().model_id
+        rows = {
+            row.id: row
+            for row in session.query(MonitorPrediction).filter(
+                MonitorPrediction.input_key.is_not(None)
+            )
+        }
+    first = rows[answered[0]["prediction_id"]]
+    assert first.input_key == capture_key(model_id, first.id)
+    assert store.get_bytes(first.input_key) == png_bytes(images[0])
+    assert kept["bytes"] == sum(len(png_bytes(image)) for image in images)
+
+    client.post(
+        "/v1/models/digits/versions/1/feedback",
+        headers=auth,
+        json={"prediction_id": answered[0]["prediction_id"], "label": "digit_0"},
+    )
+    assert captures(monitored)["labelled"] == 1
+    # Another team sees no capture of this model (its own `digits` does not exist).
+    other = new_key(monitored.context, "team-c")
+    assert client.get("/v1/models/digits/captures", headers=other).status_code == 404
+    assert client.delete("/v1/models/digits/captures", headers=other).status_code == 404
+
+    # Over the bound, the oldest unlabelled inputs go first; the labelled one stays.
+    with monitored.context.db.session() as session:
+        dropped = enforce_bounds(session, store, model_id=model_id, max_items=2, max_bytes=10**9)
+    assert dropped == 2
+    with monitored.context.db.session() as session:
+        left = {
+            row.id
+            for row in session.query(MonitorPrediction).filter(
+                MonitorPrediction.input_key.is_not(None)
+            )
+        }
+    assert left == {answered[0]["prediction_id"], answered[3]["prediction_id"]}
+    assert not store.exists(rows[answered[1]["prediction_id"]].input_key or "")
+
+    assert client.delete("/v1/models/digits/captures", headers=auth).status_code == 204
+    assert captures(monitored)["items"] == 0
+    assert not store.exists(capture_prefix(model_id))
+    client.patch("/v1/models/digits", headers=auth, json={"capture": False})
+    predict(monitored, images[:1])
+    assert captures(monitored)["items"] == 0
