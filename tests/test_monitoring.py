@@ -16,6 +16,7 @@ from service.cli import app as cli
 from service.cli import migrate_database
 from service.client import ThawClient
 from service.datasets.ingest import IngestLimits
+from service.datasets.service import process_upload
 from service.db import new_id
 from service.inference.metrics import InferenceMetrics
 from service.inference.resolution import ServedVersion
@@ -24,9 +25,11 @@ from service.main import create_app
 from service.monitoring.capture import capture_key, capture_prefix, enforce_bounds
 from service.monitoring.service import Recorder
 from service.tables import ModelVersion, MonitorPrediction
+from service.updates.service import advance_all as advance_updates
 from tests.conftest import digits_split, make_settings, new_key, png_bytes
 from tests.test_api import assert_error, ready_dataset
 from tests.test_registry import Registry, publish
+from worker import jobs
 
 WINDOW = 20
 CLASSES = 3
@@ -334,3 +337,67 @@ def test_capture_keeps_inputs_only_when_on_bounded_and_deletable(monitored: Regi
     client.patch("/v1/models/digits", headers=auth, json={"capture": False})
     predict(monitored, images[:1])
     assert captures(monitored)["items"] == 0
+
+
+def test_an_update_from_feedback_is_scored_on_it_and_on_the_old_task(monitored: Registry) -> None:
+    """The champion/challenger step: inverted digits (the shift the first test alarms on) are
+    captured and labelled; an `lwf` update from that feedback is scored beside the version on
+    the held-out feedback and on the version's own validation items, and `auto` promotes by
+    the rule."""
+    client, auth, context = monitored.client, monitored.auth, monitored.context
+    client.patch("/v1/models/digits", headers=auth, json={"capture": True})
+    unseen = unseen_digits()
+    # 20 of each class, from the end: none the first test sent.
+    digits = [
+        item
+        for label in range(CLASSES)
+        for item in [item for item in unseen if item[1] == label][-20:]
+    ]
+    answered: list[dict[str, Any]] = []
+    for start in range(0, len(digits), 20):
+        answered += predict(monitored, [255 - image for image, _ in digits[start : start + 20]])
+    feedback = [
+        {"prediction_id": p["prediction_id"], "label": f"digit_{label}"}
+        for p, (_, label) in zip(answered, digits, strict=True)
+    ]
+    captures(monitored)
+    client.post("/v1/models/digits/versions/1/feedback", headers=auth, json={"feedback": feedback})
+    assert captures(monitored)["labelled"] == len(digits)
+
+    url = "/v1/models/digits/updates"
+    refused = client.post(url, headers=auth, json={"strategy": "scratch"})
+    assert_error(refused, 422, "invalid_request")
+    body = {
+        "promote": "auto",
+        "margin": 0.05,
+        "settings": {"epochs": 2, "batch_size": 16, "lr": 0.01, "image_size": 64, "seed": 1},
+    }
+    made = client.post(url, headers=auth, json=body)
+    assert made.status_code == 202, made.text
+    update = made.json()
+    assert (update["status"], update["from_version"]) == ("preparing", 1)
+    assert (update["holdout_items"], update["training_items"]) == (18, 42)
+    other = new_key(context, "team-d")
+    assert client.get(f"{url}/{update['id']}", headers=other).status_code == 404
+
+    process_upload(context=context, dataset_id=update["dataset_id"])
+    advance_updates(context)
+    training = client.get(f"{url}/{update['id']}", headers=auth).json()
+    assert training["status"] == "training", (training["error_code"], training["error_message"])
+    jobs.execute(context, job_id=training["job_id"])
+    done = client.get(f"{url}/{update['id']}", headers=auth).json()
+    assert done["status"] == "ready", done
+    scores = done["scores"]
+    assert done["candidate_version"] == 2
+    assert scores["feedback_items"] == 18
+    assert scores["old_task_items"] > 0
+    assert scores["feedback_accuracy"] > scores["current_feedback_accuracy"]
+    lost = scores["current_old_task_accuracy"] - scores["old_task_accuracy"]
+    assert done["promoted"] is (lost < 0.05)
+    aliases = client.get("/v1/models/digits", headers=auth).json()["aliases"]
+    assert aliases.get("production") == (2 if done["promoted"] else None)
+    # Asked, it is promoted whatever the rule said.
+    promoted = client.post(f"{url}/{update['id']}/promote", headers=auth)
+    assert promoted.status_code == 200, promoted.text
+    assert promoted.json()["promoted"] is True
+    assert client.get("/v1/models/digits", headers=auth).json()["aliases"]["production"] == 2
