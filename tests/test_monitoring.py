@@ -26,6 +26,7 @@ from service.monitoring.capture import capture_key, capture_prefix, enforce_boun
 from service.monitoring.service import Recorder
 from service.tables import ModelVersion, MonitorPrediction
 from service.updates.service import advance_all as advance_updates
+from service.updates.service import promotion_decision
 from tests.conftest import digits_split, make_settings, new_key, png_bytes
 from tests.test_api import assert_error, ready_dataset
 from tests.test_registry import Registry, publish
@@ -401,3 +402,31 @@ def test_an_update_from_feedback_is_scored_on_it_and_on_the_old_task(monitored: 
     assert promoted.status_code == 200, promoted.text
     assert promoted.json()["promoted"] is True
     assert client.get("/v1/models/digits", headers=auth).json()["aliases"]["production"] == 2
+
+
+@pytest.mark.parametrize(
+    ("rule", "feedback", "old", "promoted"),
+    [
+        ("auto", (0.9, 0.5), (0.80, 0.81), True),  # better, loses 0.01 < 0.02
+        ("auto", (0.9, 0.5), (0.78, 0.81), False),  # loses 0.03
+        ("auto", (0.9, 0.5), (0.79, 0.81), False),  # loses the margin itself
+        ("auto", (0.5, 0.5), (0.90, 0.81), False),  # no better on feedback
+        ("auto", (0.9, 0.5), (None, None), False),  # the old task could not be scored
+        (True, (0.1, 0.5), (0.10, 0.81), True),  # asked
+        (False, (0.9, 0.5), (0.81, 0.81), False),  # not asked
+    ],
+)
+def test_auto_promotes_only_a_candidate_better_on_feedback_within_the_margin(
+    rule: bool | str,
+    feedback: tuple[float, float],
+    old: tuple[float | None, float | None],
+    promoted: bool,
+) -> None:
+    scores = {
+        "feedback_accuracy": feedback[0],
+        "current_feedback_accuracy": feedback[1],
+        "old_task_accuracy": old[0],
+        "current_old_task_accuracy": old[1],
+    }
+    decided, why = promotion_decision(rule=rule, margin=0.02, scores=scores)
+    assert decided is promoted, why

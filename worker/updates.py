@@ -27,7 +27,13 @@ from service.db import utcnow
 from service.jobs.states import TERMINAL_STATUSES, JobStatus
 from service.models.service import set_alias
 from service.tables import Job, ModelUpdate, ModelVersion, MonitorPrediction, RegisteredModel
-from service.updates.service import FAILED, READY, SCORING, update_of_job
+from service.updates.service import (
+    FAILED,
+    READY,
+    SCORING,
+    promotion_decision,
+    update_of_job,
+)
 from worker import trials
 from worker.engine import Predictor
 
@@ -140,25 +146,11 @@ def _scores(context: AppContext, *, update_id: str, candidate_id: str) -> dict[s
 
 
 def _decide(session: Session, *, update: ModelUpdate, scores: dict[str, Any]) -> None:
-    """Record the scores and apply the promote rule."""
+    """Record the scores and apply the update's promote rule."""
     request = update.request
-    rule = request["promote"]
-    better = scores["feedback_accuracy"] > scores["current_feedback_accuracy"]
-    old, current_old = scores["old_task_accuracy"], scores["current_old_task_accuracy"]
-    lost = None if old is None or current_old is None else current_old - old
-    if rule is True:
-        promoted, decision = True, "promoted: asked"
-    elif rule == "auto" and not better:
-        promoted, decision = False, "kept: not more accurate on the held-out feedback"
-    elif rule == "auto" and lost is None:
-        promoted, decision = False, "kept: the old task could not be scored"
-    elif rule == "auto" and lost is not None and lost >= request["margin"]:
-        promoted = False
-        decision = f"kept: loses {lost:.3f} on the old task (margin {request['margin']})"
-    elif rule == "auto":
-        promoted, decision = True, "promoted: better on feedback, old task within the margin"
-    else:
-        promoted, decision = False, "kept: promote when asked (POST .../promote)"
+    promoted, decision = promotion_decision(
+        rule=request["promote"], margin=request["margin"], scores=scores
+    )
     if promoted:
         model = session.get_one(RegisteredModel, update.model_id)
         set_alias(

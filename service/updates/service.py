@@ -347,6 +347,26 @@ def advance_after_ingest(context: AppContext, *, dataset_id: str) -> None:
         logger.exception("could not advance the update of dataset %s; the reaper will", dataset_id)
 
 
+def promotion_decision(
+    *, rule: bool | str, margin: float, scores: dict[str, Any]
+) -> tuple[bool, str]:
+    """Whether a scored candidate takes the alias, and why. `auto`: only when it is more
+    accurate on the held-out feedback and loses less than `margin` on the old task."""
+    if rule is True:
+        return True, "promoted: asked"
+    if rule is False:
+        return False, "kept: promote when asked (POST .../promote)"
+    if scores["feedback_accuracy"] <= scores["current_feedback_accuracy"]:
+        return False, "kept: not more accurate on the held-out feedback"
+    old, current_old = scores["old_task_accuracy"], scores["current_old_task_accuracy"]
+    if old is None or current_old is None:
+        return False, "kept: the old task could not be scored"
+    lost = current_old - old
+    if lost >= margin:
+        return False, f"kept: loses {lost:.3f} on the old task (margin {margin})"
+    return True, "promoted: better on feedback, old task within the margin"
+
+
 def promote(session: Session, *, update: ModelUpdate) -> None:
     """Point the update's alias at its candidate."""
     if update.status != READY or update.scores is None:
