@@ -40,6 +40,7 @@ from service.settings import Settings, get_settings
 from service.storage import StorageError
 from service.supervision import WorkerRestarts, restarts_file, stranded_queues
 from service.ui.router import router as ui_router
+from service.updates.router import router as updates_router
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +206,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         experiments_router,
         models_router,
         monitoring_router,
+        updates_router,
         model_search_router,
         ui_router,
     ):

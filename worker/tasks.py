@@ -10,6 +10,7 @@ from service.context import AppContext
 from service.datasets.service import process_upload
 from service.queues import INGEST_TASK, TRAIN_TASK
 from service.settings import get_settings
+from service.updates.service import advance_after_ingest
 from worker import jobs
 
 
@@ -37,6 +38,7 @@ def train_job(job_id: str) -> None:
 
 def ingest_dataset(dataset_id: str) -> None:
     process_upload(context=context(), dataset_id=dataset_id)
+    advance_after_ingest(context(), dataset_id=dataset_id)
 
 
 def register_tasks(app: Celery) -> None:
