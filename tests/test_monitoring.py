@@ -153,6 +153,31 @@ def test_shifted_traffic_alarms_the_estimate_falls_and_feedback_shows_accuracy(
     assert one.json() == {"recorded": 1}
 
 
+def test_the_model_page_plots_shift_and_accuracy_and_marks_shifted_windows(
+    monitored: Registry,
+) -> None:
+    """After the first test: calm windows, then inverted ones that alarmed, one labelled."""
+    client, auth = monitored.client, monitored.auth
+    windows = monitoring(monitored)["windows"]
+    cookie = {"Cookie": f"thaw_key={auth['Authorization'].removeprefix('Bearer ')}"}
+    page = client.get("/ui/models", headers=cookie)
+    assert page.status_code == 200
+    src = "/ui/api/v1/models/digits/versions/1/plots/monitoring.svg"
+    assert f'src="{src}"' in page.text
+    plot = client.get(src, headers=cookie)
+    assert plot.status_code == 200, plot.text
+    assert plot.headers["content-type"] == "image/svg+xml"
+    svg = plot.text
+    for legend in ("shift score", "estimated accuracy", "observed accuracy (feedback)"):
+        assert f">{legend}<" in svg
+    marked = {int(seq) for seq in re.findall(r'id="shifted-window-(\d+)"', svg)}
+    assert marked == {window["seq"] for window in windows if window["shifted"]}
+    assert marked, windows
+    other = new_key(monitored.context, "team-e")
+    hidden = client.get("/v1/models/digits/versions/1/plots/monitoring.svg", headers=other)
+    assert hidden.status_code == 404
+
+
 def relay(client: TestClient) -> httpx.MockTransport:
     """Requests of another httpx client, answered by the test client's app."""
 

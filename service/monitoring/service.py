@@ -73,6 +73,9 @@ class Recorder:
         self._model_ids: dict[str, str] = {}
         self._pending_capture_bytes = 0
         self._capture_lock = threading.Lock()
+        # One flush at a time: a flush that finds nothing pending returns only once a flush
+        # already under way (the thread's) has written what it took.
+        self._flush_lock = threading.Lock()
         self._random = random.Random()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -107,6 +110,10 @@ class Recorder:
 
     def flush(self) -> None:
         """Write what is pending and close due windows now (tests; the thread does it too)."""
+        with self._flush_lock:
+            self._flush()
+
+    def _flush(self) -> None:
         calls: list[_Call] = []
         while self._pending:
             calls.append(self._pending.popleft())
