@@ -1,16 +1,18 @@
 from datetime import datetime
 
-from pydantic import AnyHttpUrl, BaseModel, Field
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
 
 from service.bounds import RequestBody
 from service.webhooks.outbox import EVENTS
 
 
 class WebhookIn(RequestBody):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"url": "https://hooks.example.com/thaw"}]}
+    )
+
     url: AnyHttpUrl = Field(
-        max_length=2000,
-        description="Where thaw POSTs this tenant's events (http or https).",
-        examples=["https://hooks.example.com/thaw"],
+        max_length=2000, description="Where thaw POSTs this tenant's events (http or https)."
     )
 
 
