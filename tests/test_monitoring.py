@@ -3,6 +3,8 @@ windows and tested for shift, accuracy estimated without labels, and labels fed 
 
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
 from functools import partial
 from typing import Any
 
@@ -17,36 +19,54 @@ from service.cli import migrate_database
 from service.client import ThawClient
 from service.datasets.ingest import IngestLimits
 from service.datasets.service import process_upload
-from service.db import new_id
+from service.db import new_id, utcnow
 from service.inference.metrics import InferenceMetrics
 from service.inference.resolution import ServedVersion
 from service.inference.service import decode_images
 from service.main import create_app
 from service.monitoring.capture import capture_key, capture_prefix, enforce_bounds
 from service.monitoring.service import Recorder
-from service.tables import ModelVersion, MonitorPrediction
+from service.queues import SCORE_UPDATE_TASK
+from service.tables import ModelUpdate, ModelVersion, MonitorPrediction
 from service.updates.service import advance_all as advance_updates
 from service.updates.service import promotion_decision
 from tests.conftest import digits_split, make_settings, new_key, png_bytes
 from tests.test_api import assert_error, ready_dataset
 from tests.test_registry import Registry, publish
-from worker import jobs
+from tests.test_webhooks import Received, Receiver, receiving, verify
+from worker import jobs, updates
 
 WINDOW = 20
 CLASSES = 3
 
 
+@dataclass
+class Monitored(Registry):
+    receiver: Receiver
+    """Where team-a's webhook points (path `/hook`)."""
+    secret: str
+
+
 @pytest.fixture(scope="module")
-def monitored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    """`digits` v1 (3 classes, 50 images each, one epoch), windows of 20 predictions."""
+def monitored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Monitored]:
+    """`digits` v1 (3 classes, 50 images each, one epoch), windows of 20 predictions; the
+    team's webhook set before the version was trained."""
     settings = make_settings(
         tmp_path_factory.mktemp("monitoring") / "data", monitor_window_size=WINDOW
     )
     migrate_database(settings)
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings)) as client, receiving() as receiver:
         context = client.app.state.context  # type: ignore[attr-defined]
         auth = new_key(context, "team-a")
-        made = Registry(client, context, auth, ready_dataset(client, context, auth, per_class=50))
+        hooked = client.put("/v1/webhook", headers=auth, json={"url": f"{receiver.url}/hook"})
+        made = Monitored(
+            client,
+            context,
+            auth,
+            ready_dataset(client, context, auth, per_class=50),
+            receiver,
+            hooked.json()["secret"],
+        )
         publish(made, epochs=1)
         yield made
 
@@ -151,6 +171,31 @@ def test_shifted_traffic_alarms_the_estimate_falls_and_feedback_shows_accuracy(
         json={"prediction_id": answered[WINDOW]["prediction_id"], "label": labels[WINDOW]},
     )
     assert one.json() == {"recorded": 1}
+
+
+def test_the_model_page_plots_shift_and_accuracy_and_marks_shifted_windows(
+    monitored: Registry,
+) -> None:
+    """After the first test: calm windows, then inverted ones that alarmed, one labelled."""
+    client, auth = monitored.client, monitored.auth
+    windows = monitoring(monitored)["windows"]
+    cookie = {"Cookie": f"thaw_key={auth['Authorization'].removeprefix('Bearer ')}"}
+    page = client.get("/ui/models", headers=cookie)
+    assert page.status_code == 200
+    src = "/ui/api/v1/models/digits/versions/1/plots/monitoring.svg"
+    assert f'src="{src}"' in page.text
+    plot = client.get(src, headers=cookie)
+    assert plot.status_code == 200, plot.text
+    assert plot.headers["content-type"] == "image/svg+xml"
+    svg = plot.text
+    for legend in ("shift score", "estimated accuracy", "observed accuracy (feedback)"):
+        assert f">{legend}<" in svg
+    marked = {int(seq) for seq in re.findall(r'id="shifted-window-(\d+)"', svg)}
+    assert marked == {window["seq"] for window in windows if window["shifted"]}
+    assert marked, windows
+    other = new_key(monitored.context, "team-e")
+    hidden = client.get("/v1/models/digits/versions/1/plots/monitoring.svg", headers=other)
+    assert hidden.status_code == 404
 
 
 def relay(client: TestClient) -> httpx.MockTransport:
@@ -430,3 +475,81 @@ def test_auto_promotes_only_a_candidate_better_on_feedback_within_the_margin(
     }
     decided, why = promotion_decision(rule=rule, margin=0.02, scores=scores)
     assert decided is promoted, why
+
+
+def test_the_teams_webhook_heard_each_job_each_shifted_window_and_the_update(
+    monitored: Monitored,
+) -> None:
+    """After the tests above: v1's job, the inverted windows that alarmed, the update's job
+    and its scores, each as a signed event."""
+
+    def heard(received: list[Received]) -> dict[str, list[dict[str, Any]]]:
+        events: dict[str, list[dict[str, Any]]] = {}
+        for request in received:
+            event = verify(monitored.secret, request)
+            events.setdefault(event["event"], []).append(event["data"])
+        return events
+
+    shifted = [window for window in monitoring(monitored)["windows"] if window["shifted"]]
+    update = monitored.client.get("/v1/models/digits/updates", headers=monitored.auth).json()
+    received = monitored.receiver.wait_until(
+        "/hook",
+        lambda received: (
+            len(heard(received).get("version.shifted", [])) == len(shifted)
+            and "update.ready" in heard(received)
+        ),
+    )
+    events = heard(received)
+    # Sent concurrently: in any order.
+    assert sorted((e["model"], e["version"]) for e in events["job.succeeded"]) == [
+        ("digits", 1),
+        ("digits", 2),
+    ]
+    assert sorted(e["window"] for e in events["version.shifted"]) == [w["seq"] for w in shifted]
+    assert all(e["p_value"] < 0.01 for e in events["version.shifted"])
+    (ready,) = events["update.ready"]
+    assert ready["update_id"] == update[0]["id"]
+    assert (ready["candidate_version"], ready["from_version"]) == (2, 1)
+    assert "job.failed" not in events
+
+
+def test_a_scoring_lost_with_its_worker_is_sent_again_by_the_reaper_then_given_up(
+    monitored: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The update above, as if its worker died while scoring: the reaper's pass sends the
+    scoring again (to the job's queue) and a worker finishes it; once the scoring workers
+    vanished `THAW_MAX_WORKER_LOSSES` times, the update fails `worker_lost`."""
+    context = monitored.context
+    sent: list[tuple[str, list[str], str]] = []
+    monkeypatch.setattr(
+        context.celery,
+        "send_task",
+        lambda name, args, queue: sent.append((name, args, queue)),
+    )
+    with context.db.session() as session:
+        update = session.query(ModelUpdate).one()
+        update_id, job_id = update.id, update.job_id
+        update.status, update.scores = "scoring", None
+        update.updated_at = utcnow() - timedelta(hours=1)
+        session.commit()
+    advance_updates(context)
+    assert sent == [(SCORE_UPDATE_TASK, [job_id], "cpu")]
+    advance_updates(context)  # sent a moment ago: not again
+    assert len(sent) == 1
+    updates.score_after_job(context, job_id=job_id)  # what the task runs
+    url = f"/v1/models/digits/updates/{update_id}"
+    rescored = monitored.client.get(url, headers=monitored.auth).json()
+    assert rescored["status"] == "ready", rescored
+    assert rescored["candidate_version"] == 2
+    assert rescored["scores"]["feedback_items"] == 18
+
+    with context.db.session() as session:
+        update = session.get_one(ModelUpdate, update_id)
+        update.status = "scoring"
+        update.scoring_sent = context.settings.max_worker_losses
+        update.updated_at = utcnow() - timedelta(hours=1)
+        session.commit()
+    advance_updates(context)
+    given_up = monitored.client.get(url, headers=monitored.auth).json()
+    assert (given_up["status"], given_up["error_code"]) == ("failed", "worker_lost")
+    assert len(sent) == 1

@@ -34,6 +34,7 @@ from service.updates.service import (
     promotion_decision,
     update_of_job,
 )
+from service.webhooks.outbox import UPDATE_READY, emit
 from worker import trials
 from worker.engine import Predictor
 
@@ -151,8 +152,8 @@ def _decide(session: Session, *, update: ModelUpdate, scores: dict[str, Any]) ->
     promoted, decision = promotion_decision(
         rule=request["promote"], margin=request["margin"], scores=scores
     )
+    model = session.get_one(RegisteredModel, update.model_id)
     if promoted:
-        model = session.get_one(RegisteredModel, update.model_id)
         set_alias(
             session,
             model=model,
@@ -163,4 +164,12 @@ def _decide(session: Session, *, update: ModelUpdate, scores: dict[str, Any]) ->
     update.promoted = promoted
     update.status = READY
     update.updated_at = utcnow()
+    ready = {
+        "update_id": update.id,
+        "model": model.name,
+        "from_version": request["from_version"],
+        "promoted": promoted,
+        **update.scores,
+    }
+    emit(session, tenant_id=update.tenant_id, event=UPDATE_READY, data=ready)
     session.commit()

@@ -5,6 +5,7 @@ from fastapi import APIRouter, Query, Response
 from service.deps import ContextDep, ModelDep, SessionDep, VersionDep
 from service.monitoring import statistics
 from service.monitoring.capture import delete_captures, summarise
+from service.monitoring.plots import monitoring_svg
 from service.monitoring.schemas import (
     CapturesOut,
     FeedbackIn,
@@ -49,6 +50,26 @@ def get_monitoring(
             for window in windows_of(session, version=version, limit=limit)
         ],
     )
+
+
+@router.get(
+    "/{name}/versions/{version}/plots/monitoring.svg",
+    summary="The shift score and estimated vs observed accuracy per window, shifted shaded",
+    response_class=Response,
+    responses={200: {"description": "An SVG image.", "content": {"image/svg+xml": {}}}},
+)
+def monitoring_plot(
+    version: VersionDep,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=1000, description="The latest windows drawn.")] = 100,
+) -> Response:
+    profile = (version.exports or {}).get("monitoring") or {}
+    svg = monitoring_svg(
+        windows_of(session, version=version, limit=limit),
+        title=f"{version.model.name} v{version.version} · predict traffic",
+        validation_accuracy=profile.get("validation_accuracy"),
+    )
+    return Response(svg, media_type="image/svg+xml", headers={"Cache-Control": "no-store"})
 
 
 @router.post(

@@ -33,6 +33,7 @@ from service.monitoring import statistics
 from service.monitoring.capture import capture_key, enforce_bounds
 from service.monitoring.reference import REFERENCE_FILE, Reference, summarise
 from service.tables import ModelVersion, MonitorPrediction, MonitorWindow
+from service.webhooks.outbox import VERSION_SHIFTED, emit
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,9 @@ class Recorder:
         self._model_ids: dict[str, str] = {}
         self._pending_capture_bytes = 0
         self._capture_lock = threading.Lock()
+        # One flush at a time: a flush that finds nothing pending returns only once a flush
+        # already under way (the thread's) has written what it took.
+        self._flush_lock = threading.Lock()
         self._random = random.Random()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -107,6 +111,10 @@ class Recorder:
 
     def flush(self) -> None:
         """Write what is pending and close due windows now (tests; the thread does it too)."""
+        with self._flush_lock:
+            self._flush()
+
+    def _flush(self) -> None:
         calls: list[_Call] = []
         while self._pending:
             calls.append(self._pending.popleft())
@@ -297,8 +305,27 @@ def close_window(
     for row in rows:
         row.window_id = window.id
         row.features = None  # tested: nothing of it is kept but the answer
+    if window.shifted:
+        _announce_shift(session, window=window)
     session.commit()
     return window
+
+
+def _announce_shift(session: Session, *, window: MonitorWindow) -> None:
+    """A `version.shifted` event for the tenant's webhook, in the window's transaction."""
+    version = session.get_one(ModelVersion, window.version_id)
+    data = {
+        "model": version.model.name,
+        "version": version.version,
+        "window": window.seq,
+        "start": window.start.isoformat(),
+        "end": window.end.isoformat(),
+        "count": window.count,
+        "score": window.score,
+        "p_value": window.p_value,
+        "estimated_accuracy": window.estimated_accuracy,
+    }
+    emit(session, tenant_id=version.model.tenant_id, event=VERSION_SHIFTED, data=data)
 
 
 def window_statistics(

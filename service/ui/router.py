@@ -30,6 +30,7 @@ from service.tables import (
     Job,
     JobEvent,
     ModelVersion,
+    MonitorWindow,
     RegisteredModel,
     Tenant,
 )
@@ -211,6 +212,14 @@ def _models(session: SessionDep, tenant: Tenant) -> list[dict[str, Any]]:
                 "versions": [version_out(session, version=v) for v in versions],
                 # What the predict page asks for: an image, or texts.
                 "modality": {v.id: v.plan.get("modality", "image") for v in versions},
+                # Versions whose traffic closed a monitoring window: the page plots them.
+                "monitored": set(
+                    session.scalars(
+                        select(MonitorWindow.version_id)
+                        .where(MonitorWindow.version_id.in_([v.id for v in versions]))
+                        .distinct()
+                    )
+                ),
             }
         )
     return result

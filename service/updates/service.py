@@ -18,20 +18,23 @@ import logging
 import random
 import zipfile
 from collections import defaultdict
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import func, select
+from sqlalchemy import update as update_statement
 from sqlalchemy.orm import Session
 
 from service.context import AppContext
 from service.datasets.service import archive_key, create_dataset, dataset_items, require_ready
-from service.db import new_id
+from service.db import new_id, utcnow
 from service.errors import ApiError, not_found
 from service.jobs import service as jobs
 from service.jobs.schemas import PARENT_PREFIX, JobSpec
 from service.jobs.states import TERMINAL_STATUSES, JobStatus
 from service.models.service import resolve_version, set_alias
+from service.queues import SCORE_UPDATE_TASK
 from service.tables import (
     Dataset,
     Job,
@@ -52,6 +55,9 @@ MIN_FEEDBACK = 4
 """Labelled, captured predictions an update needs at least (some to train, some to score)."""
 VALIDATION_FRACTION = "0.2"
 """Of the training feedback, the share the job validates on (early stopping, calibration)."""
+SCORING_TIMEOUT = timedelta(minutes=30)
+"""A scoring (predict over the held-out feedback and the old task's validation items, twice)
+still unfinished after this is taken for lost with its worker, and sent again."""
 
 
 def idempotency_key(update_id: str) -> str:
@@ -265,10 +271,11 @@ def _job_spec(update: ModelUpdate, *, model_name: str, dataset_id: str) -> JobSp
 
 def advance(context: AppContext, *, update_id: str) -> None:
     """Start the training job once the dataset is ready; fail the update when its dataset or
-    job failed. Scoring is the worker's (after the job)."""
+    job failed. Scoring is the worker's (after the job); a scoring lost with its worker is
+    sent again (`_scoring_lost`)."""
     with context.db.session() as session:
         update = session.get(ModelUpdate, update_id)
-        if update is None or update.status not in (PREPARING, TRAINING):
+        if update is None or update.status not in (PREPARING, TRAINING, SCORING):
             return
         dataset = session.get(Dataset, update.dataset_id) if update.dataset_id else None
         if update.status == PREPARING:
@@ -292,6 +299,8 @@ def advance(context: AppContext, *, update_id: str) -> None:
             if job.status in TERMINAL_STATUSES and job.status != JobStatus.SUCCEEDED:
                 _fail(update, job.error_code or "job_failed", job.error_message or job.status)
                 session.commit()
+            elif _scoring_lost(context, update=update, job=job, now=utcnow()):
+                _score_again(context, session, update=update, job=job)
             return
         else:
             return
@@ -319,12 +328,48 @@ def advance(context: AppContext, *, update_id: str) -> None:
         session.commit()
 
 
+def _scoring_lost(context: AppContext, *, update: ModelUpdate, job: Job, now: datetime) -> bool:
+    """Whether the worker that was to score the update after its job vanished: the job
+    succeeded a lease ago and scoring never began (the worker begins at once), or scoring
+    (first or sent again) has been under way longer than `SCORING_TIMEOUT`."""
+    if job.status != JobStatus.SUCCEEDED or job.finished_at is None:
+        return False
+    if update.status == TRAINING and not update.scoring_sent:
+        lease = timedelta(seconds=context.settings.lease_seconds)
+        return job.finished_at < now - lease
+    return update.updated_at < now - SCORING_TIMEOUT
+
+
+def _score_again(context: AppContext, session: Session, *, update: ModelUpdate, job: Job) -> None:
+    """Send the scoring to a worker again, or fail the update once its scoring workers
+    vanished `THAW_MAX_WORKER_LOSSES` times. One reaper of several wins (the count fences)."""
+    sent = update.scoring_sent
+    if sent >= context.settings.max_worker_losses:
+        _fail(
+            update,
+            "worker_lost",
+            f"The workers scoring the candidate vanished {sent + 1} times.",
+        )
+        session.commit()
+        return
+    claimed = session.execute(
+        update_statement(ModelUpdate)
+        .where(ModelUpdate.id == update.id, ModelUpdate.scoring_sent == sent)
+        .values(scoring_sent=sent + 1, updated_at=utcnow())
+    )
+    session.commit()
+    if claimed.rowcount:  # type: ignore[attr-defined]
+        logger.warning("update %s: its scoring was lost with its worker; sent again", update.id)
+        context.celery.send_task(SCORE_UPDATE_TASK, args=[job.id], queue=job.queue)
+
+
 def advance_all(context: AppContext) -> None:
-    """Every update waiting on its dataset or its job (the reaper's pass)."""
+    """Every update waiting on its dataset or its job, or whose scoring was lost (the
+    reaper's pass)."""
     with context.db.session() as session:
         waiting = list(
             session.scalars(
-                select(ModelUpdate.id).where(ModelUpdate.status.in_((PREPARING, TRAINING)))
+                select(ModelUpdate.id).where(ModelUpdate.status.in_((PREPARING, TRAINING, SCORING)))
             )
         )
     for update_id in waiting:
