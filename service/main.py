@@ -40,6 +40,9 @@ from service.settings import Settings, get_settings
 from service.storage import StorageError
 from service.supervision import WorkerRestarts, restarts_file, stranded_queues
 from service.ui.router import router as ui_router
+from service.updates.router import router as updates_router
+from service.webhooks.delivery import WebhookSender
+from service.webhooks.router import router as webhooks_router
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +66,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         stop = threading.Event()
         reaper = start_reaper(context, interval=context.settings.reaper_interval_seconds, stop=stop)
+        webhooks = WebhookSender(context)
+        app.state.webhooks = webhooks
         # What the process built at startup lives as long as it does: moved out of the cyclic
         # collector's reach (after one collection, so no garbage is kept), a full collection
         # no longer walks ~200k objects, which took 2 s on a loaded 2-core host with the GIL
@@ -72,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         stop.set()
         reaper.join(timeout=5)
+        webhooks.close()
         predictors.close()
         if recorder is not None:
             recorder.close()
@@ -205,6 +211,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         experiments_router,
         models_router,
         monitoring_router,
+        webhooks_router,
+        updates_router,
         model_search_router,
         ui_router,
     ):

@@ -28,6 +28,8 @@ DATASETS_QUEUE = "datasets"
 
 TRAIN_TASK = "thaw.train_job"
 INGEST_TASK = "thaw.ingest_dataset"
+SCORE_UPDATE_TASK = "thaw.score_update"
+"""Scores an update's candidate after its job (sent again by the reaper when lost)."""
 
 CONSUMER_HEARTBEAT_SECONDS = 10.0
 CONSUMER_TTL_SECONDS = 3 * CONSUMER_HEARTBEAT_SECONDS

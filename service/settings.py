@@ -185,6 +185,32 @@ class Settings(BaseSettings):
         description="A window also closes once its oldest prediction is this old (checked as "
         "predictions arrive), however few it holds.",
     )
+    capture_max_items: int = Field(
+        default=10_000,
+        ge=1,
+        le=10_000_000,
+        description="Inputs kept per model that captures them (`PATCH /v1/models/NAME` with "
+        '`{"capture": true}`); beyond it the oldest unlabelled inputs go first.',
+    )
+    capture_max_bytes: int = Field(
+        default=1024**3,
+        ge=1,
+        description="Bytes of inputs kept per model that captures them; beyond it the oldest "
+        "unlabelled inputs go first.",
+    )
+    webhook_max_attempts: int = Field(
+        default=8,
+        ge=1,
+        le=100,
+        description="Attempts to deliver one webhook event (`PUT /v1/webhook`) before it is "
+        "given up as `failed`.",
+    )
+    webhook_backoff_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="Wait before a webhook event's second attempt; each later wait doubles "
+        "(the defaults retry for about 20 minutes).",
+    )
     torch_threads: int | None = Field(
         default=None, description="Torch CPU threads in the worker; default: all cores."
     )

@@ -14,6 +14,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -161,6 +162,8 @@ class RegisteredModel(Base):
     # client holding "version 3" can never silently get a different model.
     version_counter: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    capture: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """Keep the inputs of predictions (bounded), so that feedback can train an update."""
 
 
 class ModelVersion(Base):
@@ -335,8 +338,9 @@ class MonitorWindow(Base):
 
 
 class MonitorPrediction(Base):
-    """One prediction as monitoring keeps it: never the input, only what was answered, its
-    reduced features until its window is tested, and the label fed back for it."""
+    """One prediction as monitoring keeps it: what was answered, its reduced features until
+    its window is tested, the label fed back for it, and the key of its input only where its
+    model captures inputs."""
 
     __tablename__ = "monitor_predictions"
 
@@ -356,3 +360,67 @@ class MonitorPrediction(Base):
     label: Mapped[str | None] = mapped_column(String(200))
     """The true label fed back, if any."""
     labelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    input_key: Mapped[str | None] = mapped_column(String(200))
+    """Where the input is kept, when its model captures inputs (`service/monitoring/capture.py`)."""
+    input_bytes: Mapped[int | None] = mapped_column(Integer)
+
+
+class ModelUpdate(Base):
+    """An update of a model from the labels fed back: dataset, training job, scores."""
+
+    __tablename__ = "model_updates"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("upd"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    from_version_id: Mapped[str] = mapped_column(
+        ForeignKey("model_versions.id", ondelete="CASCADE")
+    )
+    """The version updated: the candidate starts from it and is compared with it."""
+    status: Mapped[str] = mapped_column(String(20))
+    request: Mapped[dict[str, Any]] = mapped_column(JSON)
+    dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id"), index=True)
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), index=True)
+    holdout: Mapped[list[str]] = mapped_column(JSON)
+    """Prediction ids whose labels score the candidate and never train it."""
+    scores: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    promoted: Mapped[bool | None] = mapped_column(Boolean)
+    error_code: Mapped[str | None] = mapped_column(String(50))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    scoring_sent: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """Times the reaper sent the scoring again because its worker had vanished."""
+
+
+class Webhook(Base):
+    """A tenant's webhook: where its events are sent, and the secret that signs them."""
+
+    __tablename__ = "webhooks"
+
+    tenant_id: Mapped[str] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True
+    )
+    url: Mapped[str] = mapped_column(String(2000))
+    secret: Mapped[str] = mapped_column(String(100))
+    """Kept as is, since signing needs it (HMAC); shown to the tenant once, when set."""
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """The outbox: an event written in the transaction that caused it, sent after commit by
+    the API processes' senders, retried with backoff until delivered or out of attempts."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("evt"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    event: Mapped[str] = mapped_column(String(40))
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(20), default="pending", index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    """When it is due; while a sender holds it, when that sender's claim runs out."""
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

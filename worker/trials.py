@@ -16,7 +16,7 @@
     with the parent's head on the trial's backbone, as Li & Hoiem judge fine-tuning);
 - `after_epoch`: in an experiment that prunes, a trial is judged at each rung (successive
   halving), so a hopeless one stops at the next step;
-- `advance_after_job`: a trial's end moves its experiment on.
+- `advance_after_job`: a trial's end moves its experiment on; an update's job is scored.
 
 A job that is no trial gets every item and no test metrics.
 """
@@ -38,6 +38,7 @@ from service.experiments import service as experiments
 from service.experiments.split import TEST_PREDICTIONS_FILE, decode_test_split
 from service.experiments.statistics import bootstrap_interval, macro_f1
 from service.tables import Experiment, ExperimentTrial, ModelVersion
+from worker import updates
 from worker.engine import Plan, Predictor, TransferModel
 from worker.engine.predictor import Top
 
@@ -101,8 +102,8 @@ def _answer(
     return predictor.predict(images, top_k, task)
 
 
-def _accuracy(
-    predictor: Predictor, items: list[DatasetItem], classes: list[str], task: str
+def accuracy(
+    predictor: Predictor, items: list[DatasetItem], classes: list[str], task: str | None
 ) -> float:
     """Top-1 accuracy of `predictor`'s `task` on `items` (labelled by index into `classes`)."""
     correct = 0
@@ -186,21 +187,30 @@ def evaluate_on_old_task(
     held_out = [item for item in data.items if item.split == "val"]
     if not held_out:
         return {}
-    parent = Predictor.load(parent_dir)
-    task = list(parent.tasks)[-1]
-    parent_accuracy = _accuracy(parent, held_out, data.classes, task)
-    if task in list(trial.tasks)[:-1]:
-        # LwF kept the old head beside the new one (and trained it to keep its answers).
-        accuracy = _accuracy(trial, held_out, data.classes, task)
-    else:
-        # The parent's head on what this trial did to the backbone.
-        parent.model.backbone.load_state_dict(trial.model.backbone.state_dict())
-        accuracy = _accuracy(parent, held_out, data.classes, task)
+    parent_accuracy, trial_accuracy = score_old_task(
+        Predictor.load(parent_dir), trial, held_out, data.classes
+    )
     return {
-        "old_task_accuracy": accuracy,
+        "old_task_accuracy": trial_accuracy,
         "old_task_parent_accuracy": parent_accuracy,
         "old_task_items": len(held_out),
     }
+
+
+def score_old_task(
+    parent: Predictor, trial: Predictor, held_out: list[DatasetItem], classes: list[str]
+) -> tuple[float, float]:
+    """(parent, trial) accuracy on the parent's newest task over `held_out`. An `lwf` trial
+    answers that task with the old head it kept; any other is judged with the parent's head
+    on the trial's backbone, so `parent`'s backbone is replaced (score it first)."""
+    task = list(parent.tasks)[-1]
+    parent_accuracy = accuracy(parent, held_out, classes, task)
+    if task in list(trial.tasks)[:-1]:
+        # LwF kept the old head beside the new one (and trained it to keep its answers).
+        return parent_accuracy, accuracy(trial, held_out, classes, task)
+    # The parent's head on what this trial did to the backbone.
+    parent.model.backbone.load_state_dict(trial.model.backbone.state_dict())
+    return parent_accuracy, accuracy(parent, held_out, classes, task)
 
 
 def evaluate(
@@ -233,8 +243,10 @@ def after_epoch(context: AppContext, *, job_id: str) -> None:
 
 
 def advance_after_job(context: AppContext, *, job_id: str) -> None:
-    """Move the job's experiment on; a failure here never fails the job (the reaper retries)."""
+    """Move the job's experiment on, or score the update it trained for (`worker/updates.py`);
+    a failure here never fails the job (the reaper retries an experiment)."""
     try:
         experiments.advance_after_job(context, job_id=job_id)
     except Exception:
         logger.exception("job %s: could not advance its experiment; the reaper will", job_id)
+    updates.score_after_job(context, job_id=job_id)

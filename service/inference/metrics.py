@@ -104,6 +104,12 @@ class InferenceMetrics:
             "Predictions or windows monitoring could not record or test (predict answered).",
             registry=self.registry,
         )
+        self.capture_failures = Counter(
+            "thaw_capture_failures",
+            "Inputs a capturing model could not keep (predict answered; the label can still be "
+            "fed back, the input will not train an update).",
+            registry=self.registry,
+        )
         self.rejected_at_admission = Counter(
             "thaw_predict_rejected_at_admission",
             "Predict calls refused with 503 on arrival: THAW_PREDICT_MAX_IN_FLIGHT calls were "

@@ -33,6 +33,8 @@ class ServedVersion:
     version: int
     artifact_prefix: str
     exports: dict[str, Any]
+    capture: bool = False
+    """Whether the model keeps the inputs of its predictions (`service/monitoring/capture.py`)."""
 
     @classmethod
     def of(cls, row: ModelVersion) -> "ServedVersion":
@@ -42,6 +44,7 @@ class ServedVersion:
             version=row.version,
             artifact_prefix=row.artifact_prefix,
             exports=dict(row.exports or {}),
+            capture=row.model.capture,
         )
 
 

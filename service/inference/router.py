@@ -244,6 +244,17 @@ def _resolve(request: Request, credentials: Credentials, name: str, ref: str) ->
     return served
 
 
+def _captured(body: _Body, good: list[int], served: ServedVersion) -> list[bytes] | None:
+    """The answered inputs as sent, when the model keeps them (capture); references, no copy
+    of an image."""
+    if not served.capture:
+        return None
+    if body.texts is not None:
+        return [body.texts[index].encode() for index in good]
+    assert body.images is not None
+    return [body.images[index][1] or b"" for index in good]
+
+
 def _overloaded(message: str) -> ApiError:
     return ApiError(503, "overloaded", message, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
@@ -400,7 +411,9 @@ async def _predict(request: Request, credentials: Credentials, name: str, versio
                 prediction_ids = [new_id("pr") for _ in good]
                 for index, prediction_id in zip(good, prediction_ids, strict=True):
                     results[index]["prediction_id"] = prediction_id
-                recorder.record(served, model, prediction_ids, outputs)
+                recorder.record(
+                    served, model, prediction_ids, outputs, inputs=_captured(body, good, served)
+                )
     finally:
         reservation.release()
     metrics.request_seconds.labels(*labels).observe(time.perf_counter() - started)

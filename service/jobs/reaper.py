@@ -7,7 +7,8 @@
 - datasets whose ingest lease expired (`service/datasets/lease.py`) are sent to the
   `datasets` queue again, or fail with `worker_lost` after `THAW_MAX_WORKER_LOSSES` lost workers;
 - experiments move on (`service.experiments.service.advance`): trials ended by the above, or
-  cancelled directly, are noted and the next pending trials start;
+  cancelled directly, are noted and the next pending trials start; updates from feedback
+  (`service.updates.service.advance`) start their job once their dataset is ready;
 - when the broker lost its messages (Redis restarted or flushed), every queued job and
   processing dataset is sent again: the database, not the broker, holds what is pending;
 - on a fleet (Redis shared), a queued job whose queue no live worker consumes (workers announce
@@ -36,6 +37,7 @@ from service.jobs.service import discard_job_files
 from service.jobs.states import ACTIVE_STATUSES, LEASED_STATUSES, IllegalTransitionError, JobStatus
 from service.queues import INGEST_TASK, TRAIN_TASK, RedisConsumers
 from service.tables import Dataset, Job, JobEvent
+from service.updates.service import advance_all as advance_updates
 
 logger = logging.getLogger(__name__)
 
@@ -215,6 +217,7 @@ def reap(context: AppContext) -> None:
     reap_expired_ingests(context)
     # Experiments whose trials ended here, or were cancelled directly, move on.
     advance_experiments(context)
+    advance_updates(context)
     if broker_started_empty(context):
         logger.warning("the broker lost its messages; re-sending pending work from the database")
         resend_pending(context)

@@ -24,6 +24,7 @@ from service.jobs.states import (
     Transition,
 )
 from service.tables import Job, JobEvent
+from service.webhooks.outbox import emit
 
 
 def _apply(
@@ -68,6 +69,9 @@ def _apply(
 
 def _record_status(session: Session, job: Job, data: dict[str, Any]) -> None:
     session.add(JobEvent(job_id=job.id, kind="status", attempt=job.attempt, data=data))
+    if data["status"] in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+        event = {"job_id": job.id, "model": job.model_name, **data}
+        emit(session, tenant_id=job.tenant_id, event=f"job.{data['status']}", data=event)
 
 
 def _at(moment: datetime) -> ColumnElement[datetime]:

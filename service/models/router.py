@@ -31,6 +31,7 @@ from service.models.service import (
     parse_order,
     search_versions,
     set_alias,
+    set_capture,
     set_model_tags,
     update_version,
     version_detail,
@@ -138,10 +139,12 @@ def get_model(model: ModelDep, session: SessionDep) -> ModelOut:
     return model_out(session, model=model)
 
 
-@router.patch("/{name}", summary="Set a model's tags")
+@router.patch("/{name}", summary="Set a model's tags, or switch input capture on or off")
 def patch_model(model: ModelDep, body: ModelPatch, session: SessionDep) -> ModelOut:
     if body.tags is not None:
         set_model_tags(session, model=model, tags=body.tags)
+    if body.capture is not None:
+        set_capture(session, model=model, capture=body.capture)
     return model_out(session, model=model)
 
 

@@ -96,6 +96,10 @@ class ModelOut(BaseModel):
     id: str
     name: str
     tags: list[str]
+    capture: bool = Field(
+        description="Whether the inputs of its predictions are kept (bounded), so that the "
+        "labels fed back for them can train an update."
+    )
     created_at: datetime
     latest_version: VersionSummary | None = Field(
         description="The highest-numbered version that is not archived."
@@ -104,9 +108,17 @@ class ModelOut(BaseModel):
 
 
 class ModelPatch(RequestBody):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"tags": ["shoes"]}]})
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"tags": ["shoes"]}, {"capture": True}]}
+    )
 
     tags: list[Tag] | None = Field(default=None, max_length=32, description=TAG_DESCRIPTION)
+    capture: bool | None = Field(
+        default=None,
+        description="Keep the inputs of this model's predictions from now on (true), or stop "
+        "(false: what was kept stays until `DELETE /v1/models/NAME/captures`). Bounded by "
+        "THAW_CAPTURE_MAX_ITEMS and THAW_CAPTURE_MAX_BYTES per model.",
+    )
 
 
 class VersionPatch(RequestBody):

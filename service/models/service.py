@@ -34,6 +34,7 @@ from service.tables import (
     ModelAlias,
     ModelTag,
     ModelVersion,
+    MonitorPrediction,
     RegisteredModel,
     Tenant,
     VersionMetric,
@@ -201,6 +202,13 @@ def set_model_tags(session: Session, *, model: RegisteredModel, tags: list[str])
     session.commit()
 
 
+def set_capture(session: Session, *, model: RegisteredModel, capture: bool) -> None:
+    """Predict keeps (or stops keeping) the model's inputs from the next resolution on: the
+    row is watched by every process's resolution cache."""
+    model.capture = capture
+    session.commit()
+
+
 def update_version(
     session: Session, *, version: ModelVersion, tags: list[str] | None, archived: bool | None
 ) -> None:
@@ -225,10 +233,20 @@ def delete_version(session: Session, *, store: ArtifactStore, version: ModelVers
             param="version",
         )
     prefix = version.artifact_prefix
+    captured = list(
+        session.scalars(
+            select(MonitorPrediction.input_key).where(
+                MonitorPrediction.version_id == version.id, MonitorPrediction.input_key.is_not(None)
+            )
+        )
+    )
     session.delete(version)
     session.commit()
     # After the commit: a failed delete leaves orphaned files, never a row without its files.
     store.delete(prefix)
+    for key in captured:
+        if key is not None:
+            store.delete(key)
 
 
 def delete_model(session: Session, *, model: RegisteredModel) -> None:
@@ -501,6 +519,7 @@ def model_out(session: Session, *, model: RegisteredModel) -> ModelOut:
         id=model.id,
         name=model.name,
         tags=list(tags),
+        capture=model.capture,
         created_at=model.created_at,
         latest_version=None
         if latest is None

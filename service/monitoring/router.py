@@ -1,10 +1,18 @@
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 
-from service.deps import ContextDep, SessionDep, VersionDep
+from service.deps import ContextDep, ModelDep, SessionDep, VersionDep
 from service.monitoring import statistics
-from service.monitoring.schemas import FeedbackIn, FeedbackOut, MonitoringOut, WindowOut
+from service.monitoring.capture import delete_captures, summarise
+from service.monitoring.plots import monitoring_svg
+from service.monitoring.schemas import (
+    CapturesOut,
+    FeedbackIn,
+    FeedbackOut,
+    MonitoringOut,
+    WindowOut,
+)
 from service.monitoring.service import give_feedback, windows_of
 
 router = APIRouter(prefix="/v1/models", tags=["monitoring"])
@@ -44,6 +52,26 @@ def get_monitoring(
     )
 
 
+@router.get(
+    "/{name}/versions/{version}/plots/monitoring.svg",
+    summary="The shift score and estimated vs observed accuracy per window, shifted shaded",
+    response_class=Response,
+    responses={200: {"description": "An SVG image.", "content": {"image/svg+xml": {}}}},
+)
+def monitoring_plot(
+    version: VersionDep,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=1000, description="The latest windows drawn.")] = 100,
+) -> Response:
+    profile = (version.exports or {}).get("monitoring") or {}
+    svg = monitoring_svg(
+        windows_of(session, version=version, limit=limit),
+        title=f"{version.model.name} v{version.version} · predict traffic",
+        validation_accuracy=profile.get("validation_accuracy"),
+    )
+    return Response(svg, media_type="image/svg+xml", headers={"Cache-Control": "no-store"})
+
+
 @router.post(
     "/{name}/versions/{version}/feedback",
     summary="Send the true labels of predictions",
@@ -53,3 +81,35 @@ def get_monitoring(
 )
 def post_feedback(body: FeedbackIn, version: VersionDep, session: SessionDep) -> FeedbackOut:
     return FeedbackOut(recorded=give_feedback(session, version=version, labels=body.items()))
+
+
+@router.get(
+    "/{name}/captures",
+    summary="What the model's input capture keeps",
+    description='Switch capture on with `PATCH /v1/models/NAME {"capture": true}`: predict '
+    "then keeps each answered input (bounded per model, the oldest unlabelled going first), so "
+    "that the labels fed back for predictions can train an update (`POST .../updates`).",
+)
+def get_captures(model: ModelDep, session: SessionDep, context: ContextDep) -> CapturesOut:
+    kept = summarise(session, model_id=model.id)
+    settings = context.settings
+    return CapturesOut(
+        model=model.name,
+        capture=model.capture,
+        items=kept.items,
+        bytes=kept.bytes,
+        labelled=kept.labelled,
+        max_items=settings.capture_max_items,
+        max_bytes=settings.capture_max_bytes,
+    )
+
+
+@router.delete(
+    "/{name}/captures",
+    status_code=204,
+    summary="Delete every input the model kept",
+    description="Capture stays as it is set; switch it off first to keep nothing more.",
+)
+def remove_captures(model: ModelDep, session: SessionDep, context: ContextDep) -> Response:
+    delete_captures(session, context.store, model_id=model.id)
+    return Response(status_code=204)

@@ -101,3 +101,13 @@ class FeedbackIn(BaseModel):
 
 class FeedbackOut(BaseModel):
     recorded: int
+
+
+class CapturesOut(BaseModel):
+    model: str
+    capture: bool = Field(description="Whether predictions' inputs are being kept now.")
+    items: int = Field(description="Inputs kept, of this model's predictions.")
+    bytes: int
+    labelled: int = Field(description="Of them, those whose prediction was fed a label.")
+    max_items: int
+    max_bytes: int

@@ -4,7 +4,8 @@ window against the version's reference profile, and the labels fed back for pred
 
 A process's `Recorder` takes each answered call's outputs in constant time (a deque append) and
 a background thread does the rest: the calibrated confidence and predicted label per input,
-the reduced features of a sample of them, one INSERT per flush, then any window that is due.
+the reduced features of a sample of them, one INSERT per flush, then any window that is due, and
+the inputs of a model that captures them (`capture.py`).
 Monitoring never fails predict: anything that goes wrong is logged and counted
 (`thaw_monitor_failures`), and the call has already been answered.
 """
@@ -29,8 +30,10 @@ from service.errors import ApiError
 from service.inference.metrics import InferenceMetrics
 from service.inference.resolution import ServedVersion
 from service.monitoring import statistics
+from service.monitoring.capture import capture_key, enforce_bounds
 from service.monitoring.reference import REFERENCE_FILE, Reference, summarise
 from service.tables import ModelVersion, MonitorPrediction, MonitorWindow
+from service.webhooks.outbox import VERSION_SHIFTED, emit
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +41,8 @@ FLUSH_SECONDS = 0.25
 """How often a process writes what it recorded; a prediction id can be fed back after this."""
 MAX_PENDING_CALLS = 10_000
 """Calls waiting to be written, at most; beyond it the oldest are dropped (and counted)."""
+MAX_PENDING_CAPTURE_BYTES = 64 * 1024**2
+"""Captured inputs waiting to be written, at most; beyond it a call's inputs are not kept."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,9 @@ class _Call:
     outputs: Any
     """The call's `Outputs`, rows of the inputs that were answered."""
     at: datetime
+    inputs: list[bytes] | None
+    """The answered inputs as sent (an image's bytes, a text as UTF-8), when the model
+    captures them."""
 
 
 class Recorder:
@@ -63,6 +71,12 @@ class Recorder:
         self.window_age = timedelta(minutes=settings.monitor_window_minutes)
         self._pending: deque[_Call] = deque(maxlen=MAX_PENDING_CALLS)
         self._references: dict[str, Reference | None] = {}
+        self._model_ids: dict[str, str] = {}
+        self._pending_capture_bytes = 0
+        self._capture_lock = threading.Lock()
+        # One flush at a time: a flush that finds nothing pending returns only once a flush
+        # already under way (the thread's) has written what it took.
+        self._flush_lock = threading.Lock()
         self._random = random.Random()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -70,25 +84,51 @@ class Recorder:
         self._thread.start()
 
     def record(
-        self, version: ServedVersion, model: Any, prediction_ids: list[str], outputs: Any
+        self,
+        version: ServedVersion,
+        model: Any,
+        prediction_ids: list[str],
+        outputs: Any,
+        *,
+        inputs: list[bytes] | None = None,
     ) -> None:
-        """On the request path: constant time, never raises."""
+        """On the request path: constant time (inputs are kept by reference), never raises."""
         try:
             if len(self._pending) == MAX_PENDING_CALLS:
                 self.metrics.monitor_failures.inc()
-            self._pending.append(_Call(version, model, prediction_ids, outputs, utcnow()))
+                self._release(self._pending.popleft())
+            if inputs is not None:
+                size = sum(len(data) for data in inputs)
+                with self._capture_lock:
+                    if self._pending_capture_bytes + size > MAX_PENDING_CAPTURE_BYTES:
+                        self.metrics.capture_failures.inc(len(inputs))
+                        inputs = None
+                    else:
+                        self._pending_capture_bytes += size
+            self._pending.append(_Call(version, model, prediction_ids, outputs, utcnow(), inputs))
         except Exception:
             logger.exception("monitoring could not record a predict call")
 
     def flush(self) -> None:
         """Write what is pending and close due windows now (tests; the thread does it too)."""
+        with self._flush_lock:
+            self._flush()
+
+    def _flush(self) -> None:
         calls: list[_Call] = []
         while self._pending:
             calls.append(self._pending.popleft())
+            self._release(calls[-1])
         if not calls:
             return
+        capturing: set[str] = set()
         try:
-            rows = [row for call in calls for row in self._rows(call)]
+            rows = []
+            for call in calls:
+                answered = self._rows(call)
+                if call.inputs is not None:
+                    capturing |= self._capture(call, answered)
+                rows += answered
             with self.context.db.session() as session:
                 session.add_all(rows)
                 session.commit()
@@ -97,6 +137,8 @@ class Recorder:
         except Exception:
             self.metrics.monitor_failures.inc()
             logger.exception("monitoring could not write %d predict calls", len(calls))
+        for model_id in capturing:
+            self._bound_captures(model_id)
 
     def close(self) -> None:
         self._stop.set()
@@ -138,6 +180,53 @@ class Recorder:
                 )
             )
         return rows
+
+    def _capture(self, call: _Call, rows: list[MonitorPrediction]) -> set[str]:
+        """Keep the call's inputs under its model's prefix and name them on their rows; an
+        input that cannot be kept is counted and its row stays without one."""
+        assert call.inputs is not None
+        try:
+            model_id = self._model_id(call.version.id)
+        except Exception:
+            self.metrics.capture_failures.inc(len(call.inputs))
+            logger.exception("could not capture the inputs of version %s", call.version.id)
+            return set()
+        for row, data in zip(rows, call.inputs, strict=True):
+            key = capture_key(model_id, row.id)
+            try:
+                self.context.store.put_bytes(key, data)
+            except Exception:
+                self.metrics.capture_failures.inc()
+                logger.exception("could not capture the input of prediction %s", row.id)
+                continue
+            row.input_key, row.input_bytes = key, len(data)
+        return {model_id}
+
+    def _release(self, call: _Call) -> None:
+        if call.inputs is not None:
+            with self._capture_lock:
+                self._pending_capture_bytes -= sum(len(data) for data in call.inputs)
+
+    def _model_id(self, version_id: str) -> str:
+        if version_id not in self._model_ids:
+            with self.context.db.session() as session:
+                self._model_ids[version_id] = session.get_one(ModelVersion, version_id).model_id
+        return self._model_ids[version_id]
+
+    def _bound_captures(self, model_id: str) -> None:
+        settings = self.context.settings
+        try:
+            with self.context.db.session() as session:
+                enforce_bounds(
+                    session,
+                    self.context.store,
+                    model_id=model_id,
+                    max_items=settings.capture_max_items,
+                    max_bytes=settings.capture_max_bytes,
+                )
+        except Exception:
+            self.metrics.capture_failures.inc()
+            logger.exception("could not bound the captured inputs of model %s", model_id)
 
     def _close_due(self, version_id: str) -> None:
         with self.context.db.session() as session:
@@ -216,8 +305,27 @@ def close_window(
     for row in rows:
         row.window_id = window.id
         row.features = None  # tested: nothing of it is kept but the answer
+    if window.shifted:
+        _announce_shift(session, window=window)
     session.commit()
     return window
+
+
+def _announce_shift(session: Session, *, window: MonitorWindow) -> None:
+    """A `version.shifted` event for the tenant's webhook, in the window's transaction."""
+    version = session.get_one(ModelVersion, window.version_id)
+    data = {
+        "model": version.model.name,
+        "version": version.version,
+        "window": window.seq,
+        "start": window.start.isoformat(),
+        "end": window.end.isoformat(),
+        "count": window.count,
+        "score": window.score,
+        "p_value": window.p_value,
+        "estimated_accuracy": window.estimated_accuracy,
+    }
+    emit(session, tenant_id=version.model.tenant_id, event=VERSION_SHIFTED, data=data)
 
 
 def window_statistics(

@@ -30,6 +30,7 @@ from service.tables import (
     Job,
     JobEvent,
     ModelVersion,
+    MonitorWindow,
     RegisteredModel,
     Tenant,
 )
@@ -213,6 +214,14 @@ def _models(session: SessionDep, tenant: Tenant) -> list[dict[str, Any]]:
                 "versions": [version_out(session, version=v) for v in versions],
                 # The recipe column, and what the predict page asks for: an image, or texts.
                 "plans": {v.id: Plan.from_dict(v.plan) for v in versions},
+                # Versions whose traffic closed a monitoring window: the page plots them.
+                "monitored": set(
+                    session.scalars(
+                        select(MonitorWindow.version_id)
+                        .where(MonitorWindow.version_id.in_([v.id for v in versions]))
+                        .distinct()
+                    )
+                ),
             }
         )
     return result

@@ -10,8 +10,11 @@ from typing import Any
 import pytest
 from fastapi.routing import iter_route_contexts
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from service.context import AppContext
+from service.tables import ModelUpdate, ModelVersion
+from service.updates.schemas import UpdateIn
 from tests.conftest import digits_split, new_key, png_bytes
 from tests.test_api import ready_dataset, small_spec
 from worker import jobs
@@ -25,10 +28,14 @@ BODIES: dict[tuple[str, str], dict[str, Any]] = {
     ("patch", "/v1/models/{name}"): {"json": {"tags": ["x"]}},
     # Empty: the owner is told 422 (say which form), anyone else 404 before the body is read.
     ("post", "/v1/models/{name}/versions/{version}/feedback"): {"json": {}},
+    # Its defaults suffice: the owner is told 422 (no captured feedback), others 404.
+    ("post", "/v1/models/{name}/updates"): {"json": {}},
     ("patch", "/v1/models/{name}/versions/{version}"): {"json": {"tags": ["x"]}},
     ("post", "/v1/models/{name}/versions/{version}/predict"): {
         "files": [("images", ("a.png", IMAGE))]
     },
+    # The intruder sets its own webhook (no id in the path): nothing of A's is reachable.
+    ("put", "/v1/webhook"): {"json": {"url": "http://127.0.0.1:9/hook"}},
     ("post", "/v1/jobs"): {"json": {}},
     ("post", "/v1/jobs/plan"): {"json": {}},
     ("post", "/v1/jobs/lr-find"): {"json": {}},
@@ -71,7 +78,22 @@ def tenant_a_world(client: TestClient, context: AppContext, auth: dict[str, str]
         },
     )
     assert experiment.status_code == 201, experiment.text
+    # An update as its row (training one takes captured feedback): A reads it, B may not.
+    with context.db.session() as session:
+        version = session.scalars(select(ModelVersion)).one()
+        update = ModelUpdate(
+            tenant_id=version.model.tenant_id,
+            model_id=version.model_id,
+            from_version_id=version.id,
+            status="failed",
+            request={**UpdateIn().model_dump(mode="json"), "from_version": 1, "training_items": 0},
+            holdout=[],
+        )
+        session.add(update)
+        session.commit()
+        update_id = update.id
     return {
+        "update_id": update_id,
         "dataset_id": dataset_id,
         "job_id": job["id"],
         "experiment_id": experiment.json()["id"],
