@@ -1,7 +1,8 @@
 """The registry's tables. The database, not the broker, is the truth for job and dataset state."""
 
 from datetime import datetime
-from typing import Any
+from enum import StrEnum
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -19,21 +20,28 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 from service.db import Base, UTCDateTime, new_id, utcnow
-from service.jobs.states import JobKind, JobStatus
+from service.jobs.states import ExperimentStatus, JobKind, JobStatus, TrialState
+
+S = TypeVar("S", bound=StrEnum)
 
 
-class JobStatusText(TypeDecorator[JobStatus]):
-    """A job's status as its value in a VARCHAR(20), read back as the enum; writing anything
-    that is not a status fails before it reaches the database."""
+class StateText(TypeDecorator[S]):
+    """A state (of `states`, an enum of `service/jobs/states.py`) as its value in a
+    VARCHAR(20), read back as the enum; writing anything that is not one of its states fails
+    before it reaches the database."""
 
     impl = String(20)
     cache_ok = True
 
-    def process_bind_param(self, value: str | None, dialect: Any) -> str | None:
-        return None if value is None else JobStatus(value).value
+    def __init__(self, states: type[S]) -> None:
+        super().__init__()
+        self.states = states
 
-    def process_result_value(self, value: str | None, dialect: Any) -> JobStatus | None:
-        return None if value is None else JobStatus(value)
+    def process_bind_param(self, value: str | None, dialect: Any) -> str | None:
+        return None if value is None else self.states(value).value
+
+    def process_result_value(self, value: str | None, dialect: Any) -> S | None:
+        return None if value is None else self.states(value)
 
 
 class Tenant(Base):
@@ -113,7 +121,9 @@ class Job(Base):
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     plan: Mapped[dict[str, Any]] = mapped_column(JSON)
     queue: Mapped[str] = mapped_column(String(20))
-    status: Mapped[JobStatus] = mapped_column(JobStatusText(), default=JobStatus.QUEUED, index=True)
+    status: Mapped[JobStatus] = mapped_column(
+        StateText(JobStatus), default=JobStatus.QUEUED, index=True
+    )
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     error_code: Mapped[str | None] = mapped_column(String(50))
     error_message: Mapped[str | None] = mapped_column(Text)
@@ -233,7 +243,9 @@ class Experiment(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"), index=True)
     model_name: Mapped[str] = mapped_column(String(100))
-    status: Mapped[str] = mapped_column(String(20), default="running", index=True)
+    status: Mapped[ExperimentStatus] = mapped_column(
+        StateText(ExperimentStatus), default=ExperimentStatus.RUNNING, index=True
+    )
     request: Mapped[dict[str, Any]] = mapped_column(JSON)
     max_parallel: Mapped[int] = mapped_column(Integer)
     deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -258,7 +270,7 @@ class ExperimentTrial(Base):
     strategy: Mapped[str] = mapped_column(String(50))
     seed: Mapped[int] = mapped_column(Integer)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
-    state: Mapped[str] = mapped_column(String(20), default="pending")
+    state: Mapped[TrialState] = mapped_column(StateText(TrialState), default=TrialState.PENDING)
     reason: Mapped[str | None] = mapped_column(Text)
     job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), unique=True)
     trainable_parameters: Mapped[int] = mapped_column(Integer)

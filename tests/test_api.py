@@ -274,6 +274,10 @@ def test_engine_rules_name_the_field(
     spec = small_spec(dataset_id, strategy="fine_tune", head_epochs=2)
     response = client.post("/v1/jobs", headers=auth, json=spec)
     assert_error(response, 422, "invalid_spec", "head_epochs")
+    # The field comes with the engine's error, not from its message's first word.
+    too_short = small_spec(dataset_id, strategy="freeze_unfreeze", epochs=1)
+    error = assert_error(client.post("/v1/jobs", headers=auth, json=too_short), 422, "invalid_spec")
+    assert (error["param"], error["message"].split(" ")[0]) == ("epochs", "freeze_unfreeze")
 
 
 def test_job_needs_a_ready_dataset(client: TestClient, auth: dict[str, str]) -> None:

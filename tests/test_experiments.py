@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-import worker.jobs
+import worker.jobs.training
 from service.context import AppContext
 from service.datasets.ingest import iter_text_rows
 from service.datasets.service import load_manifest, process_upload
@@ -83,13 +83,13 @@ def test_an_experiment_runs_scores_diagnoses_and_promotes(
 ) -> None:
     dataset = digits_dataset(client, context, auth, [0, 1, 2])
     trained_on: dict[str, set[str]] = {}
-    real_run = worker.jobs.run
+    real_run = worker.jobs.training.run
 
     def recording_run(plan: Any, *, train: list[Any], val: list[Any], **rest: Any) -> Any:
         trained_on[plan.extra["strategy"]] = {str(s.path) for s in [*train, *val]}
         return real_run(plan, train=train, val=val, **rest)
 
-    monkeypatch.setattr(worker.jobs, "run", recording_run)
+    monkeypatch.setattr(worker.jobs.training, "run", recording_run)
 
     created = client.post("/v1/experiments", headers=auth, json=experiment_request(dataset))
     assert created.status_code == 201, created.text
@@ -430,13 +430,13 @@ def test_a_text_experiment_holds_out_test_rows_and_ranks_its_trials(
 ) -> None:
     dataset = text_dataset(client, context, auth, rows=120)
     trained_on: dict[str, set[str]] = {}
-    real_run = worker.jobs.run
+    real_run = worker.jobs.training.run
 
     def recording_run(plan: Any, *, train: list[Any], val: list[Any], **rest: Any) -> Any:
         trained_on[plan.extra["strategy"]] = {s.text for s in [*train, *val]}
         return real_run(plan, train=train, val=val, **rest)
 
-    monkeypatch.setattr(worker.jobs, "run", recording_run)
+    monkeypatch.setattr(worker.jobs.training, "run", recording_run)
     strategies = ["scratch", "feature_extraction"]
     request = experiment_request(
         dataset,

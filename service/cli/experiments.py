@@ -22,6 +22,7 @@ from service.cli.client import (
     table,
 )
 from service.jobs.schemas import PARENT_PREFIX
+from service.jobs.states import TERMINAL_STATUSES, ExperimentStatus
 
 experiments_app = typer.Typer(
     help="Compare base models and strategies on one dataset: leaderboard, diagnosis (client)."
@@ -57,7 +58,7 @@ def _signed_points(value: float | None) -> str:
 def _leaderboard(experiment: Any) -> Any:
     from rich.table import Table
 
-    done = sum(1 for t in experiment.trials if t.status in {"succeeded", "failed", "cancelled"})
+    done = sum(1 for t in experiment.trials if t.status in TERMINAL_STATUSES)
     board = Table(
         title=f"experiment {experiment.id}: {experiment.status}, {done}/{len(experiment.trials)} "
         f"trials ended, test split {experiment.test_size} items"
@@ -123,7 +124,7 @@ def _watch(client: Any, experiment: Any) -> Any:
 
     _, err = consoles()
     with Live(_leaderboard(experiment), console=err, refresh_per_second=4) as live:
-        while experiment.status == "running":
+        while experiment.status == ExperimentStatus.RUNNING:
             time.sleep(WATCH_SECONDS)
             experiment = client.get_experiment(experiment.id)
             live.update(_leaderboard(experiment))
@@ -131,9 +132,9 @@ def _watch(client: Any, experiment: Any) -> Any:
 
 
 def _exit_for(experiment: Any) -> None:
-    if experiment.status == "failed":
+    if experiment.status == ExperimentStatus.FAILED:
         raise typer.Exit(EXIT_FAILED)
-    if experiment.status == "cancelled":
+    if experiment.status == ExperimentStatus.CANCELLED:
         raise typer.Exit(EXIT_CANCELLED)
 
 

@@ -22,6 +22,7 @@ from service.cli.client import (
     print_json,
     table,
 )
+from worker.engine.stages import Plan
 
 jobs_app = typer.Typer(help="Plan, submit, watch and cancel training jobs (client).")
 
@@ -72,7 +73,7 @@ def _show_job(job: Any) -> None:
             ["dataset", job.dataset_id],
             [
                 "stages",
-                ", ".join(f"{s['name']} x{s['epochs']}" for s in job.plan.get("stages", [])),
+                ", ".join(f"{s.name} x{s.epochs}" for s in Plan.from_dict(job.plan).stages),
             ],
             ["error", f"{job.error_code}: {job.error_message}" if job.error_code else None],
             ["created", job.created_at],
@@ -94,7 +95,7 @@ def _watch(client: Any, job: Any) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     _, err = consoles()
-    stages = job.plan.get("stages", [])
+    stages = Plan.from_dict(job.plan).stages
     with Progress(
         TextColumn("{task.description:<24}"),
         BarColumn(),
@@ -104,7 +105,7 @@ def _watch(client: Any, job: Any) -> Any:
     ) as progress:
         overall = progress.add_task("overall", total=100, info=job.status)
         bars = [
-            progress.add_task(f"stage {i + 1}: {s['name']}", total=s["epochs"], info="")
+            progress.add_task(f"stage {i + 1}: {s.name}", total=s.epochs, info="")
             for i, s in enumerate(stages)
         ]
         for event in client.stream_events(job.id):

@@ -14,6 +14,7 @@ from service.cli.client import (
     print_json,
     table,
 )
+from worker.engine.stages import Plan
 
 _SHOWN_CHARS = 60
 
@@ -50,7 +51,7 @@ def predict(
     with client_session(url, api_key) as client:
         version = client.get_version(name, version_ref)
         number = str(version.version)
-        if version.plan.get("modality", "image") == "text":
+        if Plan.from_dict(version.plan).modality == "text":
             texts = given + (_lines(file) if file is not None else [])
             if not texts:
                 raise typer.BadParameter("give texts, or --file with one text per line")

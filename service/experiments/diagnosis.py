@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from service.experiments.statistics import bootstrap_interval
+from worker.engine.strategies import strategy_named
 
-SCRATCH = "scratch"
 SLOPE_TARGET = 0.9
 """Slope: epochs to reach this share of scratch's best val accuracy."""
 OVERFIT_VAL_LOSS_RISE = 0.10
@@ -254,15 +254,13 @@ def diagnose(records: Sequence[TrialRecord], *, seed: int = 0) -> dict[str, Any]
             strategy: _pool(strategy, [r for r in mine if r.strategy == strategy])
             for strategy in dict.fromkeys(r.strategy for r in mine)
         }
-        scratch = arms.get(SCRATCH)
+        # The baseline is the strategy that starts from random weights (`scratch`).
+        transfers = {s: arm for s, arm in arms.items() if strategy_named(s).pretrained}
+        scratch = next((arm for s, arm in arms.items() if s not in transfers), None)
         comparisons = (
             []
             if scratch is None
-            else [
-                _compare(arm, scratch, seed=seed)
-                for strategy, arm in arms.items()
-                if strategy != SCRATCH
-            ]
+            else [_compare(arm, scratch, seed=seed) for arm in transfers.values()]
         )
         overfit = [
             {"trial_id": r.trial_id, "strategy": r.strategy, **overfitting(r.curve)} for r in mine

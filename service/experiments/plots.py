@@ -8,8 +8,8 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from service.experiments.diagnosis import SCRATCH
 from service.jobs import plots as job_plots  # noqa: F401  (sets the Agg backend and SVG text)
+from worker.engine.strategies import strategy_named
 
 
 def trial_curves_svg(
@@ -29,7 +29,7 @@ def trial_curves_svg(
         axis.plot(
             [row["global_epoch"] for row in rows],
             [row["val_accuracy"] for row in rows],
-            "--" if strategy == SCRATCH else "-",
+            "-" if strategy_named(strategy).pretrained else "--",
             marker="o",
             label=label,
         )

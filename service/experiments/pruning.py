@@ -2,16 +2,17 @@
 accuracy at epoch boundaries: at each rung (epochs 1, 2, 4, 8, …) a trial must be in the top
 1/ETA of the trials that have reached that rung so far, or it is pruned: its job is cancelled
 and the trial shows `pruned`, with the numbers, never silently dropped. A decision needs at
-least MIN_PEERS trials at the rung, and `scratch` is never pruned: it is the diagnosis's
-baseline. Pure functions (standard library only)."""
+least MIN_PEERS trials at the rung, and a strategy from random weights (`scratch`) is never
+pruned: it is the diagnosis's baseline. Pure functions (standard library only)."""
 
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from worker.engine.strategies import strategy_named
+
 ETA = 2
 MIN_PEERS = 3
-SCRATCH = "scratch"
 
 
 def is_rung(epoch: int) -> bool:
@@ -46,7 +47,7 @@ def decide(
     latest epoch if that is a rung, against every other trial's val accuracy at that epoch
     (`peers`: trial id → its curve, finished or running)."""
     epoch = len(val_accuracy)
-    if strategy == SCRATCH or not is_rung(epoch):
+    if not strategy_named(strategy).pretrained or not is_rung(epoch):
         return None
     mine = val_accuracy[epoch - 1]
     at_rung = [curve[epoch - 1] for curve in peers.values() if len(curve) >= epoch] + [mine]

@@ -48,7 +48,19 @@ from service.jobs import service as jobs
 from service.jobs import transitions
 from service.jobs.history import epoch_history
 from service.jobs.schemas import PARENT_PREFIX, JobSpec
-from service.jobs.states import TERMINAL_STATUSES, IllegalTransitionError, JobStatus
+from service.jobs.states import (
+    EXPERIMENT_ENDED,
+    TERMINAL_STATUSES,
+    ExperimentStatus,
+    ExperimentTransition,
+    IllegalTransitionError,
+    JobStatus,
+    TrialState,
+    TrialTransition,
+    experiment_sources,
+    next_trial_state,
+    trial_may,
+)
 from service.models.service import set_alias
 from service.tables import (
     Dataset,
@@ -62,15 +74,11 @@ from service.tables import (
     VersionTag,
 )
 from worker.engine.artifacts import WEIGHTS_FILE
+from worker.engine.stages import Plan
 from worker.engine.strategies import strategy_named
 
 logger = logging.getLogger(__name__)
 
-RUNNING = "running"
-PENDING = "pending"
-STARTED = "started"
-NOT_STARTED = "not_started"
-PRUNED = "pruned"
 PRESELECT_MAX_IMAGES: int = TransferabilityIn.model_fields["max_images"].default
 """Preselection scores as many training images as the transferability call does by default."""
 
@@ -116,8 +124,7 @@ def _scratch_architecture(
     if not base_model.startswith(PARENT_PREFIX):
         return base_model
     parent = jobs.resolve_parent(session, context=context, tenant=tenant, reference=base_model)
-    architecture: str = parent.plan["base_model"]
-    return architecture
+    return Plan.from_dict(parent.plan).base_model
 
 
 def _parameters(
@@ -247,7 +254,7 @@ def create_experiment(*, context: AppContext, tenant: Tenant, request: Experimen
             tenant_id=tenant.id,
             dataset_id=dataset.id,
             model_name=request.model,
-            status=RUNNING,
+            status=ExperimentStatus.RUNNING,
             request=request.model_dump(mode="json"),
             max_parallel=request.budget.max_parallel,
             deadline_at=None if deadline is None else utcnow() + timedelta(seconds=deadline),
@@ -261,7 +268,11 @@ def create_experiment(*, context: AppContext, tenant: Tenant, request: Experimen
             session,
             experiment_id=experiment_id,
             kind="status",
-            data={"status": RUNNING, "trials": len(trials), "test_size": len(held_out)},
+            data={
+                "status": ExperimentStatus.RUNNING,
+                "trials": len(trials),
+                "test_size": len(held_out),
+            },
         )
         session.commit()
     advance(context, experiment_id=experiment_id)
@@ -273,8 +284,9 @@ def create_experiment(*, context: AppContext, tenant: Tenant, request: Experimen
 
 
 def _trial_status(trial: ExperimentTrial, job: Job | None) -> str:
-    if trial.state == PRUNED or job is None:
-        return trial.state
+    """Its own state until it has a job (and once pruned), its job's status meanwhile."""
+    if trial.state == TrialState.PRUNED or job is None:
+        return str(trial.state.value)
     return str(job.status.value)
 
 
@@ -308,14 +320,14 @@ def _note_ended(session: Session, trial: ExperimentTrial, job: Job) -> None:
 
 
 def _not_started(session: Session, trial: ExperimentTrial, reason: str) -> None:
-    trial.state = NOT_STARTED
+    trial.state = next_trial_state(TrialTransition.NOT_START, trial.state)
     trial.reason = reason
     trial.ended_at = utcnow()
     record_event(
         session,
         experiment_id=trial.experiment_id,
         kind="trial",
-        data={"trial_id": trial.id, "status": NOT_STARTED, "reason": reason},
+        data={"trial_id": trial.id, "status": trial.state, "reason": reason},
     )
 
 
@@ -327,7 +339,11 @@ def _prune(session: Session, rows: Sequence[tuple[ExperimentTrial, Job | None]])
         if job is not None
     }
     for trial, job in rows:
-        if job is None or job.status != JobStatus.RUNNING or trial.state != STARTED:
+        if (
+            job is None
+            or job.status != JobStatus.RUNNING
+            or not trial_may(TrialTransition.PRUNE, trial.state)
+        ):
             continue
         decision = pruning.decide(
             strategy=trial.strategy,
@@ -340,7 +356,7 @@ def _prune(session: Session, rows: Sequence[tuple[ExperimentTrial, Job | None]])
             transitions.request_cancel(session, job_id=job.id)
         except IllegalTransitionError:
             continue  # it ended meanwhile: its own end stands
-        trial.state = PRUNED
+        trial.state = next_trial_state(TrialTransition.PRUNE, trial.state)
         trial.reason = decision.reason
         record_event(
             session,
@@ -348,7 +364,7 @@ def _prune(session: Session, rows: Sequence[tuple[ExperimentTrial, Job | None]])
             kind="trial",
             data={
                 "trial_id": trial.id,
-                "status": PRUNED,
+                "status": trial.state,
                 "job_id": job.id,
                 "epoch": decision.epoch,
                 "val_accuracy": decision.val_accuracy,
@@ -370,11 +386,11 @@ def _settle(session: Session, experiment: Experiment) -> list[ExperimentTrial]:
     for trial, job in rows:
         if job is not None and job.status in TERMINAL_STATUSES and trial.ended_at is None:
             _note_ended(session, trial, job)
-    if experiment.status != RUNNING:
+    if experiment.status in EXPERIMENT_ENDED:
         return []
     if experiment.request.get("budget", {}).get("prune"):
         _prune(session, [(trial, job) for trial, job in rows])
-    pending = [trial for trial, job in rows if job is None and trial.state == PENDING]
+    pending = [trial for trial, job in rows if job is None and trial.state == TrialState.PENDING]
     if experiment.deadline_at is not None and utcnow() >= experiment.deadline_at:
         for trial in pending:
             _not_started(session, trial, "the experiment's deadline passed before it started")
@@ -382,10 +398,13 @@ def _settle(session: Session, experiment: Experiment) -> list[ExperimentTrial]:
     active = sum(1 for _, job in rows if job is not None and job.status not in TERMINAL_STATUSES)
     if not pending and active == 0:
         succeeded = any(job is not None and job.status == JobStatus.SUCCEEDED for _, job in rows)
-        status = "succeeded" if succeeded else "failed"
+        status = ExperimentStatus.SUCCEEDED if succeeded else ExperimentStatus.FAILED
         ended = session.execute(
             update(Experiment)
-            .where(Experiment.id == experiment.id, Experiment.status == RUNNING)
+            .where(
+                Experiment.id == experiment.id,
+                Experiment.status.in_(experiment_sources(ExperimentTransition.END, status)),
+            )
             .values(status=status, finished_at=utcnow())
             .execution_options(synchronize_session=False)
         )
@@ -445,7 +464,7 @@ def _link(
     it has none."""
     with context.db.session() as session:
         trial = session.get_one(ExperimentTrial, trial_id, with_for_update=True)
-        if trial.job_id is not None or trial.state != PENDING:
+        if trial.job_id is not None or not trial_may(TrialTransition.START, trial.state):
             return
         experiment = session.get_one(Experiment, experiment_id)
         job = session.scalar(
@@ -455,12 +474,12 @@ def _link(
             _not_started(session, trial, problem or "its job could not be created")
         else:
             trial.job_id = job.id
-            trial.state = STARTED
+            trial.state = next_trial_state(TrialTransition.START, trial.state)
             record_event(
                 session,
                 experiment_id=experiment_id,
                 kind="trial",
-                data={"trial_id": trial.id, "status": "started", "job_id": job.id},
+                data={"trial_id": trial.id, "status": trial.state, "job_id": job.id},
             )
         session.commit()
 
@@ -507,14 +526,18 @@ def advance_all(context: AppContext) -> int:
 def cancel_experiment(context: AppContext, *, experiment_id: str) -> None:
     """Cancel every trial: pending ones never start, queued ones end now, running ones stop
     between steps."""
+    cancelled = ExperimentStatus.CANCELLED
     with context.db.session() as session:
-        cancelled = session.execute(
+        moved = session.execute(
             update(Experiment)
-            .where(Experiment.id == experiment_id, Experiment.status == RUNNING)
-            .values(status="cancelled", finished_at=utcnow())
+            .where(
+                Experiment.id == experiment_id,
+                Experiment.status.in_(experiment_sources(ExperimentTransition.CANCEL, cancelled)),
+            )
+            .values(status=cancelled, finished_at=utcnow())
             .execution_options(synchronize_session=False)
         )
-        if cancelled.rowcount != 1:  # type: ignore[attr-defined]
+        if moved.rowcount != 1:  # type: ignore[attr-defined]
             status = session.get_one(Experiment, experiment_id).status
             raise ApiError(
                 409,
@@ -523,13 +546,13 @@ def cancel_experiment(context: AppContext, *, experiment_id: str) -> None:
                 "experiment_id",
             )
         record_event(
-            session, experiment_id=experiment_id, kind="status", data={"status": "cancelled"}
+            session, experiment_id=experiment_id, kind="status", data={"status": cancelled}
         )
         trials = session.scalars(
             select(ExperimentTrial).where(ExperimentTrial.experiment_id == experiment_id)
         ).all()
         for trial in trials:
-            if trial.job_id is None and trial.state == PENDING:
+            if trial.job_id is None and trial_may(TrialTransition.NOT_START, trial.state):
                 _not_started(session, trial, "the experiment was cancelled")
             elif trial.job_id is not None:
                 # One that ended already stays as it ended.

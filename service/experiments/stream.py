@@ -12,6 +12,7 @@ from sqlalchemy import select
 from service.context import AppContext
 from service.experiments.schemas import ExperimentEventOut
 from service.experiments.service import trial_counts
+from service.jobs.states import EXPERIMENT_ENDED
 from service.jobs.stream import (
     BATCH,
     KEEPALIVE_SECONDS,
@@ -20,8 +21,6 @@ from service.jobs.stream import (
     format_sse,
 )
 from service.tables import Experiment, ExperimentEvent
-
-ENDED = frozenset({"succeeded", "failed", "cancelled"})
 
 
 def _snapshot(
@@ -56,9 +55,9 @@ async def experiment_event_stream(
                 data=event.model_dump(mode="json"), event=event.kind, event_id=event.id
             )
             after = event.id
-            if event.kind == "status" and event.data.get("status") in ENDED:
+            if event.kind == "status" and event.data.get("status") in EXPERIMENT_ENDED:
                 return
-        if status is None or (status in ENDED and not events):
+        if status is None or (status in EXPERIMENT_ENDED and not events):
             return
         if counts != last_counts:
             last_counts = counts

@@ -38,7 +38,7 @@ from service.storage import ArtifactStore
 from service.tables import Dataset, Job, JobEvent, ModelVersion, RegisteredModel, Tenant
 from worker import engine
 from worker.engine.artifacts import CONFIG_FILE, parse_model_config
-from worker.engine.spec import AUTO, decode
+from worker.engine.spec import AUTO, SpecError, decode
 from worker.engine.strategies import strategy_named
 
 if TYPE_CHECKING:
@@ -134,8 +134,11 @@ def resolve_plan(
             f"{exc} See GET /v1/base-models for the zoo.",
             "base_model",
         ) from None
+    except SpecError as exc:
+        raise ApiError(422, "invalid_spec", str(exc), exc.field) from None
     except ValueError as exc:
-        raise ApiError(422, "invalid_spec", str(exc), _field_named_in(str(exc))) from None
+        # A refusal that names no one setting (a spec whose parts disagree).
+        raise ApiError(422, "invalid_spec", str(exc)) from None
     require_modality(dataset, base_model=settings.base_model, modality=plan.modality)
     weights_dir = context.settings.resolved_weights_dir
     if parent is not None:
@@ -175,12 +178,6 @@ def _parent_model(context: AppContext, version: ModelVersion) -> ParentModel:
             "base_model",
         ) from None
     return engine.ParentModel(location=version.artifact_prefix, config=config)
-
-
-def _field_named_in(message: str) -> str | None:
-    """The spec field an engine validation message starts with (`head_epochs only applies…`)."""
-    first = message.split(" ", 1)[0].rstrip(":")
-    return first if first.split("[", 1)[0].split(".", 1)[0] in JobSpec.model_fields else None
 
 
 def job_files_prefix(job_id: str) -> str:

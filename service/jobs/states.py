@@ -131,3 +131,91 @@ class IllegalTransitionError(Exception):
         self.from_status = from_status
         self.attempt = attempt
         self.current_attempt = current_attempt
+
+
+# --- experiments and their trials --------------------------------------------------------------
+# An experiment runs trials, each a job once started; their own states are declared here beside
+# the job's, and `service/experiments/service.py` moves them only by these tables.
+
+
+class ExperimentStatus(StrEnum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    """Every trial ended and at least one succeeded."""
+    FAILED = "failed"
+    """Every trial ended and none succeeded."""
+    CANCELLED = "cancelled"
+
+
+class ExperimentTransition(StrEnum):
+    END = "end"
+    """No trial is left to start or running: `succeeded` or `failed`, by its trials."""
+    CANCEL = "cancel"
+
+
+EXPERIMENT_TRANSITIONS: dict[
+    ExperimentTransition, tuple[frozenset[ExperimentStatus], frozenset[ExperimentStatus]]
+] = {
+    ExperimentTransition.END: (
+        frozenset({ExperimentStatus.RUNNING}),
+        frozenset({ExperimentStatus.SUCCEEDED, ExperimentStatus.FAILED}),
+    ),
+    ExperimentTransition.CANCEL: (
+        frozenset({ExperimentStatus.RUNNING}),
+        frozenset({ExperimentStatus.CANCELLED}),
+    ),
+}
+"""Each transition's (source statuses, target statuses); an experiment is created `running`."""
+EXPERIMENT_ENDED = frozenset(ExperimentStatus) - {ExperimentStatus.RUNNING}
+
+
+class TrialState(StrEnum):
+    """A trial's own state; once `started`, what it shows is its job's status (or `pruned`)."""
+
+    PENDING = "pending"
+    """Waits for room in the experiment's budget; it has no job yet."""
+    STARTED = "started"
+    NOT_STARTED = "not_started"
+    """Never started (the deadline passed, the experiment was cancelled, its job was refused)."""
+    PRUNED = "pruned"
+    """Started, then stopped by successive halving at a rung."""
+
+
+class TrialTransition(StrEnum):
+    START = "start"
+    NOT_START = "not_start"
+    PRUNE = "prune"
+
+
+TRIAL_TRANSITIONS: dict[TrialTransition, tuple[frozenset[TrialState], TrialState]] = {
+    TrialTransition.START: (frozenset({TrialState.PENDING}), TrialState.STARTED),
+    TrialTransition.NOT_START: (frozenset({TrialState.PENDING}), TrialState.NOT_STARTED),
+    TrialTransition.PRUNE: (frozenset({TrialState.STARTED}), TrialState.PRUNED),
+}
+"""Each transition's (source states, target state); a trial is created `pending`."""
+
+
+class IllegalStateChangeError(Exception):
+    """An experiment or trial asked to move by a transition its state does not allow."""
+
+
+def experiment_sources(
+    transition: ExperimentTransition, to: ExperimentStatus
+) -> frozenset[ExperimentStatus]:
+    """The statuses an experiment moves to `to` from by `transition` (for the conditional
+    UPDATE that moves it); IllegalStateChangeError if `transition` does not lead to `to`."""
+    sources, targets = EXPERIMENT_TRANSITIONS[transition]
+    if to not in targets:
+        raise IllegalStateChangeError(f"an experiment cannot {transition} as {to}")
+    return sources
+
+
+def trial_may(transition: TrialTransition, state: str) -> bool:
+    return state in TRIAL_TRANSITIONS[transition][0]
+
+
+def next_trial_state(transition: TrialTransition, state: str) -> TrialState:
+    """The state `transition` takes a trial in `state` to; IllegalStateChangeError if none."""
+    if not trial_may(transition, state):
+        raise IllegalStateChangeError(f"a trial cannot {transition}: it is {state}")
+    return TRIAL_TRANSITIONS[transition][1]

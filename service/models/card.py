@@ -3,6 +3,7 @@
 from typing import Any
 
 from worker.engine.recipe import stage_recipes
+from worker.engine.stages import Plan
 
 # Below this many training images a class's results say little; the card names such classes.
 FEW_EXAMPLES = 20
@@ -65,7 +66,7 @@ def render_card(
     job_id: str,
     dataset: dict[str, Any],
     spec: dict[str, Any],
-    plan: dict[str, Any],
+    plan: Plan,
     metrics: dict[str, Any],
     history: list[dict[str, Any]],
     onnx: dict[str, Any] | None,
@@ -74,11 +75,11 @@ def render_card(
     """Markdown: data, training, results, intended use and limits, from the job's own records."""
     counts: dict[str, dict[str, int]] = dataset.get("class_counts", {})
     classes: list[str] = list(metrics.get("classes") or dataset.get("classes", []))
-    items = "texts" if plan.get("modality") == "text" else "images"
+    items = "texts" if plan.modality == "text" else "images"
     lines = [
         f"# Model card: {model_name}",
         "",
-        f"Trained by job `{job_id}` from base model `{plan.get('base_model')}` with the "
+        f"Trained by job `{job_id}` from base model `{plan.base_model}` with the "
         f"`{spec.get('strategy')}` strategy.",
         "",
         "## Data",
@@ -97,35 +98,34 @@ def render_card(
         "",
         "## Training",
         "",
-        f"- Batch size {plan.get('batch_size')}, optimizer {plan.get('optimizer')}, "
-        f"seed {plan.get('seed')}, pretrained backbone: {plan.get('pretrained')}.",
-        f"- Augmentation `{plan.get('augment', 'none')}`"
-        f"{'' if plan.get('flip', True) else ' without flips'} (in stages that train the "
-        f"backbone on images); class weights `{plan.get('class_weights', 'none')}`, sampler "
-        f"`{plan.get('sampler', 'shuffle')}`.",
+        f"- Batch size {plan.batch_size}, optimizer {plan.optimizer}, "
+        f"seed {plan.seed}, pretrained backbone: {plan.pretrained}.",
+        f"- Augmentation `{plan.augment}`"
+        f"{'' if plan.flip else ' without flips'} (in stages that train the "
+        f"backbone on images); class weights `{plan.class_weights}`, sampler "
+        f"`{plan.sampler}`.",
     ]
-    stages = plan.get("stages", [])
     recipes = stage_recipes(plan)
-    for stage, recipe in zip(stages, recipes, strict=True):
+    for stage, recipe in zip(plan.stages, recipes, strict=True):
         lines.append(
-            f"- Stage `{stage.get('name')}`: {stage.get('epochs')} epoch(s) at "
-            f"{stage.get('image_size')} px, trains {', '.join(stage.get('trainable_groups', []))}"
+            f"- Stage `{stage.name}`: {stage.epochs} epoch(s) at "
+            f"{stage.image_size} px, trains {', '.join(stage.trainable_groups)}"
             + (
                 f", solved to the optimum (logistic regression by L-BFGS, C chosen on "
                 f"validation from {recipe['solver']['c_grid']})"
                 if recipe["solver"]
                 else f" at a top rate of {recipe['lr']:.3g}"
             )
-            + f"; BatchNorm {stage.get('bn_mode')}; augmentation `{recipe['augment']}`."
+            + f"; BatchNorm {stage.bn_mode}; augmentation `{recipe['augment']}`."
         )
     lines.append(
-        f"- Weight average (EMA): decay {plan['ema']:g}, whose weights were validated and exported."
-        if plan.get("ema")
+        f"- Weight average (EMA): decay {plan.ema:g}, whose weights were validated and exported."
+        if plan.ema
         else "- Weight average (EMA): off."
     )
     views = recipes[-1]["tta"] if recipes else None
     lines.append(
-        f"- Test-time augmentation `{plan.get('tta')}`: predict averages the probabilities of "
+        f"- Test-time augmentation `{plan.tta}`: predict averages the probabilities of "
         f"{len(views)} views ({', '.join(views)}), as the final validation did."
         if views and len(views) > 1
         else "- Test-time augmentation: off (one view per image)."

@@ -40,6 +40,7 @@ from service.tables import (
     VersionMetric,
     VersionTag,
 )
+from worker.engine.stages import Plan
 
 
 def resolve_version(session: Session, *, model: RegisteredModel, ref: str) -> ModelVersion | None:
@@ -461,7 +462,7 @@ def version_out(session: Session, *, version: ModelVersion) -> VersionOut:
 
 
 def _base_model_ref(session: Session, *, version: ModelVersion) -> BaseModelRef:
-    parent_id = version.plan.get("extra", {}).get("parent_version_id")
+    parent_id = Plan.from_dict(version.plan).extra.get("parent_version_id")
     parent = session.get(ModelVersion, parent_id) if parent_id else None
     if parent is None:
         return BaseModelRef(name=version.base_model, source="zoo")

@@ -35,6 +35,7 @@ from service.tables import (
     Tenant,
 )
 from worker.engine.recipe import stage_recipes
+from worker.engine.stages import Plan
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
@@ -133,7 +134,8 @@ def job_page(job_id: str, request: Request, session: SessionDep, tenant: UiTenan
         job=job,
         events=events,
         cancellable=cancellable,
-        recipes=stage_recipes(job.plan),
+        plan=(plan := Plan.from_dict(job.plan)),
+        recipes=stage_recipes(plan),
     )
 
 
@@ -210,8 +212,8 @@ def _models(session: SessionDep, tenant: Tenant) -> list[dict[str, Any]]:
             {
                 "model": model_out(session, model=model),
                 "versions": [version_out(session, version=v) for v in versions],
-                # What the predict page asks for: an image, or texts.
-                "modality": {v.id: v.plan.get("modality", "image") for v in versions},
+                # The recipe column, and what the predict page asks for: an image, or texts.
+                "plans": {v.id: Plan.from_dict(v.plan) for v in versions},
                 # Versions whose traffic closed a monitoring window: the page plots them.
                 "monitored": set(
                     session.scalars(

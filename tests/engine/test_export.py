@@ -13,6 +13,7 @@ from worker.engine import (
     TrainingResult,
     TransferConfig,
     compile_plan,
+    export_bundle,
     export_model,
     preprocess,
     run,
@@ -196,3 +197,25 @@ def test_single_task_models_have_no_task_list(trained: tuple[TrainingResult, Pla
     assert list(predictor.tasks) == ["main"]
     image = Image.new("RGB", (8, 8), (200, 40, 40))
     assert predictor.predict([image], task="main") == predictor.predict([image])
+
+
+def test_export_bundle_writes_the_whole_version_folder(
+    trained: tuple[TrainingResult, Plan, Path], tmp_path: Path
+) -> None:
+    result, plan, _ = trained
+    classes = ["red", "green", "blue"]
+
+    bundle = export_bundle(result, plan, tmp_path / "full", classes=classes)
+    assert sorted(path.name for path in (tmp_path / "full").iterdir()) == [
+        "config.json",
+        "labels.json",
+        "model.onnx",
+        "weights.safetensors",
+    ]
+    assert json.loads((tmp_path / "full" / "labels.json").read_text()) == classes
+    assert bundle.onnx is not None
+    assert bundle.onnx.exported
+
+    without = export_bundle(result, plan, tmp_path / "plain", classes=classes, onnx=False)
+    assert without.onnx is None
+    assert not (tmp_path / "plain" / "model.onnx").exists()

@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import get_args
@@ -20,7 +22,7 @@ from worker.engine import (
 )
 from worker.engine.artifacts import ModelConfig, Preprocessing
 from worker.engine.recipe import stage_recipes
-from worker.engine.spec import HEAD_C_GRID, Strategy
+from worker.engine.spec import HEAD_C_GRID, SpecError, Strategy
 from worker.engine.strategies import STRATEGIES
 
 RESNET_GROUPS = ("stem", "layer1", "layer2", "layer3", "layer4", "head")
@@ -492,7 +494,7 @@ def test_solved_head_stages_show_in_the_preview(
 ) -> None:
     plan = compile_plan(make_config("gradual_unfreeze", epochs=4, solve_head=True, train_size=24))
 
-    head, *rest = stage_recipes(plan.to_dict())
+    head, *rest = stage_recipes(plan)
     assert head["solver"]["c_grid"] == list(HEAD_C_GRID)
     assert head["passes"] == 1
     assert all(recipe["solver"] is None for recipe in rest)
@@ -504,3 +506,54 @@ def test_solved_head_stages_show_in_the_preview(
         make_config("freeze_unfreeze", epochs=3, head=HeadConfig(hidden=(8,)), solve_head=True)
     )
     assert not hidden.stages[0].solve
+
+
+@pytest.mark.parametrize(
+    ("strategy", "settings", "field"),
+    [
+        ("fine_tune", {"head_epochs": 2}, "head_epochs"),
+        ("freeze_unfreeze", {"epochs": 1}, "epochs"),
+        ("partial", {"partial_groups": 9}, "partial_groups"),
+        ("fine_tune", {"stages": (StageSpec(groups=("layer9",)),)}, "stages[0].groups"),
+        ("fine_tune", {"max_length": 64}, "max_length"),
+        ("scratch", {"lora_rank": 4}, "lora_rank"),
+    ],
+)
+def test_a_refused_setting_names_its_field(
+    make_config: Callable[..., TransferConfig],
+    strategy: str,
+    settings: dict[str, object],
+    field: str,
+) -> None:
+    with pytest.raises(SpecError) as refused:
+        compile_plan(make_config(strategy, **settings))
+    assert refused.value.field == field
+
+
+def test_a_stored_plan_reads_typed_without_torch_with_the_specs_defaults(
+    make_config: Callable[..., TransferConfig],
+) -> None:
+    """The API, the card, the dashboard and the CLI read stored plans with `Plan.from_dict`,
+    in processes that have not loaded torch; a field the stored plan lacks takes the spec's
+    default (`feature_views` 4), which the recipe shows."""
+    stored = compile_plan(make_config("feature_extraction", augment="light")).to_dict()
+    del stored["feature_views"]
+    code = (
+        "import json, sys\n"
+        "for name in ('torch', 'torchvision', 'timm', 'transformers', 'numpy'):\n"
+        "    sys.modules[name] = None  # importing any of them now fails\n"
+        "from worker.engine.recipe import stage_recipes\n"
+        "from worker.engine.stages import Plan\n"
+        "plan = Plan.from_dict(json.loads(sys.stdin.read()))\n"
+        "print(json.dumps([plan.feature_views, stage_recipes(plan)[0]['feature_views']]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        input=json.dumps(stored),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == [4, 4]

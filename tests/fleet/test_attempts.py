@@ -139,7 +139,7 @@ def test_a_stale_attempt_neither_overwrites_nor_is_resumed_from(
 
     current = _take_over(context, job_id)
     dest = tmp_path / "resume.pt"
-    assert jobs._download_checkpoint(context, job_id=job_id, attempt=current.attempt, dest=dest)
+    assert jobs.download_checkpoint(context, job_id=job_id, attempt=current.attempt, dest=dest)
     assert dest.read_bytes() == b"epoch 1 by attempt 1"
     current.on_checkpoint(_checkpoint_file(tmp_path, b"epoch 2 by attempt 2"))
     stale.on_checkpoint(_checkpoint_file(tmp_path, b"epoch 2 by attempt 1"))  # fenced
@@ -147,7 +147,7 @@ def test_a_stale_attempt_neither_overwrites_nor_is_resumed_from(
     # Even a stale upload already under way when the lease was lost lands beside, not over.
     store.put_bytes(checkpoint_key(job_id, 1), b"late write by attempt 1")
     assert store.get_bytes(checkpoint_key(job_id, 2)) == b"epoch 2 by attempt 2"
-    assert jobs._download_checkpoint(context, job_id=job_id, attempt=3, dest=dest)
+    assert jobs.download_checkpoint(context, job_id=job_id, attempt=3, dest=dest)
     assert dest.read_bytes() == b"epoch 2 by attempt 2"
 
 

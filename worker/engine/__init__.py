@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .checkpoint import load_checkpoint
     from .data import ImageDataset, Sample, preprocess
-    from .export import export_model
+    from .export import Bundle, export_bundle, export_model
     from .features import FeatureStore, SharedFeatures
     from .loop import (
         EpochPosition,
@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 
 _HOMES = {
     "data": ("ImageDataset", "Sample", "preprocess"),
-    "export": ("export_model",),
+    "export": ("Bundle", "export_bundle", "export_model"),
     "features": ("FeatureStore", "SharedFeatures"),
     "model": (
         "TransferModel",

@@ -1,14 +1,16 @@
-"""Write a trained model as a self-describing folder: safetensors weights + config.json."""
+"""Write a trained model as a self-describing folder: safetensors weights + config.json, and
+`export_bundle`: the whole version folder (those, the labels and the checked ONNX model)."""
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import save_file
 
-from .artifacts import CONFIG_FILE, FORMAT, WEIGHTS_FILE
+from .artifacts import CONFIG_FILE, FORMAT, LABELS_FILE, ONNX_FILE, WEIGHTS_FILE
 from .calibration import Calibration
+from .onnx_export import OnnxExport, export_onnx, export_text_onnx
 from .plan import Plan
 from .recipe import tta_views
 from .strategies import strategy_of
@@ -16,7 +18,15 @@ from .train import TrainingResult
 from .zoo import get_base_model_info
 
 # The names are re-exported for callers that write or check exported folders.
-__all__ = ["CONFIG_FILE", "FORMAT", "WEIGHTS_FILE", "export_model", "model_config"]
+__all__ = [
+    "CONFIG_FILE",
+    "FORMAT",
+    "WEIGHTS_FILE",
+    "Bundle",
+    "export_bundle",
+    "export_model",
+    "model_config",
+]
 
 
 def model_config(
@@ -112,3 +122,38 @@ def export_model(
     # From here on the model is the one served and exported to ONNX (adapters merged).
     result.model = strategy_of(plan).for_inference(result.model)
     return {"weights": weights_path, "config": config_path}
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """What `export_bundle` wrote besides the files `export_model` always writes."""
+
+    onnx: OnnxExport | None
+    """The ONNX export and its parity check; None when ONNX was not asked for."""
+
+
+def export_bundle(
+    result: TrainingResult,
+    plan: Plan,
+    out_dir: Path,
+    *,
+    classes: list[str],
+    weights_dir: Path | None = None,
+    onnx: bool = True,
+) -> Bundle:
+    """Write a version's whole folder: weights, config.json (a text model's tokenizer files),
+    the labels and, when `onnx`, `model.onnx` checked against PyTorch. `result.model` is then
+    the model as served, as after `export_model`."""
+    export_model(result, plan, out_dir, weights_dir=weights_dir)
+    (out_dir / LABELS_FILE).write_text(json.dumps(classes, indent=2) + "\n")
+    return Bundle(onnx=_export_onnx(result.model, plan, out_dir / ONNX_FILE) if onnx else None)
+
+
+def _export_onnx(model: Any, plan: Plan, out_path: Path) -> OnnxExport:
+    if plan.modality == "text":
+        assert plan.max_length is not None
+        vocab_size = int(model.backbone.config.vocab_size)
+        return export_text_onnx(
+            model, vocab_size=vocab_size, max_length=plan.max_length, out_path=out_path
+        )
+    return export_onnx(model, image_size=plan.image_size, out_path=out_path)

@@ -262,7 +262,7 @@ def describe_plan(
         for name, modules in model.groups()
     }
     total = sum(group_sizes.values())
-    recipes = stage_recipes(plan.to_dict())
+    recipes = stage_recipes(plan)
     described = []
     for stage, recipe in zip(plan.stages, recipes, strict=True):
         trainable: list[dict[str, Any]] = [

@@ -7,7 +7,7 @@ executes plans, so what will happen can be shown (`describe_plan`) before anythi
 """
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import fields, replace
 from typing import Any
 
 from .artifacts import ModelConfig
@@ -21,12 +21,10 @@ from .spec import (
     MAX_IMAGE_SIZE,
     MIN_IMAGE_SIZE,
     MODALITY_DEFAULTS,
-    AugmentLevel,
     HeadConfig,
-    Modality,
     RunSettings,
+    SpecError,
     StageSpec,
-    Truncation,
     check_settings,
     decode,
 )
@@ -40,6 +38,7 @@ from .stages import (
     TOP,
     Base,
     ParentModel,
+    Plan,
     Stage,
     TaskInfo,
     TransferConfig,
@@ -69,94 +68,38 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, kw_only=True)
-class Plan(RunSettings):
-    """A compiled plan: the run settings as asked, plus everything resolved from the zoo,
-    the preset and the parent. Its JSON form (`to_dict`) is stored with jobs and versions."""
-
-    base_model: str
-    num_classes: int
-    head: HeadConfig
-    stages: tuple[Stage, ...]
-    augment: AugmentLevel = "none"
-    """As the spec asked, or what its data chose when left out (`data_defaults`)."""
-    label_smoothing: float = 0.0
-    """As `augment`."""
-    pretrained: bool
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    parent: str | None = None
-    """Start from this exported model's weights instead of ImageNet's: its `ParentModel`
-    location (the service's storage key of the version). `run` gets its files as a folder."""
-    modality: Modality = "image"
-    max_length: int | None = None
-    """Text: tokens per text, special tokens included."""
-    truncation: Truncation | None = None
-    """Text: which tokens a longer text keeps."""
-    task_name: str = DEFAULT_TASK
-    old_tasks: tuple[TaskInfo, ...] = ()
-    """LwF: the parent's tasks, whose heads are kept beside the new one."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Free-form notes for people reading the plan (strategy name, parent reference)."""
-
-    @property
-    def image_size(self) -> int:
-        """The size the finished model was last trained at, hence the one to predict at."""
-        size = self.stages[-1].image_size
-        if size is None:
-            raise ValueError(f"a {self.modality} plan has no image size")
-        return size
-
-    @property
-    def needs_lr_finder(self) -> bool:
-        """The spec asked for `lr: auto` and no rate has been found for it yet."""
-        return any(stage.auto_lr for stage in self.stages)
-
-    @property
-    def has_lm_stage(self) -> bool:
-        return any(stage.objective == MASKED_LM for stage in self.stages)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Plan":
-        """Inverse of `to_dict`; fields newer than the stored plan take their defaults."""
-        # Exported models' config.json from before parents were named by key carry a host
-        # path under `parent_dir`; a finished model never reads its parent again.
-        data = {name: value for name, value in data.items() if name != "parent_dir"}
-        return decode(cls, data)
-
-
 def _validate(config: TransferConfig, strategy: Strategy) -> None:
     if config.num_classes < 2:
-        raise ValueError(f"num_classes must be at least 2; got {config.num_classes}")
+        raise SpecError("num_classes", f"num_classes must be at least 2; got {config.num_classes}")
     sizes = config.progressive_resizing
     if sizes is not None and (not sizes or list(sizes) != sorted(set(sizes))):
-        raise ValueError(
+        raise SpecError(
+            "progressive_resizing",
             f"progressive_resizing must be strictly increasing sizes between {MIN_IMAGE_SIZE} "
-            f"and {MAX_IMAGE_SIZE}; got {sizes}"
+            f"and {MAX_IMAGE_SIZE}; got {sizes}",
         )
     if sizes is not None and config.image_size is not None and sizes[-1] != config.image_size:
-        raise ValueError(
-            f"progressive_resizing must end at image_size {config.image_size}; got {sizes}"
+        raise SpecError(
+            "progressive_resizing",
+            f"progressive_resizing must end at image_size {config.image_size}; got {sizes}",
         )
     if config.head_epochs is not None and not strategy.takes_head_epochs:
         takers = " and ".join(name for name, s in STRATEGIES.items() if s.takes_head_epochs)
-        raise ValueError(f"head_epochs only applies to the {takers} strategies")
+        raise SpecError("head_epochs", f"head_epochs only applies to the {takers} strategies")
     for other in STRATEGIES.values():
         for name in other.settings:
             if other is not strategy and getattr(config, name) is not None:
-                raise ValueError(f"{name} only applies to the {other.name} strategy")
+                raise SpecError(name, f"{name} only applies to the {other.name} strategy")
     strategy.check(config)
     if config.stages is not None and not config.stages:
-        raise ValueError("stages must list at least one stage when given")
+        raise SpecError("stages", "stages must list at least one stage when given")
     if config.train_size is not None and config.train_size < 1:
-        raise ValueError(f"train_size must be at least 1; got {config.train_size}")
+        raise SpecError("train_size", f"train_size must be at least 1; got {config.train_size}")
     if config.batch_size % config.gpus:
-        raise ValueError(
+        raise SpecError(
+            "gpus",
             f"gpus: batch_size {config.batch_size} does not split evenly over {config.gpus} "
-            f"processes; choose a batch_size that is a multiple of {config.gpus}"
+            f"processes; choose a batch_size that is a multiple of {config.gpus}",
         )
 
 
@@ -185,47 +128,55 @@ def _check_modality_settings(
     if modality == "text":
         for name in ("image_size", "progressive_resizing"):
             if getattr(config, name) is not None:
-                raise ValueError(f"{name}: {base_model} is a text model; {name} is for images")
+                raise SpecError(name, f"{name}: {base_model} is a text model; {name} is for images")
         if config.stages is not None:
             for index, spec in enumerate(config.stages):
                 if spec.image_size is not None:
-                    raise ValueError(
+                    raise SpecError(
+                        f"stages[{index}].image_size",
                         f"stages[{index}].image_size: {base_model} is a text model; "
-                        "image_size is for images"
+                        "image_size is for images",
                     )
         if config.augment not in (None, "none"):
-            raise ValueError(f"augment: {base_model} is a text model; augment is for images")
+            raise SpecError(
+                "augment", f"augment: {base_model} is a text model; augment is for images"
+            )
         if config.tta != "none":
-            raise ValueError(
+            raise SpecError(
+                "tta",
                 f"tta: {base_model} is a text model; test-time augmentation (flips, crops) "
-                "is for images"
+                "is for images",
             )
         if config.sampler != "shuffle":
-            raise ValueError(
+            raise SpecError(
+                "sampler",
                 f"sampler: {base_model} is a text model, whose batches group texts by length; "
-                "use class_weights for imbalanced classes"
+                "use class_weights for imbalanced classes",
             )
         return
     for name in ("max_length", "truncation", "lm_epochs", "lm_lr"):
         if getattr(config, name) is not None:
-            raise ValueError(f"{name}: {base_model} is an image model; {name} is for text")
+            raise SpecError(name, f"{name}: {base_model} is an image model; {name} is for text")
     if config.tta == "flip" and not config.flip:
-        raise ValueError(
+        raise SpecError(
+            "tta",
             "tta: `flip` with `flip: false` leaves only the original view; use `flip_crops` "
-            "(crops without mirrors) or `none`"
+            "(crops without mirrors) or `none`",
         )
     if modality not in strategy.modalities:
-        raise ValueError(
+        raise SpecError(
+            "strategy",
             f"strategy: {strategy.name} is for {' and '.join(strategy.modalities)} base models; "
-            f"{base_model} takes images"
+            f"{base_model} takes images",
         )
 
 
 def _text_length(config: TransferConfig, base_model: str, model_max: int) -> int:
     wanted = config.max_length or MODALITY_DEFAULTS["text"].max_length or model_max
     if config.max_length is not None and config.max_length > model_max:
-        raise ValueError(
-            f"max_length: {base_model} reads at most {model_max} tokens; got {config.max_length}"
+        raise SpecError(
+            "max_length",
+            f"max_length: {base_model} reads at most {model_max} tokens; got {config.max_length}",
         )
     return min(wanted, model_max)
 
@@ -249,9 +200,10 @@ def _resolve_base(config: TransferConfig, strategy: Strategy) -> Base:
                 truncation=config.truncation or "head",
             )
         if info.fixed_input_size and config.image_size not in (None, info.input_size):
-            raise ValueError(
+            raise SpecError(
+                "image_size",
                 f"image_size: {config.base_model} only accepts {info.input_size}px images; "
-                f"got {config.image_size}"
+                f"got {config.image_size}",
             )
         return Base(
             base_model=config.base_model,
@@ -269,9 +221,10 @@ def _resolve_base(config: TransferConfig, strategy: Strategy) -> Base:
     old_tasks = parent_tasks(parent) if strategy.keeps_parent_tasks else ()
     clash = [task.name for task in old_tasks if task.name == _task_name(config)]
     if clash:
-        raise ValueError(
+        raise SpecError(
+            "task_name",
             f"task_name: the parent already answers a task named {clash[0]!r}; "
-            "give the new task another name"
+            "give the new task another name",
         )
     if parent_plan.modality == "text":
         assert info.max_length is not None
@@ -306,7 +259,7 @@ def _resolve_base(config: TransferConfig, strategy: Strategy) -> Base:
 def _spec_groups(spec: StageSpec, where: str, base: Base) -> tuple[str, ...]:
     known = base.all_groups
     if not spec.groups:
-        raise ValueError(f"{where}.groups: list at least one group")
+        raise SpecError(f"{where}.groups", f"{where}.groups: list at least one group")
     chosen: set[str] = set()
     for group in spec.groups:
         if group == ALL:
@@ -314,17 +267,19 @@ def _spec_groups(spec: StageSpec, where: str, base: Base) -> tuple[str, ...]:
         elif group.startswith(TOP):
             count = group.removeprefix(TOP)
             if not count.isdigit() or not 1 <= int(count) <= len(base.backbone_groups):
-                raise ValueError(
+                raise SpecError(
+                    f"{where}.groups",
                     f"{where}.groups: {group!r} needs a count from 1 to "
-                    f"{len(base.backbone_groups)}, as in 'top:2'"
+                    f"{len(base.backbone_groups)}, as in 'top:2'",
                 )
             chosen |= set(base.top(int(count)))
         elif group in known:
             chosen.add(group)
         else:
-            raise ValueError(
+            raise SpecError(
+                f"{where}.groups",
                 f"{where}.groups: unknown group {group!r}; groups are {', '.join(known)}, "
-                f"or {ALL!r}, or 'top:<k>'"
+                f"or {ALL!r}, or 'top:<k>'",
             )
     return tuple(group for group in known if group in chosen)
 
@@ -332,7 +287,7 @@ def _spec_groups(spec: StageSpec, where: str, base: Base) -> tuple[str, ...]:
 def _spec_stage(config: TransferConfig, base: Base, index: int, spec: StageSpec) -> Stage:
     where = f"stages[{index}]"
     if spec.lr is not None and spec.lrs is not None:
-        raise ValueError(f"{where}: give lr or lrs, not both")
+        raise SpecError(where, f"{where}: give lr or lrs, not both")
     trainable = _spec_groups(spec, where, base)
     compiled = make_stage(
         config,
@@ -347,14 +302,16 @@ def _spec_stage(config: TransferConfig, base: Base, index: int, spec: StageSpec)
     )
     if spec.lrs is not None:
         if set(spec.lrs) != set(trainable):
-            raise ValueError(
+            raise SpecError(
+                f"{where}.lrs",
                 f"{where}.lrs must give a rate for exactly the trainable groups "
-                f"{', '.join(trainable)}; got {', '.join(spec.lrs)}"
+                f"{', '.join(trainable)}; got {', '.join(spec.lrs)}",
             )
         bad = [name for name, rate in spec.lrs.items() if not rate > 0]
         if bad:
-            raise ValueError(
-                f"{where}.lrs: rates must be positive; {bad[0]!r} is {spec.lrs[bad[0]]}"
+            raise SpecError(
+                f"{where}.lrs",
+                f"{where}.lrs: rates must be positive; {bad[0]!r} is {spec.lrs[bad[0]]}",
             )
         compiled = replace(
             compiled, group_lrs={name: spec.lrs[name] for name in trainable}, auto_lr=False
@@ -386,7 +343,7 @@ def compile_plan(config: TransferConfig) -> Plan:
     """Validate `config` and expand its strategy (or its stages) into a plan.
 
     A pure function of the config (the parent, if any, comes as data): it reads no files.
-    Raises ValueError, naming the offending field, when the config is invalid.
+    Raises SpecError, naming the offending field, when the config is invalid.
     """
     if config.parent is None:
         get_base_model_info(config.base_model)
@@ -394,7 +351,9 @@ def compile_plan(config: TransferConfig) -> Plan:
     strategy = strategy_named(config.strategy)
     _validate(config, strategy)
     if strategy.compiles_own_stages and config.stages is not None:
-        raise ValueError(f"the {strategy.name} strategy compiles its own stages; drop stages")
+        raise SpecError(
+            "stages", f"the {strategy.name} strategy compiles its own stages; drop stages"
+        )
     base = _resolve_base(config, strategy)
     base = replace(
         base,
@@ -415,8 +374,9 @@ def compile_plan(config: TransferConfig) -> Plan:
     if config.progressive_resizing is not None:
         info = get_base_model_info(base.base_model)
         if info.fixed_input_size:
-            raise ValueError(
-                f"progressive_resizing: {base.base_model} only accepts {info.input_size}px images"
+            raise SpecError(
+                "progressive_resizing",
+                f"progressive_resizing: {base.base_model} only accepts {info.input_size}px images",
             )
         stages = tuple(
             sub

@@ -1,15 +1,20 @@
-"""What a plan's training recipe is, per stage, read from the plan's JSON form.
+"""What a plan's training recipe is, per stage.
 
 Standard library only, so the preview (`model.describe_plan`), the model card and the
-dashboard, which read stored plans in the API process without torch, all say the same:
+dashboard, which read stored plans (`Plan.from_dict`) in the API process without torch, all
+say the same:
 each stage's resolved top rate, the augmentation its training batches get, the weight
 average's decay, and the test-time views of the final validation.
 """
 
-from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .spec import HEAD_C_GRID
+
+if TYPE_CHECKING:
+    # Annotations only: this module is also shipped alone with exported models (it reads no
+    # plan there), and `stages` imports it through `artifacts`.
+    from .stages import Plan
 
 ORIGINAL_VIEW = "original"
 """The one view of an image predicted without test-time augmentation."""
@@ -60,49 +65,41 @@ def cached_view_count(*, cache_features: bool, augment: str, feature_views: int)
     return feature_views if augment != "none" else 1
 
 
-def stage_recipes(plan: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Per stage of a plan as `Plan.to_dict()` writes it: `lr` (its top group's rate, or
+def stage_recipes(plan: "Plan") -> list[dict[str, Any]]:
+    """Per stage of `plan`: `lr` (its top group's rate, or
     `AUTO_LR_PREVIEW` until the finder has run),
     `augment`, `feature_views` and `passes` (on cached features: the views of each item and
     the passes over them per epoch), `solver` (a solved head stage: how, and the L2
     strengths it chooses from; None for a stepped stage), `ema` (the decay, or None) and
     `tta` (the last stage of an image plan: the views the final validation and predict
     average; None elsewhere)."""
-    stages = plan.get("stages", [])
-    modality = plan.get("modality", "image")
     recipes = []
-    for index, stage in enumerate(stages):
-        last = index == len(stages) - 1
-        augment = augment_level(
-            plan.get("augment", "none"), modality=modality, distill=stage.get("distill", False)
-        )
+    for index, stage in enumerate(plan.stages):
+        last = index == len(plan.stages) - 1
+        augment = augment_level(plan.augment, modality=plan.modality, distill=stage.distill)
         recipes.append(
             {
-                "lr": (
-                    AUTO_LR_PREVIEW
-                    if stage.get("auto_lr", False)
-                    else max(stage["group_lrs"].values())
-                ),
+                "lr": AUTO_LR_PREVIEW if stage.auto_lr else max(stage.group_lrs.values()),
                 "augment": augment,
                 "feature_views": cached_view_count(
-                    cache_features=stage["cache_features"],
+                    cache_features=stage.cache_features,
                     augment=augment,
-                    feature_views=plan.get("feature_views", 1),
+                    feature_views=plan.feature_views,
                 ),
-                "passes": stage.get("passes", 1),
+                "passes": stage.passes,
                 "solver": (
                     {
                         "method": "L-BFGS to the optimum (logistic regression)",
-                        "c_grid": list(stage.get("c_grid") or HEAD_C_GRID),
+                        "c_grid": list(stage.c_grid or HEAD_C_GRID),
                         "chosen_on": "validation loss",
                     }
-                    if stage.get("solve", False)
+                    if stage.solve
                     else None
                 ),
-                "ema": plan.get("ema"),
+                "ema": plan.ema,
                 "tta": (
-                    list(tta_views(plan.get("tta", "none"), flip=plan.get("flip", True)))
-                    if last and modality == "image"
+                    list(tta_views(plan.tta, flip=plan.flip))
+                    if last and plan.modality == "image"
                     else None
                 ),
             }

@@ -55,6 +55,16 @@ MIN_MAX_LENGTH = 8
 MAX_MAX_LENGTH = 4096
 
 
+class SpecError(ValueError):
+    """A transfer setting the engine refuses. `field` names it as a spec writes it
+    (`head_epochs`, `stages[1].groups`), so the API points its 422 at it without reading the
+    message."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass(frozen=True)
 class ModalityDefaults:
     """What a setting left out of a spec becomes, per modality of the base model."""
@@ -481,8 +491,8 @@ def check_settings(value: Any, where: str = "") -> None:
 def _check_choice(name: str, value: Any, annotation: Any) -> None:
     choices = _literal_choices(annotation)
     if choices and value not in choices and not _is_admitted_number(value, annotation):
-        raise ValueError(
-            f"invalid {name} {value!r}: {name} must be one of {', '.join(map(str, choices))}"
+        raise SpecError(
+            name, f"invalid {name} {value!r}: {name} must be one of {', '.join(map(str, choices))}"
         )
 
 
@@ -508,7 +518,7 @@ def _literal_choices(annotation: Any) -> tuple[Any, ...]:
 def _check_bounds(name: str, value: Any, bounds: Bounds) -> None:
     broken = _broken_bound(value, bounds)
     if broken is not None:
-        raise ValueError(f"{name}{bounds.message or broken}; got {value!r}")
+        raise SpecError(name, f"{name}{bounds.message or broken}; got {value!r}")
 
 
 def _broken_bound(value: Any, bounds: Bounds) -> str | None:

@@ -1,5 +1,8 @@
 """What a plan is made of, and the one way a strategy makes a stage.
 
+Standard library only, like `spec.py`: the API, the model card, the dashboard and the CLI read
+stored plans as typed `Plan`s (`Plan.from_dict`) without importing torch.
+
 A stage says which parameter groups train, at which rates, for how many epochs. `Base` is
 what the stages are built on (the architecture's groups and sizes, the parent's tasks);
 `stage` gives the rates their defaults (discriminative rates below the top group). The
@@ -7,20 +10,24 @@ strategies (`strategies/`) and `plan.compile_plan` build on these; nothing here 
 strategy's name.
 """
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .artifacts import ModelConfig, ModelConfigError, read_model_config
 from .preset_defaults import DEFAULT_SCHEDULE, default_lr, preset_defaults
 from .spec import (
     AUTO,
     MODALITY_DEFAULTS,
+    AugmentLevel,
     BatchNormMode,
     HeadConfig,
     Modality,
+    RunSettings,
     Schedule,
     TransferSettings,
     Truncation,
+    decode,
 )
 
 HEAD = "head"
@@ -269,3 +276,62 @@ def make_stage(
         objective=objective,
         auto_lr=follows_lr and config.lr == AUTO,
     )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan(RunSettings):
+    """A compiled plan: the run settings as asked, plus everything resolved from the zoo,
+    the preset and the parent. Its JSON form (`to_dict`) is stored with jobs and versions."""
+
+    base_model: str
+    num_classes: int
+    head: HeadConfig
+    stages: tuple[Stage, ...]
+    augment: AugmentLevel = "none"
+    """As the spec asked, or what its data chose when left out (`data_defaults`)."""
+    label_smoothing: float = 0.0
+    """As `augment`."""
+    pretrained: bool
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    parent: str | None = None
+    """Start from this exported model's weights instead of ImageNet's: its `ParentModel`
+    location (the service's storage key of the version). `run` gets its files as a folder."""
+    modality: Modality = "image"
+    max_length: int | None = None
+    """Text: tokens per text, special tokens included."""
+    truncation: Truncation | None = None
+    """Text: which tokens a longer text keeps."""
+    task_name: str = DEFAULT_TASK
+    old_tasks: tuple[TaskInfo, ...] = ()
+    """LwF: the parent's tasks, whose heads are kept beside the new one."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form notes for people reading the plan (strategy name, parent reference)."""
+
+    @property
+    def image_size(self) -> int:
+        """The size the finished model was last trained at, hence the one to predict at."""
+        size = self.stages[-1].image_size
+        if size is None:
+            raise ValueError(f"a {self.modality} plan has no image size")
+        return size
+
+    @property
+    def needs_lr_finder(self) -> bool:
+        """The spec asked for `lr: auto` and no rate has been found for it yet."""
+        return any(stage.auto_lr for stage in self.stages)
+
+    @property
+    def has_lm_stage(self) -> bool:
+        return any(stage.objective == MASKED_LM for stage in self.stages)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Plan":
+        """Inverse of `to_dict`; fields newer than the stored plan take their defaults."""
+        # Exported models' config.json from before parents were named by key carry a host
+        # path under `parent_dir`; a finished model never reads its parent again.
+        data = {name: value for name, value in data.items() if name != "parent_dir"}
+        return decode(cls, data)

@@ -52,7 +52,7 @@ class Strategy(Protocol):
         return {}
 
     def check(self, config: TransferConfig) -> None:
-        """Raise ValueError, naming the field, for a config this strategy cannot run."""
+        """Raise SpecError(field) for a config this strategy cannot run."""
         return None
 
     def stages(self, config: TransferConfig, base: Base) -> tuple[Stage, ...]: ...

@@ -2,6 +2,7 @@
 
 from typing import ClassVar
 
+from ..spec import SpecError
 from ..stages import Base, Stage, TransferConfig, make_stage
 from .base import Strategy, head_only
 
@@ -15,12 +16,13 @@ class FreezeUnfreeze(Strategy):
         if config.stages is not None:
             return
         if config.epochs < 2:
-            raise ValueError(f"{self.name} needs epochs >= 2 (head epochs, then the rest)")
+            raise SpecError("epochs", f"{self.name} needs epochs >= 2 (head epochs, then the rest)")
         head_epochs = _head_epochs(config)
         if not 1 <= head_epochs < config.epochs:
-            raise ValueError(
+            raise SpecError(
+                "head_epochs",
                 f"head_epochs must be between 1 and epochs - 1 = {config.epochs - 1}; "
-                f"got {head_epochs}"
+                f"got {head_epochs}",
             )
 
     def stages(self, config: TransferConfig, base: Base) -> tuple[Stage, ...]:

@@ -10,6 +10,7 @@ ONNX, the adapters are merged into the weights they adapt, so inference costs no
 
 from typing import TYPE_CHECKING, Any
 
+from ..spec import SpecError
 from ..stages import HEAD, Base, Stage, TransferConfig, make_stage
 from .base import ParameterGroups, Strategy
 
@@ -35,12 +36,15 @@ class Lora(Strategy):
 
     def check(self, config: TransferConfig) -> None:
         if config.parent is not None:
-            raise ValueError(
+            raise SpecError(
+                "base_model",
                 "base_model: lora adapts a zoo model's pretrained weights (its version stores "
-                "only the adapters over them); start it from a zoo model"
+                "only the adapters over them); start it from a zoo model",
             )
         if not config.pretrained:
-            raise ValueError("pretrained: lora adapts pretrained weights; drop pretrained: false")
+            raise SpecError(
+                "pretrained", "pretrained: lora adapts pretrained weights; drop pretrained: false"
+            )
 
     def notes(self, config: TransferConfig, base: Base) -> dict[str, Any]:
         rank = config.lora_rank or RANKS.get(base.family, DEFAULT_RANK)

@@ -1,5 +1,6 @@
 """`partial`: the top `partial_groups` backbone groups and the head train; the rest stays."""
 
+from ..spec import SpecError
 from ..stages import Base, Stage, TransferConfig, make_stage
 from .base import Strategy
 
@@ -9,9 +10,10 @@ class Partial(Strategy):
 
     def stages(self, config: TransferConfig, base: Base) -> tuple[Stage, ...]:
         if config.partial_groups > len(base.backbone_groups):
-            raise ValueError(
+            raise SpecError(
+                "partial_groups",
                 f"partial_groups: {base.base_model} has {len(base.backbone_groups)} groups; "
-                f"got {config.partial_groups}"
+                f"got {config.partial_groups}",
             )
         trainable = base.top(config.partial_groups)
         return (

@@ -1,6 +1,7 @@
 """`scratch`: the architecture from random weights, every group at `lr` (the baseline a
 transfer is measured against)."""
 
+from ..spec import SpecError
 from ..stages import Base, Stage, TransferConfig, make_stage
 from .base import Strategy
 
@@ -11,7 +12,9 @@ class Scratch(Strategy):
 
     def check(self, config: TransferConfig) -> None:
         if config.parent is not None:
-            raise ValueError("the scratch strategy starts from random weights; drop parent_dir")
+            raise SpecError(
+                "base_model", "the scratch strategy starts from random weights; drop parent_dir"
+            )
 
     def stages(self, config: TransferConfig, base: Base) -> tuple[Stage, ...]:
         return (

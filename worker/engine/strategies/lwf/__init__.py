@@ -4,6 +4,7 @@ old tasks and are distilled towards their recorded outputs while the new head le
 
 from typing import TYPE_CHECKING
 
+from ...spec import SpecError
 from ...stages import Stage, TransferConfig
 from ..freeze_unfreeze import FreezeUnfreeze
 
@@ -24,7 +25,9 @@ class LearningWithoutForgetting(FreezeUnfreeze):
     def check(self, config: TransferConfig) -> None:
         super().check(config)
         if config.parent is None:
-            raise ValueError("the lwf strategy needs parent_dir: the model whose task it keeps")
+            raise SpecError(
+                "base_model", "the lwf strategy needs parent_dir: the model whose task it keeps"
+            )
 
     def loss(self, plan: "Plan", stage: Stage, class_weights: "Tensor | None") -> "nn.Module":
         if not stage.distill:
