@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from worker.engine import ParentModel, TextSample, TransferConfig, compile_plan, export_model, run
 from worker.engine.plan import Plan
+from worker.engine.refit import refit
 from worker.engine.spec import MODALITY_DEFAULTS, Strategy
 from worker.engine.text_zoo import MINILM, locate_folder
 
@@ -299,12 +300,17 @@ def main() -> None:
                         )
                         parent_dir = Path(folder) / "parent" if preset == "lwf" else None
                         result = run(
-                            plan,
-                            train=fit,
-                            val=val,
-                            classes=classes,
-                            parent_dir=parent_dir,
+                            plan, train=fit, val=val, classes=classes, parent_dir=parent_dir
                         )
+                        if plan.refit:  # as the worker publishes it
+                            result = refit(
+                                plan,
+                                result,
+                                train=fit,
+                                val=val,
+                                classes=classes,
+                                parent_dir=parent_dir,
+                            )
                         accuracy = test_accuracy(result.model, test, max_length)
                         epochs = sum(stage.epochs for stage in plan.stages)
                         if preset == "feature_extraction":

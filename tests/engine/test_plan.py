@@ -459,9 +459,9 @@ def test_every_strategy_the_spec_offers_is_one_registered_module() -> None:
 
 @pytest.mark.parametrize(
     ("train_size", "augment", "label_smoothing", "reason"),
-    [(15, "none", 0.0, "5 training images per class is under 100"),
-     (204, "none", 0.0, "68 training images per class is under 100"),
-     (300, "light", 0.1, "100 training images per class is at least 100"),
+    [(15, "none", 0.0, "5 training images per class is under 80"),
+     (204, "none", 0.0, "68 training images per class is under 80"),
+     (240, "light", 0.1, "80 training images per class is at least 80"),
      (None, "none", 0.0, "size is unknown")],
     ids=["few-shot", "68-per-class", "many-shot", "unknown-size"],
 )  # fmt: skip
@@ -557,3 +557,45 @@ def test_a_stored_plan_reads_typed_without_torch_with_the_specs_defaults(
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == [4, 4]
+
+
+@pytest.mark.parametrize(
+    ("train_size", "refit", "reason"),
+    [(400, True, "400 training items is at most 5000"),
+     (5000, True, "at most 5000"),
+     (5001, False, "5001 training items is over 5000"),
+     (None, False, "size is unknown")],
+    ids=["small", "at-the-bound", "large", "unknown-size"],
+)  # fmt: skip
+def test_an_unset_refit_follows_the_training_split_size(
+    make_config: Callable[..., TransferConfig], train_size: int | None, refit: bool, reason: str
+) -> None:
+    plan = compile_plan(make_config("freeze_unfreeze", epochs=3, train_size=train_size))
+
+    assert plan.refit is refit
+    assert plan.extra["defaults"]["refit"] is refit
+    assert reason in plan.extra["defaults"]["refit_why"]
+    # What the spec sets wins, and is not noted as a default.
+    for asked in (True, False):
+        explicit = compile_plan(
+            make_config("freeze_unfreeze", epochs=3, train_size=train_size, refit=asked)
+        )
+        assert explicit.refit is asked
+        assert "refit" not in explicit.extra["defaults"]
+
+
+def test_an_unset_batch_size_follows_the_modality(
+    make_config: Callable[..., TransferConfig],
+) -> None:
+    image = compile_plan(make_config("fine_tune", batch_size=None))
+    text = compile_plan(
+        make_config("fine_tune", base_model="minilm_l6", image_size=None, batch_size=None)
+    )
+    assert (image.batch_size, text.batch_size) == (32, 16)
+    assert (
+        compile_plan(make_config("fine_tune", base_model="minilm_l6", image_size=None)).batch_size
+        == 8
+    )
+    with pytest.raises(SpecError) as refused:
+        compile_plan(make_config("fine_tune", batch_size=None, gpus=3))
+    assert refused.value.field == "gpus"

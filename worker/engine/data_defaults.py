@@ -1,17 +1,23 @@
-"""Defaults that follow the data: what an unset `augment` and `label_smoothing` become.
+"""Defaults that follow the data: what an unset `augment`, `label_smoothing` and `refit` become.
 
 Measured on real images (bench/quality.py): at 5 images per class, augmentation and label
 smoothing cost accuracy (a head on few images needs every clean view it has); at 100 per class,
 a careful script's light augmentation with label smoothing 0.1 beat training without them.
 So an image plan whose spec leaves them out gets them from the training split's size per class:
 `light` and 0.1 from `DATA_RICH_PER_CLASS` images per class, `none` and 0 below (and when the
-size is unknown). Text plans never augment. The choice and its reason go in the plan's
-`extra["defaults"]`, which the preview shows. Standard library only, like `spec`.
+size is unknown). Text plans never augment.
+
+A small training split refits (`refit`, from `REFIT_MAX_TRAIN_ITEMS` items down): the labels
+held out for validation are worth most where there are few, and one more run of a small set
+is cheap; a script that trains on every label otherwise starts a fifth of the data ahead.
+
+The choices and their reasons go in the plan's `extra["defaults"]`, which the preview shows.
+Standard library only, like `spec`.
 """
 
 from typing import Any
 
-from .spec import DATA_RICH_PER_CLASS, TransferSettings
+from .spec import DATA_RICH_PER_CLASS, REFIT_MAX_TRAIN_ITEMS, TransferSettings
 
 RICH_AUGMENT = "light"
 RICH_LABEL_SMOOTHING = 0.1
@@ -20,37 +26,56 @@ RICH_LABEL_SMOOTHING = 0.1
 def data_defaults(
     settings: TransferSettings, *, modality: str, num_classes: int, train_size: int | None
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """The resolved `augment` and `label_smoothing`, and (when either was left out) what was
-    chosen and why, for the plan's notes."""
+    """The resolved `augment`, `label_smoothing` and `refit`, and (when any was left out) what
+    was chosen and why, for the plan's notes."""
     resolved: dict[str, Any] = {
         "augment": settings.augment,
         "label_smoothing": settings.label_smoothing,
+        "refit": settings.refit,
     }
-    unset = [name for name, value in resolved.items() if value is None]
-    if not unset:
-        return resolved, None
+    notes: dict[str, Any] = {}
+    if settings.augment is None or settings.label_smoothing is None:
+        chosen, why = _regularisation(modality, num_classes, train_size)
+        for name in ("augment", "label_smoothing"):
+            if resolved[name] is None:
+                resolved[name] = notes[name] = chosen[name]
+        notes["why"] = why
+    if settings.refit is None:
+        resolved["refit"], notes["refit_why"] = _refit(train_size)
+        notes["refit"] = resolved["refit"]
+    return resolved, notes or None
+
+
+def _regularisation(
+    modality: str, num_classes: int, train_size: int | None
+) -> tuple[dict[str, Any], str]:
+    none = {"augment": "none", "label_smoothing": 0.0}
     if modality != "image":
-        chosen: dict[str, Any] = {"augment": "none", "label_smoothing": 0.0}
-        why = "text models do not augment"
-    elif train_size is None:
-        chosen = {"augment": "none", "label_smoothing": 0.0}
-        why = "the training split's size is unknown: the few-shot defaults"
-    else:
-        per_class = train_size / num_classes
-        rich = per_class >= DATA_RICH_PER_CLASS
-        chosen = (
-            {"augment": RICH_AUGMENT, "label_smoothing": RICH_LABEL_SMOOTHING}
-            if rich
-            else {"augment": "none", "label_smoothing": 0.0}
+        return none, "text models do not augment"
+    if train_size is None:
+        return none, "the training split's size is unknown: the few-shot defaults"
+    per_class = train_size / num_classes
+    if per_class < DATA_RICH_PER_CLASS:
+        return none, (
+            f"{per_class:.0f} training images per class is under {DATA_RICH_PER_CLASS}: "
+            "too few for augmentation or label smoothing to help"
         )
-        why = (
-            f"{per_class:.0f} training images per class is "
-            f"{'at least' if rich else 'under'} {DATA_RICH_PER_CLASS}: "
-            + (
-                "enough images that light augmentation and label smoothing help"
-                if rich
-                else "too few for augmentation or label smoothing to help"
-            )
+    rich = {"augment": RICH_AUGMENT, "label_smoothing": RICH_LABEL_SMOOTHING}
+    return rich, (
+        f"{per_class:.0f} training images per class is at least {DATA_RICH_PER_CLASS}: "
+        "enough images that light augmentation and label smoothing help"
+    )
+
+
+def _refit(train_size: int | None) -> tuple[bool, str]:
+    if train_size is None:
+        return False, "the training split's size is unknown: no refit"
+    if train_size <= REFIT_MAX_TRAIN_ITEMS:
+        return True, (
+            f"{train_size} training items is at most {REFIT_MAX_TRAIN_ITEMS}: once the run "
+            "has chosen its recipe, it trains once more on training and validation items"
         )
-    resolved = {name: chosen[name] if value is None else value for name, value in resolved.items()}
-    return resolved, {**{name: resolved[name] for name in unset}, "why": why}
+    return False, (
+        f"{train_size} training items is over {REFIT_MAX_TRAIN_ITEMS}: the validation items "
+        "add little, and one more run would cost as much as this one"
+    )

@@ -95,12 +95,6 @@ def _validate(config: TransferConfig, strategy: Strategy) -> None:
         raise SpecError("stages", "stages must list at least one stage when given")
     if config.train_size is not None and config.train_size < 1:
         raise SpecError("train_size", f"train_size must be at least 1; got {config.train_size}")
-    if config.batch_size % config.gpus:
-        raise SpecError(
-            "gpus",
-            f"gpus: batch_size {config.batch_size} does not split evenly over {config.gpus} "
-            f"processes; choose a batch_size that is a multiple of {config.gpus}",
-        )
 
 
 def _solves_head(config: TransferConfig) -> bool:
@@ -383,9 +377,16 @@ def compile_plan(config: TransferConfig) -> Plan:
             for stage in stages
             for sub in _resize_progressively(stage, config.progressive_resizing)
         )
+    batch_size = config.batch_size or MODALITY_DEFAULTS[base.modality].batch_size
+    if batch_size % config.gpus:
+        raise SpecError(
+            "gpus",
+            f"gpus: batch_size {batch_size} does not split evenly over {config.gpus} "
+            f"processes; choose a batch_size that is a multiple of {config.gpus}",
+        )
     if config.train_size is not None:
         stages = tuple(
-            replace(stage, passes=cached_passes(stage, config.train_size, config.batch_size))
+            replace(stage, passes=cached_passes(stage, config.train_size, batch_size))
             for stage in stages
         )
     extra: dict[str, Any] = {"strategy": config.strategy}
@@ -404,7 +405,7 @@ def compile_plan(config: TransferConfig) -> Plan:
         num_classes=config.num_classes,
         train_size=config.train_size,
     )
-    run_settings |= resolved
+    run_settings |= resolved | {"batch_size": batch_size}
     if chosen is not None:
         extra["defaults"] = chosen
     return Plan(

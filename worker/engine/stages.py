@@ -291,6 +291,10 @@ class Plan(RunSettings):
     """As the spec asked, or what its data chose when left out (`data_defaults`)."""
     label_smoothing: float = 0.0
     """As `augment`."""
+    refit: bool = False
+    """As `augment`."""
+    batch_size: int = 32
+    """As the spec asked, or the base model's modality's default."""
     pretrained: bool
     mean: tuple[float, float, float]
     std: tuple[float, float, float]

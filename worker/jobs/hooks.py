@@ -89,6 +89,9 @@ class JobHooks(TrainingHooks):
         self.attempt = claim.attempt
         self.deadline_at = claim.deadline_at
         self.fraction_done = 0.0
+        self.progress_span = (0.0, 1.0)
+        """The share of the job's progress bar the current run fills (a refitting job runs
+        twice), so that the fraction done only grows."""
         self._last_renewal = self._last_poll = time.monotonic()
         self._saved_checkpoint = False
         self._training = threading.Event()
@@ -173,7 +176,8 @@ class JobHooks(TrainingHooks):
         )
 
     def on_progress(self, done_steps: int, total_steps: int) -> None:
-        self.fraction_done = done_steps / max(total_steps, 1)
+        start, end = self.progress_span
+        self.fraction_done = start + (end - start) * done_steps / max(total_steps, 1)
 
     def should_pause(self) -> bool:
         return shutdown_requested.is_set()

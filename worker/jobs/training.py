@@ -195,6 +195,10 @@ def train(
             )
             parent_dir = parent_folder(context, plan)
             hooks.check_still_ours()
+            if plan.refit:
+                # The refit trains on train + validation, at most as many epochs.
+                items = len(data.train)
+                hooks.progress_span = (0.0, items / (2 * items + len(data.val)))
             result = run(
                 plan,
                 train=data.train,
@@ -211,6 +215,7 @@ def train(
             )
             if plan.refit:
                 # Once more on train + validation with what the run chose; this is published.
+                hooks.progress_span = (hooks.progress_span[1], 1.0)
                 result = refit(
                     plan,
                     result,
