@@ -11,6 +11,10 @@
 # /tmp/thaw-mutation/<module>) so that mutmut's `mutants/` never lands in the checkout; a rerun
 # reuses the results mutmut cached there for unchanged code. MUTATION_JOBS sets the parallel
 # mutants (default: the number of cores). Tests that need Redis use THAW_TEST_REDIS_URL.
+# mutmut keeps a mutant's verdict while its function is unchanged, even when tests were added:
+# MUTATION_RECHECK=1 runs the last run's survivors again (after new tests meant to kill them).
+# mutmut is not a project dependency: PYTHON names an interpreter that has it (mutmut 3) and the
+# project's packages (default: .venv/bin/python).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -58,7 +62,15 @@ pytest_add_cli_args_test_selection = [${tests_toml%,}]
 process_isolation = "forkserver"
 EOF
   echo "== $name: mutating $files with $tests" >&2
-  (cd "$work" && PYTHONPATH= "$mutmut" run --max-children "$jobs" >"$work/run.log" 2>&1) ||
+  # Tests that start a Python subprocess (`service.cli`, an import check) import the mutated
+  # tree too: mutmut runs from mutants/, and the environment it passes on names it.
+  local recheck=()
+  if [ "${MUTATION_RECHECK:-0}" = 1 ] && [ -f "$work/results.txt" ]; then
+    mapfile -t recheck < <(sed -n 's/^ *\(.*\): \(survived\|no tests\)$/\1/p' "$work/results.txt")
+    echo "   rechecking ${#recheck[@]} survivors of the last run" >&2
+  fi
+  (cd "$work" && PYTHONPATH="$work/mutants" "$mutmut" run --max-children "$jobs" \
+    ${recheck[@]+"${recheck[@]}"} >"$work/run.log" 2>&1) ||
     { tail -30 "$work/run.log" >&2; echo "$name: mutmut failed (log: $work/run.log)" >&2; return 1; }
   (cd "$work" && "$mutmut" results --all true) >"$work/results.txt"
   "$python" - "$name" "$work/results.txt" "$scored" <<'EOF'
