@@ -36,9 +36,9 @@ MODULES=(
   "checkpoint|worker/engine/checkpoint.py|tests/engine/test_train.py;-k;resum or paus or checkpoint|"
   "plan|worker/engine/plan.py|tests/engine/test_plan.py|"
   "answers|service/inference/service.py|tests/test_inference.py|fill_predictions|average_views|_softmax"
-  "auth|service/auth/*.py|tests/test_keys_cli.py|"
+  "auth|service/auth/*.py|tests/security/test_keys.py;tests/test_keys_cli.py;tests/fleet/test_shared_state.py|"
   "diagnosis|service/experiments/diagnosis.py|tests/test_experiments_diagnosis.py|"
-  "statistics|service/experiments/statistics.py|tests/test_experiments_scoring.py|"
+  "statistics|service/experiments/statistics.py|tests/test_experiments_diagnosis.py|"
 )
 
 score_module() {
@@ -69,9 +69,14 @@ EOF
     mapfile -t recheck < <(sed -n 's/^ *\(.*\): \(survived\|no tests\)$/\1/p' "$work/results.txt")
     echo "   rechecking ${#recheck[@]} survivors of the last run" >&2
   fi
-  (cd "$work" && PYTHONPATH="$work/mutants" "$mutmut" run --max-children "$jobs" \
-    ${recheck[@]+"${recheck[@]}"} >"$work/run.log" 2>&1) ||
-    { tail -30 "$work/run.log" >&2; echo "$name: mutmut failed (log: $work/run.log)" >&2; return 1; }
+  # In a fresh copy, mutmut 3.8's first stats run has failed here with a pytest usage error
+  # (exit 4) that the same run does not repeat; hence one retry.
+  for try in 1 2; do
+    (cd "$work" && PYTHONPATH="$work/mutants" "$mutmut" run --max-children "$jobs" \
+      ${recheck[@]+"${recheck[@]}"} >"$work/run.log" 2>&1) && break
+    [ "$try" = 1 ] ||
+      { tail -30 "$work/run.log" >&2; echo "$name: mutmut failed (log: $work/run.log)" >&2; return 1; }
+  done
   (cd "$work" && "$mutmut" results --all true) >"$work/results.txt"
   "$python" - "$name" "$work/results.txt" "$scored" <<'EOF'
 import re
