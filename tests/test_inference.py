@@ -1017,3 +1017,38 @@ def test_each_input_gets_its_own_top_labels_calibrated_and_averaged_over_its_vie
     assert [entry["label"] for entry in calibrated[3]["top"]] == ["x", "y"]  # the tie
     check(answer("new", 9, False), new, 1.0, 3)
     check(answer("old", 0, True), old, 1.0, 1)
+
+
+def test_a_text_models_answers_have_one_row_per_input_and_ties_in_label_order() -> None:
+    labels = [f"label_{i}" for i in range(20)]
+    model = LoadedModel(
+        version_id="mv_2",
+        name="t",
+        tasks={"topic": labels},
+        preprocessing=None,  # a text model: one row per input, no views
+        backend="onnx",
+        nbytes=0,
+        forward=lambda batch: Outputs([], None),
+        temperatures=[1.0],
+    )
+    # Many tied scores: a sort that is not stable would answer them out of the labels' order.
+    logits = np.random.default_rng(0).integers(0, 2, size=(2, 20)).astype(np.float64)
+    results: list[Prediction] = [{"text": 0}, {"text": 1}]
+    fill_predictions(
+        model, results, [0, 1], Outputs([logits], None), task="topic", top_k=20, calibrated=True
+    )
+    for result, row in zip(results, logits, strict=True):
+        assert [entry["label"] for entry in result["top"]] == [
+            labels[i] for i in np.argsort(-row, kind="stable")
+        ]
+    # A forward pass that answered fewer rows than inputs is an error, not fewer answers.
+    with pytest.raises(ValueError, match="zip"):
+        fill_predictions(
+            model,
+            results,
+            [0, 1],
+            Outputs([logits[:1]], None),
+            task="topic",
+            top_k=1,
+            calibrated=True,
+        )
