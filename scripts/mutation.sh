@@ -13,6 +13,7 @@
 # mutants (default: the number of cores). Tests that need Redis use THAW_TEST_REDIS_URL.
 # mutmut keeps a mutant's verdict while its function is unchanged, even when tests were added:
 # MUTATION_RECHECK=1 runs the last run's survivors again (after new tests meant to kill them).
+# Where mutmut itself resets verdicts (a changed test selection), a plain rerun checks them.
 # MUTATION_MINUTES=N stops each module's run after N minutes and scores what was checked.
 # mutmut is not a project dependency: PYTHON names an interpreter that has it (mutmut 3) and the
 # project's packages (default: .venv/bin/python).
@@ -63,8 +64,6 @@ pytest_add_cli_args_test_selection = [${tests_toml%,}]
 process_isolation = "forkserver"
 EOF
   echo "== $name: mutating $files with $tests" >&2
-  # Tests that start a Python subprocess (`service.cli`, an import check) import the mutated
-  # tree too: mutmut runs from mutants/, and the environment it passes on names it.
   local recheck=()
   if [ "${MUTATION_RECHECK:-0}" = 1 ] && [ -f "$work/results.txt" ]; then
     mapfile -t recheck < <(sed -n 's/^ *\(.*\): \(survived\|no tests\)$/\1/p' "$work/results.txt")
@@ -73,6 +72,8 @@ EOF
   # In a fresh copy, mutmut 3.8's first stats run has failed here with a pytest usage error
   # (exit 4) that the same run does not repeat; hence one retry.
   # MUTATION_MINUTES stops a module's run after that long (its mutants left are "not checked").
+  # Tests that start a Python subprocess (`service.cli`, an import check) import the mutated
+  # tree too: mutmut runs from mutants/, and the environment it passes on names it.
   local status
   for try in 1 2; do
     status=0
