@@ -144,8 +144,22 @@ def test_bootstrap_interval_matches_the_normal_approximation() -> None:
     assert low == pytest.approx(0.7 - half_width, abs=0.006)
     assert high == pytest.approx(0.7 + half_width, abs=0.006)
     assert bootstrap_interval([1.0, 1.0, 1.0]) == (1.0, 1.0)
-    with pytest.raises(ValueError, match="at least one value"):
+    with pytest.raises(ValueError, match=r"^a bootstrap interval needs at least one value$"):
         bootstrap_interval([])
+
+
+def test_bootstrap_interval_is_the_percentile_bootstrap_exactly() -> None:
+    """Written out independently: resample indices 0..n-1 with the seeded generator, and take
+    the 2.5th and 97.5th percentiles of the resampled means."""
+    values = np.random.default_rng(4).normal(size=50)
+    indices = np.random.default_rng(0).integers(0, values.size, size=(500, values.size))
+    expected = np.quantile(values[indices].mean(axis=1), [0.025, 0.975])
+    assert bootstrap_interval(values.tolist(), resamples=500) == pytest.approx(tuple(expected))
+    assert bootstrap_interval(values.tolist(), seed=1, resamples=500) != tuple(expected)
+    # Every item can be drawn, the first too; a single resample is an interval of one mean.
+    assert bootstrap_interval([1.0, 0.0], resamples=200) == (0.0, 1.0)
+    single = bootstrap_interval(values.tolist(), resamples=1)
+    assert single[0] == single[1]
 
 
 def test_macro_f1_matches_sklearn() -> None:
@@ -155,6 +169,13 @@ def test_macro_f1_matches_sklearn() -> None:
     assert macro_f1(targets.tolist(), predictions.tolist(), 4) == pytest.approx(
         f1_score(targets, predictions, average="macro")
     )
+
+
+def test_macro_f1_skips_absent_classes_and_scores_unpredicted_ones_zero() -> None:
+    # Class 0 perfect, class 1 absent from the targets (not averaged), class 2 perfect with
+    # one item, class 3 never predicted (scores 0): (1 + 1 + 0) / 3.
+    assert macro_f1([0, 0, 2, 3], [0, 0, 2, 1], 4) == pytest.approx(2 / 3)
+    assert macro_f1([], [], 3) == 0.0
 
 
 def test_successive_halving_keeps_the_top_half_at_each_rung() -> None:

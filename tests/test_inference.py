@@ -33,7 +33,9 @@ from service.inference.service import (
     ModelCache,
     ModelUnloadedError,
     Outputs,
+    Prediction,
     QueueFullError,
+    fill_predictions,
     predict_limits,
 )
 from service.main import create_app
@@ -954,3 +956,99 @@ def test_exports_load_in_triton_and_mlflow_and_answer_as_predict(
     other = new_key(served.context, "team-b")
     refused = client.get(f"{path}/export", params={"format": "mlflow"}, headers=other)
     assert refused.status_code == 404
+
+
+def _softmax_rows(logits: np.ndarray) -> np.ndarray:
+    """Written out here, independently of the service's."""
+    exps = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities: np.ndarray = exps / exps.sum(axis=1, keepdims=True)
+    return probabilities
+
+
+def test_each_input_gets_its_own_top_labels_calibrated_and_averaged_over_its_views() -> None:
+    """Answer assembly alone (no model): the rows of a forward pass become each good input's
+    top-k, of the task asked, at its temperature, averaged over the input's adjacent views;
+    inputs that failed before the pass keep their error entries."""
+    tasks = {"old": ["a", "b"], "new": ["x", "y", "z"]}
+    preprocessing = Preprocessing(image_size=8, mean=(0, 0, 0), std=(1, 1, 1))
+    model = LoadedModel(
+        version_id="mv_1",
+        name="m",
+        tasks=tasks,
+        preprocessing=dataclasses.replace(preprocessing, tta=("original", "flip")),
+        backend="onnx",
+        nbytes=0,
+        forward=lambda batch: Outputs([], None),
+        temperatures=[1.0, 2.0],
+    )
+    new = np.array(
+        [
+            [1.0, 3.0, 2.0],  # input 0, original view
+            [1.0, 2.5, 2.2],  # input 0, flipped
+            [900.0, 0.0, 1000.0],  # input 2: large logits stay finite
+            [900.0, 0.0, 1000.0],
+            [0.5, 0.5, 0.5],  # input 3: a tie keeps the labels' order
+            [0.5, 0.5, 0.5],
+        ]
+    )
+    old = np.array([[2.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 3.0], [0.0, 0.0], [0.0, 0.0]])
+    outputs = Outputs([old, new], None)
+
+    def answer(task: str, top_k: int, calibrated: bool) -> list[Prediction]:
+        results: list[Prediction] = [{"image": i} for i in range(4)]
+        results[1]["error"] = {"code": "not_an_image"}
+        fill_predictions(
+            model, results, [0, 2, 3], outputs, task=task, top_k=top_k, calibrated=calibrated
+        )
+        return results
+
+    def check(results: list[Prediction], logits: np.ndarray, temperature: float, k: int) -> None:
+        labels = next(name for name, names in tasks.items() if len(names) == logits.shape[1])
+        views = _softmax_rows(logits / temperature).reshape(3, 2, -1).mean(axis=1)
+        for index, row in zip((0, 2, 3), views, strict=True):
+            top = np.argsort(-row, kind="stable")[:k]
+            got = results[index]["top"]
+            assert [entry["label"] for entry in got] == [tasks[labels][i] for i in top]
+            assert [entry["probability"] for entry in got] == pytest.approx(row[top].tolist())
+
+    calibrated = answer("new", 2, True)
+    assert calibrated[1] == {"image": 1, "error": {"code": "not_an_image"}}
+    check(calibrated, new, 2.0, 2)
+    assert [entry["label"] for entry in calibrated[3]["top"]] == ["x", "y"]  # the tie
+    check(answer("new", 9, False), new, 1.0, 3)
+    check(answer("old", 0, True), old, 1.0, 1)
+
+
+def test_a_text_models_answers_have_one_row_per_input_and_ties_in_label_order() -> None:
+    labels = [f"label_{i}" for i in range(20)]
+    model = LoadedModel(
+        version_id="mv_2",
+        name="t",
+        tasks={"topic": labels},
+        preprocessing=None,  # a text model: one row per input, no views
+        backend="onnx",
+        nbytes=0,
+        forward=lambda batch: Outputs([], None),
+        temperatures=[1.0],
+    )
+    # Many tied scores: a sort that is not stable would answer them out of the labels' order.
+    logits = np.random.default_rng(0).integers(0, 2, size=(2, 20)).astype(np.float64)
+    results: list[Prediction] = [{"text": 0}, {"text": 1}]
+    fill_predictions(
+        model, results, [0, 1], Outputs([logits], None), task="topic", top_k=20, calibrated=True
+    )
+    for result, row in zip(results, logits, strict=True):
+        assert [entry["label"] for entry in result["top"]] == [
+            labels[i] for i in np.argsort(-row, kind="stable")
+        ]
+    # A forward pass that answered fewer rows than inputs is an error, not fewer answers.
+    with pytest.raises(ValueError, match="zip"):
+        fill_predictions(
+            model,
+            results,
+            [0, 1],
+            Outputs([logits[:1]], None),
+            task="topic",
+            top_k=1,
+            calibrated=True,
+        )

@@ -381,6 +381,29 @@ def test_fenced_transition_from_a_stale_attempt_raises_and_changes_nothing(
     assert raised.value.from_status is source
 
 
+@pytest.mark.parametrize(
+    ("from_status", "attempt", "current_attempt", "message"),
+    [
+        (None, None, None, "job j1: cannot fail: there is no such job"),
+        (JobStatus.SUCCEEDED, None, None, "job j1: cannot fail: it is succeeded"),
+        (JobStatus.RUNNING, 1, 1, "job j1: cannot fail as attempt 1: it is running"),
+        (JobStatus.RUNNING, 1, 2, "job j1: cannot fail as attempt 1: it is running as attempt 2"),
+    ],
+)
+def test_an_illegal_transition_says_what_was_tried_and_what_was_found(
+    from_status: JobStatus | None, attempt: int | None, current_attempt: int | None, message: str
+) -> None:
+    """The reaper logs this text when it leaves a job as it is: the operator's only account."""
+    error = IllegalTransitionError(
+        job_id="j1",
+        transition=Transition.FAIL,
+        from_status=from_status,
+        attempt=attempt,
+        current_attempt=current_attempt,
+    )
+    assert str(error) == message
+
+
 def test_the_first_claim_starts_the_deadline(database: Database) -> None:
     job_id = new_job(database, JobStatus.QUEUED, attempt=0)
     with database.session() as session:

@@ -1,18 +1,23 @@
 """A dataset upload streams through the API into the object store: multipart, nothing on the
-API's disk, and a refused upload leaves no object, no unfinished multipart upload and no row.
-An image dataset is stored as a few shards, read back through the host cache; one stored
-one object per image (manifest version 2) still loads. In-process API on S3 (moto_server in
-its own process)."""
+API's disk (watched while the request runs: every file the process holds open for writing,
+its temporary folder and its data folder), and a refused upload leaves no object, no unfinished
+multipart upload and no row. An image dataset is stored as a few shards, read back through the
+host cache; one stored one object per image (manifest version 2) still loads. In-process API on
+S3 (moto_server in its own process)."""
 
 import json
 import os
+import tempfile
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy.engine import make_url
 
 from service.cli import migrate_database
 from service.context import AppContext
@@ -34,7 +39,20 @@ BOUNDARY = b"thaw-boundary"
 
 
 @pytest.fixture(scope="module")
-def api(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+def temp_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The API process's temporary folder (TMPDIR, and `tempfile`'s cached copy of it), so that
+    a spill through `tempfile` lands where the upload test watches."""
+    folder = tmp_path_factory.mktemp("api-tmp")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", str(folder))
+        patch.setattr(tempfile, "tempdir", str(folder))
+        yield folder
+
+
+@pytest.fixture(scope="module")
+def api(
+    s3_server: S3Server, temp_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TestClient]:
     s3_server.create_bucket(BUCKET)
     settings = Settings(
         data_dir=tmp_path_factory.mktemp("api-host"),
@@ -89,23 +107,97 @@ def _keys(s3: Any) -> set[str]:
     return {item["Key"] for item in listed.get("Contents", [])}
 
 
-def _files_on(folder: Path, larger_than: int) -> list[Path]:
-    return [p for p in folder.rglob("*") if p.is_file() and p.stat().st_size > larger_than]
+def _file_sizes(folders: list[Path]) -> dict[str, int]:
+    sizes = {}
+    for folder in folders:
+        for path in folder.rglob("*"):
+            try:
+                if path.is_file():
+                    sizes[str(path)] = path.stat().st_size
+            except FileNotFoundError:  # removed while listed
+                pass
+    return sizes
 
 
+def _files_open_for_writing() -> dict[str, int]:
+    """This process's open regular files that it may write, by name (an unlinked or O_TMPFILE
+    temporary file, which no folder listing shows, reads "... (deleted)"), with their sizes."""
+    files = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if not target.startswith("/"):  # a socket, pipe or anonymous inode
+                continue
+            flags = next(
+                int(line.split()[1], 8)
+                for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines()
+                if line.startswith("flags:")
+            )
+            status = os.stat(f"/proc/self/fd/{fd}")
+        except (FileNotFoundError, StopIteration):  # closed while looked at
+            continue
+        if flags & os.O_ACCMODE != os.O_RDONLY and os.path.isfile(f"/proc/self/fd/{fd}"):
+            files[f"{target} (fd {fd})"] = status.st_size
+    return files
+
+
+@contextmanager
+def _disk_watch(folders: list[Path], allowed: str) -> Iterator[dict[str, int]]:
+    """While the body runs, every file in `folders` that was not there (or not that large)
+    before, and every file this process opens for writing (files it held open before, such as
+    pytest's capture of stdout, are left out), except paths that start with `allowed` (the
+    database). Polled in a thread, so a spill that is removed before the request ends is seen
+    too; yields name -> largest size seen, filled when the body ends."""
+    before_files = _file_sizes(folders)
+    before_open = dict.fromkeys(_files_open_for_writing(), 2**63)
+    written: dict[str, int] = {}
+    done = threading.Event()
+
+    def poll() -> None:
+        while True:
+            ending = done.is_set()
+            for seen, before in (
+                (_file_sizes(folders), before_files),
+                (_files_open_for_writing(), before_open),
+            ):
+                for name, size in seen.items():
+                    if not name.startswith(allowed) and size > before.get(name, -1):
+                        written[name] = max(size, written.get(name, 0))
+            if ending:
+                return
+            done.wait(0.002)
+
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
+    try:
+        yield written
+    finally:
+        done.set()
+        watcher.join()
+
+
+@pytest.mark.parametrize("size", [2 * PART + 12345, 100_000], ids=["three-parts", "small"])
 def test_an_upload_streams_to_the_store_in_parts_and_never_lands_on_the_api_disk(
-    api: TestClient, s3_server: S3Server
+    api: TestClient, s3_server: S3Server, temp_dir: Path, size: int
 ) -> None:
     context = _context(api)
-    size = 2 * PART + 12345
-    answer = _post(api, new_key(context, "streamer"), _body(size))
+    auth = new_key(context, f"streamer-{size}")
+    database = str(make_url(context.settings.resolved_database_url).database)
+    folders = [temp_dir.resolve(), context.settings.data_dir.resolve()]
+    with _disk_watch(folders, allowed=database) as written:
+        answer = _post(api, auth, _body(size))
     assert answer.status_code == 202, answer.text
+    # At no time during the request was anything of any size written outside the database (its
+    # rows and journal), except the processing task's message in the folder broker: not in the
+    # temporary folder, not elsewhere in the data folder, not in any file the process held open.
+    broker = str(context.settings.broker_folder)
+    assert {name: size for name, size in written.items() if not name.startswith(broker)} == {}
+    assert all(size < 2**16 for size in written.values()), written
     dataset_id = answer.json()["id"]
     head = _s3(s3_server).head_object(Bucket=BUCKET, Key=f"{PREFIX}/{archive_key(dataset_id)}")
     assert head["ContentLength"] == size == answer.json()["upload_bytes"]
-    assert str(head["ETag"]).strip('"').endswith("-3")  # published by a 3-part multipart upload
-    # The API host kept nothing the size of a part (its SQLite database is small).
-    assert _files_on(context.settings.data_dir, 2**20) == []
+    if size > PART:
+        assert str(head["ETag"]).strip('"').endswith("-3")  # published by a 3-part upload
 
 
 @pytest.mark.parametrize(

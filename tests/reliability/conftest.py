@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -203,17 +203,33 @@ class Worker:
         return self.process.wait(timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def fleet(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, redis_url: str
+@contextmanager
+def fleet_on(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    database_url: str,
+    redis_url: str,
 ) -> Iterator[Fleet]:
-    """One fleet per test module; a module may change settings with `FLEET_ENV`."""
+    """A fleet on the given (empty) database and Redis, its API started; a module may change
+    settings with `FLEET_ENV`."""
     overrides: dict[str, str] = getattr(request.module, "FLEET_ENV", {})
-    with fresh_postgres_database() as database_url, ExitStack() as stack:
+    with ExitStack() as stack:
         redis.Redis.from_url(redis_url).flushdb()
         root = tmp_path_factory.mktemp("fleet")
         fleet = Fleet(root, database_url, redis_url, stack, overrides)
         fleet.start_api()
+        yield fleet
+
+
+@pytest.fixture(scope="module")
+def fleet(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, redis_url: str
+) -> Iterator[Fleet]:
+    """One fleet per test module, on a fresh database of the test Postgres."""
+    with (
+        fresh_postgres_database() as database_url,
+        fleet_on(request, tmp_path_factory, database_url, redis_url) as fleet,
+    ):
         yield fleet
 
 

@@ -1,19 +1,25 @@
 """The services under thaw restart (issue 5, item 7): Redis loses every queued message, and
-Postgres drops every connection while a job trains. The test restarts the machine's real servers
-with the commands that started them, and always leaves them running."""
+Postgres drops every connection while a job trains. The module starts its own Redis server and
+its own Postgres cluster (a temporary data folder, free ports) and restarts those, never the
+servers other tests and sessions share."""
 
 import contextlib
 import json
+import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
 from service.queues import CPU_QUEUE
-from tests.reliability.conftest import Fleet
+from tests.processes import free_port
+from tests.reliability.conftest import Fleet, fleet_on
 
 pytestmark = pytest.mark.reliability
 
@@ -22,38 +28,121 @@ pytestmark = pytest.mark.reliability
 FLEET_ENV = {"THAW_LEASE_SECONDS": "30"}
 POSTGRES_DOWN_SECONDS = 4
 
-REDIS_START = [
-    "redis-server",
-    "--daemonize",
-    "yes",
-    "--bind",
-    "127.0.0.1",
-    "-::1",
-    "--port",
-    "6379",
-    "--save",
-    "",
-    "--appendonly",
-    "no",
-    "--dir",
-    "/var/lib/redis",
-    "--logfile",
-    "/var/log/redis/ci.log",
-]
+
+class OwnRedis:
+    """A redis-server of this module's, on a free port, keeping nothing on disk."""
+
+    def __init__(self, folder: Path) -> None:
+        server = shutil.which("redis-server") or "/usr/bin/redis-server"
+        if not os.access(server, os.X_OK):
+            pytest.skip("redis-server is not installed")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.command = [server, "--bind", "127.0.0.1", "--port", str(self.port)]
+        self.command += ["--save", "", "--appendonly", "no", "--dir", str(folder)]
+        self.command += ["--logfile", str(folder / "redis.log")]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.command)
+        wait_for_redis(self.url)
+
+    def restart(self) -> None:
+        """Stop without saving (nothing is kept on disk) and start again."""
+        # The server closes the connection as it exits.
+        with contextlib.suppress(redis.ConnectionError):
+            redis.Redis.from_url(self.url).shutdown(nosave=True)
+        assert self.process is not None
+        self.process.wait(timeout=30)
+        self.start()
+
+    def stop(self) -> None:
+        if self.process is not None and self.running():
+            self.process.terminate()
+            self.process.wait(timeout=30)
 
 
-def postgres_cluster() -> list[str]:
-    version = sorted(p.name for p in Path("/etc/postgresql").iterdir())[-1]
-    return ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main"]
+class OwnPostgres:
+    """A Postgres cluster of this module's: initdb in a temporary folder, a free port, its
+    socket in its own folder. Run as the `postgres` user when the tests run as root (initdb
+    refuses root)."""
+
+    def __init__(self) -> None:
+        initdb = shutil.which("initdb") or next(
+            iter(sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), reverse=True)), None
+        )
+        if initdb is None:
+            pytest.skip("PostgreSQL's initdb is not installed")
+        bin_dir = Path(initdb).resolve().parent
+        self.initdb, self.pg_ctl = str(bin_dir / "initdb"), str(bin_dir / "pg_ctl")
+        self.as_owner: list[str] = []
+        self.folder = Path(tempfile.mkdtemp(prefix="thaw-restarts-postgres-"))
+        if os.geteuid() == 0:
+            self.as_owner = ["runuser", "-u", "postgres", "--"]
+            shutil.chown(self.folder, "postgres", "postgres")
+        self.data = self.folder / "data"
+        self.port = free_port()
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *args: str) -> None:
+        subprocess.run([*self.as_owner, *args], check=True, capture_output=True)
+
+    def create(self) -> None:
+        # --no-sync: a throwaway cluster need not wait for the disk.
+        self._run(self.initdb, "-D", str(self.data), "-U", "postgres", "--auth=trust", "--no-sync")
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off"
+        log = str(self.folder / "postgres.log")
+        self._run(self.pg_ctl, "-D", str(self.data), "-l", log, "-o", options, "-w", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run(self.pg_ctl, "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def running(self) -> bool:
+        status = [*self.as_owner, self.pg_ctl, "-D", str(self.data), "status"]
+        return subprocess.run(status, capture_output=True).returncode == 0
+
+    def remove(self) -> None:
+        if self.data.exists() and self.running():
+            self.stop("immediate")
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def restart_redis(url: str) -> None:
-    """Stop Redis without saving (it keeps nothing on disk here) and start it again."""
-    # The server closes the connection as it exits.
-    with contextlib.suppress(redis.ConnectionError):
-        redis.Redis.from_url(url).shutdown(nosave=True)
-    subprocess.run(REDIS_START, check=True)
-    wait_for_redis(url)
+@pytest.fixture(scope="module")
+def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnRedis]:
+    server = OwnRedis(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def own_postgres() -> Iterator[OwnPostgres]:
+    cluster = OwnPostgres()
+    try:
+        cluster.create()
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.remove()
+
+
+@pytest.fixture(scope="module")
+def fleet(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    own_postgres: OwnPostgres,
+    own_redis: OwnRedis,
+) -> Iterator[Fleet]:
+    """This module's fleet, on its own Postgres cluster and Redis server."""
+    with fleet_on(request, tmp_path_factory, own_postgres.url, own_redis.url) as fleet:
+        yield fleet
 
 
 def wait_for_redis(url: str, timeout: float = 30) -> None:
@@ -63,7 +152,7 @@ def wait_for_redis(url: str, timeout: float = 30) -> None:
             if redis.Redis.from_url(url).ping():
                 return
         except redis.ConnectionError:
-            time.sleep(0.2)
+            time.sleep(0.05)
     pytest.fail("Redis did not come back")
 
 
@@ -74,7 +163,7 @@ def queued_messages(broker: "redis.Redis[bytes]") -> dict[str, str]:
 
 
 def test_redis_restart_loses_queued_jobs_that_postgres_re_enqueues(
-    fleet: Fleet, digits: str
+    fleet: Fleet, digits: str, own_redis: OwnRedis
 ) -> None:
     jobs = [fleet.submit(digits, f"requeued-{n}", epochs=1) for n in range(2)]
     broker = fleet.broker()
@@ -82,11 +171,10 @@ def test_redis_restart_loses_queued_jobs_that_postgres_re_enqueues(
     assert len(sent) == 2
     assert all(any(job_id in args for args in sent.values()) for job_id in jobs), sent
     try:
-        restart_redis(fleet.redis_url)
+        own_redis.restart()
     finally:
-        if subprocess.run(["redis-cli", "ping"], capture_output=True).returncode != 0:
-            subprocess.run(REDIS_START, check=True)
-        wait_for_redis(fleet.redis_url)
+        if not own_redis.running():
+            own_redis.start()
     # The restart lost both messages; the reaper (every half second) finds the broker empty
     # and sends new ones, one per job still queued in Postgres.
     assert not set(queued_messages(broker)) & set(sent), "the restart kept the messages"
@@ -104,17 +192,20 @@ def test_redis_restart_loses_queued_jobs_that_postgres_re_enqueues(
     assert broker.llen(CPU_QUEUE) == 0
 
 
-def test_postgres_restart_while_a_job_trains(fleet: Fleet, digits: str) -> None:
+def test_postgres_restart_while_a_job_trains(
+    fleet: Fleet, digits: str, own_postgres: OwnPostgres
+) -> None:
     worker = fleet.start_worker()
     job_id = fleet.submit(digits, "steady", epochs=3)
     fleet.wait_until("the first epoch", lambda: bool(fleet.epochs(job_id)))
     try:
         # Down for seconds, not the fraction of a second a bare restart takes here, so the
         # worker's writes meet a refused connection rather than just a reconnect.
-        subprocess.run([*postgres_cluster(), "stop", "--", "-m", "fast"], check=True)
+        own_postgres.stop()
         time.sleep(POSTGRES_DOWN_SECONDS)
     finally:
-        subprocess.run([*postgres_cluster(), "start"], check=True)
+        if not own_postgres.running():
+            own_postgres.start()
     job = fleet.wait(job_id, {"succeeded", "failed", "cancelled"})
     assert job["status"] == "succeeded", job
     # The same attempt finished: its writes were retried, not lost with the connection.

@@ -4,6 +4,7 @@ Every archive is built here with zipfile/tarfile. Attack tests snapshot everythi
 `dest` first and check afterwards that nothing outside it was created or changed.
 """
 
+import contextlib
 import gzip
 import io
 import json
@@ -16,7 +17,7 @@ import zipfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 import numpy as np
 import pytest
@@ -27,6 +28,27 @@ from service.datasets.ingest import (
     IngestLimits,
     IngestResult,
     ingest_archive,
+)
+from service.datasets.ingest.archive import (
+    CHUNK,
+    UNSAFE_PATH,
+    ByteBudget,
+    Member,
+    MemberKind,
+    MemberTooLargeError,
+    UnreadableMemberError,
+    archive_format,
+    clear_dest,
+    is_valid_class_name,
+    list_members,
+    normalise,
+    open_member,
+    prepare_dest,
+    read_chunk,
+    read_small,
+    screen,
+    stream_to,
+    wrapper_folder,
 )
 
 ARCHIVE_FORMATS = ["zip", "tar", "tar.gz", "tar.bz2", "tar.xz"]
@@ -650,3 +672,228 @@ def test_rejection_error_survives_pickling() -> None:
     copy = pickle.loads(pickle.dumps(error))
 
     assert (copy.code, copy.message, str(copy)) == ("no_images", error.message, error.message)
+
+
+# --- The safety checks one at a time: their exact bounds and what each tells the uploader ---
+
+
+def _member(name: str, kind: MemberKind = "file", data: bytes = b"x") -> Member:
+    return Member(name, kind, lambda: io.BytesIO(data))
+
+
+class _FailingRead(io.BytesIO):
+    """Answers its first read, then fails as a damaged member does."""
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.tell() > 0:
+            raise OSError("bad CRC")
+        return super().read(size)
+
+
+def test_every_skipped_name_says_why_in_the_uploaders_words() -> None:
+    members = [
+        _member("cat/", "dir"),  # implied by paths: neither kept nor reported, and the rest read
+        _member("/etc/passwd"),
+        _member("cat/link.png", "link"),
+        _member("cat/fifo", "special"),
+        _member("cat/secret.png", "encrypted"),
+        _member("cat/.DS_Store"),
+        _member("cat/0.png"),
+        _member("cat/./0.png"),
+    ]
+    candidates, skipped = screen(members)
+    assert [c.path for c in candidates] == ["cat/0.png"]
+    assert [(s.path, s.code, s.reason) for s in skipped] == [
+        ("/etc/passwd", "unsafe_path", UNSAFE_PATH),
+        ("cat/link.png", "link", "Symbolic and hard links are not extracted."),
+        ("cat/fifo", "special_file", "Devices, pipes and other special files are not extracted."),
+        ("cat/secret.png", "encrypted", "The file is password-protected."),
+        ("cat/.DS_Store", "hidden", "Hidden and system files are ignored."),
+        (
+            "cat/./0.png",
+            "duplicate",
+            "Another entry in the archive has the same path; the first one is kept.",
+        ),
+    ]
+
+
+def test_names_at_their_limits() -> None:
+    longest = "abcd/" * 204 + "abcd"  # 1024 characters
+    assert normalise(longest) == longest
+    assert normalise(longest + "e") is None
+    assert normalise("a/" * 600) is None  # too long, though each part is short
+    assert normalise("d/" + "é" * 127 + "e") == "d/" + "é" * 127 + "e"  # a 255-byte part
+    assert normalise("d/" + "é" * 128) is None  # 256 bytes
+    assert normalise("a b/c~d.png") == "a b/c~d.png"  # a space is printable
+    for bad in ("\x1f", "\x7f", "\ud800", "\udabc", "\udfff"):
+        assert normalise(f"cat/{bad}.png") is None, repr(bad)
+    assert normalise("cat/\ue000.png") == "cat/\ue000.png"  # past the surrogates
+
+
+@pytest.mark.parametrize(
+    ("name", "valid"),
+    [("cat", True), ("cat/dog", False), ("cat/", False), (".cat", False), ("__MACOSX", False)],
+)
+def test_a_class_name_is_one_visible_clean_folder_name(name: str, valid: bool) -> None:
+    assert is_valid_class_name(name) is valid
+
+
+def test_the_wrapper_folder_is_named_only_when_it_wraps_everything() -> None:
+    assert wrapper_folder(["w/cat/0.png", "w/dog/0.png"]) == "w/"
+    assert wrapper_folder(["w/labels.csv", "w/0.png"]) == "w/"
+    assert wrapper_folder(["cat/0.png", "dog/0.png"]) == ""
+    assert wrapper_folder(["cat/0.png", "cat/1.png"]) == ""  # one class, not a wrapper
+    assert wrapper_folder(["w/cat/0.png", "top.png"]) == ""
+
+
+def test_an_empty_zip_is_recognised_as_a_zip() -> None:
+    empty = io.BytesIO()
+    zipfile.ZipFile(empty, "w").close()
+    assert empty.getvalue().startswith(b"PK\x05\x06")
+    assert archive_format(empty.getvalue()) == "zip"
+
+
+def test_member_kinds_in_zip_and_tar(tmp_path: Path) -> None:
+    zipped = tmp_path / "kinds.zip"
+    with zipfile.ZipFile(zipped, "w") as zf:
+        zf.writestr(zipfile.ZipInfo("windows-dir/"), b"")  # a folder by its name only
+        unix_dir = zipfile.ZipInfo("unix-dir")
+        unix_dir.external_attr = (stat.S_IFDIR | 0o755) << 16  # a folder by its mode only
+        zf.writestr(unix_dir, b"")
+        fifo = zipfile.ZipInfo("fifo")
+        fifo.external_attr = (stat.S_IFIFO | 0o644) << 16
+        zf.writestr(fifo, b"")
+        zf.writestr("plain.png", b"x")
+    tarred = tmp_path / "kinds.tar"
+    with tarfile.open(tarred, "w") as tf:
+        add_tar_entry(tf, "folder", tarfile.DIRTYPE)
+        add_tar_entry(tf, "link", tarfile.SYMTYPE, "x")
+        add_tar_entry(tf, "fifo", tarfile.FIFOTYPE)
+        info = tarfile.TarInfo("plain.png")
+        info.size = 1
+        tf.addfile(info, io.BytesIO(b"x"))
+    with contextlib.ExitStack() as stack:
+        assert [m.kind for m in list_members(zipped, stack, 10)] == [
+            "dir",
+            "dir",
+            "special",
+            "file",
+        ]
+        assert [m.kind for m in list_members(tarred, stack, 10)] == [
+            "dir",
+            "link",
+            "special",
+            "file",
+        ]
+
+
+@pytest.mark.parametrize("fmt", ["zip", "tar"])
+def test_the_member_cap_is_inclusive_and_says_the_cap(tmp_path: Path, fmt: str) -> None:
+    upload = write_archive(tmp_path / "a", {f"cat/{i}.png": b"x" for i in range(3)}, fmt)
+    with contextlib.ExitStack() as stack:
+        assert len(list_members(upload, stack, 3)) == 3
+        with pytest.raises(DatasetRejectedError) as raised:
+            list_members(upload, stack, 2)
+    assert (raised.value.code, raised.value.message) == (
+        "too_many_members",
+        "The archive has more than 2 entries.",
+    )
+
+
+@pytest.mark.parametrize("fmt", ["zip", "tar.gz"])
+def test_a_damaged_archive_says_so_with_the_cause(tmp_path: Path, fmt: str) -> None:
+    noise = np.random.default_rng(0).bytes(5000)  # incompressible: cut mid-member, not mid-header
+    whole = write_archive(tmp_path / "a", {f"cat/{i}.png": noise for i in range(3)}, fmt)
+    cut = tmp_path / "cut"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with contextlib.ExitStack() as stack, pytest.raises(DatasetRejectedError) as raised:
+        list_members(cut, stack, 10)
+    assert raised.value.code == "corrupt_archive"
+    assert raised.value.message == f"The archive is damaged: {raised.value.__cause__}"
+    assert str(raised.value.__cause__)  # the cause is said, not left out
+
+
+def test_a_read_takes_one_chunk_at_most() -> None:
+    assert len(read_chunk(io.BytesIO(b"x" * (CHUNK + 1)))) == CHUNK
+
+
+def test_reading_a_small_member_counts_every_chunk() -> None:
+    data = bytes(range(256)) * (CHUNK // 128)  # two chunks
+    assert read_small(_member("m", data=data), len(data)) == data
+    with pytest.raises(MemberTooLargeError, match=f"^it is larger than {len(data) - 1} bytes$"):
+        read_small(_member("m", data=data), len(data) - 1)
+    # Over the cap only in total, each chunk under it:
+    with pytest.raises(MemberTooLargeError):
+        read_small(_member("m", data=data), CHUNK + 1)
+
+
+def test_a_failed_read_says_what_failed() -> None:
+    def broken() -> IO[bytes]:
+        raise OSError("bad CRC")
+
+    with pytest.raises(UnreadableMemberError, match=r"^bad CRC$"):
+        open_member(Member("m", "file", broken))
+    handle = _FailingRead(b"xy")
+    handle.read(1)
+    with pytest.raises(UnreadableMemberError, match=r"^bad CRC$"):
+        read_chunk(handle)
+
+
+def test_streaming_a_member_caps_its_bytes_at_exactly_the_limit(tmp_path: Path) -> None:
+    data = b"y" * (CHUNK + CHUNK // 2)  # two chunks
+    kept = tmp_path / "deep" / "er" / "kept.png"  # folders made on the way
+    assert stream_to(_member("m", data=data), kept, len(data), ByteBudget(len(data))) is None
+    assert kept.read_bytes() == data
+    # Over the file cap in total though each chunk is under it: skipped, nothing left.
+    over = tmp_path / "over.png"
+    problem = stream_to(_member("m", data=data), over, CHUNK + 1, ByteBudget(10 * CHUNK))
+    assert problem == ("too_large", f"The file is larger than {CHUNK + 1} bytes.")
+    assert not over.exists()
+
+
+def test_the_archive_byte_budget_is_inclusive_and_says_the_limit() -> None:
+    budget = ByteBudget(10)
+    budget.charge(4)
+    budget.charge(6)
+    with pytest.raises(DatasetRejectedError) as raised:
+        budget.charge(1)
+    assert (raised.value.code, raised.value.message) == (
+        "too_large",
+        "The archive unpacks to more than 10 bytes.",
+    )
+
+
+def test_streaming_skips_say_why(tmp_path: Path) -> None:
+    budget = ByteBudget(10 * CHUNK)
+    nested = _member("inner.zip", data=b"PK\x03\x04rest")
+    assert stream_to(nested, tmp_path / "inner.zip", CHUNK, budget) == (
+        "nested_archive",
+        "Archives inside the archive are not unpacked.",
+    )
+    (tmp_path / "taken.png").write_bytes(b"first")
+    assert stream_to(_member("taken.png"), tmp_path / "taken.png", CHUNK, budget) == (
+        "duplicate",
+        "Another file in the archive has the same destination.",
+    )
+    assert (tmp_path / "taken.png").read_bytes() == b"first"
+    # Fails after its first chunk: reported, and the partial file removed.
+    damaged = Member("damaged.png", "file", lambda: _FailingRead(b"x" * (CHUNK + 1)))
+    assert stream_to(damaged, tmp_path / "damaged.png", 10 * CHUNK, budget) == (
+        "unreadable",
+        "The file cannot be read from the archive: bad CRC",
+    )
+    assert not (tmp_path / "damaged.png").exists()
+
+
+def test_preparing_and_clearing_dest(tmp_path: Path) -> None:
+    dest = tmp_path / "not" / "yet" / "there"
+    assert prepare_dest(dest) is True
+    assert dest.is_dir()
+    (dest / "folder").mkdir()
+    (dest / "folder" / "f.png").write_bytes(b"x")
+    (dest / "file.png").write_bytes(b"x")
+    (dest / "link").symlink_to(tmp_path)
+    clear_dest(dest, created=False)
+    assert dest.is_dir()
+    assert list(dest.iterdir()) == []
+    assert tmp_path.is_dir()  # the link's target is not followed

@@ -6,12 +6,21 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import event, select
 
-from service.auth.service import create_key, hash_key
+from service.auth.keycache import ApiKeyCache
+from service.auth.service import (
+    authenticate,
+    authenticate_cached,
+    create_key,
+    hash_key,
+    list_keys,
+    revoke_key,
+)
 from service.context import AppContext
-from service.db import utcnow
+from service.db import Database, utcnow
 from service.settings import Settings
 from service.tables import ApiKey
 from tests.conftest import make_settings
@@ -91,3 +100,58 @@ def test_active_jobs_are_capped_per_team(
     assert made[2].headers["Retry-After"]
     client.post(f"/v1/jobs/{made[0].json()['id']}/cancel", headers=auth)
     assert client.post("/v1/jobs", headers=auth, json=small_spec(dataset_id)).status_code == 201
+
+
+def test_revoking_and_listing_keys_in_process(settings: Settings) -> None:
+    database = Database(settings.resolved_database_url)
+    with database.session() as session:
+        a_row, a_key = create_key(session, tenant_name="team-a")
+        b_row, b_key = create_key(session, tenant_name="team-b")
+        c_row, _ = create_key(session, tenant_name="team-a")
+        assert len(a_key) == len("thaw_") + 43  # 32 random bytes, URL-safe base64
+        assert a_row.prefix == a_key[:12]
+        assert {(row.id, name) for row, name in list_keys(session, tenant_name="team-a")} == {
+            (a_row.id, "team-a"),
+            (c_row.id, "team-a"),
+        }
+        assert len(list_keys(session)) == 3
+
+        revoked = revoke_key(session, prefix=a_key[:12])
+        assert revoked is not None
+        assert revoked.id == a_row.id
+        assert revoked.revoked_at is not None
+        first = revoked.revoked_at
+        assert revoke_key(session, prefix=a_key[:12]) is revoked
+        assert revoked.revoked_at == first  # revoking again changes nothing
+        assert revoke_key(session, prefix="thaw_nothing") is None
+        assert authenticate(session, key=a_key) is None
+        assert authenticate(session, key=b_key) is b_row  # only that key was revoked
+
+
+def test_a_key_expiring_this_instant_is_refused(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = utcnow()
+    with Database(settings.resolved_database_url).session() as session:
+        _, key = create_key(session, tenant_name="team-a", expires_at=now)
+        monkeypatch.setattr("service.auth.service.utcnow", lambda: now)
+        assert authenticate(session, key=key) is None
+
+
+def test_the_key_cache_answers_without_the_database_until_cleared(settings: Settings) -> None:
+    database = Database(settings.resolved_database_url)
+    cache = ApiKeyCache(ttl_seconds=60)
+    with database.session() as session:
+        row, key = create_key(session, tenant_name="team-a")
+        assert authenticate_cached(session, key=key, cache=cache) is not None
+    statements: list[str] = []
+    event.listen(database.engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
+    with database.session() as session:
+        cached = authenticate_cached(session, key=key, cache=cache)
+        assert cached is not None
+        assert (cached[0], cached[1].name) == (row.id, "team-a")
+    assert statements == []  # not even the tenant's row
+    cache.clear()
+    with database.session() as session:
+        assert authenticate_cached(session, key=key, cache=cache) is not None
+    assert statements != []
