@@ -565,14 +565,25 @@ def test_content_decides_not_the_extension(upload: Path, dest: Path) -> None:
 # --- Whole-archive rejections ---------------------------------------------------------------
 
 
+def _tar_gz_cut_in_its_first_header() -> bytes:
+    whole = io.BytesIO()
+    with tarfile.open(fileobj=whole, mode="w:gz") as tar:
+        data = image_bytes(seed=0)
+        info = tarfile.TarInfo("cat/0.png")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return whole.getvalue()[:40]
+
+
 @pytest.mark.parametrize(
     ("content", "code"),
     [
         (b"just some text, not an archive", "unsupported_archive"),
         (gzip.compress(b"a gzip file that holds no tar"), "unsupported_archive"),
         (b"PK\x03\x04" + b"\x00" * 100, "corrupt_archive"),
+        (_tar_gz_cut_in_its_first_header(), "corrupt_archive"),
     ],
-    ids=["text", "gzip-not-tar", "broken-zip"],
+    ids=["text", "gzip-not-tar", "broken-zip", "tar-gz-cut-short"],
 )
 def test_unreadable_upload_is_rejected(upload: Path, dest: Path, content: bytes, code: str) -> None:
     upload.write_bytes(content)

@@ -127,6 +127,9 @@ def _tar_members(
 ) -> list[Member]:
     try:
         tf = stack.enter_context(tarfile.TarFile.open(archive, mode=_TAR_MODES[fmt]))
+    except (EOFError, zlib.error, lzma.LZMAError) as exc:
+        # Compressed data cut short or damaged inside the first header.
+        raise _corrupt_archive(exc) from exc
     except tarfile.TarError as exc:
         raise DatasetRejectedError(
             "unsupported_archive",
