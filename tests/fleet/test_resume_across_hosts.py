@@ -35,6 +35,8 @@ SPEC: dict[str, Any] = {
     "image_size": 64,
     "seed": 3,
     "epochs": 3,
+    # One run: these tests count its steps (a small set refits by default, a second run).
+    "refit": False,
 }
 
 

@@ -33,6 +33,8 @@ SPEC: dict[str, Any] = {
     "lr": 0.01,
     "image_size": 64,
     "seed": 3,
+    # One run: these tests count its steps (a small set refits by default, a second run).
+    "refit": False,
 }
 """About 0.2 s a step and 12 steps an epoch here: a kill can land inside an epoch."""
 

@@ -33,6 +33,8 @@ SPEC = {
     "lr": 0.01,
     "image_size": 64,
     "seed": 5,
+    # One run: these tests count its steps (a small set refits by default, a second run).
+    "refit": False,
 }
 """Six steps an epoch on 96 training digits: the kill lands after epoch 1, before the last."""
 

@@ -37,6 +37,8 @@ TEXT_SPEC: dict[str, Any] = {
     "max_length": 16,
     "epochs": 2,
     "seed": 11,
+    # One run: these tests count its steps (a small set refits by default, a second run).
+    "refit": False,
 }
 
 
