@@ -177,7 +177,9 @@ class JobHooks(TrainingHooks):
 
     def on_progress(self, done_steps: int, total_steps: int) -> None:
         start, end = self.progress_span
-        self.fraction_done = start + (end - start) * done_steps / max(total_steps, 1)
+        share = min(done_steps / max(total_steps, 1), 1.0)
+        # The span's end exactly when its run is done: start + (end - start) may round below.
+        self.fraction_done = end if share == 1.0 else start + (end - start) * share
 
     def should_pause(self) -> bool:
         return shutdown_requested.is_set()
