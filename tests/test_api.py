@@ -65,6 +65,9 @@ def small_spec(dataset_id: str, **overrides: Any) -> dict[str, Any]:
         # Epoch-by-epoch behaviour (events, progress, pause) needs a stepped head: a solved
         # one takes a single epoch (tests/engine/test_linear_probe.py).
         "solve_head": False,
+        # One run per job, whose events and progress these tests follow (a set this small
+        # refits by default: a second run on train + validation).
+        "refit": False,
     }
     return {**spec, **overrides}
 
