@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
-from tests.conftest import REQUIRE_SERVICES, digits_split, zip_of_classes
+from tests.conftest import digits_split, service_absent, zip_of_classes
 from tests.processes import poll
 from tests.test_cli import Server, server
 
@@ -33,19 +32,13 @@ ARGS = [
 ]
 
 
-def browser_missing(message: str) -> None:
-    if REQUIRE_SERVICES:
-        pytest.fail(f"{message} (THAW_REQUIRE_SERVICES=1)")
-    pytest.skip(message)
-
-
 def load_playwright() -> Any:
     try:
         import playwright.sync_api as api
     except ImportError as exc:
-        browser_missing(f"Playwright cannot be imported: {exc}")
+        service_absent(f"Playwright cannot be imported: {exc}")
     if not CHROMIUM.exists():
-        browser_missing(f"no browser at {CHROMIUM} (apt-get install chromium)")
+        service_absent(f"no browser at {CHROMIUM} (apt-get install chromium)")
     return api
 
 

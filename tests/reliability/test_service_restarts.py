@@ -18,6 +18,7 @@ import pytest
 import redis
 
 from service.queues import CPU_QUEUE
+from tests.conftest import service_absent
 from tests.processes import free_port
 from tests.reliability.conftest import Fleet, fleet_on
 
@@ -35,7 +36,7 @@ class OwnRedis:
     def __init__(self, folder: Path) -> None:
         server = shutil.which("redis-server") or "/usr/bin/redis-server"
         if not os.access(server, os.X_OK):
-            pytest.skip("redis-server is not installed")
+            service_absent("redis-server is not installed")
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.command = [server, "--bind", "127.0.0.1", "--port", str(self.port)]
@@ -75,7 +76,7 @@ class OwnPostgres:
             iter(sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), reverse=True)), None
         )
         if initdb is None:
-            pytest.skip("PostgreSQL's initdb is not installed")
+            service_absent("PostgreSQL's initdb is not installed")
         bin_dir = Path(initdb).resolve().parent
         self.initdb, self.pg_ctl = str(bin_dir / "initdb"), str(bin_dir / "pg_ctl")
         self.as_owner: list[str] = []

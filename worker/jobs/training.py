@@ -199,19 +199,22 @@ def train(
                 # The refit trains on train + validation, at most as many epochs.
                 items = len(data.train)
                 hooks.progress_span = (0.0, items / (2 * items + len(data.val)))
+            both_runs: dict[str, Any] = {
+                "train": data.train,
+                "val": data.val,
+                "classes": data.classes,
+                "unlabelled": data.unlabelled,
+                "hooks": hooks,
+                "weights_dir": context.settings.resolved_weights_dir,
+                "parent_dir": parent_dir,
+                "token_cache": _token_cache(context),
+            }
             result = run(
                 plan,
-                train=data.train,
-                val=data.val,
-                classes=data.classes,
-                unlabelled=data.unlabelled,
-                hooks=hooks,
-                weights_dir=context.settings.resolved_weights_dir,
                 checkpoint_path=checkpoint,
                 resume_from=checkpoint if resume else None,
-                parent_dir=parent_dir,
-                token_cache=_token_cache(context),
                 shared_features=shared,
+                **both_runs,
             )
             if plan.refit:
                 # Once more on train + validation with what the run chose; this is published.
@@ -219,17 +222,10 @@ def train(
                 result = refit(
                     plan,
                     result,
-                    train=data.train,
-                    val=data.val,
-                    classes=data.classes,
-                    unlabelled=data.unlabelled,
-                    hooks=hooks,
-                    weights_dir=context.settings.resolved_weights_dir,
-                    parent_dir=parent_dir,
-                    token_cache=_token_cache(context),
                     shared_features=dataclasses.replace(
                         shared, train_ids=[*data.train_ids, *data.val_ids]
                     ),
+                    **both_runs,
                 )
     if hooks.should_stop():
         raise TrainingCancelled()
