@@ -23,7 +23,14 @@ from worker.engine import (
     compile_plan,
     run,
 )
-from worker.engine.linear_probe import LinearSolution, ProbeResult, fit, objective, probe
+from worker.engine.linear_probe import (
+    LinearSolution,
+    ProbeResult,
+    fit,
+    objective,
+    probe,
+    row_folds,
+)
 from worker.engine.spec import HEAD_C_GRID
 
 Data = tuple[list[Sample], list[Sample]]
@@ -61,12 +68,32 @@ def test_solved_head_matches_sklearn_logistic_regression(
     assert plain[0] == pytest.approx(plain[1], abs=1e-3)
 
 
-def test_probe_keeps_the_strength_with_the_lowest_validation_loss(
+def _round_robin_folds(labels: np.ndarray, folds: int) -> np.ndarray:
+    """Within each class, items in order take folds 0, 1, ..., folds-1, 0, ..."""
+    fold = np.empty(len(labels), dtype=int)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        fold[members] = np.arange(len(members)) % folds
+    return fold
+
+
+def _sklearn_scores(
+    fitted: tuple[np.ndarray, np.ndarray], held_out: tuple[np.ndarray, np.ndarray], c: float
+) -> tuple[float, float]:
+    model = LogisticRegression(C=c, tol=1e-8, max_iter=20000).fit(*fitted)
+    probabilities = model.predict_proba(held_out[0])
+    accuracy = float(np.mean(probabilities.argmax(1) == held_out[1]))
+    return accuracy, float(log_loss(held_out[1], probabilities, labels=range(10)))
+
+
+def test_probe_keeps_the_strength_with_the_best_cross_validated_accuracy(
     digit_features: tuple[np.ndarray, np.ndarray],
 ) -> None:
-    features, labels = digit_features
-    train, val = slice(0, 150), slice(150, 900)
-    grid = (0.01, 1.0, 100.0)
+    clean, labels = digit_features
+    # Noisy pixels, where a split's log-loss and cross-validated accuracy disagree.
+    features = clean + 0.5 * np.random.default_rng(0).standard_normal(clean.shape)
+    train, val = slice(0, 100), slice(100, 150)
+    grid = (0.001, 0.01, 1.0, 100.0)
     calls = []
 
     found = probe(
@@ -79,19 +106,81 @@ def test_probe_keeps_the_strength_with_the_lowest_validation_loss(
         after_fit=lambda: calls.append(1),
     )
 
-    # Each strength's validation log-loss, by scikit-learn's own fit and metric.
+    # 5 folds over training then validation items, by scikit-learn's own fit and metrics.
+    x, y = features[:150], labels[:150]
+    fold = _round_robin_folds(y, 5)
     expected = {
-        c: log_loss(
-            labels[val],
-            LogisticRegression(C=c, tol=1e-10, max_iter=20000)
-            .fit(features[train], labels[train])
-            .predict_proba(features[val]),
+        c: tuple(
+            np.mean(
+                [
+                    _sklearn_scores((x[fold != k], y[fold != k]), (x[fold == k], y[fold == k]), c)
+                    for k in range(5)
+                ],
+                axis=0,
+            )
         )
         for c in grid
     }
-    assert found.val_losses == pytest.approx(expected, abs=1e-3)
-    assert found.c == min(expected, key=expected.__getitem__)
+    assert found.folds == 5
+    for c in grid:
+        accuracy, loss = found.scores[c]
+        # Two solvers' optima may put one borderline item on either side: one of 150.
+        assert accuracy == pytest.approx(expected[c][0], abs=1 / 150 + 1e-9)
+        assert loss == pytest.approx(expected[c][1], abs=1e-3)
+    best = max(grid, key=lambda c: (round(expected[c][0], 9), -expected[c][1]))
+    assert found.c == best
+    # Not the strength one split's log-loss would have chosen.
+    assert found.c != min(found.val_losses, key=found.val_losses.__getitem__)
+    # The head put in the model is the optimum on the training items alone.
+    theirs = _sklearn(features[train], labels[train], best)
+    x_train, y_train = torch.from_numpy(features[train]), torch.from_numpy(labels[train])
+    l2 = 1.0 / (best * 100)
+    assert float(objective(found.solution, x_train, y_train, l2=l2)) == pytest.approx(
+        float(objective(theirs, x_train, y_train, l2=l2)), abs=1e-3
+    )
     assert len(calls) == len(grid)
+
+
+def test_a_class_of_one_item_chooses_on_the_validation_split(
+    digit_features: tuple[np.ndarray, np.ndarray],
+) -> None:
+    features, labels = digit_features
+    # Class 9 keeps one training item and no validation item: no fold could hold it out.
+    keep = np.flatnonzero((labels[:120] != 9) | (np.arange(120) == np.flatnonzero(labels == 9)[0]))
+    train, val = keep[:90], keep[90:]
+    grid = (0.01, 1.0)
+
+    found = probe(
+        torch.from_numpy(features[train]).float(),
+        torch.from_numpy(labels[train]),
+        torch.from_numpy(features[val]).float(),
+        torch.from_numpy(labels[val]),
+        10,
+        grid=grid,
+    )
+
+    expected = {
+        c: _sklearn_scores((features[train], labels[train]), (features[val], labels[val]), c)
+        for c in grid
+    }
+    assert found.folds == 0
+    for c in grid:
+        assert found.scores[c] == pytest.approx(expected[c], abs=1e-3)
+    assert found.c == max(grid, key=lambda c: (round(expected[c][0], 9), -expected[c][1]))
+
+
+def test_an_items_augmented_views_share_its_fold() -> None:
+    # Three training items of classes 0, 0, 1 in two views (view after view), and three
+    # validation items.
+    train_labels = torch.tensor([0, 0, 1, 0, 0, 1])
+    val_labels = torch.tensor([1, 0, 1])
+
+    fold = row_folds(train_labels, val_labels, train_views=2, folds=2)
+
+    # Items 0..5 (training, then validation) are of classes 0, 0, 1, 1, 0, 1; each class's
+    # items in order go round the folds.
+    item_fold = [0, 1, 0, 1, 0, 0]
+    assert fold.tolist() == item_fold[:3] + item_fold[:3] + item_fold[3:]
 
 
 def test_feature_extraction_solves_the_head_in_one_epoch(
@@ -123,7 +212,7 @@ def test_feature_extraction_solves_the_head_in_one_epoch(
     assert len(val_x) == len(val)
     assert epoch.solved_c == found.c
     assert epoch.val_loss == pytest.approx(found.val_losses[found.c], abs=1e-5)
-    assert found.val_losses[found.c] == min(found.val_losses.values())
+    assert found.scores[found.c][0] == max(accuracy for accuracy, _ in found.scores.values())
     head = result.model.head[-1]
     torch.testing.assert_close(head.weight.double(), found.solution.weight, atol=1e-6, rtol=0)
     # The optimum on the run's own features, as scikit-learn finds it at the chosen C.

@@ -35,7 +35,7 @@ class EpochResult:
     """Per optimizer group, as set for the step after this epoch's last one."""
     seconds: float
     solved_c: float | None = None
-    """A solved head stage's epoch: the L2 strength (scikit-learn's C) chosen on validation."""
+    """A solved head stage's epoch: the L2 strength (scikit-learn's C) it chose."""
 
 
 class TrainingHooks:

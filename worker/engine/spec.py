@@ -111,7 +111,7 @@ head barely trained, while steps on cached features cost almost nothing."""
 
 HEAD_C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
 """A solved head's L2 strengths, as scikit-learn's C (the optimum at each is fitted, and the
-one with the lowest validation loss kept; see `linear_probe.py`)."""
+one with the best cross-validated accuracy kept; see `linear_probe.py`)."""
 
 _SETTING = "thaw.setting"
 
@@ -400,8 +400,8 @@ class TransferSettings(RunSettings):
         description="Head-only stages of the presets on a linear head (`feature_extraction`; "
         "the first stage of `freeze_unfreeze`, `gradual_unfreeze`, `ulmfit` and `lwf`) are "
         "solved, not stepped: multinomial logistic regression on the frozen features, fitted "
-        "to its optimum by full-batch L-BFGS with the L2 strength chosen on validation from "
-        f"C in {list(HEAD_C_GRID)}. Such a stage takes one epoch; `head_epochs` > 1 asks for a "
+        "to its optimum by full-batch L-BFGS with the L2 strength chosen for accuracy by "
+        f"5-fold cross-validation over the labelled items from C in {list(HEAD_C_GRID)}. Such a stage takes one epoch; `head_epochs` > 1 asks for a "
         "stepped head instead. false: the optimizer steps it for its epochs like any other "
         "stage.",
     )

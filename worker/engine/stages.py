@@ -145,7 +145,7 @@ class Stage:
     stepping it."""
     c_grid: tuple[float, ...] | None = None
     """A solved stage's L2 strengths (scikit-learn's C): `HEAD_C_GRID`, or (a refit) the one
-    its run chose on validation."""
+    its run chose."""
 
 
 @dataclass(frozen=True)

@@ -467,9 +467,9 @@ def _train_steps(training: _Training, setup: _StageSetup, epoch: int, start: Sta
 
 def _solve_head(training: _Training, setup: _StageSetup) -> tuple[float, float]:
     """A solved stage's epoch: the linear head fitted to its optimum on the cached features
-    at every strength of the stage's `c_grid`, the one with the lowest validation loss put in the
-    model. Its training loss, and the strength chosen. Label smoothing is for stepped stages:
-    the solved head's regulariser is its L2 strength, chosen on validation."""
+    at every strength of the stage's `c_grid`, the one `probe` chooses (held-out accuracy)
+    put in the model. Its training loss, and the strength chosen. Label smoothing is for
+    stepped stages: the solved head's regulariser is its L2 strength."""
     plan, model = training.plan, training.model
     train_x, train_y, val_x, val_y = training.data.head_features(setup.stage)
     labels = [sample.label for sample in training.data.train]
@@ -487,6 +487,7 @@ def _solve_head(training: _Training, setup: _StageSetup) -> tuple[float, float]:
         val_y,
         plan.num_classes,
         grid=setup.stage.c_grid,
+        train_views=len(train_x) // len(labels),
         class_weights=weights,
         after_fit=lambda: training.progress.step(pausable=False),
     )
@@ -507,11 +508,12 @@ def _solve_head(training: _Training, setup: _StageSetup) -> tuple[float, float]:
         # Nothing was stepped to average: the solved weights are the stage's.
         training.ema.start_stage(model)
     logger.info(
-        "stage %s: solved the head (C %g of %s, val losses %s)",
+        "stage %s: solved the head (C %g of %s; held-out accuracy and loss, %s: %s)",
         setup.stage.name,
         found.c,
         list(setup.stage.c_grid),
-        {c: round(loss, 4) for c, loss in found.val_losses.items()},
+        f"{found.folds}-fold cross-validation" if found.folds else "validation split",
+        {c: (round(accuracy, 4), round(loss, 4)) for c, (accuracy, loss) in found.scores.items()},
     )
     return train_loss, found.c
 
