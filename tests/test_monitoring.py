@@ -90,10 +90,13 @@ def predict(registry: Registry, images: list[np.ndarray]) -> list[dict[str, Any]
     return predictions
 
 
-def monitoring(registry: Registry) -> dict[str, Any]:
+def monitoring(registry: Registry, model: str = "digits", version: int = 1) -> dict[str, Any]:
+    """The version's windows, once every recorded prediction is written."""
     recorder: Recorder = registry.client.app.state.monitor  # type: ignore[attr-defined]
     recorder.flush()
-    response = registry.client.get("/v1/models/digits/versions/1/monitoring", headers=registry.auth)
+    response = registry.client.get(
+        f"/v1/models/{model}/versions/{version}/monitoring", headers=registry.auth
+    )
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
     return body
@@ -317,9 +320,11 @@ def test_windows_pool_the_traffic_of_several_processes(monitored: Registry) -> N
     assert windows[-1]["count"] == WINDOW
 
 
-def captures(registry: Registry, auth: dict[str, str] | None = None) -> dict[str, Any]:
+def captures(
+    registry: Registry, auth: dict[str, str] | None = None, model: str = "digits"
+) -> dict[str, Any]:
     registry.client.app.state.monitor.flush()  # type: ignore[attr-defined]
-    response = registry.client.get("/v1/models/digits/captures", headers=auth or registry.auth)
+    response = registry.client.get(f"/v1/models/{model}/captures", headers=auth or registry.auth)
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
     return body
@@ -426,13 +431,7 @@ def test_an_update_from_feedback_is_scored_on_it_and_on_the_old_task(monitored: 
     other = new_key(context, "team-d")
     assert client.get(f"{url}/{update['id']}", headers=other).status_code == 404
 
-    process_upload(context=context, dataset_id=update["dataset_id"])
-    advance_updates(context)
-    training = client.get(f"{url}/{update['id']}", headers=auth).json()
-    assert training["status"] == "training", (training["error_code"], training["error_message"])
-    jobs.execute(context, job_id=training["job_id"])
-    done = client.get(f"{url}/{update['id']}", headers=auth).json()
-    assert done["status"] == "ready", done
+    done = train_update(monitored, update)
     scores = done["scores"]
     assert done["candidate_version"] == 2
     assert scores["feedback_items"] == 18
@@ -447,6 +446,21 @@ def test_an_update_from_feedback_is_scored_on_it_and_on_the_old_task(monitored: 
     assert promoted.status_code == 200, promoted.text
     assert promoted.json()["promoted"] is True
     assert client.get("/v1/models/digits", headers=auth).json()["aliases"]["production"] == 2
+
+
+def train_update(registry: Registry, update: dict[str, Any]) -> dict[str, Any]:
+    """What the workers do with a created update, in process: ingest its feedback dataset,
+    start its job, train it (the worker scores it after the job); the update once ready."""
+    client, auth, context = registry.client, registry.auth, registry.context
+    url = f"/v1/models/{update['model']}/updates/{update['id']}"
+    process_upload(context=context, dataset_id=update["dataset_id"])
+    advance_updates(context)
+    training = client.get(url, headers=auth).json()
+    assert training["status"] == "training", (training["error_code"], training["error_message"])
+    jobs.execute(context, job_id=training["job_id"])
+    done: dict[str, Any] = client.get(url, headers=auth).json()
+    assert done["status"] == "ready", done
+    return done
 
 
 @pytest.mark.parametrize(
