@@ -390,6 +390,77 @@ def test_capture_keeps_inputs_only_when_on_bounded_and_deletable(monitored: Regi
     assert captures(monitored)["items"] == 0
 
 
+def test_the_least_confident_of_each_window_are_flagged_listed_and_kept_longest(
+    monitored: Registry,
+) -> None:
+    client, auth, context = monitored.client, monitored.auth, monitored.context
+    for bad in (-1, 1001, "3", True, 2.5):
+        refused = client.patch(
+            "/v1/models/digits", headers=auth, json={"capture_least_confident": bad}
+        )
+        assert_error(refused, 422, "invalid_request", "capture_least_confident")
+    patched = client.patch(
+        "/v1/models/digits", headers=auth, json={"capture": True, "capture_least_confident": 3}
+    )
+    assert patched.status_code == 200, patched.text
+    assert (patched.json()["capture"], patched.json()["capture_least_confident"]) == (True, 3)
+
+    # Upright and inverted digits: confidences from sure to unsure, two windows' worth.
+    digits = [image for image, _ in unseen_digits()[:WINDOW]]
+    sent = [image if index % 2 else 255 - image for index, image in enumerate(digits * 2)]
+    answered = predict(monitored, sent[:WINDOW]) + predict(monitored, sent[WINDOW:])
+    kept = captures(monitored)
+    mine = {answer["prediction_id"] for answer in answered}
+    with context.db.session() as session:
+        rows = session.query(MonitorPrediction).filter(MonitorPrediction.id.in_(mine)).all()
+        model_id = session.query(ModelVersion).one().model_id
+    windows: dict[str | None, list[MonitorPrediction]] = {}
+    for row in rows:
+        windows.setdefault(row.window_id, []).append(row)
+    expected = {
+        row.id
+        for window_id, members in windows.items()
+        if window_id is not None
+        for row in sorted(members, key=lambda row: row.confidence)[:3]
+    }
+    assert len(expected) == 3 * sum(window_id is not None for window_id in windows) >= 3
+    assert {row.id for row in rows if row.low_confidence} == expected
+    assert kept["low_confidence"] == len(expected)
+    assert kept["capture_least_confident"] == 3
+
+    listed = client.get(
+        "/v1/models/digits/captures", headers=auth, params={"low_confidence": True}
+    ).json()["inputs"]
+    assert {item["prediction_id"] for item in listed} == expected
+    assert all(item["low_confidence"] for item in listed)
+    confidences = [item["confidence"] for item in listed]
+    assert confidences == sorted(confidences)
+    assert [item["low_confidence"] for item in kept["inputs"][: len(expected)]] == [True] * len(
+        expected
+    )
+    other = new_key(context, "team-f")
+    hidden = client.get(
+        "/v1/models/digits/captures", headers=other, params={"low_confidence": True}
+    )
+    assert hidden.status_code == 404
+
+    # Bounded: past the bound the other unlabelled inputs go first, then the flagged ones.
+    store = context.store
+    with context.db.session() as session:
+        enforce_bounds(session, store, model_id=model_id, max_items=len(expected), max_bytes=10**9)
+    left = captures(monitored)
+    assert (left["items"], left["low_confidence"]) == (len(expected), len(expected))
+    with context.db.session() as session:
+        enforce_bounds(session, store, model_id=model_id, max_items=1, max_bytes=10**9)
+    assert (captures(monitored)["items"], captures(monitored)["low_confidence"]) == (1, 1)
+
+    assert client.delete("/v1/models/digits/captures", headers=auth).status_code == 204
+    assert captures(monitored)["low_confidence"] == 0
+    client.patch(
+        "/v1/models/digits", headers=auth, json={"capture": False, "capture_least_confident": 0}
+    )
+
+
 def test_an_update_from_feedback_is_scored_on_it_and_on_the_old_task(monitored: Registry) -> None:
     """The champion/challenger step: inverted digits (the shift the first test alarms on) are
     captured and labelled; an `lwf` update from that feedback is scored beside the version on
