@@ -52,7 +52,9 @@ def monitored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Monitored]:
     """`digits` v1 (3 classes, 50 images each, one epoch), windows of 20 predictions; the
     team's webhook set before the version was trained."""
     settings = make_settings(
-        tmp_path_factory.mktemp("monitoring") / "data", monitor_window_size=WINDOW
+        tmp_path_factory.mktemp("monitoring") / "data",
+        monitor_window_size=WINDOW,
+        webhook_allow_private=True,  # the receiver is on 127.0.0.1
     )
     migrate_database(settings)
     with TestClient(create_app(settings)) as client, receiving() as receiver:
