@@ -5,18 +5,13 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from functools import partial
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from typer.testing import CliRunner
 
-from service.cli import app as cli
 from service.cli import migrate_database
-from service.client import ThawClient
 from service.datasets.ingest import IngestLimits
 from service.datasets.service import process_upload
 from service.db import new_id, utcnow
@@ -30,7 +25,7 @@ from service.queues import SCORE_UPDATE_TASK
 from service.tables import ModelUpdate, ModelVersion, MonitorPrediction
 from service.updates.service import advance_all as advance_updates
 from service.updates.service import promotion_decision
-from tests.conftest import digits_split, make_settings, new_key, png_bytes
+from tests.conftest import digits_split, make_settings, new_key, png_bytes, run_cli
 from tests.test_api import assert_error, ready_dataset
 from tests.test_registry import Registry, publish
 from tests.test_webhooks import Received, Receiver, receiving, verify
@@ -166,7 +161,7 @@ def test_shifted_traffic_alarms_the_estimate_falls_and_feedback_shows_accuracy(
     version_id = client.get("/v1/models/digits/versions/1", headers=auth).json()["id"]
     assert f'thaw_monitor_shifted{{version_id="{version_id}"}} 1.0' in scrape
     assert "thaw_monitor_estimated_accuracy{" in scrape
-    shown = run_cli(monitored, ["models", "monitor", "digits:1"])
+    shown = run_cli(monitored.client, monitored.auth, ["models", "monitor", "digits:1"])
     assert "SHIFTED" in shown
     assert "validation accuracy" in shown
 
@@ -201,35 +196,6 @@ def test_the_model_page_plots_shift_and_accuracy_and_marks_shifted_windows(
     other = new_key(monitored.context, "team-e")
     hidden = client.get("/v1/models/digits/versions/1/plots/monitoring.svg", headers=other)
     assert hidden.status_code == 404
-
-
-def relay(client: TestClient) -> httpx.MockTransport:
-    """Requests of another httpx client, answered by the test client's app."""
-
-    def answer(request: httpx.Request) -> httpx.Response:
-        response = client.request(
-            request.method, str(request.url), headers=request.headers, content=request.content
-        )
-        return httpx.Response(
-            response.status_code, headers=response.headers, content=response.content
-        )
-
-    return httpx.MockTransport(answer)
-
-
-def run_cli(registry: Registry, arguments: list[str]) -> str:
-    """A client command against the module's app, through the test client's transport."""
-    key = registry.auth["Authorization"].removeprefix("Bearer ")
-    transport = relay(registry.client)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("service.client.ThawClient", partial(ThawClient, transport=transport))
-        result = CliRunner().invoke(
-            cli,
-            [*arguments, "--url", "http://testserver", "--api-key", key],
-            env={"COLUMNS": "200"},
-        )
-    assert result.exit_code == 0, result.output
-    return result.output
 
 
 def test_a_broken_monitor_is_a_log_line_and_a_metric_never_a_failed_predict(

@@ -30,7 +30,7 @@ from service.main import create_app
 from service.tables import Dataset, Job, Tenant, WebhookDelivery
 from service.webhooks.delivery import WebhookSender
 from service.webhooks.outbox import JOB_SUCCEEDED, emit
-from tests.conftest import make_settings, new_key
+from tests.conftest import make_settings, new_key, run_cli
 from tests.test_api import assert_error
 
 MAX_ATTEMPTS = 3
@@ -356,6 +356,48 @@ def test_an_address_no_longer_public_at_send_time_fails_the_delivery_unsent(
     assert (delivery.last_error or "").startswith("refused: its host '127.0.0.1' resolves to")
     assert receiver.at("/rebound") == []
     assert delivery_outcomes(server).get("failed", 0) == before.get("failed", 0) + 1
+
+
+def test_thaw_webhook_sets_shows_and_deletes_the_tenants_webhook(
+    server: TestClient, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    context = context_of(server)
+    auth = new_key(context, "team-h")
+    missing = run_cli(server, auth, ["webhook", "show"], exit_code=1)
+    assert "404 webhook_not_found" in missing
+    with monkeypatch.context() as private_refused:
+        private_refused.setattr(context.settings, "webhook_allow_private", False)
+        refused = run_cli(server, auth, ["webhook", "set", "http://127.0.0.1:9/x"], exit_code=1)
+    assert "422 webhook_url_refused (url)" in refused
+    assert "Traceback" not in refused
+
+    target = f"{receiver.url}/cli"
+    made = json.loads(run_cli(server, auth, ["webhook", "set", target, "--json"]))
+    assert made["url"] == target
+    secret = made["secret"]
+    assert secret.startswith("whsec_")
+    failed_job(context, tenant="team-h")
+    (request,) = receiver.wait_for("/cli", 1)
+    assert verify(secret, request)["event"] == "job.failed"
+    eventually(lambda: server.get("/v1/webhook", headers=auth).json()["deliveries"]["delivered"])
+
+    shown = run_cli(server, auth, ["webhook", "show"])
+    assert target in shown
+    assert "delivered" in shown
+    assert secret not in shown
+    assert json.loads(run_cli(server, auth, ["webhook", "show", "--json"]))["deliveries"] == {
+        "pending": 0,
+        "delivered": 1,
+        "failed": 0,
+        "last_error": None,
+    }
+    again = run_cli(server, auth, ["webhook", "set", target])
+    assert "secret (shown once)" in again
+    assert secret not in again  # setting it again makes a new secret
+
+    assert "webhook deleted" in run_cli(server, auth, ["webhook", "delete"])
+    assert_error(server.get("/v1/webhook", headers=auth), 404, "webhook_not_found")
+    assert "404 webhook_not_found" in run_cli(server, auth, ["webhook", "delete"], exit_code=1)
 
 
 def test_pending_events_outlive_their_sender(server: TestClient, receiver: Receiver) -> None:
