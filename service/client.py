@@ -30,6 +30,7 @@ from service.jobs.schemas import JobEventOut, JobOut, LrFindOut, PlanOut
 from service.jobs.states import TERMINAL_STATUSES
 from service.models.schemas import AliasOut, ModelOut, VersionDetail, VersionOut
 from service.monitoring.schemas import FeedbackOut, MonitoringOut
+from service.webhooks.schemas import WebhookCreated, WebhookOut
 
 logger = logging.getLogger(__name__)
 
@@ -317,6 +318,19 @@ class ThawClient:
         body = {"alias": alias, **({"trial": trial} if trial else {})}
         response = self._request("POST", f"/v1/experiments/{experiment_id}/promote", json=body)
         return PromoteOut.model_validate(response.json())
+
+    # --- webhook ------------------------------------------------------------------------------
+
+    def set_webhook(self, url: str) -> WebhookCreated:
+        """Send this tenant's events to `url`; the answer holds the signing secret, once."""
+        response = self._request("PUT", "/v1/webhook", json={"url": url})
+        return WebhookCreated.model_validate(response.json())
+
+    def get_webhook(self) -> WebhookOut:
+        return self._get(WebhookOut, "/v1/webhook")
+
+    def delete_webhook(self) -> None:
+        self._request("DELETE", "/v1/webhook")
 
     # --- models -------------------------------------------------------------------------------
 

@@ -66,7 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         stop = threading.Event()
         reaper = start_reaper(context, interval=context.settings.reaper_interval_seconds, stop=stop)
-        webhooks = WebhookSender(context)
+        webhooks = WebhookSender(context, metrics)
         app.state.webhooks = webhooks
         # What the process built at startup lives as long as it does: moved out of the cyclic
         # collector's reach (after one collection, so no garbage is kept), a full collection

@@ -211,6 +211,12 @@ class Settings(BaseSettings):
         description="Wait before a webhook event's second attempt; each later wait doubles "
         "(the defaults retry for about 20 minutes).",
     )
+    webhook_allow_private: bool = Field(
+        default=False,
+        description="Allow webhook URLs whose host resolves to a loopback, private, link-local "
+        "(cloud metadata) or otherwise non-public address; off, such a URL is a 422 at "
+        "`PUT /v1/webhook` and is checked again before each delivery.",
+    )
     torch_threads: int | None = Field(
         default=None, description="Torch CPU threads in the worker; default: all cores."
     )

@@ -164,6 +164,9 @@ class RegisteredModel(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     capture: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     """Keep the inputs of predictions (bounded), so that feedback can train an update."""
+    capture_least_confident: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """While capturing, the least confident this many inputs of each window are flagged
+    `low_confidence` and outlive the other unlabelled ones (`service/monitoring/capture.py`)."""
 
 
 class ModelVersion(Base):
@@ -363,6 +366,9 @@ class MonitorPrediction(Base):
     input_key: Mapped[str | None] = mapped_column(String(200))
     """Where the input is kept, when its model captures inputs (`service/monitoring/capture.py`)."""
     input_bytes: Mapped[int | None] = mapped_column(Integer)
+    low_confidence: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """Its input is kept as one of its window's least confident (the items most worth
+    labelling)."""
 
 
 class ModelUpdate(Base):

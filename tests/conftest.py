@@ -8,16 +8,21 @@ import shutil
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from typer.testing import CliRunner
 
 from service.auth.service import create_key
+from service.cli import app as cli
 from service.cli import migrate_database
+from service.client import ThawClient
 from service.context import AppContext
 from service.main import create_app
 from service.settings import Settings
@@ -239,3 +244,34 @@ def served_over_http(app: Any) -> Iterator[str]:
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+def relay(client: TestClient) -> httpx.MockTransport:
+    """Requests of another httpx client, answered by the test client's app."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        response = client.request(
+            request.method, str(request.url), headers=request.headers, content=request.content
+        )
+        return httpx.Response(
+            response.status_code, headers=response.headers, content=response.content
+        )
+
+    return httpx.MockTransport(answer)
+
+
+def run_cli(
+    client: TestClient, auth: dict[str, str], arguments: list[str], *, exit_code: int = 0
+) -> str:
+    """A `thaw` client command in this process against the test client's app (no server
+    process); its output, stdout and stderr together."""
+    key = auth["Authorization"].removeprefix("Bearer ")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("service.client.ThawClient", partial(ThawClient, transport=relay(client)))
+        result = CliRunner().invoke(
+            cli,
+            [*arguments, "--url", "http://testserver", "--api-key", key],
+            env={"COLUMNS": "200"},
+        )
+    assert result.exit_code == exit_code, result.output
+    return result.output

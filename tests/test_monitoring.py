@@ -5,18 +5,13 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from functools import partial
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from typer.testing import CliRunner
 
-from service.cli import app as cli
 from service.cli import migrate_database
-from service.client import ThawClient
 from service.datasets.ingest import IngestLimits
 from service.datasets.service import process_upload
 from service.db import new_id, utcnow
@@ -30,7 +25,7 @@ from service.queues import SCORE_UPDATE_TASK
 from service.tables import ModelUpdate, ModelVersion, MonitorPrediction
 from service.updates.service import advance_all as advance_updates
 from service.updates.service import promotion_decision
-from tests.conftest import digits_split, make_settings, new_key, png_bytes
+from tests.conftest import digits_split, make_settings, new_key, png_bytes, run_cli
 from tests.test_api import assert_error, ready_dataset
 from tests.test_registry import Registry, publish
 from tests.test_webhooks import Received, Receiver, receiving, verify
@@ -52,7 +47,9 @@ def monitored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Monitored]:
     """`digits` v1 (3 classes, 50 images each, one epoch), windows of 20 predictions; the
     team's webhook set before the version was trained."""
     settings = make_settings(
-        tmp_path_factory.mktemp("monitoring") / "data", monitor_window_size=WINDOW
+        tmp_path_factory.mktemp("monitoring") / "data",
+        monitor_window_size=WINDOW,
+        webhook_allow_private=True,  # the receiver is on 127.0.0.1
     )
     migrate_database(settings)
     with TestClient(create_app(settings)) as client, receiving() as receiver:
@@ -90,10 +87,13 @@ def predict(registry: Registry, images: list[np.ndarray]) -> list[dict[str, Any]
     return predictions
 
 
-def monitoring(registry: Registry) -> dict[str, Any]:
+def monitoring(registry: Registry, model: str = "digits", version: int = 1) -> dict[str, Any]:
+    """The version's windows, once every recorded prediction is written."""
     recorder: Recorder = registry.client.app.state.monitor  # type: ignore[attr-defined]
     recorder.flush()
-    response = registry.client.get("/v1/models/digits/versions/1/monitoring", headers=registry.auth)
+    response = registry.client.get(
+        f"/v1/models/{model}/versions/{version}/monitoring", headers=registry.auth
+    )
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
     return body
@@ -161,7 +161,7 @@ def test_shifted_traffic_alarms_the_estimate_falls_and_feedback_shows_accuracy(
     version_id = client.get("/v1/models/digits/versions/1", headers=auth).json()["id"]
     assert f'thaw_monitor_shifted{{version_id="{version_id}"}} 1.0' in scrape
     assert "thaw_monitor_estimated_accuracy{" in scrape
-    shown = run_cli(monitored, ["models", "monitor", "digits:1"])
+    shown = run_cli(monitored.client, monitored.auth, ["models", "monitor", "digits:1"])
     assert "SHIFTED" in shown
     assert "validation accuracy" in shown
 
@@ -196,35 +196,6 @@ def test_the_model_page_plots_shift_and_accuracy_and_marks_shifted_windows(
     other = new_key(monitored.context, "team-e")
     hidden = client.get("/v1/models/digits/versions/1/plots/monitoring.svg", headers=other)
     assert hidden.status_code == 404
-
-
-def relay(client: TestClient) -> httpx.MockTransport:
-    """Requests of another httpx client, answered by the test client's app."""
-
-    def answer(request: httpx.Request) -> httpx.Response:
-        response = client.request(
-            request.method, str(request.url), headers=request.headers, content=request.content
-        )
-        return httpx.Response(
-            response.status_code, headers=response.headers, content=response.content
-        )
-
-    return httpx.MockTransport(answer)
-
-
-def run_cli(registry: Registry, arguments: list[str]) -> str:
-    """A client command against the module's app, through the test client's transport."""
-    key = registry.auth["Authorization"].removeprefix("Bearer ")
-    transport = relay(registry.client)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("service.client.ThawClient", partial(ThawClient, transport=transport))
-        result = CliRunner().invoke(
-            cli,
-            [*arguments, "--url", "http://testserver", "--api-key", key],
-            env={"COLUMNS": "200"},
-        )
-    assert result.exit_code == 0, result.output
-    return result.output
 
 
 def test_a_broken_monitor_is_a_log_line_and_a_metric_never_a_failed_predict(
@@ -317,9 +288,11 @@ def test_windows_pool_the_traffic_of_several_processes(monitored: Registry) -> N
     assert windows[-1]["count"] == WINDOW
 
 
-def captures(registry: Registry, auth: dict[str, str] | None = None) -> dict[str, Any]:
+def captures(
+    registry: Registry, auth: dict[str, str] | None = None, model: str = "digits"
+) -> dict[str, Any]:
     registry.client.app.state.monitor.flush()  # type: ignore[attr-defined]
-    response = registry.client.get("/v1/models/digits/captures", headers=auth or registry.auth)
+    response = registry.client.get(f"/v1/models/{model}/captures", headers=auth or registry.auth)
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
     return body
@@ -385,6 +358,77 @@ def test_capture_keeps_inputs_only_when_on_bounded_and_deletable(monitored: Regi
     assert captures(monitored)["items"] == 0
 
 
+def test_the_least_confident_of_each_window_are_flagged_listed_and_kept_longest(
+    monitored: Registry,
+) -> None:
+    client, auth, context = monitored.client, monitored.auth, monitored.context
+    for bad in (-1, 1001, "3", True, 2.5):
+        refused = client.patch(
+            "/v1/models/digits", headers=auth, json={"capture_least_confident": bad}
+        )
+        assert_error(refused, 422, "invalid_request", "capture_least_confident")
+    patched = client.patch(
+        "/v1/models/digits", headers=auth, json={"capture": True, "capture_least_confident": 3}
+    )
+    assert patched.status_code == 200, patched.text
+    assert (patched.json()["capture"], patched.json()["capture_least_confident"]) == (True, 3)
+
+    # Upright and inverted digits: confidences from sure to unsure, two windows' worth.
+    digits = [image for image, _ in unseen_digits()[:WINDOW]]
+    sent = [image if index % 2 else 255 - image for index, image in enumerate(digits * 2)]
+    answered = predict(monitored, sent[:WINDOW]) + predict(monitored, sent[WINDOW:])
+    kept = captures(monitored)
+    mine = {answer["prediction_id"] for answer in answered}
+    with context.db.session() as session:
+        rows = session.query(MonitorPrediction).filter(MonitorPrediction.id.in_(mine)).all()
+        model_id = session.query(ModelVersion).one().model_id
+    windows: dict[str | None, list[MonitorPrediction]] = {}
+    for row in rows:
+        windows.setdefault(row.window_id, []).append(row)
+    expected = {
+        row.id
+        for window_id, members in windows.items()
+        if window_id is not None
+        for row in sorted(members, key=lambda row: row.confidence)[:3]
+    }
+    assert len(expected) == 3 * sum(window_id is not None for window_id in windows) >= 3
+    assert {row.id for row in rows if row.low_confidence} == expected
+    assert kept["low_confidence"] == len(expected)
+    assert kept["capture_least_confident"] == 3
+
+    listed = client.get(
+        "/v1/models/digits/captures", headers=auth, params={"low_confidence": True}
+    ).json()["inputs"]
+    assert {item["prediction_id"] for item in listed} == expected
+    assert all(item["low_confidence"] for item in listed)
+    confidences = [item["confidence"] for item in listed]
+    assert confidences == sorted(confidences)
+    assert [item["low_confidence"] for item in kept["inputs"][: len(expected)]] == [True] * len(
+        expected
+    )
+    other = new_key(context, "team-f")
+    hidden = client.get(
+        "/v1/models/digits/captures", headers=other, params={"low_confidence": True}
+    )
+    assert hidden.status_code == 404
+
+    # Bounded: past the bound the other unlabelled inputs go first, then the flagged ones.
+    store = context.store
+    with context.db.session() as session:
+        enforce_bounds(session, store, model_id=model_id, max_items=len(expected), max_bytes=10**9)
+    left = captures(monitored)
+    assert (left["items"], left["low_confidence"]) == (len(expected), len(expected))
+    with context.db.session() as session:
+        enforce_bounds(session, store, model_id=model_id, max_items=1, max_bytes=10**9)
+    assert (captures(monitored)["items"], captures(monitored)["low_confidence"]) == (1, 1)
+
+    assert client.delete("/v1/models/digits/captures", headers=auth).status_code == 204
+    assert captures(monitored)["low_confidence"] == 0
+    client.patch(
+        "/v1/models/digits", headers=auth, json={"capture": False, "capture_least_confident": 0}
+    )
+
+
 def test_an_update_from_feedback_is_scored_on_it_and_on_the_old_task(monitored: Registry) -> None:
     """The champion/challenger step: inverted digits (the shift the first test alarms on) are
     captured and labelled; an `lwf` update from that feedback is scored beside the version on
@@ -426,13 +470,7 @@ def test_an_update_from_feedback_is_scored_on_it_and_on_the_old_task(monitored: 
     other = new_key(context, "team-d")
     assert client.get(f"{url}/{update['id']}", headers=other).status_code == 404
 
-    process_upload(context=context, dataset_id=update["dataset_id"])
-    advance_updates(context)
-    training = client.get(f"{url}/{update['id']}", headers=auth).json()
-    assert training["status"] == "training", (training["error_code"], training["error_message"])
-    jobs.execute(context, job_id=training["job_id"])
-    done = client.get(f"{url}/{update['id']}", headers=auth).json()
-    assert done["status"] == "ready", done
+    done = train_update(monitored, update)
     scores = done["scores"]
     assert done["candidate_version"] == 2
     assert scores["feedback_items"] == 18
@@ -447,6 +485,21 @@ def test_an_update_from_feedback_is_scored_on_it_and_on_the_old_task(monitored: 
     assert promoted.status_code == 200, promoted.text
     assert promoted.json()["promoted"] is True
     assert client.get("/v1/models/digits", headers=auth).json()["aliases"]["production"] == 2
+
+
+def train_update(registry: Registry, update: dict[str, Any]) -> dict[str, Any]:
+    """What the workers do with a created update, in process: ingest its feedback dataset,
+    start its job, train it (the worker scores it after the job); the update once ready."""
+    client, auth, context = registry.client, registry.auth, registry.context
+    url = f"/v1/models/{update['model']}/updates/{update['id']}"
+    process_upload(context=context, dataset_id=update["dataset_id"])
+    advance_updates(context)
+    training = client.get(url, headers=auth).json()
+    assert training["status"] == "training", (training["error_code"], training["error_message"])
+    jobs.execute(context, job_id=training["job_id"])
+    done: dict[str, Any] = client.get(url, headers=auth).json()
+    assert done["status"] == "ready", done
+    return done
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import itertools
 import json
+import re
 import shutil
 import threading
 import time
@@ -29,7 +30,7 @@ from service.main import create_app
 from service.tables import Dataset, Job, Tenant, WebhookDelivery
 from service.webhooks.delivery import WebhookSender
 from service.webhooks.outbox import JOB_SUCCEEDED, emit
-from tests.conftest import make_settings, new_key
+from tests.conftest import make_settings, new_key, run_cli
 from tests.test_api import assert_error
 
 MAX_ATTEMPTS = 3
@@ -119,8 +120,12 @@ def receiver() -> Iterator[Receiver]:
 def server(tmp_path_factory: pytest.TempPathFactory, migrated_sqlite: Path) -> Iterator[TestClient]:
     data_dir = tmp_path_factory.mktemp("webhooks") / "data"
     shutil.copytree(migrated_sqlite, data_dir)
+    # The receiver is on 127.0.0.1: loopback allowed, as an operator allows a private network.
     settings = make_settings(
-        data_dir, webhook_backoff_seconds=0.05, webhook_max_attempts=MAX_ATTEMPTS
+        data_dir,
+        webhook_backoff_seconds=0.05,
+        webhook_max_attempts=MAX_ATTEMPTS,
+        webhook_allow_private=True,
     )
     with TestClient(create_app(settings)) as client:
         yield client
@@ -239,10 +244,18 @@ def test_a_failed_job_reaches_the_tenants_receiver_signed_with_the_secret_shown_
     assert deliveries(context, other) == []
 
 
+def delivery_outcomes(client: TestClient) -> dict[str, float]:
+    """`thaw_webhook_deliveries_total` per outcome, as /metrics shows it."""
+    scrape = client.get("/metrics").text
+    found = re.findall(r'^thaw_webhook_deliveries_total\{outcome="(\w+)"\} (\S+)$', scrape, re.M)
+    return {outcome: float(count) for outcome, count in found}
+
+
 def test_a_failing_receiver_is_retried_with_backoff_then_given_up_after_the_bound(
     server: TestClient, receiver: Receiver
 ) -> None:
     context = context_of(server)
+    before = delivery_outcomes(server)
     receiver.answers["/flaky"] = [500, 200]
     receiver.answers["/down"] = [500]
     flaky, _ = hook(server, "team-b", f"{receiver.url}/flaky")
@@ -269,6 +282,13 @@ def test_a_failing_receiver_is_retried_with_backoff_then_given_up_after_the_boun
     assert gaps[1] >= 0.1, gaps
     summary = server.get("/v1/webhook", headers=down).json()["deliveries"]
     assert summary == {"pending": 0, "delivered": 0, "failed": 1, "last_error": "HTTP 500"}
+    # Counted: /flaky retried once then delivered, /down retried twice then failed.
+    after = delivery_outcomes(server)
+    counted = {
+        outcome: after.get(outcome, 0) - before.get(outcome, 0)
+        for outcome in ("delivered", "retried", "failed")
+    }
+    assert counted == {"delivered": 1, "retried": 3, "failed": 1}
 
 
 def test_a_slow_receiver_never_slows_a_request_or_the_change_that_emitted_the_event(
@@ -291,6 +311,95 @@ def test_a_slow_receiver_never_slows_a_request_or_the_change_that_emitted_the_ev
     receiver.wait_for("/slow", 2)
 
 
+REFUSED = [
+    "http://127.0.0.1:9/hook",
+    "http://localhost/hook",
+    "http://10.1.2.3/hook",
+    "http://192.168.0.1/hook",
+    "http://169.254.169.254/latest/meta-data",  # the cloud metadata service
+    "http://[::1]/hook",
+    "http://[::ffff:127.0.0.1]/hook",
+    "http://0.0.0.0/hook",
+    "http://100.64.0.1/hook",
+]
+
+
+def test_a_private_or_loopback_url_is_refused_unless_the_operator_allows_it(
+    server: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    context = context_of(server)
+    monkeypatch.setattr(context.settings, "webhook_allow_private", False)
+    auth = new_key(context, "team-f")
+    for url in REFUSED:
+        refused = server.put("/v1/webhook", headers=auth, json={"url": url})
+        error = assert_error(refused, 422, "webhook_url_refused", "url")
+        assert "not a public address" in error["message"], (url, error)
+    assert_error(server.get("/v1/webhook", headers=auth), 404, "webhook_not_found")
+    public = server.put("/v1/webhook", headers=auth, json={"url": "https://93.184.215.14/hook"})
+    assert public.status_code == 200, public.text
+    server.delete("/v1/webhook", headers=auth)
+
+
+def test_an_address_no_longer_public_at_send_time_fails_the_delivery_unsent(
+    server: TestClient, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Set while allowed (as a name could resolve publicly when set, privately later): the
+    sender checks again and sends nothing."""
+    context = context_of(server)
+    auth, _ = hook(server, "team-g", f"{receiver.url}/rebound")
+    before = delivery_outcomes(server)
+    monkeypatch.setattr(context.settings, "webhook_allow_private", False)
+    failed_job(context, tenant="team-g")
+    eventually(lambda: [row.status for row in deliveries(context, auth)] == ["failed"])
+    (delivery,) = deliveries(context, auth)
+    assert delivery.attempts == 1
+    assert (delivery.last_error or "").startswith("refused: its host '127.0.0.1' resolves to")
+    assert receiver.at("/rebound") == []
+    assert delivery_outcomes(server).get("failed", 0) == before.get("failed", 0) + 1
+
+
+def test_thaw_webhook_sets_shows_and_deletes_the_tenants_webhook(
+    server: TestClient, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    context = context_of(server)
+    auth = new_key(context, "team-h")
+    missing = run_cli(server, auth, ["webhook", "show"], exit_code=1)
+    assert "404 webhook_not_found" in missing
+    with monkeypatch.context() as private_refused:
+        private_refused.setattr(context.settings, "webhook_allow_private", False)
+        refused = run_cli(server, auth, ["webhook", "set", "http://127.0.0.1:9/x"], exit_code=1)
+    assert "422 webhook_url_refused (url)" in refused
+    assert "Traceback" not in refused
+
+    target = f"{receiver.url}/cli"
+    made = json.loads(run_cli(server, auth, ["webhook", "set", target, "--json"]))
+    assert made["url"] == target
+    secret = made["secret"]
+    assert secret.startswith("whsec_")
+    failed_job(context, tenant="team-h")
+    (request,) = receiver.wait_for("/cli", 1)
+    assert verify(secret, request)["event"] == "job.failed"
+    eventually(lambda: server.get("/v1/webhook", headers=auth).json()["deliveries"]["delivered"])
+
+    shown = run_cli(server, auth, ["webhook", "show"])
+    assert target in shown
+    assert "delivered" in shown
+    assert secret not in shown
+    assert json.loads(run_cli(server, auth, ["webhook", "show", "--json"]))["deliveries"] == {
+        "pending": 0,
+        "delivered": 1,
+        "failed": 0,
+        "last_error": None,
+    }
+    again = run_cli(server, auth, ["webhook", "set", target])
+    assert "secret (shown once)" in again
+    assert secret not in again  # setting it again makes a new secret
+
+    assert "webhook deleted" in run_cli(server, auth, ["webhook", "delete"])
+    assert_error(server.get("/v1/webhook", headers=auth), 404, "webhook_not_found")
+    assert "404 webhook_not_found" in run_cli(server, auth, ["webhook", "delete"], exit_code=1)
+
+
 def test_pending_events_outlive_their_sender(server: TestClient, receiver: Receiver) -> None:
     """The outbox is a table: events queued while no sender runs are sent by the next one
     (a restarted API process)."""
@@ -300,7 +409,7 @@ def test_pending_events_outlive_their_sender(server: TestClient, receiver: Recei
     auth, secret = hook(server, "team-e", f"{receiver.url}/later")
     job_id = failed_job(context, tenant="team-e")
     assert [row.status for row in deliveries(context, auth)] == ["pending"]
-    restarted = WebhookSender(context)
+    restarted = WebhookSender(context, server.app.state.inference_metrics)  # type: ignore[attr-defined]
     try:
         (request,) = receiver.wait_for("/later", 1)
         assert verify(secret, request)["data"]["job_id"] == job_id

@@ -110,6 +110,13 @@ class InferenceMetrics:
             "fed back, the input will not train an update).",
             registry=self.registry,
         )
+        self.webhook_deliveries = Counter(
+            "thaw_webhook_deliveries",
+            "Webhook delivery attempts by outcome: delivered (2xx), retried (failed, another "
+            "attempt due after backoff) or failed (given up, or its URL refused).",
+            ("outcome",),
+            registry=self.registry,
+        )
         self.rejected_at_admission = Counter(
             "thaw_predict_rejected_at_admission",
             "Predict calls refused with 503 on arrival: THAW_PREDICT_MAX_IN_FLIGHT calls were "

@@ -139,12 +139,20 @@ def get_model(model: ModelDep, session: SessionDep) -> ModelOut:
     return model_out(session, model=model)
 
 
-@router.patch("/{name}", summary="Set a model's tags, or switch input capture on or off")
+@router.patch(
+    "/{name}",
+    summary="Set a model's tags, or its input capture (on, off, least confident kept)",
+)
 def patch_model(model: ModelDep, body: ModelPatch, session: SessionDep) -> ModelOut:
     if body.tags is not None:
         set_model_tags(session, model=model, tags=body.tags)
-    if body.capture is not None:
-        set_capture(session, model=model, capture=body.capture)
+    if body.capture is not None or body.capture_least_confident is not None:
+        set_capture(
+            session,
+            model=model,
+            capture=body.capture,
+            least_confident=body.capture_least_confident,
+        )
     return model_out(session, model=model)
 
 

@@ -4,6 +4,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from service.bounds import BodyId, RequestBody
+from service.monitoring.capture import MAX_LEAST_CONFIDENT
 
 Tag = Annotated[
     str,
@@ -100,6 +101,10 @@ class ModelOut(BaseModel):
         description="Whether the inputs of its predictions are kept (bounded), so that the "
         "labels fed back for them can train an update."
     )
+    capture_least_confident: int = Field(
+        description="While capturing, how many of each window's least confident inputs are "
+        "flagged `low_confidence` and kept after the other unlabelled ones."
+    )
     created_at: datetime
     latest_version: VersionSummary | None = Field(
         description="The highest-numbered version that is not archived."
@@ -109,7 +114,13 @@ class ModelOut(BaseModel):
 
 class ModelPatch(RequestBody):
     model_config = ConfigDict(
-        json_schema_extra={"examples": [{"tags": ["shoes"]}, {"capture": True}]}
+        json_schema_extra={
+            "examples": [
+                {"tags": ["shoes"]},
+                {"capture": True},
+                {"capture": True, "capture_least_confident": 20},
+            ]
+        }
     )
 
     tags: list[Tag] | None = Field(default=None, max_length=32, description=TAG_DESCRIPTION)
@@ -118,6 +129,15 @@ class ModelPatch(RequestBody):
         description="Keep the inputs of this model's predictions from now on (true), or stop "
         "(false: what was kept stays until `DELETE /v1/models/NAME/captures`). Bounded by "
         "THAW_CAPTURE_MAX_ITEMS and THAW_CAPTURE_MAX_BYTES per model.",
+    )
+    capture_least_confident: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_LEAST_CONFIDENT,
+        description="While capturing, flag the least confident this many inputs of each "
+        "monitoring window (the items most worth labelling): they are listed by `GET "
+        "/v1/models/NAME/captures` and, within the same bounds, go only after the other "
+        "unlabelled inputs. 0 (the default) flags none.",
     )
 
 

@@ -202,10 +202,16 @@ def set_model_tags(session: Session, *, model: RegisteredModel, tags: list[str])
     session.commit()
 
 
-def set_capture(session: Session, *, model: RegisteredModel, capture: bool) -> None:
+def set_capture(
+    session: Session, *, model: RegisteredModel, capture: bool | None, least_confident: int | None
+) -> None:
     """Predict keeps (or stops keeping) the model's inputs from the next resolution on: the
-    row is watched by every process's resolution cache."""
-    model.capture = capture
+    row is watched by every process's resolution cache. `least_confident` is read when a
+    window closes. None leaves a setting as it is."""
+    if capture is not None:
+        model.capture = capture
+    if least_confident is not None:
+        model.capture_least_confident = least_confident
     session.commit()
 
 
@@ -520,6 +526,7 @@ def model_out(session: Session, *, model: RegisteredModel) -> ModelOut:
         name=model.name,
         tags=list(tags),
         capture=model.capture,
+        capture_least_confident=model.capture_least_confident,
         created_at=model.created_at,
         latest_version=None
         if latest is None

@@ -4,9 +4,10 @@ from fastapi import APIRouter, Query, Response
 
 from service.deps import ContextDep, ModelDep, SessionDep, VersionDep
 from service.monitoring import statistics
-from service.monitoring.capture import delete_captures, summarise
+from service.monitoring.capture import captured_inputs, delete_captures, summarise
 from service.monitoring.plots import monitoring_svg
 from service.monitoring.schemas import (
+    CapturedOut,
     CapturesOut,
     FeedbackIn,
     FeedbackOut,
@@ -88,19 +89,35 @@ def post_feedback(body: FeedbackIn, version: VersionDep, session: SessionDep) ->
     summary="What the model's input capture keeps",
     description='Switch capture on with `PATCH /v1/models/NAME {"capture": true}`: predict '
     "then keeps each answered input (bounded per model, the oldest unlabelled going first), so "
-    "that the labels fed back for predictions can train an update (`POST .../updates`).",
+    "that the labels fed back for predictions can train an update (`POST .../updates`). With "
+    '`{"capture_least_confident": N}` the least confident N inputs of each monitoring window '
+    "are flagged `low_confidence`: listed first here, the items most worth labelling.",
 )
-def get_captures(model: ModelDep, session: SessionDep, context: ContextDep) -> CapturesOut:
+def get_captures(
+    model: ModelDep,
+    session: SessionDep,
+    context: ContextDep,
+    limit: Annotated[int, Query(ge=0, le=1000, description="Kept inputs listed.")] = 100,
+    low_confidence: Annotated[
+        bool, Query(description="List only the inputs flagged least confident.")
+    ] = False,
+) -> CapturesOut:
     kept = summarise(session, model_id=model.id)
     settings = context.settings
+    listed = captured_inputs(
+        session, model_id=model.id, low_confidence_only=low_confidence, limit=limit
+    )
     return CapturesOut(
         model=model.name,
         capture=model.capture,
+        capture_least_confident=model.capture_least_confident,
         items=kept.items,
         bytes=kept.bytes,
         labelled=kept.labelled,
+        low_confidence=kept.low_confidence,
         max_items=settings.capture_max_items,
         max_bytes=settings.capture_max_bytes,
+        inputs=[CapturedOut.model_validate(item, from_attributes=True) for item in listed],
     )
 
 

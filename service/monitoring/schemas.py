@@ -103,11 +103,32 @@ class FeedbackOut(BaseModel):
     recorded: int
 
 
+class CapturedOut(BaseModel):
+    prediction_id: str
+    version: int
+    created_at: datetime
+    predicted: str = Field(description="The label predict answered.")
+    confidence: float = Field(description="Its calibrated probability.")
+    label: str | None = Field(description="The true label fed back, if any.")
+    bytes: int
+    low_confidence: bool = Field(
+        description="Kept as one of its window's `capture_least_confident` least confident."
+    )
+
+
 class CapturesOut(BaseModel):
     model: str
     capture: bool = Field(description="Whether predictions' inputs are being kept now.")
+    capture_least_confident: int = Field(
+        description="How many of each window's least confident inputs are flagged."
+    )
     items: int = Field(description="Inputs kept, of this model's predictions.")
     bytes: int
     labelled: int = Field(description="Of them, those whose prediction was fed a label.")
+    low_confidence: int = Field(description="Of them, those flagged least confident.")
     max_items: int
     max_bytes: int
+    inputs: list[CapturedOut] = Field(
+        description="At most `limit` kept inputs: flagged least confident first, then by "
+        "confidence, lowest first (the items most worth labelling)."
+    )

@@ -30,7 +30,7 @@ from service.errors import ApiError
 from service.inference.metrics import InferenceMetrics
 from service.inference.resolution import ServedVersion
 from service.monitoring import statistics
-from service.monitoring.capture import capture_key, enforce_bounds
+from service.monitoring.capture import capture_key, enforce_bounds, flag_least_confident
 from service.monitoring.reference import REFERENCE_FILE, Reference, summarise
 from service.tables import ModelVersion, MonitorPrediction, MonitorWindow
 from service.webhooks.outbox import VERSION_SHIFTED, emit
@@ -234,6 +234,7 @@ class Recorder:
             if served is None:
                 return
             reference = self.reference(ServedVersion.of(served))
+            least_confident = served.model.capture_least_confident
             while True:
                 window = close_window(
                     session,
@@ -242,6 +243,7 @@ class Recorder:
                     size=self.window_size,
                     max_age=self.window_age,
                     now=utcnow(),
+                    least_confident=least_confident,
                 )
                 if window is None:
                     return
@@ -266,10 +268,12 @@ def close_window(
     max_age: timedelta,
     now: datetime,
     seed: int | None = None,
+    least_confident: int = 0,
 ) -> MonitorWindow | None:
     """Close the version's next window when it is due (`size` predictions not yet in a window,
-    or the oldest of them older than `max_age`), test it and commit; None when none is due or
-    another process closed it first. Rows are claimed with SKIP LOCKED on Postgres (SQLite
+    or the oldest of them older than `max_age`), test it, flag its `least_confident` least
+    confident captured inputs and commit; None when none is due or another process closed it
+    first. Rows are claimed with SKIP LOCKED on Postgres (SQLite
     serialises writers), so each prediction lands in one window."""
     rows = list(
         session.scalars(
@@ -305,6 +309,7 @@ def close_window(
     for row in rows:
         row.window_id = window.id
         row.features = None  # tested: nothing of it is kept but the answer
+    flag_least_confident(rows, count=least_confident)
     if window.shifted:
         _announce_shift(session, window=window)
     session.commit()

@@ -5,9 +5,11 @@ so with several API processes each delivery is sent by one of them) that also pu
 time past the request timeout: should the process die mid-send, another sends it once that
 claim runs out. A 2xx answer delivers it; anything else (an error status, a refused or timed out
 connection, a redirect) schedules attempt n+1 after `THAW_WEBHOOK_BACKOFF_SECONDS` * 2^(n-1),
-and after `THAW_WEBHOOK_MAX_ATTEMPTS` the delivery is `failed`. The outbox is a table, so a
-restart loses nothing pending. Delivery is at least once: receivers dedupe on the
-`Thaw-Delivery` id.
+and after `THAW_WEBHOOK_MAX_ATTEMPTS` the delivery is `failed`. The URL's host is resolved
+again before each send (DNS may have changed since `PUT /v1/webhook`): one that is no longer
+public fails the delivery at once. Each outcome is counted (`thaw_webhook_deliveries_total`).
+The outbox is a table, so a restart loses nothing pending. Delivery is at least once:
+receivers dedupe on the `Thaw-Delivery` id.
 """
 
 import json
@@ -22,9 +24,10 @@ from sqlalchemy import delete, func, select, update
 
 from service.context import AppContext
 from service.db import utcnow
+from service.inference.metrics import InferenceMetrics
 from service.tables import Webhook, WebhookDelivery
 from service.webhooks.outbox import SIGNATURE_HEADER, sign
-from service.webhooks.service import DELIVERED, FAILED, PENDING
+from service.webhooks.service import DELIVERED, FAILED, PENDING, refused_address
 
 logger = logging.getLogger(__name__)
 
@@ -35,13 +38,16 @@ CLAIM = timedelta(seconds=3 * REQUEST_TIMEOUT_SECONDS)
 BATCH = 50
 CONCURRENT_SENDS = 8
 """Deliveries a sender has in flight at once, so one slow receiver does not hold up the rest."""
+RETRIED = "retried"
+"""The outcome of a failed attempt that another will follow (a metric label, not a status)."""
 KEEP_ENDED = timedelta(days=7)
 """Delivered and failed events are kept this long (the webhook's counts), then deleted."""
 
 
 class WebhookSender:
-    def __init__(self, context: AppContext) -> None:
+    def __init__(self, context: AppContext, metrics: InferenceMetrics) -> None:
         self.context = context
+        self.metrics = metrics
         self.max_attempts = context.settings.webhook_max_attempts
         self.backoff = context.settings.webhook_backoff_seconds
         self._client = httpx.Client(
@@ -124,8 +130,13 @@ class WebhookSender:
             event = delivery.event
             url, secret = (webhook.url, webhook.secret) if webhook else (None, None)
         error = None
+        refused = None
+        if url is not None and not self.context.settings.webhook_allow_private:
+            refused = refused_address(url)
         if url is None or secret is None:
             error = "the webhook was removed"
+        elif refused is not None:
+            error = f"refused: {refused}"
         else:
             headers = {
                 "Content-Type": "application/json",
@@ -140,7 +151,9 @@ class WebhookSender:
                     error = f"HTTP {response.status_code}"
             except httpx.HTTPError as exc:
                 error = f"{type(exc).__name__}: {exc}"[:500]
-        self._record(delivery_id, attempt=attempt, error=error, final=url is None)
+        self._record(
+            delivery_id, attempt=attempt, error=error, final=url is None or refused is not None
+        )
 
     def _record(self, delivery_id: str, *, attempt: int, error: str | None, final: bool) -> None:
         """The attempt's outcome, unless another sender took the delivery over since (its
@@ -148,20 +161,25 @@ class WebhookSender:
         now = utcnow()
         values: dict[str, object]
         if error is None:
+            outcome = DELIVERED
             values = {"status": DELIVERED, "delivered_at": now, "last_error": None}
         elif final or attempt >= self.max_attempts:
+            outcome = FAILED
             values = {"status": FAILED, "last_error": error}
             logger.warning("webhook delivery %s failed for good: %s", delivery_id, error)
         else:
+            outcome = RETRIED
             delay = timedelta(seconds=self.backoff * 2 ** (attempt - 1))
             values = {"next_attempt_at": now + delay, "last_error": error}
         with self.context.db.session() as session:
-            session.execute(
+            recorded = session.execute(
                 update(WebhookDelivery)
                 .where(WebhookDelivery.id == delivery_id, WebhookDelivery.attempts == attempt)
                 .values(**values)
             )
             session.commit()
+        if recorded.rowcount:  # type: ignore[attr-defined]
+            self.metrics.webhook_deliveries.labels(outcome).inc()
 
     def _until_next_due(self) -> float:
         """Seconds to the next pending delivery's due time, at most `POLL_SECONDS`."""

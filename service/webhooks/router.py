@@ -1,8 +1,9 @@
 from fastapi import APIRouter, Response
 
-from service.deps import SessionDep, TenantDep
+from service.deps import ContextDep, SessionDep, TenantDep
 from service.webhooks.schemas import DeliveriesOut, WebhookCreated, WebhookIn, WebhookOut
 from service.webhooks.service import (
+    check_webhook_url,
     delete_webhook,
     delivery_summary,
     load_webhook,
@@ -24,10 +25,17 @@ SIGNING = (
     "",
     summary="Send this tenant's events (version.shifted, job.succeeded, job.failed, "
     "update.ready) to a URL",
-    description="Answers the signing secret, once. " + SIGNING,
+    description="Answers the signing secret, once. A URL whose host resolves to a loopback, "
+    "private, link-local or other non-public address is a 422 (`webhook_url_refused`) unless "
+    "the operator set THAW_WEBHOOK_ALLOW_PRIVATE; it is checked again before each delivery. "
+    + SIGNING,
 )
-def put_webhook(body: WebhookIn, tenant: TenantDep, session: SessionDep) -> WebhookCreated:
-    webhook, secret = set_webhook(session, tenant=tenant, url=str(body.url))
+def put_webhook(
+    body: WebhookIn, tenant: TenantDep, session: SessionDep, context: ContextDep
+) -> WebhookCreated:
+    url = str(body.url)
+    check_webhook_url(url, allow_private=context.settings.webhook_allow_private)
+    webhook, secret = set_webhook(session, tenant=tenant, url=url)
     return WebhookCreated(
         url=webhook.url,
         created_at=webhook.created_at,

@@ -1,7 +1,10 @@
 """A tenant's webhook: set (a new signing secret, shown once), read, removed."""
 
+import ipaddress
 import secrets
+import socket
 from typing import Any
+from urllib.parse import urlsplit
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
@@ -14,9 +17,46 @@ SECRET_PREFIX = "whsec_"
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
 
 
+def refused_address(url: str) -> str | None:
+    """Why a webhook may not be sent to `url`, or None: its host must resolve, and only to
+    public addresses. A loopback, private, link-local (the cloud metadata service at
+    169.254.169.254), shared, reserved or multicast address would let a tenant make thaw's
+    processes call inside its own network (SSRF); `THAW_WEBHOOK_ALLOW_PRIVATE` allows them."""
+    split = urlsplit(url)
+    host = split.hostname or ""
+    try:
+        port = split.port or (443 if split.scheme == "https" else 80)
+        found = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
+    except (OSError, ValueError, UnicodeError) as exc:
+        return f"its host {host!r} does not resolve ({type(exc).__name__})"
+    for *_, address in found:
+        ip = ipaddress.ip_address(str(address[0]).split("%", 1)[0])
+        mapped = getattr(ip, "ipv4_mapped", None)
+        ip = mapped or ip
+        if not ip.is_global or ip.is_multicast:
+            return f"its host {host!r} resolves to {ip}, which is not a public address"
+    return None
+
+
+def check_webhook_url(url: str, *, allow_private: bool) -> None:
+    """A 422 for a URL whose host is not public, unless private addresses are allowed."""
+    if allow_private:
+        return
+    why = refused_address(url)
+    if why is not None:
+        raise ApiError(
+            422,
+            "webhook_url_refused",
+            f"url: {why}. Webhooks go to public addresses only (an operator allows others "
+            "with THAW_WEBHOOK_ALLOW_PRIVATE).",
+            "url",
+        )
+
+
 def set_webhook(session: Session, *, tenant: Tenant, url: str) -> tuple[Webhook, str]:
     """Point the tenant's events at `url` with a new secret; returns the row and the secret.
-    Events already queued go to the new address, signed with the new secret."""
+    Events already queued go to the new address, signed with the new secret. The caller has
+    checked the address (`check_webhook_url`)."""
     secret = SECRET_PREFIX + secrets.token_urlsafe(32)
     webhook = session.get(Webhook, tenant.id)
     if webhook is None:

@@ -34,7 +34,8 @@ BODIES: dict[tuple[str, str], dict[str, Any]] = {
     ("post", "/v1/models/{name}/versions/{version}/predict"): {
         "files": [("images", ("a.png", IMAGE))]
     },
-    # The intruder sets its own webhook (no id in the path): nothing of A's is reachable.
+    # The intruder sets its own webhook (no id in the path): nothing of A's is reachable
+    # (a 422 here: a loopback URL is refused without THAW_WEBHOOK_ALLOW_PRIVATE).
     ("put", "/v1/webhook"): {"json": {"url": "http://127.0.0.1:9/hook"}},
     ("post", "/v1/jobs"): {"json": {}},
     ("post", "/v1/jobs/plan"): {"json": {}},
