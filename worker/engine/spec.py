@@ -401,7 +401,8 @@ class TransferSettings(RunSettings):
         "the first stage of `freeze_unfreeze`, `gradual_unfreeze`, `ulmfit` and `lwf`) are "
         "solved, not stepped: multinomial logistic regression on the frozen features, fitted "
         "to its optimum by full-batch L-BFGS with the L2 strength chosen for accuracy by "
-        f"5-fold cross-validation over the labelled items from C in {list(HEAD_C_GRID)}. Such a stage takes one epoch; `head_epochs` > 1 asks for a "
+        f"5-fold cross-validation over the labelled items from C in {list(HEAD_C_GRID)}. "
+        "Such a stage takes one epoch; `head_epochs` > 1 asks for a "
         "stepped head instead. false: the optimizer steps it for its epochs like any other "
         "stage.",
     )
