@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .artifacts import WEIGHTS_FILE, read_model_config
+from .modalities import modality_for
 from .plan import HEAD, LM_HEAD, OLD_HEADS, HeadConfig, Plan, Stage, steps_per_epoch
 from .recipe import stage_recipes
 from .strategies import ParameterGroups, strategy_of
@@ -158,7 +159,7 @@ def build_model_for_export(plan: Plan, encoder_config: dict[str, Any] | None) ->
     are read, and a text model's encoder is built from its exported `transformers` config."""
     if plan.modality != "text":
         return build_model(plan, weights_dir=None, pretrained=False)
-    from .text_zoo import build_text_backbone
+    from .modalities.text.zoo import build_text_backbone
 
     backbone = build_text_backbone(
         plan.base_model, pretrained=False, weights_dir=None, encoder_config=encoder_config
@@ -280,11 +281,7 @@ def describe_plan(
                 "trainable_groups": trainable,
                 "trainable_parameters": sum(group_sizes[name] for name in stage.trainable_groups),
                 "total_parameters": total,
-                **(
-                    {"objective": stage.objective, "max_length": plan.max_length}
-                    if plan.modality == "text"
-                    else {"image_size": stage.image_size}
-                ),
+                **modality_for(plan.modality).stage_inputs(plan, stage),
                 "epochs": stage.epochs,
                 "schedule": stage.schedule,
                 "bn_mode": stage.bn_mode,
