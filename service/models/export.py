@@ -39,6 +39,7 @@ from worker.engine.artifacts import (
     ModelConfig,
     read_model_config,
 )
+from worker.engine.modalities import modality_for
 
 FORMATS = ("triton", "mlflow", "hf")
 TRITON_LABELS = "labels.txt"
@@ -99,11 +100,12 @@ def ensure_export(store: ArtifactStore, *, version: ModelVersion, fmt: str) -> s
 
 def _check_exportable(config: ModelConfig, *, has_onnx: bool, fmt: str) -> None:
     """409 when the version cannot be exported in `fmt`, saying why."""
-    if fmt == "hf" and config.modality != "text":
+    modality = modality_for(config.modality)
+    if fmt == "hf" and not modality.exports_hf:
         raise ApiError(
             409,
             "export_unavailable",
-            "A Hugging Face folder holds a text model; this version classifies images.",
+            f"A Hugging Face folder holds a text model; this version classifies {modality.items}.",
             param="format",
         )
     if fmt in ("triton", "mlflow") and not has_onnx:

@@ -157,13 +157,7 @@ def build_model(
 def build_model_for_export(plan: Plan, encoder_config: dict[str, Any] | None) -> TransferModel:
     """The architecture of an exported model, to load its weights into: no pretrained weights
     are read, and a text model's encoder is built from its exported `transformers` config."""
-    if plan.modality != "text":
-        return build_model(plan, weights_dir=None, pretrained=False)
-    from .modalities.text.zoo import build_text_backbone
-
-    backbone = build_text_backbone(
-        plan.base_model, pretrained=False, weights_dir=None, encoder_config=encoder_config
-    )
+    backbone = modality_for(plan.modality).exported_backbone(plan.base_model, encoder_config)
     feature_dim = backbone.info.feature_dim
     old_heads = [build_head(feature_dim, task.head, len(task.labels)) for task in plan.old_tasks]
     model = TransferModel(backbone, build_head(feature_dim, plan.head, plan.num_classes), old_heads)

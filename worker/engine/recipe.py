@@ -51,7 +51,10 @@ def augment_level(augment: str, *, modality: str, distill: bool) -> str:
     distil the parent's outputs (recorded on the unaugmented images), and never for text. A
     stage on cached features gets it through `feature_views` augmented views computed once
     (`features.py`)."""
-    if distill or modality != "image":
+    # Imported here: the modalities import the plan types, which import this module.
+    from .modalities import modality_for
+
+    if distill or not modality_for(modality).augments:
         return "none"
     return augment
 

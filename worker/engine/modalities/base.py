@@ -77,6 +77,10 @@ class Modality(ABC):
     """What an inference request sent to a model of this modality should look like."""
     input_param: str
     """The request field its inputs arrive in (`images`, `texts`)."""
+    augments: bool = False
+    """Training may augment its items (the `augment` setting and its data-following default)."""
+    exports_hf: bool = False
+    """A version can be exported as a Hugging Face folder (`transformers` loads it)."""
     inline_items: bool = False
     """A dataset item's content is the item itself (a text), not the path of its file: given
     inline to predict, shown as it is."""
@@ -196,6 +200,11 @@ class Modality(ABC):
         self, name: str, *, pretrained: bool, weights_dir: Path | None
     ) -> "Backbone":
         """With `pretrained`, missing weights raise instead of random init."""
+
+    @abstractmethod
+    def exported_backbone(self, name: str, encoder_config: dict[str, Any] | None) -> "Backbone":
+        """The architecture of an exported model's backbone, without weights (a text encoder
+        from its exported `transformers` config)."""
 
     @abstractmethod
     def list_base_models(self, weights_dir: Path | None) -> list[dict[str, Any]]: ...

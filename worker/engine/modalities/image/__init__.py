@@ -31,6 +31,7 @@ class ImageModality(Modality):
         'JSON {"images": [{"name": ..., "data": "<base64>"}]}.'
     )
     input_param = "images"
+    augments = True
     upload_format = "zip"
     packs_files = True
 
@@ -184,6 +185,9 @@ class ImageModality(Modality):
         from .zoo import build_image_backbone
 
         return build_image_backbone(name, pretrained=pretrained, weights_dir=weights_dir)
+
+    def exported_backbone(self, name: str, encoder_config: dict[str, Any] | None) -> "Backbone":
+        return self.build_backbone(name, pretrained=False, weights_dir=None)
 
     def list_base_models(self, weights_dir: Path | None) -> list[dict[str, Any]]:
         from .zoo import list_image_models

@@ -40,6 +40,7 @@ class TextModality(Modality):
     )
     wrong_input = 'This model classifies texts: send JSON {"texts": ["...", ...]}.'
     input_param = "texts"
+    exports_hf = True
     inline_items = True
     upload_format = "csv"
     reads_token_lengths = True
@@ -216,6 +217,13 @@ class TextModality(Modality):
         from .zoo import build_text_backbone
 
         return build_text_backbone(name, pretrained=pretrained, weights_dir=weights_dir)
+
+    def exported_backbone(self, name: str, encoder_config: dict[str, Any] | None) -> "Backbone":
+        from .zoo import build_text_backbone
+
+        return build_text_backbone(
+            name, pretrained=False, weights_dir=None, encoder_config=encoder_config
+        )
 
     def list_base_models(self, weights_dir: Path | None) -> list[dict[str, Any]]:
         from .zoo import list_text_models
