@@ -16,7 +16,7 @@ from service.datasets.ingest import ImageRejectedError, open_image
 from service.datasets.ingest.results import IngestLimits
 from service.inference.service import decode_images
 from worker.engine.artifacts import Preprocessing
-from worker.engine.pixels import view_pixels
+from worker.engine.modalities.image.pixels import view_pixels
 
 PREPROCESSING = Preprocessing(image_size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 UPLOAD_LIMITS = IngestLimits()

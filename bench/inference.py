@@ -89,7 +89,7 @@ from worker.engine.artifacts import (
     ONNX_TEXT_INPUTS,
     read_model_config,
 )
-from worker.engine.tokens import SpecialTokens, encode, load_backend, pad
+from worker.engine.modalities.text.tokens import SpecialTokens, encode, load_backend, pad
 
 logger = logging.getLogger("bench.inference")
 
@@ -566,7 +566,7 @@ wrk.headers["Authorization"] = "Bearer {key}"
 def oip_body(model_dir: Path, image: bytes, batch: int) -> tuple[bytes, int]:
     """An OIP binary infer request: `batch` copies of the image preprocessed as the version
     says, raw after the JSON header; and the header's length."""
-    from worker.engine.pixels import normalise, view_pixels
+    from worker.engine.modalities.image.pixels import normalise, view_pixels
 
     preprocessing = read_model_config(model_dir).image
     one = view_pixels(Image.open(io.BytesIO(image)), preprocessing.image_size, ("original",))

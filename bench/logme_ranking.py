@@ -43,7 +43,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from worker.engine import Sample, TransferConfig, compile_plan, run
-from worker.engine.data import ImageDataset
+from worker.engine.modalities.image.data import ImageDataset
 from worker.engine.transferability import group_features, kendall_tau, logme
 from worker.engine.zoo import build_backbone, get_base_model_info
 

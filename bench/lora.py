@@ -40,7 +40,7 @@ def _text_job(args: argparse.Namespace, folder: Path) -> tuple[Any, Any, Any, li
     sys.path.insert(0, str(Path(__file__).parent))
     from text import read_fixture, stratified_split
 
-    from worker.engine.text_zoo import MINILM
+    from worker.engine.modalities.text.zoo import MINILM
 
     samples, classes = read_fixture()
     train, val = stratified_split(samples, 0.25, seed=0)

@@ -42,7 +42,7 @@ from worker.engine import (
     export_model,
     run,
 )
-from worker.engine.text_zoo import MINILM, locate_folder
+from worker.engine.modalities.text.zoo import MINILM, locate_folder
 
 FIXTURE = Path(__file__).parent.parent / "tests" / "fixtures" / "debian_descriptions.csv"
 _installed = locate_folder(MINILM, None)

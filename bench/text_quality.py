@@ -44,10 +44,10 @@ from text import ScriptClassifier
 from torch import Tensor, nn
 
 from worker.engine import ParentModel, TextSample, TransferConfig, compile_plan, export_model, run
+from worker.engine.modalities.text.zoo import MINILM, locate_folder
 from worker.engine.plan import Plan
 from worker.engine.refit import refit
 from worker.engine.spec import MODALITY_DEFAULTS, Strategy
-from worker.engine.text_zoo import MINILM, locate_folder
 
 DESCRIPTIONS = Path(__file__).parent.parent / "tests" / "fixtures" / "debian_descriptions.csv"
 FORTUNE_ROOT = Path("/usr/share/games/fortunes")

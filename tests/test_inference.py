@@ -45,8 +45,8 @@ from tests.test_api import assert_error, ready_dataset
 from tests.test_registry import Registry, publish
 from worker.engine import Predictor
 from worker.engine.artifacts import Preprocessing, read_model_config
+from worker.engine.modalities.image.pixels import normalise, view_pixels
 from worker.engine.onnx_export import export_onnx
-from worker.engine.pixels import normalise, view_pixels
 
 
 @pytest.fixture(scope="module")

@@ -230,7 +230,7 @@ def test_text_exports_load_in_transformers_triton_and_mlflow_and_answer_as_predi
 
     from tests.test_inference import exported, run_declared, softmax, triton_config
     from worker.engine.artifacts import read_model_config
-    from worker.engine.tokens import SpecialTokens, encode, load_backend, pad
+    from worker.engine.modalities.text.tokens import SpecialTokens, encode, load_backend, pad
 
     registry, version, _ = text_version
     client, auth = registry.client, registry.auth

@@ -17,17 +17,13 @@ from service.cli.client import (
     print_json,
     table,
 )
+from worker.engine.modalities import dataset_modality
 
 datasets_app = typer.Typer(help="Upload and inspect datasets (client).", no_args_is_help=True)
 
 
 def _show_dataset(dataset: Any) -> None:
-    text = dataset.modality == "text"
-    sizes = (
-        [["texts", dataset.num_texts], ["unlabelled texts", dataset.num_unlabelled]]
-        if text
-        else [["images", dataset.num_images]]
-    )
+    modality = dataset_modality(dataset.modality)
     table(
         f"dataset {dataset.id}",
         ["field", "value"],
@@ -35,9 +31,9 @@ def _show_dataset(dataset: Any) -> None:
             ["name", dataset.name],
             ["status", dataset.status],
             ["modality", dataset.modality],
-            *sizes,
+            *modality.sizes(dataset),
             ["classes", len(dataset.classes)],
-            ["skipped " + ("rows" if text else "files"), dataset.num_skipped],
+            [f"skipped {modality.skipped_items}", dataset.num_skipped],
             ["error", dataset.error_message],
         ],
     )
@@ -167,7 +163,7 @@ def datasets_ls(
             "name": lambda d: d.name,
             "status": lambda d: d.status,
             "modality": lambda d: d.modality,
-            "samples": lambda d: d.num_texts if d.modality == "text" else d.num_images,
+            "samples": lambda d: dataset_modality(d.modality).count(d),
             "classes": lambda d: len(d.classes),
             "skipped": lambda d: d.num_skipped,
             "created": lambda d: f"{d.created_at:%Y-%m-%d %H:%M}",

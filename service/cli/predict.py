@@ -14,6 +14,7 @@ from service.cli.client import (
     print_json,
     table,
 )
+from worker.engine.modalities import modality_for
 from worker.engine.stages import Plan
 
 _SHOWN_CHARS = 60
@@ -51,7 +52,7 @@ def predict(
     with client_session(url, api_key) as client:
         version = client.get_version(name, version_ref)
         number = str(version.version)
-        if Plan.from_dict(version.plan).modality == "text":
+        if modality_for(Plan.from_dict(version.plan).modality).inline_items:
             texts = given + (_lines(file) if file is not None else [])
             if not texts:
                 raise typer.BadParameter("give texts, or --file with one text per line")

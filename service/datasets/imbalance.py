@@ -5,6 +5,8 @@ A pure function of the class counts the ingest recorded, shown in the dataset re
 
 from typing import Any
 
+from worker.engine.modalities import dataset_modality
+
 IMBALANCE_RATIO = 3.0
 """Largest over smallest training-class count above which the report flags imbalance: from
 there a plain loss visibly neglects the rare classes (tests/engine/test_recipe.py trains at 15:1
@@ -21,11 +23,7 @@ def imbalance_report(class_counts: dict[str, Any], modality: str | None) -> dict
     smallest = min(counts, key=lambda label: counts[label])
     ratio = counts[largest] / counts[smallest] if counts[smallest] else None
     imbalanced = ratio is None or ratio > IMBALANCE_RATIO
-    remedy = (
-        '`class_weights: "balanced"` (texts are batched by length, so no balanced sampler)'
-        if modality == "text"
-        else '`class_weights: "balanced"` or `sampler: "balanced"`'
-    )
+    remedy = dataset_modality(modality).imbalance_remedy
     return {
         "imbalanced": imbalanced,
         "ratio": ratio,

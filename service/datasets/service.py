@@ -42,6 +42,7 @@ from service.storage.cache import entry_id
 from service.tables import Dataset, Tenant
 from service.uploads import ReceivedUpload
 from worker import engine
+from worker.engine.modalities import dataset_modality, modality_for
 
 logger = logging.getLogger(__name__)
 
@@ -311,13 +312,14 @@ def _ingest(
             shutil.rmtree(work, ignore_errors=True)
 
     try:
+        modality = modality_for(result.modality)
         lengths = (
             _ingest_token_lengths(context, result, work / "files")
-            if result.modality == "text"
+            if modality.reads_token_lengths
             else None
         )
         stored = work / "files"
-        if result.modality == "image":
+        if modality.packs_files:
             stored = work / "shards"
             result = replace(
                 result, shards=write_image_shards(work / "files", result.samples, stored)
@@ -364,21 +366,22 @@ def _token_length_summary(
 def token_lengths_for(*, context: AppContext, dataset: Dataset, base_model: str) -> dict[str, Any]:
     """A text dataset's token-length summary against `base_model` (a text zoo model)."""
     require_ready(dataset, needed_by="token lengths")
-    if dataset.modality != "text":
+    held = dataset_modality(dataset.modality)
+    if not held.reads_token_lengths:
         raise ApiError(
             422,
             "wrong_modality",
-            f"Dataset {dataset.id} holds images; token lengths are for text datasets.",
+            f"Dataset {dataset.id} holds {held.items}; token lengths are for text datasets.",
             "base_model",
         )
     if dataset.token_lengths is not None and dataset.token_lengths["base_model"] == base_model:
         return dataset.token_lengths
     info = _base_model_info(base_model, param="base_model")
-    if info.modality != "text":
+    if not (model := modality_for(info.modality)).reads_token_lengths:
         raise ApiError(
             422,
             "wrong_modality",
-            f"{base_model} is an image model; choose a text model (GET /v1/base-models).",
+            f"{base_model} is {model.a_model} model; choose a text model (GET /v1/base-models).",
             "base_model",
         )
     if not engine.weights_available(base_model, context.settings.resolved_weights_dir):
@@ -405,9 +408,9 @@ def require_modality(dataset: Dataset, *, base_model: str, modality: str) -> Non
         raise ApiError(
             422,
             "wrong_modality",
-            f"base_model: {base_model} is {'a text' if modality == 'text' else 'an image'} "
+            f"base_model: {base_model} is {modality_for(modality).a_model} "
             f"model but dataset {dataset.id} holds {dataset.modality}s; choose "
-            f"{'a text' if dataset.modality == 'text' else 'an image'} base model "
+            f"{modality_for(dataset.modality).a_model} base model "
             "(GET /v1/base-models).",
             "base_model",
         )
@@ -436,8 +439,9 @@ def _finish(
             modality=result.modality,
             classes=result.classes,
             class_counts=result.class_counts,
-            num_images=len(result.samples),
-            num_texts=result.num_labelled if result.modality == "text" else 0,
+            **modality_for(result.modality).dataset_counts(
+                items=len(result.samples), labelled=result.num_labelled
+            ),
             num_unlabelled=result.unlabelled,
             token_lengths=token_lengths,
             skipped=[skipped_dict(s) for s in result.skipped[:MAX_LISTED_SKIPPED]],
@@ -523,7 +527,7 @@ def rank_base_models(
             raise ApiError(
                 422,
                 "wrong_modality",
-                f"{where}: {name} is {'a text' if info.modality == 'text' else 'an image'} "
+                f"{where}: {name} is {modality_for(info.modality).a_model} "
                 f"model but the dataset holds {modality}s.",
                 where,
             )
@@ -536,12 +540,7 @@ def rank_base_models(
                 where,
             )
     chosen = _stratified_subset(items, limit=max_images, seed=seed)
-    samples = [
-        engine.TextSample(str(item.content), item.label)
-        if modality == "text"
-        else engine.Sample(path=Path(item.content), label=item.label)
-        for item in chosen
-    ]
+    samples = [modality_for(modality).sample(str(item.content), item.label) for item in chosen]
     scores = [
         engine.score_base_model(
             name,
@@ -576,7 +575,7 @@ def load_manifest(*, context: AppContext, dataset_id: str) -> tuple[IngestResult
     manifest = IngestResult.from_manifest(
         json.loads(context.store.get_bytes(manifest_key(dataset_id)))
     )
-    if manifest.modality == "image" and manifest.shards:
+    if modality_for(manifest.modality).packs_files and manifest.shards:
         return manifest, _unpacked_images(context, dataset_id, manifest)
     # Text shards are read in place; images ingested before version 3 are one object each.
     return manifest, context.store.local_path(files_prefix(dataset_id))

@@ -48,6 +48,7 @@ from service.inference.service import (
     resolve_pool,
 )
 from service.monitoring.service import Recorder
+from worker.engine.modalities import modality_for
 
 Credentials = HTTPAuthorizationCredentials | None
 
@@ -363,11 +364,8 @@ async def _predict(request: Request, credentials: Credentials, name: str, versio
         raise ApiError(
             422,
             "wrong_input_kind",
-            'This model classifies texts: send JSON {"texts": ["...", ...]}.'
-            if model.modality == "text"
-            else "This model classifies images: send them as multipart field `images` or as "
-            'JSON {"images": [{"name": ..., "data": "<base64>"}]}.',
-            param="texts" if body.kind == "text" else "images",
+            modality_for(model.modality).wrong_input,
+            param=modality_for(body.kind).input_param,
         )
     answered = task or list(model.tasks)[-1]
     inputs_sent = body.texts if body.texts is not None else body.images

@@ -50,8 +50,13 @@ from worker.engine.artifacts import (
     TextPreprocessing,
     read_model_config,
 )
-from worker.engine.pixels import CROP_ENLARGE, average_views, normalise, view_pixels
-from worker.engine.tokens import SpecialTokens, encode, load_backend, pad
+from worker.engine.modalities.image.pixels import (
+    CROP_ENLARGE,
+    average_views,
+    normalise,
+    view_pixels,
+)
+from worker.engine.modalities.text.tokens import SpecialTokens, encode, load_backend, pad
 
 logger = logging.getLogger(__name__)
 

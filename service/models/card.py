@@ -2,6 +2,7 @@
 
 from typing import Any
 
+from worker.engine.modalities import modality_for
 from worker.engine.recipe import stage_recipes
 from worker.engine.stages import Plan
 
@@ -75,7 +76,7 @@ def render_card(
     """Markdown: data, training, results, intended use and limits, from the job's own records."""
     counts: dict[str, dict[str, int]] = dataset.get("class_counts", {})
     classes: list[str] = list(metrics.get("classes") or dataset.get("classes", []))
-    items = "texts" if plan.modality == "text" else "images"
+    items = modality_for(plan.modality).items
     lines = [
         f"# Model card: {model_name}",
         "",

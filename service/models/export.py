@@ -11,10 +11,10 @@ beside them (`exports/<format>.zip`), and streamed from there on every later dow
   preprocessing modules shipped beside it (`code/thaw_engine/`: numpy, PIL, tokenizers only).
   Written by hand, so serving it needs no MLflow here.
 - `hf` (text only): the `save_pretrained` layout: `config.json` (with `auto_map`),
-  `model.safetensors`, the tokenizer files and `modeling_thaw.py` (`worker/engine/hf_text.py`),
-  loaded with `AutoModelForSequenceClassification.from_pretrained(folder,
-  trust_remote_code=True)`; the logits come calibrated (the head's last layer divided by the
-  temperature).
+  `model.safetensors`, the tokenizer files and `modeling_thaw.py`
+  (`worker/engine/modalities/text/hf.py`), loaded with
+  `AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)`; the
+  logits come calibrated (the head's last layer divided by the temperature).
 """
 
 import json
@@ -39,6 +39,7 @@ from worker.engine.artifacts import (
     ModelConfig,
     read_model_config,
 )
+from worker.engine.modalities import modality_for
 
 FORMATS = ("triton", "mlflow", "hf")
 TRITON_LABELS = "labels.txt"
@@ -49,12 +50,18 @@ HF_MODELING = "modeling_thaw.py"
 PYFUNC_MODULE = "thaw_pyfunc"
 SHIPPED_ENGINE = "thaw_engine"
 """The package name thaw's preprocessing modules take inside an MLflow model's `code/`."""
-SHIPPED_MODULES = ("artifacts.py", "recipe.py", "spec.py", "pixels.py", "tokens.py")
+SHIPPED_MODULES = (
+    "artifacts.py",
+    "recipe.py",
+    "spec.py",
+    "modalities/image/pixels.py",
+    "modalities/text/tokens.py",
+)
 """Preprocessing as predict runs it; standard library, numpy, PIL and tokenizers only."""
 ENGINE_DIR = Path(engine.__file__).parent
-"""Engine files are copied into exports by path: importing `hf_text` would load torch."""
+"""Engine files are copied into exports by path: importing `text.hf` would load torch."""
 HF_MODEL_TYPE = "thaw_text"
-"""`hf_text.ThawTextConfig.model_type`."""
+"""`modalities.text.hf.ThawTextConfig.model_type`."""
 
 
 def export_key(version: ModelVersion, fmt: str) -> str:
@@ -93,11 +100,12 @@ def ensure_export(store: ArtifactStore, *, version: ModelVersion, fmt: str) -> s
 
 def _check_exportable(config: ModelConfig, *, has_onnx: bool, fmt: str) -> None:
     """409 when the version cannot be exported in `fmt`, saying why."""
-    if fmt == "hf" and config.modality != "text":
+    modality = modality_for(config.modality)
+    if fmt == "hf" and not modality.exports_hf:
         raise ApiError(
             409,
             "export_unavailable",
-            "A Hugging Face folder holds a text model; this version classifies images.",
+            f"A Hugging Face folder holds a text model; this version classifies {modality.items}.",
             param="format",
         )
     if fmt in ("triton", "mlflow") and not has_onnx:
@@ -184,8 +192,8 @@ import numpy as np
 
 from thaw_engine.artifacts import ONNX_FILE, ONNX_INPUT, ONNX_OUTPUT, ONNX_TEXT_INPUTS
 from thaw_engine.artifacts import read_model_config
-from thaw_engine.pixels import average_views, normalise, view_pixels
-from thaw_engine.tokens import SpecialTokens, encode, load_backend, pad
+from thaw_engine.modalities.image.pixels import average_views, normalise, view_pixels
+from thaw_engine.modalities.text.tokens import SpecialTokens, encode, load_backend, pad
 
 
 class ThawModel:
@@ -251,7 +259,12 @@ def write_mlflow(folder: Path, config: ModelConfig, out: Path) -> None:
     engine.mkdir(parents=True)
     (engine / "__init__.py").write_text('"""thaw\'s preprocessing, as predict runs it."""\n')
     for module in SHIPPED_MODULES:
-        shutil.copyfile(ENGINE_DIR / module, engine / module)
+        target = engine / module
+        # A modality's package ships without its registry: only the module predict reads.
+        for package in target.relative_to(engine).parents[:-1]:
+            (engine / package).mkdir(parents=True, exist_ok=True)
+            (engine / package / "__init__.py").touch()
+        shutil.copyfile(ENGINE_DIR / module, target)
     (code / f"{PYFUNC_MODULE}.py").write_text(_PYFUNC)
     (out / "MLmodel").write_text(
         _MLMODEL.format(onnx=ONNX_FILE, onnx_version=onnx.__version__, loader=PYFUNC_MODULE)
@@ -312,7 +325,7 @@ def write_hf(folder: Path, config: ModelConfig, out: Path) -> None:
         },
     }
     (out / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
-    shutil.copyfile(ENGINE_DIR / "hf_text.py", out / HF_MODELING)
+    shutil.copyfile(ENGINE_DIR / "modalities" / "text" / "hf.py", out / HF_MODELING)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (folder / name).is_file():
             shutil.copyfile(folder / name, out / name)

@@ -34,6 +34,7 @@ from service.tables import (
     RegisteredModel,
     Tenant,
 )
+from worker.engine.modalities import dataset_modality, modality_for
 from worker.engine.recipe import stage_recipes
 from worker.engine.stages import Plan
 
@@ -106,7 +107,13 @@ def jobs_page(request: Request, session: SessionDep, tenant: UiTenant) -> HTMLRe
         .order_by(Dataset.id.desc())
     ).all()
     return _page(
-        request, "jobs.html", tenant=tenant, jobs=jobs, datasets=datasets, spec=_spec_fields()
+        request,
+        "jobs.html",
+        tenant=tenant,
+        jobs=jobs,
+        datasets=datasets,
+        modalities={d.id: dataset_modality(d.modality) for d in datasets},
+        spec=_spec_fields(),
     )
 
 
@@ -187,12 +194,21 @@ def datasets_page(request: Request, session: SessionDep, tenant: UiTenant) -> HT
         .limit(LIST_LIMIT)
     ).all()
     context = request.app.state.context
+    # What the page says of each dataset's items: their count, skipped entries, samples.
+    modalities = {d.id: dataset_modality(d.modality) for d in datasets}
     samples = {
         d.id: text_samples(context=context, dataset_id=d.id, limit=TEXT_SAMPLES)
         for d in datasets
-        if d.status == "ready" and d.modality == "text"
+        if d.status == "ready" and modalities[d.id].inline_items
     }
-    return _page(request, "datasets.html", tenant=tenant, datasets=datasets, samples=samples)
+    return _page(
+        request,
+        "datasets.html",
+        tenant=tenant,
+        datasets=datasets,
+        modalities=modalities,
+        samples=samples,
+    )
 
 
 def _models(session: SessionDep, tenant: Tenant) -> list[dict[str, Any]]:
@@ -208,12 +224,18 @@ def _models(session: SessionDep, tenant: Tenant) -> list[dict[str, Any]]:
             .where(ModelVersion.model_id == model.id)
             .order_by(ModelVersion.version.desc())
         ).all()
+        # The recipe column, and what the predict page asks for.
+        plans = {v.id: Plan.from_dict(v.plan) for v in versions}
         result.append(
             {
                 "model": model_out(session, model=model),
                 "versions": [version_out(session, version=v) for v in versions],
-                # The recipe column, and what the predict page asks for: an image, or texts.
-                "plans": {v.id: Plan.from_dict(v.plan) for v in versions},
+                "plans": plans,
+                # The request field of the version's inputs: images, or texts.
+                "inputs": {
+                    version: modality_for(plan.modality).input_param
+                    for version, plan in plans.items()
+                },
                 # Versions whose traffic closed a monitoring window: the page plots them.
                 "monitored": set(
                     session.scalars(

@@ -47,6 +47,7 @@ from service.tables import (
 )
 from service.updates.schemas import UpdateIn, UpdateOut, UpdateScores
 from service.uploads import ReceivedUpload
+from worker.engine.modalities import modality_for
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def _archive(
     """The training items as an upload the datasets service ingests: a zip of label folders
     (images) or a CSV of text,label; `extra` is (label, image file or text) pairs."""
     buffer = io.BytesIO()
-    if modality == "text":
+    if modality_for(modality).upload_format == "csv":
         text = io.StringIO()
         writer = csv.writer(text)
         writer.writerow(["text", "label"])

@@ -29,14 +29,14 @@ from worker.engine import (
     export_model,
     run,
 )
-from worker.engine.augment import augmented_batches, batch_mix, image_transform
 from worker.engine.calibration import expected_calibration_error, fit_temperature
 from worker.engine.ema import WeightAverage
 from worker.engine.imbalance import training_sampler
 from worker.engine.loop import evaluate
-from worker.engine.modality import ImageInputs
+from worker.engine.modalities.image.augment import augmented_batches, batch_mix, image_transform
+from worker.engine.modalities.image.inputs import ImageInputs
+from worker.engine.modalities.image.pixels import image_pixels, normalise, view_pixels
 from worker.engine.onnx_export import export_onnx
-from worker.engine.pixels import image_pixels, normalise, view_pixels
 from worker.engine.plan import Plan
 from worker.engine.recipe import CROP_VIEWS, TTA_MODES, tta_views
 from worker.engine.spec import TtaMode

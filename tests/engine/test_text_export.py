@@ -14,8 +14,8 @@ from tests.engine.test_text_train import debian_texts
 from worker.engine import Predictor, TextSample, TrainingResult, TransferConfig, compile_plan, run
 from worker.engine.artifacts import ONNX_OUTPUT, ONNX_TEXT_INPUTS, read_model_config
 from worker.engine.export import export_model
+from worker.engine.modalities.text.tokens import pad
 from worker.engine.onnx_export import PARITY_TOLERANCE, export_text_onnx
-from worker.engine.tokens import pad
 
 LONG = "a free software implementation of the classic game " * 20
 

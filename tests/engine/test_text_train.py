@@ -42,18 +42,19 @@ from worker.engine import (
     get_base_model_info,
     list_base_models,
     run,
-    tokens,
     weights_available,
 )
-from worker.engine.export import CONFIG_FILE, WEIGHTS_FILE, model_config, text_export
+from worker.engine.export import CONFIG_FILE, WEIGHTS_FILE, model_config
 from worker.engine.loop import evaluate
+from worker.engine.modalities import modality_for
+from worker.engine.modalities.text import tokens
+from worker.engine.modalities.text.inputs import LengthGroupedBatches, TextInputs
+from worker.engine.modalities.text.token_cache import PREFIX as TOKEN_PREFIX
+from worker.engine.modalities.text.token_cache import cached_encode, entry_name
+from worker.engine.modalities.text.tokens import keep
 from worker.engine.model import build_model as build_text_model
 from worker.engine.model import describe_plan
 from worker.engine.stage_data import compute_features
-from worker.engine.text import LengthGroupedBatches, TextInputs
-from worker.engine.token_cache import PREFIX as TOKEN_PREFIX
-from worker.engine.token_cache import cached_encode, entry_name
-from worker.engine.tokens import keep
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "debian_descriptions.csv"
 TextData = tuple[list[TextSample], list[TextSample], list[str]]
@@ -150,8 +151,8 @@ def write_text_parent(folder: Path, config: TransferConfig, weights_dir: Path) -
     model = build_text_model(plan, weights_dir=weights_dir)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / WEIGHTS_FILE)
-    text = text_export(plan, folder, weights_dir)
-    config_json = model_config(plan, ["ham", "spam"], text=text)
+    files = modality_for("text").export_files(plan, folder, weights_dir)
+    config_json = model_config(plan, ["ham", "spam"], files=files)
     (folder / CONFIG_FILE).write_text(json.dumps(config_json))
     return folder
 
@@ -263,7 +264,7 @@ def test_a_second_run_on_the_same_texts_reads_their_tokens_from_the_cache(
         calls.append(len(texts))
         return tokens.encode(backend, texts, *args, **kwargs)
 
-    monkeypatch.setattr("worker.engine.text.encode", counting_encode)
+    monkeypatch.setattr("worker.engine.modalities.text.inputs.encode", counting_encode)
     train, val, classes = text_data
     cache = LocalCache(tmp_path, budget_bytes=10**9)
 

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .checkpoint import load_checkpoint
-    from .data import ImageDataset, Sample, preprocess
     from .export import Bundle, export_bundle, export_model
     from .features import FeatureStore, SharedFeatures
     from .loop import (
@@ -21,6 +20,9 @@ if TYPE_CHECKING:
         evaluate,
         train_one_epoch,
     )
+    from .modalities.image.data import ImageDataset, Sample, preprocess
+    from .modalities.text.inputs import TextSample, token_lengths
+    from .modalities.text.zoo import remember_folders
     from .model import (
         TransferModel,
         build_model,
@@ -40,8 +42,6 @@ if TYPE_CHECKING:
     )
     from .predictor import Predictor
     from .spec import BatchNormMode, HeadConfig, Schedule, StageSpec, Strategy
-    from .text import TextSample, token_lengths
-    from .text_zoo import remember_folders
     from .train import TrainingResult, run
     from .transferability import Transferability, score_base_model
     from .zoo import (
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     )
 
 _HOMES = {
-    "data": ("ImageDataset", "Sample", "preprocess"),
+    "modalities.image.data": ("ImageDataset", "Sample", "preprocess"),
     "export": ("Bundle", "export_bundle", "export_model"),
     "features": ("FeatureStore", "SharedFeatures"),
     "model": (
@@ -78,8 +78,8 @@ _HOMES = {
     ),
     "predictor": ("Predictor",),
     "spec": ("BatchNormMode", "HeadConfig", "Schedule", "StageSpec", "Strategy"),
-    "text": ("TextSample", "token_lengths"),
-    "text_zoo": ("remember_folders",),
+    "modalities.text.inputs": ("TextSample", "token_lengths"),
+    "modalities.text.zoo": ("remember_folders",),
     "checkpoint": ("load_checkpoint",),
     "loop": (
         "EpochPosition",

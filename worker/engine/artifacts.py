@@ -131,6 +131,8 @@ def parse_model_config(data: dict[str, Any], *, source: str = CONFIG_FILE) -> Mo
         labels = tuple(data["labels"])
         prep = data["preprocessing"]
         preprocessing, text, encoder = None, None, None
+        # Read by the format's own key, not the modality registry: MLflow exports ship this
+        # module alone (`service/models/export.py`).
         if prep.get("modality") == "text":
             text = TextPreprocessing(
                 tokenizer=str(prep["tokenizer"]),

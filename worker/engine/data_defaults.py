@@ -17,6 +17,7 @@ Standard library only, like `spec`.
 
 from typing import Any
 
+from .modalities import modality_for
 from .spec import DATA_RICH_PER_CLASS, REFIT_MAX_TRAIN_ITEMS, TransferSettings
 
 RICH_AUGMENT = "light"
@@ -50,8 +51,8 @@ def _regularisation(
     modality: str, num_classes: int, train_size: int | None
 ) -> tuple[dict[str, Any], str]:
     none = {"augment": "none", "label_smoothing": 0.0}
-    if modality != "image":
-        return none, "text models do not augment"
+    if not modality_for(modality).augments:
+        return none, f"{modality} models do not augment"
     if train_size is None:
         return none, "the training split's size is unknown: the few-shot defaults"
     per_class = train_size / num_classes

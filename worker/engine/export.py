@@ -10,9 +10,9 @@ from safetensors.torch import save_file
 
 from .artifacts import CONFIG_FILE, FORMAT, LABELS_FILE, ONNX_FILE, WEIGHTS_FILE
 from .calibration import Calibration
-from .onnx_export import OnnxExport, export_onnx, export_text_onnx
+from .modalities import modality_for
+from .onnx_export import OnnxExport
 from .plan import Plan
-from .recipe import tta_views
 from .strategies import strategy_of
 from .train import TrainingResult
 from .zoo import get_base_model_info
@@ -33,14 +33,15 @@ def model_config(
     plan: Plan,
     labels: list[str],
     *,
-    text: dict[str, Any] | None = None,
+    files: dict[str, Any] | None = None,
     calibration: Calibration | None = None,
 ) -> dict[str, Any]:
     """Everything needed to rebuild the model and preprocess its inputs exactly as in training.
 
     An LwF model also lists its `tasks`, oldest first; the newest is the default one and
-    the one `labels` describes. A text model's `text` (from `text_export`) holds its encoder's
-    architecture and its tokenization. `calibration` holds the newest task's temperature.
+    the one `labels` describes. `files` are the entries of what the modality exported beside
+    the weights (`Modality.export_files`: a text model's tokenizer and encoder). `calibration`
+    holds the newest task's temperature.
     """
     architecture: dict[str, Any] = {
         "base_model": plan.base_model,
@@ -48,20 +49,8 @@ def model_config(
         "head": asdict(plan.head),
         "num_classes": plan.num_classes,
     }
-    preprocessing: dict[str, Any]
-    if plan.modality == "text":
-        assert text is not None, "a text model's config needs its tokenization"
-        architecture |= {"modality": "text", "encoder": text["encoder"]}
-        preprocessing = text["preprocessing"]
-    else:
-        preprocessing = {
-            "image_size": plan.image_size,
-            "mean": list(plan.mean),
-            "std": list(plan.std),
-            "resize": "bilinear",
-            "color": "RGB",
-            "tta": list(tta_views(plan.tta, flip=plan.flip)),
-        }
+    own, preprocessing = modality_for(plan.modality).config_entries(plan, files or {})
+    architecture |= own
     config: dict[str, Any] = {
         "format": FORMAT,
         "architecture": architecture,
@@ -79,34 +68,13 @@ def model_config(
     return config
 
 
-def text_export(plan: Plan, out_dir: Path, weights_dir: Path | None) -> dict[str, Any]:
-    """Write a text model's tokenizer files into `out_dir`; its config.json entries."""
-    from .text_zoo import encoder_config_dict, load_tokenizer
-    from .tokens import TOKENIZER_FILE, SpecialTokens
-
-    tokenizer = load_tokenizer(plan.base_model, weights_dir)
-    tokenizer.save_pretrained(out_dir)
-    assert (out_dir / TOKENIZER_FILE).is_file()
-    return {
-        "encoder": encoder_config_dict(plan.base_model),
-        "preprocessing": {
-            "modality": "text",
-            "tokenizer": TOKENIZER_FILE,
-            "max_length": plan.max_length,
-            "truncation": plan.truncation,
-            "pooling": get_base_model_info(plan.base_model).pooling,
-            "special_tokens": asdict(SpecialTokens.of(tokenizer)),
-        },
-    }
-
-
 def export_model(
     result: TrainingResult, plan: Plan, out_dir: Path, *, weights_dir: Path | None = None
 ) -> dict[str, Path]:
     """Write weights and config.json (and a text model's tokenizer files) into `out_dir`;
     `result.model` then becomes the model as served (`Strategy.for_inference`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    text = text_export(plan, out_dir, weights_dir) if plan.modality == "text" else None
+    files = modality_for(plan.modality).export_files(plan, out_dir, weights_dir)
     weights_path = out_dir / WEIGHTS_FILE
     config_path = out_dir / CONFIG_FILE
     # safetensors refuses views and non-contiguous tensors; the copy also leaves the device.
@@ -116,7 +84,7 @@ def export_model(
     }
     save_file(state, weights_path, metadata={"format": FORMAT})
     config = model_config(
-        plan, result.metrics["classes"], text=text, calibration=result.calibration
+        plan, result.metrics["classes"], files=files, calibration=result.calibration
     )
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     # From here on the model is the one served and exported to ONNX (adapters merged).
@@ -150,10 +118,4 @@ def export_bundle(
 
 
 def _export_onnx(model: Any, plan: Plan, out_path: Path) -> OnnxExport:
-    if plan.modality == "text":
-        assert plan.max_length is not None
-        vocab_size = int(model.backbone.config.vocab_size)
-        return export_text_onnx(
-            model, vocab_size=vocab_size, max_length=plan.max_length, out_path=out_path
-        )
-    return export_onnx(model, image_size=plan.image_size, out_path=out_path)
+    return modality_for(plan.modality).export_onnx(model, plan, out_path)

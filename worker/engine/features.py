@@ -39,9 +39,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .augment import SEED_BOUND, AugmentedImages, MixingCollate, stage_augment
-from .data import Sample
 from .loop import Precision
+from .modalities import modality_for
+from .modalities.image.augment import SEED_BOUND, AugmentedImages, MixingCollate, stage_augment
+from .modalities.image.data import Sample
 from .plan import Plan, Stage
 from .recipe import cached_view_count
 
@@ -117,11 +118,7 @@ def feature_key(
     view: int | None,
 ) -> str:
     """The store key of the features of `ids` (`view` None: the plain items)."""
-    preprocessing: dict[str, Any] = (
-        {"max_length": plan.max_length, "truncation": plan.truncation}
-        if plan.modality == "text"
-        else {"image_size": stage.image_size, "mean": plan.mean, "std": plan.std}
-    )
+    preprocessing = modality_for(plan.modality).feature_preprocessing(plan, stage)
     parts = {
         "format": FEATURES_FORMAT,
         "base_model": plan.base_model,

@@ -24,11 +24,11 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from .loop import Targets, TrainingHooks, train_one_epoch
+from .modalities.text.token_cache import EntryCache
 from .model import freeze, make_param_groups, set_batchnorm_mode
 from .optim import make_optimizer
 from .plan import CLASSIFY, Plan
 from .spec import MODALITY_DEFAULTS
-from .token_cache import EntryCache
 from .train import Samples, _loss_for, _set_up_run
 
 START_LR = 1e-7

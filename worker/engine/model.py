@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .artifacts import WEIGHTS_FILE, read_model_config
+from .modalities import modality_for
 from .plan import HEAD, LM_HEAD, OLD_HEADS, HeadConfig, Plan, Stage, steps_per_epoch
 from .recipe import stage_recipes
 from .strategies import ParameterGroups, strategy_of
@@ -156,13 +157,7 @@ def build_model(
 def build_model_for_export(plan: Plan, encoder_config: dict[str, Any] | None) -> TransferModel:
     """The architecture of an exported model, to load its weights into: no pretrained weights
     are read, and a text model's encoder is built from its exported `transformers` config."""
-    if plan.modality != "text":
-        return build_model(plan, weights_dir=None, pretrained=False)
-    from .text_zoo import build_text_backbone
-
-    backbone = build_text_backbone(
-        plan.base_model, pretrained=False, weights_dir=None, encoder_config=encoder_config
-    )
+    backbone = modality_for(plan.modality).exported_backbone(plan.base_model, encoder_config)
     feature_dim = backbone.info.feature_dim
     old_heads = [build_head(feature_dim, task.head, len(task.labels)) for task in plan.old_tasks]
     model = TransferModel(backbone, build_head(feature_dim, plan.head, plan.num_classes), old_heads)
@@ -280,11 +275,7 @@ def describe_plan(
                 "trainable_groups": trainable,
                 "trainable_parameters": sum(group_sizes[name] for name in stage.trainable_groups),
                 "total_parameters": total,
-                **(
-                    {"objective": stage.objective, "max_length": plan.max_length}
-                    if plan.modality == "text"
-                    else {"image_size": stage.image_size}
-                ),
+                **modality_for(plan.modality).stage_inputs(plan, stage),
                 "epochs": stage.epochs,
                 "schedule": stage.schedule,
                 "bn_mode": stage.bn_mode,

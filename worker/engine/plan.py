@@ -12,6 +12,7 @@ from typing import Any
 
 from .artifacts import ModelConfig
 from .data_defaults import data_defaults
+from .modalities import modality_for
 from .preset_defaults import applied_defaults, default_lr
 from .spec import (
     ALL,
@@ -115,103 +116,17 @@ def parent_tasks(config: ModelConfig) -> tuple[TaskInfo, ...]:
     )
 
 
-def _check_modality_settings(
-    config: TransferConfig, strategy: Strategy, base_model: str, modality: str
-) -> None:
-    """Settings of the other modality are refused, so a preview never shows one that is unused."""
-    if modality == "text":
-        for name in ("image_size", "progressive_resizing"):
-            if getattr(config, name) is not None:
-                raise SpecError(name, f"{name}: {base_model} is a text model; {name} is for images")
-        if config.stages is not None:
-            for index, spec in enumerate(config.stages):
-                if spec.image_size is not None:
-                    raise SpecError(
-                        f"stages[{index}].image_size",
-                        f"stages[{index}].image_size: {base_model} is a text model; "
-                        "image_size is for images",
-                    )
-        if config.augment not in (None, "none"):
-            raise SpecError(
-                "augment", f"augment: {base_model} is a text model; augment is for images"
-            )
-        if config.tta != "none":
-            raise SpecError(
-                "tta",
-                f"tta: {base_model} is a text model; test-time augmentation (flips, crops) "
-                "is for images",
-            )
-        if config.sampler != "shuffle":
-            raise SpecError(
-                "sampler",
-                f"sampler: {base_model} is a text model, whose batches group texts by length; "
-                "use class_weights for imbalanced classes",
-            )
-        return
-    for name in ("max_length", "truncation", "lm_epochs", "lm_lr"):
-        if getattr(config, name) is not None:
-            raise SpecError(name, f"{name}: {base_model} is an image model; {name} is for text")
-    if config.tta == "flip" and not config.flip:
-        raise SpecError(
-            "tta",
-            "tta: `flip` with `flip: false` leaves only the original view; use `flip_crops` "
-            "(crops without mirrors) or `none`",
-        )
-    if modality not in strategy.modalities:
-        raise SpecError(
-            "strategy",
-            f"strategy: {strategy.name} is for {' and '.join(strategy.modalities)} base models; "
-            f"{base_model} takes images",
-        )
-
-
-def _text_length(config: TransferConfig, base_model: str, model_max: int) -> int:
-    wanted = config.max_length or MODALITY_DEFAULTS["text"].max_length or model_max
-    if config.max_length is not None and config.max_length > model_max:
-        raise SpecError(
-            "max_length",
-            f"max_length: {base_model} reads at most {model_max} tokens; got {config.max_length}",
-        )
-    return min(wanted, model_max)
-
-
 def _resolve_base(config: TransferConfig, strategy: Strategy) -> Base:
     if config.parent is None:
         info = get_base_model_info(config.base_model)
-        _check_modality_settings(config, strategy, config.base_model, info.modality)
-        if info.modality == "text":
-            assert info.max_length is not None
-            return Base(
-                base_model=config.base_model,
-                backbone_groups=info.group_names,
-                image_size=None,
-                mean=info.mean,
-                std=info.std,
-                parent_location=None,
-                old_tasks=(),
-                modality="text",
-                max_length=_text_length(config, config.base_model, info.max_length),
-                truncation=config.truncation or "head",
-            )
-        if info.fixed_input_size and config.image_size not in (None, info.input_size):
-            raise SpecError(
-                "image_size",
-                f"image_size: {config.base_model} only accepts {info.input_size}px images; "
-                f"got {config.image_size}",
-            )
-        return Base(
-            base_model=config.base_model,
-            backbone_groups=info.group_names,
-            image_size=config.image_size or info.input_size,
-            mean=info.mean,
-            std=info.std,
-            parent_location=None,
-            old_tasks=(),
-        )
+        modality = modality_for(info.modality)
+        modality.check_settings(config, strategy, config.base_model)
+        return modality.new_base(config, info)
     parent = config.parent.config
     parent_plan = Plan.from_dict(parent.plan)
     info = get_base_model_info(parent_plan.base_model)
-    _check_modality_settings(config, strategy, parent_plan.base_model, parent_plan.modality)
+    modality = modality_for(parent_plan.modality)
+    modality.check_settings(config, strategy, parent_plan.base_model)
     old_tasks = parent_tasks(parent) if strategy.keeps_parent_tasks else ()
     clash = [task.name for task in old_tasks if task.name == _task_name(config)]
     if clash:
@@ -220,34 +135,7 @@ def _resolve_base(config: TransferConfig, strategy: Strategy) -> Base:
             f"task_name: the parent already answers a task named {clash[0]!r}; "
             "give the new task another name",
         )
-    if parent_plan.modality == "text":
-        assert info.max_length is not None
-        assert parent_plan.max_length is not None
-        return Base(
-            base_model=parent_plan.base_model,
-            backbone_groups=info.group_names,
-            image_size=None,
-            mean=parent_plan.mean,
-            std=parent_plan.std,
-            parent_location=config.parent.location,
-            old_tasks=old_tasks,
-            modality="text",
-            max_length=(
-                _text_length(config, parent_plan.base_model, info.max_length)
-                if config.max_length is not None
-                else parent_plan.max_length
-            ),
-            truncation=config.truncation or parent_plan.truncation or "head",
-        )
-    return Base(
-        base_model=parent_plan.base_model,
-        backbone_groups=info.group_names,
-        image_size=config.image_size or parent_plan.image_size,
-        mean=parent_plan.mean,
-        std=parent_plan.std,
-        parent_location=config.parent.location,
-        old_tasks=old_tasks,
-    )
+    return modality.parent_base(config, info, parent_plan, old_tasks)
 
 
 def _spec_groups(spec: StageSpec, where: str, base: Base) -> tuple[str, ...]:

@@ -51,7 +51,10 @@ def augment_level(augment: str, *, modality: str, distill: bool) -> str:
     distil the parent's outputs (recorded on the unaugmented images), and never for text. A
     stage on cached features gets it through `feature_views` augmented views computed once
     (`features.py`)."""
-    if distill or modality != "image":
+    # Imported here: the modalities import the plan types, which import this module.
+    from .modalities import modality_for
+
+    if distill or not modality_for(modality).augments:
         return "none"
     return augment
 
@@ -73,6 +76,9 @@ def stage_recipes(plan: "Plan") -> list[dict[str, Any]]:
     strengths it chooses from; None for a stepped stage), `ema` (the decay, or None) and
     `tta` (the last stage of an image plan: the views the final validation and predict
     average; None elsewhere)."""
+    # Imported here: the modalities import the plan types, which import this module.
+    from .modalities import modality_for
+
     recipes = []
     for index, stage in enumerate(plan.stages):
         last = index == len(plan.stages) - 1
@@ -97,11 +103,7 @@ def stage_recipes(plan: "Plan") -> list[dict[str, Any]]:
                     else None
                 ),
                 "ema": plan.ema,
-                "tta": (
-                    list(tta_views(plan.tta, flip=plan.flip))
-                    if last and plan.modality == "image"
-                    else None
-                ),
+                "tta": modality_for(plan.modality).tta(plan) if last else None,
             }
         )
     return recipes

@@ -2,7 +2,7 @@
 
 `run` asks this twice: `record_old_outputs()` once before any training, and `for_stage(stage)`
 when a stage starts, which answers with a `StageBatches`. Which inputs (images, texts) the
-batches hold is the modality's business (`modality.Inputs`); the feature cache, LwF's
+batches hold is the modality's business (`modalities.Inputs`); the feature cache, LwF's
 recorded outputs and the choice of module are the same for every modality.
 
 Backbone features are computed once per run and input size (and view), and with a
@@ -39,7 +39,8 @@ from .features import (
 )
 from .imbalance import training_sampler
 from .loop import Batches, Precision, in_sample_order
-from .modality import ImageInputs, Inputs
+from .modalities.base import Inputs
+from .modalities.image.inputs import ImageInputs
 from .model import TransferModel
 from .plan import MASKED_LM, Plan, Stage
 from .strategies.lwf.distillation import AllTasks

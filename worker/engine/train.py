@@ -32,7 +32,6 @@ from torch import nn
 
 from .calibration import Calibration, calibrate
 from .checkpoint import checkpoint_state, partial_epoch, save_checkpoint
-from .data import Sample
 from .distributed import RankHooks, Ranks, current_ranks, launch, shard, sync_buffers
 from .ema import WeightAverage
 from .features import SharedFeatures
@@ -49,15 +48,16 @@ from .loop import (
     precision_for,
     train_one_epoch,
 )
-from .modality import inputs_for
+from .modalities import modality_for
+from .modalities.image.data import Sample
+from .modalities.text.inputs import TextSample
+from .modalities.text.token_cache import EntryCache
 from .model import TransferModel, build_model, freeze, make_param_groups, set_batchnorm_mode
 from .optim import EarlyStopping, make_optimizer, make_scheduler
 from .plan import CLASSIFY, MASKED_LM, Plan, Stage
 from .resume import ResumeState, StageStart
 from .stage_data import StageBatches, StageData
 from .strategies import strategy_of
-from .text import TextSample
-from .token_cache import EntryCache
 from .tta import evaluate_tta
 
 Samples = Sequence[Sample] | Sequence[TextSample]
@@ -216,7 +216,7 @@ def _check_inputs(plan: Plan, train: Samples, val: Samples, classes: list[str]) 
         raise ValueError(f"{len(classes)} class names for a {plan.num_classes}-class plan")
     if not train or not val:
         raise ValueError(f"training needs at least one training and one validation {plan.modality}")
-    kind = TextSample if plan.modality == "text" else Sample
+    kind = modality_for(plan.modality).sample_type()
     if not all(isinstance(sample, kind) for sample in [*train, *val]):
         raise ValueError(f"a {plan.modality} plan trains on {kind.__name__}s")
     labels = {sample.label for sample in [*train, *val]}
@@ -250,7 +250,7 @@ def _set_up_run(
     model = build_model(plan, weights_dir=weights_dir, parent_dir=parent_dir).to(device)
     if precision.channels_last:
         model.to(memory_format=torch.channels_last)
-    inputs = inputs_for(
+    inputs = modality_for(plan.modality).inputs(
         plan,
         train,
         val,

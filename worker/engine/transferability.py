@@ -15,16 +15,19 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from .data import ImageDataset, Sample
-from .spec import MODALITY_DEFAULTS
-from .text import TextSample
-from .zoo import Backbone, build_backbone, get_base_model_info
+from .modalities import modality_for
+from .zoo import Backbone, get_base_model_info
+
+if TYPE_CHECKING:
+    from .modalities.image.data import Sample
+    from .modalities.text.inputs import TextSample
 
 MAX_ITERATIONS = 11
 TOLERANCE = 1e-3
@@ -113,7 +116,7 @@ class Transferability:
 
 def score_base_model(
     base_model: str,
-    samples: Sequence[Sample | TextSample],
+    samples: Sequence["Sample | TextSample"],
     *,
     weights_dir: Path | None,
     image_size: int | None = None,
@@ -126,27 +129,15 @@ def score_base_model(
     `TextSample`s for a text model, tokenized to `max_length`) from one forward pass each."""
     started = time.perf_counter()
     info = get_base_model_info(base_model)
-    if info.modality == "text":
-        length = max_length or MODALITY_DEFAULTS["text"].max_length or 128
-        texts = [sample.text for sample in samples if isinstance(sample, TextSample)]
-        pooled, by_group = text_group_features(
-            base_model,
-            texts,
-            weights_dir=weights_dir,
-            max_length=min(length, info.max_length or length),
-            batch_size=batch_size,
-            on_progress=on_progress,
-        )
-    else:
-        backbone = build_backbone(base_model, pretrained=True, weights_dir=weights_dir)
-        images = ImageDataset(
-            [sample for sample in samples if isinstance(sample, Sample)],
-            image_size=image_size or info.input_size,
-            mean=info.mean,
-            std=info.std,
-        )
-        loader = DataLoader(images, batch_size=batch_size, shuffle=False)
-        pooled, by_group = group_features(backbone, loader, on_progress=on_progress)
+    pooled, by_group = modality_for(info.modality).pooled_features(
+        info,
+        samples,
+        weights_dir=weights_dir,
+        image_size=image_size,
+        max_length=max_length,
+        batch_size=batch_size,
+        on_progress=on_progress,
+    )
     labels = np.array([sample.label for sample in samples])
     groups = tuple(GroupScore(group=name, logme=logme(f, labels)) for name, f in by_group.items())
     peak = int(np.argmax([group.logme for group in groups])) if groups else len(groups) - 1
@@ -204,8 +195,8 @@ def text_group_features(
     """A text encoder's pooled output (its features for a head), and the hidden states after
     each layer group (`embeddings`, `layer.<i>`) mean-pooled over the attention mask, as the
     encoder pools its output, so padding never enters a feature."""
-    from .text_zoo import build_text_backbone, load_tokenizer
-    from .tokens import SpecialTokens, encode, pad, plain_backend
+    from .modalities.text.tokens import SpecialTokens, encode, pad, plain_backend
+    from .modalities.text.zoo import build_text_backbone, load_tokenizer
 
     backbone = build_text_backbone(base_model, pretrained=True, weights_dir=weights_dir)
     names = [name for name, _ in backbone.groups()]

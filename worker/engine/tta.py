@@ -14,9 +14,9 @@ from PIL import Image
 from torch import Tensor
 
 from .artifacts import Preprocessing
-from .data import Sample
+from .modalities.image.data import Sample
+from .modalities.image.pixels import normalise, view_pixels
 from .model import TransferModel
-from .pixels import normalise, view_pixels
 from .plan import Plan
 from .recipe import tta_views
 

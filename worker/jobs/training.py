@@ -22,14 +22,13 @@ from service.tables import Job
 from worker import trials
 from worker.engine import (
     Plan,
-    Sample,
     SharedFeatures,
-    TextSample,
     TrainingCancelled,
     TrainingResult,
     run,
 )
 from worker.engine.lr_find import LrFinding, lr_find
+from worker.engine.modalities import modality_for
 from worker.engine.plan import with_found_lr
 from worker.engine.refit import refit
 from worker.feature_store import ArtifactFeatureStore, dataset_features_prefix
@@ -72,10 +71,10 @@ def training_data(context: AppContext, *, job_id: str, dataset_id: str) -> Train
     data = dataset_items(context=context, dataset_id=dataset_id)
     kept, test = trials.without_test_split(context, job_id=job_id, items=data.items)
 
+    modality = modality_for(data.modality)
+
     def sample(item: DatasetItem) -> Any:
-        if data.modality == "text":
-            return TextSample(text=str(item.content), label=item.label)
-        return Sample(path=Path(item.content), label=item.label)
+        return modality.sample(str(item.content), item.label)
 
     train = [item for item in kept if item.split == "train"]
     val = [item for item in kept if item.split == "val"]

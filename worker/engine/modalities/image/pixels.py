@@ -15,8 +15,8 @@ from functools import cache
 import numpy as np
 from PIL import Image, ImageOps
 
-from .artifacts import Preprocessing
-from .recipe import CROP_VIEWS, FLIP_VIEW, ORIGINAL_VIEW
+from ...artifacts import Preprocessing
+from ...recipe import CROP_VIEWS, FLIP_VIEW, ORIGINAL_VIEW
 
 CROP_ENLARGE = 8 / 7
 """Crops are taken at the trained size from the image squashed this much larger (the usual

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from .zoo import Backbone, BaseModelInfo, UnknownBaseModelError, WeightsUnavailableError
+from ...zoo import Backbone, BaseModelInfo, UnknownBaseModelError, WeightsUnavailableError
 
 # Offline always: a missing file is an error, never a download.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,6 +1,6 @@
 """Text as training input: samples, tokenized once, batched by similar length.
 
-`TextInputs` is the text side of the modality interface (`modality.Inputs`): it tokenizes
+`TextInputs` is the text side of the modality interface (`modalities.Inputs`): it tokenizes
 the run's texts once (per tokenizer, length and truncation) and hands out loaders whose
 batches are one int64 tensor (B, 2, L), ids and attention mask, padded to the longest text
 of the batch. Shuffled loaders draw a permutation from the run's shuffle stream, sort each
@@ -19,11 +19,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .plan import Plan, Stage
-from .text_zoo import TextBackbone, load_tokenizer
+from ...plan import Plan, Stage
+from ...zoo import Backbone
 from .token_cache import EntryCache, cached_encode
 from .tokens import Encoded, SpecialTokens, encode, pad, plain_backend
-from .zoo import Backbone
+from .zoo import TextBackbone, load_tokenizer
 
 SORT_WINDOW = 8
 """Batches per window sorted by length: the shuffle stays coarse, the padding small."""

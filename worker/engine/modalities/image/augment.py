@@ -27,9 +27,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, default_collate
 from torchvision.transforms import v2
 
+from ...plan import Plan, Stage
+from ...recipe import augment_level
 from .data import Sample
-from .plan import Plan, Stage
-from .recipe import augment_level
 
 SEED_BOUND = 2**62
 MIN_CROP_SCALE = 0.35

@@ -1,0 +1,226 @@
+"""What a modality is to the rest of thaw: one object per kind of input (images, texts).
+
+Plans, stages, the training loop, checkpoints, LwF and the feature cache are written once and
+never see an image or a text; the service, UI and CLI never compare modality names. Whatever
+differs per modality is a method or attribute of its `Modality`, found by name with
+`modalities.modality_for` (a plan's, a dataset's or a model's `modality`) or by base model
+with `modalities.modality_of_base_model`.
+
+Modules importing this one must stay importable without torch (the API, the card, the CLI and
+the recipe read plans through it): a modality imports its heavy parts inside its methods.
+"""
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..stages import Base, Plan, Stage, TaskInfo, TransferConfig
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from torch import Tensor, nn
+    from torch.utils.data import DataLoader
+
+    from ..onnx_export import OnnxExport
+    from ..strategies import Strategy
+    from ..zoo import Backbone, BaseModelInfo
+
+
+class Inputs(Protocol):
+    """How a run reads its samples, for the modality-free training machinery:
+
+    - `batches(samples, stage, shuffled=..., recorded=None)`: a loader of `(inputs, targets)`
+      batches of the samples as the stage reads them (an image size; a token length), where
+      `inputs` is one tensor the backbone takes whole and `targets` the labels (with LwF's
+      recorded outputs when given). Shuffled loaders draw only from the run's shuffle stream,
+      which is what makes a resumed run redraw the same batches.
+    - `steps(samples, stage)`: optimizer steps of one pass over the samples (an epoch of a stage
+      on cached features makes `stage.passes` passes).
+    - `describe()`: facts kept with the metrics (text: token-length statistics).
+    - `language_model(...)`: ulmfit's masked-LM stage (text only).
+    """
+
+    def batches(
+        self,
+        samples: Sequence[Any],
+        stage: Stage,
+        *,
+        shuffled: bool,
+        recorded: "Tensor | None" = None,
+    ) -> "DataLoader[Any]": ...
+
+    def steps(self, samples: Sequence[Any], stage: Stage) -> int: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def language_model(
+        self, backbone: "Backbone", lm_head: "nn.Module", train: Sequence[Any], val: Sequence[Any]
+    ) -> "tuple[nn.Module, DataLoader[Any], DataLoader[Any]]": ...
+
+
+class Modality(ABC):
+    name: str
+    """As plans, datasets and models record it (`image`, `text`)."""
+    items: str
+    """Its items in prose, plural (`images`)."""
+    a_model: str
+    """What a base model of it is, with its article: `an image` (model)."""
+    skipped_items: str
+    """What an upload's skipped entries are (`files`, `rows`)."""
+    skipped_where: str
+    """The column naming where a skipped entry was (`path`, `where`)."""
+    imbalance_remedy: str
+    """The settings that answer imbalanced classes."""
+    wrong_input: str
+    """What an inference request sent to a model of this modality should look like."""
+    input_param: str
+    """The request field its inputs arrive in (`images`, `texts`)."""
+    augments: bool = False
+    """Training may augment its items (the `augment` setting and its data-following default)."""
+    exports_hf: bool = False
+    """A version can be exported as a Hugging Face folder (`transformers` loads it)."""
+    inline_items: bool = False
+    """A dataset item's content is the item itself (a text), not the path of its file: given
+    inline to predict, shown as it is."""
+    upload_format: str
+    """The upload a dataset of it comes as (`zip` of label folders, `csv` of rows)."""
+    reads_token_lengths: bool = False
+    """Ingestion measures each item's tokens (shown before training)."""
+    packs_files: bool = False
+    """Ingestion packs the item files into shards, unpacked once per host to be read (shards
+    of rows are read in place)."""
+
+    # The service, UI and CLI.
+
+    @abstractmethod
+    def count(self, dataset: Any) -> int:
+        """A dataset's labelled items (a row or schema with `num_images` and `num_texts`)."""
+
+    @abstractmethod
+    def dataset_counts(self, *, items: int, labelled: int) -> dict[str, int]:
+        """A dataset's `num_images` and `num_texts` after ingesting `items` (`labelled` of
+        them with a label)."""
+
+    @abstractmethod
+    def sizes(self, dataset: Any) -> list[list[Any]]:
+        """A dataset's item counts as (what, how many) rows."""
+
+    @abstractmethod
+    def size_text(self, dataset: Any) -> str:
+        """A dataset's items in a few words (`12 texts + 3 unlabelled`)."""
+
+    @abstractmethod
+    def sample(self, content: str, label: int) -> Any:
+        """The training sample of a dataset item (a path to its file, or its text)."""
+
+    # Plans.
+
+    @abstractmethod
+    def check_settings(self, config: TransferConfig, strategy: "Strategy", base_model: str) -> None:
+        """Refuse settings of another modality, so a preview never shows one that is unused."""
+
+    @abstractmethod
+    def new_base(self, config: TransferConfig, info: "BaseModelInfo") -> Base:
+        """What a plan starts from: a zoo model."""
+
+    @abstractmethod
+    def parent_base(
+        self,
+        config: TransferConfig,
+        info: "BaseModelInfo",
+        parent: Plan,
+        old_tasks: tuple[TaskInfo, ...],
+    ) -> Base:
+        """What a plan starts from: an exported model (`config.parent`) trained by `parent`."""
+
+    @abstractmethod
+    def stage_inputs(self, plan: Plan, stage: Stage) -> dict[str, Any]:
+        """How a stage reads its inputs, as `describe_plan` shows it."""
+
+    @abstractmethod
+    def feature_preprocessing(self, plan: Plan, stage: Stage) -> dict[str, Any]:
+        """What decides a stage's cached features besides the weights and the items."""
+
+    def tta(self, plan: Plan) -> list[str] | None:
+        """The views the finished model predicts on (None: no test-time augmentation)."""
+        return None
+
+    # Training.
+
+    @abstractmethod
+    def sample_type(self) -> type:
+        """The class of the samples a plan of this modality trains on."""
+
+    @abstractmethod
+    def inputs(
+        self,
+        plan: Plan,
+        train: Sequence[Any],
+        val: Sequence[Any],
+        *,
+        unlabelled: Sequence[str],
+        weights_dir: Path | None,
+        device: "torch.device",
+        shuffle: "torch.Generator",
+        num_workers: int,
+        token_cache: Any,
+    ) -> Inputs:
+        """How a run of `plan` reads these samples (`token_cache`: a text `EntryCache`)."""
+
+    @abstractmethod
+    def pooled_features(
+        self,
+        info: "BaseModelInfo",
+        samples: Sequence[Any],
+        *,
+        weights_dir: Path | None,
+        image_size: int | None,
+        max_length: int | None,
+        batch_size: int,
+        on_progress: Callable[[int, int], None] | None,
+    ) -> "tuple[np.ndarray, dict[str, np.ndarray]]":
+        """The pretrained backbone's pooled features of `samples`, and each group's."""
+
+    # The zoo.
+
+    @abstractmethod
+    def owns_base_model(self, name: str) -> bool:
+        """Whether `name` is one of this modality's base models."""
+
+    @abstractmethod
+    def base_model_info(self, name: str) -> "BaseModelInfo": ...
+
+    @abstractmethod
+    def weights_available(self, name: str, weights_dir: Path | None) -> bool: ...
+
+    @abstractmethod
+    def build_backbone(
+        self, name: str, *, pretrained: bool, weights_dir: Path | None
+    ) -> "Backbone":
+        """With `pretrained`, missing weights raise instead of random init."""
+
+    @abstractmethod
+    def exported_backbone(self, name: str, encoder_config: dict[str, Any] | None) -> "Backbone":
+        """The architecture of an exported model's backbone, without weights (a text encoder
+        from its exported `transformers` config)."""
+
+    @abstractmethod
+    def list_base_models(self, weights_dir: Path | None) -> list[dict[str, Any]]: ...
+
+    # Exports.
+
+    def export_files(self, plan: Plan, out_dir: Path, weights_dir: Path | None) -> dict[str, Any]:
+        """Write what the model needs besides its weights into `out_dir` (a tokenizer); the
+        entries config.json keeps of them (see `config_entries`)."""
+        return {}
+
+    @abstractmethod
+    def config_entries(
+        self, plan: Plan, files: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """config.json's architecture entries of this modality, and its `preprocessing`."""
+
+    @abstractmethod
+    def export_onnx(self, model: Any, plan: Plan, out_path: Path) -> "OnnxExport": ...

@@ -1,0 +1,214 @@
+"""Images: a dataset of files in label folders, the image zoo (`zoo.py`: torchvision and timm
+backbones), resized and normalized pixels (`data.py`, `pixels.py` for the predictor),
+augmentation (`augment.py`) and test-time augmentation."""
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ...spec import SpecError
+from ...stages import Base, Plan, Stage, TaskInfo, TransferConfig
+from ..base import Inputs, Modality
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from ...onnx_export import OnnxExport
+    from ...strategies import Strategy
+    from ...zoo import Backbone, BaseModelInfo
+
+
+class ImageModality(Modality):
+    name = "image"
+    items = "images"
+    a_model = "an image"
+    skipped_items = "files"
+    skipped_where = "path"
+    imbalance_remedy = '`class_weights: "balanced"` or `sampler: "balanced"`'
+    wrong_input = (
+        "This model classifies images: send them as multipart field `images` or as "
+        'JSON {"images": [{"name": ..., "data": "<base64>"}]}.'
+    )
+    input_param = "images"
+    augments = True
+    upload_format = "zip"
+    packs_files = True
+
+    def count(self, dataset: Any) -> int:
+        return int(dataset.num_images)
+
+    def dataset_counts(self, *, items: int, labelled: int) -> dict[str, int]:
+        return {"num_images": items, "num_texts": 0}
+
+    def sizes(self, dataset: Any) -> list[list[Any]]:
+        return [["images", dataset.num_images]]
+
+    def size_text(self, dataset: Any) -> str:
+        return f"{dataset.num_images} images"
+
+    def sample(self, content: str, label: int) -> Any:
+        from .data import Sample
+
+        return Sample(path=Path(content), label=label)
+
+    def check_settings(self, config: TransferConfig, strategy: "Strategy", base_model: str) -> None:
+        for name in ("max_length", "truncation", "lm_epochs", "lm_lr"):
+            if getattr(config, name) is not None:
+                raise SpecError(name, f"{name}: {base_model} is an image model; {name} is for text")
+        if config.tta == "flip" and not config.flip:
+            raise SpecError(
+                "tta",
+                "tta: `flip` with `flip: false` leaves only the original view; use `flip_crops` "
+                "(crops without mirrors) or `none`",
+            )
+        if self.name not in strategy.modalities:
+            raise SpecError(
+                "strategy",
+                f"strategy: {strategy.name} is for {' and '.join(strategy.modalities)} base "
+                f"models; {base_model} takes images",
+            )
+
+    def new_base(self, config: TransferConfig, info: "BaseModelInfo") -> Base:
+        if info.fixed_input_size and config.image_size not in (None, info.input_size):
+            raise SpecError(
+                "image_size",
+                f"image_size: {config.base_model} only accepts {info.input_size}px images; "
+                f"got {config.image_size}",
+            )
+        return Base(
+            base_model=config.base_model,
+            backbone_groups=info.group_names,
+            image_size=config.image_size or info.input_size,
+            mean=info.mean,
+            std=info.std,
+            parent_location=None,
+            old_tasks=(),
+        )
+
+    def parent_base(
+        self,
+        config: TransferConfig,
+        info: "BaseModelInfo",
+        parent: Plan,
+        old_tasks: tuple[TaskInfo, ...],
+    ) -> Base:
+        assert config.parent is not None
+        return Base(
+            base_model=parent.base_model,
+            backbone_groups=info.group_names,
+            image_size=config.image_size or parent.image_size,
+            mean=parent.mean,
+            std=parent.std,
+            parent_location=config.parent.location,
+            old_tasks=old_tasks,
+        )
+
+    def stage_inputs(self, plan: Plan, stage: Stage) -> dict[str, Any]:
+        return {"image_size": stage.image_size}
+
+    def feature_preprocessing(self, plan: Plan, stage: Stage) -> dict[str, Any]:
+        return {"image_size": stage.image_size, "mean": plan.mean, "std": plan.std}
+
+    def tta(self, plan: Plan) -> list[str] | None:
+        from ...recipe import tta_views
+
+        return list(tta_views(plan.tta, flip=plan.flip))
+
+    def sample_type(self) -> type:
+        from .data import Sample
+
+        return Sample
+
+    def inputs(
+        self,
+        plan: Plan,
+        train: Sequence[Any],
+        val: Sequence[Any],
+        *,
+        unlabelled: Sequence[str],
+        weights_dir: Path | None,
+        device: "torch.device",
+        shuffle: "torch.Generator",
+        num_workers: int,
+        token_cache: Any,
+    ) -> Inputs:
+        from .inputs import ImageInputs
+
+        if unlabelled:
+            raise ValueError("unlabelled texts are for text base models")
+        return ImageInputs(plan, device=device, shuffle=shuffle, num_workers=num_workers)
+
+    def pooled_features(
+        self,
+        info: "BaseModelInfo",
+        samples: Sequence[Any],
+        *,
+        weights_dir: Path | None,
+        image_size: int | None,
+        max_length: int | None,
+        batch_size: int,
+        on_progress: Callable[[int, int], None] | None,
+    ) -> "tuple[np.ndarray, dict[str, np.ndarray]]":
+        from .data import Sample
+        from .inputs import pooled_features
+
+        backbone = self.build_backbone(info.name, pretrained=True, weights_dir=weights_dir)
+        return pooled_features(
+            backbone,
+            [sample for sample in samples if isinstance(sample, Sample)],
+            image_size=image_size or info.input_size,
+            mean=info.mean,
+            std=info.std,
+            batch_size=batch_size,
+            on_progress=on_progress,
+        )
+
+    def owns_base_model(self, name: str) -> bool:
+        from .zoo import is_image_model
+
+        return is_image_model(name)
+
+    def base_model_info(self, name: str) -> "BaseModelInfo":
+        from .zoo import image_model_info
+
+        return image_model_info(name)
+
+    def weights_available(self, name: str, weights_dir: Path | None) -> bool:
+        from .zoo import image_weights_available
+
+        return image_weights_available(name, weights_dir)
+
+    def build_backbone(
+        self, name: str, *, pretrained: bool, weights_dir: Path | None
+    ) -> "Backbone":
+        from .zoo import build_image_backbone
+
+        return build_image_backbone(name, pretrained=pretrained, weights_dir=weights_dir)
+
+    def exported_backbone(self, name: str, encoder_config: dict[str, Any] | None) -> "Backbone":
+        return self.build_backbone(name, pretrained=False, weights_dir=None)
+
+    def list_base_models(self, weights_dir: Path | None) -> list[dict[str, Any]]:
+        from .zoo import list_image_models
+
+        return list_image_models(weights_dir)
+
+    def config_entries(
+        self, plan: Plan, files: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        from ...recipe import tta_views
+
+        return {}, {
+            "image_size": plan.image_size,
+            "mean": list(plan.mean),
+            "std": list(plan.std),
+            "resize": "bilinear",
+            "color": "RGB",
+            "tta": list(tta_views(plan.tta, flip=plan.flip)),
+        }
+
+    def export_onnx(self, model: Any, plan: Plan, out_path: Path) -> "OnnxExport":
+        from ...onnx_export import export_onnx
+
+        return export_onnx(model, image_size=plan.image_size, out_path=out_path)

@@ -1,0 +1,107 @@
+"""Images as training input: files read and preprocessed at the stage's size by worker
+processes, balanced or augmented when the plan asks (the image side of `base.Inputs`)."""
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from ...imbalance import training_sampler
+from ...plan import Plan, Stage
+from ...zoo import Backbone
+from .augment import augmented_batches, stage_augment
+from .data import ImageDataset, Sample
+
+
+class _WithRecording(Dataset[tuple[Tensor, tuple[int, Tensor]]]):
+    """Each training image with its label and the parent's outputs on it."""
+
+    def __init__(self, images: ImageDataset, recorded: Tensor) -> None:
+        self.images = images
+        self.recorded = recorded
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, tuple[int, Tensor]]:
+        image, label = self.images[index]
+        return image, (label, self.recorded[index])
+
+
+class ImageInputs:
+    """Images from their files, preprocessed at the stage's size, loaded by worker processes."""
+
+    def __init__(
+        self, plan: Plan, *, device: torch.device, shuffle: torch.Generator, num_workers: int
+    ) -> None:
+        self.plan = plan
+        self.device = device
+        self.shuffle = shuffle
+        self.num_workers = num_workers
+
+    def batches(
+        self,
+        samples: Sequence[Sample],
+        stage: Stage,
+        *,
+        shuffled: bool,
+        recorded: Tensor | None = None,
+    ) -> DataLoader[Any]:
+        assert stage.image_size is not None
+        images = ImageDataset(
+            samples, image_size=stage.image_size, mean=self.plan.mean, std=self.plan.std
+        )
+        dataset: Dataset[Any] = images if recorded is None else _WithRecording(images, recorded)
+        loader: dict[str, Any] = {
+            "num_workers": self.num_workers,
+            "pin_memory": self.device.type == "cuda",
+            "persistent_workers": self.num_workers > 0,
+        }
+        # Only training batches are shuffled, so only they are drawn balanced or augmented.
+        labels = [sample.label for sample in samples]
+        sampler = training_sampler(self.plan, labels, self.shuffle) if shuffled else None
+        if shuffled and stage_augment(self.plan, stage) != "none":
+            return augmented_batches(
+                samples, self.plan, stage.image_size, self.shuffle, sampler, **loader
+            )
+        return DataLoader(
+            dataset,
+            batch_size=self.plan.batch_size,
+            shuffle=shuffled and sampler is None,
+            sampler=sampler,
+            generator=self.shuffle if shuffled else None,
+            **loader,
+        )
+
+    def steps(self, samples: Sequence[Any], stage: Stage) -> int:
+        return math.ceil(len(samples) / self.plan.batch_size)
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+    def language_model(
+        self, backbone: Backbone, lm_head: nn.Module, train: Sequence[Any], val: Sequence[Any]
+    ) -> tuple[nn.Module, DataLoader[Any], DataLoader[Any]]:
+        raise ValueError("a masked-LM stage needs a text base model")
+
+
+def pooled_features(
+    backbone: Backbone,
+    samples: Sequence[Sample],
+    *,
+    image_size: int,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    batch_size: int,
+    on_progress: Callable[[int, int], None] | None,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The backbone's pooled features of these images, and each group's (transferability)."""
+    from ...transferability import group_features
+
+    images = ImageDataset(samples, image_size=image_size, mean=mean, std=std)
+    loader = DataLoader(images, batch_size=batch_size, shuffle=False)
+    return group_features(backbone, loader, on_progress=on_progress)

@@ -1,0 +1,268 @@
+"""Texts: a CSV of text,label rows (and unlabelled texts for ulmfit), BERT-family encoders
+(`zoo.py`, `hf.py`), tokenized once and batched by length (`inputs.py`, `tokens.py`,
+`token_cache.py`); exports carry the tokenizer files."""
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ...spec import MODALITY_DEFAULTS, SpecError
+from ...stages import Base, Plan, Stage, TaskInfo, TransferConfig
+from ..base import Inputs, Modality
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from ...onnx_export import OnnxExport
+    from ...strategies import Strategy
+    from ...zoo import Backbone, BaseModelInfo
+
+
+def _text_length(config: TransferConfig, base_model: str, model_max: int) -> int:
+    wanted = config.max_length or MODALITY_DEFAULTS["text"].max_length or model_max
+    if config.max_length is not None and config.max_length > model_max:
+        raise SpecError(
+            "max_length",
+            f"max_length: {base_model} reads at most {model_max} tokens; got {config.max_length}",
+        )
+    return min(wanted, model_max)
+
+
+class TextModality(Modality):
+    name = "text"
+    items = "texts"
+    a_model = "a text"
+    skipped_items = "rows"
+    skipped_where = "where"
+    imbalance_remedy = (
+        '`class_weights: "balanced"` (texts are batched by length, so no balanced sampler)'
+    )
+    wrong_input = 'This model classifies texts: send JSON {"texts": ["...", ...]}.'
+    input_param = "texts"
+    exports_hf = True
+    inline_items = True
+    upload_format = "csv"
+    reads_token_lengths = True
+
+    def count(self, dataset: Any) -> int:
+        return int(dataset.num_texts)
+
+    def dataset_counts(self, *, items: int, labelled: int) -> dict[str, int]:
+        # num_images counts every item, as it did before texts had their own count.
+        return {"num_images": items, "num_texts": labelled}
+
+    def sizes(self, dataset: Any) -> list[list[Any]]:
+        return [["texts", dataset.num_texts], ["unlabelled texts", dataset.num_unlabelled]]
+
+    def size_text(self, dataset: Any) -> str:
+        unlabelled = f" + {dataset.num_unlabelled} unlabelled" if dataset.num_unlabelled else ""
+        return f"{dataset.num_texts} texts{unlabelled}"
+
+    def sample(self, content: str, label: int) -> Any:
+        from .inputs import TextSample
+
+        return TextSample(text=str(content), label=label)
+
+    def check_settings(self, config: TransferConfig, strategy: "Strategy", base_model: str) -> None:
+        for name in ("image_size", "progressive_resizing"):
+            if getattr(config, name) is not None:
+                raise SpecError(name, f"{name}: {base_model} is a text model; {name} is for images")
+        if config.stages is not None:
+            for index, spec in enumerate(config.stages):
+                if spec.image_size is not None:
+                    raise SpecError(
+                        f"stages[{index}].image_size",
+                        f"stages[{index}].image_size: {base_model} is a text model; "
+                        "image_size is for images",
+                    )
+        if config.augment not in (None, "none"):
+            raise SpecError(
+                "augment", f"augment: {base_model} is a text model; augment is for images"
+            )
+        if config.tta != "none":
+            raise SpecError(
+                "tta",
+                f"tta: {base_model} is a text model; test-time augmentation (flips, crops) "
+                "is for images",
+            )
+        if config.sampler != "shuffle":
+            raise SpecError(
+                "sampler",
+                f"sampler: {base_model} is a text model, whose batches group texts by length; "
+                "use class_weights for imbalanced classes",
+            )
+
+    def new_base(self, config: TransferConfig, info: "BaseModelInfo") -> Base:
+        assert info.max_length is not None
+        return Base(
+            base_model=config.base_model,
+            backbone_groups=info.group_names,
+            image_size=None,
+            mean=info.mean,
+            std=info.std,
+            parent_location=None,
+            old_tasks=(),
+            modality="text",
+            max_length=_text_length(config, config.base_model, info.max_length),
+            truncation=config.truncation or "head",
+        )
+
+    def parent_base(
+        self,
+        config: TransferConfig,
+        info: "BaseModelInfo",
+        parent: Plan,
+        old_tasks: tuple[TaskInfo, ...],
+    ) -> Base:
+        assert config.parent is not None
+        assert info.max_length is not None
+        assert parent.max_length is not None
+        return Base(
+            base_model=parent.base_model,
+            backbone_groups=info.group_names,
+            image_size=None,
+            mean=parent.mean,
+            std=parent.std,
+            parent_location=config.parent.location,
+            old_tasks=old_tasks,
+            modality="text",
+            max_length=(
+                _text_length(config, parent.base_model, info.max_length)
+                if config.max_length is not None
+                else parent.max_length
+            ),
+            truncation=config.truncation or parent.truncation or "head",
+        )
+
+    def stage_inputs(self, plan: Plan, stage: Stage) -> dict[str, Any]:
+        return {"objective": stage.objective, "max_length": plan.max_length}
+
+    def feature_preprocessing(self, plan: Plan, stage: Stage) -> dict[str, Any]:
+        return {"max_length": plan.max_length, "truncation": plan.truncation}
+
+    def sample_type(self) -> type:
+        from .inputs import TextSample
+
+        return TextSample
+
+    def inputs(
+        self,
+        plan: Plan,
+        train: Sequence[Any],
+        val: Sequence[Any],
+        *,
+        unlabelled: Sequence[str],
+        weights_dir: Path | None,
+        device: "torch.device",
+        shuffle: "torch.Generator",
+        num_workers: int,
+        token_cache: Any,
+    ) -> Inputs:
+        from .inputs import TextInputs
+
+        return TextInputs(
+            plan,
+            train,
+            val,
+            unlabelled=unlabelled,
+            weights_dir=weights_dir,
+            shuffle=shuffle,
+            token_cache=token_cache,
+        )
+
+    def pooled_features(
+        self,
+        info: "BaseModelInfo",
+        samples: Sequence[Any],
+        *,
+        weights_dir: Path | None,
+        image_size: int | None,
+        max_length: int | None,
+        batch_size: int,
+        on_progress: Callable[[int, int], None] | None,
+    ) -> "tuple[np.ndarray, dict[str, np.ndarray]]":
+        from ...transferability import text_group_features
+        from .inputs import TextSample
+
+        length = max_length or MODALITY_DEFAULTS["text"].max_length or 128
+        return text_group_features(
+            info.name,
+            [sample.text for sample in samples if isinstance(sample, TextSample)],
+            weights_dir=weights_dir,
+            max_length=min(length, info.max_length or length),
+            batch_size=batch_size,
+            on_progress=on_progress,
+        )
+
+    def owns_base_model(self, name: str) -> bool:
+        from .zoo import is_text_model
+
+        return is_text_model(name)
+
+    def base_model_info(self, name: str) -> "BaseModelInfo":
+        from .zoo import text_info
+
+        return text_info(name)
+
+    def weights_available(self, name: str, weights_dir: Path | None) -> bool:
+        from .zoo import locate_folder, remember_folders
+
+        remember_folders(weights_dir)
+        return locate_folder(name, weights_dir) is not None
+
+    def build_backbone(
+        self, name: str, *, pretrained: bool, weights_dir: Path | None
+    ) -> "Backbone":
+        from .zoo import build_text_backbone
+
+        return build_text_backbone(name, pretrained=pretrained, weights_dir=weights_dir)
+
+    def exported_backbone(self, name: str, encoder_config: dict[str, Any] | None) -> "Backbone":
+        from .zoo import build_text_backbone
+
+        return build_text_backbone(
+            name, pretrained=False, weights_dir=None, encoder_config=encoder_config
+        )
+
+    def list_base_models(self, weights_dir: Path | None) -> list[dict[str, Any]]:
+        from .zoo import list_text_models
+
+        return list_text_models(weights_dir)
+
+    def export_files(self, plan: Plan, out_dir: Path, weights_dir: Path | None) -> dict[str, Any]:
+        """Write the tokenizer files; config.json's `encoder` and `preprocessing` of them."""
+        from dataclasses import asdict
+
+        from .tokens import TOKENIZER_FILE, SpecialTokens
+        from .zoo import encoder_config_dict, load_tokenizer, text_info
+
+        tokenizer = load_tokenizer(plan.base_model, weights_dir)
+        tokenizer.save_pretrained(out_dir)
+        assert (out_dir / TOKENIZER_FILE).is_file()
+        return {
+            "encoder": encoder_config_dict(plan.base_model),
+            "preprocessing": {
+                "modality": "text",
+                "tokenizer": TOKENIZER_FILE,
+                "max_length": plan.max_length,
+                "truncation": plan.truncation,
+                "pooling": text_info(plan.base_model).pooling,
+                "special_tokens": asdict(SpecialTokens.of(tokenizer)),
+            },
+        }
+
+    def config_entries(
+        self, plan: Plan, files: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        assert files, "a text model's config needs its tokenization (`export_files`)"
+        return {"modality": "text", "encoder": files["encoder"]}, files["preprocessing"]
+
+    def export_onnx(self, model: Any, plan: Plan, out_path: Path) -> "OnnxExport":
+        from ...onnx_export import export_text_onnx
+
+        assert plan.max_length is not None
+        vocab_size = int(model.backbone.config.vocab_size)
+        return export_text_onnx(
+            model, vocab_size=vocab_size, max_length=plan.max_length, out_path=out_path
+        )
