@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import get_args
 
@@ -21,6 +22,7 @@ from worker.engine import (
     get_base_model_info,
 )
 from worker.engine.artifacts import ModelConfig, Preprocessing
+from worker.engine.plan import with_found_lr
 from worker.engine.recipe import stage_recipes
 from worker.engine.spec import HEAD_C_GRID, SpecError, Strategy
 from worker.engine.strategies import STRATEGIES
@@ -318,7 +320,11 @@ def test_explicit_stages(make_config: Callable[..., TransferConfig]) -> None:
         (StageSpec(epochs=0), r"stages\[1\]\.epochs must be at least 1"),
         (StageSpec(lr=-1.0), r"stages\[1\]\.lr must be positive"),
         (StageSpec(lr=0.1, lrs={"head": 0.1}), r"stages\[1\]: give lr or lrs, not both"),
-        (StageSpec(groups=("head",), lrs={"layer4": 0.1}), r"stages\[1\]\.lrs must give a rate"),
+        (
+            StageSpec(groups=("layer4", "head"), lrs={"layer3": 0.1, "head": 0.1}),
+            r"stages\[1\]\.lrs must give a rate for exactly the trainable groups layer4, head; "
+            "got layer3, head$",
+        ),
         (StageSpec(schedule="linear"), r"stages\[1\]\.schedule must be one of"),  # type: ignore[arg-type]
         (StageSpec(bn_mode="sync"), r"stages\[1\]\.bn_mode must be one of"),  # type: ignore[arg-type]
         (StageSpec(image_size=32), r"stages\[1\]\.image_size must be between"),
@@ -328,8 +334,12 @@ def test_explicit_stages(make_config: Callable[..., TransferConfig]) -> None:
 def test_invalid_stages_name_the_field(
     make_config: Callable[..., TransferConfig], stage: StageSpec, message: str
 ) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(SpecError, match=message) as refused:
         compile_plan(make_config(stages=(StageSpec(groups=("head",)), stage)))
+    # The field is the one the message names: the API points its 422 at it.
+    field, said = refused.value.field, str(refused.value)
+    assert field.startswith("stages[1]")
+    assert f"{field}:" in said or f"{field} " in said
 
 
 def test_progressive_resizing_splits_each_stage(
@@ -599,3 +609,69 @@ def test_an_unset_batch_size_follows_the_modality(
     with pytest.raises(SpecError) as refused:
         compile_plan(make_config("fine_tune", batch_size=None, gpus=3))
     assert refused.value.field == "gpus"
+
+
+def test_top_k_counts_backbone_groups_from_the_top_and_adds_to_the_others(
+    make_config: Callable[..., TransferConfig],
+) -> None:
+    stages = (
+        StageSpec(groups=("top:1",)),
+        StageSpec(groups=("top:5",)),
+        StageSpec(groups=("stem", "top:1")),
+        StageSpec(groups=("top:1", "all")),
+        StageSpec(groups=("all", "top:1")),
+    )
+    plan = compile_plan(make_config(stages=stages))
+
+    assert [stage.trainable_groups for stage in plan.stages] == [
+        ("layer4", "head"),
+        RESNET_GROUPS,
+        ("stem", "layer4", "head"),
+        RESNET_GROUPS,
+        RESNET_GROUPS,
+    ]
+    # Unnamed stages are numbered from 1, as a preview lists them.
+    assert [stage.name for stage in plan.stages] == [f"stage{n}" for n in range(1, 6)]
+
+
+def test_solved_head_stages_take_one_epoch_per_grid(
+    make_config: Callable[..., TransferConfig],
+) -> None:
+    plan = compile_plan(make_config("freeze_unfreeze", epochs=6, solve_head=True))
+
+    head, unfreeze = plan.stages
+    assert (head.solve, head.epochs, head.c_grid) == (True, 1, HEAD_C_GRID)
+    assert (unfreeze.solve, unfreeze.c_grid) == (False, None)
+
+
+def test_a_found_learning_rate_scales_the_stages_that_follow_it() -> None:
+    # Text `scratch` compiles `lr: auto` at its own default rate (5e-4), not the modality's.
+    plan = compile_plan(
+        TransferConfig(base_model="minilm_l6", strategy="scratch", num_classes=3, lr="auto")
+    )
+    compiled = plan.stages[0].group_lrs
+    assert set(compiled.values()) == {5e-4}
+
+    found = with_found_lr(plan, 2e-3)
+
+    (stage,) = found.stages
+    assert stage.group_lrs == pytest.approx(dict.fromkeys(compiled, 0.002))
+    assert stage.auto_lr is False
+    assert found.extra == {**plan.extra, "lr": {"auto": 2e-3}}
+    assert found.stages[0] == replace(plan.stages[0], group_lrs=stage.group_lrs, auto_lr=False)
+    assert replace(found, stages=plan.stages, extra=plan.extra) == plan
+    assert not found.needs_lr_finder
+
+
+def test_a_found_learning_rate_leaves_stages_with_their_own_rate(
+    make_config: Callable[..., TransferConfig],
+) -> None:
+    stages = (StageSpec(groups=("head",)), StageSpec(groups=("all",), lr=0.01))
+    plan = compile_plan(make_config(stages=stages, lr="auto"))
+    head, everything = plan.stages
+    assert head.group_lrs == {"head": 1e-3}
+
+    found = with_found_lr(plan, 4e-3)
+
+    assert found.stages[0].group_lrs == pytest.approx({"head": 4e-3})
+    assert found.stages[1] is everything
