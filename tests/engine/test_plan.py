@@ -22,7 +22,7 @@ from worker.engine import (
     get_base_model_info,
 )
 from worker.engine.artifacts import ModelConfig, Preprocessing
-from worker.engine.plan import with_found_lr
+from worker.engine.plan import steps_per_epoch, with_found_lr
 from worker.engine.recipe import stage_recipes
 from worker.engine.spec import HEAD_C_GRID, SpecError, Strategy
 from worker.engine.strategies import STRATEGIES
@@ -675,3 +675,86 @@ def test_a_found_learning_rate_leaves_stages_with_their_own_rate(
 
     assert found.stages[0].group_lrs == pytest.approx({"head": 4e-3})
     assert found.stages[1] is everything
+
+
+@pytest.mark.parametrize(
+    ("settings", "field", "message"),
+    [
+        ({"image_size": 96}, "image_size", "image_size: minilm_l6 is a text model; image_size"),
+        (
+            {"progressive_resizing": (64, 96)},
+            "progressive_resizing",
+            "progressive_resizing: minilm_l6 is a text model",
+        ),
+        (
+            {"stages": (StageSpec(groups=("head",)), StageSpec(groups=("all",), image_size=96))},
+            "stages[1].image_size",
+            r"stages\[1\]\.image_size: minilm_l6 is a text model",
+        ),
+        ({"augment": "light"}, "augment", "augment: minilm_l6 is a text model"),
+        ({"tta": "flip"}, "tta", r"tta: minilm_l6 is a text model; test-time augmentation"),
+        ({"sampler": "balanced"}, "sampler", "sampler: minilm_l6 is a text model, whose batches"),
+        (
+            {"max_length": 257},
+            "max_length",
+            "^max_length: minilm_l6 reads at most 256 tokens; got 257$",
+        ),
+    ],
+)
+def test_a_text_model_refuses_image_settings_by_field(
+    settings: dict[str, object], field: str, message: str
+) -> None:
+    with pytest.raises(SpecError, match=message) as refused:
+        compile_plan(TransferConfig(base_model="minilm_l6", num_classes=3, **settings))  # type: ignore[arg-type]
+    assert refused.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("settings", "field", "message"),
+    [
+        ({"max_length": 64}, "max_length", "max_length: resnet18 is an image model"),
+        ({"lm_epochs": 1}, "lm_epochs", "lm_epochs: resnet18 is an image model"),
+        ({"tta": "flip", "flip": False}, "tta", "tta: `flip` with `flip: false`"),
+        ({"strategy": "ulmfit"}, "strategy", "strategy: ulmfit is for text base models; resnet18"),
+    ],
+)
+def test_an_image_model_refuses_text_settings_by_field(
+    settings: dict[str, object], field: str, message: str
+) -> None:
+    with pytest.raises(SpecError, match=message) as refused:
+        compile_plan(TransferConfig(base_model="resnet18", num_classes=3, **settings))  # type: ignore[arg-type]
+    assert refused.value.field == field
+
+
+def test_a_text_plans_length_defaults_to_the_modalitys_and_takes_up_to_the_models() -> None:
+    def length(**settings: object) -> int | None:
+        config = TransferConfig(base_model="minilm_l6", num_classes=3, **settings)  # type: ignore[arg-type]
+        return compile_plan(config).max_length
+
+    assert length() == 128
+    assert length(max_length=64) == 64
+    assert length(max_length=256) == 256  # the model's own maximum is allowed
+
+
+def test_a_stage_without_its_own_size_takes_the_models(
+    make_config: Callable[..., TransferConfig],
+) -> None:
+    stages = (
+        StageSpec(groups=("head",)),
+        StageSpec(groups=("all",), lrs=dict.fromkeys(RESNET_GROUPS, 1e-3)),
+    )
+    plan = compile_plan(make_config(stages=stages, lr="auto"))
+
+    assert [stage.image_size for stage in plan.stages] == [64, 64]
+    # Rates given per group are the stage's own: the finder's rate does not scale them.
+    assert [stage.auto_lr for stage in plan.stages] == [True, False]
+
+
+def test_a_solved_stage_steps_once_per_l2_strength(
+    make_config: Callable[..., TransferConfig],
+) -> None:
+    plan = compile_plan(make_config("freeze_unfreeze", epochs=3, solve_head=True, train_size=40))
+    head, unfreeze = plan.stages
+
+    assert steps_per_epoch(plan, head, 40) == len(HEAD_C_GRID)
+    assert steps_per_epoch(plan, unfreeze, 40) == 5  # 40 items in batches of 8
