@@ -680,20 +680,38 @@ def test_a_found_learning_rate_leaves_stages_with_their_own_rate(
 @pytest.mark.parametrize(
     ("settings", "field", "message"),
     [
-        ({"image_size": 96}, "image_size", "image_size: minilm_l6 is a text model; image_size"),
+        (
+            {"image_size": 96},
+            "image_size",
+            "^image_size: minilm_l6 is a text model; image_size is for images$",
+        ),
         (
             {"progressive_resizing": (64, 96)},
             "progressive_resizing",
-            "progressive_resizing: minilm_l6 is a text model",
+            "^progressive_resizing: minilm_l6 is a text model; progressive_resizing is for images$",
         ),
         (
             {"stages": (StageSpec(groups=("head",)), StageSpec(groups=("all",), image_size=96))},
             "stages[1].image_size",
-            r"stages\[1\]\.image_size: minilm_l6 is a text model",
+            r"^stages\[1\]\.image_size: minilm_l6 is a text model; image_size is for images$",
         ),
-        ({"augment": "light"}, "augment", "augment: minilm_l6 is a text model"),
-        ({"tta": "flip"}, "tta", r"tta: minilm_l6 is a text model; test-time augmentation"),
-        ({"sampler": "balanced"}, "sampler", "sampler: minilm_l6 is a text model, whose batches"),
+        (
+            {"augment": "light"},
+            "augment",
+            "^augment: minilm_l6 is a text model; augment is for images$",
+        ),
+        (
+            {"tta": "flip"},
+            "tta",
+            r"^tta: minilm_l6 is a text model; test-time augmentation \(flips, crops\) is for "
+            "images$",
+        ),
+        (
+            {"sampler": "balanced"},
+            "sampler",
+            "^sampler: minilm_l6 is a text model, whose batches group texts by length; use "
+            "class_weights for imbalanced classes$",
+        ),
         (
             {"max_length": 257},
             "max_length",
@@ -734,6 +752,7 @@ def test_a_text_plans_length_defaults_to_the_modalitys_and_takes_up_to_the_model
     assert length() == 128
     assert length(max_length=64) == 64
     assert length(max_length=256) == 256  # the model's own maximum is allowed
+    assert length(augment="none") == 128  # "none" is no image setting
 
 
 def test_a_stage_without_its_own_size_takes_the_models(
