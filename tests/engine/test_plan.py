@@ -730,10 +730,23 @@ def test_a_text_model_refuses_image_settings_by_field(
 @pytest.mark.parametrize(
     ("settings", "field", "message"),
     [
-        ({"max_length": 64}, "max_length", "max_length: resnet18 is an image model"),
+        (
+            {"max_length": 64},
+            "max_length",
+            "^max_length: resnet18 is an image model; max_length is for text$",
+        ),
         ({"lm_epochs": 1}, "lm_epochs", "lm_epochs: resnet18 is an image model"),
-        ({"tta": "flip", "flip": False}, "tta", "tta: `flip` with `flip: false`"),
-        ({"strategy": "ulmfit"}, "strategy", "strategy: ulmfit is for text base models; resnet18"),
+        (
+            {"tta": "flip", "flip": False},
+            "tta",
+            "^tta: `flip` with `flip: false` leaves only the original view; use `flip_crops` "
+            r"\(crops without mirrors\) or `none`$",
+        ),
+        (
+            {"strategy": "ulmfit"},
+            "strategy",
+            "^strategy: ulmfit is for text base models; resnet18 takes images$",
+        ),
     ],
 )
 def test_an_image_model_refuses_text_settings_by_field(
@@ -742,6 +755,12 @@ def test_an_image_model_refuses_text_settings_by_field(
     with pytest.raises(SpecError, match=message) as refused:
         compile_plan(TransferConfig(base_model="resnet18", num_classes=3, **settings))  # type: ignore[arg-type]
     assert refused.value.field == field
+
+
+@pytest.mark.parametrize(("tta", "flip"), [("flip", True), ("flip_crops", False), ("none", False)])
+def test_an_image_model_takes_test_time_views_its_flip_setting_allows(tta: str, flip: bool) -> None:
+    config = TransferConfig(base_model="resnet18", num_classes=3, tta=tta, flip=flip)  # type: ignore[arg-type]
+    assert compile_plan(config).tta == tta
 
 
 def test_a_text_plans_length_defaults_to_the_modalitys_and_takes_up_to_the_models() -> None:
