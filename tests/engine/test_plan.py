@@ -370,8 +370,9 @@ def test_progressive_resizing_splits_each_stage(
 
 
 def test_fixed_size_models_refuse_other_sizes(make_config: Callable[..., TransferConfig]) -> None:
-    with pytest.raises(ValueError, match="image_size: vit_b_16 only accepts 224px"):
+    with pytest.raises(SpecError, match="image_size: vit_b_16 only accepts 224px") as refused:
         compile_plan(make_config(base_model="vit_b_16", image_size=64))
+    assert refused.value.field == "image_size"
     with pytest.raises(ValueError, match="progressive_resizing: vit_b_16 only accepts 224px"):
         compile_plan(
             make_config(base_model="vit_b_16", image_size=224, progressive_resizing=(128, 224))
@@ -409,8 +410,13 @@ def test_invalid_new_fields_are_rejected(
 def test_lwf_task_names_must_differ(
     make_config: Callable[..., TransferConfig], parent_dir: Path
 ) -> None:
-    with pytest.raises(ValueError, match="task_name: the parent already answers a task named"):
+    with pytest.raises(
+        SpecError,
+        match=r"^task_name: the parent already answers a task named 'shapes'; give the new task "
+        r"another name$",
+    ) as refused:
         compile_plan(make_config("lwf", parent_dir=parent_dir, task_name="shapes"))
+    assert refused.value.field == "task_name"
 
 
 def test_every_new_field_round_trips_through_json(
@@ -772,6 +778,32 @@ def test_a_text_plans_length_defaults_to_the_modalitys_and_takes_up_to_the_model
     assert length(max_length=64) == 64
     assert length(max_length=256) == 256  # the model's own maximum is allowed
     assert length(augment="none") == 128  # "none" is no image setting
+    config = TransferConfig(base_model="minilm_l6", num_classes=3)
+    assert compile_plan(config).truncation == "head"
+    assert compile_plan(replace(config, truncation="head_tail")).truncation == "head_tail"
+
+
+def test_a_text_parent_passes_on_its_length_and_truncation_unless_the_spec_sets_them() -> None:
+    parent_plan = compile_plan(
+        TransferConfig(base_model="minilm_l6", num_classes=3, max_length=64, truncation="head_tail")
+    )
+    preprocessing = Preprocessing(image_size=None, mean=parent_plan.mean, std=parent_plan.std)
+    parent = ParentModel(
+        location="models/1",
+        config=ModelConfig(tasks=(), preprocessing=preprocessing, plan=parent_plan.to_dict()),
+    )
+    child = TransferConfig(
+        base_model="minilm_l6", strategy="fine_tune", num_classes=2, parent=parent
+    )
+
+    inherited = compile_plan(child)
+    assert (inherited.modality, inherited.parent) == ("text", "models/1")
+    assert inherited.stages[-1].image_size is None
+    assert (inherited.max_length, inherited.truncation) == (64, "head_tail")
+    own = compile_plan(replace(child, max_length=32, truncation="head"))
+    assert (own.max_length, own.truncation) == (32, "head")
+    with pytest.raises(SpecError, match=r"^image_size: minilm_l6 is a text model"):
+        compile_plan(replace(child, image_size=96))
 
 
 def test_a_stage_without_its_own_size_takes_the_models(
