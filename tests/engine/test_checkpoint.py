@@ -7,6 +7,7 @@ uninterrupted ones; those take minutes. These tests pin down each part of `check
 """
 
 import logging
+import pickle
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -259,6 +260,26 @@ def test_a_checkpoint_naming_its_parent_by_host_path_still_loads(
     save_checkpoint(path, {"plan": with_parent.to_dict()})
     with pytest.raises(ValueError, match="different plan"):
         load_checkpoint(path, replace(plan, parent="models/8"))
+    # Only a host path stands for the job's parent: a plan that names none, or names another
+    # by key beside an old path, had another parent.
+    save_checkpoint(path, {"plan": {k: v for k, v in plan.to_dict().items() if k != "parent"}})
+    with pytest.raises(ValueError, match="different plan"):
+        load_checkpoint(path, with_parent)
+    save_checkpoint(path, {"plan": {**stored, "parent": "models/8"}})
+    with pytest.raises(ValueError, match="different plan"):
+        load_checkpoint(path, with_parent)
+
+
+class _Payload:
+    """Anything but tensors and plain data: unpickling it would run code the file chose."""
+
+
+def test_a_checkpoint_holding_arbitrary_objects_is_refused(plan: Plan, tmp_path: Path) -> None:
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"plan": plan.to_dict(), "payload": _Payload()})
+
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        load_checkpoint(path, plan)
 
 
 # --- resume.py ----------------------------------------------------------------------------------
