@@ -36,6 +36,7 @@ from worker.engine.optim import EarlyStopping
 from worker.engine.resume import PausedEpoch, ResumeState, StageStart, StageTrainingState
 
 CPU = torch.device("cpu")
+META = torch.device("meta")
 
 
 @pytest.fixture(scope="module")
@@ -318,7 +319,8 @@ def test_a_paused_epochs_position_is_where_it_stopped() -> None:
     position = paused.position(CPU)
     assert (position.steps, position.samples) == (3, 12)
     assert position.loss_sum.item() == 1.25
-    assert position.loss_sum.device == CPU
+    # On the training device: "meta" stands for a GPU here, where a CPU tensor would fail.
+    assert paused.position(META).loss_sum.device == META
 
 
 def test_a_checkpoint_at_an_epochs_end_resumes_at_the_next_epoch(
@@ -507,6 +509,9 @@ def test_only_the_paused_epoch_skips_its_trained_batches() -> None:
     assert torch.equal(start_rng_3["shuffle"], before)
     assert len(list(batches_3)) == 6
     assert (position_3.steps, position_3.samples, position_3.loss_sum.item()) == (0, 0, 0.0)
+    # The position's running loss is kept on the training device, resumed or not.
+    assert start.epoch_batches(2, loader, shuffle, META)[1].loss_sum.device == META
+    assert start.epoch_batches(3, loader, shuffle, META)[1].loss_sum.device == META
 
 
 def test_restoring_puts_back_the_weights_and_early_stopping(
