@@ -117,6 +117,44 @@ def test_archive_of_txt_folders(tmp_path: Path) -> None:
     assert fixture_rows()[0]["text"] in texts  # the BOM is not part of the text
 
 
+def test_an_archive_skips_each_file_that_cannot_be_a_row_and_reads_on(tmp_path: Path) -> None:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        # Each skipped file comes before good ones, so a skip that stopped the reading shows.
+        archive.writestr("corpus/loose.txt", b"a text in no class folder")
+        archive.writestr("corpus/a/notes.md", b"not a text file")
+        archive.writestr("corpus/a/big.txt", b"x" * 101)
+        archive.writestr("corpus/a/latin1.txt", "caf\xe9".encode("latin-1"))
+        for n in range(3):
+            archive.writestr(f"corpus/a/{n}.txt", f"first class text {n}".encode())
+            # A file deeper down belongs to the class of its top folder.
+            archive.writestr(f"corpus/b/2024/{n}.TXT", f"second class text {n}".encode())
+    reported: list[tuple[int, int]] = []
+
+    result = ingest_bytes(
+        tmp_path,
+        buffer.getvalue(),
+        limits=IngestLimits(max_text_field_bytes=100, min_images_per_class=3),
+        progress=lambda done, total: reported.append((done, total)),
+    )
+
+    assert [(s.path, s.code, s.reason) for s in result.skipped[:3]] == [
+        ("corpus/loose.txt", "unlabelled", "The file is not in a class folder."),
+        ("corpus/a/notes.md", "not_text", "Only .txt files are read as texts."),
+        ("corpus/a/big.txt", "too_large", "The file is over 100 bytes."),
+    ]
+    (latin1,) = result.skipped[3:]
+    assert (latin1.path, latin1.code) == ("corpus/a/latin1.txt", "bad_encoding")
+    assert latin1.reason.startswith("The file is not UTF-8 text: 'utf-8' codec can't decode")
+    assert result.classes == ["a", "b"]
+    assert {name: counts["total"] for name, counts in result.class_counts.items()} == {
+        "a": 3,
+        "b": 3,
+    }
+    # One report per file read, the last at the total.
+    assert reported == [(n, 10) for n in range(1, 11)]
+
+
 # --- Per-row errors ---------------------------------------------------------------------------
 
 
