@@ -7,6 +7,7 @@ import csv
 import html
 import io
 import json
+import pickle
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -20,6 +21,7 @@ from service.datasets.ingest import (
     DatasetRejectedError,
     IngestLimits,
     IngestResult,
+    MissingColumnError,
     TextColumns,
     detect_upload,
     ingest_upload,
@@ -188,6 +190,11 @@ def test_per_row_errors_carry_line_numbers(tmp_path: Path) -> None:
         (13, "duplicate"),
     }
     assert all(s.path is None for s in result.skipped)
+    conflicts = [s.reason for s in result.skipped if s.code == "conflicting_labels"]
+    assert conflicts == [
+        "The same text is at line 10 under label 'b'; rows that disagree are all skipped.",
+        "The same text is at line 9 under label 'a'; rows that disagree are all skipped.",
+    ]
     assert result.unlabelled == 1
     assert result.class_counts["a"]["total"] == 2  # lines 2 and 11
     assert result.class_counts["b"]["total"] == 2  # lines 6-7 and 12
@@ -211,6 +218,29 @@ def test_an_enormous_line_is_one_skipped_row(tmp_path: Path) -> None:
 
     assert skips(result) == {(2, "too_large")}
     assert result.num_labelled == 4
+
+
+def test_an_enormous_json_line_is_one_skipped_row(tmp_path: Path) -> None:
+    big = json.dumps({"text": "y" * 200_000, "label": "a"})
+    rows = [json.dumps({"text": f"text {n}", "label": "ab"[n % 2]}) for n in range(6)]
+    data = "\n".join([rows[0], big, *rows[1:]]).encode()
+
+    result = ingest_bytes(tmp_path, data, limits=IngestLimits(max_text_field_bytes=1000))
+
+    assert [(s.line, s.code, s.reason) for s in result.skipped] == [
+        (2, "too_large", "The line is over 69536 bytes.")  # 4 fields of 1000 bytes + 64 KiB
+    ]
+    assert result.num_labelled == 6
+
+
+def test_a_missing_column_survives_the_trip_from_the_worker() -> None:
+    # Celery pickles a task's exception; the API reads `param` to point at the form field.
+    error = MissingColumnError("label_column", "The CSV's header has no column 'label'.")
+
+    copy = pickle.loads(pickle.dumps(error))
+
+    assert type(copy) is MissingColumnError
+    assert (copy.param, copy.code, copy.message) == (error.param, "bad_header", error.message)
 
 
 def test_an_unclosed_quote_cannot_swallow_the_file(tmp_path: Path) -> None:
