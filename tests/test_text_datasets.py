@@ -233,6 +233,44 @@ def test_an_enormous_json_line_is_one_skipped_row(tmp_path: Path) -> None:
     assert result.num_labelled == 6
 
 
+def test_each_bad_json_line_is_skipped_with_its_line_and_reason(tmp_path: Path) -> None:
+    good = [json.dumps({"text": f"text {n}", "label": "ab"[n % 2]}) for n in range(6)]
+    lines = [
+        good[0],  # 1: the upload is sniffed as JSON Lines by its start
+        "not json",  # 2
+        "",  # 3: blank lines are passed over
+        '["a list"]',  # 4
+        '{"text": "caf\xe9", "label": "a"}',  # 5: written below in latin-1
+        '{"text": 7, "label": "a"}',  # 6
+        '{"text": "listed", "label": ["a"]}',  # 7
+        '{"text": "lone \\ud800 high", "label": "a"}',  # 8: escaped lone surrogates
+        '{"text": "lone", "label": "\\udfff"}',  # 9
+        '{"text": "true", "label": true}',  # 10: not an integer label
+        *good[1:],  # 11-15
+        '{"text": "numbered", "label": 1}',  # 16
+    ]
+    data = "\n".join(lines).encode("latin-1")
+
+    result = ingest_bytes(tmp_path, data)
+
+    assert [(s.line, s.code, s.reason) for s in result.skipped[:8]] == [
+        (2, "bad_row", "The line is not valid JSON: Expecting value: line 1 column 1 (char 0)"),
+        (4, "bad_row", "The line is not a JSON object."),
+        (5, "bad_encoding", "The row holds bytes that are not UTF-8 text."),
+        (6, "bad_row", "'text' must be a string, not int."),
+        (7, "bad_row", "'label' must be a string or an integer, not list."),
+        (8, "bad_encoding", "The row holds bytes that are not UTF-8 text."),
+        (9, "bad_encoding", "The row holds bytes that are not UTF-8 text."),
+        (10, "bad_row", "'label' must be a string or an integer, not bool."),
+    ]
+    # The integer label is read as the class name "1", too small a class to keep.
+    assert [(s.code, s.reason) for s in result.skipped[8:]] == [
+        ("class_too_small", "Class '1' has 1 usable texts, fewer than 2; its rows are left out.")
+    ]
+    assert result.classes == ["a", "b"]
+    assert result.num_labelled == 6
+
+
 def test_a_missing_column_survives_the_trip_from_the_worker() -> None:
     # Celery pickles a task's exception; the API reads `param` to point at the form field.
     error = MissingColumnError("label_column", "The CSV's header has no column 'label'.")
