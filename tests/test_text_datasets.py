@@ -127,15 +127,17 @@ def test_an_archive_skips_each_file_that_cannot_be_a_row_and_reads_on(tmp_path: 
         archive.writestr("corpus/a/notes.md", b"not a text file")
         archive.writestr("corpus/a/big.txt", b"x" * 101)
         archive.writestr("corpus/a/latin1.txt", "caf\xe9".encode("latin-1"))
+        archive.writestr("corpus/a/damaged.txt", b"DAMAGED TEXT")  # stored: its CRC fails below
         for n in range(3):
             archive.writestr(f"corpus/a/{n}.txt", f"first class text {n}".encode())
             # A file deeper down belongs to the class of its top folder.
             archive.writestr(f"corpus/b/2024/{n}.TXT", f"second class text {n}".encode())
     reported: list[tuple[int, int]] = []
 
+    damaged = buffer.getvalue().replace(b"DAMAGED TEXT", b"DAMAGED TEXX")
     result = ingest_bytes(
         tmp_path,
-        buffer.getvalue(),
+        damaged,
         limits=IngestLimits(max_text_field_bytes=100, min_images_per_class=3),
         progress=lambda done, total: reported.append((done, total)),
     )
@@ -145,7 +147,14 @@ def test_an_archive_skips_each_file_that_cannot_be_a_row_and_reads_on(tmp_path: 
         ("corpus/a/notes.md", "not_text", "Only .txt files are read as texts."),
         ("corpus/a/big.txt", "too_large", "The file is over 100 bytes."),
     ]
-    (latin1,) = result.skipped[3:]
+    latin1, unreadable = result.skipped[3:]
+    assert [(unreadable.path, unreadable.code, unreadable.reason)] == [
+        (
+            "corpus/a/damaged.txt",
+            "unreadable",
+            "The file cannot be read from the archive: Bad CRC-32 for file 'corpus/a/damaged.txt'",
+        )
+    ]
     assert (latin1.path, latin1.code) == ("corpus/a/latin1.txt", "bad_encoding")
     assert latin1.reason.startswith("The file is not UTF-8 text: 'utf-8' codec can't decode")
     assert result.classes == ["a", "b"]
@@ -154,7 +163,7 @@ def test_an_archive_skips_each_file_that_cannot_be_a_row_and_reads_on(tmp_path: 
         "b": 3,
     }
     # One report per file read, the last at the total.
-    assert reported == [(n, 10) for n in range(1, 11)]
+    assert reported == [(n, 11) for n in range(1, 12)]
 
 
 # --- Per-row errors ---------------------------------------------------------------------------
