@@ -648,6 +648,9 @@ def test_solved_head_stages_take_one_epoch_per_grid(
     head, unfreeze = plan.stages
     assert (head.solve, head.epochs, head.c_grid) == (True, 1, HEAD_C_GRID)
     assert (unfreeze.solve, unfreeze.c_grid) == (False, None)
+    # A head-only preset's one stage would step for all `epochs`; solved, it fits once.
+    (only,) = compile_plan(make_config("feature_extraction", epochs=5, solve_head=True)).stages
+    assert (only.solve, only.epochs) == (True, 1)
 
 
 def test_a_found_learning_rate_scales_the_stages_that_follow_it() -> None:
@@ -779,7 +782,10 @@ def test_a_text_plans_length_defaults_to_the_modalitys_and_takes_up_to_the_model
     assert length(max_length=256) == 256  # the model's own maximum is allowed
     assert length(augment="none") == 128  # "none" is no image setting
     config = TransferConfig(base_model="minilm_l6", num_classes=3)
-    assert compile_plan(config).truncation == "head"
+    plan = compile_plan(config)
+    assert plan.truncation == "head"
+    info = get_base_model_info("minilm_l6")
+    assert (plan.mean, plan.std, plan.old_tasks) == (info.mean, info.std, ())
     assert compile_plan(replace(config, truncation="head_tail")).truncation == "head_tail"
 
 
