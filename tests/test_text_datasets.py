@@ -258,12 +258,13 @@ def test_each_bad_json_line_is_skipped_with_its_line_and_reason(tmp_path: Path) 
         *good[1:],  # 11-15
         '{"text": "numbered", "label": 1}',  # 16
         '{"label": "a"}',  # 17: no text at all
+        '{"text": "x", "label": "a", "\xe9": 1}',  # 18: a byte not UTF-8 outside the values
     ]
     data = "\n".join(lines).encode("latin-1")
 
     result = ingest_bytes(tmp_path, data)
 
-    assert [(s.line, s.code, s.reason) for s in result.skipped[:9]] == [
+    assert [(s.line, s.code, s.reason) for s in result.skipped[:10]] == [
         (2, "bad_row", "The line is not valid JSON: Expecting value: line 1 column 1 (char 0)"),
         (4, "bad_row", "The line is not a JSON object."),
         (5, "bad_encoding", "The row holds bytes that are not UTF-8 text."),
@@ -273,9 +274,10 @@ def test_each_bad_json_line_is_skipped_with_its_line_and_reason(tmp_path: Path) 
         (9, "bad_encoding", "The row holds bytes that are not UTF-8 text."),
         (10, "bad_row", "'label' must be a string or an integer, not bool."),
         (17, "empty_text", "The text is empty."),
+        (18, "bad_encoding", "The row holds bytes that are not UTF-8 text."),
     ]
     # The integer label is read as the class name "1", too small a class to keep.
-    assert [(s.code, s.reason) for s in result.skipped[9:]] == [
+    assert [(s.code, s.reason) for s in result.skipped[10:]] == [
         ("class_too_small", "Class '1' has 1 usable texts, fewer than 2; its rows are left out.")
     ]
     assert result.classes == ["a", "b"]
