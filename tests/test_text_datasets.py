@@ -7,6 +7,7 @@ import csv
 import html
 import io
 import json
+import pickle
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -20,6 +21,7 @@ from service.datasets.ingest import (
     DatasetRejectedError,
     IngestLimits,
     IngestResult,
+    MissingColumnError,
     TextColumns,
     detect_upload,
     ingest_upload,
@@ -117,6 +119,53 @@ def test_archive_of_txt_folders(tmp_path: Path) -> None:
     assert fixture_rows()[0]["text"] in texts  # the BOM is not part of the text
 
 
+def test_an_archive_skips_each_file_that_cannot_be_a_row_and_reads_on(tmp_path: Path) -> None:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        # Each skipped file comes before good ones, so a skip that stopped the reading shows.
+        archive.writestr("corpus/loose.txt", b"a text in no class folder")
+        archive.writestr("corpus/a/notes.md", b"not a text file")
+        archive.writestr("corpus/a/big.txt", b"x" * 101)
+        archive.writestr("corpus/a/latin1.txt", "caf\xe9".encode("latin-1"))
+        archive.writestr("corpus/a/damaged.txt", b"DAMAGED TEXT")  # stored: its CRC fails below
+        for n in range(3):
+            archive.writestr(f"corpus/a/{n}.txt", f"first class text {n}".encode())
+            # A file deeper down belongs to the class of its top folder.
+            archive.writestr(f"corpus/b/2024/{n}.TXT", f"second class text {n}".encode())
+    reported: list[tuple[int, int]] = []
+
+    damaged = buffer.getvalue().replace(b"DAMAGED TEXT", b"DAMAGED TEXX")
+    result = ingest_bytes(
+        tmp_path,
+        damaged,
+        limits=IngestLimits(max_text_field_bytes=100, min_images_per_class=3),
+        progress=lambda done, total: reported.append((done, total)),
+    )
+
+    assert [(s.path, s.code, s.reason) for s in result.skipped[:3]] == [
+        ("corpus/loose.txt", "unlabelled", "The file is not in a class folder."),
+        ("corpus/a/notes.md", "not_text", "Only .txt files are read as texts."),
+        ("corpus/a/big.txt", "too_large", "The file is over 100 bytes."),
+    ]
+    latin1, unreadable = result.skipped[3:]
+    assert [(unreadable.path, unreadable.code, unreadable.reason)] == [
+        (
+            "corpus/a/damaged.txt",
+            "unreadable",
+            "The file cannot be read from the archive: Bad CRC-32 for file 'corpus/a/damaged.txt'",
+        )
+    ]
+    assert (latin1.path, latin1.code) == ("corpus/a/latin1.txt", "bad_encoding")
+    assert latin1.reason.startswith("The file is not UTF-8 text: 'utf-8' codec can't decode")
+    assert result.classes == ["a", "b"]
+    assert {name: counts["total"] for name, counts in result.class_counts.items()} == {
+        "a": 3,
+        "b": 3,
+    }
+    # One report per file read, the last at the total.
+    assert reported == [(n, 11) for n in range(1, 12)]
+
+
 # --- Per-row errors ---------------------------------------------------------------------------
 
 
@@ -150,6 +199,11 @@ def test_per_row_errors_carry_line_numbers(tmp_path: Path) -> None:
         (13, "duplicate"),
     }
     assert all(s.path is None for s in result.skipped)
+    conflicts = [s.reason for s in result.skipped if s.code == "conflicting_labels"]
+    assert conflicts == [
+        "The same text is at line 10 under label 'b'; rows that disagree are all skipped.",
+        "The same text is at line 9 under label 'a'; rows that disagree are all skipped.",
+    ]
     assert result.unlabelled == 1
     assert result.class_counts["a"]["total"] == 2  # lines 2 and 11
     assert result.class_counts["b"]["total"] == 2  # lines 6-7 and 12
@@ -173,6 +227,71 @@ def test_an_enormous_line_is_one_skipped_row(tmp_path: Path) -> None:
 
     assert skips(result) == {(2, "too_large")}
     assert result.num_labelled == 4
+
+
+def test_an_enormous_json_line_is_one_skipped_row(tmp_path: Path) -> None:
+    big = json.dumps({"text": "y" * 200_000, "label": "a"})
+    rows = [json.dumps({"text": f"text {n}", "label": "ab"[n % 2]}) for n in range(6)]
+    data = "\n".join([rows[0], big, *rows[1:]]).encode()
+
+    result = ingest_bytes(tmp_path, data, limits=IngestLimits(max_text_field_bytes=1000))
+
+    assert [(s.line, s.code, s.reason) for s in result.skipped] == [
+        (2, "too_large", "The line is over 69536 bytes.")  # 4 fields of 1000 bytes + 64 KiB
+    ]
+    assert result.num_labelled == 6
+
+
+def test_each_bad_json_line_is_skipped_with_its_line_and_reason(tmp_path: Path) -> None:
+    good = [json.dumps({"text": f"text {n}", "label": "ab"[n % 2]}) for n in range(6)]
+    lines = [
+        good[0],  # 1: the upload is sniffed as JSON Lines by its start
+        "not json",  # 2
+        "",  # 3: blank lines are passed over
+        '["a list"]',  # 4
+        '{"text": "caf\xe9", "label": "a"}',  # 5: written below in latin-1
+        '{"text": 7, "label": "a"}',  # 6
+        '{"text": "listed", "label": ["a"]}',  # 7
+        '{"text": "lone \\ud800 high", "label": "a"}',  # 8: escaped lone surrogates
+        '{"text": "lone", "label": "\\udfff"}',  # 9
+        '{"text": "true", "label": true}',  # 10: not an integer label
+        *good[1:],  # 11-15
+        '{"text": "numbered", "label": 1}',  # 16
+        '{"label": "a"}',  # 17: no text at all
+        '{"text": "x", "label": "a", "\xe9": 1}',  # 18: a byte not UTF-8 outside the values
+    ]
+    data = "\n".join(lines).encode("latin-1")
+
+    result = ingest_bytes(tmp_path, data)
+
+    assert [(s.line, s.code, s.reason) for s in result.skipped[:10]] == [
+        (2, "bad_row", "The line is not valid JSON: Expecting value: line 1 column 1 (char 0)"),
+        (4, "bad_row", "The line is not a JSON object."),
+        (5, "bad_encoding", "The row holds bytes that are not UTF-8 text."),
+        (6, "bad_row", "'text' must be a string, not int."),
+        (7, "bad_row", "'label' must be a string or an integer, not list."),
+        (8, "bad_encoding", "The row holds bytes that are not UTF-8 text."),
+        (9, "bad_encoding", "The row holds bytes that are not UTF-8 text."),
+        (10, "bad_row", "'label' must be a string or an integer, not bool."),
+        (17, "empty_text", "The text is empty."),
+        (18, "bad_encoding", "The row holds bytes that are not UTF-8 text."),
+    ]
+    # The integer label is read as the class name "1", too small a class to keep.
+    assert [(s.code, s.reason) for s in result.skipped[10:]] == [
+        ("class_too_small", "Class '1' has 1 usable texts, fewer than 2; its rows are left out.")
+    ]
+    assert result.classes == ["a", "b"]
+    assert result.num_labelled == 6
+
+
+def test_a_missing_column_survives_the_trip_from_the_worker() -> None:
+    # Celery pickles a task's exception; the API reads `param` to point at the form field.
+    error = MissingColumnError("label_column", "The CSV's header has no column 'label'.")
+
+    copy = pickle.loads(pickle.dumps(error))
+
+    assert type(copy) is MissingColumnError
+    assert (copy.param, copy.code, copy.message) == (error.param, "bad_header", error.message)
 
 
 def test_an_unclosed_quote_cannot_swallow_the_file(tmp_path: Path) -> None:

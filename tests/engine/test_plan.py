@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import get_args
 
@@ -21,6 +22,7 @@ from worker.engine import (
     get_base_model_info,
 )
 from worker.engine.artifacts import ModelConfig, Preprocessing
+from worker.engine.plan import steps_per_epoch, with_found_lr
 from worker.engine.recipe import stage_recipes
 from worker.engine.spec import HEAD_C_GRID, SpecError, Strategy
 from worker.engine.strategies import STRATEGIES
@@ -318,7 +320,11 @@ def test_explicit_stages(make_config: Callable[..., TransferConfig]) -> None:
         (StageSpec(epochs=0), r"stages\[1\]\.epochs must be at least 1"),
         (StageSpec(lr=-1.0), r"stages\[1\]\.lr must be positive"),
         (StageSpec(lr=0.1, lrs={"head": 0.1}), r"stages\[1\]: give lr or lrs, not both"),
-        (StageSpec(groups=("head",), lrs={"layer4": 0.1}), r"stages\[1\]\.lrs must give a rate"),
+        (
+            StageSpec(groups=("layer4", "head"), lrs={"layer3": 0.1, "head": 0.1}),
+            r"stages\[1\]\.lrs must give a rate for exactly the trainable groups layer4, head; "
+            "got layer3, head$",
+        ),
         (StageSpec(schedule="linear"), r"stages\[1\]\.schedule must be one of"),  # type: ignore[arg-type]
         (StageSpec(bn_mode="sync"), r"stages\[1\]\.bn_mode must be one of"),  # type: ignore[arg-type]
         (StageSpec(image_size=32), r"stages\[1\]\.image_size must be between"),
@@ -328,8 +334,12 @@ def test_explicit_stages(make_config: Callable[..., TransferConfig]) -> None:
 def test_invalid_stages_name_the_field(
     make_config: Callable[..., TransferConfig], stage: StageSpec, message: str
 ) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(SpecError, match=message) as refused:
         compile_plan(make_config(stages=(StageSpec(groups=("head",)), stage)))
+    # The field is the one the message names: the API points its 422 at it.
+    field, said = refused.value.field, str(refused.value)
+    assert field.startswith("stages[1]")
+    assert f"{field}:" in said or f"{field} " in said
 
 
 def test_progressive_resizing_splits_each_stage(
@@ -360,8 +370,9 @@ def test_progressive_resizing_splits_each_stage(
 
 
 def test_fixed_size_models_refuse_other_sizes(make_config: Callable[..., TransferConfig]) -> None:
-    with pytest.raises(ValueError, match="image_size: vit_b_16 only accepts 224px"):
+    with pytest.raises(SpecError, match="image_size: vit_b_16 only accepts 224px") as refused:
         compile_plan(make_config(base_model="vit_b_16", image_size=64))
+    assert refused.value.field == "image_size"
     with pytest.raises(ValueError, match="progressive_resizing: vit_b_16 only accepts 224px"):
         compile_plan(
             make_config(base_model="vit_b_16", image_size=224, progressive_resizing=(128, 224))
@@ -399,8 +410,13 @@ def test_invalid_new_fields_are_rejected(
 def test_lwf_task_names_must_differ(
     make_config: Callable[..., TransferConfig], parent_dir: Path
 ) -> None:
-    with pytest.raises(ValueError, match="task_name: the parent already answers a task named"):
+    with pytest.raises(
+        SpecError,
+        match=r"^task_name: the parent already answers a task named 'shapes'; give the new task "
+        r"another name$",
+    ) as refused:
         compile_plan(make_config("lwf", parent_dir=parent_dir, task_name="shapes"))
+    assert refused.value.field == "task_name"
 
 
 def test_every_new_field_round_trips_through_json(
@@ -599,3 +615,222 @@ def test_an_unset_batch_size_follows_the_modality(
     with pytest.raises(SpecError) as refused:
         compile_plan(make_config("fine_tune", batch_size=None, gpus=3))
     assert refused.value.field == "gpus"
+
+
+def test_top_k_counts_backbone_groups_from_the_top_and_adds_to_the_others(
+    make_config: Callable[..., TransferConfig],
+) -> None:
+    stages = (
+        StageSpec(groups=("top:1",)),
+        StageSpec(groups=("top:5",)),
+        StageSpec(groups=("stem", "top:1")),
+        StageSpec(groups=("top:1", "all")),
+        StageSpec(groups=("all", "top:1")),
+    )
+    plan = compile_plan(make_config(stages=stages))
+
+    assert [stage.trainable_groups for stage in plan.stages] == [
+        ("layer4", "head"),
+        RESNET_GROUPS,
+        ("stem", "layer4", "head"),
+        RESNET_GROUPS,
+        RESNET_GROUPS,
+    ]
+    # Unnamed stages are numbered from 1, as a preview lists them.
+    assert [stage.name for stage in plan.stages] == [f"stage{n}" for n in range(1, 6)]
+
+
+def test_solved_head_stages_take_one_epoch_per_grid(
+    make_config: Callable[..., TransferConfig],
+) -> None:
+    plan = compile_plan(make_config("freeze_unfreeze", epochs=6, solve_head=True))
+
+    head, unfreeze = plan.stages
+    assert (head.solve, head.epochs, head.c_grid) == (True, 1, HEAD_C_GRID)
+    assert (unfreeze.solve, unfreeze.c_grid) == (False, None)
+    # A head-only preset's one stage would step for all `epochs`; solved, it fits once.
+    (only,) = compile_plan(make_config("feature_extraction", epochs=5, solve_head=True)).stages
+    assert (only.solve, only.epochs) == (True, 1)
+
+
+def test_a_found_learning_rate_scales_the_stages_that_follow_it() -> None:
+    # Text `scratch` compiles `lr: auto` at its own default rate (5e-4), not the modality's.
+    plan = compile_plan(
+        TransferConfig(base_model="minilm_l6", strategy="scratch", num_classes=3, lr="auto")
+    )
+    compiled = plan.stages[0].group_lrs
+    assert set(compiled.values()) == {5e-4}
+
+    found = with_found_lr(plan, 2e-3)
+
+    (stage,) = found.stages
+    assert stage.group_lrs == pytest.approx(dict.fromkeys(compiled, 0.002))
+    assert stage.auto_lr is False
+    assert found.extra == {**plan.extra, "lr": {"auto": 2e-3}}
+    assert found.stages[0] == replace(plan.stages[0], group_lrs=stage.group_lrs, auto_lr=False)
+    assert replace(found, stages=plan.stages, extra=plan.extra) == plan
+    assert not found.needs_lr_finder
+
+
+def test_a_found_learning_rate_leaves_stages_with_their_own_rate(
+    make_config: Callable[..., TransferConfig],
+) -> None:
+    stages = (StageSpec(groups=("head",)), StageSpec(groups=("all",), lr=0.01))
+    plan = compile_plan(make_config(stages=stages, lr="auto"))
+    head, everything = plan.stages
+    assert head.group_lrs == {"head": 1e-3}
+
+    found = with_found_lr(plan, 4e-3)
+
+    assert found.stages[0].group_lrs == pytest.approx({"head": 4e-3})
+    assert found.stages[1] is everything
+
+
+@pytest.mark.parametrize(
+    ("settings", "field", "message"),
+    [
+        (
+            {"image_size": 96},
+            "image_size",
+            "^image_size: minilm_l6 is a text model; image_size is for images$",
+        ),
+        (
+            {"progressive_resizing": (64, 96)},
+            "progressive_resizing",
+            "^progressive_resizing: minilm_l6 is a text model; progressive_resizing is for images$",
+        ),
+        (
+            {"stages": (StageSpec(groups=("head",)), StageSpec(groups=("all",), image_size=96))},
+            "stages[1].image_size",
+            r"^stages\[1\]\.image_size: minilm_l6 is a text model; image_size is for images$",
+        ),
+        (
+            {"augment": "light"},
+            "augment",
+            "^augment: minilm_l6 is a text model; augment is for images$",
+        ),
+        (
+            {"tta": "flip"},
+            "tta",
+            r"^tta: minilm_l6 is a text model; test-time augmentation \(flips, crops\) is for "
+            "images$",
+        ),
+        (
+            {"sampler": "balanced"},
+            "sampler",
+            "^sampler: minilm_l6 is a text model, whose batches group texts by length; use "
+            "class_weights for imbalanced classes$",
+        ),
+        (
+            {"max_length": 257},
+            "max_length",
+            "^max_length: minilm_l6 reads at most 256 tokens; got 257$",
+        ),
+    ],
+)
+def test_a_text_model_refuses_image_settings_by_field(
+    settings: dict[str, object], field: str, message: str
+) -> None:
+    with pytest.raises(SpecError, match=message) as refused:
+        compile_plan(TransferConfig(base_model="minilm_l6", num_classes=3, **settings))  # type: ignore[arg-type]
+    assert refused.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("settings", "field", "message"),
+    [
+        (
+            {"max_length": 64},
+            "max_length",
+            "^max_length: resnet18 is an image model; max_length is for text$",
+        ),
+        ({"lm_epochs": 1}, "lm_epochs", "lm_epochs: resnet18 is an image model"),
+        (
+            {"tta": "flip", "flip": False},
+            "tta",
+            "^tta: `flip` with `flip: false` leaves only the original view; use `flip_crops` "
+            r"\(crops without mirrors\) or `none`$",
+        ),
+        (
+            {"strategy": "ulmfit"},
+            "strategy",
+            "^strategy: ulmfit is for text base models; resnet18 takes images$",
+        ),
+    ],
+)
+def test_an_image_model_refuses_text_settings_by_field(
+    settings: dict[str, object], field: str, message: str
+) -> None:
+    with pytest.raises(SpecError, match=message) as refused:
+        compile_plan(TransferConfig(base_model="resnet18", num_classes=3, **settings))  # type: ignore[arg-type]
+    assert refused.value.field == field
+
+
+@pytest.mark.parametrize(("tta", "flip"), [("flip", True), ("flip_crops", False), ("none", False)])
+def test_an_image_model_takes_test_time_views_its_flip_setting_allows(tta: str, flip: bool) -> None:
+    config = TransferConfig(base_model="resnet18", num_classes=3, tta=tta, flip=flip)  # type: ignore[arg-type]
+    assert compile_plan(config).tta == tta
+
+
+def test_a_text_plans_length_defaults_to_the_modalitys_and_takes_up_to_the_models() -> None:
+    def length(**settings: object) -> int | None:
+        config = TransferConfig(base_model="minilm_l6", num_classes=3, **settings)  # type: ignore[arg-type]
+        return compile_plan(config).max_length
+
+    assert length() == 128
+    assert length(max_length=64) == 64
+    assert length(max_length=256) == 256  # the model's own maximum is allowed
+    assert length(augment="none") == 128  # "none" is no image setting
+    config = TransferConfig(base_model="minilm_l6", num_classes=3)
+    plan = compile_plan(config)
+    assert plan.truncation == "head"
+    info = get_base_model_info("minilm_l6")
+    assert (plan.mean, plan.std, plan.old_tasks) == (info.mean, info.std, ())
+    assert compile_plan(replace(config, truncation="head_tail")).truncation == "head_tail"
+
+
+def test_a_text_parent_passes_on_its_length_and_truncation_unless_the_spec_sets_them() -> None:
+    parent_plan = compile_plan(
+        TransferConfig(base_model="minilm_l6", num_classes=3, max_length=64, truncation="head_tail")
+    )
+    preprocessing = Preprocessing(image_size=None, mean=parent_plan.mean, std=parent_plan.std)
+    parent = ParentModel(
+        location="models/1",
+        config=ModelConfig(tasks=(), preprocessing=preprocessing, plan=parent_plan.to_dict()),
+    )
+    child = TransferConfig(
+        base_model="minilm_l6", strategy="fine_tune", num_classes=2, parent=parent
+    )
+
+    inherited = compile_plan(child)
+    assert (inherited.modality, inherited.parent) == ("text", "models/1")
+    assert inherited.stages[-1].image_size is None
+    assert (inherited.max_length, inherited.truncation) == (64, "head_tail")
+    own = compile_plan(replace(child, max_length=32, truncation="head"))
+    assert (own.max_length, own.truncation) == (32, "head")
+    with pytest.raises(SpecError, match=r"^image_size: minilm_l6 is a text model"):
+        compile_plan(replace(child, image_size=96))
+
+
+def test_a_stage_without_its_own_size_takes_the_models(
+    make_config: Callable[..., TransferConfig],
+) -> None:
+    stages = (
+        StageSpec(groups=("head",)),
+        StageSpec(groups=("all",), lrs=dict.fromkeys(RESNET_GROUPS, 1e-3)),
+    )
+    plan = compile_plan(make_config(stages=stages, lr="auto"))
+
+    assert [stage.image_size for stage in plan.stages] == [64, 64]
+    # Rates given per group are the stage's own: the finder's rate does not scale them.
+    assert [stage.auto_lr for stage in plan.stages] == [True, False]
+
+
+def test_a_solved_stage_steps_once_per_l2_strength(
+    make_config: Callable[..., TransferConfig],
+) -> None:
+    plan = compile_plan(make_config("freeze_unfreeze", epochs=3, solve_head=True, train_size=40))
+    head, unfreeze = plan.stages
+
+    assert steps_per_epoch(plan, head, 40) == len(HEAD_C_GRID)
+    assert steps_per_epoch(plan, unfreeze, 40) == 5  # 40 items in batches of 8

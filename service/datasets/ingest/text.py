@@ -173,8 +173,10 @@ def _physical_lines(
 
 
 def _has_bad_bytes(*values: str | None) -> bool:
+    # Bytes that are not UTF-8 decode to surrogates U+DC80..U+DCFF (surrogateescape); a JSON
+    # escape can name any surrogate (U+D800..U+DFFF), which no UTF-8 file can hold either.
     return any(
-        value is not None and any("\udc80" <= ch <= "\udcff" for ch in value) for value in values
+        value is not None and any("\ud800" <= ch <= "\udfff" for ch in value) for value in values
     )
 
 
