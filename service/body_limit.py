@@ -17,8 +17,13 @@ from service.errors import error_body
 
 
 def capped_by_route(method: str, path: str) -> bool:
-    """Whether the route counts its own body: a dataset upload or a predict call."""
-    return method == "POST" and (path == "/v1/datasets" or path.endswith("/predict"))
+    """Whether the route counts its own body: a dataset upload, a predict call or an Open
+    Inference Protocol infer call (whose cap follows the model's input size)."""
+    return method == "POST" and (
+        path == "/v1/datasets"
+        or path.endswith("/predict")
+        or (path.startswith("/v2/models/") and path.endswith("/infer"))
+    )
 
 
 class BodyLimitMiddleware:

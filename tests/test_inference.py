@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 import sqlalchemy
 from fastapi.testclient import TestClient
@@ -861,6 +862,46 @@ def test_open_inference_protocol_with_tritonclient(served: Registry) -> None:
     assert answer.status_code == 400
     assert isinstance(answer.json()["error"], str)
     client.delete("/v1/models/digits/aliases/production", headers=auth)
+
+
+def test_an_infer_call_is_capped_by_its_models_inputs_not_the_json_body_limit(
+    served: Registry,
+) -> None:
+    # A batch of preprocessed images is larger than any JSON body thaw takes elsewhere (32
+    # images at 64 px are 1.5 MiB): the infer route counts its body against its own cap.
+    settings = make_settings(served.context.settings.data_dir, max_json_body_bytes=1024)
+    with TestClient(create_app(settings)) as client:
+        auth = served.auth
+        folder = version_folder(
+            served.context, client.get("/v1/models/digits/versions/1", headers=auth).json()["id"]
+        )
+        preprocessing = read_model_config(folder).image
+        image = Image.open(BytesIO(held_out_pngs(1)[0]))
+        one = view_pixels(image, preprocessing.image_size, ("original",))
+        tensor = np.ascontiguousarray(normalise(np.repeat(one, 8, axis=0), preprocessing))
+        header = orjson.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "images",
+                        "datatype": "FP32",
+                        "shape": list(tensor.shape),
+                        "parameters": {"binary_data_size": tensor.nbytes},
+                    }
+                ],
+                "outputs": [{"name": "top_labels"}],
+            }
+        )
+        body = header + tensor.astype("<f4").tobytes()
+        assert len(body) > settings.max_json_body_bytes
+        path = "/v2/models/digits/versions/1/infer"
+        headers = {**auth, "Inference-Header-Content-Length": str(len(header))}
+        answer = client.post(path, headers=headers, content=body)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["outputs"][0]["shape"][0] == 8
+        # Elsewhere the limit holds.
+        refused = client.post("/v1/jobs/plan", headers=auth, content=b"{" + b" " * 2048 + b"}")
+        assert refused.status_code == 413
 
 
 def exported(client: TestClient, auth: dict[str, str], path: str, fmt: str, into: Path) -> Path:
