@@ -78,7 +78,29 @@ def create_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
     )
+    if settings.broker_url is None:
+        _bind_queues_once(app, settings.broker_folder)
     return app
+
+
+def _bind_queues_once(app: Celery, folder: Path) -> None:
+    """Bind the task queues to their exchanges before any process sends or consumes.
+
+    The folder broker keeps each exchange's bindings in one JSON file, which kombu rewrites in
+    place without truncating, and creates by truncating outside its lock: processes binding
+    their first queues at the same moment (`thaw serve` starts the API and its workers
+    together) have left it holding one table followed by the rest of another, after which
+    every send failed (`broker_unavailable`). Bound here, one process at a time, each file is
+    complete before any other process reads it, and later bindings find theirs and write
+    nothing."""
+    import fcntl
+
+    with (folder / "control" / "bindings.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with app.connection_for_write() as connection:
+            channel = connection.default_channel
+            for queue in app.amqp.queues.values():
+                queue.bind(channel).declare()
 
 
 class ConsumerRegistry(ABC):
