@@ -256,6 +256,7 @@ ROWS: tuple[tuple[str, dict[str, Any] | None], ...] = (
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds from this one on")
     parser.add_argument(
         "--shots", default="5,100", help="Training images per class, settings by commas."
     )
@@ -263,14 +264,15 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=40, help="Held-out images per class.")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rows", default=",".join(row for row, _ in ROWS))
+    parser.add_argument("--datasets", default="digits,icons", help="Datasets, by commas.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shots = [int(count) for count in args.shots.split(",")]
     rows = [(row, settings) for row, settings in ROWS if row in args.rows.split(",")]
     with tempfile.TemporaryDirectory(prefix="thaw-quality-") as scratch:
+        builders = {"digits": digits_dataset, "icons": icons_dataset}
         datasets = {
-            "digits": digits_dataset(Path(scratch) / "digits"),
-            "icons": icons_dataset(Path(scratch) / "icons"),
+            name: builders[name](Path(scratch) / name) for name in args.datasets.split(",")
         }
         results: dict[tuple[str, str], list[float]] = {}
         seconds: dict[tuple[str, str], float] = {}
@@ -280,7 +282,7 @@ def main() -> None:
             image_size = MANY_SHOTS_SIZE if many else None
             for name, (samples, classes) in datasets.items():
                 column = f"{name}@{count}"
-                for seed in range(args.seeds):
+                for seed in range(args.first_seed, args.first_seed + args.seeds):
                     train, val, test = split(
                         samples, len(classes), count, args.val, args.test, seed
                     )
