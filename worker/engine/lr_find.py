@@ -24,11 +24,11 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from .loop import Targets, TrainingHooks, train_one_epoch
+from .modalities import modality_for
 from .modalities.text.token_cache import EntryCache
 from .model import freeze, make_param_groups, set_batchnorm_mode
 from .optim import make_optimizer
 from .plan import CLASSIFY, Plan
-from .spec import MODALITY_DEFAULTS
 from .train import Samples, _loss_for, _set_up_run
 
 START_LR = 1e-7
@@ -236,7 +236,7 @@ def _spec_lr(plan: Plan, stage_index: int, suggestion: float) -> float | None:
     stage = plan.stages[stage_index]
     if not stage.auto_lr:
         return None
-    return suggestion * MODALITY_DEFAULTS[plan.modality].lr / max(stage.group_lrs.values())
+    return suggestion * modality_for(plan.modality).defaults.lr / max(stage.group_lrs.values())
 
 
 def _repeated(loader: Any, steps: int) -> Iterator[tuple[Tensor, Targets]]:

@@ -21,7 +21,6 @@ from .spec import (
     HEAD_C_GRID,
     MAX_IMAGE_SIZE,
     MIN_IMAGE_SIZE,
-    MODALITY_DEFAULTS,
     HeadConfig,
     RunSettings,
     SpecError,
@@ -242,6 +241,7 @@ def compile_plan(config: TransferConfig) -> Plan:
         added_groups=strategy.added_groups,
         strategy_lr_decay=strategy.lr_decay,
         family=get_base_model_info(base.base_model).family,
+        preset=modality_for(base.modality).preset(config.strategy),
     )
     stages = (
         tuple(_spec_stage(config, base, i, spec) for i, spec in enumerate(config.stages))
@@ -265,7 +265,7 @@ def compile_plan(config: TransferConfig) -> Plan:
             for stage in stages
             for sub in _resize_progressively(stage, config.progressive_resizing)
         )
-    batch_size = config.batch_size or MODALITY_DEFAULTS[base.modality].batch_size
+    batch_size = config.batch_size or base.defaults.batch_size
     if batch_size % config.gpus:
         raise SpecError(
             "gpus",
@@ -281,7 +281,7 @@ def compile_plan(config: TransferConfig) -> Plan:
     notes = strategy.notes(config, base)
     if notes:
         extra[strategy.name] = notes
-    own_defaults = applied_defaults(base.modality, config.strategy, config)
+    own_defaults = applied_defaults(base.preset, config)
     if own_defaults:
         extra["preset_defaults"] = own_defaults
     if config.parent is not None:
@@ -319,7 +319,8 @@ def with_found_lr(plan: Plan, lr: float) -> Plan:
     """The plan of a spec with `lr: auto` once the learning-rate finder chose `lr` (the head's
     rate on a frozen backbone): every stage that follows `lr` keeps its groups' ratios, scaled
     from the default rate it was compiled at; `extra["lr"]` records the choice."""
-    default = default_lr(plan.modality, plan.extra.get("strategy", ""))
+    modality = modality_for(plan.modality)
+    default = default_lr(modality.defaults, modality.preset(plan.extra.get("strategy", "")))
     stages = tuple(
         replace(
             stage,

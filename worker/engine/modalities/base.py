@@ -11,10 +11,12 @@ the recipe read plans through it): a modality imports its heavy parts inside its
 """
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+from ..preset_defaults import PresetDefaults
+from ..spec import ModalityDefaults
 from ..stages import Base, Plan, Stage, TaskInfo, TransferConfig
 
 if TYPE_CHECKING:
@@ -91,6 +93,15 @@ class Modality(ABC):
     packs_files: bool = False
     """Ingestion packs the item files into shards, unpacked once per host to be read (shards
     of rows are read in place)."""
+    defaults: ModalityDefaults
+    """What rates, decay, batch size and length a spec leaving them out gets."""
+    presets: ClassVar[Mapping[str, PresetDefaults]] = {}
+    """A preset's own defaults on this modality, by strategy name, where they differ from
+    `defaults` (a text encoder from random weights wants its own rate and schedule)."""
+
+    def preset(self, strategy: str) -> PresetDefaults:
+        """The `strategy` preset's own defaults on this modality (none: every field None)."""
+        return self.presets.get(strategy, PresetDefaults())
 
     # The service, UI and CLI.
 

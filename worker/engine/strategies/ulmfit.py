@@ -4,7 +4,6 @@ ULMFiT's `lr_decay` of 2.6."""
 
 from typing import TYPE_CHECKING
 
-from ..preset_defaults import preset_defaults
 from ..spec import ULMFIT_LM_LR, ULMFIT_LR_DECAY
 from ..stages import LM_HEAD, MASKED_LM, Base, Stage, TransferConfig, make_stage
 from .base import ParameterGroups, Strategy, gradual_unfreeze
@@ -43,7 +42,7 @@ def _lm_stages(config: TransferConfig, base: Base) -> tuple[Stage, ...]:
     """The target-task language-model stage: the encoder and an LM head, on masked tokens."""
     epochs = config.lm_epochs
     if epochs is None:
-        epochs = preset_defaults(base.modality, config.strategy).lm_epochs or 0
+        epochs = base.preset.lm_epochs or 0
     if epochs == 0:
         return ()
     return (

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ...spec import SpecError
+from ...spec import ModalityDefaults, SpecError
 from ...stages import Base, Plan, Stage, TaskInfo, TransferConfig
 from ..base import Inputs, Modality
 
@@ -34,6 +34,7 @@ class ImageModality(Modality):
     augments = True
     upload_format = "zip"
     packs_files = True
+    defaults = ModalityDefaults(lr=1e-3, fine_tune_lr_factor=0.1, lr_decay=2.6)
 
     def count(self, dataset: Any) -> int:
         return int(dataset.num_images)
@@ -84,6 +85,7 @@ class ImageModality(Modality):
             std=info.std,
             parent_location=None,
             old_tasks=(),
+            defaults=self.defaults,
         )
 
     def parent_base(
@@ -102,6 +104,7 @@ class ImageModality(Modality):
             std=parent.std,
             parent_location=config.parent.location,
             old_tasks=old_tasks,
+            defaults=self.defaults,
         )
 
     def stage_inputs(self, plan: Plan, stage: Stage) -> dict[str, Any]:
