@@ -11,6 +11,7 @@ from worker.engine.modalities import (
     modality_for,
     modality_of_base_model,
 )
+from worker.engine.strategies import STRATEGIES
 from worker.engine.zoo import UnknownBaseModelError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,6 +36,12 @@ def test_a_base_model_belongs_to_the_modality_whose_zoo_holds_it() -> None:
     assert modality_of_base_model("hf:some-folder").name == "text"
     with pytest.raises(UnknownBaseModelError, match="unknown base model 'nope'; known: "):
         modality_of_base_model("nope")
+
+
+def test_every_strategy_has_a_modality_that_trains_its_objectives() -> None:
+    for strategy in STRATEGIES.values():
+        takers = [m.name for m in MODALITIES if strategy.objectives <= m.objectives]
+        assert takers == (["text"] if strategy.name == "ulmfit" else ["image", "text"])
 
 
 def test_no_code_outside_the_modalities_branches_on_a_modality_name() -> None:

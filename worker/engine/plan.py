@@ -12,7 +12,7 @@ from typing import Any
 
 from .artifacts import ModelConfig
 from .data_defaults import data_defaults
-from .modalities import modality_for
+from .modalities import MODALITIES, Modality, modality_for
 from .preset_defaults import applied_defaults, default_lr
 from .spec import (
     ALL,
@@ -115,17 +115,30 @@ def parent_tasks(config: ModelConfig) -> tuple[TaskInfo, ...]:
     )
 
 
+def _check_modality(
+    config: TransferConfig, strategy: Strategy, modality: Modality, base_model: str
+) -> None:
+    modality.check_settings(config, base_model)
+    if not strategy.objectives <= modality.objectives:
+        takers = [other.name for other in MODALITIES if strategy.objectives <= other.objectives]
+        raise SpecError(
+            "strategy",
+            f"strategy: {strategy.name} is for {' and '.join(takers)} base models; "
+            f"{base_model} takes {modality.items}",
+        )
+
+
 def _resolve_base(config: TransferConfig, strategy: Strategy) -> Base:
     if config.parent is None:
         info = get_base_model_info(config.base_model)
         modality = modality_for(info.modality)
-        modality.check_settings(config, strategy, config.base_model)
+        _check_modality(config, strategy, modality, config.base_model)
         return modality.new_base(config, info)
     parent = config.parent.config
     parent_plan = Plan.from_dict(parent.plan)
     info = get_base_model_info(parent_plan.base_model)
     modality = modality_for(parent_plan.modality)
-    modality.check_settings(config, strategy, parent_plan.base_model)
+    _check_modality(config, strategy, modality, parent_plan.base_model)
     old_tasks = parent_tasks(parent) if strategy.keeps_parent_tasks else ()
     clash = [task.name for task in old_tasks if task.name == _task_name(config)]
     if clash:

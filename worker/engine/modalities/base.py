@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from ..preset_defaults import PresetDefaults
 from ..spec import ModalityDefaults
-from ..stages import Base, Plan, Stage, TaskInfo, TransferConfig
+from ..stages import CLASSIFY, Base, Plan, Stage, TaskInfo, TransferConfig
 
 if TYPE_CHECKING:
     import numpy as np
@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from torch.utils.data import DataLoader
 
     from ..onnx_export import OnnxExport
-    from ..strategies import Strategy
     from ..zoo import Backbone, BaseModelInfo
 
 
@@ -93,6 +92,10 @@ class Modality(ABC):
     packs_files: bool = False
     """Ingestion packs the item files into shards, unpacked once per host to be read (shards
     of rows are read in place)."""
+    objectives: frozenset[str] = frozenset({CLASSIFY})
+    """The stage objectives its inputs train: `classify` (`Inputs.batches`) and, where its
+    backbones have an LM head, `masked_lm` (`Inputs.language_model`). A strategy compiling
+    another (`Strategy.objectives`) is refused for its base models."""
     defaults: ModalityDefaults
     """What rates, decay, batch size and length a spec leaving them out gets."""
     presets: ClassVar[Mapping[str, PresetDefaults]] = {}
@@ -129,7 +132,7 @@ class Modality(ABC):
     # Plans.
 
     @abstractmethod
-    def check_settings(self, config: TransferConfig, strategy: "Strategy", base_model: str) -> None:
+    def check_settings(self, config: TransferConfig, base_model: str) -> None:
         """Refuse settings of another modality, so a preview never shows one that is unused."""
 
     @abstractmethod

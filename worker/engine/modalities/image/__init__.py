@@ -15,7 +15,6 @@ if TYPE_CHECKING:
     import torch
 
     from ...onnx_export import OnnxExport
-    from ...strategies import Strategy
     from ...zoo import Backbone, BaseModelInfo
 
 
@@ -53,7 +52,7 @@ class ImageModality(Modality):
 
         return Sample(path=Path(content), label=label)
 
-    def check_settings(self, config: TransferConfig, strategy: "Strategy", base_model: str) -> None:
+    def check_settings(self, config: TransferConfig, base_model: str) -> None:
         for name in ("max_length", "truncation", "lm_epochs", "lm_lr"):
             if getattr(config, name) is not None:
                 raise SpecError(name, f"{name}: {base_model} is an image model; {name} is for text")
@@ -62,12 +61,6 @@ class ImageModality(Modality):
                 "tta",
                 "tta: `flip` with `flip: false` leaves only the original view; use `flip_crops` "
                 "(crops without mirrors) or `none`",
-            )
-        if self.name not in strategy.modalities:
-            raise SpecError(
-                "strategy",
-                f"strategy: {strategy.name} is for {' and '.join(strategy.modalities)} base "
-                f"models; {base_model} takes images",
             )
 
     def new_base(self, config: TransferConfig, info: "BaseModelInfo") -> Base:

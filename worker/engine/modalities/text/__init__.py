@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ...preset_defaults import PresetDefaults
 from ...spec import ModalityDefaults, SpecError
-from ...stages import Base, Plan, Stage, TaskInfo, TransferConfig
+from ...stages import CLASSIFY, MASKED_LM, Base, Plan, Stage, TaskInfo, TransferConfig
 from ..base import Inputs, Modality
 
 if TYPE_CHECKING:
@@ -16,7 +16,6 @@ if TYPE_CHECKING:
     import torch
 
     from ...onnx_export import OnnxExport
-    from ...strategies import Strategy
     from ...zoo import Backbone, BaseModelInfo
 
 
@@ -57,6 +56,7 @@ class TextModality(Modality):
     inline_items = True
     upload_format = "csv"
     reads_token_lengths = True
+    objectives = frozenset({CLASSIFY, MASKED_LM})
     defaults = TEXT_DEFAULTS
     presets: ClassVar[Mapping[str, PresetDefaults]] = {
         # A transformer from random weights stayed at chance at the text head rate (2e-3)
@@ -97,7 +97,7 @@ class TextModality(Modality):
 
         return TextSample(text=str(content), label=label)
 
-    def check_settings(self, config: TransferConfig, strategy: "Strategy", base_model: str) -> None:
+    def check_settings(self, config: TransferConfig, base_model: str) -> None:
         for name in ("image_size", "progressive_resizing"):
             if getattr(config, name) is not None:
                 raise SpecError(name, f"{name}: {base_model} is a text model; {name} is for images")
