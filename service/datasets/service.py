@@ -609,7 +609,7 @@ def dataset_items(*, context: AppContext, dataset_id: str) -> DatasetItems:
     """Every labelled item of the dataset with its id, label and split: the one view an
     experiment carves its test split from and a trial trains, validates and tests on."""
     manifest, root = load_manifest(context=context, dataset_id=dataset_id)
-    if manifest.modality != "text":
+    if not modality_for(manifest.modality).inline_items:
         items = [
             DatasetItem(id=s.path, label=s.label, split=str(s.split), content=root / s.path)
             for s in manifest.samples
