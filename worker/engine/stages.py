@@ -21,7 +21,6 @@ from .spec import (
     AugmentLevel,
     BatchNormMode,
     HeadConfig,
-    Modality,
     ModalityDefaults,
     RunSettings,
     Schedule,
@@ -185,7 +184,8 @@ class Base:
     old_tasks: tuple[TaskInfo, ...]
     defaults: ModalityDefaults
     """The modality's (`Modality.defaults`)."""
-    modality: Modality = "image"
+    modality: str = "image"
+    """A name in the modality registry (`modalities.MODALITIES`)."""
     max_length: int | None = None
     truncation: Truncation | None = None
     added_groups: tuple[str, ...] = ()
@@ -305,7 +305,8 @@ class Plan(RunSettings):
     parent: str | None = None
     """Start from this exported model's weights instead of ImageNet's: its `ParentModel`
     location (the service's storage key of the version). `run` gets its files as a folder."""
-    modality: Modality = "image"
+    modality: str = "image"
+    """A name in the modality registry (`modalities.MODALITIES`)."""
     max_length: int | None = None
     """Text: tokens per text, special tokens included."""
     truncation: Truncation | None = None
