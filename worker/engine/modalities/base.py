@@ -87,6 +87,10 @@ class Modality(ABC):
     inline to predict, shown as it is."""
     upload_format: str
     """The upload a dataset of it comes as (`zip` of label folders, `csv` of rows)."""
+    upload_kinds: frozenset[str]
+    """What an upload of its datasets may be, as the datasets service recognises an upload
+    (`archive`, `csv`, `jsonl`): an upload of a kind only one modality takes is known to hold
+    that modality before it is ingested (`modalities.upload_modality`)."""
     reads_token_lengths: bool = False
     """Ingestion measures each item's tokens (shown before training)."""
     packs_files: bool = False

@@ -32,6 +32,7 @@ class ImageModality(Modality):
     input_param = "images"
     augments = True
     upload_format = "zip"
+    upload_kinds = frozenset({"archive"})
     packs_files = True
     defaults = ModalityDefaults(lr=1e-3, fine_tune_lr_factor=0.1, lr_decay=2.6)
 

@@ -55,6 +55,8 @@ class TextModality(Modality):
     exports_hf = True
     inline_items = True
     upload_format = "csv"
+    # An archive may hold a folder of .txt files per class as well as images.
+    upload_kinds = frozenset({"archive", "csv", "jsonl"})
     reads_token_lengths = True
     objectives = frozenset({CLASSIFY, MASKED_LM})
     defaults = TEXT_DEFAULTS
