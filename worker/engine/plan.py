@@ -63,6 +63,7 @@ __all__ = [
     "cached_passes",
     "compile_plan",
     "parent_tasks",
+    "spec_lr_for",
     "steps_per_epoch",
     "with_found_lr",
 ]
@@ -328,12 +329,28 @@ def compile_plan(config: TransferConfig) -> Plan:
     )
 
 
+def _auto_lr(plan: Plan) -> float:
+    """The rate a plan's `lr: auto` stages were compiled at: its modality's and preset's default
+    `lr`."""
+    modality = modality_for(plan.modality)
+    return default_lr(modality.defaults, modality.preset(plan.extra.get("strategy", "")))
+
+
+def spec_lr_for(plan: Plan, stage_index: int, top: float) -> float | None:
+    """The spec's `lr` that gives the stage's top group the rate `top` (`with_found_lr`'s
+    inverse). A stage that follows `lr: auto` scales with `lr`; other stages' rates do not
+    follow `lr` alone (None)."""
+    stage = plan.stages[stage_index]
+    if not stage.auto_lr:
+        return None
+    return top * _auto_lr(plan) / max(stage.group_lrs.values())
+
+
 def with_found_lr(plan: Plan, lr: float) -> Plan:
     """The plan of a spec with `lr: auto` once the learning-rate finder chose `lr` (the head's
     rate on a frozen backbone): every stage that follows `lr` keeps its groups' ratios, scaled
     from the default rate it was compiled at; `extra["lr"]` records the choice."""
-    modality = modality_for(plan.modality)
-    default = default_lr(modality.defaults, modality.preset(plan.extra.get("strategy", "")))
+    default = _auto_lr(plan)
     stages = tuple(
         replace(
             stage,
