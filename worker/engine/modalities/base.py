@@ -39,6 +39,8 @@ class Inputs(Protocol):
       which is what makes a resumed run redraw the same batches.
     - `steps(samples, stage)`: optimizer steps of one pass over the samples (an epoch of a stage
       on cached features makes `stage.passes` passes).
+    - `view_batches(samples, stage, view)`: unshuffled batches of the samples as augmented in
+      the cached view `view` (a stage on cached features of a modality that `augments`).
     - `describe()`: facts kept with the metrics (text: token-length statistics).
     - `language_model(...)`: ulmfit's masked-LM stage (text only).
     """
@@ -53,6 +55,10 @@ class Inputs(Protocol):
     ) -> "DataLoader[Any]": ...
 
     def steps(self, samples: Sequence[Any], stage: Stage) -> int: ...
+
+    def view_batches(
+        self, samples: Sequence[Any], stage: Stage, view: int
+    ) -> "DataLoader[Any]": ...
 
     def describe(self) -> dict[str, Any]: ...
 
