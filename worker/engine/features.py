@@ -19,13 +19,14 @@ they come from the samples.
 Augmented views: a cached stage with `augment` on images computes `feature_views` augmented
 views of every training image once (one backbone pass per image and view), and each epoch
 trains on one view per image drawn from the run's shuffle stream (`ViewSampler`). A view's
-random crop, flip and so on are seeded by its index and the image's position (`view_seed`),
-never by the run's streams, so the same view comes out whether it was computed or read from
-the store. Computing or reading features draws nothing from any random stream either
-(`stage_data` runs it under `fork_rng`; a DataLoader draws a seed each time it is iterated),
-so a run that hits the store ends with exactly the weights of one that misses, and exact
-resume holds. MixUp/CutMix (`strong`) mixes pixels of a batch and has no feature-level
-equivalent: cached stages get the per-image part of the level only.
+random crop, flip and so on are seeded by its index and the image's position (`view_seed`,
+with the view's batches in `modalities/image/inputs.py`), never by the run's streams, so the
+same view comes out whether it was computed or read from the store. Computing or reading
+features draws nothing from any random stream either (`stage_data` runs it under `fork_rng`;
+a DataLoader draws a seed each time it is iterated), so a run that hits the store ends with
+exactly the weights of one that misses, and exact resume holds. MixUp/CutMix (`strong`) mixes
+pixels of a batch and has no feature-level equivalent: cached stages get the per-image part of
+the level only.
 """
 
 import hashlib
