@@ -44,10 +44,11 @@ from text import ScriptClassifier
 from torch import Tensor, nn
 
 from worker.engine import ParentModel, TextSample, TransferConfig, compile_plan, export_model, run
+from worker.engine.modalities.text import TEXT_DEFAULTS
 from worker.engine.modalities.text.zoo import MINILM, locate_folder
 from worker.engine.plan import Plan
 from worker.engine.refit import refit
-from worker.engine.spec import MODALITY_DEFAULTS, Strategy
+from worker.engine.spec import Strategy
 
 DESCRIPTIONS = Path(__file__).parent.parent / "tests" / "fixtures" / "debian_descriptions.csv"
 FORTUNE_ROOT = Path("/usr/share/games/fortunes")
@@ -252,7 +253,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    max_length = MODALITY_DEFAULTS["text"].max_length
+    max_length = TEXT_DEFAULTS.max_length
     assert max_length is not None
     rows = row_order(args.presets, script=not args.no_script)
     if args.table:

@@ -3,7 +3,7 @@
 from statistics import mean
 from typing import Any
 
-from worker.engine.spec import MODALITY_DEFAULTS
+from worker.engine.modalities import modality_of_base_model
 
 
 def summarise_token_lengths(
@@ -12,7 +12,7 @@ def summarise_token_lengths(
     """Counts, percentiles and how many texts `base_model` would truncate at `max_length`, and
     at the `max_length` a job uses when its spec leaves it out."""
     ordered = sorted(lengths)
-    default = MODALITY_DEFAULTS["text"].max_length
+    default = modality_of_base_model(base_model).defaults.max_length
     if default is not None and max_length is not None:
         default = min(default, max_length)
 

@@ -1,12 +1,18 @@
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, computed_field
 
 from service.bounds import BodySeed, RequestBody
 from service.datasets.imbalance import imbalance_report
 from service.datasets.ingest.results import MAX_LISTED_SKIPPED
+from worker.engine.modalities import MODALITIES
 from worker.engine.spec import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+
+ModalityName = Annotated[
+    str, WithJsonSchema({"enum": [modality.name for modality in MODALITIES], "type": "string"})
+]
+"""A name in the modality registry; the schema lists them."""
 
 
 class SkippedFileOut(BaseModel):
@@ -76,7 +82,7 @@ class DatasetOut(BaseModel):
     classes: list[str]
     class_counts: dict[str, ClassCount]
     num_images: int
-    modality: Literal["image", "text"] | None = Field(
+    modality: ModalityName | None = Field(
         description="null until an uploaded archive has been read."
     )
     num_texts: int = Field(description="Labelled texts kept (text datasets).")

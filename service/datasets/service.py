@@ -42,7 +42,7 @@ from service.storage.cache import entry_id
 from service.tables import Dataset, Tenant
 from service.uploads import ReceivedUpload
 from worker import engine
-from worker.engine.modalities import dataset_modality, modality_for
+from worker.engine.modalities import dataset_modality, modality_for, upload_modality
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def _form_unlabelled(fields: dict[str, str]) -> bool:
 
 
 def _sniff(upload: ReceivedUpload, columns: TextColumns) -> str | None:
-    """The upload's modality when its content already tells (None for an archive); 4xx for
+    """The upload's modality when its kind already tells (None for an archive); 4xx for
     anything that is no dataset, or a CSV without the columns asked for."""
     head = upload.head
     kind = detect_upload(head)
@@ -143,7 +143,8 @@ def _sniff(upload: ReceivedUpload, columns: TextColumns) -> str | None:
             check_csv_header(head, columns)
         except MissingColumnError as exc:
             raise ApiError(422, "bad_header", exc.message, param=exc.param) from None
-    return None if kind == "archive" else "text"
+    taker = upload_modality(kind)
+    return None if taker is None else taker.name
 
 
 def create_dataset(
@@ -609,7 +610,7 @@ def dataset_items(*, context: AppContext, dataset_id: str) -> DatasetItems:
     """Every labelled item of the dataset with its id, label and split: the one view an
     experiment carves its test split from and a trial trains, validates and tests on."""
     manifest, root = load_manifest(context=context, dataset_id=dataset_id)
-    if manifest.modality != "text":
+    if not modality_for(manifest.modality).inline_items:
         items = [
             DatasetItem(id=s.path, label=s.label, split=str(s.split), content=root / s.path)
             for s in manifest.samples

@@ -4,7 +4,7 @@ import pytest
 
 from worker.engine import Sample, TransferConfig, compile_plan
 from worker.engine.lr_find import LrFinding, lr_find, valley
-from worker.engine.plan import with_found_lr
+from worker.engine.plan import spec_lr_for, with_found_lr
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,22 @@ def test_a_found_rate_rescales_the_stages_that_follow_lr(finding: LrFinding) -> 
     )
     for ours, theirs in zip(found.stages, explicit.stages, strict=True):
         assert ours.group_lrs == pytest.approx(theirs.group_lrs)
+
+
+@pytest.mark.parametrize(
+    ("base_model", "strategy"),
+    [("resnet18", "fine_tune"), ("minilm_l6", "fine_tune"), ("minilm_l6", "scratch")],
+)
+def test_a_suggested_rate_becomes_the_top_rate_of_its_stage(base_model: str, strategy: str) -> None:
+    # Text scratch compiles `lr: auto` at its preset's own rate, not the modality's.
+    plan = compile_plan(
+        TransferConfig(base_model=base_model, num_classes=3, strategy=strategy, lr="auto")  # type: ignore[arg-type]
+    )
+    index = next(i for i, stage in enumerate(plan.stages) if stage.auto_lr)
+    lr = spec_lr_for(plan, index, 1e-3)
+    assert lr is not None
+    found = with_found_lr(plan, lr).stages[index]
+    assert max(found.group_lrs.values()) == pytest.approx(1e-3)
 
 
 def test_valley_picks_two_thirds_down_the_longest_fall() -> None:

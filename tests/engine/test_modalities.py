@@ -10,7 +10,9 @@ from worker.engine.modalities import (
     UnknownModalityError,
     modality_for,
     modality_of_base_model,
+    upload_modality,
 )
+from worker.engine.strategies import STRATEGIES
 from worker.engine.zoo import UnknownBaseModelError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,6 +37,20 @@ def test_a_base_model_belongs_to_the_modality_whose_zoo_holds_it() -> None:
     assert modality_of_base_model("hf:some-folder").name == "text"
     with pytest.raises(UnknownBaseModelError, match="unknown base model 'nope'; known: "):
         modality_of_base_model("nope")
+
+
+def test_an_upload_kind_only_one_modality_takes_decides_the_modality_before_ingestion() -> None:
+    # An archive holds label folders of images or of .txt files: ingestion tells which.
+    taken = {
+        kind: getattr(upload_modality(kind), "name", None) for kind in ("archive", "csv", "jsonl")
+    }
+    assert taken == {"archive": None, "csv": "text", "jsonl": "text"}
+
+
+def test_every_strategy_has_a_modality_that_trains_its_objectives() -> None:
+    for strategy in STRATEGIES.values():
+        takers = [m.name for m in MODALITIES if strategy.objectives <= m.objectives]
+        assert takers == (["text"] if strategy.name == "ulmfit" else ["image", "text"])
 
 
 def test_no_code_outside_the_modalities_branches_on_a_modality_name() -> None:

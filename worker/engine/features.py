@@ -19,13 +19,14 @@ they come from the samples.
 Augmented views: a cached stage with `augment` on images computes `feature_views` augmented
 views of every training image once (one backbone pass per image and view), and each epoch
 trains on one view per image drawn from the run's shuffle stream (`ViewSampler`). A view's
-random crop, flip and so on are seeded by its index and the image's position (`view_seed`),
-never by the run's streams, so the same view comes out whether it was computed or read from
-the store. Computing or reading features draws nothing from any random stream either
-(`stage_data` runs it under `fork_rng`; a DataLoader draws a seed each time it is iterated),
-so a run that hits the store ends with exactly the weights of one that misses, and exact
-resume holds. MixUp/CutMix (`strong`) mixes pixels of a batch and has no feature-level
-equivalent: cached stages get the per-image part of the level only.
+random crop, flip and so on are seeded by its index and the image's position (`view_seed`,
+with the view's batches in `modalities/image/inputs.py`), never by the run's streams, so the
+same view comes out whether it was computed or read from the store. Computing or reading
+features draws nothing from any random stream either (`stage_data` runs it under `fork_rng`;
+a DataLoader draws a seed each time it is iterated), so a run that hits the store ends with
+exactly the weights of one that misses, and exact resume holds. MixUp/CutMix (`strong`) mixes
+pixels of a batch and has no feature-level equivalent: cached stages get the per-image part of
+the level only.
 """
 
 import hashlib
@@ -33,18 +34,16 @@ import json
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
 
 from .loop import Precision
 from .modalities import modality_for
-from .modalities.image.augment import SEED_BOUND, AugmentedImages, MixingCollate, stage_augment
-from .modalities.image.data import Sample
 from .plan import Plan, Stage
-from .recipe import cached_view_count
+from .recipe import cached_view_count, stage_augment
 
 FEATURES_FORMAT = 2
 """Bump when what a stored entry holds, or how features are computed, changes (2: text
@@ -134,45 +133,6 @@ def feature_key(
         ),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-
-
-def view_seed(view: int, position: int) -> int:
-    """The augmentation seed of the `position`-th training item in view `view`."""
-    digest = hashlib.sha256(f"thaw-view\0{view}\0{position}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") % SEED_BOUND
-
-
-class _FixedKeys(Sampler[tuple[int, int]]):
-    """Every item once, in order, each with its view's augmentation seed."""
-
-    def __init__(self, count: int, view: int) -> None:
-        self.keys = [(position, view_seed(view, position)) for position in range(count)]
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        return iter(self.keys)
-
-
-def view_batches(
-    samples: Sequence[Sample],
-    plan: Plan,
-    image_size: int,
-    view: int,
-    *,
-    num_workers: int,
-    pin_memory: bool,
-) -> DataLoader[Any]:
-    """Unshuffled batches of the training images as augmented in view `view`."""
-    return DataLoader(
-        AugmentedImages(samples, plan, image_size),
-        batch_size=plan.batch_size,
-        sampler=_FixedKeys(len(samples), view),
-        collate_fn=MixingCollate(None),
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-    )
 
 
 class ViewFeatures(Dataset[tuple[Tensor, Tensor]]):

@@ -27,8 +27,7 @@ from .loop import Targets, TrainingHooks, train_one_epoch
 from .modalities.text.token_cache import EntryCache
 from .model import freeze, make_param_groups, set_batchnorm_mode
 from .optim import make_optimizer
-from .plan import CLASSIFY, Plan
-from .spec import MODALITY_DEFAULTS
+from .plan import CLASSIFY, Plan, spec_lr_for
 from .train import Samples, _loss_for, _set_up_run
 
 START_LR = 1e-7
@@ -224,19 +223,9 @@ def lr_find(
         losses=curve.losses,
         suggestion=suggestion,
         suggestion_index=index,
-        lr=_spec_lr(plan, stage_index, suggestion),
+        lr=spec_lr_for(plan, stage_index, suggestion),
         diverged=curve.diverged,
     )
-
-
-def _spec_lr(plan: Plan, stage_index: int, suggestion: float) -> float | None:
-    """The spec's `lr` that gives the stage's top group `suggestion`. A stage that follows
-    `lr: auto` was compiled at the modality's default rate and scales with `lr`; other stages'
-    rates do not follow `lr` alone (None)."""
-    stage = plan.stages[stage_index]
-    if not stage.auto_lr:
-        return None
-    return suggestion * MODALITY_DEFAULTS[plan.modality].lr / max(stage.group_lrs.values())
 
 
 def _repeated(loader: Any, steps: int) -> Iterator[tuple[Tensor, Targets]]:

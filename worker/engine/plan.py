@@ -12,7 +12,7 @@ from typing import Any
 
 from .artifacts import ModelConfig
 from .data_defaults import data_defaults
-from .modalities import modality_for
+from .modalities import MODALITIES, Modality, modality_for
 from .preset_defaults import applied_defaults, default_lr
 from .spec import (
     ALL,
@@ -21,7 +21,6 @@ from .spec import (
     HEAD_C_GRID,
     MAX_IMAGE_SIZE,
     MIN_IMAGE_SIZE,
-    MODALITY_DEFAULTS,
     HeadConfig,
     RunSettings,
     SpecError,
@@ -64,6 +63,7 @@ __all__ = [
     "cached_passes",
     "compile_plan",
     "parent_tasks",
+    "spec_lr_for",
     "steps_per_epoch",
     "with_found_lr",
 ]
@@ -116,17 +116,30 @@ def parent_tasks(config: ModelConfig) -> tuple[TaskInfo, ...]:
     )
 
 
+def _check_modality(
+    config: TransferConfig, strategy: Strategy, modality: Modality, base_model: str
+) -> None:
+    modality.check_settings(config, base_model)
+    if not strategy.objectives <= modality.objectives:
+        takers = [other.name for other in MODALITIES if strategy.objectives <= other.objectives]
+        raise SpecError(
+            "strategy",
+            f"strategy: {strategy.name} is for {' and '.join(takers)} base models; "
+            f"{base_model} takes {modality.items}",
+        )
+
+
 def _resolve_base(config: TransferConfig, strategy: Strategy) -> Base:
     if config.parent is None:
         info = get_base_model_info(config.base_model)
         modality = modality_for(info.modality)
-        modality.check_settings(config, strategy, config.base_model)
+        _check_modality(config, strategy, modality, config.base_model)
         return modality.new_base(config, info)
     parent = config.parent.config
     parent_plan = Plan.from_dict(parent.plan)
     info = get_base_model_info(parent_plan.base_model)
     modality = modality_for(parent_plan.modality)
-    modality.check_settings(config, strategy, parent_plan.base_model)
+    _check_modality(config, strategy, modality, parent_plan.base_model)
     old_tasks = parent_tasks(parent) if strategy.keeps_parent_tasks else ()
     clash = [task.name for task in old_tasks if task.name == _task_name(config)]
     if clash:
@@ -242,6 +255,7 @@ def compile_plan(config: TransferConfig) -> Plan:
         added_groups=strategy.added_groups,
         strategy_lr_decay=strategy.lr_decay,
         family=get_base_model_info(base.base_model).family,
+        preset=modality_for(base.modality).preset(config.strategy),
     )
     stages = (
         tuple(_spec_stage(config, base, i, spec) for i, spec in enumerate(config.stages))
@@ -265,7 +279,7 @@ def compile_plan(config: TransferConfig) -> Plan:
             for stage in stages
             for sub in _resize_progressively(stage, config.progressive_resizing)
         )
-    batch_size = config.batch_size or MODALITY_DEFAULTS[base.modality].batch_size
+    batch_size = config.batch_size or base.defaults.batch_size
     if batch_size % config.gpus:
         raise SpecError(
             "gpus",
@@ -281,7 +295,7 @@ def compile_plan(config: TransferConfig) -> Plan:
     notes = strategy.notes(config, base)
     if notes:
         extra[strategy.name] = notes
-    own_defaults = applied_defaults(base.modality, config.strategy, config)
+    own_defaults = applied_defaults(base.preset, config)
     if own_defaults:
         extra["preset_defaults"] = own_defaults
     if config.parent is not None:
@@ -315,11 +329,28 @@ def compile_plan(config: TransferConfig) -> Plan:
     )
 
 
+def _auto_lr(plan: Plan) -> float:
+    """The rate a plan's `lr: auto` stages were compiled at: its modality's and preset's default
+    `lr`."""
+    modality = modality_for(plan.modality)
+    return default_lr(modality.defaults, modality.preset(plan.extra.get("strategy", "")))
+
+
+def spec_lr_for(plan: Plan, stage_index: int, top: float) -> float | None:
+    """The spec's `lr` that gives the stage's top group the rate `top` (`with_found_lr`'s
+    inverse). A stage that follows `lr: auto` scales with `lr`; other stages' rates do not
+    follow `lr` alone (None)."""
+    stage = plan.stages[stage_index]
+    if not stage.auto_lr:
+        return None
+    return top * _auto_lr(plan) / max(stage.group_lrs.values())
+
+
 def with_found_lr(plan: Plan, lr: float) -> Plan:
     """The plan of a spec with `lr: auto` once the learning-rate finder chose `lr` (the head's
     rate on a frozen backbone): every stage that follows `lr` keeps its groups' ratios, scaled
     from the default rate it was compiled at; `extra["lr"]` records the choice."""
-    default = default_lr(plan.modality, plan.extra.get("strategy", ""))
+    default = _auto_lr(plan)
     stages = tuple(
         replace(
             stage,

@@ -14,7 +14,7 @@ from .spec import HEAD_C_GRID
 if TYPE_CHECKING:
     # Annotations only: this module is also shipped alone with exported models (it reads no
     # plan there), and `stages` imports it through `artifacts`.
-    from .stages import Plan
+    from .stages import Plan, Stage
 
 ORIGINAL_VIEW = "original"
 """The one view of an image predicted without test-time augmentation."""
@@ -57,6 +57,11 @@ def augment_level(augment: str, *, modality: str, distill: bool) -> str:
     if distill or not modality_for(modality).augments:
         return "none"
     return augment
+
+
+def stage_augment(plan: "Plan", stage: "Stage") -> str:
+    """The augmentation level a stage's training batches get (`augment_level`)."""
+    return augment_level(plan.augment, modality=plan.modality, distill=stage.distill)
 
 
 def cached_view_count(*, cache_features: bool, augment: str, feature_views: int) -> int | None:

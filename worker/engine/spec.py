@@ -33,7 +33,6 @@ Schedule = Literal["constant", "cosine", "one_cycle", "slanted_triangular"]
 BatchNormMode = Literal["train", "frozen"]
 OptimizerName = Literal["adamw", "sgd"]
 Device = Literal["cpu", "cuda"]
-Modality = Literal["image", "text"]
 Truncation = Literal["head", "head_tail"]
 ClassWeights = Literal["none", "balanced"]
 SamplerName = Literal["shuffle", "balanced"]
@@ -67,7 +66,8 @@ class SpecError(ValueError):
 
 @dataclass(frozen=True)
 class ModalityDefaults:
-    """What a setting left out of a spec becomes, per modality of the base model."""
+    """What a setting left out of a spec becomes, per modality of the base model: each
+    `Modality` declares its own (`Modality.defaults`)."""
 
     lr: float
     """The head's rate while the backbone is frozen."""
@@ -78,19 +78,6 @@ class ModalityDefaults:
     batch_size: int = 32
 
 
-MODALITY_DEFAULTS: dict[str, ModalityDefaults] = {
-    "image": ModalityDefaults(lr=1e-3, fine_tune_lr_factor=0.1, lr_decay=2.6),
-    # A head on frozen sentence embeddings takes a higher rate than a conv head. Once the
-    # encoder trains, the head runs at 2e-3 * 0.05 = 1e-4 and each layer below 1.2 times
-    # less (the top layer ≈ 8e-5, the embeddings ≈ 3e-5): BERT's usual range, with the mild
-    # layer-wise decay Sun et al. 2019 found best. ulmfit keeps ULMFiT's 2.6.
-    # Batches of 16 (BERT's own fine-tuning range is 16-32): on a few hundred labelled texts
-    # twice the optimizer steps of 32 per epoch, 0.844 against 0.833 for fine_tune on
-    # bench/text_quality.py's descriptions.
-    "text": ModalityDefaults(
-        lr=2e-3, fine_tune_lr_factor=0.05, lr_decay=1.2, max_length=128, batch_size=16
-    ),
-}
 ULMFIT_LR_DECAY = 2.6
 ULMFIT_LM_LR = 1e-4
 """ulmfit: the masked-LM stage's rate (the encoder's top layer; ÷ lr_decay per layer below)."""

@@ -34,13 +34,11 @@ from .features import (
     ViewSampler,
     cached_views,
     feature_key,
-    view_batches,
     weights_digest,
 )
 from .imbalance import training_sampler
 from .loop import Batches, Precision, in_sample_order
 from .modalities.base import Inputs
-from .modalities.image.inputs import ImageInputs
 from .model import TransferModel
 from .plan import MASKED_LM, Plan, Stage
 from .strategies.lwf.distillation import AllTasks
@@ -211,16 +209,7 @@ class StageData:
         if view is None:
             batches = self.inputs.batches(samples, stage, shuffled=False)
         else:
-            assert isinstance(self.inputs, ImageInputs)
-            assert stage.image_size is not None
-            batches = view_batches(
-                samples,
-                self.plan,
-                stage.image_size,
-                view,
-                num_workers=self.inputs.num_workers,
-                pin_memory=self.device.type == "cuda",
-            )
+            batches = self.inputs.view_batches(samples, stage, view)
         features, _ = compute_features(
             self.model.backbone, batches, self.device, self.check_cancelled, self.precision
         )

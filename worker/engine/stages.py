@@ -15,14 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import ModelConfig, ModelConfigError, read_model_config
-from .preset_defaults import DEFAULT_SCHEDULE, default_lr, preset_defaults
+from .preset_defaults import DEFAULT_SCHEDULE, PresetDefaults, default_lr
 from .spec import (
     AUTO,
-    MODALITY_DEFAULTS,
     AugmentLevel,
     BatchNormMode,
     HeadConfig,
-    Modality,
+    ModalityDefaults,
     RunSettings,
     Schedule,
     TransferSettings,
@@ -173,7 +172,8 @@ def discriminative_lrs(top_lr: float, groups: tuple[str, ...], decay: float) -> 
 @dataclass(frozen=True)
 class Base:
     """What the stages are built on: the architecture's groups, sizes and the parent, if any,
-    and what the strategy adds (its groups, its default `lr_decay`)."""
+    its modality's defaults, and what the strategy adds (its groups, its default `lr_decay`,
+    the preset's own defaults on the modality)."""
 
     base_model: str
     backbone_groups: tuple[str, ...]
@@ -182,7 +182,10 @@ class Base:
     std: tuple[float, float, float]
     parent_location: str | None
     old_tasks: tuple[TaskInfo, ...]
-    modality: Modality = "image"
+    defaults: ModalityDefaults
+    """The modality's (`Modality.defaults`)."""
+    modality: str = "image"
+    """A name in the modality registry (`modalities.MODALITIES`)."""
     max_length: int | None = None
     truncation: Truncation | None = None
     added_groups: tuple[str, ...] = ()
@@ -192,6 +195,8 @@ class Base:
     """The strategy's own default `lr_decay`, if it has one, over the modality's."""
     family: str = ""
     """The architecture's family in the zoo (`BaseModelInfo.family`)."""
+    preset: PresetDefaults = field(default_factory=PresetDefaults)
+    """The strategy's own defaults on the modality (`Modality.preset`)."""
 
     @property
     def head_groups(self) -> tuple[str, ...]:
@@ -206,23 +211,22 @@ class Base:
             return config.lr_decay
         if self.strategy_lr_decay is not None:
             return self.strategy_lr_decay
-        return MODALITY_DEFAULTS[self.modality].lr_decay
+        return self.defaults.lr_decay
 
     def rates(self, config: TransferConfig) -> tuple[float, float]:
         """The head's rate on a frozen backbone, and the factor once the backbone trains."""
-        defaults = MODALITY_DEFAULTS[self.modality]
         # `auto` compiles at the default rate; the finder's rate rescales those stages at
         # run time.
         return (
             (
-                default_lr(self.modality, config.strategy)
+                default_lr(self.defaults, self.preset)
                 if config.lr is None or isinstance(config.lr, str)
                 else config.lr
             ),
             (
                 config.fine_tune_lr_factor
                 if config.fine_tune_lr_factor is not None
-                else defaults.fine_tune_lr_factor
+                else self.defaults.fine_tune_lr_factor
             ),
         )
 
@@ -251,7 +255,7 @@ def make_stage(
     cache = objective == CLASSIFY and not set(trainable) - set(base.head_groups)
     if follows_lr is None:
         follows_lr = top_lr is None
-    own = preset_defaults(base.modality, config.strategy)
+    own = base.preset
     boost = None
     if top_lr is None:
         head_lr, factor = base.rates(config)
@@ -301,7 +305,8 @@ class Plan(RunSettings):
     parent: str | None = None
     """Start from this exported model's weights instead of ImageNet's: its `ParentModel`
     location (the service's storage key of the version). `run` gets its files as a folder."""
-    modality: Modality = "image"
+    modality: str = "image"
+    """A name in the modality registry (`modalities.MODALITIES`)."""
     max_length: int | None = None
     """Text: tokens per text, special tokens included."""
     truncation: Truncation | None = None

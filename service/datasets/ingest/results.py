@@ -7,7 +7,8 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, cast, get_args
 
-Modality = Literal["image", "text"]
+from worker.engine.modalities import modality_for
+
 Split = Literal["train", "val"]
 SkipCode = Literal[
     "unsafe_path",
@@ -99,7 +100,8 @@ class IngestResult:
     samples: list[Sample]  # images (stored in `shards` from version 3); empty for text
     skipped: list[SkippedFile]
     class_counts: dict[str, dict[str, int]]
-    modality: Modality = "image"
+    modality: str = "image"
+    """A name in the modality registry (`worker.engine.modalities`)."""
     shards: list[TextShard] = field(default_factory=list)
     unlabelled: int = 0  # texts kept without a label (for a language-model stage)
     unlisted_skipped: int = 0
@@ -249,7 +251,7 @@ def parse_skip_code(value: object) -> SkipCode:
     return cast(SkipCode, value)
 
 
-def parse_modality(value: object) -> Modality:
-    if value not in get_args(Modality):
+def parse_modality(value: object) -> str:
+    if not isinstance(value, str):
         raise ValueError(f"unknown modality {value!r}")
-    return cast(Modality, value)
+    return modality_for(value).name

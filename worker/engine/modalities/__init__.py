@@ -16,6 +16,7 @@ __all__ = [
     "dataset_modality",
     "modality_for",
     "modality_of_base_model",
+    "upload_modality",
 ]
 
 
@@ -35,6 +36,13 @@ def modality_for(name: str) -> Modality:
 def dataset_modality(name: str | None) -> Modality:
     """A dataset's modality, as shown; images while ingestion has not decided it (None)."""
     return modality_for(name or ImageModality.name)
+
+
+def upload_modality(kind: str) -> Modality | None:
+    """The modality of an upload of `kind` when only one modality takes that kind (a CSV:
+    texts); None when ingestion must read the upload to tell (an archive)."""
+    takers = [modality for modality in MODALITIES if kind in modality.upload_kinds]
+    return takers[0] if len(takers) == 1 else None
 
 
 def modality_of_base_model(name: str) -> Modality:

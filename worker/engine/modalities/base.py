@@ -11,11 +11,13 @@ the recipe read plans through it): a modality imports its heavy parts inside its
 """
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from ..stages import Base, Plan, Stage, TaskInfo, TransferConfig
+from ..preset_defaults import PresetDefaults
+from ..spec import ModalityDefaults
+from ..stages import CLASSIFY, Base, Plan, Stage, TaskInfo, TransferConfig
 
 if TYPE_CHECKING:
     import numpy as np
@@ -24,7 +26,6 @@ if TYPE_CHECKING:
     from torch.utils.data import DataLoader
 
     from ..onnx_export import OnnxExport
-    from ..strategies import Strategy
     from ..zoo import Backbone, BaseModelInfo
 
 
@@ -38,6 +39,8 @@ class Inputs(Protocol):
       which is what makes a resumed run redraw the same batches.
     - `steps(samples, stage)`: optimizer steps of one pass over the samples (an epoch of a stage
       on cached features makes `stage.passes` passes).
+    - `view_batches(samples, stage, view)`: unshuffled batches of the samples as augmented in
+      the cached view `view` (a stage on cached features of a modality that `augments`).
     - `describe()`: facts kept with the metrics (text: token-length statistics).
     - `language_model(...)`: ulmfit's masked-LM stage (text only).
     """
@@ -52,6 +55,10 @@ class Inputs(Protocol):
     ) -> "DataLoader[Any]": ...
 
     def steps(self, samples: Sequence[Any], stage: Stage) -> int: ...
+
+    def view_batches(
+        self, samples: Sequence[Any], stage: Stage, view: int
+    ) -> "DataLoader[Any]": ...
 
     def describe(self) -> dict[str, Any]: ...
 
@@ -86,11 +93,28 @@ class Modality(ABC):
     inline to predict, shown as it is."""
     upload_format: str
     """The upload a dataset of it comes as (`zip` of label folders, `csv` of rows)."""
+    upload_kinds: frozenset[str]
+    """What an upload of its datasets may be, as the datasets service recognises an upload
+    (`archive`, `csv`, `jsonl`): an upload of a kind only one modality takes is known to hold
+    that modality before it is ingested (`modalities.upload_modality`)."""
     reads_token_lengths: bool = False
     """Ingestion measures each item's tokens (shown before training)."""
     packs_files: bool = False
     """Ingestion packs the item files into shards, unpacked once per host to be read (shards
     of rows are read in place)."""
+    objectives: frozenset[str] = frozenset({CLASSIFY})
+    """The stage objectives its inputs train: `classify` (`Inputs.batches`) and, where its
+    backbones have an LM head, `masked_lm` (`Inputs.language_model`). A strategy compiling
+    another (`Strategy.objectives`) is refused for its base models."""
+    defaults: ModalityDefaults
+    """What rates, decay, batch size and length a spec leaving them out gets."""
+    presets: ClassVar[Mapping[str, PresetDefaults]] = {}
+    """A preset's own defaults on this modality, by strategy name, where they differ from
+    `defaults` (a text encoder from random weights wants its own rate and schedule)."""
+
+    def preset(self, strategy: str) -> PresetDefaults:
+        """The `strategy` preset's own defaults on this modality (none: every field None)."""
+        return self.presets.get(strategy, PresetDefaults())
 
     # The service, UI and CLI.
 
@@ -118,7 +142,7 @@ class Modality(ABC):
     # Plans.
 
     @abstractmethod
-    def check_settings(self, config: TransferConfig, strategy: "Strategy", base_model: str) -> None:
+    def check_settings(self, config: TransferConfig, base_model: str) -> None:
         """Refuse settings of another modality, so a preview never shows one that is unused."""
 
     @abstractmethod

@@ -12,7 +12,7 @@ imported where it runs.
 
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from ..stages import HEAD, Base, Stage, TransferConfig, make_stage
+from ..stages import CLASSIFY, HEAD, Base, Stage, TransferConfig, make_stage
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -25,8 +25,9 @@ ParameterGroups = list[tuple[str, list["nn.Module"]]]
 
 class Strategy(Protocol):
     name: ClassVar[str]
-    modalities: ClassVar[tuple[str, ...]] = ("image", "text")
-    """The base models' modalities it applies to."""
+    objectives: ClassVar[frozenset[str]] = frozenset({CLASSIFY})
+    """The stage objectives it may compile: it applies to the base models whose modality
+    trains them all (`Modality.objectives`)."""
     takes_head_epochs: ClassVar[bool] = False
     """Its first stage trains the new head alone for `head_epochs`."""
     compiles_own_stages: ClassVar[bool] = False

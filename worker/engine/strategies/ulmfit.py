@@ -1,12 +1,11 @@
-"""`ulmfit` (Howard & Ruder 2018), text only: a masked-LM stage on the dataset's texts (the
-target-task language model), then gradual unfreezing with slanted triangular rates, at
-ULMFiT's `lr_decay` of 2.6."""
+"""`ulmfit` (Howard & Ruder 2018), for modalities that train a masked LM (text): a masked-LM
+stage on the dataset's texts (the target-task language model), then gradual unfreezing with
+slanted triangular rates, at ULMFiT's `lr_decay` of 2.6."""
 
 from typing import TYPE_CHECKING
 
-from ..preset_defaults import preset_defaults
 from ..spec import ULMFIT_LM_LR, ULMFIT_LR_DECAY
-from ..stages import LM_HEAD, MASKED_LM, Base, Stage, TransferConfig, make_stage
+from ..stages import CLASSIFY, LM_HEAD, MASKED_LM, Base, Stage, TransferConfig, make_stage
 from .base import ParameterGroups, Strategy, gradual_unfreeze
 
 if TYPE_CHECKING:
@@ -18,7 +17,7 @@ if TYPE_CHECKING:
 
 class Ulmfit(Strategy):
     name = "ulmfit"
-    modalities = ("text",)
+    objectives = frozenset({CLASSIFY, MASKED_LM})
     compiles_own_stages = True
     lr_decay = ULMFIT_LR_DECAY
 
@@ -43,7 +42,7 @@ def _lm_stages(config: TransferConfig, base: Base) -> tuple[Stage, ...]:
     """The target-task language-model stage: the encoder and an LM head, on masked tokens."""
     epochs = config.lm_epochs
     if epochs is None:
-        epochs = preset_defaults(base.modality, config.strategy).lm_epochs or 0
+        epochs = base.preset.lm_epochs or 0
     if epochs == 0:
         return ()
     return (

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ...spec import SpecError
+from ...spec import ModalityDefaults, SpecError
 from ...stages import Base, Plan, Stage, TaskInfo, TransferConfig
 from ..base import Inputs, Modality
 
@@ -15,7 +15,6 @@ if TYPE_CHECKING:
     import torch
 
     from ...onnx_export import OnnxExport
-    from ...strategies import Strategy
     from ...zoo import Backbone, BaseModelInfo
 
 
@@ -33,7 +32,9 @@ class ImageModality(Modality):
     input_param = "images"
     augments = True
     upload_format = "zip"
+    upload_kinds = frozenset({"archive"})
     packs_files = True
+    defaults = ModalityDefaults(lr=1e-3, fine_tune_lr_factor=0.1, lr_decay=2.6)
 
     def count(self, dataset: Any) -> int:
         return int(dataset.num_images)
@@ -52,7 +53,7 @@ class ImageModality(Modality):
 
         return Sample(path=Path(content), label=label)
 
-    def check_settings(self, config: TransferConfig, strategy: "Strategy", base_model: str) -> None:
+    def check_settings(self, config: TransferConfig, base_model: str) -> None:
         for name in ("max_length", "truncation", "lm_epochs", "lm_lr"):
             if getattr(config, name) is not None:
                 raise SpecError(name, f"{name}: {base_model} is an image model; {name} is for text")
@@ -61,12 +62,6 @@ class ImageModality(Modality):
                 "tta",
                 "tta: `flip` with `flip: false` leaves only the original view; use `flip_crops` "
                 "(crops without mirrors) or `none`",
-            )
-        if self.name not in strategy.modalities:
-            raise SpecError(
-                "strategy",
-                f"strategy: {strategy.name} is for {' and '.join(strategy.modalities)} base "
-                f"models; {base_model} takes images",
             )
 
     def new_base(self, config: TransferConfig, info: "BaseModelInfo") -> Base:
@@ -84,6 +79,7 @@ class ImageModality(Modality):
             std=info.std,
             parent_location=None,
             old_tasks=(),
+            defaults=self.defaults,
         )
 
     def parent_base(
@@ -102,6 +98,7 @@ class ImageModality(Modality):
             std=parent.std,
             parent_location=config.parent.location,
             old_tasks=old_tasks,
+            defaults=self.defaults,
         )
 
     def stage_inputs(self, plan: Plan, stage: Stage) -> dict[str, Any]:

@@ -27,8 +27,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, default_collate
 from torchvision.transforms import v2
 
-from ...plan import Plan, Stage
-from ...recipe import augment_level
+from ...plan import Plan
 from .data import Sample
 
 SEED_BOUND = 2**62
@@ -36,15 +35,6 @@ MIN_CROP_SCALE = 0.35
 MIXUP_ALPHA = 0.2
 CUTMIX_ALPHA = 1.0
 ERASING_P = 0.25
-
-
-def stage_augment(plan: Plan, stage: Stage) -> str:
-    """The augmentation level a stage's training batches get (`recipe.augment_level`)."""
-    return augment_level(
-        plan.augment,
-        modality=plan.modality,
-        distill=stage.distill,
-    )
 
 
 def image_transform(plan: Plan, image_size: int) -> v2.Compose:

@@ -1,19 +1,21 @@
 """Images as training input: files read and preprocessed at the stage's size by worker
 processes, balanced or augmented when the plan asks (the image side of `base.Inputs`)."""
 
+import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ...imbalance import training_sampler
 from ...plan import Plan, Stage
+from ...recipe import stage_augment
 from ...zoo import Backbone
-from .augment import augmented_batches, stage_augment
+from .augment import SEED_BOUND, AugmentedImages, MixingCollate, augmented_batches
 from .data import ImageDataset, Sample
 
 
@@ -80,6 +82,18 @@ class ImageInputs:
     def steps(self, samples: Sequence[Any], stage: Stage) -> int:
         return math.ceil(len(samples) / self.plan.batch_size)
 
+    def view_batches(self, samples: Sequence[Sample], stage: Stage, view: int) -> DataLoader[Any]:
+        """Unshuffled batches of the training images as augmented in view `view`."""
+        assert stage.image_size is not None
+        return DataLoader(
+            AugmentedImages(samples, self.plan, stage.image_size),
+            batch_size=self.plan.batch_size,
+            sampler=_FixedKeys(len(samples), view),
+            collate_fn=MixingCollate(None),
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+
     def describe(self) -> dict[str, Any]:
         return {}
 
@@ -87,6 +101,25 @@ class ImageInputs:
         self, backbone: Backbone, lm_head: nn.Module, train: Sequence[Any], val: Sequence[Any]
     ) -> tuple[nn.Module, DataLoader[Any], DataLoader[Any]]:
         raise ValueError("a masked-LM stage needs a text base model")
+
+
+def view_seed(view: int, position: int) -> int:
+    """The augmentation seed of the `position`-th training item in view `view`."""
+    digest = hashlib.sha256(f"thaw-view\0{view}\0{position}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % SEED_BOUND
+
+
+class _FixedKeys(Sampler[tuple[int, int]]):
+    """Every item once, in order, each with its view's augmentation seed."""
+
+    def __init__(self, count: int, view: int) -> None:
+        self.keys = [(position, view_seed(view, position)) for position in range(count)]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter(self.keys)
 
 
 def pooled_features(

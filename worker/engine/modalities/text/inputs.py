@@ -243,6 +243,9 @@ class TextInputs:
             generator=self.shuffle if shuffled else None,
         )
 
+    def view_batches(self, samples: Sequence[Any], stage: Stage, view: int) -> DataLoader[Any]:
+        raise ValueError("texts are not augmented: they have no cached views")
+
     def language_model(
         self,
         backbone: Backbone,
