@@ -380,3 +380,69 @@ def test_overfitting_on_its_edges() -> None:
     assert overfitting(flat_train)["flag"] is False
     # A zero best val loss does not divide by zero.
     assert overfitting(curve([1.0, 0.9], val_loss=[0.0, 0.1]))["flag"] is True
+
+
+def test_the_interval_is_the_bootstrap_of_the_paired_differences_at_the_given_seed() -> None:
+    # Per-item results averaged over seeds are fractions, so the seed changes the interval.
+    rng = np.random.default_rng(5)
+    scratch_items, tuned_items = rng.random(30).tolist(), rng.random(30).tolist()
+    records = [
+        arm_record("scratch", [0.5], scratch_items),
+        arm_record("fine_tune", [0.6], tuned_items),
+    ]
+    difference = (np.array(tuned_items) - np.array(scratch_items)).tolist()
+    at_seven = comparison(diagnose(records, seed=7), "fine_tune")["asymptote"]["interval"]
+    assert at_seven == list(bootstrap_interval(difference, seed=7))
+    assert at_seven != list(bootstrap_interval(difference, seed=0))
+    by_default = comparison(diagnose(records), "fine_tune")["asymptote"]["interval"]
+    assert by_default == list(bootstrap_interval(difference, seed=0))
+
+
+def test_an_interval_that_only_touches_zero_is_no_clear_difference() -> None:
+    # Transfer right on one item more of ten: resamples without it have a difference of
+    # exactly 0, so the interval's low end is 0.0, which does not show transfer helps.
+    records = [
+        arm_record("scratch", [0.5], [0.0] * 10),
+        arm_record("fine_tune", [0.5], [0.0] * 9 + [1.0]),
+    ]
+    diagnosis = diagnose(records)
+    found = comparison(diagnosis, "fine_tune")
+    assert found["asymptote"]["interval"][0] == 0.0
+    assert (found["helps"], found["negative_transfer"]) == (False, False)
+    assert diagnosis["summary"][2].startswith(
+        "resnet18/fine_tune: no clear difference from scratch (test accuracy 10.0 % vs 0.0 %"
+    )
+
+
+def test_two_timed_arms_are_enough_for_a_cost_line() -> None:
+    two = diagnose(
+        [
+            arm_record("scratch", [0.8], [1.0] * 44 + [0.0] * 6, wall_seconds=10.0),
+            arm_record("fine_tune", [0.9], [1.0] * 45 + [0.0] * 5, wall_seconds=100.0),
+        ]
+    )
+    assert two["summary"][-1] == (
+        "resnet18/scratch reached 98% of fine_tune's test accuracy (88.0 % vs 90.0 %) at "
+        "1/10.0 of its wall time (10.0 s vs 100.0 s)."
+    )
+    # The cost line's edges: exactly 95 % of the leader counts; the leader's own wall time
+    # is no saving.
+    edges = diagnose(
+        [
+            arm_record("scratch", [0.8], [1.0] * 19 + [0.0], wall_seconds=10.0),
+            arm_record("fine_tune", [0.9], [1.0] * 20, wall_seconds=100.0),
+            arm_record("partial", [0.9], [1.0] * 19 + [0.0], wall_seconds=100.0),
+        ]
+    )
+    assert [line for line in edges["summary"] if "wall time" in line] == [
+        "resnet18/scratch reached 95% of fine_tune's test accuracy (95.0 % vs 100.0 %) at "
+        "1/10.0 of its wall time (10.0 s vs 100.0 s)."
+    ]
+
+
+def test_a_base_model_without_scratch_says_so_in_full() -> None:
+    diagnosis = diagnose([arm_record("fine_tune", [0.8], None, base_model="vit_b_16")])
+    assert diagnosis["summary"] == [
+        "vit_b_16: no finished scratch trial, so transfer cannot be judged against training "
+        "from scratch."
+    ]
