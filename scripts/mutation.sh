@@ -28,7 +28,7 @@ jobs=${MUTATION_JOBS:-$(nproc)}
 
 # name | files to mutate (globs, comma-separated) | tests (pytest arguments, ;-separated) |
 # functions scored
-# (a regular expression on mutant names; empty: all of the file's)
+# (a regular expression on function or method names; empty: all of the file's)
 MODULES=(
   "transitions|service/jobs/transitions.py|tests/test_job_states.py;-k;not postgres|"
   "states|service/jobs/states.py|tests/test_job_states.py;-k;not postgres|"
@@ -37,6 +37,7 @@ MODULES=(
   "resume|worker/engine/resume.py|tests/engine/test_checkpoint.py|"
   "checkpoint|worker/engine/checkpoint.py|tests/engine/test_checkpoint.py|"
   "plan|worker/engine/plan.py|tests/engine/test_plan.py|"
+  "modalities|worker/engine/modalities/base.py,worker/engine/modalities/image/__init__.py,worker/engine/modalities/text/__init__.py|tests/engine/test_plan.py|check_settings"
   "answers|service/inference/service.py|tests/test_inference.py;-k;each_input_gets_its_own_top_labels or a_text_models_answers|fill_predictions|probabilities|_softmax"
   "auth|service/auth/*.py|tests/security/test_keys.py;tests/test_keys_cli.py;tests/fleet/test_shared_state.py|"
   "diagnosis|service/experiments/diagnosis.py|tests/test_experiments_diagnosis.py|"
@@ -93,7 +94,8 @@ name, path, scored = sys.argv[1], sys.argv[2], sys.argv[3]
 statuses = {}
 for line in open(path):
     mutant, _, status = line.strip().rpartition(": ")
-    if mutant and (not scored or re.search(rf"x_({scored})__mutmut", mutant)):
+    # mutmut names a function's mutants x_<name>__mutmut_N, a method's xǁ<Class>ǁ<name>__mutmut_N.
+    if mutant and (not scored or re.search(rf"(x_|ǁ)({scored})__mutmut", mutant)):
         statuses[mutant] = status
 dead = {"killed", "timeout", "caught by type check", "segfault"}
 unscored = {"skipped", "not checked"}  # not checked: the run was stopped before them

@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from service.experiments.diagnosis import EpochPoint, TrialRecord, diagnose, overfitting
+from service.experiments.diagnosis import (
+    EpochPoint,
+    TrialRecord,
+    diagnose,
+    epochs_to_reach,
+    overfitting,
+)
 from service.experiments.pruning import decide, is_rung
 from service.experiments.statistics import bootstrap_interval, macro_f1
 
@@ -204,4 +210,239 @@ def test_the_cost_line_compares_with_the_leader_ties_going_to_the_cheaper() -> N
     assert cost == [
         "resnet18/feature_extraction reached 98% of partial's test accuracy (88.0 % vs 90.0 %) "
         "at 1/5.0 of its wall time (10.0 s vs 50.0 s)."
+    ]
+
+
+def arm_record(
+    strategy: str,
+    val: list[float],
+    test_correct: list[float] | None,
+    *,
+    seed: int = 0,
+    wall_seconds: float | None = None,
+    base_model: str = "resnet18",
+) -> TrialRecord:
+    return TrialRecord(
+        trial_id=f"trl_{base_model}_{strategy}_{seed}",
+        base_model=base_model,
+        strategy=strategy,
+        curve=curve(val),
+        test_correct=test_correct,
+        wall_seconds=wall_seconds,
+    )
+
+
+def test_the_whole_diagnosis_of_one_comparison_written_out() -> None:
+    """Scratch pooled over two seeds of different lengths (its third epoch from one seed only);
+    every number of the comparison and every word of its lines, computed here by hand."""
+    scratch_items = [1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+    tuned_items = [1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0]
+    records = [
+        arm_record("scratch", [0.2, 0.4, 0.6], scratch_items, seed=0, wall_seconds=80.0),
+        arm_record("scratch", [0.4, 0.6], scratch_items, seed=1, wall_seconds=100.0),
+        arm_record("fine_tune", [0.5, 0.7], tuned_items, wall_seconds=60.0),
+    ]
+    difference = np.array(tuned_items) - np.array(scratch_items)
+    low, high = bootstrap_interval(difference.tolist(), seed=7)
+    diagnosis = diagnose(records, seed=7)
+
+    (base,) = diagnosis["base_models"]
+    assert base["base_model"] == "resnet18"
+    assert base["scratch"] == {"trials": 2, "best_val_accuracy": 0.6, "test_accuracy": 0.375}
+    (found,) = base["comparisons"]
+    assert found["strategy"] == "fine_tune"
+    assert found["trials"] == 1
+    assert found["start"] == pytest.approx({"transfer": 0.5, "scratch": 0.3, "difference": 0.2})
+    # Scratch pooled: [0.3, 0.5, 0.6]; 90 % of its best is 0.54.
+    assert found["slope"]["threshold"] == pytest.approx(0.54)
+    assert found["slope"]["epochs_to_threshold"] == {"transfer": 2, "scratch": 3}
+    area = found["slope"]["area_under_val_curve"]
+    assert area == {"epochs": 2, "transfer": pytest.approx(0.6), "scratch": pytest.approx(0.4)}
+    assert found["asymptote"] == {
+        "transfer": 0.75,
+        "scratch": 0.375,
+        "difference": 0.375,
+        "interval": [low, high],
+        "test_items": 8,
+    }
+    assert (found["negative_transfer"], found["helps"]) == (high < 0, low > 0)
+    assert found["cost"] == {"wall_seconds": {"transfer": 60.0, "scratch": 90.0}}
+    assert diagnosis["summary"][:3] == [
+        "resnet18/fine_tune: start 50.0 % val accuracy after epoch 1 against scratch's 30.0 %.",
+        "resnet18/fine_tune: reached 90 % of scratch's best val accuracy (54.0 %) in 2 epochs "
+        "(scratch: 3 epochs); area under the val curve 0.600 vs 0.400 over 2 epochs.",
+        "resnet18/fine_tune: "
+        + ("beat scratch" if low > 0 else "no clear difference from scratch")
+        + f" (test accuracy 75.0 % vs 37.5 % on 8 items, difference 37.5 points, 95 % interval "
+        f"{100 * low:.1f} to {100 * high:.1f}).",
+    ]
+
+
+def test_lines_for_a_slow_transfer_and_no_test_results() -> None:
+    """Transfer reached the threshold in one epoch, scratch never did (its best is under its
+    own threshold only when pooled), and nothing was evaluated on the test split."""
+    records = [
+        arm_record("scratch", [0.1, 0.5], None, seed=0),
+        arm_record("scratch", [0.5, 0.1], None, seed=1),
+        arm_record("partial", [0.9, 0.2, 0.2], None),
+    ]
+    diagnosis = diagnose(records)
+    (base,) = diagnosis["base_models"]
+    assert base["scratch"] == {"trials": 2, "best_val_accuracy": 0.3, "test_accuracy": None}
+    (found,) = base["comparisons"]
+    assert found["asymptote"] is None
+    assert (found["negative_transfer"], found["helps"]) == (False, False)
+    assert found["cost"] == {"wall_seconds": {"transfer": None, "scratch": None}}
+    assert found["slope"]["epochs_to_threshold"] == {"transfer": 1, "scratch": 1}
+    assert diagnosis["summary"] == [
+        "resnet18/partial: start 90.0 % val accuracy after epoch 1 against scratch's 30.0 %.",
+        "resnet18/partial: reached 90 % of scratch's best val accuracy (27.0 %) in 1 epoch "
+        "(scratch: 1 epoch); area under the val curve 0.550 vs 0.300 over 2 epochs.",
+        "resnet18/partial: no test result to compare with scratch.",
+        # Each trial is judged for overfitting on its own curve, not the pooled one.
+        "resnet18/scratch (trl_resnet18_scratch_1): overfitting: val loss rose 80% after epoch 1 "
+        "(0.500 → 0.900) while train loss fell (1.000 → 0.500).",
+        "resnet18/partial (trl_resnet18_partial_0): overfitting: val loss rose 700% after epoch "
+        "1 (0.100 → 0.800) while train loss fell (1.000 → 0.333).",
+    ]
+    never = diagnose(
+        [arm_record("scratch", [0.5, 0.8], None), arm_record("partial", [0.1, 0.2], None)]
+    )
+    assert never["summary"][1] == (
+        "resnet18/partial: reached 90 % of scratch's best val accuracy (72.0 %) in no epoch "
+        "(scratch: 2 epochs); area under the val curve 0.150 vs 0.650 over 2 epochs."
+    )
+
+
+def test_seeds_evaluated_on_test_splits_of_different_sizes_are_not_compared() -> None:
+    records = [
+        arm_record("scratch", [0.5], [1.0, 0.0], seed=0),
+        arm_record("scratch", [0.5], [1.0, 0.0, 1.0], seed=1),
+        arm_record("fine_tune", [0.7], [1.0, 1.0]),
+        # A trial without a curve (it never finished an epoch) is left out entirely.
+        arm_record("fine_tune", [], [0.0, 0.0], seed=1),
+    ]
+    (base,) = diagnose(records)["base_models"]
+    assert base["scratch"]["test_accuracy"] is None
+    assert base["comparisons"][0]["asymptote"] is None
+    assert base["comparisons"][0]["trials"] == 1
+
+
+def test_negative_transfer_is_listed_per_base_model() -> None:
+    bad = [0.0] * 40
+    good = [1.0] * 40
+    records = [
+        arm_record("scratch", [0.9], good, base_model="resnet18"),
+        arm_record("feature_extraction", [0.2], bad, base_model="resnet18"),
+        arm_record("scratch", [0.9], good, base_model="vit_b_16"),
+        arm_record("fine_tune", [0.9], good, base_model="vit_b_16"),
+        arm_record("feature_extraction", [0.2], bad, base_model="vit_b_16"),
+    ]
+    diagnosis = diagnose(records)
+    assert [b["base_model"] for b in diagnosis["base_models"]] == ["resnet18", "vit_b_16"]
+    assert diagnosis["negative_transfer"] == [
+        "resnet18/feature_extraction",
+        "vit_b_16/feature_extraction",
+    ]
+    assert diagnosis["summary"][2] == (
+        "resnet18/feature_extraction: negative transfer: worse than scratch (test accuracy "
+        "0.0 % vs 100.0 % on 40 items, difference -100.0 points, 95 % interval -100.0 to -100.0)."
+    )
+
+
+def test_epochs_to_reach_counts_the_epoch_that_meets_the_threshold_exactly() -> None:
+    assert epochs_to_reach([0.5, 0.9, 1.0], 0.9) == 2
+    assert epochs_to_reach([0.5, 0.8], 0.9) is None
+
+
+def test_overfitting_on_its_edges() -> None:
+    assert overfitting(curve([0.5])) == {"flag": False, "reason": "fewer than two epochs"}
+    # Two epochs are enough to see it.
+    two = overfitting(curve([0.8, 0.7], val_loss=[0.4, 0.5]))
+    assert two == {
+        "flag": True,
+        "best_val_loss_epoch": 1,
+        "best_val_loss": 0.4,
+        "last_val_loss": 0.5,
+        "val_loss_rise": pytest.approx(0.25),
+        "train_loss_at_best": 1.0,
+        "last_train_loss": 0.5,
+    }
+    # A rise of 10 % or less is noise, however the train loss went (0.0625 / 0.625 is exactly
+    # the float 0.1).
+    small = overfitting(curve([0.7, 0.8, 0.8], val_loss=[0.8, 0.625, 0.6875]))
+    assert (small["flag"], small["val_loss_rise"]) == (False, 0.1)
+    # Train loss that did not fall after the best epoch is not divergence.
+    flat_train = [
+        EpochPoint(train_loss=0.5, val_loss=0.4, val_accuracy=0.8),
+        EpochPoint(train_loss=0.5, val_loss=0.6, val_accuracy=0.7),
+    ]
+    assert overfitting(flat_train)["flag"] is False
+    # A zero best val loss does not divide by zero.
+    assert overfitting(curve([1.0, 0.9], val_loss=[0.0, 0.1]))["flag"] is True
+
+
+def test_the_interval_is_the_bootstrap_of_the_paired_differences_at_the_given_seed() -> None:
+    # Per-item results averaged over seeds are fractions, so the seed changes the interval.
+    rng = np.random.default_rng(5)
+    scratch_items, tuned_items = rng.random(30).tolist(), rng.random(30).tolist()
+    records = [
+        arm_record("scratch", [0.5], scratch_items),
+        arm_record("fine_tune", [0.6], tuned_items),
+    ]
+    difference = (np.array(tuned_items) - np.array(scratch_items)).tolist()
+    at_seven = comparison(diagnose(records, seed=7), "fine_tune")["asymptote"]["interval"]
+    assert at_seven == list(bootstrap_interval(difference, seed=7))
+    assert at_seven != list(bootstrap_interval(difference, seed=0))
+    by_default = comparison(diagnose(records), "fine_tune")["asymptote"]["interval"]
+    assert by_default == list(bootstrap_interval(difference, seed=0))
+
+
+def test_an_interval_that_only_touches_zero_is_no_clear_difference() -> None:
+    # Transfer right on one item more of ten: resamples without it have a difference of
+    # exactly 0, so the interval's low end is 0.0, which does not show transfer helps.
+    records = [
+        arm_record("scratch", [0.5], [0.0] * 10),
+        arm_record("fine_tune", [0.5], [0.0] * 9 + [1.0]),
+    ]
+    diagnosis = diagnose(records)
+    found = comparison(diagnosis, "fine_tune")
+    assert found["asymptote"]["interval"][0] == 0.0
+    assert (found["helps"], found["negative_transfer"]) == (False, False)
+    assert diagnosis["summary"][2].startswith(
+        "resnet18/fine_tune: no clear difference from scratch (test accuracy 10.0 % vs 0.0 %"
+    )
+
+
+def test_two_timed_arms_are_enough_for_a_cost_line() -> None:
+    two = diagnose(
+        [
+            arm_record("scratch", [0.8], [1.0] * 44 + [0.0] * 6, wall_seconds=10.0),
+            arm_record("fine_tune", [0.9], [1.0] * 45 + [0.0] * 5, wall_seconds=100.0),
+        ]
+    )
+    assert two["summary"][-1] == (
+        "resnet18/scratch reached 98% of fine_tune's test accuracy (88.0 % vs 90.0 %) at "
+        "1/10.0 of its wall time (10.0 s vs 100.0 s)."
+    )
+    # The cost line's edges: exactly 95 % of the leader counts; the leader's own wall time
+    # is no saving.
+    edges = diagnose(
+        [
+            arm_record("scratch", [0.8], [1.0] * 19 + [0.0], wall_seconds=10.0),
+            arm_record("fine_tune", [0.9], [1.0] * 20, wall_seconds=100.0),
+            arm_record("partial", [0.9], [1.0] * 19 + [0.0], wall_seconds=100.0),
+        ]
+    )
+    assert [line for line in edges["summary"] if "wall time" in line] == [
+        "resnet18/scratch reached 95% of fine_tune's test accuracy (95.0 % vs 100.0 %) at "
+        "1/10.0 of its wall time (10.0 s vs 100.0 s)."
+    ]
+
+
+def test_a_base_model_without_scratch_says_so_in_full() -> None:
+    diagnosis = diagnose([arm_record("fine_tune", [0.8], None, base_model="vit_b_16")])
+    assert diagnosis["summary"] == [
+        "vit_b_16: no finished scratch trial, so transfer cannot be judged against training "
+        "from scratch."
     ]

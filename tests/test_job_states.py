@@ -447,6 +447,122 @@ def test_reaper_transitions_need_the_time_to_have_passed(
     assert snapshot(database, job_id) == before
 
 
+@pytest.mark.parametrize("transition", [Transition.EXPIRE_LEASE, Transition.EXCEED_DEADLINE])
+def test_reaper_transitions_need_the_time_to_be_strictly_past(
+    database: Database, transition: Transition
+) -> None:
+    """A lease or deadline ending at the very moment the reaper looks has not passed yet."""
+    job_id = new_job(database, JobStatus.RUNNING)
+    before = snapshot(database, job_id)
+    lease_end, deadline = before[0]["lease_expires_at"], before[0]["deadline_at"]
+    reap: dict[Transition, Callable[[Session, Job], Job]] = {
+        Transition.EXPIRE_LEASE: lambda s, job: transitions.expire_lease(
+            s, job=job, max_worker_losses=MAX_WORKER_LOSSES, now=lease_end
+        ),
+        Transition.EXCEED_DEADLINE: lambda s, job: transitions.exceed_deadline(
+            s, job=job, now=deadline
+        ),
+    }
+    with database.session() as session, pytest.raises(IllegalTransitionError):
+        reap[transition](session, session.get_one(Job, job_id))
+    assert snapshot(database, job_id) == before
+
+
+@pytest.mark.parametrize("transition", [Transition.EXPIRE_LEASE, Transition.EXCEED_DEADLINE])
+def test_a_reaper_transition_loses_to_a_status_change_since_its_read(
+    database: Database, transition: Transition
+) -> None:
+    """The reaper read the job running; before its update, the job was asked to cancel (same
+    attempt). Its values were chosen for a running job, so it must change nothing."""
+    job_id = new_job(database, JobStatus.RUNNING)
+    with database.session() as session:
+        job = session.get_one(Job, job_id)
+        with database.session() as other:
+            transitions.request_cancel(other, job_id=job_id)
+            other.commit()
+        before = snapshot(database, job_id)
+        with pytest.raises(IllegalTransitionError) as raised:
+            CALLS[transition](session, job, 1)
+        session.commit()
+    assert snapshot(database, job_id) == before
+    assert before[0]["status"] is JobStatus.CANCELLING
+    assert raised.value.from_status is JobStatus.CANCELLING
+
+
+def test_a_job_failed_for_lost_workers_says_how_often_and_what_to_change(
+    database: Database,
+) -> None:
+    job_id = new_job(database, JobStatus.RUNNING, worker_losses=MAX_WORKER_LOSSES - 1)
+    with database.session() as session:
+        CALLS[Transition.EXPIRE_LEASE](session, session.get_one(Job, job_id), 1)
+        session.commit()
+    row, _ = snapshot(database, job_id)
+    assert row["error_message"] == (
+        "The worker running this job vanished 3 times; the job may be crashing it (out of "
+        "memory?): lower batch_size or image_size and resubmit."
+    )
+
+
+def test_a_job_failed_at_its_deadline_says_how_long_it_had_and_what_to_change(
+    database: Database,
+) -> None:
+    job_id = new_job(database, JobStatus.RUNNING)
+    with database.session() as session:
+        CALLS[Transition.EXCEED_DEADLINE](session, session.get_one(Job, job_id), 1)
+        session.commit()
+    row, _ = snapshot(database, job_id)
+    assert row["error_message"] == (
+        "The job did not finish within 600s of its first start: resubmit with a larger "
+        "max_runtime_seconds, or fewer epochs or a smaller image_size."
+    )
+
+
+def succeed_with_lr_result(session: Session, job_id: str, attempt: int) -> Job:
+    return transitions.succeed_with_result(
+        session, job_id=job_id, attempt=attempt, kind="lr_find", result={"lr": 0.01}
+    )
+
+
+def test_a_job_without_a_version_succeeds_with_its_result_before_its_status(
+    database: Database,
+) -> None:
+    """An `lr_find` job: the same `succeed` transition, its result recorded as its own event."""
+    job_id = new_job(database, JobStatus.RUNNING, attempt=2)
+    started = utcnow()
+    with database.session() as session:
+        returned = succeed_with_lr_result(session, job_id, 2)
+        session.commit()
+    row, events = snapshot(database, job_id)
+    assert returned.id == job_id
+    assert (row["status"], row["progress"], row["attempt"]) == (JobStatus.SUCCEEDED, 1.0, 2)
+    assert row["model_version_id"] is None
+    assert row["finished_at"] >= started
+    assert events == [("lr_find", 2, {"lr": 0.01}), ("status", 2, {"status": "succeeded"})]
+
+
+@pytest.mark.parametrize(
+    ("source", "attempt"),
+    [
+        (JobStatus.QUEUED, 1),
+        (JobStatus.CANCELLING, 1),
+        (JobStatus.SUCCEEDED, 1),
+        (JobStatus.RUNNING, 2),
+    ],
+)
+def test_a_result_from_another_state_or_attempt_changes_nothing(
+    database: Database, source: JobStatus, attempt: int
+) -> None:
+    job_id = new_job(database, source, attempt=1)
+    before = snapshot(database, job_id)
+    with database.session() as session:
+        with pytest.raises(IllegalTransitionError) as raised:
+            succeed_with_lr_result(session, job_id, attempt)
+        session.commit()
+    assert snapshot(database, job_id) == before
+    assert (raised.value.transition, raised.value.from_status) == (Transition.SUCCEED, source)
+    assert (raised.value.attempt, raised.value.current_attempt) == (attempt, 1)
+
+
 def test_a_stale_publish_writes_no_version(database: Database) -> None:
     job_id = new_job(database, JobStatus.CANCELLING)
     before = snapshot(database, job_id)

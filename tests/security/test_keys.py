@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import event, select
 
 from service.auth.keycache import ApiKeyCache
+from service.auth.ratelimit import RateLimiter, RedisRateLimiter, make_rate_limiter
 from service.auth.service import (
     authenticate,
     authenticate_cached,
@@ -155,3 +156,113 @@ def test_the_key_cache_answers_without_the_database_until_cleared(settings: Sett
     with database.session() as session:
         assert authenticate_cached(session, key=key, cache=cache) is not None
     assert statements != []
+
+
+class FakeClock:
+    """`time.monotonic` under the test's control."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_in_process_limiter_refills_a_bucket_per_key_up_to_its_size(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr("service.auth.ratelimit.time.monotonic", clock)
+    limiter = RateLimiter(per_minute=2)  # a bucket of 2, a token every 30 s
+    assert [limiter.retry_after("key_a") for _ in range(3)] == [None, None, 30]
+    assert limiter.retry_after("key_b") is None  # its own bucket
+    clock.now += 15  # half a token back: 15 s more to wait
+    assert limiter.retry_after("key_a") == 15
+    clock.now += 15  # exactly one token
+    assert limiter.retry_after("key_a") is None
+    assert limiter.retry_after("key_a") == 30
+    clock.now += 3600  # a long idle refills only up to the bucket's size
+    assert [limiter.retry_after("key_a") for _ in range(3)] == [None, None, 30]
+    clock.now += 15.6  # 14.4 s short of a token: the wait is rounded up
+    assert limiter.retry_after("key_a") == 15
+    unlimited = RateLimiter(per_minute=0)
+    assert [unlimited.retry_after("key_a") for _ in range(3)] == [None] * 3
+
+
+def test_the_limiter_is_shared_exactly_when_redis_is_configured(tmp_path: Path) -> None:
+    alone = make_rate_limiter(make_settings(tmp_path / "a", rate_limit_per_minute=7))
+    assert type(alone) is RateLimiter
+    assert alone.capacity == 7
+    shared = make_rate_limiter(
+        make_settings(tmp_path / "b", rate_limit_per_minute=9, redis_url="redis://127.0.0.1:9/0")
+    )
+    assert isinstance(shared, RedisRateLimiter)
+    assert shared.capacity == 9
+
+
+def cached_key(settings: Settings, **key: object) -> tuple[ApiKey, str]:
+    with Database(settings.resolved_database_url).session() as session:
+        row, plaintext = create_key(session, tenant_name="team-a", **key)  # type: ignore[arg-type]
+        session.refresh(row)
+        _ = row.tenant.created_at  # loaded while the session is open
+        session.expunge_all()
+    return row, plaintext
+
+
+def test_a_cached_key_ends_with_its_lifetime_or_its_expiry(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr("service.auth.keycache.time.monotonic", clock)
+    now = utcnow()
+    monkeypatch.setattr("service.auth.keycache.utcnow", lambda: now)
+    cache = ApiKeyCache(ttl_seconds=60)
+    row, _ = cached_key(settings)
+    cache.put("digest", row, generation=cache.generation())
+    entry = cache.get("digest")
+    assert entry is not None
+    assert (entry.key_id, entry.expires_at) == (row.id, None)
+    assert (entry.tenant.id, entry.tenant.name) == (row.tenant.id, "team-a")
+    assert entry.tenant.created_at == row.tenant.created_at
+    assert cache.get("other") is None
+    clock.now += 60  # its last moment
+    assert cache.get("digest") is entry
+    clock.now += 0.001
+    assert cache.get("digest") is None
+
+    expiring, _ = cached_key(settings, expires_at=now + timedelta(seconds=10))
+    cache.put("expiring", expiring, generation=cache.generation())
+    assert cache.get("expiring") is not None
+    now += timedelta(seconds=10)  # the key's own expiry comes first
+    assert cache.get("expiring") is None
+
+
+def test_the_key_cache_keeps_nothing_read_before_a_clear_or_with_no_lifetime(
+    settings: Settings,
+) -> None:
+    row, _ = cached_key(settings)
+    cache = ApiKeyCache(ttl_seconds=60)
+    read_at = cache.generation()
+    cache.clear()  # a revoke committed after the key was read
+    assert cache.generation() == read_at + 1
+    cache.put("digest", row, generation=read_at)
+    assert cache.get("digest") is None
+    cache.put("digest", row, generation=cache.generation())
+    assert cache.get("digest") is not None
+    read_again = cache.generation()
+    cache.clear()
+    assert cache.get("digest") is None
+    cache.put("digest", row, generation=read_again)  # every clear outdates what was read
+    assert cache.get("digest") is None
+    off = ApiKeyCache(ttl_seconds=0)
+    off.put("digest", row, generation=off.generation())
+    assert off.get("digest") is None
+
+
+def test_me_names_the_keys_tenant(client: TestClient, context: AppContext) -> None:
+    with context.db.session() as session:
+        row, key = create_key(session, tenant_name="team-me")
+        tenant_id = row.tenant_id
+    response = client.get("/v1/me", headers={"Authorization": f"Bearer {key}"})
+    assert response.status_code == 200
+    assert response.json() == {"tenant_id": tenant_id, "tenant": "team-me"}
