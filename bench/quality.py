@@ -271,9 +271,7 @@ def main() -> None:
     rows = [(row, settings) for row, settings in ROWS if row in args.rows.split(",")]
     with tempfile.TemporaryDirectory(prefix="thaw-quality-") as scratch:
         builders = {"digits": digits_dataset, "icons": icons_dataset}
-        datasets = {
-            name: builders[name](Path(scratch) / name) for name in args.datasets.split(",")
-        }
+        datasets = {name: builders[name](Path(scratch) / name) for name in args.datasets.split(",")}
         results: dict[tuple[str, str], list[float]] = {}
         seconds: dict[tuple[str, str], float] = {}
         for count in shots:
