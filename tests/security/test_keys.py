@@ -187,6 +187,8 @@ def test_the_in_process_limiter_refills_a_bucket_per_key_up_to_its_size(
     assert limiter.retry_after("key_a") == 15
     unlimited = RateLimiter(per_minute=0)
     assert [unlimited.retry_after("key_a") for _ in range(3)] == [None] * 3
+    fast = RateLimiter(per_minute=120)  # a token every half second: wait one whole second
+    assert [fast.retry_after("key_a") for _ in range(121)][-2:] == [None, 1]
 
 
 def test_the_limiter_is_shared_exactly_when_redis_is_configured(tmp_path: Path) -> None:
@@ -257,6 +259,9 @@ def test_the_key_cache_keeps_nothing_read_before_a_clear_or_with_no_lifetime(
     off = ApiKeyCache(ttl_seconds=0)
     off.put("digest", row, generation=off.generation())
     assert off.get("digest") is None
+    short = ApiKeyCache(ttl_seconds=1)  # a lifetime of one second still caches
+    short.put("digest", row, generation=short.generation())
+    assert short.get("digest") is not None
 
 
 def test_me_names_the_keys_tenant(client: TestClient, context: AppContext) -> None:
