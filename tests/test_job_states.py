@@ -29,7 +29,16 @@ from service.jobs.states import (
 )
 from service.models.service import publish_version
 from service.settings import Settings
-from service.tables import Dataset, Job, JobEvent, ModelVersion, RegisteredModel, Tenant
+from service.tables import (
+    Dataset,
+    Job,
+    JobEvent,
+    ModelVersion,
+    RegisteredModel,
+    Tenant,
+    Webhook,
+    WebhookDelivery,
+)
 from tests.conftest import fresh_postgres_database
 
 LEASE = timedelta(seconds=30)
@@ -517,6 +526,40 @@ def test_a_job_failed_at_its_deadline_says_how_long_it_had_and_what_to_change(
     )
 
 
+def test_a_job_that_ends_queues_its_webhook_event_for_its_own_tenant(database: Database) -> None:
+    """Ending a job writes the tenant's webhook event in the same transaction; a tenant
+    without a webhook gets none."""
+    with database.session() as session:
+        tenant = Tenant(name=new_id("team"))
+        session.add(tenant)
+        session.flush()
+        session.add(Webhook(tenant_id=tenant.id, url="https://hooks.example/thaw", secret="s"))
+        session.commit()
+        tenant_id = tenant.id
+    job_id = new_job(database, JobStatus.RUNNING, tenant_id=tenant_id)
+    silent_id = new_job(database, JobStatus.RUNNING)
+    with database.session() as session:
+        for job in (job_id, silent_id):
+            CALLS[Transition.EXCEED_DEADLINE](session, session.get_one(Job, job), 1)
+        session.commit()
+    with database.session() as session:
+        deliveries = session.scalars(select(WebhookDelivery)).all()
+        sent = [(d.tenant_id, d.event, d.data) for d in deliveries if d.tenant_id == tenant_id]
+        data = {"job_id": job_id, "model": "digits", "status": "failed"}
+        assert sent == [(tenant_id, "job.failed", data | {"reason": "deadline_exceeded"})]
+        silent_tenant = session.get_one(Job, silent_id).tenant_id
+        assert all(d.tenant_id != silent_tenant for d in deliveries)
+
+
+def test_a_transition_on_a_job_that_does_not_exist_says_so(database: Database) -> None:
+    with database.session() as session, pytest.raises(IllegalTransitionError) as raised:
+        transitions.succeed_with_result(
+            session, job_id="job_nothing", attempt=1, kind="lr_find", result={}
+        )
+    assert (raised.value.from_status, raised.value.current_attempt) == (None, None)
+    assert str(raised.value).endswith("there is no such job")
+
+
 def succeed_with_lr_result(session: Session, job_id: str, attempt: int) -> Job:
     return transitions.succeed_with_result(
         session, job_id=job_id, attempt=attempt, kind="lr_find", result={"lr": 0.01}
@@ -530,7 +573,10 @@ def test_a_job_without_a_version_succeeds_with_its_result_before_its_status(
     job_id = new_job(database, JobStatus.RUNNING, attempt=2)
     started = utcnow()
     with database.session() as session:
+        loaded = session.get_one(Job, job_id)  # already in the session: refreshed, not stale
         returned = succeed_with_lr_result(session, job_id, 2)
+        assert returned is loaded
+        assert (returned.status, returned.progress) == (JobStatus.SUCCEEDED, 1.0)
         session.commit()
     row, events = snapshot(database, job_id)
     assert returned.id == job_id
