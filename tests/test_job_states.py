@@ -498,15 +498,19 @@ def test_a_reaper_transition_loses_to_a_status_change_since_its_read(
     assert raised.value.from_status is JobStatus.CANCELLING
 
 
+def reap(database: Database, job_id: str, transition: Transition) -> dict[str, Any]:
+    """Run a reaper transition (lease or deadline) on the job as attempt 1; its row after."""
+    with database.session() as session:
+        CALLS[transition](session, session.get_one(Job, job_id), 1)
+        session.commit()
+    return snapshot(database, job_id)[0]
+
+
 def test_a_job_failed_for_lost_workers_says_how_often_and_what_to_change(
     database: Database,
 ) -> None:
     job_id = new_job(database, JobStatus.RUNNING, worker_losses=MAX_WORKER_LOSSES - 1)
-    with database.session() as session:
-        CALLS[Transition.EXPIRE_LEASE](session, session.get_one(Job, job_id), 1)
-        session.commit()
-    row, _ = snapshot(database, job_id)
-    assert row["error_message"] == (
+    assert reap(database, job_id, Transition.EXPIRE_LEASE)["error_message"] == (
         "The worker running this job vanished 3 times; the job may be crashing it (out of "
         "memory?): lower batch_size or image_size and resubmit."
     )
@@ -516,11 +520,7 @@ def test_a_job_failed_at_its_deadline_says_how_long_it_had_and_what_to_change(
     database: Database,
 ) -> None:
     job_id = new_job(database, JobStatus.RUNNING)
-    with database.session() as session:
-        CALLS[Transition.EXCEED_DEADLINE](session, session.get_one(Job, job_id), 1)
-        session.commit()
-    row, _ = snapshot(database, job_id)
-    assert row["error_message"] == (
+    assert reap(database, job_id, Transition.EXCEED_DEADLINE)["error_message"] == (
         "The job did not finish within 600s of its first start: resubmit with a larger "
         "max_runtime_seconds, or fewer epochs or a smaller image_size."
     )
@@ -538,10 +538,8 @@ def test_a_job_that_ends_queues_its_webhook_event_for_its_own_tenant(database: D
         tenant_id = tenant.id
     job_id = new_job(database, JobStatus.RUNNING, tenant_id=tenant_id)
     silent_id = new_job(database, JobStatus.RUNNING)
-    with database.session() as session:
-        for job in (job_id, silent_id):
-            CALLS[Transition.EXCEED_DEADLINE](session, session.get_one(Job, job), 1)
-        session.commit()
+    for job in (job_id, silent_id):
+        reap(database, job, Transition.EXCEED_DEADLINE)
     with database.session() as session:
         deliveries = session.scalars(select(WebhookDelivery)).all()
         sent = [(d.tenant_id, d.event, d.data) for d in deliveries if d.tenant_id == tenant_id]
@@ -573,7 +571,7 @@ def test_a_job_without_a_version_succeeds_with_its_result_before_its_status(
     job_id = new_job(database, JobStatus.RUNNING, attempt=2)
     started = utcnow()
     with database.session() as session:
-        loaded = session.get_one(Job, job_id)  # already in the session: refreshed, not stale
+        loaded = session.get_one(Job, job_id)  # the session's own object comes back, updated
         returned = succeed_with_lr_result(session, job_id, 2)
         assert returned is loaded
         assert (returned.status, returned.progress) == (JobStatus.SUCCEEDED, 1.0)
