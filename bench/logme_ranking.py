@@ -44,7 +44,8 @@ from torch.utils.data import DataLoader
 
 from worker.engine import Sample, TransferConfig, compile_plan, run
 from worker.engine.modalities.image.data import ImageDataset
-from worker.engine.transferability import group_features, kendall_tau, logme
+from worker.engine.modalities.image.features import group_features
+from worker.engine.transferability import kendall_tau, logme
 from worker.engine.zoo import build_backbone, get_base_model_info
 
 RANDOM_PREFIX = "random:"

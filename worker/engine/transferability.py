@@ -18,12 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from .modalities import modality_for
-from .zoo import Backbone, get_base_model_info
+from .zoo import get_base_model_info
 
 if TYPE_CHECKING:
     from .modalities.image.data import Sample
@@ -150,100 +147,6 @@ def score_base_model(
         suggested_partial_groups=max(1, len(groups) - 1 - peak),
         seconds=round(time.perf_counter() - started, 3),
     )
-
-
-def group_features(
-    backbone: Backbone,
-    loader: DataLoader[tuple[Tensor, int]],
-    *,
-    on_progress: Callable[[int, int], None] | None = None,
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """The backbone's pooled output, and the output of each layer group pooled the same way
-    (spatial or token mean), for every batch of `loader`, in eval mode and without gradients."""
-    outputs: dict[str, list[Tensor]] = {}
-    handles = []
-    for name, modules in backbone.groups():
-        last = modules[-1]
-        if not list(last.children()) and not list(last.parameters(recurse=False)):
-            continue
-        outputs[name] = []
-        handles.append(last.register_forward_hook(_pooling_hook(outputs[name])))
-    pooled: list[Tensor] = []
-    backbone.eval()
-    try:
-        with torch.inference_mode():
-            for done, (batch, _) in enumerate(loader, start=1):
-                pooled.append(backbone(batch))
-                if on_progress is not None:
-                    on_progress(done, len(loader))
-    finally:
-        for handle in handles:
-            handle.remove()
-    by_group = {name: torch.cat(parts).numpy() for name, parts in outputs.items() if parts}
-    return torch.cat(pooled).numpy(), by_group
-
-
-def text_group_features(
-    base_model: str,
-    texts: Sequence[str],
-    *,
-    weights_dir: Path | None,
-    max_length: int,
-    batch_size: int = 64,
-    on_progress: Callable[[int, int], None] | None = None,
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """A text encoder's pooled output (its features for a head), and the hidden states after
-    each layer group (`embeddings`, `layer.<i>`) mean-pooled over the attention mask, as the
-    encoder pools its output, so padding never enters a feature."""
-    from .modalities.text.tokens import SpecialTokens, encode, pad, plain_backend
-    from .modalities.text.zoo import build_text_backbone, load_tokenizer
-
-    backbone = build_text_backbone(base_model, pretrained=True, weights_dir=weights_dir)
-    names = [name for name, _ in backbone.groups()]
-    tokenizer = load_tokenizer(base_model, weights_dir)
-    special = SpecialTokens.of(tokenizer)
-    encoded = encode(
-        plain_backend(tokenizer.backend_tokenizer),
-        texts,
-        special,
-        max_length=max_length,
-        truncation="head",
-    )
-    pooled: list[Tensor] = []
-    outputs: dict[str, list[Tensor]] = {name: [] for name in names}
-    starts = range(0, len(texts), batch_size)
-    backbone.eval()
-    with torch.inference_mode():
-        for done, start in enumerate(starts, start=1):
-            ids, mask = pad(encoded.ids[start : start + batch_size], special.pad_id)
-            ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
-            # hidden_states: the embeddings' output, then each encoder layer's, in order.
-            states = backbone.net(
-                input_ids=ids_t, attention_mask=mask_t, output_hidden_states=True
-            ).hidden_states
-            weights = mask_t.unsqueeze(-1).to(states[0].dtype)
-            means = [(h * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9) for h in states]
-            for name, mean in zip(names, means, strict=True):
-                outputs[name].append(mean)
-            pooled.append(means[-1])  # the encoder's own pooling: its last layer's mean
-            if on_progress is not None:
-                on_progress(done, len(starts))
-    by_group = {name: torch.cat(parts).numpy() for name, parts in outputs.items()}
-    return torch.cat(pooled).numpy(), by_group
-
-
-def _pooling_hook(sink: list[Tensor]) -> Callable[..., None]:
-    def hook(_module: nn.Module, _inputs: object, output: object) -> None:
-        if not isinstance(output, Tensor):
-            return
-        if output.dim() == 4:  # (B, C, H, W): a convolutional stage
-            sink.append(output.mean(dim=(2, 3)))
-        elif output.dim() == 3:  # (B, tokens, D): a transformer block
-            sink.append(output.mean(dim=1))
-        else:
-            sink.append(output.flatten(1))
-
-    return hook
 
 
 def linear_probe_accuracy(

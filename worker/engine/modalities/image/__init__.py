@@ -148,7 +148,7 @@ class ImageModality(Modality):
         on_progress: Callable[[int, int], None] | None,
     ) -> "tuple[np.ndarray, dict[str, np.ndarray]]":
         from .data import Sample
-        from .inputs import pooled_features
+        from .features import pooled_features
 
         backbone = self.build_backbone(info.name, pretrained=True, weights_dir=weights_dir)
         return pooled_features(

@@ -3,10 +3,9 @@ processes, balanced or augmented when the plan asks (the image side of `base.Inp
 
 import hashlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -120,21 +119,3 @@ class _FixedKeys(Sampler[tuple[int, int]]):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         return iter(self.keys)
-
-
-def pooled_features(
-    backbone: Backbone,
-    samples: Sequence[Sample],
-    *,
-    image_size: int,
-    mean: tuple[float, float, float],
-    std: tuple[float, float, float],
-    batch_size: int,
-    on_progress: Callable[[int, int], None] | None,
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """The backbone's pooled features of these images, and each group's (transferability)."""
-    from ...transferability import group_features
-
-    images = ImageDataset(samples, image_size=image_size, mean=mean, std=std)
-    loader = DataLoader(images, batch_size=batch_size, shuffle=False)
-    return group_features(backbone, loader, on_progress=on_progress)

@@ -219,11 +219,11 @@ class TextModality(Modality):
         batch_size: int,
         on_progress: Callable[[int, int], None] | None,
     ) -> "tuple[np.ndarray, dict[str, np.ndarray]]":
-        from ...transferability import text_group_features
+        from .features import group_features
         from .inputs import TextSample
 
         length = max_length or self.defaults.max_length or 128
-        return text_group_features(
+        return group_features(
             info.name,
             [sample.text for sample in samples if isinstance(sample, TextSample)],
             weights_dir=weights_dir,
