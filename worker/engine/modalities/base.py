@@ -216,7 +216,11 @@ class Modality(ABC):
     augments: bool = False
     """Training may augment its items (the `augment` setting and its data-following default)."""
     exports_hf: bool = False
-    """A version can be exported as a Hugging Face folder (`transformers` loads it)."""
+    """A version can be exported as a Hugging Face folder (`transformers` loads it):
+    `write_hf_folder`."""
+    pyfunc_requirements: tuple[str, ...] = ()
+    """What an MLflow export's pyfunc needs to read its items, besides numpy, pillow,
+    onnxruntime and pandas (a tokenizer)."""
     inline_items: bool = False
     """A dataset item's content is the item itself (a text), not the path of its file: given
     inline to predict, shown as it is."""
@@ -377,6 +381,16 @@ class Modality(ABC):
 
     @abstractmethod
     def export_onnx(self, model: Any, plan: Plan, out_path: Path) -> "OnnxExport": ...
+
+    @abstractmethod
+    def onnx_inputs(self, config: "ModelConfig") -> list[tuple[str, str, list[int]]]:
+        """`model.onnx`'s inputs: name, datatype as the Open Inference Protocol and Triton
+        spell it (`FP32`), dims after the batch axis (-1: any length)."""
+
+    def write_hf_folder(self, folder: Path, config: "ModelConfig", out: Path) -> None:
+        """The Hugging Face folder of the version in `folder`, written to `out` (where
+        `exports_hf`)."""
+        raise NotImplementedError(f"{self.name} versions have no Hugging Face export")
 
     # Serving.
 

@@ -212,6 +212,11 @@ class ImageModality(Modality):
 
         return export_onnx(model, image_size=plan.image_size, out_path=out_path)
 
+    def onnx_inputs(self, config: "ModelConfig") -> list[tuple[str, str, list[int]]]:
+        from .serving import onnx_inputs
+
+        return onnx_inputs(config)
+
     def served_inputs(self, config: "ModelConfig", model_dir: Path) -> "ServedInputs":
         from .serving import ServedImages
 

@@ -29,6 +29,11 @@ IMAGE_BYTES = "image_bytes"
 """The Open Inference Protocol input of encoded images (BYTES), decoded as predict's are."""
 
 
+def onnx_inputs(config: ModelConfig) -> list[tuple[str, str, list[int]]]:
+    size = config.image.image_size
+    return [(ONNX_INPUT, "FP32", [3, size, size])]
+
+
 def oip_inputs(config: ModelConfig) -> list[dict[str, Any]]:
     image = config.image
     size = image.image_size

@@ -55,6 +55,7 @@ class TextModality(Modality):
     wrong_input = 'This model classifies texts: send JSON {"texts": ["...", ...]}.'
     input_param = "texts"
     exports_hf = True
+    pyfunc_requirements = ("tokenizers",)
     inline_items = True
     upload_format = "csv"
     # An archive may hold a folder of .txt files per class as well as images.
@@ -305,6 +306,16 @@ class TextModality(Modality):
         return export_text_onnx(
             model, vocab_size=vocab_size, max_length=plan.max_length, out_path=out_path
         )
+
+    def onnx_inputs(self, config: "ModelConfig") -> list[tuple[str, str, list[int]]]:
+        from .serving import onnx_inputs
+
+        return onnx_inputs(config)
+
+    def write_hf_folder(self, folder: Path, config: "ModelConfig", out: Path) -> None:
+        from .hf_folder import write_hf_folder
+
+        write_hf_folder(folder, config, out)
 
     def served_inputs(self, config: "ModelConfig", model_dir: Path) -> "ServedInputs":
         from .serving import ServedTexts

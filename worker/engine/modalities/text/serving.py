@@ -17,6 +17,10 @@ TEXTS = "texts"
 """The Open Inference Protocol input of texts (BYTES, UTF-8)."""
 
 
+def onnx_inputs(config: ModelConfig) -> list[tuple[str, str, list[int]]]:
+    return [(name, "INT64", [-1]) for name in ONNX_TEXT_INPUTS]
+
+
 def oip_inputs(config: ModelConfig) -> list[dict[str, Any]]:
     return [{"name": TEXTS, "datatype": "BYTES", "shape": [-1]}]
 
