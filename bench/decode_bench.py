@@ -14,9 +14,10 @@ from PIL import Image
 
 from service.datasets.ingest import ImageRejectedError, open_image
 from service.datasets.ingest.results import IngestLimits
-from service.inference.service import decode_images
+from service.inference.service import ItemReader
 from worker.engine.artifacts import Preprocessing
 from worker.engine.modalities.image.pixels import view_pixels
+from worker.engine.modalities.image.serving import ServedImages
 
 PREPROCESSING = Preprocessing(image_size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 UPLOAD_LIMITS = IngestLimits()
@@ -50,7 +51,8 @@ def as_before(images: list[tuple[str, bytes | None]]) -> tuple[float, int]:
 
 def as_now(images: list[tuple[str, bytes | None]]) -> tuple[float, int]:
     started = time.perf_counter()
-    _, good, _ = decode_images(images, preprocessing=PREPROCESSING, limits=PREDICT_LIMITS)
+    reading = ItemReader(PREDICT_LIMITS, max_text_chars=0)
+    _, good, _ = ServedImages(PREPROCESSING).prepare(images, reading)
     return time.perf_counter() - started, len(good)
 
 

@@ -42,7 +42,7 @@ from service.cli import migrate_database
 from service.datasets.ingest import IngestLimits
 from service.datasets.service import process_upload
 from service.inference.resolution import ServedVersion
-from service.inference.service import decode_images, load_model
+from service.inference.service import ItemReader, load_model
 from service.main import create_app
 from service.monitoring.reference import REFERENCE_FILE, Reference, summarise
 from service.monitoring.service import window_statistics
@@ -135,10 +135,8 @@ class Traffic:
         named: list[tuple[str, bytes | None]] = [
             (f"{i}.png", png(image)) for i, (image, _) in enumerate(images)
         ]
-        assert model.preprocessing is not None
-        _, good, pixels = decode_images(
-            named, preprocessing=model.preprocessing, limits=IngestLimits()
-        )
+        reading = ItemReader(IngestLimits(), max_text_chars=0)
+        _, good, pixels = model.inputs.prepare(named, reading)
         assert len(good) == len(images)
         summary = summarise(model, model.forward(model.batch_input([pixels])))
         assert summary.features is not None

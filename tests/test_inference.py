@@ -45,8 +45,10 @@ from tests.conftest import digits_split, make_settings, new_key, png_bytes, vers
 from tests.test_api import assert_error, ready_dataset
 from tests.test_registry import Registry, publish
 from worker.engine import Predictor
-from worker.engine.artifacts import Preprocessing, read_model_config
+from worker.engine.artifacts import Preprocessing, TextPreprocessing, read_model_config
 from worker.engine.modalities.image.pixels import normalise, view_pixels
+from worker.engine.modalities.image.serving import ServedImages
+from worker.engine.modalities.text.serving import ServedTexts
 from worker.engine.onnx_export import export_onnx
 
 
@@ -299,12 +301,15 @@ def test_full_queue_answers_503_with_retry_after(served: Registry) -> None:
             release.set()
 
 
+EIGHT_PIXELS = Preprocessing(image_size=8, mean=(0, 0, 0), std=(1, 1, 1))
+
+
 def fake_model(forward: Any, name: str = "m") -> LoadedModel:
     return LoadedModel(
         version_id=f"mv_{name}",
         name=name,
         tasks={"main": ["a", "b"]},
-        preprocessing=Preprocessing(image_size=8, mean=(0, 0, 0), std=(1, 1, 1)),
+        inputs=ServedImages(EIGHT_PIXELS),
         backend="torch",
         nbytes=100,
         forward=forward,
@@ -730,11 +735,10 @@ def test_other_tenants_cannot_predict(served: Registry) -> None:
 
 def test_batch_input_joins_preprocessed_tensors_with_pixels_it_normalises() -> None:
     model = fake_model(lambda batch: [batch])
-    assert model.preprocessing is not None
     tensor = np.random.default_rng(0).normal(size=(2, 3, 8, 8)).astype(np.float32)
     joined = model.batch_input([pixels(10), tensor, pixels(200)])
-    expected = [normalise(pixels(10), model.preprocessing), tensor]
-    expected.append(normalise(pixels(200), model.preprocessing))
+    expected = [normalise(pixels(10), EIGHT_PIXELS), tensor]
+    expected.append(normalise(pixels(200), EIGHT_PIXELS))
     np.testing.assert_array_equal(joined, np.concatenate(expected))
     assert model.batch_input([tensor]) is tensor  # a lone tensor goes to the pass as it is
 
@@ -1014,12 +1018,11 @@ def test_each_input_gets_its_own_top_labels_calibrated_and_averaged_over_its_vie
     top-k, of the task asked, at its temperature, averaged over the input's adjacent views;
     inputs that failed before the pass keep their error entries."""
     tasks = {"old": ["a", "b"], "new": ["x", "y", "z"]}
-    preprocessing = Preprocessing(image_size=8, mean=(0, 0, 0), std=(1, 1, 1))
     model = LoadedModel(
         version_id="mv_1",
         name="m",
         tasks=tasks,
-        preprocessing=dataclasses.replace(preprocessing, tta=("original", "flip")),
+        inputs=ServedImages(dataclasses.replace(EIGHT_PIXELS, tta=("original", "flip"))),
         backend="onnx",
         nbytes=0,
         forward=lambda batch: Outputs([], None),
@@ -1069,7 +1072,8 @@ def test_a_text_models_answers_have_one_row_per_input_and_ties_in_label_order() 
         version_id="mv_2",
         name="t",
         tasks={"topic": labels},
-        preprocessing=None,  # a text model: one row per input, no views
+        # A text model: one row per input, no views.
+        inputs=ServedTexts(TextPreprocessing("", 8, "head", "cls", {}), tokenizer=None),
         backend="onnx",
         nbytes=0,
         forward=lambda batch: Outputs([], None),

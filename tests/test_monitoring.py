@@ -17,7 +17,7 @@ from service.datasets.service import process_upload
 from service.db import new_id, utcnow
 from service.inference.metrics import InferenceMetrics
 from service.inference.resolution import ServedVersion
-from service.inference.service import decode_images
+from service.inference.service import ItemReader
 from service.main import create_app
 from service.monitoring.capture import capture_key, capture_prefix, enforce_bounds
 from service.monitoring.service import Recorder
@@ -267,9 +267,8 @@ def test_windows_pool_the_traffic_of_several_processes(monitored: Registry) -> N
         served = ServedVersion.of(session.query(ModelVersion).one())
     model = monitored.client.app.state.predictors.get(served)  # type: ignore[attr-defined]
     images = [(str(i), png_bytes(image)) for i, (image, _) in enumerate(unseen_digits()[:WINDOW])]
-    _, _, pixels = decode_images(
-        list(images), preprocessing=model.preprocessing, limits=IngestLimits()
-    )
+    reading = ItemReader(IngestLimits(), max_text_chars=0)
+    _, _, pixels = model.inputs.prepare(list(images), reading)
     outputs = model.forward(model.batch_input([pixels]))
     before = len(monitoring(monitored)["windows"])
     processes = [Recorder(context, InferenceMetrics()) for _ in range(2)]

@@ -40,11 +40,9 @@ from service.inference.service import (
     ModelUnloadedError,
     QueueFullError,
     Reservation,
-    decode_images,
     decode_pool,
-    encode_texts,
     fill_predictions,
-    predict_limits,
+    predict_reading,
     resolve_pool,
 )
 from service.monitoring.service import Recorder
@@ -97,17 +95,14 @@ def _too_many(limit: int) -> ApiError:
 
 @dataclass(frozen=True)
 class _Body:
-    """A predict call's inputs: images (name, bytes or None) or texts, and its options."""
+    """A predict call's inputs and its options: `items` as sent in field `param` (a modality's
+    `input_param`): images as (name, bytes or None), or texts."""
 
-    images: list[tuple[str, bytes | None]] | None
-    texts: list[str] | None
+    param: str
+    items: list[Any]
     top_k: int
     task: str | None
     calibrated: bool
-
-    @property
-    def kind(self) -> str:
-        return "text" if self.texts is not None else "image"
 
 
 def _too_large(name: str, limit: int) -> ApiError:
@@ -141,7 +136,7 @@ async def _read_multipart(request: Request, context: AppContext) -> _Body:
         options = PredictOptions.model_validate(fields)
     except ValidationError as exc:
         _raise_validation(exc)
-    return _Body(images, None, options.top_k, options.task, options.calibrated)
+    return _Body("images", images, options.top_k, options.task, options.calibrated)
 
 
 async def _read_json(request: Request, context: AppContext) -> _Body:
@@ -176,7 +171,7 @@ async def _read_json(request: Request, context: AppContext) -> _Body:
                 f"At most {settings.max_predict_texts} texts per call.",
                 param="texts",
             )
-        return _Body(None, texts.texts, texts.top_k, texts.task, texts.calibrated)
+        return _Body("texts", texts.texts, texts.top_k, texts.task, texts.calibrated)
     try:
         parsed = PredictJson.model_validate_json(bytes(body))
     except ValidationError as exc:
@@ -193,7 +188,7 @@ async def _read_json(request: Request, context: AppContext) -> _Body:
         if data is not None and len(data) > settings.max_predict_bytes:
             raise _too_large(name, settings.max_predict_bytes)
         images.append((name, data))
-    return _Body(images, None, parsed.top_k, parsed.task, parsed.calibrated)
+    return _Body("images", images, parsed.top_k, parsed.task, parsed.calibrated)
 
 
 def _raise_validation(exc: ValidationError) -> NoReturn:
@@ -245,15 +240,14 @@ def _resolve(request: Request, credentials: Credentials, name: str, ref: str) ->
     return served
 
 
-def _captured(body: _Body, good: list[int], served: ServedVersion) -> list[bytes] | None:
+def _captured(
+    model: LoadedModel, items: list[Any], good: list[int], served: ServedVersion
+) -> list[bytes] | None:
     """The answered inputs as sent, when the model keeps them (capture); references, no copy
     of an image."""
     if not served.capture:
         return None
-    if body.texts is not None:
-        return [body.texts[index].encode() for index in good]
-    assert body.images is not None
-    return [body.images[index][1] or b"" for index in good]
+    return [model.inputs.kept_bytes(items[index]) for index in good]
 
 
 def _overloaded(message: str) -> ApiError:
@@ -360,38 +354,17 @@ async def _predict(request: Request, credentials: Credentials, name: str, versio
             f"task: this model answers {', '.join(model.tasks)}, not {echo(task)}.",
             param="task",
         )
-    if body.kind != model.modality:
-        raise ApiError(
-            422,
-            "wrong_input_kind",
-            modality_for(model.modality).wrong_input,
-            param=modality_for(body.kind).input_param,
-        )
+    modality = modality_for(model.modality)
+    if body.param != modality.input_param:
+        raise ApiError(422, "wrong_input_kind", modality.wrong_input, param=body.param)
     answered = task or list(model.tasks)[-1]
-    inputs_sent = body.texts if body.texts is not None else body.images
-    assert inputs_sent is not None
-    metrics.images.labels(*labels).inc(len(inputs_sent))
+    metrics.images.labels(*labels).inc(len(body.items))
     # The batcher counts rows: an image is one per test-time view (`preprocessing.tta`).
-    views = len(model.preprocessing.tta) if body.images is not None and model.preprocessing else 1
-    model, reservation = await _reserve(cache, served, model, len(inputs_sent) * views)
+    count = len(body.items) * model.inputs.views
+    model, reservation = await _reserve(cache, served, model, count)
     try:
-        results: list[dict[str, Any]]
-        inputs: Any
-        if body.texts is not None:
-            encode = partial(
-                encode_texts, model, body.texts, max_chars=context.settings.max_predict_text_chars
-            )
-            results, good, inputs, _ = await loop.run_in_executor(decode_pool(), encode)
-        else:
-            assert body.images is not None
-            assert model.preprocessing is not None
-            decode = partial(
-                decode_images,
-                body.images,
-                preprocessing=model.preprocessing,
-                limits=predict_limits(context),
-            )
-            results, good, inputs = await loop.run_in_executor(decode_pool(), decode)
+        prepare = partial(model.inputs.prepare, body.items, predict_reading(context))
+        results, good, inputs = await loop.run_in_executor(decode_pool(), prepare)
         if good:
             outputs = await asyncio.wrap_future(reservation.submit(inputs))
             fill_predictions(
@@ -410,7 +383,11 @@ async def _predict(request: Request, credentials: Credentials, name: str, versio
                 for index, prediction_id in zip(good, prediction_ids, strict=True):
                     results[index]["prediction_id"] = prediction_id
                 recorder.record(
-                    served, model, prediction_ids, outputs, inputs=_captured(body, good, served)
+                    served,
+                    model,
+                    prediction_ids,
+                    outputs,
+                    inputs=_captured(model, body.items, good, served),
                 )
     finally:
         reservation.release()

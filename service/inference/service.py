@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from service.context import AppContext
 from service.datasets.ingest import ImageRejectedError, IngestLimits, open_image
@@ -42,21 +43,13 @@ from worker import engine
 from worker.engine.artifacts import (
     ONNX_FEATURES,
     ONNX_FILE,
-    ONNX_INPUT,
     ONNX_OUTPUT,
-    ONNX_TEXT_INPUTS,
     ModelConfig,
-    Preprocessing,
-    TextPreprocessing,
     read_model_config,
 )
-from worker.engine.modalities.image.pixels import (
-    CROP_ENLARGE,
-    average_views,
-    normalise,
-    view_pixels,
-)
-from worker.engine.modalities.text.tokens import SpecialTokens, encode, load_backend, pad
+from worker.engine.modalities import modality_for
+from worker.engine.modalities.base import RejectedItemError, ServedInputs
+from worker.engine.modalities.image.pixels import average_views
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +57,7 @@ logger = logging.getLogger(__name__)
 IDLE_POLL_SECONDS = 0.5
 
 Prediction = dict[str, Any]
-"""One image's entry in a predict answer: `image`, and `top` or `error`."""
+"""One input's entry in a predict answer: `image` or `text_index`, and `top` or `error`."""
 
 
 RESOLVE_THREADS = 4
@@ -113,45 +106,28 @@ class LoadedModel:
     tasks: dict[str, list[str]]
     """Labels per task, oldest first: one task, or several for a Learning-without-Forgetting
     model. The last is the newest, answered when a request names none."""
-    preprocessing: Preprocessing | None
-    """An image model's; None for a text model."""
+    inputs: ServedInputs
+    """How its requests become its forward pass's input (its modality's serving half)."""
     backend: str
     nbytes: int
     forward: Callable[[Any], Outputs]
-    """A normalised (N, 3, H, W) float32 batch, or (text) an (ids, attention mask) pair of
-    (N, L) int64 arrays → per task, class logits, and the pooled features, a row per input."""
+    """A forward-pass input as `inputs.batch_input` makes it (a normalised (N, 3, H, W) float32
+    batch; ids and attention mask) → per task, class logits, and the pooled features, a row
+    per input row."""
     temperatures: list[float]
     """Per task, what its logits are divided by for calibrated probabilities
     (`ModelConfig.temperatures`)."""
     backend_reason: str | None = None
     """Why this version runs in PyTorch rather than ONNX Runtime; None when it runs in ONNX."""
     batcher: "Batcher | None" = None
-    text: TextPreprocessing | None = None
-    """A text model's tokenization; None for an image model."""
-    tokenizer: Any = None
-    """A text model's `tokenizers.Tokenizer`."""
 
     @property
     def modality(self) -> str:
-        return "text" if self.text is not None else "image"
+        return self.inputs.modality
 
     def batch_input(self, inputs: list[Any]) -> Any:
-        """The requests' inputs as one forward pass's: pixels normalised in one operation, or
-        token rows padded to the longest of them."""
-        if self.text is not None:
-            rows = [row for request in inputs for row in request]
-            return pad(rows, self.text.special_tokens["pad_id"])
-        assert self.preprocessing is not None
-        if all(block.dtype == np.uint8 for block in inputs):
-            pixels = inputs[0] if len(inputs) == 1 else np.concatenate(inputs)
-            return normalise(pixels, self.preprocessing)
-        # A float32 block came preprocessed (the Open Inference Protocol's raw tensors): it
-        # joins the pass as it is, beside the pixels normalised here.
-        blocks = [
-            block if block.dtype == np.float32 else normalise(block, self.preprocessing)
-            for block in inputs
-        ]
-        return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+        """The requests' inputs as one forward pass's (`ServedInputs.batch_input`)."""
+        return self.inputs.batch_input(inputs)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -185,22 +161,23 @@ def load_model(
 ) -> LoadedModel:
     """Load a version's artifacts with the backend `choose_backend` picks, then warm it up."""
     config = read_model_config(model_dir)
+    inputs = modality_for(config.modality).served_inputs(config, model_dir)
     used, reason = choose_backend(version, config, model_dir, requested=backend)
     forward: Callable[[Any], Outputs]
     if used == "onnx":
-        forward = _onnx_forward(model_dir / ONNX_FILE, threads, text=config.text is not None)
+        forward = _onnx_forward(model_dir / ONNX_FILE, threads, inputs)
         nbytes = (model_dir / ONNX_FILE).stat().st_size
     else:
-        forward, nbytes = _torch_forward(model_dir, threads, text=config.text is not None)
+        forward, nbytes = _torch_forward(model_dir, threads, inputs)
     return _warmed_up(
         config,
+        inputs,
         version_id=version.id,
         name=version.model_name,
         forward=forward,
         nbytes=nbytes,
         backend=used,
         reason=reason,
-        model_dir=model_dir,
     )
 
 
@@ -208,21 +185,23 @@ def load_in_memory(model_dir: Path, *, model: Any, version_id: str) -> LoadedMod
     """The exported model in `model_dir` served by PyTorch from `model`, the trained module whose
     weights it holds, still in memory (the worker computing a reference profile at publish)."""
     config = read_model_config(model_dir)
-    forward, nbytes = _torch_forward(model_dir, None, text=config.text is not None, model=model)
+    inputs = modality_for(config.modality).served_inputs(config, model_dir)
+    forward, nbytes = _torch_forward(model_dir, None, inputs, model=model)
     return _warmed_up(
         config,
+        inputs,
         version_id=version_id,
         name="",
         forward=forward,
         nbytes=nbytes,
         backend="torch",
         reason="in memory",
-        model_dir=model_dir,
     )
 
 
 def _warmed_up(
     config: ModelConfig,
+    inputs: ServedInputs,
     *,
     version_id: str,
     name: str,
@@ -230,31 +209,24 @@ def _warmed_up(
     nbytes: int,
     backend: str,
     reason: str | None,
-    model_dir: Path,
 ) -> LoadedModel:
     loaded = LoadedModel(
         version_id=version_id,
         name=name,
         tasks=config.task_labels(),
-        preprocessing=config.preprocessing,
+        inputs=inputs,
         backend=backend,
         backend_reason=reason,
         nbytes=nbytes,
         forward=forward,
         temperatures=config.temperatures(),
-        text=config.text,
-        tokenizer=load_backend(model_dir) if config.text is not None else None,
     )
     # The first pass allocates and picks kernels; pay for it here, not in a caller's request.
-    if config.text is not None:
-        loaded.forward((np.ones((1, 2), dtype=np.int64), np.ones((1, 2), dtype=np.int64)))
-    else:
-        size = config.image.image_size
-        loaded.forward(np.zeros((1, 3, size, size), dtype=np.float32))
+    loaded.forward(inputs.warm_up_input())
     return loaded
 
 
-def _onnx_forward(path: Path, threads: int, *, text: bool) -> Callable[[Any], Outputs]:
+def _onnx_forward(path: Path, threads: int, inputs: ServedInputs) -> Callable[[Any], Outputs]:
     session = onnx_session(path, threads)
     # A model.onnx exported before monitoring has no features output: served without them.
     names = [ONNX_OUTPUT]
@@ -262,8 +234,7 @@ def _onnx_forward(path: Path, threads: int, *, text: bool) -> Callable[[Any], Ou
         names.append(ONNX_FEATURES)
 
     def forward(batch: Any) -> Outputs:
-        feed = dict(zip(ONNX_TEXT_INPUTS, batch, strict=True)) if text else {ONNX_INPUT: batch}
-        outputs = session.run(names, feed)
+        outputs = session.run(names, inputs.onnx_feed(batch))
         return Outputs(
             [np.asarray(outputs[0])], np.asarray(outputs[1]) if len(outputs) > 1 else None
         )
@@ -286,7 +257,7 @@ def onnx_session(path: Path, threads: int) -> Any:
 
 
 def _torch_forward(
-    model_dir: Path, threads: int | None, *, text: bool, model: Any = None
+    model_dir: Path, threads: int | None, inputs: ServedInputs, *, model: Any = None
 ) -> tuple[Callable[[Any], Outputs], int]:
     """The PyTorch forward pass of a version, and the bytes its weights take. `model`: the
     module whose weights `model_dir` holds, already in memory; `threads` None leaves torch's."""
@@ -294,47 +265,29 @@ def _torch_forward(
     # never loads torch.
     import torch
 
-    def outputs(features: Any, logits: list[Any]) -> Outputs:
-        return Outputs(
-            [task.float().cpu().numpy() for task in logits], features.float().cpu().numpy()
-        )
-
     if threads is not None:
         # Process-wide; the API process's other torch work (previews) is light.
         torch.set_num_threads(threads)
     predictor = engine.Predictor.load(model_dir, model=model)
-    if text:
-        text_model = predictor.model
+    # Every head is a small layer on shared features: computing all of them lets one batch
+    # serve requests for different tasks.
+    run, module = modality_for(inputs.modality).torch_forward(predictor.model, predictor.device)
 
-        def forward_text(batch: tuple[np.ndarray, np.ndarray]) -> Outputs:
-            inputs = torch.stack([torch.from_numpy(array) for array in batch], dim=1)
-            with torch.inference_mode():
-                return outputs(*text_model.forward_with_features(inputs.to(predictor.device)))
+    def forward(batch: Any) -> Outputs:
+        features, logits = run(batch)
+        return Outputs(
+            [task.float().cpu().numpy() for task in logits], features.float().cpu().numpy()
+        )
 
-        tensors = [*text_model.parameters(), *text_model.buffers()]
-        return forward_text, sum(t.numel() * t.element_size() for t in tensors)
-    # Channels-last ran faster than the default layout at batch 1 and 32 in every
-    # bench/inference.py run (e.g. 248 against 188 images/s at batch 32, one thread);
-    # torch.compile was faster still but took minutes to compile, too long for a load.
-    module = predictor.model.to(memory_format=torch.channels_last)
-
-    def forward(batch: np.ndarray) -> Outputs:
-        inputs = torch.from_numpy(batch).to(predictor.device)
-        # Every head is a small layer on shared features: computing all of them lets one
-        # batch serve requests for different tasks.
-        with torch.inference_mode():
-            channels_last = inputs.contiguous(memory_format=torch.channels_last)
-            return outputs(*module.forward_with_features(channels_last))
-
-    nbytes = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
-    return forward, nbytes
+    tensors = [*module.parameters(), *module.buffers()]
+    return forward, sum(t.numel() * t.element_size() for t in tensors)
 
 
 @dataclass
 class _Request:
     inputs: Any
-    """(N, H, W, 3) uint8, as `view_pixels` makes them; (N, 3, H, W) float32, already
-    normalised; or N texts' framed token ids."""
+    """N rows as `ServedInputs.prepare` makes them, or an Open Inference Protocol tensor
+    already preprocessed (`OipInput.preprocessed`)."""
     queued_at: float = field(default_factory=time.perf_counter)
     future: Future[Outputs] = field(default_factory=Future)
 
@@ -623,71 +576,27 @@ def predict_limits(context: AppContext) -> IngestLimits:
     )
 
 
-def decode_images(
-    images: list[tuple[str, bytes | None]],
-    *,
-    preprocessing: Preprocessing,
-    limits: IngestLimits,
-) -> tuple[list[Prediction], list[int], np.ndarray | None]:
-    """Per-image results (errors filled in), the indexes that decoded, and their pixels: a
-    row per test-time view (`preprocessing.tta`), an image's views adjacent. A JPEG is decoded
-    at a reduced scale when it is much larger than the model's input; `limits` caps the
-    pixels decoded per image (`THAW_MAX_PREDICT_PIXELS`).
-
-    An entry whose bytes are None was already found unreadable (bad base64)."""
-    results: list[Prediction] = [{"image": name, "top": None, "error": None} for name, _ in images]
-    good: list[int] = []
-    pixels: list[np.ndarray] = []
-    # The largest side a view is resized from (a crop view's enlarged image).
-    draft_to = round(preprocessing.image_size * CROP_ENLARGE)
-    for index, (_, data) in enumerate(images):
-        if data is None:
-            results[index]["error"] = {
-                "code": "invalid_base64",
-                "message": "`data` is not valid base64.",
-            }
-            continue
-        try:
-            with open_image(io.BytesIO(data), limits, draft_to=draft_to) as image:
-                pixels.append(view_pixels(image, preprocessing.image_size, preprocessing.tta))
-            good.append(index)
-        except ImageRejectedError as exc:
-            results[index]["error"] = {"code": exc.code, "message": exc.reason}
-    return results, good, (np.concatenate(pixels) if pixels else None)
-
-
-def encode_texts(
-    model: LoadedModel, texts: list[str], *, max_chars: int
-) -> tuple[list[Prediction], list[int], list[list[int]], list[bool]]:
-    """Per-text results (errors filled in), the indexes that encoded, their framed token ids
-    and whether each was truncated."""
-    assert model.text is not None
-    results: list[Prediction] = [
-        {"text_index": index, "top": None, "truncated": None, "error": None}
-        for index in range(len(texts))
-    ]
-    good: list[int] = []
-    for index, text in enumerate(texts):
-        if not text.strip():
-            results[index]["error"] = {"code": "empty_text", "message": "The text is empty."}
-        elif len(text) > max_chars:
-            results[index]["error"] = {
-                "code": "text_too_long",
-                "message": f"The text has {len(text)} characters; at most {max_chars} are read "
-                "(THAW_MAX_PREDICT_TEXT_CHARS).",
-            }
-        else:
-            good.append(index)
-    encoded = encode(
-        model.tokenizer,
-        [texts[index] for index in good],
-        SpecialTokens.from_dict(model.text.special_tokens),
-        max_length=model.text.max_length,
-        truncation=model.text.truncation,
+def predict_reading(context: AppContext) -> "ItemReader":
+    """How predict reads a call's items: images at `predict_limits`, texts up to
+    `THAW_MAX_PREDICT_TEXT_CHARS`."""
+    return ItemReader(
+        predict_limits(context), max_text_chars=context.settings.max_predict_text_chars
     )
-    for index, truncated in zip(good, encoded.truncated, strict=True):
-        results[index]["truncated"] = truncated
-    return results, good, encoded.ids, encoded.truncated
+
+
+@dataclass(frozen=True)
+class ItemReader:
+    """The service's `ItemReading`: untrusted images opened under `limits` (the format
+    allowlist, the pixel cap); texts read up to `max_text_chars` characters."""
+
+    limits: IngestLimits
+    max_text_chars: int
+
+    def open_image(self, data: bytes, *, draft_to: int) -> Image.Image:
+        try:
+            return open_image(io.BytesIO(data), self.limits, draft_to=draft_to)
+        except ImageRejectedError as exc:
+            raise RejectedItemError(exc.code, exc.reason) from None
 
 
 def fill_predictions(
@@ -703,7 +612,7 @@ def fill_predictions(
     """Each good input's top-k labels, with probabilities calibrated unless asked not to and
     (images) averaged over the input's test-time views, as the torch predictor does."""
     labels = model.tasks[task]
-    views = len(model.preprocessing.tta) if model.preprocessing is not None else 1
+    views = model.inputs.views
     rows = probabilities(model, outputs.logits, task=task, calibrated=calibrated, views=views)
     k = max(1, min(top_k, len(labels)))
     for index, row in zip(good, rows, strict=True):

@@ -10,31 +10,24 @@ beside them (`exports/<format>.zip`), and streamed from there on every later dow
   flavor whose loader (`code/thaw_pyfunc.py`) preprocesses as predict does, with thaw's own
   preprocessing modules shipped beside it (`code/thaw_engine/`: numpy, PIL, tokenizers only).
   Written by hand, so serving it needs no MLflow here.
-- `hf` (text only): the `save_pretrained` layout: `config.json` (with `auto_map`),
-  `model.safetensors`, the tokenizer files and `modeling_thaw.py`
-  (`worker/engine/modalities/text/hf.py`), loaded with
-  `AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)`; the
-  logits come calibrated (the head's last layer divided by the temperature).
+- `hf` (a modality that `exports_hf`: text): the `save_pretrained` layout that
+  `AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)` loads,
+  written by the modality (`worker/engine/modalities/text/hf_folder.py`).
 """
 
-import json
 import re
 import shutil
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
 
 from service.errors import ApiError
 from service.storage import ArtifactStore, ObjectNotFoundError
 from service.tables import ModelVersion
 from worker import engine
 from worker.engine.artifacts import (
-    CONFIG_FILE,
     ONNX_FILE,
-    ONNX_INPUT,
     ONNX_OUTPUT,
-    ONNX_TEXT_INPUTS,
     WEIGHTS_FILE,
     ModelConfig,
     read_model_config,
@@ -46,7 +39,6 @@ TRITON_LABELS = "labels.txt"
 TRITON_MAX_BATCH = 64
 TRITON_QUEUE_DELAY_US = 2000
 """Triton's dynamic batcher waits at most this long for more requests (thaw's default too)."""
-HF_MODELING = "modeling_thaw.py"
 PYFUNC_MODULE = "thaw_pyfunc"
 SHIPPED_ENGINE = "thaw_engine"
 """The package name thaw's preprocessing modules take inside an MLflow model's `code/`."""
@@ -59,9 +51,7 @@ SHIPPED_MODULES = (
 )
 """Preprocessing as predict runs it; standard library, numpy, PIL and tokenizers only."""
 ENGINE_DIR = Path(engine.__file__).parent
-"""Engine files are copied into exports by path: importing `text.hf` would load torch."""
-HF_MODEL_TYPE = "thaw_text"
-"""`modalities.text.hf.ThawTextConfig.model_type`."""
+"""The shipped modules are copied from here by path (the pyfunc imports them as `thaw_engine`)."""
 
 
 def export_key(version: ModelVersion, fmt: str) -> str:
@@ -87,7 +77,7 @@ def ensure_export(store: ArtifactStore, *, version: ModelVersion, fmt: str) -> s
         elif fmt == "mlflow":
             write_mlflow(folder, config, out)
         else:
-            write_hf(folder, config, out)
+            modality_for(config.modality).write_hf_folder(folder, config, out)
         archive = Path(scratch) / f"{fmt}.zip"
         with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zipped:
             for path in sorted(out.rglob("*")):
@@ -122,25 +112,16 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
-def _onnx_dims(config: ModelConfig) -> tuple[list[tuple[str, str, list[int]]], list[int]]:
-    """The ONNX graph's inputs (name, Triton type, dims without the batch) and output dims."""
-    if config.text is not None:
-        inputs = [(name, "TYPE_INT64", [-1]) for name in ONNX_TEXT_INPUTS]
-    else:
-        size = config.image.image_size
-        inputs = [(ONNX_INPUT, "TYPE_FP32", [3, size, size])]
-    return inputs, [len(config.labels)]
-
-
 def write_triton(folder: Path, config: ModelConfig, out: Path) -> None:
     """A Triton model repository entry for the version's `model.onnx`."""
     (out / "1").mkdir(parents=True)
     shutil.copyfile(folder / ONNX_FILE, out / "1" / ONNX_FILE)
     (out / TRITON_LABELS).write_text("".join(f"{label}\n" for label in config.labels))
-    inputs, output_dims = _onnx_dims(config)
+    inputs = modality_for(config.modality).onnx_inputs(config)
+    output_dims = [len(config.labels)]
     input_blocks = ",\n".join(
-        f'  {{\n    name: "{name}"\n    data_type: {kind}\n    dims: {dims}\n  }}'
-        for name, kind, dims in inputs
+        f'  {{\n    name: "{name}"\n    data_type: TYPE_{datatype}\n    dims: {dims}\n  }}'
+        for name, datatype, dims in inputs
     )
     text = (
         f'name: "{out.name}"\n'
@@ -269,68 +250,9 @@ def write_mlflow(folder: Path, config: ModelConfig, out: Path) -> None:
     (out / "MLmodel").write_text(
         _MLMODEL.format(onnx=ONNX_FILE, onnx_version=onnx.__version__, loader=PYFUNC_MODULE)
     )
-    requirements = ["numpy", "pillow", "onnxruntime", "pandas"]
-    if config.text is not None:
-        requirements.append("tokenizers")
+    modality = modality_for(config.modality)
+    requirements = ["numpy", "pillow", "onnxruntime", "pandas", *modality.pyfunc_requirements]
     (out / "requirements.txt").write_text("".join(f"{r}\n" for r in requirements))
     (out / "python_env.yaml").write_text(
         'python: "3.11"\nbuild_dependencies:\n- pip\ndependencies:\n- -r requirements.txt\n'
     )
-
-
-def write_hf(folder: Path, config: ModelConfig, out: Path) -> None:
-    """A Hugging Face folder for a text version (see the module's docstring)."""
-    import numpy as np
-    from safetensors.numpy import load_file, save_file
-
-    assert config.text is not None
-    assert config.encoder is not None
-    out.mkdir(parents=True)
-    state = load_file(str(folder / WEIGHTS_FILE))
-    weights: dict[str, np.ndarray] = {}
-    encoder_prefix = "backbone.net."
-    for key, value in state.items():
-        if key.startswith(encoder_prefix):
-            weights["encoder." + key.removeprefix(encoder_prefix)] = value
-    # The head's Linear layers, in order, whatever Dropout layers sat between them.
-    linear = sorted(
-        {int(key.split(".")[1]) for key in state if re.fullmatch(r"head\.\d+\.weight", key)}
-    )
-    for position, index in enumerate(linear):
-        last = position == len(linear) - 1
-        for part in ("weight", "bias"):
-            value = state[f"head.{index}.{part}"]
-            # The calibration in the last layer: softmax(logits) is predict's answer.
-            weights[f"head.{2 * position}.{part}"] = (
-                value / np.float32(config.temperature) if last else value
-            )
-    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
-    labels = list(config.labels)
-    hidden = list(config.newest.head.get("hidden") or [])
-    hf_config: dict[str, Any] = {
-        "architectures": ["ThawTextClassifier"],
-        "auto_map": {
-            "AutoConfig": "modeling_thaw.ThawTextConfig",
-            "AutoModelForSequenceClassification": "modeling_thaw.ThawTextClassifier",
-        },
-        "model_type": HF_MODEL_TYPE,
-        "encoder": config.encoder,
-        "hidden": hidden,
-        "id2label": dict(enumerate(labels)),
-        "label2id": {label: index for index, label in enumerate(labels)},
-        "thaw": {
-            "max_length": config.text.max_length,
-            "truncation": config.text.truncation,
-            "calibration_temperature": config.temperature,
-        },
-    }
-    (out / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
-    shutil.copyfile(ENGINE_DIR / "modalities" / "text" / "hf.py", out / HF_MODELING)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (folder / name).is_file():
-            shutil.copyfile(folder / name, out / name)
-    # Tokenizing as thaw does: at most `max_length` tokens, `[CLS]` and `[SEP]` included.
-    tokenizer_config = out / "tokenizer_config.json"
-    settings = json.loads(tokenizer_config.read_text()) if tokenizer_config.is_file() else {}
-    settings["model_max_length"] = config.text.max_length
-    tokenizer_config.write_text(json.dumps(settings, indent=2) + "\n")

@@ -97,7 +97,7 @@ class Summary:
 def summarise(model: Any, outputs: Any) -> Summary:
     """`outputs` of `model`'s forward pass (a `LoadedModel`'s `Outputs`), reduced to one row per
     input: an image's test-time views averaged, as `fill_predictions` does."""
-    views = len(model.preprocessing.tta) if model.preprocessing is not None else 1
+    views = model.inputs.views
     probabilities = average_views(
         statistics.calibrated_probabilities(outputs.logits[-1], model.temperatures[-1]), views
     )
@@ -109,20 +109,15 @@ def summarise(model: Any, outputs: Any) -> Summary:
 
 def _summarise_items(model: Any, items: Sequence[Any], limits: IngestLimits) -> Summary:
     # Imported here: the worker imports this module, the API's inference path need not.
-    from service.inference.service import decode_images, encode_texts
+    from service.inference.service import ItemReader
 
+    # A training item is read whole: its length was the training's to cap.
+    reading = ItemReader(limits, max_text_chars=10**9)
     features: list[np.ndarray] = []
     probabilities: list[np.ndarray] = []
     for start in range(0, len(items), BATCH):
-        chunk = items[start : start + BATCH]
-        inputs: Any
-        if model.text is not None:
-            _, good, inputs, _ = encode_texts(model, [item.text for item in chunk], max_chars=10**9)
-        else:
-            named: list[tuple[str, bytes | None]] = [
-                (str(item.path), Path(item.path).read_bytes()) for item in chunk
-            ]
-            _, good, inputs = decode_images(named, preprocessing=model.preprocessing, limits=limits)
+        chunk = [model.inputs.sample_item(item) for item in items[start : start + BATCH]]
+        _, good, inputs = model.inputs.prepare(chunk, reading)
         if len(good) != len(chunk) or inputs is None:
             raise ValueError("a training item could not be read as predict reads it")
         summary = summarise(model, model.forward(model.batch_input([inputs])))

@@ -34,28 +34,24 @@ from service.inference.router import (
 from service.inference.service import (
     LoadedModel,
     ModelCache,
-    decode_images,
     decode_pool,
-    encode_texts,
-    predict_limits,
+    predict_reading,
     probabilities,
     resolve_pool,
 )
 from service.oip.schemas import ModelMetadata, ProtocolError, ServerMetadata, TensorMetadata
 from service.oip.service import (
-    IMAGE_BYTES,
-    IMAGE_TENSOR,
     PROBABILITIES,
-    TEXTS,
     TOP_LABELS,
     InferRequest,
     bad_request,
     default_version,
-    image_bytes,
     infer_response,
     parse_infer_request,
 )
 from worker.engine.artifacts import CONFIG_FILE, ModelConfig, parse_model_config
+from worker.engine.modalities import modality_for
+from worker.engine.modalities.base import OipInput
 
 DEFAULT_REF = ""
 """The resolution cache's key for "no version named" (a path segment is never empty)."""
@@ -167,33 +163,7 @@ async def _config(request: Request, served: ServedVersion) -> ModelConfig:
 
 def _metadata(served: ServedVersion, config: ModelConfig) -> ModelMetadata:
     labels = list(config.labels)
-    if config.text is not None:
-        inputs = [TensorMetadata(name=TEXTS, datatype="BYTES", shape=[-1])]
-    else:
-        size = config.image.image_size
-        image = config.image
-        inputs = [
-            TensorMetadata(
-                name=IMAGE_TENSOR,
-                datatype="FP32",
-                shape=[-1, 3, size, size],
-                parameters={
-                    "layout": "NCHW",
-                    "color": image.color,
-                    "resize": image.resize,
-                    "mean": list(image.mean),
-                    "std": list(image.std),
-                    "description": "RGB scaled to [0, 1], resized to the shape, minus `mean` "
-                    "over `std` per channel. Or send `image_bytes` instead.",
-                },
-            ),
-            TensorMetadata(
-                name=IMAGE_BYTES,
-                datatype="BYTES",
-                shape=[-1],
-                parameters={"description": "Encoded images (base64 in JSON); thaw decodes them."},
-            ),
-        ]
+    inputs = [TensorMetadata(**spec) for spec in modality_for(config.modality).oip_inputs(config)]
     return ModelMetadata(
         name=served.model_name,
         versions=[str(served.version)],
@@ -297,19 +267,6 @@ async def _admitted(request: Request, name: str, ref: str) -> Response:
         state.predicts_in_flight -= 1
 
 
-def _body_cap(context: AppContext, model: LoadedModel) -> int:
-    """The most bytes an infer call may send to this model: its inputs at the predict caps,
-    written as JSON numbers (about 16 bytes a float) or base64, plus room for the header."""
-    settings = context.settings
-    if model.text is not None:
-        per_input = settings.max_predict_text_chars * 4 + 1024
-        return settings.max_predict_texts * per_input + 65536
-    assert model.preprocessing is not None
-    floats = 3 * model.preprocessing.image_size**2
-    per_image = max(settings.max_predict_bytes * 4 // 3 + 1024, floats * 16)
-    return settings.max_predict_images * per_image + 65536
-
-
 async def _read_body(request: Request, cap: int) -> bytearray:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > cap:
@@ -322,34 +279,16 @@ async def _read_body(request: Request, cap: int) -> bytearray:
     return body
 
 
-def _the_input(parsed: InferRequest, model: LoadedModel) -> tuple[str, Any]:
-    """The one input this model takes, checked against it: (name, its data)."""
-    accepted = (TEXTS,) if model.text is not None else (IMAGE_TENSOR, IMAGE_BYTES)
+def _the_input(parsed: InferRequest, model: LoadedModel, context: AppContext) -> OipInput:
+    """The one input this model takes, checked against it and read."""
+    accepted = model.inputs.oip_input_names
     if len(parsed.inputs) != 1 or parsed.inputs[0].name not in accepted:
         sent = ", ".join(repr(tensor.name) for tensor in parsed.inputs)
         raise bad_request(f"This model takes one input, {' or '.join(accepted)}; got {sent}.")
-    tensor = parsed.inputs[0]
-    if tensor.name == IMAGE_TENSOR:
-        assert model.preprocessing is not None
-        size = model.preprocessing.image_size
-        if tensor.datatype != "FP32":
-            raise bad_request(f"Input {IMAGE_TENSOR!r} is FP32; got {tensor.datatype}.")
-        if len(tensor.shape) != 4 or tensor.shape[1:] != (3, size, size) or not tensor.shape[0]:
-            raise bad_request(
-                f"Input {IMAGE_TENSOR!r} has shape [-1, 3, {size}, {size}]; "
-                f"got {list(tensor.shape)}."
-            )
-        return tensor.name, tensor.data
-    if tensor.datatype != "BYTES":
-        raise bad_request(f"Input {tensor.name!r} is BYTES; got {tensor.datatype}.")
-    if len(tensor.shape) != 1 or not tensor.shape[0]:
-        raise bad_request(f"Input {tensor.name!r} has shape [-1]; got {list(tensor.shape)}.")
-    if tensor.name == IMAGE_BYTES:
-        return tensor.name, image_bytes(tensor)
     try:
-        return tensor.name, [element.decode() for element in tensor.data]
-    except UnicodeDecodeError:
-        raise bad_request(f"Input {TEXTS!r}: a text is not UTF-8.") from None
+        return model.inputs.oip_input(parsed.inputs[0], context.settings)
+    except ValueError as exc:
+        raise bad_request(str(exc)) from None
 
 
 async def _infer(request: Request, name: str, ref: str) -> Response:
@@ -361,11 +300,11 @@ async def _infer(request: Request, name: str, ref: str) -> Response:
     model = cache.peek(served)
     if model is None:
         model = await run_in_threadpool(cache.get, served)
-    body = await _read_body(request, _body_cap(context, model))
+    body = await _read_body(request, model.inputs.body_cap(context.settings))
     started = time.perf_counter()
     header_length = request.headers.get("inference-header-content-length")
     parsed = parse_infer_request(body, header_length)
-    input_name, data = _the_input(parsed, model)
+    read = _the_input(parsed, model, context)
     task = parsed.parameters.get("task")
     if task is not None and task not in model.tasks:
         raise bad_request(f"task: this model answers {', '.join(model.tasks)}, not {task!r}.")
@@ -376,35 +315,22 @@ async def _infer(request: Request, name: str, ref: str) -> Response:
     calibrated = parsed.parameters.get("calibrated", True)
     if not isinstance(calibrated, bool):
         raise bad_request("calibrated: true or false.")
-    settings = context.settings
-    count = len(data)
-    limit = settings.max_predict_texts if input_name == TEXTS else settings.max_predict_images
-    if count > limit:
-        raise ApiError(413, "too_many_inputs", f"At most {limit} {input_name} per call.")
+    count = len(read.items)
+    if count > read.limit:
+        name = parsed.inputs[0].name
+        raise ApiError(413, "too_many_inputs", f"At most {read.limit} {name} per call.")
     labels = (served.id,)
     metrics.images.labels(*labels).inc(count)
-    # Encoded images are decoded into one row per test-time view, as predict does; a
-    # preprocessed tensor is one view, already made.
-    views = len(model.preprocessing.tta) if input_name == IMAGE_BYTES and model.preprocessing else 1
+    # Encoded images are decoded into one row per test-time view, as predict does.
+    views = read.views
     model, reservation = await _reserve(cache, served, model, count * views)
     try:
-        if input_name == IMAGE_TENSOR:
-            inputs: Any = data  # the fast path: straight to the batcher
-        elif input_name == TEXTS:
-            encode = partial(encode_texts, model, data, max_chars=settings.max_predict_text_chars)
-            results, _, inputs, _ = await loop.run_in_executor(decode_pool(), encode)
-            _refuse_failed(results, "text")
+        if read.preprocessed:
+            inputs: Any = read.items  # the fast path: straight to the batcher
         else:
-            assert model.preprocessing is not None
-            named = [(f"image_bytes[{index}]", image) for index, image in enumerate(data)]
-            decode = partial(
-                decode_images,
-                named,
-                preprocessing=model.preprocessing,
-                limits=predict_limits(context),
-            )
-            results, _, inputs = await loop.run_in_executor(decode_pool(), decode)
-            _refuse_failed(results, "image")
+            prepare = partial(model.inputs.prepare, read.items, predict_reading(context))
+            results, _, inputs = await loop.run_in_executor(decode_pool(), prepare)
+            _refuse_failed(results, read.item)
         outputs = await asyncio.wrap_future(reservation.submit(inputs))
     finally:
         reservation.release()

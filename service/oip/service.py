@@ -5,7 +5,7 @@ JSON's length in `Inference-Header-Content-Length`; an input with `parameters.bi
 takes that many bytes of what follows, in input order). Tensors are little-endian; a `BYTES`
 tensor's binary form is each element as a 4-byte little-endian length and its bytes.
 
-What each model takes and answers (`model_tensors`):
+What each model takes (its modality's `ServedInputs.oip_input`) and answers:
 - an image model: `images`, FP32 `(B, 3, H, W)` already preprocessed as the version's
   `config.json` says (straight to the batcher: no decoding), or `image_bytes`, BYTES `(B,)`
   encoded images (base64 strings in JSON) that thaw decodes as predict does, test-time views
@@ -15,8 +15,6 @@ What each model takes and answers (`model_tensors`):
   and `top_labels`, BYTES `(B, k)` the `parameters.top_k` (default 5) most likely labels.
 """
 
-import base64
-import binascii
 import math
 import struct
 from dataclasses import dataclass, field
@@ -34,9 +32,6 @@ from service.tables import ModelVersion, RegisteredModel
 PROBABILITIES = "probabilities"
 TOP_LABELS = "top_labels"
 OUTPUTS = (PROBABILITIES, TOP_LABELS)
-IMAGE_TENSOR = "images"
-IMAGE_BYTES = "image_bytes"
-TEXTS = "texts"
 DEFAULT_TOP_K = 5
 DEFAULT_ALIAS = "production"
 """A call that names no version is served by this alias, or the newest version without it."""
@@ -220,19 +215,6 @@ def _bytes_elements(name: str, raw: memoryview) -> list[bytes]:
         elements.append(bytes(raw[offset : offset + length]))
         offset += length
     return elements
-
-
-def image_bytes(tensor: InputTensor) -> list[bytes | None]:
-    """Encoded images: as sent in binary, base64-decoded from JSON (None where it is not)."""
-    if tensor.binary:
-        return list(tensor.data)
-    decoded: list[bytes | None] = []
-    for element in tensor.data:
-        try:
-            decoded.append(base64.b64decode(element, validate=True))
-        except (binascii.Error, ValueError):
-            decoded.append(None)
-    return decoded
 
 
 def serialize_bytes(elements: list[bytes]) -> bytes:

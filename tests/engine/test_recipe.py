@@ -15,7 +15,7 @@ from torchvision.transforms import v2
 
 from service.datasets.ingest import IngestLimits
 from service.inference.resolution import ServedVersion
-from service.inference.service import decode_images, fill_predictions, load_model
+from service.inference.service import ItemReader, fill_predictions, load_model
 from worker.engine import (
     Predictor,
     Sample,
@@ -309,10 +309,8 @@ def test_tta_in_predict_equals_tta_in_evaluation_on_both_backends(
     onnx_model = load_model(tmp_path, version=served, backend="onnx", threads=1)
     assert onnx_model.backend == "onnx"
     encoded = [(f"{i}.png", Path(sample.path).read_bytes()) for i, sample in enumerate(val)]
-    assert onnx_model.preprocessing is not None
-    results, good, pixels = decode_images(
-        encoded, preprocessing=onnx_model.preprocessing, limits=IngestLimits()
-    )
+    reading = ItemReader(IngestLimits(), max_text_chars=0)
+    results, good, pixels = onnx_model.inputs.prepare(encoded, reading)
     outputs = onnx_model.forward(onnx_model.batch_input([pixels]))
     fill_predictions(onnx_model, results, good, outputs, task="main", top_k=10, calibrated=False)
     for want, torch_row, served_row in zip(evaluated, torch_rows, results, strict=True):

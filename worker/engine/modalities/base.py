@@ -12,8 +12,9 @@ the recipe read plans through it): a modality imports its heavy parts inside its
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol
 
 from ..preset_defaults import PresetDefaults
 from ..spec import ModalityDefaults
@@ -22,9 +23,11 @@ from ..stages import CLASSIFY, Base, Plan, Stage, TaskInfo, TransferConfig
 if TYPE_CHECKING:
     import numpy as np
     import torch
+    from PIL import Image
     from torch import Tensor, nn
     from torch.utils.data import DataLoader
 
+    from ..artifacts import ModelConfig
     from ..onnx_export import OnnxExport
     from ..zoo import Backbone, BaseModelInfo
 
@@ -67,6 +70,132 @@ class Inputs(Protocol):
     ) -> "tuple[nn.Module, DataLoader[Any], DataLoader[Any]]": ...
 
 
+class RejectedItemError(ValueError):
+    """One request item cannot be read (`code`, and the message says why): its answer entry
+    carries the error and the call goes on without it."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class ItemReading(Protocol):
+    """How the service reads a call's untrusted items (its caps and its image allowlist live
+    in the service, which the engine never imports)."""
+
+    @property
+    def max_text_chars(self) -> int:
+        """The most characters of a text predict reads (`THAW_MAX_PREDICT_TEXT_CHARS`)."""
+        ...
+
+    def open_image(self, data: bytes, *, draft_to: int) -> "Image.Image":
+        """The decoded image, or RejectedItemError (format, pixel cap, corrupt)."""
+        ...
+
+
+class PredictCaps(Protocol):
+    """The service's caps on what one call sends (`THAW_MAX_PREDICT_*`)."""
+
+    max_predict_images: int
+    max_predict_bytes: int
+    max_predict_texts: int
+    max_predict_text_chars: int
+
+
+class Prepared(NamedTuple):
+    """A call's items read as model input: per item, its answer entry (an `error` filled in
+    where it could not be read); the indexes of those that could; and their input, one block
+    for the batcher (None when none could be read)."""
+
+    results: list[dict[str, Any]]
+    good: list[int]
+    inputs: Any
+
+
+@dataclass(frozen=True)
+class OipInput:
+    """An Open Inference Protocol call's one input tensor, read for the model it calls."""
+
+    items: Any
+    """What `ServedInputs.prepare` reads, or with `preprocessed` the batcher's block itself."""
+    preprocessed: bool
+    """Sent as the model's own input (an FP32 tensor): straight to the batcher."""
+    views: int
+    """Forward-pass rows per item."""
+    limit: int
+    """The most items one call may send."""
+    item: str
+    """What one item is, in an error (`image`)."""
+
+
+class ServedInputs(Protocol):
+    """How a served model's requests become its forward pass's input: one per loaded model,
+    built by `Modality.served_inputs` from the exported `config.json`. Numpy, PIL and
+    tokenizers only: the API's inference path imports no torch (a version served by PyTorch
+    runs `Modality.torch_forward`)."""
+
+    @property
+    def modality(self) -> str:
+        """The modality's name, as `Modality.name`."""
+        ...
+
+    @property
+    def views(self) -> int:
+        """Forward-pass rows per item `prepare` reads (an image's test-time views)."""
+        ...
+
+    @property
+    def oip_input_names(self) -> tuple[str, ...]:
+        """The Open Inference Protocol input tensors the model takes (one per call)."""
+        ...
+
+    def warm_up_input(self) -> Any:
+        """A smallest forward-pass input: the first pass allocates and picks kernels."""
+        ...
+
+    def prepare(self, items: Sequence[Any], reading: ItemReading) -> Prepared:
+        """A call's items (`(name, bytes or None)` per image, a text per text) as model input;
+        an item whose bytes are None was already found unreadable (bad base64)."""
+        ...
+
+    def batch_input(self, blocks: list[Any]) -> Any:
+        """The queued requests' blocks as one forward pass's input."""
+        ...
+
+    def onnx_feed(self, batch: Any) -> dict[str, Any]:
+        """A forward-pass input by `model.onnx`'s input names."""
+        ...
+
+    def sample_item(self, sample: Any) -> Any:
+        """A training sample as a predict call would send it (the reference profile reads
+        training items as predict reads them)."""
+        ...
+
+    def kept_bytes(self, item: Any) -> bytes:
+        """An item as sent, for capture."""
+        ...
+
+    def body_cap(self, caps: PredictCaps) -> int:
+        """The most bytes an infer call may send: its items at the predict caps, written as
+        JSON numbers (about 16 bytes a float) or base64, plus room for the header."""
+        ...
+
+    def oip_input(self, tensor: Any, caps: PredictCaps) -> OipInput:
+        """One of `oip_input_names`'s tensors (`service.oip`'s `InputTensor`) checked and
+        read; ValueError says what is wrong with it."""
+        ...
+
+
+def bytes_tensor_elements(tensor: Any) -> list[bytes]:
+    """A BYTES input tensor's elements, its datatype and shape checked (ValueError)."""
+    if tensor.datatype != "BYTES":
+        raise ValueError(f"Input {tensor.name!r} is BYTES; got {tensor.datatype}.")
+    if len(tensor.shape) != 1 or not tensor.shape[0]:
+        raise ValueError(f"Input {tensor.name!r} has shape [-1]; got {list(tensor.shape)}.")
+    return list(tensor.data)
+
+
 class Modality(ABC):
     name: str
     """As plans, datasets and models record it (`image`, `text`)."""
@@ -87,7 +216,11 @@ class Modality(ABC):
     augments: bool = False
     """Training may augment its items (the `augment` setting and its data-following default)."""
     exports_hf: bool = False
-    """A version can be exported as a Hugging Face folder (`transformers` loads it)."""
+    """A version can be exported as a Hugging Face folder (`transformers` loads it):
+    `write_hf_folder`."""
+    pyfunc_requirements: tuple[str, ...] = ()
+    """What an MLflow export's pyfunc needs to read its items, besides numpy, pillow,
+    onnxruntime and pandas (a tokenizer)."""
     inline_items: bool = False
     """A dataset item's content is the item itself (a text), not the path of its file: given
     inline to predict, shown as it is."""
@@ -248,3 +381,33 @@ class Modality(ABC):
 
     @abstractmethod
     def export_onnx(self, model: Any, plan: Plan, out_path: Path) -> "OnnxExport": ...
+
+    @abstractmethod
+    def onnx_inputs(self, config: "ModelConfig") -> list[tuple[str, str, list[int]]]:
+        """`model.onnx`'s inputs: name, datatype as the Open Inference Protocol and Triton
+        spell it (`FP32`), dims after the batch axis (-1: any length)."""
+
+    def write_hf_folder(self, folder: Path, config: "ModelConfig", out: Path) -> None:
+        """The Hugging Face folder of the version in `folder`, written to `out` (where
+        `exports_hf`)."""
+        raise NotImplementedError(f"{self.name} versions have no Hugging Face export")
+
+    # Serving.
+
+    @abstractmethod
+    def served_inputs(self, config: "ModelConfig", model_dir: Path) -> ServedInputs:
+        """How the exported model in `model_dir` serves requests (a text model's tokenizer
+        loaded)."""
+
+    @abstractmethod
+    def oip_inputs(self, config: "ModelConfig") -> list[dict[str, Any]]:
+        """The Open Inference Protocol metadata of the input tensors its models take
+        (`TensorMetadata` fields), from `config.json` alone."""
+
+    @abstractmethod
+    def torch_forward(
+        self, module: Any, device: "torch.device"
+    ) -> "tuple[Callable[[Any], tuple[Tensor, list[Tensor]]], Any]":
+        """PyTorch serving of an exported model's module: a forward-pass input (as
+        `ServedInputs.batch_input` makes it) → its (features, per-task logits), under inference
+        mode; and the module as it serves (the bytes of its weights are counted)."""

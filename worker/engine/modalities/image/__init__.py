@@ -8,12 +8,14 @@ from typing import TYPE_CHECKING, Any
 
 from ...spec import ModalityDefaults, SpecError
 from ...stages import Base, Plan, Stage, TaskInfo, TransferConfig
-from ..base import Inputs, Modality
+from ..base import Inputs, Modality, ServedInputs
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
+    from torch import Tensor
 
+    from ...artifacts import ModelConfig
     from ...onnx_export import OnnxExport
     from ...zoo import Backbone, BaseModelInfo
 
@@ -209,3 +211,25 @@ class ImageModality(Modality):
         from ...onnx_export import export_onnx
 
         return export_onnx(model, image_size=plan.image_size, out_path=out_path)
+
+    def onnx_inputs(self, config: "ModelConfig") -> list[tuple[str, str, list[int]]]:
+        from .serving import onnx_inputs
+
+        return onnx_inputs(config)
+
+    def served_inputs(self, config: "ModelConfig", model_dir: Path) -> "ServedInputs":
+        from .serving import ServedImages
+
+        return ServedImages(config.image)
+
+    def oip_inputs(self, config: "ModelConfig") -> list[dict[str, Any]]:
+        from .serving import oip_inputs
+
+        return oip_inputs(config)
+
+    def torch_forward(
+        self, module: Any, device: "torch.device"
+    ) -> "tuple[Callable[[Any], tuple[Tensor, list[Tensor]]], Any]":
+        from .forward import torch_forward
+
+        return torch_forward(module, device)

@@ -9,12 +9,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from ...preset_defaults import PresetDefaults
 from ...spec import ModalityDefaults, SpecError
 from ...stages import CLASSIFY, MASKED_LM, Base, Plan, Stage, TaskInfo, TransferConfig
-from ..base import Inputs, Modality
+from ..base import Inputs, Modality, ServedInputs
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
+    from torch import Tensor
 
+    from ...artifacts import ModelConfig
     from ...onnx_export import OnnxExport
     from ...zoo import Backbone, BaseModelInfo
 
@@ -53,6 +55,7 @@ class TextModality(Modality):
     wrong_input = 'This model classifies texts: send JSON {"texts": ["...", ...]}.'
     input_param = "texts"
     exports_hf = True
+    pyfunc_requirements = ("tokenizers",)
     inline_items = True
     upload_format = "csv"
     # An archive may hold a folder of .txt files per class as well as images.
@@ -303,3 +306,31 @@ class TextModality(Modality):
         return export_text_onnx(
             model, vocab_size=vocab_size, max_length=plan.max_length, out_path=out_path
         )
+
+    def onnx_inputs(self, config: "ModelConfig") -> list[tuple[str, str, list[int]]]:
+        from .serving import onnx_inputs
+
+        return onnx_inputs(config)
+
+    def write_hf_folder(self, folder: Path, config: "ModelConfig", out: Path) -> None:
+        from .hf_folder import write_hf_folder
+
+        write_hf_folder(folder, config, out)
+
+    def served_inputs(self, config: "ModelConfig", model_dir: Path) -> "ServedInputs":
+        from .serving import ServedTexts
+
+        assert config.text is not None
+        return ServedTexts.load(config.text, model_dir)
+
+    def oip_inputs(self, config: "ModelConfig") -> list[dict[str, Any]]:
+        from .serving import oip_inputs
+
+        return oip_inputs(config)
+
+    def torch_forward(
+        self, module: Any, device: "torch.device"
+    ) -> "tuple[Callable[[Any], tuple[Tensor, list[Tensor]]], Any]":
+        from .forward import torch_forward
+
+        return torch_forward(module, device)
