@@ -45,8 +45,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from worker.engine import Sample, TransferConfig, build_backbone, compile_plan, run
+from worker.engine.modalities.image.tta import evaluate_tta
 from worker.engine.refit import refit
-from worker.engine.tta import evaluate_tta
 from worker.engine.zoo import get_base_model_info
 
 BASE_MODEL = "efficientnet_lite0"

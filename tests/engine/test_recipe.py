@@ -36,11 +36,11 @@ from worker.engine.loop import evaluate
 from worker.engine.modalities.image.augment import augmented_batches, batch_mix, image_transform
 from worker.engine.modalities.image.inputs import ImageInputs
 from worker.engine.modalities.image.pixels import image_pixels, normalise, view_pixels
+from worker.engine.modalities.image.tta import evaluate_tta
 from worker.engine.onnx_export import export_onnx
 from worker.engine.plan import Plan
 from worker.engine.recipe import CROP_VIEWS, TTA_MODES, tta_views
 from worker.engine.spec import TtaMode
-from worker.engine.tta import evaluate_tta
 
 CROP_VIEWS_WITH_ORIGINAL = ("original", *CROP_VIEWS)
 

@@ -276,7 +276,7 @@ def test_a_second_run_on_the_same_texts_reads_their_tokens_from_the_cache(
             val=val,
             classes=classes,
             weights_dir=weights_dir,
-            token_cache=cache,
+            host_cache=cache,
         )
 
     first = job("feature_extraction", 32)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from .loop import Targets, TrainingHooks, train_one_epoch
-from .modalities.text.token_cache import EntryCache
+from .modalities.base import EntryCache
 from .model import freeze, make_param_groups, set_batchnorm_mode
 from .optim import make_optimizer
 from .plan import CLASSIFY, Plan, spec_lr_for
@@ -156,7 +156,7 @@ def lr_find(
     weights_dir: Path | None = None,
     num_workers: int = 0,
     parent_dir: Path | None = None,
-    token_cache: EntryCache | None = None,
+    host_cache: EntryCache | None = None,
     steps: int | None = None,
     start_lr: float = START_LR,
     end_lr: float = END_LR,
@@ -178,7 +178,7 @@ def lr_find(
         num_workers=num_workers,
         unlabelled=(),
         parent_dir=parent_dir,
-        token_cache=token_cache,
+        host_cache=host_cache,
         shared_features=None,
     )
     model = training.model

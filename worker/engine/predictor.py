@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from .artifacts import CONFIG_FILE, ModelConfig, parse_model_config
+from .modalities.image.tta import view_probabilities
 from .modalities.text.tokens import Encoded, SpecialTokens, encode, load_backend, pad
 from .model import TransferModel, load_exported
-from .tta import view_probabilities
 
 Top = list[tuple[str, float]]
 

@@ -19,7 +19,6 @@ and the batches (images or cached features) each stage trains on in `stage_data`
 import logging
 import random
 import time
-import typing
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -49,18 +48,16 @@ from .loop import (
     train_one_epoch,
 )
 from .modalities import modality_for
-from .modalities.image.data import Sample
-from .modalities.text.inputs import TextSample
-from .modalities.text.token_cache import EntryCache
+from .modalities.base import EntryCache
 from .model import TransferModel, build_model, freeze, make_param_groups, set_batchnorm_mode
 from .optim import EarlyStopping, make_optimizer, make_scheduler
 from .plan import CLASSIFY, MASKED_LM, Plan, Stage
 from .resume import ResumeState, StageStart
 from .stage_data import StageBatches, StageData
 from .strategies import strategy_of
-from .tta import evaluate_tta
 
-Samples = Sequence[Sample] | Sequence[TextSample]
+Samples = Sequence[Any]
+"""The samples of the plan's modality (its `Modality.sample_type()`), as `_check_inputs` checks."""
 
 logger = logging.getLogger(__name__)
 
@@ -131,20 +128,21 @@ def run(
     resume_from: Path | None = None,
     unlabelled: Sequence[str] = (),
     parent_dir: Path | None = None,
-    token_cache: EntryCache | None = None,
+    host_cache: EntryCache | None = None,
     shared_features: SharedFeatures | None = None,
 ) -> TrainingResult:
     """Train a model by `plan` and evaluate it on `val` after every epoch.
 
-    `train` and `val` are `Sample`s (image files) for an image plan, `TextSample`s for a text
-    plan; `unlabelled` texts join the training texts in ulmfit's masked-LM stage. A plan with
-    a parent model (`plan.parent`) starts from its exported files in the folder `parent_dir`.
-    A text run keeps its token ids in `token_cache` (when given: the host's cache, within its
-    budget) and reuses those of an earlier run on the same texts, tokenizer, length and
-    truncation. With `shared_features`, stages on a frozen backbone read its features from
-    that store when another run stored them (same weights, preprocessing, items and view), and
-    store those they compute; the result is the same either way (a run on several processes
-    computes its own: the store stays with the worker's process).
+    `train` and `val` are the plan's modality's samples (image files for an image plan, texts
+    for a text plan); `unlabelled` texts join the training texts in ulmfit's masked-LM stage.
+    A plan with a parent model (`plan.parent`) starts from its exported files in the folder
+    `parent_dir`. A run keeps what its modality derives from the items in `host_cache` (when
+    given: the host's cache, within its budget; a text run's token ids) and reuses what an
+    earlier run on the same items derived alike. With `shared_features`, stages on a frozen
+    backbone read its features from that store when another run stored them (same weights,
+    preprocessing, items and view), and store those they compute; the result is the same
+    either way (a run on several processes computes its own: the store stays with the
+    worker's process).
 
     Deterministic for a given seed, device and thread count. With early stopping, a stage
     ends once its val loss has not improved on the best so far for `patience` epochs, and
@@ -184,7 +182,7 @@ def run(
                 "resume_from": resume_from,
                 "unlabelled": unlabelled,
                 "parent_dir": parent_dir,
-                "token_cache": token_cache,
+                "host_cache": host_cache,
             },
         )
     training = _set_up_run(
@@ -197,7 +195,7 @@ def run(
         num_workers=num_workers,
         unlabelled=unlabelled,
         parent_dir=parent_dir,
-        token_cache=token_cache,
+        host_cache=host_cache,
         shared_features=shared_features,
     )
     # Before any training, so the recording is of the parent as it was (also on resume).
@@ -235,7 +233,7 @@ def _set_up_run(
     num_workers: int,
     unlabelled: Sequence[str],
     parent_dir: Path | None,
-    token_cache: EntryCache | None,
+    host_cache: EntryCache | None,
     shared_features: SharedFeatures | None,
 ) -> _Training:
     """Seed the random streams, then build the model and the data every stage draws on."""
@@ -259,7 +257,7 @@ def _set_up_run(
         device=device,
         shuffle=shuffle,
         num_workers=num_workers,
-        token_cache=token_cache,
+        host_cache=host_cache,
     )
     # A stage on cached features makes `passes` passes over the training items per epoch; a
     # solved one counts a step per L2 strength it fits.
@@ -561,9 +559,8 @@ def _tta_metrics(
     """The plan's test-time augmentation measured on validation against the single view."""
     if training.plan.tta == "none":
         return None
-    # compile_plan refuses `tta` for text plans, so these are images.
-    images = typing.cast(Sequence[Sample], val)
-    summary, _ = evaluate_tta(training.model, images, training.plan, training.device)
+    modality = modality_for(training.plan.modality)
+    summary = modality.evaluate_tta(training.model, val, training.plan, training.device)
     logger.info(
         "test-time augmentation (%s): val accuracy %.4f against %.4f",
         training.plan.tta,

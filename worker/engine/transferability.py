@@ -15,16 +15,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
 from .modalities import modality_for
 from .zoo import get_base_model_info
-
-if TYPE_CHECKING:
-    from .modalities.image.data import Sample
-    from .modalities.text.inputs import TextSample
 
 MAX_ITERATIONS = 11
 TOLERANCE = 1e-3
@@ -113,7 +109,7 @@ class Transferability:
 
 def score_base_model(
     base_model: str,
-    samples: Sequence["Sample | TextSample"],
+    samples: Sequence[Any],
     *,
     weights_dir: Path | None,
     image_size: int | None = None,
@@ -122,8 +118,8 @@ def score_base_model(
     seed: int = 0,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> Transferability:
-    """Score a zoo backbone's pretrained features for `samples` (image `Sample`s, or
-    `TextSample`s for a text model, tokenized to `max_length`) from one forward pass each."""
+    """Score a zoo backbone's pretrained features for `samples` (its modality's: images, or
+    texts tokenized to `max_length`) from one forward pass each."""
     started = time.perf_counter()
     info = get_base_model_info(base_model)
     pooled, by_group = modality_for(info.modality).pooled_features(

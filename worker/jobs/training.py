@@ -89,7 +89,7 @@ def training_data(context: AppContext, *, job_id: str, dataset_id: str) -> Train
     )
 
 
-def _token_cache(context: AppContext) -> LocalCache:
+def _host_cache(context: AppContext) -> LocalCache:
     """Shared by this host's jobs: a dataset is tokenized once per tokenizer and length, its
     entry kept within the host cache's budget beside downloaded objects."""
     return LocalCache(
@@ -107,7 +107,7 @@ def _lr_finding(
         hooks=hooks,
         weights_dir=context.settings.resolved_weights_dir,
         parent_dir=parent_folder(context, plan),
-        token_cache=_token_cache(context),
+        host_cache=_host_cache(context),
     )
 
 
@@ -206,7 +206,7 @@ def train(
                 "hooks": hooks,
                 "weights_dir": context.settings.resolved_weights_dir,
                 "parent_dir": parent_dir,
-                "token_cache": _token_cache(context),
+                "host_cache": _host_cache(context),
             }
             result = run(
                 plan,

@@ -12,6 +12,7 @@ the recipe read plans through it): a modality imports its heavy parts inside its
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol
@@ -30,6 +31,16 @@ if TYPE_CHECKING:
     from ..artifacts import ModelConfig
     from ..onnx_export import OnnxExport
     from ..zoo import Backbone, BaseModelInfo
+
+
+class EntryCache(Protocol):
+    """A host cache of files with a size budget (`service.storage.cache.LocalCache`), where a
+    modality keeps what it derives from a dataset's items for later runs on this host."""
+
+    def hold(self, entry: str, fill: Callable[[Path], None]) -> AbstractContextManager[Path]:
+        """The entry's path, made by `fill(temporary path)` when absent, kept from eviction
+        until the block ends."""
+        ...
 
 
 class Inputs(Protocol):
@@ -304,6 +315,14 @@ class Modality(ABC):
         """The views the finished model predicts on (None: no test-time augmentation)."""
         return None
 
+    def evaluate_tta(
+        self, model: Any, samples: Sequence[Any], plan: Plan, device: "torch.device"
+    ) -> dict[str, Any]:
+        """Validation accuracy of the plan's test-time augmentation (`mode`, `views`,
+        `val_accuracy`). Only a modality whose `tta` has views is asked: `check_settings`
+        refuses a `tta` setting for the others."""
+        raise NotImplementedError(f"{self.name} models have no test-time augmentation")
+
     # Training.
 
     @abstractmethod
@@ -322,9 +341,10 @@ class Modality(ABC):
         device: "torch.device",
         shuffle: "torch.Generator",
         num_workers: int,
-        token_cache: Any,
+        host_cache: "EntryCache | None",
     ) -> Inputs:
-        """How a run of `plan` reads these samples (`token_cache`: a text `EntryCache`)."""
+        """How a run of `plan` reads these samples, keeping what it derives from them (a text
+        run's token ids) in the host's `host_cache` when given."""
 
     @abstractmethod
     def pooled_features(

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...spec import ModalityDefaults, SpecError
 from ...stages import Base, Plan, Stage, TaskInfo, TransferConfig
-from ..base import Inputs, Modality, ServedInputs
+from ..base import EntryCache, Inputs, Modality, ServedInputs
 
 if TYPE_CHECKING:
     import numpy as np
@@ -114,6 +114,14 @@ class ImageModality(Modality):
 
         return list(tta_views(plan.tta, flip=plan.flip))
 
+    def evaluate_tta(
+        self, model: Any, samples: Sequence[Any], plan: Plan, device: "torch.device"
+    ) -> dict[str, Any]:
+        from .tta import evaluate_tta
+
+        summary, _ = evaluate_tta(model, samples, plan, device)
+        return summary
+
     def sample_type(self) -> type:
         from .data import Sample
 
@@ -130,7 +138,7 @@ class ImageModality(Modality):
         device: "torch.device",
         shuffle: "torch.Generator",
         num_workers: int,
-        token_cache: Any,
+        host_cache: "EntryCache | None",
     ) -> Inputs:
         from .inputs import ImageInputs
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from ...preset_defaults import PresetDefaults
 from ...spec import ModalityDefaults, SpecError
 from ...stages import CLASSIFY, MASKED_LM, Base, Plan, Stage, TaskInfo, TransferConfig
-from ..base import Inputs, Modality, ServedInputs
+from ..base import EntryCache, Inputs, Modality, ServedInputs
 
 if TYPE_CHECKING:
     import numpy as np
@@ -197,7 +197,7 @@ class TextModality(Modality):
         device: "torch.device",
         shuffle: "torch.Generator",
         num_workers: int,
-        token_cache: Any,
+        host_cache: "EntryCache | None",
     ) -> Inputs:
         from .inputs import TextInputs
 
@@ -208,7 +208,7 @@ class TextModality(Modality):
             unlabelled=unlabelled,
             weights_dir=weights_dir,
             shuffle=shuffle,
-            token_cache=token_cache,
+            token_cache=host_cache,
         )
 
     def pooled_features(

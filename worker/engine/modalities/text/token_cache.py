@@ -15,25 +15,16 @@ next run fills it afresh.
 import hashlib
 import zipfile
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
+from ..base import EntryCache
 from .tokens import Encoded
 
 PREFIX = "tokens-"
 SUFFIX = ".npz"
-
-
-class EntryCache(Protocol):
-    """A host cache of files with a size budget (`service.storage.cache.LocalCache`)."""
-
-    def hold(self, entry: str, fill: Callable[[Path], None]) -> AbstractContextManager[Path]:
-        """The entry's path, made by `fill(temporary path)` when absent, kept from eviction
-        until the block ends."""
-        ...
 
 
 def entry_name(backend: Any, texts: Sequence[str], *, max_length: int, truncation: str) -> str:

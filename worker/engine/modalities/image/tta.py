@@ -13,12 +13,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .artifacts import Preprocessing
-from .modalities.image.data import Sample
-from .modalities.image.pixels import normalise, view_pixels
-from .model import TransferModel
-from .plan import Plan
-from .recipe import tta_views
+from ...artifacts import Preprocessing
+from ...model import TransferModel
+from ...plan import Plan
+from ...recipe import tta_views
+from .data import Sample
+from .pixels import normalise, view_pixels
 
 IMAGES_PER_PASS = 16
 
