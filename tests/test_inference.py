@@ -872,8 +872,11 @@ def test_an_infer_call_is_capped_by_its_models_inputs_not_the_json_body_limit(
     served: Registry,
 ) -> None:
     # A batch of preprocessed images is larger than any JSON body thaw takes elsewhere (32
-    # images at 64 px are 1.5 MiB): the infer route counts its body against its own cap.
-    settings = make_settings(served.context.settings.data_dir, max_json_body_bytes=1024)
+    # images at 64 px are 1.5 MiB): the infer route counts its body against its own cap,
+    # which is the model's input size even where predict's encoded images are capped smaller.
+    settings = make_settings(
+        served.context.settings.data_dir, max_json_body_bytes=1024, max_predict_bytes=1024
+    )
     with TestClient(create_app(settings)) as client:
         auth = served.auth
         folder = version_folder(
