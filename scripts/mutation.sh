@@ -71,6 +71,13 @@ EOF
   if [ "${MUTATION_RECHECK:-0}" = 1 ] && [ -f "$work/results.txt" ]; then
     mapfile -t recheck < <(sed -n 's/^ *\(.*\): \(survived\|no tests\)$/\1/p' "$work/results.txt")
     echo "   rechecking ${#recheck[@]} survivors of the last run" >&2
+  elif [ -n "$scored" ]; then
+    # Only the scored functions' mutants (mutmut matches names with fnmatch): the rest of the
+    # files would otherwise take the run's time, as "no tests" or timeouts that are not scored.
+    local function
+    for function in ${scored//|/ }; do
+      recheck+=("*.x_${function}__mutmut_*" "*ǁ${function}__mutmut_*")
+    done
   fi
   # In a fresh copy, mutmut 3.8's first stats run has failed here with a pytest usage error
   # (exit 4) that the same run does not repeat; hence one retry.
