@@ -23,6 +23,7 @@ from service.datasets.ingest import (
     IngestResult,
     MissingColumnError,
     TextColumns,
+    check_csv_header,
     detect_upload,
     ingest_upload,
     iter_text_rows,
@@ -307,6 +308,14 @@ def test_an_unclosed_quote_cannot_swallow_the_file(tmp_path: Path) -> None:
     assert result.class_counts.get("c", {"total": 0})["total"] > 10_000
     texts = {r.text for r in iter_text_rows(tmp_path / "files", result.shards)}
     assert "after 49999" in texts
+
+
+def test_the_upload_header_check_reads_past_a_bom() -> None:
+    """The header is checked before the upload is stored; Excel writes UTF-8 CSV with a BOM."""
+    check_csv_header(b"\xef\xbb\xbftext,label\nhello,a\n", TextColumns())
+    with pytest.raises(DatasetRejectedError) as excinfo:
+        check_csv_header(b"\xef\xbb\xbfbody,label\nhello,a\n", TextColumns())
+    assert excinfo.value.code == "bad_header"
 
 
 def test_custom_csv_columns(tmp_path: Path) -> None:
