@@ -226,8 +226,30 @@ def test_an_enormous_line_is_one_skipped_row(tmp_path: Path) -> None:
 
     result = ingest_bytes(tmp_path, data, limits=IngestLimits(max_text_field_bytes=1000))
 
-    assert skips(result) == {(2, "too_large")}
+    assert [(s.line, s.code, s.reason) for s in result.skipped] == [
+        (2, "too_large", "The row is over 69536 bytes.")  # the line cap: 4 fields and 64 kB
+    ]
     assert result.num_labelled == 4
+
+
+def test_blank_and_short_csv_rows(tmp_path: Path) -> None:
+    # A row of blank cells is no row; a row with fewer cells than the header lacks the others.
+    data = b"text,label\n , \none,a\ntwo,a\nonly a text\nthree,b\nfour,b\n"
+    result = ingest_bytes(tmp_path / "label", data)
+    assert skips(result) == set()
+    assert (result.num_labelled, result.unlabelled) == (4, 1)
+
+    data = b"label,text\na,one\na,two\nb\nb,three\nb,four\n"
+    result = ingest_bytes(tmp_path / "text", data)
+    assert skips(result) == {(4, "empty_text")}
+    assert result.num_labelled == 4
+
+    with pytest.raises(DatasetRejectedError) as excinfo:
+        ingest_bytes(tmp_path / "blank", b" , \n,\n")
+    assert (excinfo.value.code, excinfo.value.message) == (
+        "bad_header",
+        "The CSV has no header row and no rows.",
+    )
 
 
 def test_an_enormous_json_line_is_one_skipped_row(tmp_path: Path) -> None:
