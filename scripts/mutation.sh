@@ -11,6 +11,8 @@
 # /tmp/thaw-mutation/<module>) so that mutmut's `mutants/` never lands in the checkout; a rerun
 # reuses the results mutmut cached there for unchanged code. MUTATION_JOBS sets the parallel
 # mutants (default: the number of cores). Tests that need Redis use THAW_TEST_REDIS_URL.
+# `transitions` runs its time-zone test on Postgres too (THAW_TEST_POSTGRES_URL, as in tests/conftest.py):
+# only a Postgres session in another time zone tells the CASE's typed time literal from an untyped one.
 # mutmut keeps a mutant's verdict while its function is unchanged, even when tests were added:
 # MUTATION_RECHECK=1 runs the last run's survivors again (after new tests meant to kill them).
 # Where mutmut itself resets verdicts (a changed test selection), a plain rerun checks them.
@@ -30,7 +32,7 @@ jobs=${MUTATION_JOBS:-$(nproc)}
 # functions scored
 # (a regular expression on function or method names; empty: all of the file's)
 MODULES=(
-  "transitions|service/jobs/transitions.py|tests/test_job_states.py;-k;not postgres|"
+  "transitions|service/jobs/transitions.py|tests/test_job_states.py;-k;not postgres or time_zone|"
   "states|service/jobs/states.py|tests/test_job_states.py;-k;not postgres|"
   "archive|service/datasets/ingest/archive.py|tests/security/test_archives_and_images.py|"
   "text|service/datasets/ingest/text.py|tests/test_text_datasets.py|"
@@ -69,6 +71,13 @@ EOF
   if [ "${MUTATION_RECHECK:-0}" = 1 ] && [ -f "$work/results.txt" ]; then
     mapfile -t recheck < <(sed -n 's/^ *\(.*\): \(survived\|no tests\)$/\1/p' "$work/results.txt")
     echo "   rechecking ${#recheck[@]} survivors of the last run" >&2
+  elif [ -n "$scored" ]; then
+    # Only the scored functions' mutants (mutmut matches names with fnmatch): the rest of the
+    # files would otherwise take the run's time, as "no tests" or timeouts that are not scored.
+    local function
+    for function in ${scored//|/ }; do
+      recheck+=("*.x_${function}__mutmut_*" "*ǁ${function}__mutmut_*")
+    done
   fi
   # In a fresh copy, mutmut 3.8's first stats run has failed here with a pytest usage error
   # (exit 4) that the same run does not repeat; hence one retry.

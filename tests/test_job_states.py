@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
 from service.cli import migrate_database
@@ -342,6 +342,9 @@ def test_legal_transition_changes_the_job_and_records_its_event(
     if outcome.status in ENDS and source not in ENDS:
         assert after["finished_at"] is not None
         assert after["finished_at"] >= started
+    if outcome.status not in ENDS:
+        # Only an ending sets a finish time, and nothing leaves an end: an active job has none.
+        assert after["finished_at"] is None
     if transition in (Transition.CLAIM, Transition.RENEW):
         assert after["lease_expires_at"] >= started + LEASE
 
@@ -556,6 +559,23 @@ def test_a_transition_on_a_job_that_does_not_exist_says_so(database: Database) -
         )
     assert (raised.value.from_status, raised.value.current_attempt) == (None, None)
     assert str(raised.value).endswith("there is no such job")
+
+
+def test_a_cancelled_jobs_finish_time_is_utc_whatever_the_sessions_time_zone(
+    database: Database,
+) -> None:
+    """The finish time that cancelling a queued job writes inside a CASE is stored as naive UTC
+    like every other time: untyped, Postgres would take the aware time as `timestamptz` and store
+    it in the session's time zone (a server not set to UTC). SQLite has no time zones."""
+    job_id = new_job(database, JobStatus.QUEUED)
+    started = utcnow()
+    with database.session() as session:
+        if session.get_bind().dialect.name == "postgresql":
+            session.execute(text("SET LOCAL TIME ZONE 'Asia/Kolkata'"))  # UTC+05:30
+        transitions.request_cancel(session, job_id=job_id)
+        session.commit()
+    row, _ = snapshot(database, job_id)
+    assert started <= row["finished_at"] <= utcnow()
 
 
 def succeed_with_lr_result(session: Session, job_id: str, attempt: int) -> Job:

@@ -23,6 +23,7 @@ from service.datasets.ingest import (
     IngestResult,
     MissingColumnError,
     TextColumns,
+    check_csv_header,
     detect_upload,
     ingest_upload,
     iter_text_rows,
@@ -225,8 +226,30 @@ def test_an_enormous_line_is_one_skipped_row(tmp_path: Path) -> None:
 
     result = ingest_bytes(tmp_path, data, limits=IngestLimits(max_text_field_bytes=1000))
 
-    assert skips(result) == {(2, "too_large")}
+    assert [(s.line, s.code, s.reason) for s in result.skipped] == [
+        (2, "too_large", "The row is over 69536 bytes.")  # the line cap: 4 fields and 64 kB
+    ]
     assert result.num_labelled == 4
+
+
+def test_blank_and_short_csv_rows(tmp_path: Path) -> None:
+    # A row of blank cells is no row; a row with fewer cells than the header lacks the others.
+    data = b"text,label\n , \none,a\ntwo,a\nonly a text\nthree,b\nfour,b\n"
+    result = ingest_bytes(tmp_path / "label", data)
+    assert skips(result) == set()
+    assert (result.num_labelled, result.unlabelled) == (4, 1)
+
+    data = b"label,text\na,one\na,two\nb\nb,three\nb,four\n"
+    result = ingest_bytes(tmp_path / "text", data)
+    assert skips(result) == {(4, "empty_text")}
+    assert result.num_labelled == 4
+
+    with pytest.raises(DatasetRejectedError) as excinfo:
+        ingest_bytes(tmp_path / "blank", b" , \n,\n")
+    assert (excinfo.value.code, excinfo.value.message) == (
+        "bad_header",
+        "The CSV has no header row and no rows.",
+    )
 
 
 def test_an_enormous_json_line_is_one_skipped_row(tmp_path: Path) -> None:
@@ -307,6 +330,14 @@ def test_an_unclosed_quote_cannot_swallow_the_file(tmp_path: Path) -> None:
     assert result.class_counts.get("c", {"total": 0})["total"] > 10_000
     texts = {r.text for r in iter_text_rows(tmp_path / "files", result.shards)}
     assert "after 49999" in texts
+
+
+def test_the_upload_header_check_reads_past_a_bom() -> None:
+    """The header is checked before the upload is stored; Excel writes UTF-8 CSV with a BOM."""
+    check_csv_header(b"\xef\xbb\xbftext,label\nhello,a\n", TextColumns())
+    with pytest.raises(DatasetRejectedError) as excinfo:
+        check_csv_header(b"\xef\xbb\xbfbody,label\nhello,a\n", TextColumns())
+    assert excinfo.value.code == "bad_header"
 
 
 def test_custom_csv_columns(tmp_path: Path) -> None:

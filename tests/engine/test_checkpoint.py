@@ -147,6 +147,30 @@ def test_restoring_the_random_state_repeats_every_streams_draws(tmp_path: Path) 
     assert set(state) == (streams | {"cuda"} if torch.cuda.is_available() else streams)
 
 
+def test_a_gpus_streams_are_kept_and_restored_only_where_both_ends_have_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No GPU here, so torch's CUDA stream calls are faked: a GPU machine's checkpoint carries
+    every device's stream and a GPU machine puts it back; a CPU machine's checkpoint (no "cuda")
+    leaves a GPU's streams alone, and a CPU machine ignores a GPU checkpoint's."""
+    cuda_streams = [torch.tensor([1, 2, 3], dtype=torch.uint8)]
+    restored: list[Any] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: cuda_streams)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    shuffle = torch.Generator()
+
+    state = rng_state(shuffle)
+    assert state["cuda"] is cuda_streams
+    restore_rng(state, shuffle)
+    assert restored == [cuda_streams]
+
+    restore_rng({key: value for key, value in state.items() if key != "cuda"}, shuffle)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    restore_rng(state, shuffle)
+    assert restored == [cuda_streams]
+
+
 def test_the_optimizer_layout_names_each_group_and_its_parameter_shapes() -> None:
     parts = _Parts()
     assert param_group_layout(parts.optimizer) == [
@@ -269,6 +293,21 @@ def test_a_checkpoint_naming_its_parent_by_host_path_still_loads(
     save_checkpoint(path, {"plan": {**stored, "parent": "models/8"}})
     with pytest.raises(ValueError, match="different plan"):
         load_checkpoint(path, with_parent)
+
+
+def test_a_checkpoint_written_on_a_gpu_loads_on_the_cpu(
+    plan: Plan, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job paused on a GPU worker may resume on a CPU-only one: every tensor comes back on the
+    CPU. (The file is written here with its tensors tagged as on "cuda:0", as a GPU's would be.)"""
+    path = tmp_path / "checkpoint.pt"
+    with monkeypatch.context() as on_a_gpu:
+        on_a_gpu.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        save_checkpoint(path, {"plan": plan.to_dict(), "weight": torch.ones(2)})
+
+    state = load_checkpoint(path, plan)
+    assert state["weight"].device == CPU
+    assert torch.equal(state["weight"], torch.ones(2))
 
 
 class _Payload:

@@ -22,7 +22,7 @@ from worker.engine import (
     get_base_model_info,
 )
 from worker.engine.artifacts import ModelConfig, Preprocessing
-from worker.engine.plan import steps_per_epoch, with_found_lr
+from worker.engine.plan import spec_lr_for, steps_per_epoch, with_found_lr
 from worker.engine.recipe import stage_recipes
 from worker.engine.spec import HEAD_C_GRID, SpecError, Strategy
 from worker.engine.strategies import STRATEGIES
@@ -684,6 +684,24 @@ def test_a_found_learning_rate_leaves_stages_with_their_own_rate(
 
     assert found.stages[0].group_lrs == pytest.approx({"head": 4e-3})
     assert found.stages[1] is everything
+
+
+def test_the_spec_rate_for_a_found_top_rate_is_with_found_lrs_inverse(
+    make_config: Callable[..., TransferConfig],
+) -> None:
+    """`lr_find` reports the spec's `lr` that gives the stage's top group the rate it found."""
+    plan = compile_plan(
+        TransferConfig(base_model="resnet18", num_classes=3, strategy="fine_tune", lr="auto")
+    )
+    (stage,) = plan.stages
+    assert max(stage.group_lrs.values()) == pytest.approx(1e-4)  # a tenth of `lr` (1e-3)
+    assert spec_lr_for(plan, 0, 1e-3) == pytest.approx(1e-2)
+    assert max(with_found_lr(plan, 1e-2).stages[0].group_lrs.values()) == pytest.approx(1e-3)
+
+    stages = (StageSpec(groups=("head",)), StageSpec(groups=("all",), lr=0.01))
+    own_rate = compile_plan(make_config(stages=stages, lr="auto"))
+    assert spec_lr_for(own_rate, 0, 4e-3) == pytest.approx(4e-3)
+    assert spec_lr_for(own_rate, 1, 4e-3) is None  # its rate does not follow `lr`
 
 
 @pytest.mark.parametrize(
