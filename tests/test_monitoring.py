@@ -546,9 +546,12 @@ def test_the_teams_webhook_heard_each_job_each_shifted_window_and_the_update(
     update = monitored.client.get("/v1/models/digits/updates", headers=monitored.auth).json()
     received = monitored.receiver.wait_until(
         "/hook",
+        # Every event the test checks, since they are sent concurrently: the update's job can
+        # be heard after the update itself.
         lambda received: (
             len(heard(received).get("version.shifted", [])) == len(shifted)
             and "update.ready" in heard(received)
+            and len(heard(received).get("job.succeeded", [])) == 2
         ),
     )
     events = heard(received)
