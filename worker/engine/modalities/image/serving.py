@@ -141,11 +141,23 @@ class ServedImages:
                     f"Input {IMAGE_TENSOR!r} has shape [-1, 3, {size}, {size}]; got {list(shape)}."
                 )
             # A preprocessed tensor is one view, already made.
-            return OipInput(tensor.data, True, 1, caps.max_predict_images, "image")
+            return OipInput(
+                tensor.data,
+                preprocessed=True,
+                views=1,
+                limit=caps.max_predict_images,
+                item="image",
+            )
         elements = bytes_tensor_elements(tensor)
         encoded = elements if tensor.binary else [_base64(element) for element in elements]
         named = [(f"{IMAGE_BYTES}[{index}]", image) for index, image in enumerate(encoded)]
-        return OipInput(named, False, self.views, caps.max_predict_images, "image")
+        return OipInput(
+            named,
+            preprocessed=False,
+            views=self.views,
+            limit=caps.max_predict_images,
+            item="image",
+        )
 
 
 def _base64(element: bytes) -> bytes | None:

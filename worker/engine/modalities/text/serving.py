@@ -95,4 +95,6 @@ class ServedTexts:
             texts = [element.decode() for element in bytes_tensor_elements(tensor)]
         except UnicodeDecodeError:
             raise ValueError(f"Input {TEXTS!r}: a text is not UTF-8.") from None
-        return OipInput(texts, False, 1, caps.max_predict_texts, "text")
+        return OipInput(
+            texts, preprocessed=False, views=1, limit=caps.max_predict_texts, item="text"
+        )
