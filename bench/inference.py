@@ -454,6 +454,9 @@ class Load:
     """Connect, read, write errors and timeouts."""
     server_cpu_seconds: float
     """CPU time the server's processes (all their threads) used during the run."""
+    process_shares: tuple[float, ...] = ()
+    """The share of that CPU time of each API process that used at least 1 % of it, largest
+    first (empty for a server in one process): how the connections landed."""
 
     @property
     def answered_rate(self) -> float:
@@ -471,11 +474,17 @@ class Load:
             f"{self.rate:8.1f} req/s  p50 {self.p50_ms:7.1f} ms  p99 {self.p99_ms:7.1f} ms  "
             f"{self.answered_per_cpu_second:6.1f} answers/cpu-s  "
             f"({self.requests} calls, {self.refused} non-2xx, {self.failed} socket errors)"
+            + (
+                "  CPU by process " + "/".join(f"{share:.0%}" for share in self.process_shares)
+                if self.process_shares
+                else ""
+            )
         )
 
 
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU time of a process and its descendants (uvicorn's workers)."""
+def cpu_by_process(pid: int) -> dict[int, float]:
+    """User and system CPU time of each of a process's children (uvicorn's workers) with
+    their own descendants, and of the process itself under its own id."""
     ticks = os.sysconf("SC_CLK_TCK")
     stats: dict[int, tuple[int, float]] = {}
     for entry in Path("/proc").iterdir():
@@ -487,10 +496,20 @@ def cpu_seconds(pid: int) -> float:
             except OSError:  # the process ended meanwhile
                 continue
             stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / ticks)
-    tree = [pid]
-    for member in tree:  # grows as it is walked: breadth first
-        tree += [child for child, (parent, _) in stats.items() if parent == member]
-    return sum(stats[member][1] for member in tree if member in stats)
+
+    def subtree(root: int) -> float:
+        tree = [root]
+        for member in tree:  # grows as it is walked: breadth first
+            tree += [child for child, (parent, _) in stats.items() if parent == member]
+        return sum(stats[member][1] for member in tree if member in stats)
+
+    children = [child for child, (parent, _) in stats.items() if parent == pid]
+    return {pid: stats.get(pid, (0, 0.0))[1], **{child: subtree(child) for child in children}}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process and its descendants."""
+    return sum(cpu_by_process(pid).values())
 
 
 def wrk(
@@ -501,15 +520,25 @@ def wrk(
     lua.write_text(script + WRK_REPORT)
     command = ["wrk", "-t", "1", "-c", str(connections), "-d", f"{args.seconds:g}s"]
     command += ["--timeout", "10s", "-s", str(lua), url]
-    cpu_before = cpu_seconds(server_pid)
+    cpu_before = cpu_by_process(server_pid)
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    server_cpu = cpu_seconds(server_pid) - cpu_before
+    cpu_after = cpu_by_process(server_pid)
+    # Each API process's share of the server's CPU over the run (the supervisor left out).
+    used = {
+        member: cpu_after[member] - cpu_before.get(member, 0.0)
+        for member in cpu_after
+        if member != server_pid
+    }
+    server_cpu = sum(cpu_after.values()) - sum(cpu_before.values())
     match = re.search(r"THAW-WRK (\d+) (\d+) (\d+) (\d+) (\d+) (\d+)", out)
     if match is None:
         raise RuntimeError(f"wrk printed no report:\n{out}")
     requests, duration_us, p50, p99, status, failed = (int(g) for g in match.groups())
     rate = requests / (duration_us / 1e6)
-    return Load(rate, p50 / 1000, p99 / 1000, requests, status, failed, server_cpu)
+    total = max(sum(used.values()), 1e-9)
+    # Under 1 %: an idle process, or multiprocessing's resource tracker.
+    shares = tuple(sorted((u / total for u in used.values() if u / total >= 0.01), reverse=True))
+    return Load(rate, p50 / 1000, p99 / 1000, requests, status, failed, server_cpu, shares)
 
 
 def histogram_quantile(
@@ -838,7 +867,11 @@ def main() -> None:
             # path, not refusals (with the default 2, a process holding three connections
             # refused the third's calls at once and wrk resent them at once: 503 storms).
             oip_connections = 2 * args.processes
-            oip_url = start(thaw, {**thaw_env, "THAW_BATCH_QUEUE_BATCHES": str(oip_connections)})
+            oip_env = {**thaw_env, "THAW_BATCH_QUEUE_BATCHES": str(oip_connections)}
+            oip_url = start(thaw, oip_env)
+            # The same with connections kept open however long they live: where they land at
+            # the start is where they stay (THAW_CONNECTION_MAX_AGE_SECONDS's reason).
+            oip_kept_url = start(thaw, {**oip_env, "THAW_CONNECTION_MAX_AGE_SECONDS": "0"})
             swept = {
                 (size, delay): start(
                     thaw,
@@ -850,7 +883,8 @@ def main() -> None:
                 )
                 for size, delay in sweep
             }
-            for url in (batched_url, unbatched_url, single_url, oip_url, *swept.values()):
+            every = (batched_url, unbatched_url, single_url, oip_url, oip_kept_url)
+            for url in (*every, *swept.values()):
                 for kind in ("image", "text"):
                     if url is not None:
                         warm_up(url, key, kind, bodies[kind], processes[url])
@@ -875,6 +909,7 @@ def main() -> None:
                 runs += [
                     ("oip binary b1", batched_url, OIP_PATH, scripts["oip b1"]),
                     ("oip binary b32", oip_url, OIP_PATH, scripts["oip b32"]),
+                    ("oip b32 kept", oip_kept_url, OIP_PATH, scripts["oip b32"]),
                 ]
                 if single_url is not None:
                     runs.append(("image 1 process", single_url, PREDICT_PATH, scripts["image"]))
@@ -889,7 +924,7 @@ def main() -> None:
                         if profiling
                         else nullcontext([])
                     )
-                    connections = oip_connections if label == "oip binary b32" else None
+                    connections = oip_connections if "b32" in label else None
                     with recorder as seen:
                         load = wrk(
                             f"{url}{path}",
@@ -997,6 +1032,13 @@ def main() -> None:
             ort_images[32],
             oip_images / ort_images[32],
         )
+        for label in ("oip binary b32", "oip b32 kept"):
+            logger.info(
+                "  %s, every round: %s of raw ORT b32, CPU by process %s",
+                label,
+                ", ".join(f"{run.answered_rate * 32 / ort_images[32]:.2f}" for run in loads[label]),
+                ", ".join("/".join(f"{s:.0%}" for s in run.process_shares) for run in loads[label]),
+            )
         logger.info(
             "oip binary: b1 calls/s / image predict calls/s = %.0f / %.0f = %.2f   (target >= 1)",
             best["oip binary b1"].answered_rate,

@@ -19,6 +19,7 @@ from service.auth.ratelimit import make_rate_limiter
 from service.auth.router import router as auth_router
 from service.base_models.router import router as base_models_router
 from service.body_limit import BodyLimitMiddleware
+from service.connection_age import ConnectionAgeMiddleware
 from service.context import AppContext
 from service.datasets.router import router as datasets_router
 from service.errors import ERROR_RESPONSES, ApiError, error_body, install_error_handlers
@@ -91,6 +92,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses=ERROR_RESPONSES,
     )
     app.add_middleware(BodyLimitMiddleware, max_bytes=context.settings.max_json_body_bytes)
+    if (max_age := context.settings.resolved_connection_max_age_seconds) > 0:
+        app.add_middleware(ConnectionAgeMiddleware, max_age_seconds=max_age)
     app.state.context = context
     app.state.rate_limiter = make_rate_limiter(context.settings)
     api_keys = ApiKeyCache(ttl_seconds=context.settings.api_key_cache_seconds)

@@ -119,6 +119,14 @@ class Settings(BaseSettings):
         "GIL for HTTP, so one process serves about one core's worth of calls); default: one "
         "per core.",
     )
+    connection_max_age_seconds: float | None = Field(
+        default=None,
+        ge=0,
+        description="Seconds a keep-alive connection serves calls before a response closes it "
+        "(the client reconnects, and the kernel hands the new connection to whichever API "
+        "process accepts first), so a few long-lived connections spread over the processes; 0 "
+        "keeps connections open. Default: 1 when `THAW_API_PROCESSES` is above 1, else 0.",
+    )
     inference_threads: int | None = Field(
         default=None,
         ge=1,
@@ -281,6 +289,12 @@ class Settings(BaseSettings):
     @property
     def resolved_api_processes(self) -> int:
         return self.api_processes or os.cpu_count() or 1
+
+    @property
+    def resolved_connection_max_age_seconds(self) -> float:
+        if self.connection_max_age_seconds is not None:
+            return self.connection_max_age_seconds
+        return 1.0 if self.resolved_api_processes > 1 else 0.0
 
     @property
     def resolved_inference_threads(self) -> int:
