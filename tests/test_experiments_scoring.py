@@ -25,7 +25,7 @@ class ShadeReader:
     and records the size of every call."""
 
     def __init__(self) -> None:
-        self.exported = SimpleNamespace(text=None)
+        self.exported = SimpleNamespace(modality="image")
         self.calls: list[int] = []
 
     def predict(self, images: list[Image.Image], top_k: int, task: str | None) -> list[Any]:

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from sqlalchemy import select
 
 from service.context import AppContext
@@ -40,6 +39,7 @@ from service.experiments.statistics import bootstrap_interval, macro_f1
 from service.tables import Experiment, ExperimentTrial, ModelVersion
 from worker import updates
 from worker.engine import Plan, Predictor, TransferModel
+from worker.engine.modalities import modality_for
 from worker.engine.predictor import Top
 
 logger = logging.getLogger(__name__)
@@ -80,26 +80,12 @@ def without_test_split(
     return kept, test
 
 
-def _image(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        image.load()
-        return image
-
-
-def _read(item: DatasetItem) -> Image.Image | str:
-    """What the model is given for an item: a text as it is, an image read from its file."""
-    return item.content if isinstance(item.content, str) else _image(item.content)
-
-
 def _answer(
-    predictor: Predictor, inputs: list[Image.Image | str], *, top_k: int, task: str | None = None
+    predictor: Predictor, items: list[DatasetItem], *, top_k: int, task: str | None = None
 ) -> list[Top]:
-    if predictor.exported.text is not None:
-        texts = [str(text) for text in inputs]
-        answers = predictor.predict_texts(texts, top_k=top_k, task=task)
-        return [top for top, _truncated in answers]
-    images = [image for image in inputs if isinstance(image, Image.Image)]
-    return predictor.predict(images, top_k, task)
+    modality = modality_for(predictor.exported.modality)
+    inputs = [modality.item_input(item.content) for item in items]
+    return modality.predict_inputs(predictor, inputs, top_k=top_k, task=task)
 
 
 def accuracy(
@@ -109,7 +95,7 @@ def accuracy(
     correct = 0
     for start in range(0, len(items), EVALUATION_BATCH):
         batch = items[start : start + EVALUATION_BATCH]
-        answers = _answer(predictor, [_read(item) for item in batch], top_k=1, task=task)
+        answers = _answer(predictor, batch, top_k=1, task=task)
         correct += sum(
             top[0][0] == classes[item.label] for item, top in zip(batch, answers, strict=True)
         )
@@ -127,14 +113,16 @@ def evaluate_on_test(
     index = {label: position for position, label in enumerate(classes)}
     answers: list[Top] = []
     latencies: list[float] = []
+    modality = modality_for(predictor.exported.modality)
     for item in test[:LATENCY_ITEMS]:
-        one = _read(item)
+        # Read before the clock starts: the latency is the model's, not the file's.
+        one = modality.item_input(item.content)
         began = time.perf_counter()
-        answers.extend(_answer(predictor, [one], top_k=len(classes)))
+        answers.extend(modality.predict_inputs(predictor, [one], top_k=len(classes), task=None))
         latencies.append(time.perf_counter() - began)
     for start in range(LATENCY_ITEMS, len(test), EVALUATION_BATCH):
         batch = test[start : start + EVALUATION_BATCH]
-        answers.extend(_answer(predictor, [_read(item) for item in batch], top_k=len(classes)))
+        answers.extend(_answer(predictor, batch, top_k=len(classes)))
     items: list[dict[str, Any]] = [
         {
             "item": item.id,

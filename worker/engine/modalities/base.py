@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
     from ..artifacts import ModelConfig
     from ..onnx_export import OnnxExport
+    from ..predictor import Predictor, Top
     from ..zoo import Backbone, BaseModelInfo
 
 
@@ -423,6 +424,18 @@ class Modality(ABC):
     def oip_inputs(self, config: "ModelConfig") -> list[dict[str, Any]]:
         """The Open Inference Protocol metadata of the input tensors its models take
         (`TensorMetadata` fields), from `config.json` alone."""
+
+    @abstractmethod
+    def item_input(self, content: Any) -> Any:
+        """A dataset item's content (`DatasetItem.content`: a file or a text) as
+        `predict_inputs` takes it (an image read and decoded)."""
+
+    @abstractmethod
+    def predict_inputs(
+        self, predictor: "Predictor", inputs: Sequence[Any], *, top_k: int, task: str | None
+    ) -> "list[Top]":
+        """Top-k (label, calibrated probability) per input, most probable first, from an
+        exported model loaded in PyTorch (scoring a trial on its test split)."""
 
     @abstractmethod
     def torch_forward(

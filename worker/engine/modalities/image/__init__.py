@@ -13,10 +13,12 @@ from ..base import EntryCache, Inputs, Modality, ServedInputs
 if TYPE_CHECKING:
     import numpy as np
     import torch
+    from PIL import Image
     from torch import Tensor
 
     from ...artifacts import ModelConfig
     from ...onnx_export import OnnxExport
+    from ...predictor import Predictor, Top
     from ...zoo import Backbone, BaseModelInfo
 
 
@@ -234,6 +236,16 @@ class ImageModality(Modality):
         from .serving import oip_inputs
 
         return oip_inputs(config)
+
+    def item_input(self, content: Any) -> "Image.Image":
+        from .pixels import read_image
+
+        return read_image(content)
+
+    def predict_inputs(
+        self, predictor: "Predictor", inputs: Sequence[Any], *, top_k: int, task: str | None
+    ) -> "list[Top]":
+        return predictor.predict(inputs, top_k, task)
 
     def torch_forward(
         self, module: Any, device: "torch.device"

@@ -11,6 +11,7 @@ measured.
 """
 
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -21,6 +22,13 @@ from ...recipe import CROP_VIEWS, FLIP_VIEW, ORIGINAL_VIEW
 CROP_ENLARGE = 8 / 7
 """Crops are taken at the trained size from the image squashed this much larger (the usual
 0.875 centre-crop ratio), so each sees most of the image, slightly enlarged."""
+
+
+def read_image(path: Path) -> Image.Image:
+    """An image file, decoded in full and closed."""
+    with Image.open(path) as image:
+        image.load()
+        return image
 
 
 def image_pixels(image: Image.Image, image_size: int) -> np.ndarray:

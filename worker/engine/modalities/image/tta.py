@@ -18,7 +18,7 @@ from ...model import TransferModel
 from ...plan import Plan
 from ...recipe import tta_views
 from .data import Sample
-from .pixels import normalise, view_pixels
+from .pixels import normalise, read_image, view_pixels
 
 IMAGES_PER_PASS = 16
 
@@ -62,16 +62,10 @@ def evaluate_tta(
     )
     chunks = []
     for start in range(0, len(samples), IMAGES_PER_PASS):
-        images = [_read(sample) for sample in samples[start : start + IMAGES_PER_PASS]]
+        images = [read_image(sample.path) for sample in samples[start : start + IMAGES_PER_PASS]]
         chunks.append(view_probabilities(model, images, preprocessing, device))
     probabilities = torch.cat(chunks)
     targets = torch.tensor([sample.label for sample in samples])
     accuracy = float((probabilities.argmax(dim=1) == targets).float().mean())
     summary = {"mode": plan.tta, "views": list(preprocessing.tta), "val_accuracy": accuracy}
     return summary, probabilities
-
-
-def _read(sample: Sample) -> Image.Image:
-    with Image.open(sample.path) as image:
-        image.load()
-        return image

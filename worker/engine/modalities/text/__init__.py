@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
     from ...artifacts import ModelConfig
     from ...onnx_export import OnnxExport
+    from ...predictor import Predictor, Top
     from ...zoo import Backbone, BaseModelInfo
 
 
@@ -327,6 +328,15 @@ class TextModality(Modality):
         from .serving import oip_inputs
 
         return oip_inputs(config)
+
+    def item_input(self, content: Any) -> str:
+        return str(content)
+
+    def predict_inputs(
+        self, predictor: "Predictor", inputs: Sequence[Any], *, top_k: int, task: str | None
+    ) -> "list[Top]":
+        answers = predictor.predict_texts(inputs, top_k=top_k, task=task)
+        return [top for top, _truncated in answers]
 
     def torch_forward(
         self, module: Any, device: "torch.device"
