@@ -4,7 +4,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 import pytest
 
@@ -852,3 +852,146 @@ def test_a_solved_stage_steps_once_per_l2_strength(
 
     assert steps_per_epoch(plan, head, 40) == len(HEAD_C_GRID)
     assert steps_per_epoch(plan, unfreeze, 40) == 5  # 40 items in batches of 8
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "message"),
+    [
+        ({"num_classes": 1}, "num_classes", "num_classes must be at least 2; got 1"),
+        ({"train_size": 0}, "train_size", "train_size must be at least 1; got 0"),
+        (
+            {"image_size": None, "progressive_resizing": (96, 64)},
+            "progressive_resizing",
+            "progressive_resizing must be strictly increasing sizes between 64 and 1024; "
+            "got (96, 64)",
+        ),
+        (
+            {"image_size": 96, "progressive_resizing": (64, 128)},
+            "progressive_resizing",
+            "progressive_resizing must end at image_size 96; got (64, 128)",
+        ),
+        (
+            {"base_model": "vit_b_16", "image_size": 224, "progressive_resizing": (128, 224)},
+            "progressive_resizing",
+            "progressive_resizing: vit_b_16 only accepts 224px images",
+        ),
+        (
+            {"head_epochs": 1},
+            "head_epochs",
+            "head_epochs only applies to the freeze_unfreeze and lwf strategies",
+        ),
+        ({"lora_rank": 4}, "lora_rank", "lora_rank only applies to the lora strategy"),
+        ({"stages": ()}, "stages", "stages must list at least one stage when given"),
+        (
+            {"batch_size": 9, "gpus": 2},
+            "gpus",
+            "gpus: batch_size 9 does not split evenly over 2 processes; choose a batch_size "
+            "that is a multiple of 2",
+        ),
+    ],
+)
+def test_a_refused_config_names_its_field_and_says_why(
+    make_config: Callable[..., TransferConfig],
+    overrides: dict[str, object],
+    field: str,
+    message: str,
+) -> None:
+    # The API points its 422 at `field` without reading the message: both are what a user sees.
+    with pytest.raises(SpecError) as refused:
+        compile_plan(make_config(**overrides))
+    assert (refused.value.field, str(refused.value)) == (field, message)
+
+
+def test_a_strategy_that_compiles_its_own_stages_refuses_written_ones() -> None:
+    with pytest.raises(SpecError) as refused:
+        compile_plan(
+            TransferConfig(
+                base_model="minilm_l6",
+                strategy="ulmfit",
+                num_classes=3,
+                stages=(StageSpec(groups=("head",)),),
+            )
+        )
+    assert (refused.value.field, str(refused.value)) == (
+        "stages",
+        "the ulmfit strategy compiles its own stages; drop stages",
+    )
+
+
+def test_a_lora_plan_records_its_rank_from_the_models_family(
+    make_config: Callable[..., TransferConfig],
+) -> None:
+    # Mostly pointwise-convolution nets get rank 4, the others 8; alpha is twice the rank.
+    for base_model, rank in (("efficientnet_lite0", 4), ("resnet18", 8)):
+        plan = compile_plan(make_config("lora", base_model=base_model, pretrained=True))
+        assert plan.extra["lora"] == {
+            "rank": rank,
+            "alpha": 2.0 * rank,
+            "dropout": 0.0,
+            "targets": None,
+        }
+        assert plan.stages[0].trainable_groups == ("adapter", "head")
+    assert "lora" not in compile_plan(make_config("fine_tune")).extra
+    # Written stages may name the adapters' group, and `all` includes it.
+    stages = (StageSpec(groups=("adapter", "head")), StageSpec(groups=("all",)))
+    written = compile_plan(make_config("lora", pretrained=True, stages=stages))
+    assert [stage.trainable_groups for stage in written.stages] == [
+        ("adapter", "head"),
+        (*RESNET_GROUPS[:-1], "adapter", "head"),
+    ]
+
+
+def test_a_plan_records_the_preset_defaults_it_applied() -> None:
+    def extra(**settings: Any) -> dict[str, Any]:
+        config = TransferConfig(base_model="minilm_l6", num_classes=3, **settings)
+        return compile_plan(config).extra
+
+    assert extra(strategy="scratch")["preset_defaults"] == {"lr": 5e-4, "schedule": "one_cycle"}
+    # What the spec sets is the spec's, not the preset's.
+    assert extra(strategy="scratch", lr=1e-3)["preset_defaults"] == {"schedule": "one_cycle"}
+    assert extra(strategy="ulmfit")["preset_defaults"] == {"lm_epochs": 0}
+    assert "preset_defaults" not in extra(strategy="scratch", lr=1e-3, schedule="cosine")
+    assert "preset_defaults" not in extra(strategy="feature_extraction")
+
+
+def test_ulmfit_unfreezes_at_its_own_lr_decay_and_its_presets_lm_epochs() -> None:
+    plan = compile_plan(TransferConfig(base_model="minilm_l6", strategy="ulmfit", num_classes=3))
+
+    # The text preset has no masked-LM stage; ULMFiT's lr_decay of 2.6 (not text's 1.2)
+    # spaces the rates of the groups it unfreezes.
+    assert [stage.name for stage in plan.stages][:3] == ["head", "unfreeze_top_1", "unfreeze_top_2"]
+    rates = plan.stages[2].group_lrs
+    assert rates["head"] / rates["layer.5"] == pytest.approx(2.6)
+    assert rates["layer.5"] / rates["layer.4"] == pytest.approx(2.6)
+    with_lm = compile_plan(
+        TransferConfig(base_model="minilm_l6", strategy="ulmfit", num_classes=3, lm_epochs=1)
+    )
+    assert with_lm.stages[0].name == "masked_lm"
+
+
+def test_a_plan_from_a_parent_records_the_parent_and_one_from_the_zoo_does_not(
+    make_config: Callable[..., TransferConfig], parent_dir: Path
+) -> None:
+    chained = compile_plan(
+        make_config("fine_tune", base_model="model:shapes:1", parent_dir=parent_dir)
+    )
+
+    assert chained.extra["parent"] == "model:shapes:1"
+    assert "parent" not in compile_plan(make_config("fine_tune")).extra
+
+
+def test_a_pretrained_spec_gives_a_pretrained_plan_unless_the_strategy_starts_from_scratch(
+    make_config: Callable[..., TransferConfig],
+) -> None:
+    assert compile_plan(make_config("fine_tune", pretrained=True)).pretrained is True
+    assert compile_plan(make_config("fine_tune", pretrained=False)).pretrained is False
+    assert compile_plan(make_config("scratch", pretrained=True)).pretrained is False
+
+
+def test_a_single_training_item_is_enough_to_compile_a_plan(
+    make_config: Callable[..., TransferConfig],
+) -> None:
+    # One item is one step a pass: the 2-epoch head stage makes 25 passes for its 50 steps.
+    plan = compile_plan(make_config(train_size=1))
+
+    assert [stage.passes for stage in plan.stages] == [25]
