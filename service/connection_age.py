@@ -39,10 +39,7 @@ class ConnectionAgeMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         client = scope.get("client")
-        if scope["type"] != "http" or not client:
-            await self.app(scope, receive, send)
-            return
-        if not self._past_age((client[0], client[1])):
+        if scope["type"] != "http" or not client or not self._past_age(tuple(client)):
             await self.app(scope, receive, send)
             return
 

@@ -83,6 +83,7 @@ def without_test_split(
 def _answer(
     predictor: Predictor, items: list[DatasetItem], *, top_k: int, task: str | None = None
 ) -> list[Top]:
+    """Each item read and answered by the model, through its modality."""
     modality = modality_for(predictor.exported.modality)
     inputs = [modality.item_input(item.content) for item in items]
     return modality.predict_inputs(predictor, inputs, top_k=top_k, task=task)
