@@ -8,6 +8,7 @@ import html
 import io
 import json
 import pickle
+import tracemalloc
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+import service.datasets.ingest.text as text_module
 from service.context import AppContext
 from service.datasets.ingest import (
     DatasetRejectedError,
@@ -28,7 +30,7 @@ from service.datasets.ingest import (
     ingest_upload,
     iter_text_rows,
 )
-from service.datasets.ingest.results import MAX_LISTED_SKIPPED
+from service.datasets.ingest.results import MAX_LISTED_SKIPPED, TextShard
 from service.datasets.service import load_text_rows, process_upload
 from tests.engine.test_text_train import write_tiny_bert
 from tests.test_experiments import experiment_request
@@ -209,15 +211,136 @@ def test_per_row_errors_carry_line_numbers(tmp_path: Path) -> None:
     assert result.class_counts["a"]["total"] == 2  # lines 2 and 11
     assert result.class_counts["b"]["total"] == 2  # lines 6-7 and 12
     texts = {r.text for r in iter_text_rows(tmp_path / "files", result.shards)}
-    assert "a text over\ntwo lines" in texts
-    assert not texts & {"same words", "same   words"}
+    # Every row kept is written, those after a dropped one (line 9's) too.
+    assert texts == {
+        "first good text",
+        "nobody labelled this",
+        "a text over\ntwo lines",
+        "second good text",
+        "third good text",
+    }
+
+
+def test_shards_hold_their_rows_and_where_each_came_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(text_module, "SHARD_ROWS", 2)
+
+    def records(folder: Path, shards: list[TextShard]) -> list[dict[str, Any]]:
+        lines = [(folder / s.path).read_text(encoding="utf-8").splitlines() for s in shards]
+        return [json.loads(line) for shard in lines for line in shard]
+
+    data = b"text,label\none,a\ntwo,a\n\nthree,b\nfour,b\nfive,a\n"
+    result = ingest_bytes(tmp_path / "csv", data)
+    assert result.shards == [
+        TextShard("texts-00000.jsonl", 2),
+        TextShard("texts-00001.jsonl", 2),
+        TextShard("texts-00002.jsonl", 1),
+    ]
+    written = records(tmp_path / "csv" / "files", result.shards)
+    assert [(r["text"], r["line"]) for r in written] == [
+        ("one", 2),
+        ("two", 3),
+        ("three", 5),
+        ("four", 6),
+        ("five", 7),
+    ]
+    assert not any("path" in r for r in written)
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name in ("a/0.txt", "a/1.txt", "b/0.txt", "b/1.txt"):
+            archive.writestr(f"corpus/{name}", f"text {name}".encode())
+    result = ingest_bytes(tmp_path / "zip", buffer.getvalue())
+    written = records(tmp_path / "zip" / "files", result.shards)
+    assert sorted((r["text"], r["path"]) for r in written) == [
+        (f"text {name}", f"corpus/{name}") for name in ("a/0.txt", "a/1.txt", "b/0.txt", "b/1.txt")
+    ]
+    assert not any("line" in r for r in written)
+
+
+def test_an_unlabelled_text_is_kept_once(tmp_path: Path) -> None:
+    data = (
+        b"text,label\n"
+        b"one,a\n"  # 2
+        b"no label here,\n"  # 3
+        b"two,a\n"  # 4
+        b"no   label here,\n"  # 5: the same text (whitespace does not count)
+        b"another without,\n"  # 6
+        b"three,b\n"  # 7
+        b"four,b\n"  # 8
+    )
+
+    result = ingest_bytes(tmp_path, data)
+
+    assert [(s.line, s.code, s.reason) for s in result.skipped] == [
+        (5, "duplicate", "The same unlabelled text came earlier.")
+    ]
+    assert (result.unlabelled, result.num_labelled) == (2, 4)
+    unlabelled = [
+        r.text for r in iter_text_rows(tmp_path / "files", result.shards) if r.label is None
+    ]
+    assert unlabelled == ["no label here", "another without"]
 
 
 def test_rows_without_label_can_be_skipped_instead(tmp_path: Path) -> None:
     result = ingest_bytes(tmp_path, ROWS_WITH_PROBLEMS, keep_unlabelled=False)
 
-    assert (5, "missing_label") in skips(result)
+    assert [(s.code, s.reason) for s in result.skipped if s.line == 5] == [
+        ("missing_label", "The row has no label.")
+    ]
     assert result.unlabelled == 0
+
+
+def test_a_text_or_label_at_its_cap_is_kept_and_one_past_it_is_skipped(tmp_path: Path) -> None:
+    cap = 50
+    rows = [
+        ("t" * cap, "a"),  # 2: at the text cap
+        ("u" * (cap + 1), "a"),  # 3
+        ("label at its cap", "L" * 200),  # 4
+        ("label past its cap", "M" * 201),  # 5
+        ("one", "a"),
+        ("two", "L" * 200),
+        ("three", "a"),
+    ]
+    data = "text,label\n" + "".join(f"{text},{label}\n" for text, label in rows)
+
+    result = ingest_bytes(
+        tmp_path,
+        data.encode(),
+        limits=IngestLimits(max_text_field_bytes=cap, min_images_per_class=2),
+    )
+
+    assert [(s.line, s.code, s.reason) for s in result.skipped] == [
+        (3, "too_large", "The text is over 50 bytes."),
+        (5, "bad_label", "The label is over 200 characters."),
+    ]
+    assert result.class_counts["a"]["total"] == 3
+    assert result.class_counts["L" * 200]["total"] == 2
+
+
+def test_a_text_under_three_labels_is_skipped_every_time(tmp_path: Path) -> None:
+    data = b"text,label\nsame,a\none,a\nsame,b\ntwo,b\nsame,a\nthree,a\nfour,b\n"
+
+    result = ingest_bytes(tmp_path, data)
+
+    # Once two rows disagree, a later row agreeing with either is no mere duplicate.
+    assert [(s.line, s.code) for s in result.skipped] == [
+        (2, "conflicting_labels"),
+        (4, "conflicting_labels"),
+        (6, "conflicting_labels"),
+    ]
+    assert result.num_labelled == 4
+
+
+def test_an_upload_with_no_usable_labelled_text_says_what_was_skipped(tmp_path: Path) -> None:
+    with pytest.raises(DatasetRejectedError) as excinfo:
+        ingest_bytes(tmp_path, b"text,label\n,a\nno label,\n ,b\n", keep_unlabelled=False)
+
+    assert (excinfo.value.code, excinfo.value.message) == (
+        "no_texts",
+        "No usable labelled texts were found. Skipped rows: empty_text 2, missing_label 1.",
+    )
 
 
 def test_an_enormous_line_is_one_skipped_row(tmp_path: Path) -> None:
@@ -230,6 +353,74 @@ def test_an_enormous_line_is_one_skipped_row(tmp_path: Path) -> None:
         (2, "too_large", "The row is over 69536 bytes.")  # the line cap: 4 fields and 64 kB
     ]
     assert result.num_labelled == 4
+
+
+def test_a_line_is_cut_only_past_the_line_cap(tmp_path: Path) -> None:
+    # With a 1000-byte field cap a physical line may hold 69536 bytes (4 fields and 64 kB).
+    cap = 4 * 1000 + 2**16
+
+    def line(text: str, label: str, size: int) -> str:
+        start = f"{text},{label},"
+        return start + "z" * (size - len(start))
+
+    rows = ["text,label,note", line("at cap", "a", cap), line("past cap", "a", cap + 1)]
+    rows += ["one,a", "two,b", "three,b", line("last at cap", "b", cap)]
+    data = "\n".join(rows).encode()  # the last line ends the file without "\n"
+
+    result = ingest_bytes(tmp_path, data, limits=IngestLimits(max_text_field_bytes=1000))
+
+    assert [(s.line, s.code) for s in result.skipped] == [(3, "too_large")]
+    texts = {r.text for r in iter_text_rows(tmp_path / "files", result.shards)}
+    assert texts == {"at cap", "one", "two", "three", "last at cap"}
+
+
+def test_an_enormous_line_is_read_a_chunk_at_a_time(tmp_path: Path) -> None:
+    """One line of 40 MB costs memory for a chunk of it, not for the line."""
+    data = b"text,label\n" + b"y" * 40_000_000 + b",a\none,a\ntwo,a\nthree,b\nfour,b\n"
+    upload = tmp_path / "upload"
+    upload.write_bytes(data)
+
+    tracemalloc.start()
+    try:
+        result = ingest_upload(
+            upload, tmp_path / "files", limits=IngestLimits(max_text_field_bytes=1000)
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert [(s.line, s.code) for s in result.skipped] == [(2, "too_large")]
+    assert peak < 8 * 2**20, f"{peak / 2**20:.1f} MiB at the peak"
+
+
+def test_a_text_uploads_progress_counts_each_byte_once(tmp_path: Path) -> None:
+    big = b"y" * 300_000 + b",a\n"  # over the line cap: read past it, counted all the same
+    data = b"text,label\n" + big + b"one,a\ntwo,a\nthree,b\nfour,b\n"
+    reported: list[tuple[int, int]] = []
+
+    ingest_bytes(
+        tmp_path,
+        data,
+        limits=IngestLimits(max_text_field_bytes=1000),
+        progress=lambda done, total: reported.append((done, total)),
+    )
+
+    # About one report a percent (3000 bytes here): after the enormous line, then at the end.
+    total = len(data)
+    assert reported == [(len(b"text,label\n") + len(big), total), (total, total)]
+
+    # An archive of one file: the one file read is all of it.
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("corpus/a/0.txt", b"a lone text")
+    reported.clear()
+    with pytest.raises(DatasetRejectedError):
+        ingest_bytes(
+            tmp_path / "archive",
+            buffer.getvalue(),
+            progress=lambda done, total: reported.append((done, total)),
+        )
+    assert reported == [(1, 1)]
 
 
 def test_blank_and_short_csv_rows(tmp_path: Path) -> None:
@@ -340,6 +531,36 @@ def test_the_upload_header_check_reads_past_a_bom() -> None:
     assert excinfo.value.code == "bad_header"
 
 
+def test_the_header_names_each_column_exactly_or_else_in_any_case() -> None:
+    columns = TextColumns(text="Description", label="section")
+    # An exact name wins over one that differs only in case; otherwise case does not matter.
+    check_csv_header(b"description,Description,SECTION\n", columns)
+    check_csv_header(b"description,SECTION\n", columns)
+
+    def rejected(head: bytes, wanted: TextColumns) -> MissingColumnError:
+        with pytest.raises(MissingColumnError) as excinfo:
+            check_csv_header(head, wanted)
+        return excinfo.value
+
+    error = rejected(b" body , label \nhello,a\n", TextColumns())
+    assert (error.code, error.param, error.message) == (
+        "bad_header",
+        "text_column",
+        "The CSV's header has no column 'text' (found 'body', 'label'); name the column that "
+        "holds the text with the text_column form field.",
+    )
+    error = rejected(b"text,category\n", TextColumns())
+    assert (error.param, error.message) == (
+        "label_column",
+        "The CSV's header has no column 'label' (found 'text', 'category'); name the column "
+        "that holds the label with the label_column form field.",
+    )
+    error = rejected(b"", TextColumns())
+    assert error.message.startswith("The CSV's header has no column 'text' (found nothing);")
+    # A quoted header cell over two lines is read as the upload's reader reads it: "te\nxt".
+    assert rejected(b'"te\nxt",label\nhello,a\n', TextColumns()).param == "text_column"
+
+
 def test_custom_csv_columns(tmp_path: Path) -> None:
     rows = fixture_rows()[:60]
     out = io.StringIO()
@@ -369,8 +590,10 @@ def test_custom_csv_columns(tmp_path: Path) -> None:
         (b"\x89PNG\r\n\x1a\n\x00\x00", None),
         (b"just one sentence with no commas\n", None),
         (b"", None),
+        (b'\n  {"text": "hi", "label": "a"}\n', "jsonl"),
+        (b"text,label\nhel\x00lo,a\n", None),
     ],
-    ids=["csv", "jsonl", "zip", "png", "prose", "empty"],
+    ids=["csv", "jsonl", "zip", "png", "prose", "empty", "jsonl-after-blank", "nul-byte"],
 )
 def test_upload_kind_is_read_from_content(head: bytes, kind: str | None) -> None:
     assert detect_upload(head) == kind
@@ -378,8 +601,12 @@ def test_upload_kind_is_read_from_content(head: bytes, kind: str | None) -> None
 
 def test_single_class_text_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(DatasetRejectedError) as excinfo:
-        ingest_bytes(tmp_path, b"text,label\none,a\ntwo,a\nthree,a\n")
-    assert excinfo.value.code == "too_few_classes"
+        ingest_bytes(tmp_path, b"text,label\none,a\ntwo,a\nthree,b\n")
+    assert (excinfo.value.code, excinfo.value.message) == (
+        "too_few_classes",
+        "A dataset needs at least 2 classes with at least 2 usable texts each; found 'a' (2 "
+        "texts), 'b' (1 texts).",
+    )
     assert not (tmp_path / "files").exists()
 
 

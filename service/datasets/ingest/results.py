@@ -87,7 +87,8 @@ class Sample:
 
 @dataclass(frozen=True)
 class TextShard:
-    """A JSON Lines file of kept text rows: {"text", "label" (index or null), "split", "line"};
+    """A JSON Lines file of kept text rows: {"text", "label" (index or null), "split"} and where
+    the row came from, its "line" in a CSV or JSON Lines upload or its "path" in an archive;
     for images, a tar file of kept images named by their sample paths (`rows`: images)."""
 
     path: str  # relative to dest
@@ -196,9 +197,11 @@ class Progress:
     reported: int = -1
 
     def update(self, done: int) -> None:
-        # Roughly one call per percent: the callback may write to a database.
-        step = max(1, self.total // 100)
-        if self.callback is not None and (done == self.total or done - self.reported >= step):
+        # Roughly one call per percent, never two for the same count: the callback may write
+        # to a database.
+        if self.callback is None or done == self.reported:
+            return
+        if done == self.total or done - self.reported >= max(1, self.total // 100):
             self.reported = done
             self.callback(done, self.total)
 

@@ -86,6 +86,11 @@ class RawRow:
     path: str | None = None
     problem: tuple[SkipCode, str] | None = None
 
+    @classmethod
+    def rejected(cls, line: int, code: SkipCode, reason: str) -> "RawRow":
+        """A row that reading already failed: it is skipped by its problem, its text unread."""
+        return cls("", None, line, problem=(code, reason))
+
     def skip(self, code: SkipCode, reason: str) -> SkippedFile:
         return SkippedFile(self.path, code, reason, self.line)
 
@@ -197,7 +202,7 @@ def read_csv_rows(
         except StopIteration:
             break
         except csv.Error as exc:
-            yield RawRow("", None, start, problem=("bad_row", f"The row is not valid CSV: {exc}"))
+            yield RawRow.rejected(start, "bad_row", f"The row is not valid CSV: {exc}")
             continue
         if not row or not any(cell.strip() for cell in row):
             continue
@@ -205,14 +210,13 @@ def read_csv_rows(
             indexes = _column_indexes(row, columns)
             continue
         if any(start <= number <= reader.line_num for number in oversized):
-            problem: tuple[SkipCode, str] = ("too_large", f"The row is over {line_cap} bytes.")
-            yield RawRow("", None, start, problem=problem)
+            yield RawRow.rejected(start, "too_large", f"The row is over {line_cap} bytes.")
             continue
         text_index, label_index = indexes
         text = row[text_index] if text_index < len(row) else ""
         label = row[label_index] if label_index < len(row) else None
         if _has_bad_bytes(*row):
-            yield RawRow("", None, start, problem=("bad_encoding", _BAD_BYTES))
+            yield RawRow.rejected(start, "bad_encoding", _BAD_BYTES)
             continue
         yield RawRow(text, label, start)
     if indexes is None:
@@ -227,12 +231,10 @@ def read_jsonl_rows(
         if not line.strip():
             continue
         if number in oversized:
-            yield RawRow(
-                "", None, number, problem=("too_large", f"The line is over {line_cap} bytes.")
-            )
+            yield RawRow.rejected(number, "too_large", f"The line is over {line_cap} bytes.")
             continue
         if _has_bad_bytes(line):
-            yield RawRow("", None, number, problem=("bad_encoding", _BAD_BYTES))
+            yield RawRow.rejected(number, "bad_encoding", _BAD_BYTES)
             continue
         yield _json_row(line, number, columns)
 
@@ -241,22 +243,22 @@ def _json_row(line: str, number: int, columns: TextColumns) -> RawRow:
     try:
         value = json.loads(line)
     except json.JSONDecodeError as exc:
-        return RawRow("", None, number, problem=("bad_row", f"The line is not valid JSON: {exc}"))
+        return RawRow.rejected(number, "bad_row", f"The line is not valid JSON: {exc}")
     if not isinstance(value, dict):
-        return RawRow("", None, number, problem=("bad_row", "The line is not a JSON object."))
+        return RawRow.rejected(number, "bad_row", "The line is not a JSON object.")
     text, label = value.get(columns.text, ""), value.get(columns.label)
     if not isinstance(text, str):
         reason = f"{columns.text!r} must be a string, not {type(text).__name__}."
-        return RawRow("", None, number, problem=("bad_row", reason))
+        return RawRow.rejected(number, "bad_row", reason)
     # Numeric labels (0/1 sentiment, star ratings) are common; they become class names.
     if isinstance(label, int) and not isinstance(label, bool):
         label = str(label)
     if label is not None and not isinstance(label, str):
         reason = f"{columns.label!r} must be a string or an integer, not {type(label).__name__}."
-        return RawRow("", None, number, problem=("bad_row", reason))
+        return RawRow.rejected(number, "bad_row", reason)
     if _has_bad_bytes(text, label):
         # A JSON escape for a lone surrogate is no text either.
-        return RawRow("", None, number, problem=("bad_encoding", _BAD_BYTES))
+        return RawRow.rejected(number, "bad_encoding", _BAD_BYTES)
     return RawRow(text, label, number)
 
 
@@ -296,7 +298,7 @@ def read_folder_rows(
             reason = f"The file is not UTF-8 text: {exc}"
             skipped.append(SkippedFile(name, "bad_encoding", reason))
             continue
-        yield RawRow(text, inner.split("/", 1)[0], path=name)
+        yield RawRow(text, inner.partition("/")[0], path=name)
 
 
 # --- Checking rows and writing shards -------------------------------------------------------
@@ -338,7 +340,7 @@ def build_text_dataset(
         val = {n for ordinals in by_class.values() for n in pick_val(ordinals, val_fraction, seed)}
         shards = _write_shards(staging, dest, staged.dropped, classes, val)
     finally:
-        staging.unlink(missing_ok=True)
+        staging.unlink()
     class_counts = {
         name: {
             "train": len(by_class[name]) - sum(1 for n in by_class[name] if n in val),
