@@ -423,6 +423,22 @@ def test_a_text_uploads_progress_counts_each_byte_once(tmp_path: Path) -> None:
     assert reported == [(1, 1)]
 
 
+def test_a_row_that_is_not_csv_is_skipped_with_the_parsers_reason(tmp_path: Path) -> None:
+    data = b"text,label\none,a\ncarriage\rreturn,a\ntwo,a\nthree,b\nfour,b\n"
+
+    result = ingest_bytes(tmp_path, data)
+
+    assert [(s.line, s.code, s.reason) for s in result.skipped] == [
+        (
+            3,
+            "bad_row",
+            "The row is not valid CSV: new-line character seen in unquoted field - do you need "
+            "to open the file in universal-newline mode?",
+        )
+    ]
+    assert result.num_labelled == 4
+
+
 def test_blank_and_short_csv_rows(tmp_path: Path) -> None:
     # A row of blank cells is no row; a row with fewer cells than the header lacks the others.
     data = b"text,label\n , \none,a\ntwo,a\nonly a text\nthree,b\nfour,b\n"
@@ -531,11 +547,20 @@ def test_the_upload_header_check_reads_past_a_bom() -> None:
     assert excinfo.value.code == "bad_header"
 
 
-def test_the_header_names_each_column_exactly_or_else_in_any_case() -> None:
+def test_the_header_names_each_column_exactly_or_else_in_any_case(tmp_path: Path) -> None:
     columns = TextColumns(text="Description", label="section")
     # An exact name wins over one that differs only in case; otherwise case does not matter.
-    check_csv_header(b"description,Description,SECTION\n", columns)
-    check_csv_header(b"description,SECTION\n", columns)
+    rows = "".join(f"short {n},long text {n},{'ab'[n % 2]}\n" for n in range(4))
+    result = ingest_bytes(
+        tmp_path / "exact", f"description,Description,SECTION\n{rows}".encode(), columns=columns
+    )
+    texts = {r.text for r in iter_text_rows(tmp_path / "exact" / "files", result.shards)}
+    assert texts == {f"long text {n}" for n in range(4)}
+    swapped = "".join(f"{'ab'[n % 2]},text {n}\n" for n in range(4))
+    result = ingest_bytes(
+        tmp_path / "any", f"Section,DESCRIPTION\n{swapped}".encode(), columns=columns
+    )
+    assert result.num_labelled == 4
 
     def rejected(head: bytes, wanted: TextColumns) -> MissingColumnError:
         with pytest.raises(MissingColumnError) as excinfo:

@@ -30,6 +30,9 @@ SPEC = {
     "batch_size": 16,
     "max_length": 32,  # the longest description is 79 characters
     "seed": 0,
+    # One run: a small set refits by default, a second run that would double this test's
+    # time; a text job's refit through the worker is in test_text_inference.py.
+    "refit": False,
 }
 
 

@@ -86,6 +86,9 @@ def text_version(
         assert done["status"] == "succeeded", done
         version = client.get("/v1/models/sections/versions/1", headers=auth).json()
         assert version["labels"] == dataset["classes"]
+        # A small set refits by default: the published text model trained on every label.
+        labelled = sum(counts["total"] for counts in dataset["class_counts"].values())
+        assert version["metrics"]["refit"]["train_items"] == labelled
         yield registry, version, train_texts
 
 
