@@ -22,6 +22,7 @@ from worker.engine import (
     get_base_model_info,
 )
 from worker.engine.artifacts import ModelConfig, Preprocessing
+from worker.engine.modalities.image.preprocessing import ImageModelInput
 from worker.engine.plan import spec_lr_for, steps_per_epoch, with_found_lr
 from worker.engine.recipe import stage_recipes
 from worker.engine.spec import HEAD_C_GRID, SpecError, Strategy
@@ -93,7 +94,7 @@ def test_image_size_defaults_to_the_zoo_input_size(
     plan = compile_plan(make_config(base_model="efficientnet_lite0", image_size=None))
 
     assert plan.image_size == 224
-    assert plan.mean == get_base_model_info("efficientnet_lite0").mean
+    assert plan.mean == ImageModelInput.of(get_base_model_info("efficientnet_lite0")).mean
 
 
 @pytest.mark.parametrize(
@@ -802,8 +803,7 @@ def test_a_text_plans_length_defaults_to_the_modalitys_and_takes_up_to_the_model
     config = TransferConfig(base_model="minilm_l6", num_classes=3)
     plan = compile_plan(config)
     assert plan.truncation == "head"
-    info = get_base_model_info("minilm_l6")
-    assert (plan.mean, plan.std, plan.old_tasks) == (info.mean, info.std, ())
+    assert plan.old_tasks == ()
     assert compile_plan(replace(config, truncation="head_tail")).truncation == "head_tail"
 
 

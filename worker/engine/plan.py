@@ -268,12 +268,6 @@ def compile_plan(config: TransferConfig) -> Plan:
             for stage in stages
         )
     if config.progressive_resizing is not None:
-        info = get_base_model_info(base.base_model)
-        if info.fixed_input_size:
-            raise SpecError(
-                "progressive_resizing",
-                f"progressive_resizing: {base.base_model} only accepts {info.input_size}px images",
-            )
         stages = tuple(
             sub
             for stage in stages

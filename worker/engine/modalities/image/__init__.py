@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from ...spec import ModalityDefaults, SpecError
 from ...stages import Base, Plan, Stage, TaskInfo, TransferConfig
 from ..base import EntryCache, Inputs, Modality, ServedInputs
+from .preprocessing import ImageModelInput
 
 if TYPE_CHECKING:
     import numpy as np
@@ -20,6 +21,17 @@ if TYPE_CHECKING:
     from ...onnx_export import OnnxExport
     from ...predictor import Predictor, Top
     from ...zoo import Backbone, BaseModelInfo
+
+
+def _sizes_allowed(config: TransferConfig, info: "BaseModelInfo") -> ImageModelInput:
+    """`info`'s input; SpecError for `progressive_resizing` on a model of one input size."""
+    reads = ImageModelInput.of(info)
+    if config.progressive_resizing is not None and reads.fixed_input_size:
+        raise SpecError(
+            "progressive_resizing",
+            f"progressive_resizing: {info.name} only accepts {reads.input_size}px images",
+        )
+    return reads
 
 
 class ImageModality(Modality):
@@ -69,18 +81,19 @@ class ImageModality(Modality):
             )
 
     def new_base(self, config: TransferConfig, info: "BaseModelInfo") -> Base:
-        if info.fixed_input_size and config.image_size not in (None, info.input_size):
+        reads = _sizes_allowed(config, info)
+        if reads.fixed_input_size and config.image_size not in (None, reads.input_size):
             raise SpecError(
                 "image_size",
-                f"image_size: {config.base_model} only accepts {info.input_size}px images; "
+                f"image_size: {config.base_model} only accepts {reads.input_size}px images; "
                 f"got {config.image_size}",
             )
         return Base(
             base_model=config.base_model,
             backbone_groups=info.group_names,
-            image_size=config.image_size or info.input_size,
-            mean=info.mean,
-            std=info.std,
+            image_size=config.image_size or reads.input_size,
+            mean=reads.mean,
+            std=reads.std,
             parent_location=None,
             old_tasks=(),
             defaults=self.defaults,
@@ -94,6 +107,7 @@ class ImageModality(Modality):
         old_tasks: tuple[TaskInfo, ...],
     ) -> Base:
         assert config.parent is not None
+        _sizes_allowed(config, info)
         return Base(
             base_model=parent.base_model,
             backbone_groups=info.group_names,
@@ -162,13 +176,14 @@ class ImageModality(Modality):
         from .data import Sample
         from .features import pooled_features
 
+        reads = ImageModelInput.of(info)
         backbone = self.build_backbone(info.name, pretrained=True, weights_dir=weights_dir)
         return pooled_features(
             backbone,
             [sample for sample in samples if isinstance(sample, Sample)],
-            image_size=image_size or info.input_size,
-            mean=info.mean,
-            std=info.std,
+            image_size=image_size or reads.input_size,
+            mean=reads.mean,
+            std=reads.std,
             batch_size=batch_size,
             on_progress=on_progress,
         )

@@ -10,6 +10,7 @@ from ...preset_defaults import PresetDefaults
 from ...spec import ModalityDefaults, SpecError
 from ...stages import CLASSIFY, MASKED_LM, Base, Plan, Stage, TaskInfo, TransferConfig
 from ..base import EntryCache, Inputs, Modality, ServedInputs
+from .preprocessing import NO_PIXELS, TextModelInput
 
 if TYPE_CHECKING:
     import numpy as np
@@ -133,18 +134,17 @@ class TextModality(Modality):
             )
 
     def new_base(self, config: TransferConfig, info: "BaseModelInfo") -> Base:
-        assert info.max_length is not None
         return Base(
             base_model=config.base_model,
             backbone_groups=info.group_names,
             image_size=None,
-            mean=info.mean,
-            std=info.std,
+            mean=NO_PIXELS,
+            std=NO_PIXELS,
             parent_location=None,
             old_tasks=(),
             defaults=self.defaults,
             modality="text",
-            max_length=_text_length(config, config.base_model, info.max_length),
+            max_length=_text_length(config, config.base_model, TextModelInput.of(info).max_length),
             truncation=config.truncation or "head",
         )
 
@@ -156,7 +156,6 @@ class TextModality(Modality):
         old_tasks: tuple[TaskInfo, ...],
     ) -> Base:
         assert config.parent is not None
-        assert info.max_length is not None
         assert parent.max_length is not None
         return Base(
             base_model=parent.base_model,
@@ -169,7 +168,7 @@ class TextModality(Modality):
             defaults=self.defaults,
             modality="text",
             max_length=(
-                _text_length(config, parent.base_model, info.max_length)
+                _text_length(config, parent.base_model, TextModelInput.of(info).max_length)
                 if config.max_length is not None
                 else parent.max_length
             ),
@@ -231,7 +230,7 @@ class TextModality(Modality):
             info.name,
             [sample.text for sample in samples if isinstance(sample, TextSample)],
             weights_dir=weights_dir,
-            max_length=min(length, info.max_length or length),
+            max_length=min(length, TextModelInput.of(info).max_length),
             batch_size=batch_size,
             on_progress=on_progress,
         )
@@ -288,7 +287,7 @@ class TextModality(Modality):
                 "tokenizer": TOKENIZER_FILE,
                 "max_length": plan.max_length,
                 "truncation": plan.truncation,
-                "pooling": text_info(plan.base_model).pooling,
+                "pooling": TextModelInput.of(text_info(plan.base_model)).pooling,
                 "special_tokens": asdict(SpecialTokens.of(tokenizer)),
             },
         }

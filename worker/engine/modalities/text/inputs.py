@@ -21,9 +21,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ...plan import Plan, Stage
 from ...zoo import Backbone
+from .preprocessing import TextModelInput
 from .token_cache import EntryCache, cached_encode
 from .tokens import Encoded, SpecialTokens, encode, pad, plain_backend
-from .zoo import TextBackbone, load_tokenizer
+from .zoo import TextBackbone, load_tokenizer, text_info
 
 SORT_WINDOW = 8
 """Batches per window sorted by length: the shuffle stays coarse, the padding small."""
@@ -49,6 +50,11 @@ def token_lengths(
         len(encoding.ids) + extra
         for encoding in backend.encode_batch(list(texts), add_special_tokens=False)
     ]
+
+
+def token_limit(base_model: str) -> int:
+    """The most tokens `base_model` reads, special tokens included."""
+    return TextModelInput.of(text_info(base_model)).max_length
 
 
 class _Rows(Dataset[tuple[list[int], Any]]):
