@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol, Self
 
 from ..preset_defaults import PresetDefaults
 from ..spec import ModalityDefaults
-from ..stages import CLASSIFY, Base, Plan, Stage, TaskInfo, TransferConfig
+from ..stages import CLASSIFY, Base, Plan, Preprocessing, Stage, TaskInfo, TransferConfig
 
 if TYPE_CHECKING:
     import numpy as np
@@ -271,6 +271,8 @@ class Modality(ABC):
     another (`Strategy.objectives`) is refused for its base models."""
     defaults: ModalityDefaults
     """What rates, decay, batch size and length a spec leaving them out gets."""
+    preprocessing: type[Preprocessing]
+    """Its plans' kind of `Plan.preprocessing` (`Plan.from_dict` reads it by this)."""
     presets: ClassVar[Mapping[str, PresetDefaults]] = {}
     """A preset's own defaults on this modality, by strategy name, where they differ from
     `defaults` (a text encoder from random weights wants its own rate and schedule)."""

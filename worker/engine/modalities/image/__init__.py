@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from ...spec import ModalityDefaults, SpecError
 from ...stages import Base, Plan, Stage, TaskInfo, TransferConfig
 from ..base import EntryCache, Inputs, Modality, ServedInputs
-from .preprocessing import ImageModelInput
+from .preprocessing import ImageModelInput, ImagePreprocessing, final_image_size
 
 if TYPE_CHECKING:
     import numpy as np
@@ -51,6 +51,7 @@ class ImageModality(Modality):
     upload_kinds = frozenset({"archive"})
     packs_files = True
     defaults = ModalityDefaults(lr=1e-3, fine_tune_lr_factor=0.1, lr_decay=2.6)
+    preprocessing = ImagePreprocessing
 
     def count(self, dataset: Any) -> int:
         return int(dataset.num_images)
@@ -92,8 +93,7 @@ class ImageModality(Modality):
             base_model=config.base_model,
             backbone_groups=info.group_names,
             image_size=config.image_size or reads.input_size,
-            mean=reads.mean,
-            std=reads.std,
+            preprocessing=ImagePreprocessing(mean=reads.mean, std=reads.std),
             parent_location=None,
             old_tasks=(),
             defaults=self.defaults,
@@ -111,9 +111,8 @@ class ImageModality(Modality):
         return Base(
             base_model=parent.base_model,
             backbone_groups=info.group_names,
-            image_size=config.image_size or parent.image_size,
-            mean=parent.mean,
-            std=parent.std,
+            image_size=config.image_size or final_image_size(parent),
+            preprocessing=ImagePreprocessing.of(parent),
             parent_location=config.parent.location,
             old_tasks=old_tasks,
             defaults=self.defaults,
@@ -123,7 +122,8 @@ class ImageModality(Modality):
         return {"image_size": stage.image_size}
 
     def feature_preprocessing(self, plan: Plan, stage: Stage) -> dict[str, Any]:
-        return {"image_size": stage.image_size, "mean": plan.mean, "std": plan.std}
+        pixels = ImagePreprocessing.of(plan)
+        return {"image_size": stage.image_size, "mean": pixels.mean, "std": pixels.std}
 
     def tta(self, plan: Plan) -> list[str] | None:
         from ...recipe import tta_views
@@ -223,10 +223,11 @@ class ImageModality(Modality):
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         from ...recipe import tta_views
 
+        pixels = ImagePreprocessing.of(plan)
         return {}, {
-            "image_size": plan.image_size,
-            "mean": list(plan.mean),
-            "std": list(plan.std),
+            "image_size": final_image_size(plan),
+            "mean": list(pixels.mean),
+            "std": list(pixels.std),
             "resize": "bilinear",
             "color": "RGB",
             "tta": list(tta_views(plan.tta, flip=plan.flip)),
@@ -235,7 +236,7 @@ class ImageModality(Modality):
     def export_onnx(self, model: Any, plan: Plan, out_path: Path) -> "OnnxExport":
         from ...onnx_export import export_onnx
 
-        return export_onnx(model, image_size=plan.image_size, out_path=out_path)
+        return export_onnx(model, image_size=final_image_size(plan), out_path=out_path)
 
     def onnx_inputs(self, config: "ModelConfig") -> list[tuple[str, str, list[int]]]:
         from .serving import onnx_inputs

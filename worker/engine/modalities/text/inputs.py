@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ...plan import Plan, Stage
 from ...zoo import Backbone
-from .preprocessing import TextModelInput
+from .preprocessing import TextModelInput, TextPreprocessing
 from .token_cache import EntryCache, cached_encode
 from .tokens import Encoded, SpecialTokens, encode, pad, plain_backend
 from .zoo import TextBackbone, load_tokenizer, text_info
@@ -181,8 +181,6 @@ class TextInputs:
         shuffle: torch.Generator,
         token_cache: EntryCache | None = None,
     ) -> None:
-        assert plan.max_length is not None
-        assert plan.truncation is not None
         self.plan = plan
         self.shuffle = shuffle
         tokenizer = load_tokenizer(plan.base_model, weights_dir)
@@ -190,7 +188,8 @@ class TextInputs:
         self.vocab_size = len(tokenizer)
         backend = plain_backend(tokenizer.backend_tokenizer)
         texts = [sample.text for sample in [*train, *val]] + list(unlabelled)
-        max_length, truncation = plan.max_length, plan.truncation
+        tokens = TextPreprocessing.of(plan)
+        max_length, truncation = tokens.max_length, tokens.truncation
         encoded = cached_encode(
             token_cache,
             backend,
@@ -280,8 +279,8 @@ class TextInputs:
         """Token lengths (untruncated, special tokens included) of the train and val texts."""
         return {
             "token_lengths": {
-                "max_length": self.plan.max_length,
-                "truncation": self.plan.truncation,
+                "max_length": TextPreprocessing.of(self.plan).max_length,
+                "truncation": TextPreprocessing.of(self.plan).truncation,
                 **{split: _length_stats(encoded) for split, encoded in self.splits.items()},
             }
         }

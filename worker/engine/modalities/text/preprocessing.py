@@ -2,8 +2,10 @@
 only: plans and the zoo's descriptions read it without torch)."""
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, Self
 
+from ...spec import Truncation, decode
+from ...stages import Preprocessing
 from ..base import ModelInput
 
 
@@ -18,5 +20,19 @@ class TextModelInput(ModelInput):
     """How token states become one feature vector (`mean` over the attention mask)."""
 
 
-NO_PIXELS = (0.0, 0.0, 0.0)
-"""A text plan's `mean` and `std` (it has no pixels)."""
+@dataclass(frozen=True)
+class TextPreprocessing(Preprocessing):
+    """A plan's tokenization: tokens per text (special tokens included), and which tokens a
+    longer text keeps."""
+
+    modality: ClassVar[str] = "text"
+    max_length: int
+    truncation: Truncation
+
+    @classmethod
+    def from_flat(cls, data: dict[str, Any]) -> Self:
+        # Pixel statistics of zeros stood beside these in a text plan: they are dropped.
+        return decode(
+            cls,
+            {"max_length": data["max_length"], "truncation": data.get("truncation") or "head"},
+        )
