@@ -30,6 +30,7 @@ from worker.engine import (
     compile_plan,
     run,
 )
+from worker.engine.modalities.image.preprocessing import ImagePreprocessing, final_image_size
 
 CLASSES = 4
 
@@ -51,7 +52,10 @@ def write_images(folder: Path, count: int, seed: int) -> list[Sample]:
 def loader(
     plan: Plan, samples: list[Sample], *, shuffle: bool
 ) -> DataLoader[tuple[torch.Tensor, int]]:
-    dataset = ImageDataset(samples, image_size=plan.image_size, mean=plan.mean, std=plan.std)
+    pixels = ImagePreprocessing.of(plan)
+    dataset = ImageDataset(
+        samples, image_size=final_image_size(plan), mean=pixels.mean, std=pixels.std
+    )
     return DataLoader(dataset, batch_size=plan.batch_size, shuffle=shuffle)
 
 

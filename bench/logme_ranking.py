@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader
 from worker.engine import Sample, TransferConfig, compile_plan, run
 from worker.engine.modalities.image.data import ImageDataset
 from worker.engine.modalities.image.features import group_features
+from worker.engine.modalities.image.preprocessing import ImageModelInput
 from worker.engine.transferability import kendall_tau, logme
 from worker.engine.zoo import build_backbone, get_base_model_info
 
@@ -136,8 +137,8 @@ class BackboneResult:
 
 
 def _images(samples: Sequence[Sample], base_model: str, image_size: int) -> DataLoader:
-    info = get_base_model_info(base_model)
-    dataset = ImageDataset(samples, image_size=image_size, mean=info.mean, std=info.std)
+    reads = ImageModelInput.of(get_base_model_info(base_model))
+    dataset = ImageDataset(samples, image_size=image_size, mean=reads.mean, std=reads.std)
     return DataLoader(dataset, batch_size=64, shuffle=False)
 
 

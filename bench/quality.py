@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from worker.engine import Sample, TransferConfig, build_backbone, compile_plan, run
+from worker.engine.modalities.image.preprocessing import ImageModelInput
 from worker.engine.modalities.image.tta import evaluate_tta
 from worker.engine.refit import refit
 from worker.engine.zoo import get_base_model_info
@@ -177,7 +178,8 @@ def hand_recipe_accuracy(
     """What a careful engineer writes by hand; see the module's doc."""
     torch.manual_seed(seed)
     info = get_base_model_info(BASE_MODEL)
-    size, mean, std = image_size or info.input_size, list(info.mean), list(info.std)
+    reads = ImageModelInput.of(info)
+    size, mean, std = image_size or reads.input_size, list(reads.mean), list(reads.std)
     augmented = v2.Compose(
         [
             v2.PILToTensor(),

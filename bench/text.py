@@ -42,6 +42,7 @@ from worker.engine import (
     export_model,
     run,
 )
+from worker.engine.modalities.text.preprocessing import TextPreprocessing
 from worker.engine.modalities.text.zoo import MINILM, locate_folder
 
 FIXTURE = Path(__file__).parent.parent / "tests" / "fixtures" / "debian_descriptions.csv"
@@ -113,7 +114,7 @@ def _batches(
             [sample.text for sample in chosen],
             padding=True,
             truncation=True,
-            max_length=plan.max_length,
+            max_length=TextPreprocessing.of(plan).max_length,
             return_tensors="pt",
         )
         labels = torch.tensor([sample.label for sample in chosen])

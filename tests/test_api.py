@@ -387,6 +387,33 @@ def test_cancel_queued_job_never_starts(
     assert statuses == ["queued", "cancelled"]
 
 
+def test_a_plan_shows_its_modalitys_preprocessing_even_when_stored_flat(
+    client: TestClient, context: AppContext, auth: dict[str, str]
+) -> None:
+    from service.tables import Job
+
+    dataset_id = ready_dataset(client, context, auth)
+    preview = client.post("/v1/jobs/plan", headers=auth, json=small_spec(dataset_id)).json()
+    expected = {"modality": "image", "mean": [0.498] * 3, "std": [0.502] * 3}
+    assert preview["plan"]["preprocessing"] == expected
+    assert not {"mean", "std", "max_length", "truncation"} & set(preview["plan"])
+    assert [stage["image_size"] for stage in preview["stages"]] == [64]
+    assert not {"max_length", "objective"} & set(preview["stages"][0])
+    job = client.post("/v1/jobs", headers=auth, json=small_spec(dataset_id)).json()
+    assert job["plan"]["preprocessing"] == expected
+    # A job stored before `preprocessing` was one field: its plan has the flat fields.
+    flat = {name: value for name, value in job["plan"].items() if name != "preprocessing"}
+    flat |= {"mean": expected["mean"], "std": expected["std"], "max_length": None}
+    flat |= {"truncation": None}
+    with context.db.session() as session:
+        session.get_one(Job, job["id"]).plan = flat
+        session.commit()
+    shown = client.get(f"/v1/jobs/{job['id']}", headers=auth).json()
+    assert shown["plan"] == job["plan"]
+    listed = client.get("/v1/jobs", headers=auth).json()["data"]
+    assert [entry["plan"] for entry in listed] == [job["plan"]]
+
+
 @pytest.mark.on_postgres_too
 def test_two_deliveries_at_once_claim_the_job_once(
     client: TestClient, context: AppContext, auth: dict[str, str]

@@ -846,6 +846,15 @@ def test_text_dataset_over_http(
     assert (stage["schedule"], stage["lr"]) == ("one_cycle", 5e-4)
     assert {group["lr"] for group in stage["trainable_groups"]} == {5e-4}
     assert scratch["plan"]["extra"]["preset_defaults"] == {"lr": 5e-4, "schedule": "one_cycle"}
+    # A text plan shows its own preprocessing only: no image size, no pixel statistics.
+    assert (stage["max_length"], stage["objective"]) == (128, "classify")
+    assert "image_size" not in stage
+    assert scratch["plan"]["preprocessing"] == {
+        "modality": "text",
+        "max_length": 128,
+        "truncation": "head",
+    }
+    assert not {"mean", "std", "image_size"} & set(scratch["plan"])
 
 
 def test_token_lengths_against_a_shorter_maximum(

@@ -80,7 +80,7 @@ def text_version(
         }
         job = client.post("/v1/jobs", headers=auth, json=spec)
         assert job.status_code == 201, job.text
-        assert job.json()["plan"]["max_length"] == 24
+        assert job.json()["plan"]["preprocessing"]["max_length"] == 24
         jobs.execute(context, job_id=job.json()["id"])
         done = client.get(f"/v1/jobs/{job.json()['id']}", headers=auth).json()
         assert done["status"] == "succeeded", done

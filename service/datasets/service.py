@@ -360,7 +360,7 @@ def _token_length_summary(
             chunk = []
     if chunk:
         lengths += engine.token_lengths(base_model, chunk, weights_dir)
-    max_length = engine.get_base_model_info(base_model).max_length
+    max_length = engine.token_limit(base_model)
     return summarise_token_lengths(base_model=base_model, lengths=lengths, max_length=max_length)
 
 

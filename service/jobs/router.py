@@ -32,7 +32,12 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 SpecBody = Annotated[JobSpec, Body(examples=[SPEC_EXAMPLE])]
 
 
-@router.post("/plan", summary="Preview the resolved plan of a spec without running it")
+# A stage shows its own modality's inputs only (`Modality.stage_inputs`): not another's nulls.
+@router.post(
+    "/plan",
+    summary="Preview the resolved plan of a spec without running it",
+    response_model_exclude_unset=True,
+)
 def preview_plan(
     spec: Annotated[PreviewSpec, Body(examples=[SPEC_EXAMPLE])],
     session: SessionDep,

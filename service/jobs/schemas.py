@@ -1,7 +1,7 @@
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, computed_field
 
 from service.bounds import RequestBody
 from service.jobs.spec_schema import model_of
@@ -13,6 +13,30 @@ from worker.engine.spec import (
     decode,
     settings_of,
 )
+from worker.engine.stages import Plan
+
+PLAN_DESCRIPTION = (
+    "The resolved plan: the run settings, the stages, and `preprocessing`, its modality's "
+    "(tagged `modality`: an image plan's `mean` and `std`, a text plan's `max_length` and "
+    "`truncation`)."
+)
+
+
+def _current_plan(stored: Any) -> Any:
+    """A stored plan as today's `Plan.to_dict` writes it: one written before `preprocessing`
+    was one field shows it as one. Anything that does not read as a plan shows as stored."""
+    if not isinstance(stored, dict) or not stored:
+        return stored
+    try:
+        return Plan.from_dict(stored).to_dict()
+    except (KeyError, TypeError, ValueError):
+        return stored
+
+
+StoredPlan = Annotated[
+    dict[str, Any], BeforeValidator(_current_plan), Field(description=PLAN_DESCRIPTION)
+]
+"""A job's or a version's plan as the API shows it."""
 
 SPEC_EXAMPLE: dict[str, Any] = {
     "dataset": "ds_0623f1c2a4b5e1a2b3c4d5e6",
@@ -96,11 +120,16 @@ else:
 class StagePreview(BaseModel):
     name: str
     epochs: int
-    image_size: int | None = Field(default=None, description="Image base models: input size.")
-    max_length: int | None = Field(default=None, description="Text base models: tokens per text.")
+    image_size: int | None = Field(
+        default=None, description="Image base models: input size (absent for others)."
+    )
+    max_length: int | None = Field(
+        default=None, description="Text base models: tokens per text (absent for others)."
+    )
     objective: str | None = Field(
         default=None,
-        description="Text base models: `classify`, or `masked_lm` (ulmfit's language-model stage).",
+        description="Text base models: `classify`, or `masked_lm` (ulmfit's language-model "
+        "stage); absent for others.",
     )
     schedule: str
     bn_mode: str
@@ -145,7 +174,7 @@ class PlanOut(BaseModel):
     base_model: str
     num_classes: int
     stages: list[StagePreview]
-    plan: dict[str, Any] = Field(description="The resolved plan the worker will run.")
+    plan: dict[str, Any] = Field(description=f"{PLAN_DESCRIPTION} The worker runs it.")
 
 
 class JobOut(BaseModel):
@@ -164,7 +193,7 @@ class JobOut(BaseModel):
     strategy: str
     queue: str
     spec: dict[str, Any]
-    plan: dict[str, Any]
+    plan: StoredPlan
     attempt: int = Field(description="How many times a worker has started this job.")
     deadline_at: datetime | None = Field(
         description="When the job fails with `deadline_exceeded` if it has not ended; set when "

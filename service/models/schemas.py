@@ -4,6 +4,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from service.bounds import BodyId, RequestBody
+from service.jobs.schemas import StoredPlan
 from service.monitoring.capture import MAX_LEAST_CONFIDENT
 
 Tag = Annotated[
@@ -39,7 +40,7 @@ class VersionOut(BaseModel):
         "(precision, recall, f1, support), `confusion_matrix` (rows: true class)."
     )
     spec: dict[str, Any]
-    plan: dict[str, Any]
+    plan: StoredPlan
     exports: dict[str, Any] = Field(
         description="How optional exports went, e.g. `onnx`: `exported`, `max_abs_diff` "
         "(ONNX Runtime vs PyTorch), `reason` when it was not exported."

@@ -18,6 +18,7 @@ from worker.engine import (
     preprocess,
     run,
 )
+from worker.engine.modalities.image.preprocessing import ImagePreprocessing
 from worker.engine.plan import Plan
 
 Data = tuple[list[Sample], list[Sample]]
@@ -75,8 +76,9 @@ def test_predictor_reproduces_the_trained_model(
     result, plan, out_dir = trained
     _, val = colour_data
     images = [Image.open(sample.path) for sample in val]
+    pixels = ImagePreprocessing.of(plan)
     batch = torch.stack(
-        [preprocess(image, image_size=64, mean=plan.mean, std=plan.std) for image in images]
+        [preprocess(image, image_size=64, mean=pixels.mean, std=pixels.std) for image in images]
     )
     with torch.no_grad():
         logits = result.model.eval()(batch)
@@ -157,8 +159,9 @@ def test_lwf_model_answers_both_tasks(
     )
     export_model(result, plan, tmp_path)
     images = [Image.open(sample.path) for sample in val[:4]]
+    pixels = ImagePreprocessing.of(plan)
     batch = torch.stack(
-        [preprocess(image, image_size=64, mean=plan.mean, std=plan.std) for image in images]
+        [preprocess(image, image_size=64, mean=pixels.mean, std=pixels.std) for image in images]
     )
     with torch.no_grad():
         old, new = (logits.softmax(dim=1) for logits in result.model.eval().forward_tasks(batch))

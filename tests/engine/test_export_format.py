@@ -15,6 +15,7 @@ from worker.engine.artifacts import (
     read_model_config,
 )
 from worker.engine.export import model_config
+from worker.engine.modalities.image.preprocessing import ImagePreprocessing
 
 
 def as_json(value: object) -> object:
@@ -33,7 +34,8 @@ def test_a_single_task_model_reads_back_what_export_wrote(
     assert [task.name for task in config.tasks] == ["colours"]
     assert config.labels == ("red", "green", "blue")
     assert config.newest.head == as_json(asdict(plan.head))
-    assert config.preprocessing == Preprocessing(image_size=96, mean=plan.mean, std=plan.std)
+    pixels = ImagePreprocessing.of(plan)
+    assert config.preprocessing == Preprocessing(image_size=96, mean=pixels.mean, std=pixels.std)
     assert config.plan == as_json(plan.to_dict())
 
 

@@ -23,6 +23,7 @@ from worker.engine import (
     run,
 )
 from worker.engine.export import WEIGHTS_FILE
+from worker.engine.modalities.image.preprocessing import ImagePreprocessing
 from worker.engine.model import load_exported
 from worker.engine.onnx_export import export_onnx
 from worker.engine.plan import Plan
@@ -66,9 +67,10 @@ def published(
 def _batch(samples: list[Sample], plan: Plan) -> torch.Tensor:
     from PIL import Image
 
+    pixels = ImagePreprocessing.of(plan)
     return torch.stack(
         [
-            preprocess(Image.open(s.path), image_size=64, mean=plan.mean, std=plan.std)
+            preprocess(Image.open(s.path), image_size=64, mean=pixels.mean, std=pixels.std)
             for s in samples
         ]
     )

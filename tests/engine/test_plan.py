@@ -22,6 +22,12 @@ from worker.engine import (
     get_base_model_info,
 )
 from worker.engine.artifacts import ModelConfig, Preprocessing
+from worker.engine.modalities.image.preprocessing import (
+    ImageModelInput,
+    ImagePreprocessing,
+    final_image_size,
+)
+from worker.engine.modalities.text.preprocessing import TextPreprocessing
 from worker.engine.plan import spec_lr_for, steps_per_epoch, with_found_lr
 from worker.engine.recipe import stage_recipes
 from worker.engine.spec import HEAD_C_GRID, SpecError, Strategy
@@ -92,8 +98,10 @@ def test_image_size_defaults_to_the_zoo_input_size(
 ) -> None:
     plan = compile_plan(make_config(base_model="efficientnet_lite0", image_size=None))
 
-    assert plan.image_size == 224
-    assert plan.mean == get_base_model_info("efficientnet_lite0").mean
+    assert final_image_size(plan) == 224
+    assert ImagePreprocessing.of(plan).mean == (
+        ImageModelInput.of(get_base_model_info("efficientnet_lite0")).mean
+    )
 
 
 @pytest.mark.parametrize(
@@ -256,7 +264,7 @@ def test_lwf_keeps_the_parents_head_and_architecture(
 
     assert plan.base_model == "resnet18"
     assert plan.parent == str(parent_dir)
-    assert plan.image_size == 64
+    assert final_image_size(plan) == 64
     assert plan.old_tasks == (
         TaskInfo(name="shapes", labels=("circle", "square"), head=HeadConfig(hidden=(8,))),
     )
@@ -304,7 +312,7 @@ def test_explicit_stages(make_config: Callable[..., TransferConfig]) -> None:
     assert fourth.trainable_groups == RESNET_GROUPS
     assert fourth.group_lrs["head"] == pytest.approx(0.01)
     assert (fourth.image_size, fourth.epochs, fourth.bn_mode) == (96, 3, "frozen")
-    assert plan.image_size == 96
+    assert final_image_size(plan) == 96
 
 
 @pytest.mark.parametrize(
@@ -362,7 +370,7 @@ def test_progressive_resizing_splits_each_stage(
         ("unfreeze@96", 96, 1),
         ("unfreeze@128", 128, 2),
     ]
-    assert plan.image_size == 128
+    assert final_image_size(plan) == 128
     with pytest.raises(ValueError, match="progressive_resizing must end at image_size 96"):
         compile_plan(make_config(image_size=96, progressive_resizing=(64, 128)))
     with pytest.raises(ValueError, match="progressive_resizing must be strictly increasing"):
@@ -793,7 +801,7 @@ def test_an_image_model_takes_test_time_views_its_flip_setting_allows(tta: str, 
 def test_a_text_plans_length_defaults_to_the_modalitys_and_takes_up_to_the_models() -> None:
     def length(**settings: object) -> int | None:
         config = TransferConfig(base_model="minilm_l6", num_classes=3, **settings)  # type: ignore[arg-type]
-        return compile_plan(config).max_length
+        return TextPreprocessing.of(compile_plan(config)).max_length
 
     assert length() == 128
     assert length(max_length=64) == 64
@@ -801,20 +809,19 @@ def test_a_text_plans_length_defaults_to_the_modalitys_and_takes_up_to_the_model
     assert length(augment="none") == 128  # "none" is no image setting
     config = TransferConfig(base_model="minilm_l6", num_classes=3)
     plan = compile_plan(config)
-    assert plan.truncation == "head"
-    info = get_base_model_info("minilm_l6")
-    assert (plan.mean, plan.std, plan.old_tasks) == (info.mean, info.std, ())
-    assert compile_plan(replace(config, truncation="head_tail")).truncation == "head_tail"
+    assert plan.preprocessing == TextPreprocessing(max_length=128, truncation="head")
+    assert plan.old_tasks == ()
+    chosen = compile_plan(replace(config, truncation="head_tail"))
+    assert TextPreprocessing.of(chosen).truncation == "head_tail"
 
 
 def test_a_text_parent_passes_on_its_length_and_truncation_unless_the_spec_sets_them() -> None:
     parent_plan = compile_plan(
         TransferConfig(base_model="minilm_l6", num_classes=3, max_length=64, truncation="head_tail")
     )
-    preprocessing = Preprocessing(image_size=None, mean=parent_plan.mean, std=parent_plan.std)
     parent = ParentModel(
         location="models/1",
-        config=ModelConfig(tasks=(), preprocessing=preprocessing, plan=parent_plan.to_dict()),
+        config=ModelConfig(tasks=(), preprocessing=None, plan=parent_plan.to_dict()),
     )
     child = TransferConfig(
         base_model="minilm_l6", strategy="fine_tune", num_classes=2, parent=parent
@@ -823,9 +830,9 @@ def test_a_text_parent_passes_on_its_length_and_truncation_unless_the_spec_sets_
     inherited = compile_plan(child)
     assert (inherited.modality, inherited.parent) == ("text", "models/1")
     assert inherited.stages[-1].image_size is None
-    assert (inherited.max_length, inherited.truncation) == (64, "head_tail")
+    assert inherited.preprocessing == TextPreprocessing(max_length=64, truncation="head_tail")
     own = compile_plan(replace(child, max_length=32, truncation="head"))
-    assert (own.max_length, own.truncation) == (32, "head")
+    assert own.preprocessing == TextPreprocessing(max_length=32, truncation="head")
     with pytest.raises(SpecError, match=r"^image_size: minilm_l6 is a text model"):
         compile_plan(replace(child, image_size=96))
 

@@ -49,6 +49,7 @@ from worker.engine.loop import evaluate
 from worker.engine.modalities import modality_for
 from worker.engine.modalities.text import tokens
 from worker.engine.modalities.text.inputs import LengthGroupedBatches, TextInputs
+from worker.engine.modalities.text.preprocessing import TextPreprocessing
 from worker.engine.modalities.text.token_cache import PREFIX as TOKEN_PREFIX
 from worker.engine.modalities.text.token_cache import cached_encode, entry_name
 from worker.engine.modalities.text.tokens import keep
@@ -519,7 +520,12 @@ def test_text_plans_show_what_applies(text_config: Callable[..., TransferConfig]
     plan = compile_plan(
         text_config("fine_tune", base_model="minilm_l6", max_length=None, schedule=None)
     )
-    assert (plan.modality, plan.max_length, plan.truncation) == ("text", 128, "head")
+    assert (plan.modality, plan.preprocessing) == ("text", TextPreprocessing(128, "head"))
+    assert plan.to_dict()["preprocessing"] == {
+        "modality": "text",
+        "max_length": 128,
+        "truncation": "head",
+    }
     (stage,) = plan.stages
     assert stage.image_size is None
     # The new head from random weights at ten times the encoder's top rate.

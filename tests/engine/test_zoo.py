@@ -18,6 +18,7 @@ from worker.engine import (
     preprocess,
     weights_available,
 )
+from worker.engine.modalities.image.preprocessing import ImageModelInput
 
 ZOO = [
     "resnet18",
@@ -58,7 +59,12 @@ def test_groups_partition_the_backbone_input_to_output(name: str) -> None:
         for index, (_, modules) in enumerate(groups):
             for module in modules:
                 module.register_forward_hook(lambda *_, index=index: calls.append(index))
-        size = info.input_size if info.fixed_input_size else 64
+        reads = info.preprocessing
+        size = (
+            reads.input_size
+            if isinstance(reads, ImageModelInput) and reads.fixed_input_size
+            else 64
+        )
         features = backbone(torch.zeros(2, 3, size, size))
     grouped = [id(p) for _, modules in groups for m in modules for p in m.parameters()]
 
@@ -211,7 +217,8 @@ def test_efficientnet_lite0_pretrained_recognises_imagenet_classes() -> None:
     backbone = build_backbone("efficientnet_lite0", pretrained=True, weights_dir=None).eval()
     imagenet = ImageNetInfo()
     photo = Image.fromarray(load_sample_image("flower.jpg"))
-    pixels = preprocess(photo, image_size=info.input_size, mean=info.mean, std=info.std)
+    reads = ImageModelInput.of(info)
+    pixels = preprocess(photo, image_size=reads.input_size, mean=reads.mean, std=reads.std)
 
     with torch.no_grad():
         logits = backbone(pixels[None]) @ source["_fc.weight"].T + source["_fc.bias"]

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
         train_one_epoch,
     )
     from .modalities.image.data import ImageDataset, Sample, preprocess
-    from .modalities.text.inputs import TextSample, token_lengths
+    from .modalities.text.inputs import TextSample, token_lengths, token_limit
     from .modalities.text.zoo import remember_folders
     from .model import (
         TransferModel,
@@ -78,7 +78,7 @@ _HOMES = {
     ),
     "predictor": ("Predictor",),
     "spec": ("BatchNormMode", "HeadConfig", "Schedule", "StageSpec", "Strategy"),
-    "modalities.text.inputs": ("TextSample", "token_lengths"),
+    "modalities.text.inputs": ("TextSample", "token_lengths", "token_limit"),
     "modalities.text.zoo": ("remember_folders",),
     "checkpoint": ("load_checkpoint",),
     "loop": (

@@ -268,12 +268,6 @@ def compile_plan(config: TransferConfig) -> Plan:
             for stage in stages
         )
     if config.progressive_resizing is not None:
-        info = get_base_model_info(base.base_model)
-        if info.fixed_input_size:
-            raise SpecError(
-                "progressive_resizing",
-                f"progressive_resizing: {base.base_model} only accepts {info.input_size}px images",
-            )
         stages = tuple(
             sub
             for stage in stages
@@ -317,12 +311,9 @@ def compile_plan(config: TransferConfig) -> Plan:
         head=config.head,
         stages=stages,
         pretrained=config.pretrained and strategy.pretrained,
-        mean=base.mean,
-        std=base.std,
+        preprocessing=base.preprocessing,
         parent=base.parent_location,
         modality=base.modality,
-        max_length=base.max_length,
-        truncation=base.truncation,
         task_name=_task_name(config),
         old_tasks=base.old_tasks,
         extra=extra,

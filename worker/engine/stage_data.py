@@ -38,6 +38,7 @@ from .features import (
 )
 from .imbalance import training_sampler
 from .loop import Batches, Precision, in_sample_order
+from .modalities import modality_for
 from .modalities.base import Inputs
 from .model import TransferModel
 from .plan import MASKED_LM, Plan, Stage
@@ -217,9 +218,12 @@ class StageData:
             "computed %s features of %d samples (%s%s) in %.1fs",
             self.plan.base_model,
             len(samples),
-            f"{stage.image_size}px"
-            if stage.image_size is not None
-            else f"{self.plan.max_length} tokens",
+            ", ".join(
+                f"{name} {value}"
+                for name, value in modality_for(self.plan.modality)
+                .stage_inputs(self.plan, stage)
+                .items()
+            ),
             "" if view is None else f", augmented view {view}",
             time.perf_counter() - started,
         )

@@ -12,7 +12,7 @@ strategy's name.
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 from .artifacts import ModelConfig, ModelConfigError, read_model_config
 from .preset_defaults import DEFAULT_SCHEDULE, PresetDefaults, default_lr
@@ -25,7 +25,6 @@ from .spec import (
     RunSettings,
     Schedule,
     TransferSettings,
-    Truncation,
     decode,
 )
 
@@ -124,7 +123,7 @@ class Stage:
     schedule: Schedule
     bn_mode: BatchNormMode
     image_size: int | None
-    """None for text (see `Plan.max_length`)."""
+    """An image stage's input size (its modality's `stage_inputs` shows it); None for text."""
     cache_features: bool
     """True when no backbone group trains, so backbone features can be computed once."""
     distill: bool = False
@@ -170,6 +169,40 @@ def discriminative_lrs(top_lr: float, groups: tuple[str, ...], decay: float) -> 
 
 
 @dataclass(frozen=True)
+class Preprocessing:
+    """How a plan's items become model input, of its modality's own kind: each modality
+    subclasses this in its folder (`modalities/<name>/preprocessing.py`, its
+    `Modality.preprocessing`), so `Base` and `Plan` carry no field of one modality. The
+    preview, the feature key and `config.json`'s `preprocessing` are built from it. Its JSON
+    form (`to_dict`) carries its `modality` as a tag; standard library values only."""
+
+    modality: ClassVar[str]
+    """The modality's name (`Modality.name`)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"modality": self.modality, **asdict(self)}
+
+    @classmethod
+    def of(cls, plan: "Plan | Base") -> Self:
+        """`plan`'s preprocessing, which must be of this kind (ValueError otherwise)."""
+        if not isinstance(plan.preprocessing, cls):
+            raise ValueError(f"{plan.modality} plans have no {cls.modality} preprocessing")
+        return plan.preprocessing
+
+    @classmethod
+    def from_flat(cls, data: dict[str, Any]) -> Self:
+        """This kind read from a plan stored before `preprocessing` was one field, when its
+        fields were the plan's own (`FLAT_PREPROCESSING`)."""
+        raise NotImplementedError(f"no {cls.modality} plan was stored in the flat form")
+
+
+FLAT_PREPROCESSING = ("mean", "std", "max_length", "truncation")
+"""A plan's own fields before `Plan.preprocessing` held them (plans stored with jobs and in
+published versions' `config.json`): `Plan.from_dict` reads them through the modality's
+`Preprocessing.from_flat`. A modality added since has no such fields."""
+
+
+@dataclass(frozen=True)
 class Base:
     """What the stages are built on: the architecture's groups, sizes and the parent, if any,
     its modality's defaults, and what the strategy adds (its groups, its default `lr_decay`,
@@ -178,16 +211,13 @@ class Base:
     base_model: str
     backbone_groups: tuple[str, ...]
     image_size: int | None
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    """Each stage's (`Stage.image_size`)."""
+    preprocessing: Preprocessing
+    """Of the modality's own kind (`Modality.preprocessing`)."""
     parent_location: str | None
     old_tasks: tuple[TaskInfo, ...]
     defaults: ModalityDefaults
     """The modality's (`Modality.defaults`)."""
-    modality: str = "image"
-    """A name in the modality registry (`modalities.MODALITIES`)."""
-    max_length: int | None = None
-    truncation: Truncation | None = None
     added_groups: tuple[str, ...] = ()
     """Groups the strategy adds to the model (`Strategy.added_groups`), between the backbone
     and the heads: a stage training one of them changes the features, so is never cached."""
@@ -197,6 +227,11 @@ class Base:
     """The architecture's family in the zoo (`BaseModelInfo.family`)."""
     preset: PresetDefaults = field(default_factory=PresetDefaults)
     """The strategy's own defaults on the modality (`Modality.preset`)."""
+
+    @property
+    def modality(self) -> str:
+        """A name in the modality registry (`modalities.MODALITIES`)."""
+        return self.preprocessing.modality
 
     @property
     def head_groups(self) -> tuple[str, ...]:
@@ -300,30 +335,20 @@ class Plan(RunSettings):
     batch_size: int = 32
     """As the spec asked, or the base model's modality's default."""
     pretrained: bool
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    preprocessing: Preprocessing
+    """How its items become model input, of its modality's own kind (`Modality.preprocessing`):
+    pixel statistics, a token length and truncation. On the wire a dictionary tagged with
+    its `modality`."""
     parent: str | None = None
     """Start from this exported model's weights instead of ImageNet's: its `ParentModel`
     location (the service's storage key of the version). `run` gets its files as a folder."""
     modality: str = "image"
     """A name in the modality registry (`modalities.MODALITIES`)."""
-    max_length: int | None = None
-    """Text: tokens per text, special tokens included."""
-    truncation: Truncation | None = None
-    """Text: which tokens a longer text keeps."""
     task_name: str = DEFAULT_TASK
     old_tasks: tuple[TaskInfo, ...] = ()
     """LwF: the parent's tasks, whose heads are kept beside the new one."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes for people reading the plan (strategy name, parent reference)."""
-
-    @property
-    def image_size(self) -> int:
-        """The size the finished model was last trained at, hence the one to predict at."""
-        size = self.stages[-1].image_size
-        if size is None:
-            raise ValueError(f"a {self.modality} plan has no image size")
-        return size
 
     @property
     def needs_lr_finder(self) -> bool:
@@ -335,12 +360,29 @@ class Plan(RunSettings):
         return any(stage.objective == MASKED_LM for stage in self.stages)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return asdict(self) | {"preprocessing": self.preprocessing.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Plan":
-        """Inverse of `to_dict`; fields newer than the stored plan take their defaults."""
+        """Inverse of `to_dict`; fields newer than the stored plan take their defaults, and a
+        plan stored with its preprocessing as its own fields (`FLAT_PREPROCESSING`) reads."""
+        # The registry's modality objects import no torch; they import this module.
+        from .modalities import modality_for
+
         # Exported models' config.json from before parents were named by key carry a host
         # path under `parent_dir`; a finished model never reads its parent again.
-        data = {name: value for name, value in data.items() if name != "parent_dir"}
-        return decode(cls, data)
+        flat = {"parent_dir", *FLAT_PREPROCESSING}
+        kept = {name: value for name, value in data.items() if name not in flat}
+        modality = str(data.get("modality", "image"))
+        kind = modality_for(modality).preprocessing
+        stored = data.get("preprocessing")
+        if stored is None:
+            preprocessing = kind.from_flat(data)
+        elif isinstance(stored, Preprocessing):
+            preprocessing = stored
+        else:
+            fields_ = {name: value for name, value in stored.items() if name != "modality"}
+            if stored.get("modality", modality) != modality:
+                raise ValueError(f"{modality} plans have no {stored.get('modality')} preprocessing")
+            preprocessing = decode(kind, fields_)
+        return decode(cls, kept | {"modality": modality, "preprocessing": preprocessing})

@@ -10,6 +10,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .modalities import MODALITIES, modality_of_base_model
+from .modalities.base import ModelInput
 
 POINTWISE = "pointwise"
 """A `lora_targets` entry meaning every pointwise projection: a 1x1 convolution (groups 1)
@@ -47,20 +48,17 @@ class BaseModelInfo:
     name: str
     family: str
     source: str
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
     feature_dim: int
     group_names: tuple[str, ...]
     """Backbone parameter groups, input to output; the classifier head is not one of them."""
-    fixed_input_size: bool = False
-    """True when the architecture only accepts `input_size` (position embeddings)."""
-    modality: str = "image"
-    """`image`, or `text` (then `input_size`, `mean` and `std` do not apply)."""
-    max_length: int | None = None
-    """Text: the most tokens an input may have, special tokens included."""
-    pooling: str | None = None
-    """Text: how token states become one feature vector (`mean` over the attention mask)."""
+    preprocessing: ModelInput
+    """What the model reads, of its modality's own type (`ModelInput.of` narrows it): an
+    image model's input size and pixel statistics, a text model's token limit and pooling."""
+
+    @property
+    def modality(self) -> str:
+        """A name in the modality registry (`modalities.MODALITIES`)."""
+        return self.preprocessing.modality
 
 
 class _Loose(nn.Module):

@@ -15,11 +15,11 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol, Self
 
 from ..preset_defaults import PresetDefaults
 from ..spec import ModalityDefaults
-from ..stages import CLASSIFY, Base, Plan, Stage, TaskInfo, TransferConfig
+from ..stages import CLASSIFY, Base, Plan, Preprocessing, Stage, TaskInfo, TransferConfig
 
 if TYPE_CHECKING:
     import numpy as np
@@ -32,6 +32,24 @@ if TYPE_CHECKING:
     from ..onnx_export import OnnxExport
     from ..predictor import Predictor, Top
     from ..zoo import Backbone, BaseModelInfo
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """What a base model reads, as its modality's zoo describes it (`BaseModelInfo.
+    preprocessing`): each modality subclasses it in its own folder (an image size and pixel
+    statistics; a token limit and pooling), so `BaseModelInfo` carries no field of one
+    modality."""
+
+    modality: ClassVar[str]
+    """The modality's name (`Modality.name`)."""
+
+    @classmethod
+    def of(cls, info: "BaseModelInfo") -> Self:
+        """`info`'s input, which must be of this kind (ValueError names the model)."""
+        if not isinstance(info.preprocessing, cls):
+            raise ValueError(f"{info.name} reads {info.modality}s, not {cls.modality}s")
+        return info.preprocessing
 
 
 class EntryCache(Protocol):
@@ -253,6 +271,8 @@ class Modality(ABC):
     another (`Strategy.objectives`) is refused for its base models."""
     defaults: ModalityDefaults
     """What rates, decay, batch size and length a spec leaving them out gets."""
+    preprocessing: type[Preprocessing]
+    """Its plans' kind of `Plan.preprocessing` (`Plan.from_dict` reads it by this)."""
     presets: ClassVar[Mapping[str, PresetDefaults]] = {}
     """A preset's own defaults on this modality, by strategy name, where they differ from
     `defaults` (a text encoder from random weights wants its own rate and schedule)."""

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from ...spec import ModalityDefaults, SpecError
 from ...stages import Base, Plan, Stage, TaskInfo, TransferConfig
 from ..base import EntryCache, Inputs, Modality, ServedInputs
+from .preprocessing import ImageModelInput, ImagePreprocessing, final_image_size
 
 if TYPE_CHECKING:
     import numpy as np
@@ -20,6 +21,17 @@ if TYPE_CHECKING:
     from ...onnx_export import OnnxExport
     from ...predictor import Predictor, Top
     from ...zoo import Backbone, BaseModelInfo
+
+
+def _sizes_allowed(config: TransferConfig, info: "BaseModelInfo") -> ImageModelInput:
+    """`info`'s input; SpecError for `progressive_resizing` on a model of one input size."""
+    reads = ImageModelInput.of(info)
+    if config.progressive_resizing is not None and reads.fixed_input_size:
+        raise SpecError(
+            "progressive_resizing",
+            f"progressive_resizing: {info.name} only accepts {reads.input_size}px images",
+        )
+    return reads
 
 
 class ImageModality(Modality):
@@ -39,6 +51,7 @@ class ImageModality(Modality):
     upload_kinds = frozenset({"archive"})
     packs_files = True
     defaults = ModalityDefaults(lr=1e-3, fine_tune_lr_factor=0.1, lr_decay=2.6)
+    preprocessing = ImagePreprocessing
 
     def count(self, dataset: Any) -> int:
         return int(dataset.num_images)
@@ -69,18 +82,18 @@ class ImageModality(Modality):
             )
 
     def new_base(self, config: TransferConfig, info: "BaseModelInfo") -> Base:
-        if info.fixed_input_size and config.image_size not in (None, info.input_size):
+        reads = _sizes_allowed(config, info)
+        if reads.fixed_input_size and config.image_size not in (None, reads.input_size):
             raise SpecError(
                 "image_size",
-                f"image_size: {config.base_model} only accepts {info.input_size}px images; "
+                f"image_size: {config.base_model} only accepts {reads.input_size}px images; "
                 f"got {config.image_size}",
             )
         return Base(
             base_model=config.base_model,
             backbone_groups=info.group_names,
-            image_size=config.image_size or info.input_size,
-            mean=info.mean,
-            std=info.std,
+            image_size=config.image_size or reads.input_size,
+            preprocessing=ImagePreprocessing(mean=reads.mean, std=reads.std),
             parent_location=None,
             old_tasks=(),
             defaults=self.defaults,
@@ -94,12 +107,12 @@ class ImageModality(Modality):
         old_tasks: tuple[TaskInfo, ...],
     ) -> Base:
         assert config.parent is not None
+        _sizes_allowed(config, info)
         return Base(
             base_model=parent.base_model,
             backbone_groups=info.group_names,
-            image_size=config.image_size or parent.image_size,
-            mean=parent.mean,
-            std=parent.std,
+            image_size=config.image_size or final_image_size(parent),
+            preprocessing=ImagePreprocessing.of(parent),
             parent_location=config.parent.location,
             old_tasks=old_tasks,
             defaults=self.defaults,
@@ -109,7 +122,8 @@ class ImageModality(Modality):
         return {"image_size": stage.image_size}
 
     def feature_preprocessing(self, plan: Plan, stage: Stage) -> dict[str, Any]:
-        return {"image_size": stage.image_size, "mean": plan.mean, "std": plan.std}
+        pixels = ImagePreprocessing.of(plan)
+        return {"image_size": stage.image_size, "mean": pixels.mean, "std": pixels.std}
 
     def tta(self, plan: Plan) -> list[str] | None:
         from ...recipe import tta_views
@@ -162,13 +176,14 @@ class ImageModality(Modality):
         from .data import Sample
         from .features import pooled_features
 
+        reads = ImageModelInput.of(info)
         backbone = self.build_backbone(info.name, pretrained=True, weights_dir=weights_dir)
         return pooled_features(
             backbone,
             [sample for sample in samples if isinstance(sample, Sample)],
-            image_size=image_size or info.input_size,
-            mean=info.mean,
-            std=info.std,
+            image_size=image_size or reads.input_size,
+            mean=reads.mean,
+            std=reads.std,
             batch_size=batch_size,
             on_progress=on_progress,
         )
@@ -208,10 +223,11 @@ class ImageModality(Modality):
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         from ...recipe import tta_views
 
+        pixels = ImagePreprocessing.of(plan)
         return {}, {
-            "image_size": plan.image_size,
-            "mean": list(plan.mean),
-            "std": list(plan.std),
+            "image_size": final_image_size(plan),
+            "mean": list(pixels.mean),
+            "std": list(pixels.std),
             "resize": "bilinear",
             "color": "RGB",
             "tta": list(tta_views(plan.tta, flip=plan.flip)),
@@ -220,7 +236,7 @@ class ImageModality(Modality):
     def export_onnx(self, model: Any, plan: Plan, out_path: Path) -> "OnnxExport":
         from ...onnx_export import export_onnx
 
-        return export_onnx(model, image_size=plan.image_size, out_path=out_path)
+        return export_onnx(model, image_size=final_image_size(plan), out_path=out_path)
 
     def onnx_inputs(self, config: "ModelConfig") -> list[tuple[str, str, list[int]]]:
         from .serving import onnx_inputs

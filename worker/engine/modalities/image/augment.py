@@ -29,6 +29,7 @@ from torchvision.transforms import v2
 
 from ...plan import Plan
 from .data import Sample
+from .preprocessing import ImagePreprocessing
 
 SEED_BOUND = 2**62
 MIN_CROP_SCALE = 0.35
@@ -47,7 +48,11 @@ def image_transform(plan: Plan, image_size: int) -> v2.Compose:
         steps.append(v2.RandomHorizontalFlip())
     if plan.augment in ("standard", "strong"):
         steps.append(v2.TrivialAugmentWide())
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(plan.mean), list(plan.std))]
+    pixels = ImagePreprocessing.of(plan)
+    steps += [
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(list(pixels.mean), list(pixels.std)),
+    ]
     if plan.augment == "strong":
         steps.append(v2.RandomErasing(p=ERASING_P))
     return v2.Compose(steps)

@@ -16,6 +16,7 @@ from ...recipe import stage_augment
 from ...zoo import Backbone
 from .augment import SEED_BOUND, AugmentedImages, MixingCollate, augmented_batches
 from .data import ImageDataset, Sample
+from .preprocessing import ImagePreprocessing
 
 
 class _WithRecording(Dataset[tuple[Tensor, tuple[int, Tensor]]]):
@@ -53,8 +54,9 @@ class ImageInputs:
         recorded: Tensor | None = None,
     ) -> DataLoader[Any]:
         assert stage.image_size is not None
+        pixels = ImagePreprocessing.of(self.plan)
         images = ImageDataset(
-            samples, image_size=stage.image_size, mean=self.plan.mean, std=self.plan.std
+            samples, image_size=stage.image_size, mean=pixels.mean, std=pixels.std
         )
         dataset: Dataset[Any] = images if recorded is None else _WithRecording(images, recorded)
         loader: dict[str, Any] = {

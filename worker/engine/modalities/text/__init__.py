@@ -10,6 +10,7 @@ from ...preset_defaults import PresetDefaults
 from ...spec import ModalityDefaults, SpecError
 from ...stages import CLASSIFY, MASKED_LM, Base, Plan, Stage, TaskInfo, TransferConfig
 from ..base import EntryCache, Inputs, Modality, ServedInputs
+from .preprocessing import TextModelInput, TextPreprocessing
 
 if TYPE_CHECKING:
     import numpy as np
@@ -64,6 +65,7 @@ class TextModality(Modality):
     reads_token_lengths = True
     objectives = frozenset({CLASSIFY, MASKED_LM})
     defaults = TEXT_DEFAULTS
+    preprocessing = TextPreprocessing
     presets: ClassVar[Mapping[str, PresetDefaults]] = {
         # A transformer from random weights stayed at chance at the text head rate (2e-3)
         # with cosine decay and no warm-up; one-cycle (30 % warm-up, then cosine annealing)
@@ -133,19 +135,19 @@ class TextModality(Modality):
             )
 
     def new_base(self, config: TransferConfig, info: "BaseModelInfo") -> Base:
-        assert info.max_length is not None
         return Base(
             base_model=config.base_model,
             backbone_groups=info.group_names,
             image_size=None,
-            mean=info.mean,
-            std=info.std,
+            preprocessing=TextPreprocessing(
+                max_length=_text_length(
+                    config, config.base_model, TextModelInput.of(info).max_length
+                ),
+                truncation=config.truncation or "head",
+            ),
             parent_location=None,
             old_tasks=(),
             defaults=self.defaults,
-            modality="text",
-            max_length=_text_length(config, config.base_model, info.max_length),
-            truncation=config.truncation or "head",
         )
 
     def parent_base(
@@ -156,31 +158,30 @@ class TextModality(Modality):
         old_tasks: tuple[TaskInfo, ...],
     ) -> Base:
         assert config.parent is not None
-        assert info.max_length is not None
-        assert parent.max_length is not None
+        inherited = TextPreprocessing.of(parent)
         return Base(
             base_model=parent.base_model,
             backbone_groups=info.group_names,
             image_size=None,
-            mean=parent.mean,
-            std=parent.std,
+            preprocessing=TextPreprocessing(
+                max_length=(
+                    _text_length(config, parent.base_model, TextModelInput.of(info).max_length)
+                    if config.max_length is not None
+                    else inherited.max_length
+                ),
+                truncation=config.truncation or inherited.truncation,
+            ),
             parent_location=config.parent.location,
             old_tasks=old_tasks,
             defaults=self.defaults,
-            modality="text",
-            max_length=(
-                _text_length(config, parent.base_model, info.max_length)
-                if config.max_length is not None
-                else parent.max_length
-            ),
-            truncation=config.truncation or parent.truncation or "head",
         )
 
     def stage_inputs(self, plan: Plan, stage: Stage) -> dict[str, Any]:
-        return {"objective": stage.objective, "max_length": plan.max_length}
+        return {"objective": stage.objective, "max_length": TextPreprocessing.of(plan).max_length}
 
     def feature_preprocessing(self, plan: Plan, stage: Stage) -> dict[str, Any]:
-        return {"max_length": plan.max_length, "truncation": plan.truncation}
+        tokens = TextPreprocessing.of(plan)
+        return {"max_length": tokens.max_length, "truncation": tokens.truncation}
 
     def sample_type(self) -> type:
         from .inputs import TextSample
@@ -231,7 +232,7 @@ class TextModality(Modality):
             info.name,
             [sample.text for sample in samples if isinstance(sample, TextSample)],
             weights_dir=weights_dir,
-            max_length=min(length, info.max_length or length),
+            max_length=min(length, TextModelInput.of(info).max_length),
             batch_size=batch_size,
             on_progress=on_progress,
         )
@@ -286,9 +287,9 @@ class TextModality(Modality):
             "preprocessing": {
                 "modality": "text",
                 "tokenizer": TOKENIZER_FILE,
-                "max_length": plan.max_length,
-                "truncation": plan.truncation,
-                "pooling": text_info(plan.base_model).pooling,
+                "max_length": TextPreprocessing.of(plan).max_length,
+                "truncation": TextPreprocessing.of(plan).truncation,
+                "pooling": TextModelInput.of(text_info(plan.base_model)).pooling,
                 "special_tokens": asdict(SpecialTokens.of(tokenizer)),
             },
         }
@@ -302,10 +303,12 @@ class TextModality(Modality):
     def export_onnx(self, model: Any, plan: Plan, out_path: Path) -> "OnnxExport":
         from ...onnx_export import export_text_onnx
 
-        assert plan.max_length is not None
         vocab_size = int(model.backbone.config.vocab_size)
         return export_text_onnx(
-            model, vocab_size=vocab_size, max_length=plan.max_length, out_path=out_path
+            model,
+            vocab_size=vocab_size,
+            max_length=TextPreprocessing.of(plan).max_length,
+            out_path=out_path,
         )
 
     def onnx_inputs(self, config: "ModelConfig") -> list[tuple[str, str, list[int]]]:

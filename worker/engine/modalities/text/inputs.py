@@ -21,9 +21,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ...plan import Plan, Stage
 from ...zoo import Backbone
+from .preprocessing import TextModelInput, TextPreprocessing
 from .token_cache import EntryCache, cached_encode
 from .tokens import Encoded, SpecialTokens, encode, pad, plain_backend
-from .zoo import TextBackbone, load_tokenizer
+from .zoo import TextBackbone, load_tokenizer, text_info
 
 SORT_WINDOW = 8
 """Batches per window sorted by length: the shuffle stays coarse, the padding small."""
@@ -49,6 +50,11 @@ def token_lengths(
         len(encoding.ids) + extra
         for encoding in backend.encode_batch(list(texts), add_special_tokens=False)
     ]
+
+
+def token_limit(base_model: str) -> int:
+    """The most tokens `base_model` reads, special tokens included."""
+    return TextModelInput.of(text_info(base_model)).max_length
 
 
 class _Rows(Dataset[tuple[list[int], Any]]):
@@ -175,8 +181,6 @@ class TextInputs:
         shuffle: torch.Generator,
         token_cache: EntryCache | None = None,
     ) -> None:
-        assert plan.max_length is not None
-        assert plan.truncation is not None
         self.plan = plan
         self.shuffle = shuffle
         tokenizer = load_tokenizer(plan.base_model, weights_dir)
@@ -184,7 +188,8 @@ class TextInputs:
         self.vocab_size = len(tokenizer)
         backend = plain_backend(tokenizer.backend_tokenizer)
         texts = [sample.text for sample in [*train, *val]] + list(unlabelled)
-        max_length, truncation = plan.max_length, plan.truncation
+        tokens = TextPreprocessing.of(plan)
+        max_length, truncation = tokens.max_length, tokens.truncation
         encoded = cached_encode(
             token_cache,
             backend,
@@ -274,8 +279,8 @@ class TextInputs:
         """Token lengths (untruncated, special tokens included) of the train and val texts."""
         return {
             "token_lengths": {
-                "max_length": self.plan.max_length,
-                "truncation": self.plan.truncation,
+                "max_length": TextPreprocessing.of(self.plan).max_length,
+                "truncation": TextPreprocessing.of(self.plan).truncation,
                 **{split: _length_stats(encoded) for split, encoded in self.splits.items()},
             }
         }

