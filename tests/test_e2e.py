@@ -31,6 +31,9 @@ SPEC = {
     "lr": 0.01,
     "image_size": 64,
     "seed": 7,
+    # One run: a set this small refits by default, a second run these process tests do not
+    # need (a refit through the job code is in test_registry.py and test_text_inference.py).
+    "refit": False,
 }
 
 
@@ -117,9 +120,7 @@ def test_embedded_serve_survives_restart(tmp_path: Path) -> None:
     with running(serve, env, tmp_path / "serve1.log") as server:
         wait_ready(base, server, tmp_path / "serve1.log")
         with httpx.Client(base_url=base, headers=headers, timeout=60) as client:
-            # The restart is what this test is about: one run (the fleet test above refits,
-            # the default on a set this small).
-            job_id, accuracy = train_and_predict(client, refit=False)
+            job_id, accuracy = train_and_predict(client)
             assert accuracy >= 0.85
             version = client.get("/v1/models/digits/versions/1").json()
     # `running` stopped it as an operator would; a crash on the way out would

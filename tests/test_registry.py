@@ -50,7 +50,8 @@ def publish(registry: Registry, **overrides: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    """Two versions of `digits`: v1 feature extraction (2 epochs), v2 fine-tuned (1 epoch)."""
+    """Two versions of `digits`: v1 feature extraction (2 epochs), v2 fine-tuned (1 epoch) and
+    refit on train + validation."""
     settings = make_settings(tmp_path_factory.mktemp("registry") / "data")
     migrate_database(settings)
     with TestClient(create_app(settings)) as client:
@@ -58,8 +59,17 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
         auth = new_key(context, "team-a")
         made = Registry(client, context, auth, ready_dataset(client, context, auth))
         publish(made)
-        publish(made, strategy="fine_tune", epochs=1)
+        publish(made, strategy="fine_tune", epochs=1, refit=True)
         yield made
+
+
+def test_a_refit_version_trained_on_every_label(registry: Registry) -> None:
+    client, auth = registry.client, registry.auth
+    dataset = client.get(f"/v1/datasets/{registry.dataset_id}", headers=auth).json()
+    labelled = sum(counts["total"] for counts in dataset["class_counts"].values())
+    versions = [client.get(f"/v1/models/digits/versions/{n}", headers=auth).json() for n in (1, 2)]
+    assert "refit" not in versions[0]["metrics"]
+    assert versions[1]["metrics"]["refit"]["train_items"] == labelled
 
 
 def test_aliases_are_created_moved_and_deleted(registry: Registry) -> None:
