@@ -394,7 +394,7 @@ def test_an_enormous_line_is_read_a_chunk_at_a_time(tmp_path: Path) -> None:
 
 
 def test_a_text_uploads_progress_counts_each_byte_once(tmp_path: Path) -> None:
-    big = b"y" * 300_000 + b",a\n"  # over the line cap: read past it, counted all the same
+    big = b"y" * 2_500_000 + b",a\n"  # past the line cap and two 1 MiB chunks: all counted
     data = b"text,label\n" + big + b"one,a\ntwo,a\nthree,b\nfour,b\n"
     reported: list[tuple[int, int]] = []
 
@@ -405,7 +405,7 @@ def test_a_text_uploads_progress_counts_each_byte_once(tmp_path: Path) -> None:
         progress=lambda done, total: reported.append((done, total)),
     )
 
-    # About one report a percent (3000 bytes here): after the enormous line, then at the end.
+    # About one report a percent (25 kB here): after the enormous line, then at the end.
     total = len(data)
     assert reported == [(len(b"text,label\n") + len(big), total), (total, total)]
 
