@@ -2,13 +2,10 @@
 slope and asymptote the diagnosis names can be seen. Drawn as `service/jobs/plots.py` draws:
 a `Figure` of its own per request, never pyplot."""
 
-import io
 from collections.abc import Sequence
 from typing import Any
 
-from matplotlib.figure import Figure
-
-from service.jobs import plots as job_plots  # noqa: F401  (sets the Agg backend and SVG text)
+from service.jobs.plots import new_figure, render
 from worker.engine.strategies import strategy_named
 
 
@@ -16,7 +13,7 @@ def trial_curves_svg(
     trials: Sequence[tuple[str, str, list[dict[str, Any]]]], *, title: str
 ) -> bytes:
     """`trials`: (label, strategy, epoch rows) each; one line per trial with epochs."""
-    figure = Figure(figsize=(8, 4.5), layout="constrained")
+    figure = new_figure(figsize=(8, 4.5))
     axis = figure.add_subplot()
     axis.set_title(title)
     axis.set_xlabel("epoch")
@@ -38,6 +35,4 @@ def trial_curves_svg(
         axis.legend(loc="lower right", fontsize=8)
     else:
         axis.text(0.5, 0.5, "no epochs yet", ha="center", va="center", transform=axis.transAxes)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="svg", dpi=100)
-    return buffer.getvalue()
+    return render(figure, "svg")

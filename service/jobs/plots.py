@@ -5,33 +5,61 @@ state that concurrent requests in the API's thread pool would trample.
 """
 
 import io
-from typing import Any
+import threading
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
-from matplotlib.figure import Figure
 from sqlalchemy.orm import Session
 
 from service.errors import ApiError
 from service.jobs.history import epoch_history, epoch_rows
 from service.tables import Job, ModelVersion
 
-# No display here: should anything reach for pyplot, it must not try to open a window.
-matplotlib.use("Agg")
-# SVG text as text, not paths: smaller files, and the labels stay searchable and testable.
-matplotlib.rcParams["svg.fonttype"] = "none"
-# Text is drawn as written: class labels, stage and model names are the clients' words, and
-# matplotlib would read `$...$` in them as math (a label `$\undefinedmacro$` failed the whole
-# plot) or, with usetex, hand them to TeX. Set here once, for every figure of the process
-# (a per-figure `rc_context` would race between the API's threads); every Text made later
-# reads it, titles, tick labels and legends included.
-matplotlib.rcParams["text.parse_math"] = False
-matplotlib.rcParams["text.usetex"] = False
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+_configured = threading.Lock()
+_figure_class: "type[Figure] | None" = None
+
+
+def new_figure(**options: Any) -> "Figure":
+    """A constrained-layout `Figure` (`options` as `Figure` takes them). matplotlib is imported
+    and configured on the first figure of the process, not at import: it costs a few tenths of
+    a second that every API and worker start would pay, most of them never drawing."""
+    global _figure_class
+    with _configured:
+        if _figure_class is None:
+            _figure_class = _configured_matplotlib()
+    return _figure_class(layout="constrained", **options)
+
+
+def _configured_matplotlib() -> "type[Figure]":
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    # No display here: should anything reach for pyplot, it must not try to open a window.
+    matplotlib.use("Agg")
+    # SVG text as text, not paths: smaller files, and the labels stay searchable and testable.
+    matplotlib.rcParams["svg.fonttype"] = "none"
+    # Text is drawn as written: class labels, stage and model names are the clients' words, and
+    # matplotlib would read `$...$` in them as math (a label `$\undefinedmacro$` failed the
+    # whole plot) or, with usetex, hand them to TeX. Set once per process, before its first
+    # figure (a per-figure `rc_context` would race between the API's threads); every Text made
+    # later reads it, titles, tick labels and legends included.
+    matplotlib.rcParams["text.parse_math"] = False
+    matplotlib.rcParams["text.usetex"] = False
+    return Figure
+
+
+def render(figure: "Figure", fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=fmt, dpi=100)
+    return buffer.getvalue()
 
 
 def curves_svg(events: list[dict[str, Any]], *, title: str) -> bytes:
     """Train/val loss (left axis) and val accuracy (right axis) per epoch; stages are shaded."""
     rows = epoch_rows(events)
-    figure = Figure(figsize=(8, 4.5), layout="constrained")
+    figure = new_figure(figsize=(8, 4.5))
     loss_axis = figure.add_subplot()
     loss_axis.set_title(title)
     loss_axis.set_xlabel("epoch")
@@ -40,7 +68,7 @@ def curves_svg(events: list[dict[str, Any]], *, title: str) -> bytes:
         loss_axis.text(
             0.5, 0.5, "no epochs yet", ha="center", va="center", transform=loss_axis.transAxes
         )
-        return _render(figure, "svg")
+        return render(figure, "svg")
     epochs = [row["global_epoch"] for row in rows]
     loss_axis.plot(epochs, [row["train_loss"] for row in rows], "o-", label="train loss")
     loss_axis.plot(epochs, [row["val_loss"] for row in rows], "s-", label="val loss")
@@ -74,7 +102,7 @@ def curves_svg(events: list[dict[str, Any]], *, title: str) -> bytes:
     handles = loss_axis.get_legend_handles_labels()
     extra = accuracy_axis.get_legend_handles_labels()
     loss_axis.legend(handles[0] + extra[0], handles[1] + extra[1], loc="center right")
-    return _render(figure, "svg")
+    return render(figure, "svg")
 
 
 def _stage_spans(rows: list[dict[str, Any]]) -> list[tuple[int, int, str]]:
@@ -92,7 +120,7 @@ def confusion_png(matrix: list[list[int]], labels: list[str], *, title: str) -> 
     """Counts per (true, predicted) class, rows true; cells annotated when the grid is small."""
     size = len(labels)
     side = min(max(4.0, 0.45 * size + 2.0), 16.0)
-    figure = Figure(figsize=(side, side), layout="constrained")
+    figure = new_figure(figsize=(side, side))
     axis = figure.add_subplot()
     image = axis.imshow(matrix, cmap="Blues")
     figure.colorbar(image, ax=axis, shrink=0.8)
@@ -115,13 +143,13 @@ def confusion_png(matrix: list[list[int]], labels: list[str], *, title: str) -> 
                     color=color,
                     fontsize=8,
                 )
-    return _render(figure, "png")
+    return render(figure, "png")
 
 
 def lr_find_svg(finding: dict[str, Any], *, title: str) -> bytes:
     """A learning-rate range test: smoothed loss against the rate (log scale), the suggestion
     marked."""
-    figure = Figure(figsize=(8, 4.5), layout="constrained")
+    figure = new_figure(figsize=(8, 4.5))
     axis = figure.add_subplot()
     axis.set_title(title)
     axis.set_xscale("log")
@@ -137,13 +165,7 @@ def lr_find_svg(finding: dict[str, Any], *, title: str) -> bytes:
         label=f"suggestion {finding['suggestion']:.2e}",
     )
     axis.legend(loc="upper left")
-    return _render(figure, "svg")
-
-
-def _render(figure: Figure, fmt: str) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format=fmt, dpi=100)
-    return buffer.getvalue()
+    return render(figure, "svg")
 
 
 def job_curves_svg(session: Session, *, job: Job) -> bytes:

@@ -2,12 +2,9 @@
 accuracy below, shifted windows shaded on both. Drawn as `service/jobs/plots.py` draws: a
 `Figure` of its own per request, never pyplot."""
 
-import io
 from typing import Any
 
-from matplotlib.figure import Figure
-
-from service.jobs import plots as job_plots  # noqa: F401  (sets the Agg backend and SVG text)
+from service.jobs.plots import new_figure, render
 
 SHIFTED_COLOR = "tab:red"
 
@@ -17,7 +14,7 @@ def monitoring_svg(
 ) -> bytes:
     """`windows` oldest first, as `service.monitoring.service.windows_of` gives them. Each
     shifted window's band carries the SVG id `shifted-window-<seq>`."""
-    figure = Figure(figsize=(8, 5.5), layout="constrained")
+    figure = new_figure(figsize=(8, 5.5))
     score_axis, accuracy_axis = figure.subplots(2, 1, sharex=True)
     score_axis.set_title(title)
     score_axis.set_ylabel("shift score (MMD²)")
@@ -28,7 +25,7 @@ def monitoring_svg(
         score_axis.text(
             0.5, 0.5, "no windows yet", ha="center", va="center", transform=score_axis.transAxes
         )
-        return _render(figure)
+        return render(figure, "svg")
     seqs = [window["seq"] for window in windows]
     for window in windows:
         if window["shifted"]:
@@ -81,10 +78,4 @@ def monitoring_svg(
     accuracy_axis.set_xlim(seqs[0] - 0.5, seqs[-1] + 0.5)
     # Whole windows only: matplotlib would otherwise tick at halves for a few windows.
     accuracy_axis.xaxis.get_major_locator().set_params(integer=True)
-    return _render(figure)
-
-
-def _render(figure: Figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="svg", dpi=100)
-    return buffer.getvalue()
+    return render(figure, "svg")

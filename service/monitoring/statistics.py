@@ -18,7 +18,9 @@ sample eigenvalues are biased upward), and in-distribution windows would then al
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
+
+# `scipy.stats` is imported where a test runs, not here: it takes half a second to import,
+# which every API and worker process would pay at start for two window tests.
 
 SIGNIFICANCE = 0.01
 """A window is `shifted` when its MMD permutation p-value is below this."""
@@ -133,6 +135,8 @@ def class_shift(reference_counts: np.ndarray, window_counts: np.ndarray) -> Test
     distance = 0.5 * float(np.abs(observed / total - expected_share).sum())
     if len(observed) < 2:
         return TestResult(score=distance, p_value=1.0)
+    from scipy import stats
+
     result = stats.chisquare(observed, expected_share * total)
     return TestResult(score=distance, p_value=float(result.pvalue))
 
@@ -140,6 +144,8 @@ def class_shift(reference_counts: np.ndarray, window_counts: np.ndarray) -> Test
 def confidence_shift(reference: np.ndarray, window: np.ndarray) -> TestResult:
     """The two-sample Kolmogorov-Smirnov test of the window's confidences against the
     reference's (statistic and p-value)."""
+    from scipy import stats
+
     result = stats.ks_2samp(reference, window)
     return TestResult(score=float(result.statistic), p_value=float(result.pvalue))
 

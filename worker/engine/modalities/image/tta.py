@@ -6,7 +6,7 @@ averages each image's per-view probabilities. So predict answers what evaluation
 """
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -17,9 +17,13 @@ from ...artifacts import Preprocessing
 from ...model import TransferModel
 from ...plan import Plan
 from ...recipe import tta_views
-from .data import Sample
 from .pixels import normalise, read_image, view_pixels
 from .preprocessing import ImagePreprocessing, final_image_size
+
+if TYPE_CHECKING:
+    # Only a type here: importing `.data` imports torchvision (over a second), which a worker
+    # answering text or scoring trials never needs.
+    from .data import Sample
 
 IMAGES_PER_PASS = 16
 
@@ -52,7 +56,7 @@ def view_probabilities(
 
 
 def evaluate_tta(
-    model: TransferModel, samples: Sequence[Sample], plan: Plan, device: torch.device
+    model: TransferModel, samples: Sequence["Sample"], plan: Plan, device: torch.device
 ) -> tuple[dict[str, Any], Tensor]:
     """Validation accuracy of the plan's test-time augmentation, and its (raw) probabilities."""
     pixels = ImagePreprocessing.of(plan)
