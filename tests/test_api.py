@@ -327,6 +327,9 @@ def test_plan_preview_lists_stages_and_parameters(
     head, unfreeze = preview["stages"]
     assert preview["num_classes"] == 3
     assert head["cache_features"] is True
+    # An image stage shows its own modality's inputs, not a text stage's as nulls.
+    assert "image_size" in head
+    assert {"max_length", "objective"}.isdisjoint(head)
     assert [g["name"] for g in head["trainable_groups"]] == ["head"]
     assert head["trainable_parameters"] < unfreeze["trainable_parameters"]
     assert unfreeze["trainable_parameters"] == unfreeze["total_parameters"]

@@ -32,12 +32,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 SpecBody = Annotated[JobSpec, Body(examples=[SPEC_EXAMPLE])]
 
 
-# A stage shows its own modality's inputs only (`Modality.stage_inputs`): not another's nulls.
-@router.post(
-    "/plan",
-    summary="Preview the resolved plan of a spec without running it",
-    response_model_exclude_unset=True,
-)
+@router.post("/plan", summary="Preview the resolved plan of a spec without running it")
 def preview_plan(
     spec: Annotated[PreviewSpec, Body(examples=[SPEC_EXAMPLE])],
     session: SessionDep,

@@ -117,17 +117,28 @@ else:
     )
 
 
+def _absent(value: Any) -> bool:
+    return value is None
+
+
 class StagePreview(BaseModel):
     name: str
     epochs: int
+    # A stage shows its own modality's inputs only (`Modality.stage_inputs`), not another's
+    # as nulls.
     image_size: int | None = Field(
-        default=None, description="Image base models: input size (absent for others)."
+        default=None,
+        exclude_if=_absent,
+        description="Image base models: input size (absent for others).",
     )
     max_length: int | None = Field(
-        default=None, description="Text base models: tokens per text (absent for others)."
+        default=None,
+        exclude_if=_absent,
+        description="Text base models: tokens per text (absent for others).",
     )
     objective: str | None = Field(
         default=None,
+        exclude_if=_absent,
         description="Text base models: `classify`, or `masked_lm` (ulmfit's language-model "
         "stage); absent for others.",
     )
