@@ -24,8 +24,9 @@ PLAN_DESCRIPTION = (
 
 def _current_plan(stored: Any) -> Any:
     """A stored plan as today's `Plan.to_dict` writes it: one written before `preprocessing`
-    was one field shows it as one. Anything that does not read as a plan shows as stored."""
-    if not isinstance(stored, dict) or not stored:
+    was one field shows it as one. One that has it shows as stored, unparsed (a page of 200
+    jobs would otherwise parse 200 plans); so does anything that does not read as a plan."""
+    if not isinstance(stored, dict) or not stored or "preprocessing" in stored:
         return stored
     try:
         return Plan.from_dict(stored).to_dict()
