@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ...artifacts import Preprocessing
 from ...model import TransferModel
 from ...plan import Plan
 from ...recipe import tta_views
 from .data import Sample
+from .exported import ExportedImagePreprocessing
 from .pixels import normalise, read_image, view_pixels
 from .preprocessing import ImagePreprocessing, final_image_size
 
@@ -27,7 +27,7 @@ IMAGES_PER_PASS = 16
 def view_probabilities(
     model: TransferModel,
     images: Sequence[Image.Image],
-    preprocessing: Preprocessing,
+    preprocessing: ExportedImagePreprocessing,
     device: torch.device,
     *,
     task: int = -1,
@@ -56,7 +56,7 @@ def evaluate_tta(
 ) -> tuple[dict[str, Any], Tensor]:
     """Validation accuracy of the plan's test-time augmentation, and its (raw) probabilities."""
     pixels = ImagePreprocessing.of(plan)
-    preprocessing = Preprocessing(
+    preprocessing = ExportedImagePreprocessing(
         image_size=final_image_size(plan),
         mean=pixels.mean,
         std=pixels.std,
