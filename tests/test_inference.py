@@ -770,7 +770,7 @@ def test_open_inference_protocol_with_tritonclient(served: Registry) -> None:
     folder = version_folder(
         served.context, client.get("/v1/models/digits/versions/1", headers=auth).json()["id"]
     )
-    preprocessing = read_model_config(folder).image
+    preprocessing = ExportedImagePreprocessing.of(read_model_config(folder))
     size = preprocessing.image_size
     tensor = normalise(
         np.concatenate(
@@ -884,7 +884,7 @@ def test_an_infer_call_is_capped_by_its_models_inputs_not_the_json_body_limit(
         folder = version_folder(
             served.context, client.get("/v1/models/digits/versions/1", headers=auth).json()["id"]
         )
-        preprocessing = read_model_config(folder).image
+        preprocessing = ExportedImagePreprocessing.of(read_model_config(folder))
         image = Image.open(BytesIO(held_out_pngs(1)[0]))
         one = view_pixels(image, preprocessing.image_size, ("original",))
         tensor = np.ascontiguousarray(normalise(np.repeat(one, 8, axis=0), preprocessing))
