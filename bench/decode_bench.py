@@ -15,11 +15,13 @@ from PIL import Image
 from service.datasets.ingest import ImageRejectedError, open_image
 from service.datasets.ingest.results import IngestLimits
 from service.inference.service import ItemReader
-from worker.engine.artifacts import Preprocessing
+from worker.engine.modalities.image.exported import ExportedImagePreprocessing
 from worker.engine.modalities.image.pixels import view_pixels
 from worker.engine.modalities.image.serving import ServedImages
 
-PREPROCESSING = Preprocessing(image_size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+PREPROCESSING = ExportedImagePreprocessing(
+    image_size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
+)
 UPLOAD_LIMITS = IngestLimits()
 PREDICT_LIMITS = dataclasses.replace(UPLOAD_LIMITS, max_image_pixels=4_000_000)
 

@@ -89,6 +89,8 @@ from worker.engine.artifacts import (
     ONNX_TEXT_INPUTS,
     read_model_config,
 )
+from worker.engine.modalities.image.exported import ExportedImagePreprocessing
+from worker.engine.modalities.text.exported import ExportedTextPreprocessing
 from worker.engine.modalities.text.tokens import SpecialTokens, encode, load_backend, pad
 
 logger = logging.getLogger("bench.inference")
@@ -248,7 +250,7 @@ def raw_model(model_dir: Path, seconds: float, *, compile_model: bool) -> dict[s
     """Images/s per backend, variant, thread count and batch size, in this process."""
     predictor = Predictor.load(model_dir)
     module = predictor.model.eval()
-    size = read_model_config(model_dir).image.image_size
+    size = ExportedImagePreprocessing.of(read_model_config(model_dir)).image_size
     results = raw_onnx(model_dir, seconds)
     # torch at the server's thread count only: with more, on a shared host its spinning
     # threads ran at 0.3-5 images/s, minutes per figure.
@@ -304,7 +306,7 @@ def raw_onnx(model_dir: Path, seconds: float) -> dict[str, Rate]:
     """Images/s of the image model in ONNX Runtime, per thread count, at batch 1 and 32. The
     limit predict is held to, so it is measured again in every round of the loads (a neighbour
     on the shared host lowers one measurement, and the fastest is the hardware's)."""
-    size = read_model_config(model_dir).image.image_size
+    size = ExportedImagePreprocessing.of(read_model_config(model_dir)).image_size
     results: dict[str, Rate] = {}
     for threads in thread_counts():
         session = onnx_session(model_dir / ONNX_FILE, threads)
@@ -319,8 +321,7 @@ def raw_onnx(model_dir: Path, seconds: float) -> dict[str, Rate]:
 
 def text_batches(model_dir: Path, texts: list[str]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Batch 1 (the predict body's text) and 32 (fixture texts) as the server pads them."""
-    text = read_model_config(model_dir).text
-    assert text is not None
+    text = ExportedTextPreprocessing.of(read_model_config(model_dir))
     backend = load_backend(model_dir)
 
     def padded(batch: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -339,8 +340,7 @@ CURVE_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 def onnx_batch_curve(model_dir: Path, seconds: float, rounds: int = 2) -> dict[int, Rate]:
     """The image model in ONNX Runtime at the server's thread count, per batch size: the
     batches taking turns for `rounds` rounds, each keeping its cheapest round (CPU)."""
-    preprocessing = read_model_config(model_dir).preprocessing
-    assert preprocessing is not None
+    preprocessing = ExportedImagePreprocessing.of(read_model_config(model_dir))
     size = preprocessing.image_size
     session = onnx_session(model_dir / ONNX_FILE, Settings().resolved_inference_threads)
     curve: dict[int, Rate] = {}
@@ -597,7 +597,7 @@ def oip_body(model_dir: Path, image: bytes, batch: int) -> tuple[bytes, int]:
     says, raw after the JSON header; and the header's length."""
     from worker.engine.modalities.image.pixels import normalise, view_pixels
 
-    preprocessing = read_model_config(model_dir).image
+    preprocessing = ExportedImagePreprocessing.of(read_model_config(model_dir))
     one = view_pixels(Image.open(io.BytesIO(image)), preprocessing.image_size, ("original",))
     tensor = np.ascontiguousarray(normalise(np.repeat(one, batch, axis=0), preprocessing))
     header = json.dumps(

@@ -45,9 +45,11 @@ from tests.conftest import digits_split, make_settings, new_key, png_bytes, vers
 from tests.test_api import assert_error, ready_dataset
 from tests.test_registry import Registry, publish
 from worker.engine import Predictor
-from worker.engine.artifacts import Preprocessing, TextPreprocessing, read_model_config
+from worker.engine.artifacts import read_model_config
+from worker.engine.modalities.image.exported import ExportedImagePreprocessing
 from worker.engine.modalities.image.pixels import normalise, view_pixels
 from worker.engine.modalities.image.serving import ServedImages
+from worker.engine.modalities.text.exported import ExportedTextPreprocessing
 from worker.engine.modalities.text.serving import ServedTexts
 from worker.engine.onnx_export import export_onnx
 
@@ -301,7 +303,7 @@ def test_full_queue_answers_503_with_retry_after(served: Registry) -> None:
             release.set()
 
 
-EIGHT_PIXELS = Preprocessing(image_size=8, mean=(0, 0, 0), std=(1, 1, 1))
+EIGHT_PIXELS = ExportedImagePreprocessing(image_size=8, mean=(0, 0, 0), std=(1, 1, 1))
 
 
 def fake_model(forward: Any, name: str = "m") -> LoadedModel:
@@ -640,7 +642,7 @@ def test_a_cached_key_is_still_checked_for_revocation_and_its_rate_limit(
 
 
 def test_normalise_looks_up_exactly_what_computing_each_pixel_gives() -> None:
-    def computed(pixels: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
+    def computed(pixels: np.ndarray, preprocessing: ExportedImagePreprocessing) -> np.ndarray:
         scaled = pixels.astype(np.float32) / np.float32(255)
         mean = np.asarray(preprocessing.mean, dtype=np.float32)
         std = np.asarray(preprocessing.std, dtype=np.float32)
@@ -649,7 +651,7 @@ def test_normalise_looks_up_exactly_what_computing_each_pixel_gives() -> None:
     every_value = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, axis=3)
     random = np.random.default_rng(0).integers(0, 256, (5, 9, 7, 3), dtype=np.uint8)
     for mean, std in [((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), ((0, 0.5, 1), (1, 2, 3))]:
-        preprocessing = Preprocessing(image_size=8, mean=mean, std=std)
+        preprocessing = ExportedImagePreprocessing(image_size=8, mean=mean, std=std)
         for batch in (every_value, random, random[:, :, ::-1], random[:0]):
             looked_up = normalise(batch, preprocessing)
             assert looked_up.flags.c_contiguous
@@ -768,7 +770,7 @@ def test_open_inference_protocol_with_tritonclient(served: Registry) -> None:
     folder = version_folder(
         served.context, client.get("/v1/models/digits/versions/1", headers=auth).json()["id"]
     )
-    preprocessing = read_model_config(folder).image
+    preprocessing = ExportedImagePreprocessing.of(read_model_config(folder))
     size = preprocessing.image_size
     tensor = normalise(
         np.concatenate(
@@ -882,7 +884,7 @@ def test_an_infer_call_is_capped_by_its_models_inputs_not_the_json_body_limit(
         folder = version_folder(
             served.context, client.get("/v1/models/digits/versions/1", headers=auth).json()["id"]
         )
-        preprocessing = read_model_config(folder).image
+        preprocessing = ExportedImagePreprocessing.of(read_model_config(folder))
         image = Image.open(BytesIO(held_out_pngs(1)[0]))
         one = view_pixels(image, preprocessing.image_size, ("original",))
         tensor = np.ascontiguousarray(normalise(np.repeat(one, 8, axis=0), preprocessing))
@@ -973,7 +975,7 @@ def test_exports_load_in_triton_and_mlflow_and_answer_as_predict(
     assert config.HasField("dynamic_batching")
     order = (entry / config.output[0].label_filename).read_text().split()
     assert sorted(order) == labels
-    prep = model_config.image
+    prep = ExportedImagePreprocessing.of(model_config)
     tensor = normalise(
         np.concatenate(
             [view_pixels(Image.open(BytesIO(png)), prep.image_size, prep.tta) for png in pngs]
@@ -1076,7 +1078,7 @@ def test_a_text_models_answers_have_one_row_per_input_and_ties_in_label_order() 
         name="t",
         tasks={"topic": labels},
         # A text model: one row per input, no views.
-        inputs=ServedTexts(TextPreprocessing("", 8, "head", "cls", {}), tokenizer=None),
+        inputs=ServedTexts(ExportedTextPreprocessing("", 8, "head", "cls", {}, {}), tokenizer=None),
         backend="onnx",
         nbytes=0,
         forward=lambda batch: Outputs([], None),

@@ -233,6 +233,7 @@ def test_text_exports_load_in_transformers_triton_and_mlflow_and_answer_as_predi
 
     from tests.test_inference import exported, run_declared, softmax, triton_config
     from worker.engine.artifacts import read_model_config
+    from worker.engine.modalities.text.exported import ExportedTextPreprocessing
     from worker.engine.modalities.text.tokens import SpecialTokens, encode, load_backend, pad
 
     registry, version, _ = text_version
@@ -262,15 +263,15 @@ def test_text_exports_load_in_transformers_triton_and_mlflow_and_answer_as_predi
 
     thaw_folder = version_folder(registry.context, version["id"])
     config = read_model_config(thaw_folder)
-    assert config.text is not None
+    text = ExportedTextPreprocessing.of(config)
     encoded = encode(
         load_backend(thaw_folder),
         texts,
-        SpecialTokens.from_dict(config.text.special_tokens),
-        max_length=config.text.max_length,
-        truncation=config.text.truncation,
+        SpecialTokens.from_dict(text.special_tokens),
+        max_length=text.max_length,
+        truncation=text.truncation,
     )
-    ids, mask = pad(encoded.ids, config.text.special_tokens["pad_id"])
+    ids, mask = pad(encoded.ids, text.special_tokens["pad_id"])
     entry = exported(client, auth, path, "triton", tmp_path / "triton") / "sections"
     triton = triton_config(entry)
     logits = run_declared(entry, triton, {"input_ids": ids, "attention_mask": mask})

@@ -46,10 +46,14 @@ SHIPPED_MODULES = (
     "artifacts.py",
     "recipe.py",
     "spec.py",
+    "modalities/image/exported.py",
     "modalities/image/pixels.py",
+    "modalities/text/exported.py",
     "modalities/text/tokens.py",
 )
-"""Preprocessing as predict runs it; standard library, numpy, PIL and tokenizers only."""
+"""Preprocessing as predict runs it; standard library, numpy, PIL and tokenizers only. Each
+modality's `exported.py` is its kind of `config.json`'s `preprocessing` (the loader names
+them to `read_model_config`: the modality registry is not shipped)."""
 ENGINE_DIR = Path(engine.__file__).parent
 """The shipped modules are copied from here by path (the pyfunc imports them as `thaw_engine`)."""
 
@@ -173,19 +177,26 @@ import numpy as np
 
 from thaw_engine.artifacts import ONNX_FILE, ONNX_INPUT, ONNX_OUTPUT, ONNX_TEXT_INPUTS
 from thaw_engine.artifacts import read_model_config
+from thaw_engine.modalities.image.exported import ExportedImagePreprocessing
 from thaw_engine.modalities.image.pixels import average_views, normalise, view_pixels
+from thaw_engine.modalities.text.exported import ExportedTextPreprocessing
 from thaw_engine.modalities.text.tokens import SpecialTokens, encode, load_backend, pad
+
+KINDS = (ExportedImagePreprocessing, ExportedTextPreprocessing)
+"""What `config.json`'s `preprocessing` may be (thaw's modality registry is not shipped)."""
 
 
 class ThawModel:
     def __init__(self, folder):
         import onnxruntime
 
-        self.config = read_model_config(Path(folder))
+        self.config = read_model_config(Path(folder), kinds=KINDS)
         self.session = onnxruntime.InferenceSession(
             str(Path(folder) / ONNX_FILE), providers=["CPUExecutionProvider"]
         )
-        self.tokenizer = load_backend(Path(folder)) if self.config.text else None
+        prep = self.config.preprocessing
+        texts = isinstance(prep, ExportedTextPreprocessing)
+        self.tokenizer = load_backend(Path(folder)) if texts else None
 
     def predict(self, model_input, params=None):
         import pandas
@@ -194,20 +205,19 @@ class ThawModel:
             model_input = model_input.iloc[:, 0]
         items = list(model_input)
         views = 1
-        if self.config.text is not None:
-            text = self.config.text
+        prep = self.config.preprocessing
+        if isinstance(prep, ExportedTextPreprocessing):
             encoded = encode(
                 self.tokenizer,
                 items,
-                SpecialTokens.from_dict(text.special_tokens),
-                max_length=text.max_length,
-                truncation=text.truncation,
+                SpecialTokens.from_dict(prep.special_tokens),
+                max_length=prep.max_length,
+                truncation=prep.truncation,
             )
-            feeds = dict(zip(ONNX_TEXT_INPUTS, pad(encoded.ids, text.special_tokens["pad_id"])))
+            feeds = dict(zip(ONNX_TEXT_INPUTS, pad(encoded.ids, prep.special_tokens["pad_id"])))
         else:
             from PIL import Image
 
-            prep = self.config.image
             views = len(prep.tta)
             pixels = np.concatenate(
                 [view_pixels(Image.open(io.BytesIO(item)), prep.image_size, prep.tta)

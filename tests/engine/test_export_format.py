@@ -11,10 +11,10 @@ from worker.engine import TransferConfig, compile_plan
 from worker.engine.artifacts import (
     CONFIG_FILE,
     ModelConfigError,
-    Preprocessing,
     read_model_config,
 )
 from worker.engine.export import model_config
+from worker.engine.modalities.image.exported import ExportedImagePreprocessing
 from worker.engine.modalities.image.preprocessing import ImagePreprocessing
 
 
@@ -35,7 +35,9 @@ def test_a_single_task_model_reads_back_what_export_wrote(
     assert config.labels == ("red", "green", "blue")
     assert config.newest.head == as_json(asdict(plan.head))
     pixels = ImagePreprocessing.of(plan)
-    assert config.preprocessing == Preprocessing(image_size=96, mean=pixels.mean, std=pixels.std)
+    assert config.preprocessing == ExportedImagePreprocessing(
+        image_size=96, mean=pixels.mean, std=pixels.std
+    )
     assert config.plan == as_json(plan.to_dict())
 
 

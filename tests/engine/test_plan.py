@@ -21,7 +21,8 @@ from worker.engine import (
     describe_plan,
     get_base_model_info,
 )
-from worker.engine.artifacts import ModelConfig, Preprocessing
+from worker.engine.artifacts import ModelConfig
+from worker.engine.modalities.image.exported import ExportedImagePreprocessing
 from worker.engine.modalities.image.preprocessing import (
     ImageModelInput,
     ImagePreprocessing,
@@ -388,7 +389,9 @@ def test_fixed_size_models_refuse_other_sizes(make_config: Callable[..., Transfe
 
 
 NO_CONFIG = ModelConfig(
-    tasks=(), preprocessing=Preprocessing(image_size=64, mean=(0, 0, 0), std=(1, 1, 1)), plan={}
+    tasks=(),
+    preprocessing=ExportedImagePreprocessing(image_size=64, mean=(0, 0, 0), std=(1, 1, 1)),
+    plan={},
 )
 """A parent the scratch check refuses before reading anything of it."""
 

@@ -90,6 +90,8 @@ def test_a_plan_stored_with_flat_preprocessing_fields_reads_as_one_tagged_field(
     written = json.loads(json.dumps(plan.to_dict()))
     assert not set(FLAT_PREPROCESSING) & set(written)
     assert written["preprocessing"] == {"modality": stored["modality"], **_fields(preprocessing)}
+    # Readers of stored plans (older thaw, a version's plan read as data) find it there too.
+    assert written["modality"] == stored["modality"]
     assert Plan.from_dict(json.loads(json.dumps(written))) == plan
 
 
@@ -149,3 +151,10 @@ def test_preprocessing_of_another_modality_is_refused() -> None:
     image = Plan.from_dict(OLD_IMAGE_PLAN)
     with pytest.raises(ValueError, match="image plans have no text preprocessing"):
         TextPreprocessing.of(image)
+
+
+def test_a_plans_modality_is_its_preprocessings_tag() -> None:
+    stored = compile_plan(TransferConfig(base_model="minilm_l6", num_classes=2)).to_dict()
+    del stored["modality"]
+    plan = Plan.from_dict(stored)
+    assert (plan.modality, plan.preprocessing) == ("text", TextPreprocessing(128, "head"))

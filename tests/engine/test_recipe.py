@@ -34,6 +34,7 @@ from worker.engine.ema import WeightAverage
 from worker.engine.imbalance import training_sampler
 from worker.engine.loop import evaluate
 from worker.engine.modalities.image.augment import augmented_batches, batch_mix, image_transform
+from worker.engine.modalities.image.exported import ExportedImagePreprocessing
 from worker.engine.modalities.image.inputs import ImageInputs
 from worker.engine.modalities.image.pixels import image_pixels, normalise, view_pixels
 from worker.engine.modalities.image.tta import evaluate_tta
@@ -149,7 +150,7 @@ def test_predict_answers_calibrated_probabilities_and_raw_ones_on_request(
     calibrated = predictor.predict(images, top_k=10)
     raw = predictor.predict(images, top_k=10, calibrated=False)
     pixels = np.stack([image_pixels(image, 64) for image in images])
-    batch = torch.from_numpy(normalise(pixels, predictor.exported.preprocessing))
+    batch = torch.from_numpy(normalise(pixels, ExportedImagePreprocessing.of(predictor.exported)))
     with torch.no_grad():
         logits = predictor.model(batch)
     for row, want in zip(calibrated, (logits / temperature).softmax(dim=1), strict=True):

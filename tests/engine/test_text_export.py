@@ -14,6 +14,7 @@ from tests.engine.test_text_train import debian_texts
 from worker.engine import Predictor, TextSample, TrainingResult, TransferConfig, compile_plan, run
 from worker.engine.artifacts import ONNX_OUTPUT, ONNX_TEXT_INPUTS, read_model_config
 from worker.engine.export import export_model
+from worker.engine.modalities.text.exported import ExportedTextPreprocessing
 from worker.engine.modalities.text.tokens import pad
 from worker.engine.onnx_export import PARITY_TOLERANCE, export_text_onnx
 
@@ -49,15 +50,13 @@ def test_the_folder_holds_weights_config_and_tokenizer(
     assert {"weights.safetensors", "config.json", "tokenizer.json"} <= names
     config = read_model_config(folder)
     assert config.modality == "text"
-    assert config.preprocessing is None
-    assert config.text is not None
-    assert (config.text.max_length, config.text.truncation, config.text.pooling) == (
+    text = ExportedTextPreprocessing.of(config)
+    assert (text.max_length, text.truncation, text.pooling) == (
         24,
         "head_tail",
         "mean",
     )
-    assert config.encoder is not None
-    assert config.encoder["num_hidden_layers"] == 6
+    assert text.encoder["num_hidden_layers"] == 6
     assert config.labels[0] == "database"
 
 

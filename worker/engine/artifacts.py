@@ -3,15 +3,15 @@ ONNX graph's input and output, and the reading of its `config.json` into a typed
 
 The writer is `export.py` (and `onnx_export.py` for `model.onnx`); the readers are the
 predictor, the inference service and the worker. Standard library only, so anything may import
-it without the training stack.
+it without the training stack; `preprocessing` is read as its modality's kind, found through
+the registry when it is read (MLflow exports ship this module without it, and name the kinds).
 """
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from .recipe import ORIGINAL_VIEW
+from typing import Any, ClassVar, Self
 
 FORMAT = "thaw/1"
 """The `format` field of `config.json` (and the safetensors metadata) this code reads and writes."""
@@ -39,30 +39,31 @@ class ModelConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class Preprocessing:
-    """How images were prepared in training, and so must be prepared for inference."""
+class ExportedPreprocessing:
+    """How an exported model's items become its input, as `config.json`'s `preprocessing`
+    holds it, of its modality's own kind: each modality subclasses this in its folder
+    (`modalities/<name>/exported.py`, standard library only, shipped with MLflow exports;
+    its `Modality.exported`), so `ModelConfig` carries no field of one modality."""
 
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    resize: str = "bilinear"
-    color: str = "RGB"
-    tta: tuple[str, ...] = (ORIGINAL_VIEW,)
-    """Test-time augmentation: the views (`pixels.view_pixels`) whose probabilities predict
-    averages, as the final validation did (`config.json`'s `preprocessing.tta`)."""
+    modality: ClassVar[str]
+    """The modality's name (`Modality.name`), the `modality` tag of `preprocessing`."""
+    untagged: ClassVar[bool] = False
+    """True for the one kind a `preprocessing` without a `modality` tag is (images: every
+    `config.json` of theirs is written so)."""
 
+    @classmethod
+    def from_config(cls, data: dict[str, Any]) -> Self:
+        """This kind read from a whole `config.json` (parsed as JSON)."""
+        raise NotImplementedError
 
-@dataclass(frozen=True)
-class TextPreprocessing:
-    """How texts were tokenized in training, and so must be for inference (see `tokens.py`)."""
-
-    tokenizer: str
-    """The tokenizer file in the model folder."""
-    max_length: int
-    truncation: str
-    pooling: str
-    special_tokens: dict[str, int]
-    """`cls_id`, `sep_id`, `pad_id`, `mask_id`."""
+    @classmethod
+    def of(cls, config: "ModelConfig") -> Self:
+        """`config`'s preprocessing, which must be of this kind (ModelConfigError otherwise)."""
+        if not isinstance(config.preprocessing, cls):
+            raise ModelConfigError(
+                f"this {config.modality} model takes {config.modality}s, not {cls.modality}s"
+            )
+        return config.preprocessing
 
 
 @dataclass(frozen=True)
@@ -80,28 +81,18 @@ class ModelConfig:
     tasks: tuple[ExportedTask, ...]
     """Oldest first; the last is the model's own (newest) task, answered by default. A
     Learning-without-Forgetting model keeps its parents' tasks before it."""
-    preprocessing: Preprocessing | None
-    """An image model's; None for text (see `text`)."""
+    preprocessing: ExportedPreprocessing
+    """Of the model's modality's own kind; its tag is the model's `modality`."""
     plan: dict[str, Any]
     """The training plan as `Plan.to_dict()` wrote it."""
     temperature: float = 1.0
     """The newest task's logits are divided by this before the softmax for calibrated
     probabilities (`config.json`'s `calibration.temperature`; 1 where it has none)."""
-    text: TextPreprocessing | None = None
-    """A text model's tokenization; None for images."""
-    encoder: dict[str, Any] | None = None
-    """A text model's `transformers` encoder config (its architecture, without weights)."""
 
     @property
     def modality(self) -> str:
-        return "text" if self.text is not None else "image"
-
-    @property
-    def image(self) -> Preprocessing:
-        """The image preprocessing; ModelConfigError for a text model."""
-        if self.preprocessing is None:
-            raise ModelConfigError("a text model takes texts, not images")
-        return self.preprocessing
+        """A name in the modality registry (`modalities.MODALITIES`)."""
+        return self.preprocessing.modality
 
     @property
     def newest(self) -> ExportedTask:
@@ -122,35 +113,21 @@ class ModelConfig:
         return {task.name: list(task.labels) for task in self.tasks}
 
 
-def parse_model_config(data: dict[str, Any], *, source: str = CONFIG_FILE) -> ModelConfig:
-    """Read a `config.json` already parsed as JSON; `source` names it in errors."""
+def parse_model_config(
+    data: dict[str, Any],
+    *,
+    source: str = CONFIG_FILE,
+    kinds: Sequence[type[ExportedPreprocessing]] | None = None,
+) -> ModelConfig:
+    """Read a `config.json` already parsed as JSON; `source` names it in errors. `kinds`: the
+    modalities' kinds of `preprocessing`, the registry's (`Modality.exported`) unless given
+    (an MLflow export's loader, shipped without the registry, gives its own)."""
     if data.get("format") != FORMAT:
         raise ModelConfigError(f"{source}: unsupported model format {data.get('format')!r}")
     try:
         plan: dict[str, Any] = data["plan"]
         labels = tuple(data["labels"])
-        prep = data["preprocessing"]
-        preprocessing, text, encoder = None, None, None
-        # Read by the format's own key, not the modality registry: MLflow exports ship this
-        # module alone (`service/models/export.py`).
-        if prep.get("modality") == "text":
-            text = TextPreprocessing(
-                tokenizer=str(prep["tokenizer"]),
-                max_length=int(prep["max_length"]),
-                truncation=str(prep["truncation"]),
-                pooling=str(prep["pooling"]),
-                special_tokens={key: int(value) for key, value in prep["special_tokens"].items()},
-            )
-            encoder = dict(data["architecture"]["encoder"])
-        else:
-            preprocessing = Preprocessing(
-                image_size=int(prep["image_size"]),
-                mean=_triple(prep["mean"]),
-                std=_triple(prep["std"]),
-                resize=prep.get("resize", "bilinear"),
-                color=prep.get("color", "RGB"),
-                tta=_views(prep.get("tta", [ORIGINAL_VIEW])),
-            )
+        preprocessing = _preprocessing_kind(data["preprocessing"], kinds).from_config(data)
         # Heads come from the plan; the listed `tasks` (present only with old tasks) give the
         # labels in the order the model's heads answer them.
         heads = {task["name"]: task["head"] for task in plan.get("old_tasks", ())}
@@ -166,18 +143,36 @@ def parse_model_config(data: dict[str, Any], *, source: str = CONFIG_FILE) -> Mo
             raise ValueError(f"calibration temperature must be positive; got {temperature}")
     except (KeyError, TypeError, ValueError) as error:
         raise ModelConfigError(f"{source}: not a thaw model config ({error!r})") from None
-    return ModelConfig(
-        tasks=tasks,
-        preprocessing=preprocessing,
-        plan=plan,
-        temperature=temperature,
-        text=text,
-        encoder=encoder,
-    )
+    return ModelConfig(tasks=tasks, preprocessing=preprocessing, plan=plan, temperature=temperature)
 
 
-def read_model_config(model_dir: Path) -> ModelConfig:
-    """Read `model_dir/config.json`; ModelConfigError names the file when it cannot."""
+def _preprocessing_kind(
+    stored: dict[str, Any], kinds: Sequence[type[ExportedPreprocessing]] | None
+) -> type[ExportedPreprocessing]:
+    """The kind of a `config.json`'s `preprocessing`, by its `modality` tag (or, untagged,
+    the `untagged` kind); ValueError for a modality this code does not know."""
+    if kinds is None:
+        # The registry's modality objects import no torch; they import this module.
+        from .modalities import MODALITIES
+
+        kinds = [modality.exported for modality in MODALITIES]
+    if "modality" not in stored:
+        untagged = [kind for kind in kinds if kind.untagged]
+        if not untagged:
+            raise ValueError("preprocessing names no modality")
+        return untagged[0]
+    by_tag = {kind.modality: kind for kind in kinds}
+    tag = stored["modality"]
+    if tag not in by_tag:
+        raise ValueError(f"unknown modality {tag!r}; known: {', '.join(by_tag)}")
+    return by_tag[tag]
+
+
+def read_model_config(
+    model_dir: Path, *, kinds: Sequence[type[ExportedPreprocessing]] | None = None
+) -> ModelConfig:
+    """Read `model_dir/config.json` (`kinds` as `parse_model_config`); ModelConfigError names
+    the file when it cannot."""
     path = model_dir / CONFIG_FILE
     try:
         data = json.loads(path.read_text())
@@ -185,15 +180,4 @@ def read_model_config(model_dir: Path) -> ModelConfig:
         raise ModelConfigError(f"cannot read an exported model's {path}: {error}") from None
     if not isinstance(data, dict):
         raise ModelConfigError(f"{path}: not a thaw model config")
-    return parse_model_config(data, source=str(path))
-
-
-def _views(values: Any) -> tuple[str, ...]:
-    if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
-        raise ValueError(f"preprocessing.tta must list view names; got {values!r}")
-    return tuple(values)
-
-
-def _triple(values: Any) -> tuple[float, float, float]:
-    first, second, third = (float(value) for value in values)
-    return (first, second, third)
+    return parse_model_config(data, source=str(path), kinds=kinds)

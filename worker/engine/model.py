@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from .artifacts import WEIGHTS_FILE, read_model_config
+from .artifacts import WEIGHTS_FILE, ModelConfig, read_model_config
 from .modalities import modality_for
 from .plan import HEAD, LM_HEAD, OLD_HEADS, HeadConfig, Plan, Stage, steps_per_epoch
 from .recipe import stage_recipes
@@ -154,10 +154,11 @@ def build_model(
     return model
 
 
-def build_model_for_export(plan: Plan, encoder_config: dict[str, Any] | None) -> TransferModel:
-    """The architecture of an exported model, to load its weights into: no pretrained weights
-    are read, and a text model's encoder is built from its exported `transformers` config."""
-    backbone = modality_for(plan.modality).exported_backbone(plan.base_model, encoder_config)
+def build_model_for_export(plan: Plan, config: ModelConfig) -> TransferModel:
+    """The architecture of exported model `config`, to load its weights into: no pretrained
+    weights are read, and a text model's encoder is built from its exported `transformers`
+    config."""
+    backbone = modality_for(plan.modality).exported_backbone(plan.base_model, config)
     feature_dim = backbone.info.feature_dim
     old_heads = [build_head(feature_dim, task.head, len(task.labels)) for task in plan.old_tasks]
     model = TransferModel(backbone, build_head(feature_dim, plan.head, plan.num_classes), old_heads)
@@ -177,7 +178,7 @@ def load_exported(model_dir: Path, *, weights_dir: Path | None = None) -> Transf
     state = load_file(model_dir / WEIGHTS_FILE)
     if strategy.stores_base:
         # The exported weights replace everything, so no pretrained weights are needed.
-        model = build_model_for_export(plan, exported.encoder)
+        model = build_model_for_export(plan, exported)
     else:
         model = build_model(plan, weights_dir=weights_dir)
     strategy.load_state(model, state)

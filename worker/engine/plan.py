@@ -313,7 +313,6 @@ def compile_plan(config: TransferConfig) -> Plan:
         pretrained=config.pretrained and strategy.pretrained,
         preprocessing=base.preprocessing,
         parent=base.parent_location,
-        modality=base.modality,
         task_name=_task_name(config),
         old_tasks=base.old_tasks,
         extra=extra,

@@ -9,7 +9,9 @@ import torch
 from PIL import Image
 
 from .artifacts import CONFIG_FILE, ModelConfig, parse_model_config
+from .modalities.image.exported import ExportedImagePreprocessing
 from .modalities.image.tta import view_probabilities
+from .modalities.text.exported import ExportedTextPreprocessing
 from .modalities.text.tokens import Encoded, SpecialTokens, encode, load_backend, pad
 from .model import TransferModel, load_exported
 
@@ -51,7 +53,7 @@ class Predictor:
         # A model given from training may be channels-last (amp on CUDA): served as loaded.
         model.to(torch_device).to(memory_format=torch.contiguous_format).eval()
         predictor = cls(model, config, torch_device)
-        if exported.text is not None:
+        if isinstance(exported.preprocessing, ExportedTextPreprocessing):
             predictor.tokenizer = load_backend(model_dir)
         return predictor
 
@@ -84,7 +86,7 @@ class Predictor:
         probabilities = view_probabilities(
             self.model,
             images,
-            self.exported.image,
+            ExportedImagePreprocessing.of(self.exported),
             self.device,
             task=index,
             temperature=temperature,
@@ -93,9 +95,7 @@ class Predictor:
 
     def encode_texts(self, texts: Sequence[str]) -> Encoded:
         """Texts tokenized and truncated exactly as in training."""
-        text = self.exported.text
-        if text is None:
-            raise ValueError("this model takes images, not texts")
+        text = ExportedTextPreprocessing.of(self.exported)
         return encode(
             self.tokenizer,
             texts,
@@ -118,8 +118,8 @@ class Predictor:
         if not texts:
             return []
         encoded = self.encode_texts(texts)
-        assert self.exported.text is not None
-        ids, mask = pad(encoded.ids, self.exported.text.special_tokens["pad_id"])
+        pad_id = ExportedTextPreprocessing.of(self.exported).special_tokens["pad_id"]
+        ids, mask = pad(encoded.ids, pad_id)
         batch = torch.stack([torch.from_numpy(ids), torch.from_numpy(mask)], dim=1)
         with torch.inference_mode():
             logits = self.model.forward_tasks(batch.to(self.device))[index]

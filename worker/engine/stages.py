@@ -342,13 +342,16 @@ class Plan(RunSettings):
     parent: str | None = None
     """Start from this exported model's weights instead of ImageNet's: its `ParentModel`
     location (the service's storage key of the version). `run` gets its files as a folder."""
-    modality: str = "image"
-    """A name in the modality registry (`modalities.MODALITIES`)."""
     task_name: str = DEFAULT_TASK
     old_tasks: tuple[TaskInfo, ...] = ()
     """LwF: the parent's tasks, whose heads are kept beside the new one."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes for people reading the plan (strategy name, parent reference)."""
+
+    @property
+    def modality(self) -> str:
+        """A name in the modality registry (`modalities.MODALITIES`): its preprocessing's."""
+        return self.preprocessing.modality
 
     @property
     def needs_lr_finder(self) -> bool:
@@ -360,7 +363,12 @@ class Plan(RunSettings):
         return any(stage.objective == MASKED_LM for stage in self.stages)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"preprocessing": self.preprocessing.to_dict()}
+        # `modality` stays a key of its own: readers of stored plans (older thaw, a version's
+        # stored plan read as data) find it there.
+        return asdict(self) | {
+            "preprocessing": self.preprocessing.to_dict(),
+            "modality": self.modality,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Plan":
@@ -371,18 +379,23 @@ class Plan(RunSettings):
 
         # Exported models' config.json from before parents were named by key carry a host
         # path under `parent_dir`; a finished model never reads its parent again.
-        flat = {"parent_dir", *FLAT_PREPROCESSING}
+        # The modality is the preprocessing's tag; `modality` beside it (written for older
+        # readers) must agree, and names the kind of a flat or untagged one (images before
+        # texts had neither).
+        flat = {"parent_dir", "modality", *FLAT_PREPROCESSING}
         kept = {name: value for name, value in data.items() if name not in flat}
-        modality = str(data.get("modality", "image"))
-        kind = modality_for(modality).preprocessing
+        named = data.get("modality")
         stored = data.get("preprocessing")
-        if stored is None:
-            preprocessing = kind.from_flat(data)
-        elif isinstance(stored, Preprocessing):
+        if isinstance(stored, Preprocessing):
             preprocessing = stored
         else:
-            fields_ = {name: value for name, value in stored.items() if name != "modality"}
-            if stored.get("modality", modality) != modality:
-                raise ValueError(f"{modality} plans have no {stored.get('modality')} preprocessing")
-            preprocessing = decode(kind, fields_)
-        return decode(cls, kept | {"modality": modality, "preprocessing": preprocessing})
+            tagged = (stored or {}).get("modality", named or "image")
+            kind = modality_for(str(tagged)).preprocessing
+            if stored is None:
+                preprocessing = kind.from_flat(data)
+            else:
+                fields_ = {name: value for name, value in stored.items() if name != "modality"}
+                preprocessing = decode(kind, fields_)
+        if named is not None and named != preprocessing.modality:
+            raise ValueError(f"{named} plans have no {preprocessing.modality} preprocessing")
+        return decode(cls, kept | {"preprocessing": preprocessing})

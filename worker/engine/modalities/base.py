@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol, Self
 
+from ..artifacts import ExportedPreprocessing
 from ..preset_defaults import PresetDefaults
 from ..spec import ModalityDefaults
 from ..stages import CLASSIFY, Base, Plan, Preprocessing, Stage, TaskInfo, TransferConfig
@@ -273,6 +274,9 @@ class Modality(ABC):
     """What rates, decay, batch size and length a spec leaving them out gets."""
     preprocessing: type[Preprocessing]
     """Its plans' kind of `Plan.preprocessing` (`Plan.from_dict` reads it by this)."""
+    exported: type[ExportedPreprocessing]
+    """Its exported models' kind of `ModelConfig.preprocessing` (`parse_model_config` reads
+    `config.json` by this)."""
     presets: ClassVar[Mapping[str, PresetDefaults]] = {}
     """A preset's own defaults on this modality, by strategy name, where they differ from
     `defaults` (a text encoder from random weights wants its own rate and schedule)."""
@@ -400,9 +404,9 @@ class Modality(ABC):
         """With `pretrained`, missing weights raise instead of random init."""
 
     @abstractmethod
-    def exported_backbone(self, name: str, encoder_config: dict[str, Any] | None) -> "Backbone":
-        """The architecture of an exported model's backbone, without weights (a text encoder
-        from its exported `transformers` config)."""
+    def exported_backbone(self, name: str, config: "ModelConfig") -> "Backbone":
+        """The architecture of exported model `config`'s backbone, without weights (a text
+        encoder from its exported `transformers` config)."""
 
     @abstractmethod
     def list_base_models(self, weights_dir: Path | None) -> list[dict[str, Any]]: ...

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from ...spec import ModalityDefaults, SpecError
 from ...stages import Base, Plan, Stage, TaskInfo, TransferConfig
 from ..base import EntryCache, Inputs, Modality, ServedInputs
+from .exported import ExportedImagePreprocessing
 from .preprocessing import ImageModelInput, ImagePreprocessing, final_image_size
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ class ImageModality(Modality):
     packs_files = True
     defaults = ModalityDefaults(lr=1e-3, fine_tune_lr_factor=0.1, lr_decay=2.6)
     preprocessing = ImagePreprocessing
+    exported = ExportedImagePreprocessing
 
     def count(self, dataset: Any) -> int:
         return int(dataset.num_images)
@@ -210,7 +212,7 @@ class ImageModality(Modality):
 
         return build_image_backbone(name, pretrained=pretrained, weights_dir=weights_dir)
 
-    def exported_backbone(self, name: str, encoder_config: dict[str, Any] | None) -> "Backbone":
+    def exported_backbone(self, name: str, config: "ModelConfig") -> "Backbone":
         return self.build_backbone(name, pretrained=False, weights_dir=None)
 
     def list_base_models(self, weights_dir: Path | None) -> list[dict[str, Any]]:
@@ -246,7 +248,7 @@ class ImageModality(Modality):
     def served_inputs(self, config: "ModelConfig", model_dir: Path) -> "ServedInputs":
         from .serving import ServedImages
 
-        return ServedImages(config.image)
+        return ServedImages(ExportedImagePreprocessing.of(config))
 
     def oip_inputs(self, config: "ModelConfig") -> list[dict[str, Any]]:
         from .serving import oip_inputs

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from ...artifacts import Preprocessing
 from ...recipe import CROP_VIEWS, FLIP_VIEW, ORIGINAL_VIEW
+from .exported import ExportedImagePreprocessing
 
 CROP_ENLARGE = 8 / 7
 """Crops are taken at the trained size from the image squashed this much larger (the usual
@@ -40,7 +40,7 @@ def image_pixels(image: Image.Image, image_size: int) -> np.ndarray:
     return view_pixels(image, image_size, (ORIGINAL_VIEW,))[0]
 
 
-def normalise(pixels: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
+def normalise(pixels: np.ndarray, preprocessing: ExportedImagePreprocessing) -> np.ndarray:
     """(N, H, W, 3) uint8 → (N, 3, H, W) float32, normalised as training's `preprocess` does.
 
     A uint8 channel has 256 values, so each is normalised once (`_channel_tables`, with the

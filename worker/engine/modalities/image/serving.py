@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ...artifacts import ONNX_INPUT, ModelConfig, Preprocessing
+from ...artifacts import ONNX_INPUT, ModelConfig
 from ..base import (
     ItemReading,
     OipInput,
@@ -21,6 +21,7 @@ from ..base import (
     RejectedItemError,
     bytes_tensor_elements,
 )
+from .exported import ExportedImagePreprocessing
 from .pixels import CROP_ENLARGE, normalise, view_pixels
 
 IMAGE_TENSOR = "images"
@@ -30,12 +31,12 @@ IMAGE_BYTES = "image_bytes"
 
 
 def onnx_inputs(config: ModelConfig) -> list[tuple[str, str, list[int]]]:
-    size = config.image.image_size
+    size = ExportedImagePreprocessing.of(config).image_size
     return [(ONNX_INPUT, "FP32", [3, size, size])]
 
 
 def oip_inputs(config: ModelConfig) -> list[dict[str, Any]]:
-    image = config.image
+    image = ExportedImagePreprocessing.of(config)
     size = image.image_size
     return [
         {
@@ -63,7 +64,7 @@ def oip_inputs(config: ModelConfig) -> list[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class ServedImages:
-    preprocessing: Preprocessing
+    preprocessing: ExportedImagePreprocessing
     modality = "image"
     oip_input_names = (IMAGE_TENSOR, IMAGE_BYTES)
 

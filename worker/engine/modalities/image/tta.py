@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ...artifacts import Preprocessing
 from ...model import TransferModel
 from ...plan import Plan
 from ...recipe import tta_views
+from .exported import ExportedImagePreprocessing
 from .pixels import normalise, read_image, view_pixels
 from .preprocessing import ImagePreprocessing, final_image_size
 
@@ -31,7 +31,7 @@ IMAGES_PER_PASS = 16
 def view_probabilities(
     model: TransferModel,
     images: Sequence[Image.Image],
-    preprocessing: Preprocessing,
+    preprocessing: ExportedImagePreprocessing,
     device: torch.device,
     *,
     task: int = -1,
@@ -60,7 +60,7 @@ def evaluate_tta(
 ) -> tuple[dict[str, Any], Tensor]:
     """Validation accuracy of the plan's test-time augmentation, and its (raw) probabilities."""
     pixels = ImagePreprocessing.of(plan)
-    preprocessing = Preprocessing(
+    preprocessing = ExportedImagePreprocessing(
         image_size=final_image_size(plan),
         mean=pixels.mean,
         std=pixels.std,

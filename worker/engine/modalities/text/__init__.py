@@ -10,6 +10,7 @@ from ...preset_defaults import PresetDefaults
 from ...spec import ModalityDefaults, SpecError
 from ...stages import CLASSIFY, MASKED_LM, Base, Plan, Stage, TaskInfo, TransferConfig
 from ..base import EntryCache, Inputs, Modality, ServedInputs
+from .exported import ExportedTextPreprocessing
 from .preprocessing import TextModelInput, TextPreprocessing
 
 if TYPE_CHECKING:
@@ -66,6 +67,7 @@ class TextModality(Modality):
     objectives = frozenset({CLASSIFY, MASKED_LM})
     defaults = TEXT_DEFAULTS
     preprocessing = TextPreprocessing
+    exported = ExportedTextPreprocessing
     presets: ClassVar[Mapping[str, PresetDefaults]] = {
         # A transformer from random weights stayed at chance at the text head rate (2e-3)
         # with cosine decay and no warm-up; one-cycle (30 % warm-up, then cosine annealing)
@@ -260,11 +262,14 @@ class TextModality(Modality):
 
         return build_text_backbone(name, pretrained=pretrained, weights_dir=weights_dir)
 
-    def exported_backbone(self, name: str, encoder_config: dict[str, Any] | None) -> "Backbone":
+    def exported_backbone(self, name: str, config: "ModelConfig") -> "Backbone":
         from .zoo import build_text_backbone
 
         return build_text_backbone(
-            name, pretrained=False, weights_dir=None, encoder_config=encoder_config
+            name,
+            pretrained=False,
+            weights_dir=None,
+            encoder_config=ExportedTextPreprocessing.of(config).encoder,
         )
 
     def list_base_models(self, weights_dir: Path | None) -> list[dict[str, Any]]:
@@ -273,7 +278,8 @@ class TextModality(Modality):
         return list_text_models(weights_dir)
 
     def export_files(self, plan: Plan, out_dir: Path, weights_dir: Path | None) -> dict[str, Any]:
-        """Write the tokenizer files; config.json's `encoder` and `preprocessing` of them."""
+        """Write the tokenizer files; config.json's `encoder` and `preprocessing` of them
+        (read back as `ExportedTextPreprocessing`)."""
         from dataclasses import asdict
 
         from .tokens import TOKENIZER_FILE, SpecialTokens
@@ -324,8 +330,7 @@ class TextModality(Modality):
     def served_inputs(self, config: "ModelConfig", model_dir: Path) -> "ServedInputs":
         from .serving import ServedTexts
 
-        assert config.text is not None
-        return ServedTexts.load(config.text, model_dir)
+        return ServedTexts.load(ExportedTextPreprocessing.of(config), model_dir)
 
     def oip_inputs(self, config: "ModelConfig") -> list[dict[str, Any]]:
         from .serving import oip_inputs

@@ -15,6 +15,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from ...artifacts import CONFIG_FILE, WEIGHTS_FILE, ModelConfig
+from .exported import ExportedTextPreprocessing
 
 HF_MODELING = "modeling_thaw.py"
 HF_MODEL_TYPE = "thaw_text"
@@ -23,8 +24,7 @@ HF_MODEL_TYPE = "thaw_text"
 
 def write_hf_folder(folder: Path, config: ModelConfig, out: Path) -> None:
     """The Hugging Face folder of the text version in `folder` (see the module's docstring)."""
-    assert config.text is not None
-    assert config.encoder is not None
+    text = ExportedTextPreprocessing.of(config)
     out.mkdir(parents=True)
     state = load_file(str(folder / WEIGHTS_FILE))
     weights: dict[str, np.ndarray] = {}
@@ -54,13 +54,13 @@ def write_hf_folder(folder: Path, config: ModelConfig, out: Path) -> None:
             "AutoModelForSequenceClassification": "modeling_thaw.ThawTextClassifier",
         },
         "model_type": HF_MODEL_TYPE,
-        "encoder": config.encoder,
+        "encoder": text.encoder,
         "hidden": hidden,
         "id2label": dict(enumerate(labels)),
         "label2id": {label: index for index, label in enumerate(labels)},
         "thaw": {
-            "max_length": config.text.max_length,
-            "truncation": config.text.truncation,
+            "max_length": text.max_length,
+            "truncation": text.truncation,
             "calibration_temperature": config.temperature,
         },
     }
@@ -72,5 +72,5 @@ def write_hf_folder(folder: Path, config: ModelConfig, out: Path) -> None:
     # Tokenizing as thaw does: at most `max_length` tokens, `[CLS]` and `[SEP]` included.
     tokenizer_config = out / "tokenizer_config.json"
     settings = json.loads(tokenizer_config.read_text()) if tokenizer_config.is_file() else {}
-    settings["model_max_length"] = config.text.max_length
+    settings["model_max_length"] = text.max_length
     tokenizer_config.write_text(json.dumps(settings, indent=2) + "\n")

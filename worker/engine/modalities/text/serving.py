@@ -9,8 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from ...artifacts import ONNX_TEXT_INPUTS, ModelConfig, TextPreprocessing
+from ...artifacts import ONNX_TEXT_INPUTS, ModelConfig
 from ..base import ItemReading, OipInput, PredictCaps, Prepared, bytes_tensor_elements
+from .exported import ExportedTextPreprocessing
 from .tokens import SpecialTokens, encode, load_backend, pad
 
 TEXTS = "texts"
@@ -27,7 +28,7 @@ def oip_inputs(config: ModelConfig) -> list[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class ServedTexts:
-    text: TextPreprocessing
+    text: ExportedTextPreprocessing
     tokenizer: Any
     """The model's `tokenizers.Tokenizer`."""
     modality = "text"
@@ -35,7 +36,7 @@ class ServedTexts:
     views = 1
 
     @classmethod
-    def load(cls, text: TextPreprocessing, model_dir: Path) -> "ServedTexts":
+    def load(cls, text: ExportedTextPreprocessing, model_dir: Path) -> "ServedTexts":
         return cls(text, load_backend(model_dir))
 
     def warm_up_input(self) -> tuple[np.ndarray, np.ndarray]:
