@@ -15,9 +15,10 @@ and the hand recipe alike), as a user with a thousand images would.
 
 Rows, per dataset and setting (mean validation accuracy over seeds):
 - `thaw defaults`: a spec with only the base model, the epochs and the image size (defaults
-  otherwise, which follow the training split's size: `extra.defaults` in the plan);
-- `thaw defaults + tta`: the same with `tta: flip` (the hand recipe's flip TTA), reading the
-  accuracy of the averaged views;
+  otherwise, which follow the training split's size: `extra.defaults` in the plan; where they
+  augment with flips, as at 100 per class, they average the image and its mirror too);
+- `thaw defaults + tta`: the same with `tta: flip` set (the hand recipe's flip TTA), reading
+  the accuracy of the averaged views (at 100 per class, what the defaults choose already);
 - `stepped head`: the defaults with `solve_head: false` (the head stage stepped by AdamW, as
   before heads were solved);
 - `feature_extraction`: the frozen backbone's solved linear head alone;

@@ -516,6 +516,57 @@ def test_unset_augmentation_follows_the_images_per_class(
     assert "augment" not in explicit.extra["defaults"]
 
 
+@pytest.mark.parametrize(
+    ("settings", "tta", "reason"),
+    [({"train_size": 240}, "flip", "trains on mirrored images (augment `light`)"),
+     ({"train_size": 240, "augment": "standard"}, "flip", "mirrored images (augment `standard`)"),
+     ({"train_size": 15, "augment": "light"}, "flip", "mirrored images (augment `light`)"),
+     ({"train_size": 15}, "none", "trains on unaugmented images"),
+     ({"train_size": 240, "augment": "none"}, "none", "trains on unaugmented images"),
+     ({"train_size": 240, "flip": False}, "none", "flip is false"),
+     ({"train_size": None}, "none", "trains on unaugmented images")],
+    ids=["many-shot", "standard", "few-shot-light", "few-shot", "augment-none", "no-flip",
+         "unknown-size"],
+)  # fmt: skip
+def test_unset_tta_flips_exactly_when_the_last_stage_trains_on_mirrored_images(
+    make_config: Callable[..., TransferConfig], settings: dict[str, Any], tta: str, reason: str
+) -> None:
+    plan = compile_plan(make_config("freeze_unfreeze", epochs=3, **settings))
+
+    assert plan.tta == tta
+    assert plan.extra["defaults"]["tta"] == tta
+    assert reason in plan.extra["defaults"]["tta_why"]
+    assert stage_recipes(plan)[-1]["tta"] == (
+        ["original", "flip"] if tta == "flip" else ["original"]
+    )
+    # What the spec sets wins, and is not noted as a default.
+    for asked in ("none", "flip_crops"):
+        explicit = compile_plan(make_config("freeze_unfreeze", epochs=3, **settings, tta=asked))
+        assert explicit.tta == asked
+        assert "tta" not in (explicit.extra.get("defaults") or {})
+
+
+def test_unset_tta_is_none_where_the_last_stage_distils_unaugmented_images(
+    make_config: Callable[..., TransferConfig], parent_dir: Path
+) -> None:
+    # LwF's joint stage distils the parent's outputs recorded on plain images, so it trains
+    # unaugmented (`augment_level`) though the plan's `augment` is `light`.
+    plan = compile_plan(
+        make_config(
+            "lwf",
+            base_model="model:shapes:1",
+            parent_dir=parent_dir,
+            epochs=3,
+            image_size=None,
+            train_size=240,
+        )
+    )
+
+    assert (plan.augment, plan.stages[-1].distill) == ("light", True)
+    assert plan.tta == "none"
+    assert "trains on unaugmented images" in plan.extra["defaults"]["tta_why"]
+
+
 def test_solved_head_stages_show_in_the_preview(
     make_config: Callable[..., TransferConfig],
 ) -> None:

@@ -300,6 +300,7 @@ def compile_plan(config: TransferConfig) -> Plan:
         modality=base.modality,
         num_classes=config.num_classes,
         train_size=config.train_size,
+        last_stage_distills=stages[-1].distill,
     )
     run_settings |= resolved | {"batch_size": batch_size}
     if chosen is not None:

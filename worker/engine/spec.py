@@ -260,13 +260,16 @@ class RunSettings:
         description="Include the horizontal flip in `augment`; false where mirroring changes "
         "the class (digits, text in images).",
     )
-    tta: TtaMode = setting(
-        "none",
+    tta: TtaMode | None = setting(
+        None,
         description="Image models: test-time augmentation, used by the final validation and by "
         "predict alike: `flip` averages the probabilities of the image and its mirror; "
         "`flip_crops` adds five crops at the trained size (centre, corners) of the image "
         "enlarged 8/7, each with its mirror (12 views). `flip: false` leaves the mirrored "
-        "views out. The version's metrics record validation accuracy with and without it.",
+        "views out. Default: `flip` when the last stage trains on mirrored images (`augment` "
+        "other than `none`, `flip` true), else `none`; the preview's plan says which under "
+        "`extra.defaults`. The version's metrics record validation accuracy with and without "
+        "it.",
     )
     ema: float | None = setting(
         None,

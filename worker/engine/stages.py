@@ -25,6 +25,7 @@ from .spec import (
     RunSettings,
     Schedule,
     TransferSettings,
+    TtaMode,
     decode,
 )
 
@@ -331,6 +332,8 @@ class Plan(RunSettings):
     label_smoothing: float = 0.0
     """As `augment`."""
     refit: bool = False
+    """As `augment`."""
+    tta: TtaMode = "none"
     """As `augment`."""
     batch_size: int = 32
     """As the spec asked, or the base model's modality's default."""

@@ -123,7 +123,7 @@ class TextModality(Modality):
             raise SpecError(
                 "augment", f"augment: {base_model} is a text model; augment is for images"
             )
-        if config.tta != "none":
+        if config.tta not in (None, "none"):
             raise SpecError(
                 "tta",
                 f"tta: {base_model} is a text model; test-time augmentation (flips, crops) "
