@@ -849,6 +849,7 @@ def test_text_dataset_over_http(
     # A text plan shows its own preprocessing only: no image size, no pixel statistics.
     assert (stage["max_length"], stage["objective"]) == (128, "classify")
     assert "image_size" not in stage
+    assert "do not augment" in scratch["plan"]["extra"]["defaults"]["tta_why"]
     assert scratch["plan"]["preprocessing"] == {
         "modality": "text",
         "max_length": 128,

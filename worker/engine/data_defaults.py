@@ -62,7 +62,7 @@ def data_defaults(
         last_augment = augment_level(
             resolved["augment"], modality=modality, distill=last_stage_distills
         )
-        resolved["tta"], why = _tta(last_augment, flip=settings.flip)
+        resolved["tta"], why = _tta(last_augment, modality=modality, flip=settings.flip)
         notes["tta"], notes["tta_why"] = resolved["tta"], why
     if settings.refit is None:
         resolved["refit"], notes["refit_why"] = _refit(train_size)
@@ -91,7 +91,9 @@ def _regularisation(
     )
 
 
-def _tta(last_augment: str, *, flip: bool) -> tuple[str, str]:
+def _tta(last_augment: str, *, modality: str, flip: bool) -> tuple[str, str]:
+    if not modality_for(modality).augments:
+        return "none", f"{modality} models do not augment: one view at prediction"
     if last_augment == "none":
         return "none", (
             "the last stage trains on unaugmented images: no mirrored view at prediction"
