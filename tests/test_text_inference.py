@@ -137,7 +137,7 @@ def test_predict_with_strings_answers_in_order(
     # code with the service's answer assembly.
     version = registry.client.get("/v1/models/sections/versions/1", headers=registry.auth).json()
     predictor = Predictor.load(version_folder(registry.context, version["id"]))
-    (want_first, _), (want_long, _) = predictor.predict_texts([FIRST, LONG], top_k=2)
+    want_first, want_long = predictor.predict([FIRST, LONG], top_k=2)
     assert_distinct_answers(want_first, want_long)
     assert_same_top(first["top"], want_first, atol=1e-4)
     assert_same_top(long["top"], want_long, atol=1e-4)

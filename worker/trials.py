@@ -86,7 +86,7 @@ def _answer(
     """Each item read and answered by the model, through its modality."""
     modality = modality_for(predictor.exported.modality)
     inputs = [modality.item_input(item.content) for item in items]
-    return modality.predict_inputs(predictor, inputs, top_k=top_k, task=task)
+    return predictor.predict(inputs, top_k=top_k, task=task)
 
 
 def accuracy(
@@ -119,7 +119,7 @@ def evaluate_on_test(
         # Read before the clock starts: the latency is the model's, not the file's.
         one = modality.item_input(item.content)
         began = time.perf_counter()
-        answers.extend(modality.predict_inputs(predictor, [one], top_k=len(classes), task=None))
+        answers.extend(predictor.predict([one], top_k=len(classes), task=None))
         latencies.append(time.perf_counter() - began)
     for start in range(LATENCY_ITEMS, len(test), EVALUATION_BATCH):
         batch = test[start : start + EVALUATION_BATCH]

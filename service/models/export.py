@@ -32,7 +32,7 @@ from worker.engine.artifacts import (
     ModelConfig,
     read_model_config,
 )
-from worker.engine.modalities import modality_for
+from worker.engine.modalities import MODALITIES, modality_for
 
 FORMATS = ("triton", "mlflow", "hf")
 TRITON_LABELS = "labels.txt"
@@ -44,16 +44,14 @@ SHIPPED_ENGINE = "thaw_engine"
 """The package name thaw's preprocessing modules take inside an MLflow model's `code/`."""
 SHIPPED_MODULES = (
     "artifacts.py",
+    "preset_defaults.py",
     "recipe.py",
     "spec.py",
-    "modalities/image/exported.py",
-    "modalities/image/pixels.py",
-    "modalities/text/exported.py",
-    "modalities/text/tokens.py",
+    "stages.py",
+    "modalities/base.py",
 )
-"""Preprocessing as predict runs it; standard library, numpy, PIL and tokenizers only. Each
-modality's `exported.py` is its kind of `config.json`'s `preprocessing` (the loader names
-them to `read_model_config`: the modality registry is not shipped)."""
+"""What every modality's `serving.py` imports: standard library only. Beside them ship each
+modality's `served_modules` (the registry is not shipped)."""
 ENGINE_DIR = Path(engine.__file__).parent
 """The shipped modules are copied from here by path (the pyfunc imports them as `thaw_engine`)."""
 
@@ -162,72 +160,54 @@ flavors:
 """
 
 _PYFUNC = '''\
-"""A thaw model behind MLflow's `python_function` flavor: preprocessing as thaw's predict
-does it (thaw's own modules, shipped in `thaw_engine/`), then `model.onnx` in ONNX Runtime.
+"""A thaw model behind MLflow's `python_function` flavor: items read as thaw's predict reads
+them (thaw's own modules, shipped in `thaw_engine/`), then `model.onnx` in ONNX Runtime.
 
-`predict` takes encoded images (bytes) or texts (str): a list, a pandas Series, or a
-DataFrame whose first column holds them; it answers a DataFrame of calibrated probabilities,
-one column per label, a row per input."""
+`predict` takes what the model classifies: encoded images (bytes) or texts (str), as a list,
+a pandas Series, or a DataFrame whose first column holds them; it answers a DataFrame of
+calibrated probabilities, one column per label, a row per input."""
 
-import io
-import json
+import importlib
 from pathlib import Path
 
 import numpy as np
 
-from thaw_engine.artifacts import ONNX_FILE, ONNX_INPUT, ONNX_OUTPUT, ONNX_TEXT_INPUTS
-from thaw_engine.artifacts import read_model_config
-from thaw_engine.modalities.image.exported import ExportedImagePreprocessing
-from thaw_engine.modalities.image.pixels import average_views, normalise, view_pixels
-from thaw_engine.modalities.text.exported import ExportedTextPreprocessing
-from thaw_engine.modalities.text.tokens import SpecialTokens, encode, load_backend, pad
+from thaw_engine.artifacts import ONNX_FILE, ONNX_OUTPUT, read_model_config
+from thaw_engine.modalities.base import average_views
 
-KINDS = (ExportedImagePreprocessing, ExportedTextPreprocessing)
-"""What `config.json`'s `preprocessing` may be (thaw's modality registry is not shipped)."""
+MODALITIES = {modalities}
+"""thaw's modalities, each shipped with its `serving.py` (the same in every export, so one
+process can load models of several)."""
 
 
 class ThawModel:
     def __init__(self, folder):
         import onnxruntime
 
-        self.config = read_model_config(Path(folder), kinds=KINDS)
+        servings = [
+            importlib.import_module(f"thaw_engine.modalities.{{name}}.serving")
+            for name in MODALITIES
+        ]
+        kinds = [serving.PREPROCESSING for serving in servings]
+        self.config = read_model_config(Path(folder), kinds=kinds)
+        prep = self.config.preprocessing
+        (serving,) = [s for s in servings if isinstance(prep, s.PREPROCESSING)]
+        self.served = serving.served_inputs(self.config, Path(folder))
         self.session = onnxruntime.InferenceSession(
             str(Path(folder) / ONNX_FILE), providers=["CPUExecutionProvider"]
         )
-        prep = self.config.preprocessing
-        texts = isinstance(prep, ExportedTextPreprocessing)
-        self.tokenizer = load_backend(Path(folder)) if texts else None
 
     def predict(self, model_input, params=None):
         import pandas
 
         if isinstance(model_input, pandas.DataFrame):
             model_input = model_input.iloc[:, 0]
-        items = list(model_input)
-        views = 1
-        prep = self.config.preprocessing
-        if isinstance(prep, ExportedTextPreprocessing):
-            encoded = encode(
-                self.tokenizer,
-                items,
-                SpecialTokens.from_dict(prep.special_tokens),
-                max_length=prep.max_length,
-                truncation=prep.truncation,
-            )
-            feeds = dict(zip(ONNX_TEXT_INPUTS, pad(encoded.ids, prep.special_tokens["pad_id"])))
-        else:
-            from PIL import Image
-
-            views = len(prep.tta)
-            pixels = np.concatenate(
-                [view_pixels(Image.open(io.BytesIO(item)), prep.image_size, prep.tta)
-                 for item in items]
-            )
-            feeds = {ONNX_INPUT: normalise(pixels, prep)}
+        block, _notes = self.served.read(list(model_input))
+        feeds = self.served.onnx_feed(self.served.batch_input([block]))
         (logits,) = self.session.run([ONNX_OUTPUT], feeds)
         scaled = logits / self.config.temperature
         exp = np.exp(scaled - scaled.max(axis=1, keepdims=True))
-        probabilities = average_views(exp / exp.sum(axis=1, keepdims=True), views)
+        probabilities = average_views(exp / exp.sum(axis=1, keepdims=True), self.served.views)
         return pandas.DataFrame(probabilities, columns=list(self.config.labels))
 
 
@@ -249,14 +229,20 @@ def write_mlflow(folder: Path, config: ModelConfig, out: Path) -> None:
     engine = code / SHIPPED_ENGINE
     engine.mkdir(parents=True)
     (engine / "__init__.py").write_text('"""thaw\'s preprocessing, as predict runs it."""\n')
-    for module in SHIPPED_MODULES:
+    served = [
+        f"modalities/{modality.name}/{module}"
+        for modality in MODALITIES
+        for module in modality.served_modules
+    ]
+    for module in (*SHIPPED_MODULES, *served):
         target = engine / module
         # A modality's package ships without its registry: only the module predict reads.
         for package in target.relative_to(engine).parents[:-1]:
             (engine / package).mkdir(parents=True, exist_ok=True)
             (engine / package / "__init__.py").touch()
         shutil.copyfile(ENGINE_DIR / module, target)
-    (code / f"{PYFUNC_MODULE}.py").write_text(_PYFUNC)
+    names = tuple(modality.name for modality in MODALITIES)
+    (code / f"{PYFUNC_MODULE}.py").write_text(_PYFUNC.format(modalities=names))
     (out / "MLmodel").write_text(
         _MLMODEL.format(onnx=ONNX_FILE, onnx_version=onnx.__version__, loader=PYFUNC_MODULE)
     )

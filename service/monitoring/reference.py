@@ -19,7 +19,7 @@ import numpy as np
 
 from service.datasets.ingest import IngestLimits
 from service.monitoring import statistics
-from worker.engine.modalities.image.pixels import average_views
+from worker.engine.modalities.base import average_views
 
 logger = logging.getLogger(__name__)
 

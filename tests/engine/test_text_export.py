@@ -66,24 +66,24 @@ def test_predictor_reads_texts_as_training_did_and_reports_truncation(
     folder, result = exported
     predictor = Predictor.load(folder)
     texts = ["PostgreSQL extension for full text search", LONG]
-    answers = predictor.predict_texts(texts, top_k=2)
-    assert [truncated for _, truncated in answers] == [False, True]
-    top, _ = answers[0]
+    answers = predictor.predict(texts, top_k=2)
+    ids_read, notes = predictor.served.read(texts)
+    assert [note["truncated"] for note in notes] == [False, True]
+    top = answers[0]
     # The same weights in memory give the same probabilities as the loaded folder.
-    encoded = predictor.encode_texts(texts)
-    ids, mask = pad(encoded.ids, 0)
+    ids, mask = pad(ids_read, 0)
     batch = torch.stack([torch.from_numpy(ids), torch.from_numpy(mask)], dim=1)
     result.model.eval()
     with torch.no_grad():
         # Predict answers probabilities calibrated by the temperature fitted at the end of training.
         assert result.calibration is not None
         expected = (result.model(batch) / result.calibration.temperature).softmax(dim=1)
-    assert answers[1][0][0][1] == pytest.approx(float(expected[1].max()), abs=1e-6)
+    assert answers[1][0][1] == pytest.approx(float(expected[1].max()), abs=1e-6)
     # Each text's top label is the in-memory model's (the solved head, chosen on two texts a
     # class of validation, need not call this one `database`).
     labels = read_model_config(folder).labels
     assert top[0][0] == labels[int(expected[0].argmax())]
-    with pytest.raises(ValueError, match="takes texts, not images"):
+    with pytest.raises(ValueError, match="takes texts, not Image"):
         predictor.predict([Image.new("RGB", (8, 8))], top_k=1)
 
 
@@ -103,8 +103,7 @@ def test_onnx_matches_pytorch_on_real_padded_texts(
     predictor = Predictor.load(folder)
     samples: list[TextSample] = debian_texts(3, skip=40)[0]
     texts = [sample.text for sample in samples] + [LONG]
-    encoded = predictor.encode_texts(texts)
-    ids, mask = pad(encoded.ids, 0)
+    ids, mask = pad(predictor.served.read(texts)[0], 0)
     (logits,) = session.run([ONNX_OUTPUT], {"input_ids": ids, "attention_mask": mask})
     onnx_probabilities = torch.from_numpy(np.asarray(logits)).softmax(dim=1)
     batch = torch.stack([torch.from_numpy(ids), torch.from_numpy(mask)], dim=1)

@@ -1,26 +1,53 @@
-"""Inference on an exported model folder."""
+"""Inference on an exported model folder, in PyTorch, for any modality: the model's
+`ServedInputs` read the items (as the API's predict reads them) and its modality's
+`torch_forward` runs them."""
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Self
 
 import torch
-from PIL import Image
+from torch import Tensor
 
 from .artifacts import CONFIG_FILE, ModelConfig, parse_model_config
-from .modalities.image.exported import ExportedImagePreprocessing
-from .modalities.image.tta import view_probabilities
-from .modalities.text.exported import ExportedTextPreprocessing
-from .modalities.text.tokens import Encoded, SpecialTokens, encode, load_backend, pad
+from .modalities import modality_for
+from .modalities.base import ServedInputs
 from .model import TransferModel, load_exported
 
 Top = list[tuple[str, float]]
 
+ITEMS_PER_PASS = 16
+"""Items read and run per forward pass (an image's test-time views are rows of its pass)."""
+
+Forward = Callable[[Any], tuple[Tensor, list[Tensor]]]
+"""A forward-pass input, as `ServedInputs.batch_input` makes it → (features, per-task logits)."""
+
+
+def read_probabilities(
+    forward: Forward,
+    served: ServedInputs,
+    items: Sequence[Any],
+    *,
+    task: int = -1,
+    temperature: float = 1.0,
+) -> Tensor:
+    """(N, classes) on the CPU: per item, the mean over its test-time views of
+    softmax(logits / temperature) of task `task` (the newest by default)."""
+    chunks = []
+    for start in range(0, len(items), ITEMS_PER_PASS):
+        chunk = items[start : start + ITEMS_PER_PASS]
+        block, _notes = served.read(chunk)
+        _features, logits = forward(served.batch_input([block]))
+        probabilities = (logits[task].float() / temperature).softmax(dim=1)
+        chunks.append(probabilities.reshape(len(chunk), served.views, -1).mean(dim=1).cpu())
+    return torch.cat(chunks)
+
 
 class Predictor:
-    def __init__(self, model: TransferModel, config: dict[str, Any], device: torch.device) -> None:
-        self.model = model
+    def __init__(
+        self, model: TransferModel, config: dict[str, Any], device: torch.device, model_dir: Path
+    ) -> None:
         self.config = config
         """`config.json` as written; `exported` is the same, read."""
         self.device = device
@@ -29,8 +56,11 @@ class Predictor:
         """The default (newest) task's labels."""
         self.tasks: dict[str, list[str]] = self.exported.task_labels()
         """Labels per task name, oldest first; a single-task model has just its own."""
-        self.tokenizer: Any = None
-        """A text model's `tokenizers.Tokenizer` (set by `load`)."""
+        modality = modality_for(self.exported.modality)
+        self.served: ServedInputs = modality.served_inputs(self.exported, model_dir)
+        """How the model reads its items (`read`): a text model's tokenizer, an image model's
+        pixels and test-time views."""
+        self.forward, self.model = modality.torch_forward(model.to(device).eval(), device)
 
     @classmethod
     def load(
@@ -46,16 +76,10 @@ class Predictor:
         instead of being built and loaded again. `weights_dir`: where the base model's
         weights are, for a version that stores only its adapters (`load_exported`)."""
         config = json.loads((model_dir / CONFIG_FILE).read_text())
-        exported = parse_model_config(config, source=str(model_dir))
+        parse_model_config(config, source=str(model_dir))
         if model is None:
             model = load_exported(model_dir, weights_dir=weights_dir)
-        torch_device = torch.device(device)
-        # A model given from training may be channels-last (amp on CUDA): served as loaded.
-        model.to(torch_device).to(memory_format=torch.contiguous_format).eval()
-        predictor = cls(model, config, torch_device)
-        if isinstance(exported.preprocessing, ExportedTextPreprocessing):
-            predictor.tokenizer = load_backend(model_dir)
-        return predictor
+        return cls(model, config, torch.device(device), model_dir)
 
     def _task(self, task: str | None) -> tuple[int, list[str]]:
         names = list(self.tasks)
@@ -66,68 +90,27 @@ class Predictor:
 
     def predict(
         self,
-        images: Sequence[Image.Image],
+        items: Sequence[Any],
         top_k: int = 5,
         task: str | None = None,
         *,
         calibrated: bool = True,
     ) -> list[Top]:
-        """Top-k (label, probability) per image, most probable first.
+        """Top-k (label, probability) per item (a PIL image; a text), most probable first.
 
         `task` picks one of a multi-task (LwF) model's tasks by name; None is the newest.
         Probabilities are temperature-scaled as fitted at publish (`calibration.py`) unless
         `calibrated` is False, and averaged over the test-time views the model was validated
-        with (`config.json`'s `preprocessing.tta`; the image alone by default).
+        with (`config.json`'s `preprocessing.tta`; the image alone by default). Items of
+        another modality's kind are a ValueError.
         """
         index, labels = self._task(task)
-        if not images:
+        if not items:
             return []
         temperature = self.exported.temperatures()[index] if calibrated else 1.0
-        probabilities = view_probabilities(
-            self.model,
-            images,
-            ExportedImagePreprocessing.of(self.exported),
-            self.device,
-            task=index,
-            temperature=temperature,
+        probabilities = read_probabilities(
+            self.forward, self.served, items, task=index, temperature=temperature
         )
-        return self._top(probabilities, labels, top_k)
-
-    def encode_texts(self, texts: Sequence[str]) -> Encoded:
-        """Texts tokenized and truncated exactly as in training."""
-        text = ExportedTextPreprocessing.of(self.exported)
-        return encode(
-            self.tokenizer,
-            texts,
-            SpecialTokens.from_dict(text.special_tokens),
-            max_length=text.max_length,
-            truncation=text.truncation,
-        )
-
-    def predict_texts(
-        self,
-        texts: Sequence[str],
-        top_k: int = 5,
-        task: str | None = None,
-        *,
-        calibrated: bool = True,
-    ) -> list[tuple[Top, bool]]:
-        """Top-k (label, probability) per text, most probable first, and whether the text was
-        truncated to the model's length; calibrated as `predict`."""
-        index, labels = self._task(task)
-        if not texts:
-            return []
-        encoded = self.encode_texts(texts)
-        pad_id = ExportedTextPreprocessing.of(self.exported).special_tokens["pad_id"]
-        ids, mask = pad(encoded.ids, pad_id)
-        batch = torch.stack([torch.from_numpy(ids), torch.from_numpy(mask)], dim=1)
-        with torch.inference_mode():
-            logits = self.model.forward_tasks(batch.to(self.device))[index]
-        temperature = self.exported.temperatures()[index] if calibrated else 1.0
-        tops = self._top((logits / temperature).softmax(dim=1), labels, top_k)
-        return list(zip(tops, encoded.truncated, strict=True))
-
-    def _top(self, probabilities: torch.Tensor, labels: list[str], top_k: int) -> list[Top]:
         k = max(1, min(top_k, len(labels)))
         values, indices = probabilities.topk(k, dim=1)
         return [

@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 
     from ..artifacts import ModelConfig
     from ..onnx_export import OnnxExport
-    from ..predictor import Predictor, Top
     from ..zoo import Backbone, BaseModelInfo
 
 
@@ -185,6 +184,13 @@ class ServedInputs(Protocol):
         """A smallest forward-pass input: the first pass allocates and picks kernels."""
         ...
 
+    def read(self, items: Sequence[Any]) -> tuple[Any, list[dict[str, Any]]]:
+        """Items as `Predictor.predict` and an MLflow pyfunc take them (images decoded or
+        encoded; texts), trusted: one block for `batch_input`, and per item what its answer
+        notes (a text: `truncated`). An item of another kind is a ValueError saying what the
+        model takes."""
+        ...
+
     def prepare(self, items: Sequence[Any], reading: ItemReading) -> Prepared:
         """A call's items (`(name, bytes or None)` per image, a text per text) as model input;
         an item whose bytes are None was already found unreadable (bad base64)."""
@@ -216,6 +222,13 @@ class ServedInputs(Protocol):
         """One of `oip_input_names`'s tensors (`service.oip`'s `InputTensor`) checked and
         read; ValueError says what is wrong with it."""
         ...
+
+
+def average_views(probabilities: "np.ndarray", views: int) -> "np.ndarray":
+    """(N * views, C) per-view rows, an item's views adjacent (`ServedInputs.views`) →
+    (N, C) their mean."""
+    averaged: np.ndarray = probabilities.reshape(-1, views, probabilities.shape[1]).mean(axis=1)
+    return averaged
 
 
 def bytes_tensor_elements(tensor: Any) -> list[bytes]:
@@ -252,6 +265,10 @@ class Modality(ABC):
     pyfunc_requirements: tuple[str, ...] = ()
     """What an MLflow export's pyfunc needs to read its items, besides numpy, pillow,
     onnxruntime and pandas (a tokenizer)."""
+    served_modules: tuple[str, ...] = ("exported.py", "serving.py")
+    """The modules of its folder that its `serving.py` imports, itself included (numpy, PIL
+    and tokenizers only): an MLflow export ships them, and its pyfunc reads items through
+    `serving.served_inputs` as the API does."""
     inline_items: bool = False
     """A dataset item's content is the item itself (a text), not the path of its file: given
     inline to predict, shown as it is."""
@@ -452,14 +469,7 @@ class Modality(ABC):
     @abstractmethod
     def item_input(self, content: Any) -> Any:
         """A dataset item's content (`DatasetItem.content`: a file or a text) as
-        `predict_inputs` takes it (an image read and decoded)."""
-
-    @abstractmethod
-    def predict_inputs(
-        self, predictor: "Predictor", inputs: Sequence[Any], *, top_k: int, task: str | None
-    ) -> "list[Top]":
-        """Top-k (label, calibrated probability) per input, most probable first, from an
-        exported model loaded in PyTorch (scoring a trial on its test split)."""
+        `Predictor.predict` takes it (an image read and decoded)."""
 
     @abstractmethod
     def torch_forward(

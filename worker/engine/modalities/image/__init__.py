@@ -20,7 +20,6 @@ if TYPE_CHECKING:
 
     from ...artifacts import ModelConfig
     from ...onnx_export import OnnxExport
-    from ...predictor import Predictor, Top
     from ...zoo import Backbone, BaseModelInfo
 
 
@@ -48,6 +47,7 @@ class ImageModality(Modality):
     )
     input_param = "images"
     augments = True
+    served_modules = ("exported.py", "pixels.py", "serving.py")
     upload_format = "zip"
     upload_kinds = frozenset({"archive"})
     packs_files = True
@@ -246,9 +246,9 @@ class ImageModality(Modality):
         return onnx_inputs(config)
 
     def served_inputs(self, config: "ModelConfig", model_dir: Path) -> "ServedInputs":
-        from .serving import ServedImages
+        from .serving import served_inputs
 
-        return ServedImages(ExportedImagePreprocessing.of(config))
+        return served_inputs(config, model_dir)
 
     def oip_inputs(self, config: "ModelConfig") -> list[dict[str, Any]]:
         from .serving import oip_inputs
@@ -259,11 +259,6 @@ class ImageModality(Modality):
         from .pixels import read_image
 
         return read_image(content)
-
-    def predict_inputs(
-        self, predictor: "Predictor", inputs: Sequence[Any], *, top_k: int, task: str | None
-    ) -> "list[Top]":
-        return predictor.predict(inputs, top_k, task)
 
     def torch_forward(
         self, module: Any, device: "torch.device"

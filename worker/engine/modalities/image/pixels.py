@@ -5,9 +5,9 @@ torch (a version served by ONNX Runtime never loads it).
 
 Test-time augmentation is also here, the one home of its views: an image is shown to the
 model as several views at the trained size (`view_pixels`), and the model's answer is the
-mean of its per-view probabilities (`average_views`). Evaluation at the end of training and
-both predict backends build the views with these functions, so predict does what evaluation
-measured.
+mean of its per-view probabilities (`modalities.base.average_views`). Evaluation at the end
+of training and both predict backends build the views with these functions, so predict does
+what evaluation measured.
 """
 
 from functools import cache
@@ -102,9 +102,3 @@ def _crop(pixels: np.ndarray, where: str, size: int) -> np.ndarray:
     row, column = (parts[0], parts[0]) if len(parts) == 1 else parts
     y, x = top[row], left[column]
     return pixels[y : y + size, x : x + size]
-
-
-def average_views(probabilities: np.ndarray, views: int) -> np.ndarray:
-    """(N * views, C) per-view probabilities, views of an image adjacent → (N, C) their mean."""
-    averaged: np.ndarray = probabilities.reshape(-1, views, probabilities.shape[1]).mean(axis=1)
-    return averaged

@@ -5,12 +5,14 @@ inference path imports no torch."""
 
 import base64
 import binascii
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from ...artifacts import ONNX_INPUT, ModelConfig
 from ..base import (
@@ -28,6 +30,9 @@ IMAGE_TENSOR = "images"
 """The Open Inference Protocol input of preprocessed pixels (FP32, NCHW)."""
 IMAGE_BYTES = "image_bytes"
 """The Open Inference Protocol input of encoded images (BYTES), decoded as predict's are."""
+
+PREPROCESSING = ExportedImagePreprocessing
+"""Its models' kind of `config.json`'s `preprocessing` (an MLflow pyfunc reads it so)."""
 
 
 def onnx_inputs(config: ModelConfig) -> list[tuple[str, str, list[int]]]:
@@ -62,6 +67,10 @@ def oip_inputs(config: ModelConfig) -> list[dict[str, Any]]:
     ]
 
 
+def served_inputs(config: ModelConfig, model_dir: Path) -> "ServedImages":
+    return ServedImages(ExportedImagePreprocessing.of(config))
+
+
 @dataclass(frozen=True)
 class ServedImages:
     preprocessing: ExportedImagePreprocessing
@@ -75,6 +84,20 @@ class ServedImages:
     def warm_up_input(self) -> np.ndarray:
         size = self.preprocessing.image_size
         return np.zeros((1, 3, size, size), dtype=np.float32)
+
+    def read(self, items: Sequence[Any]) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """Images (PIL, or encoded bytes) as pixels, a row per test-time view (an image's
+        views adjacent)."""
+        size, views = self.preprocessing.image_size, self.preprocessing.tta
+        pixels = []
+        for item in items:
+            image = Image.open(io.BytesIO(item)) if isinstance(item, bytes) else item
+            if not isinstance(image, Image.Image):
+                raise ValueError(
+                    f"this image model takes images (PIL or bytes), not {type(item).__name__}"
+                )
+            pixels.append(view_pixels(image, size, views))
+        return np.concatenate(pixels), [{} for _ in items]
 
     def prepare(self, items: Sequence[Any], reading: ItemReading) -> Prepared:
         """Per-image results, the indexes that decoded, and their pixels: a row per test-time

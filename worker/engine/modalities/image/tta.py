@@ -1,8 +1,8 @@
-"""Test-time augmentation with torch: the final validation's and the torch predictor's.
+"""Test-time augmentation measured at the final validation, as predict reads images.
 
-Both call `view_probabilities`, which builds each image's views with `pixels.view_pixels`
-(the function the ONNX Runtime path of predict uses too), runs them through the model, and
-averages each image's per-view probabilities. So predict answers what evaluation measured.
+The views are read by the model's `ServedImages` and averaged by `predictor.read_probabilities`,
+as `Predictor.predict` does (and the ONNX Runtime path of predict builds the same views with
+`pixels.view_pixels`): so predict answers what evaluation measured.
 """
 
 from collections.abc import Sequence
@@ -10,49 +10,21 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from ...model import TransferModel
 from ...plan import Plan
+from ...predictor import ITEMS_PER_PASS, read_probabilities
 from ...recipe import tta_views
 from .exported import ExportedImagePreprocessing
-from .pixels import normalise, read_image, view_pixels
+from .pixels import read_image
 from .preprocessing import ImagePreprocessing, final_image_size
+from .serving import ServedImages
 
 if TYPE_CHECKING:
     # Only a type here: importing `.data` imports torchvision (over a second), which a worker
     # answering text or scoring trials never needs.
     from .data import Sample
-
-IMAGES_PER_PASS = 16
-
-
-def view_probabilities(
-    model: TransferModel,
-    images: Sequence[Image.Image],
-    preprocessing: ExportedImagePreprocessing,
-    device: torch.device,
-    *,
-    task: int = -1,
-    temperature: float = 1.0,
-) -> Tensor:
-    """(N, classes) on the CPU: per image, the mean over `preprocessing.tta`'s views of
-    softmax(logits / temperature) of task `task` (the newest by default)."""
-    views = preprocessing.tta
-    model.eval()
-    averaged = []
-    for start in range(0, len(images), IMAGES_PER_PASS):
-        chunk = images[start : start + IMAGES_PER_PASS]
-        pixels = np.concatenate(
-            [view_pixels(image, preprocessing.image_size, views) for image in chunk]
-        )
-        batch = torch.from_numpy(normalise(pixels, preprocessing)).to(device)
-        with torch.inference_mode():
-            logits = model.forward_tasks(batch)[task].float()
-        probabilities = (logits / temperature).softmax(dim=1)
-        averaged.append(probabilities.reshape(len(chunk), len(views), -1).mean(dim=1).cpu())
-    return torch.cat(averaged)
 
 
 def evaluate_tta(
@@ -66,10 +38,17 @@ def evaluate_tta(
         std=pixels.std,
         tta=tta_views(plan.tta, flip=plan.flip),
     )
+    served = ServedImages(preprocessing)
+    model.eval()
+
+    def forward(batch: np.ndarray) -> tuple[Tensor, list[Tensor]]:
+        with torch.inference_mode():
+            return model.forward_with_features(torch.from_numpy(batch).to(device))
+
     chunks = []
-    for start in range(0, len(samples), IMAGES_PER_PASS):
-        images = [read_image(sample.path) for sample in samples[start : start + IMAGES_PER_PASS]]
-        chunks.append(view_probabilities(model, images, preprocessing, device))
+    for start in range(0, len(samples), ITEMS_PER_PASS):
+        images = [read_image(sample.path) for sample in samples[start : start + ITEMS_PER_PASS]]
+        chunks.append(read_probabilities(forward, served, images))
     probabilities = torch.cat(chunks)
     targets = torch.tensor([sample.label for sample in samples])
     accuracy = float((probabilities.argmax(dim=1) == targets).float().mean())

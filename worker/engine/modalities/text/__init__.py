@@ -20,7 +20,6 @@ if TYPE_CHECKING:
 
     from ...artifacts import ModelConfig
     from ...onnx_export import OnnxExport
-    from ...predictor import Predictor, Top
     from ...zoo import Backbone, BaseModelInfo
 
 
@@ -60,6 +59,7 @@ class TextModality(Modality):
     exports_hf = True
     pyfunc_requirements = ("tokenizers",)
     inline_items = True
+    served_modules = ("exported.py", "tokens.py", "serving.py")
     upload_format = "csv"
     # An archive may hold a folder of .txt files per class as well as images.
     upload_kinds = frozenset({"archive", "csv", "jsonl"})
@@ -328,9 +328,9 @@ class TextModality(Modality):
         write_hf_folder(folder, config, out)
 
     def served_inputs(self, config: "ModelConfig", model_dir: Path) -> "ServedInputs":
-        from .serving import ServedTexts
+        from .serving import served_inputs
 
-        return ServedTexts.load(ExportedTextPreprocessing.of(config), model_dir)
+        return served_inputs(config, model_dir)
 
     def oip_inputs(self, config: "ModelConfig") -> list[dict[str, Any]]:
         from .serving import oip_inputs
@@ -339,12 +339,6 @@ class TextModality(Modality):
 
     def item_input(self, content: Any) -> str:
         return str(content)
-
-    def predict_inputs(
-        self, predictor: "Predictor", inputs: Sequence[Any], *, top_k: int, task: str | None
-    ) -> "list[Top]":
-        answers = predictor.predict_texts(inputs, top_k=top_k, task=task)
-        return [top for top, _truncated in answers]
 
     def torch_forward(
         self, module: Any, device: "torch.device"

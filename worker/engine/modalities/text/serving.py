@@ -17,6 +17,9 @@ from .tokens import SpecialTokens, encode, load_backend, pad
 TEXTS = "texts"
 """The Open Inference Protocol input of texts (BYTES, UTF-8)."""
 
+PREPROCESSING = ExportedTextPreprocessing
+"""Its models' kind of `config.json`'s `preprocessing` (an MLflow pyfunc reads it so)."""
+
 
 def onnx_inputs(config: ModelConfig) -> list[tuple[str, str, list[int]]]:
     return [(name, "INT64", [-1]) for name in ONNX_TEXT_INPUTS]
@@ -24,6 +27,11 @@ def onnx_inputs(config: ModelConfig) -> list[tuple[str, str, list[int]]]:
 
 def oip_inputs(config: ModelConfig) -> list[dict[str, Any]]:
     return [{"name": TEXTS, "datatype": "BYTES", "shape": [-1]}]
+
+
+def served_inputs(config: ModelConfig, model_dir: Path) -> "ServedTexts":
+    """With the model's tokenizer, from `model_dir`."""
+    return ServedTexts(ExportedTextPreprocessing.of(config), load_backend(model_dir))
 
 
 @dataclass(frozen=True)
@@ -34,10 +42,6 @@ class ServedTexts:
     modality = "text"
     oip_input_names = (TEXTS,)
     views = 1
-
-    @classmethod
-    def load(cls, text: ExportedTextPreprocessing, model_dir: Path) -> "ServedTexts":
-        return cls(text, load_backend(model_dir))
 
     def warm_up_input(self) -> tuple[np.ndarray, np.ndarray]:
         return np.ones((1, 2), dtype=np.int64), np.ones((1, 2), dtype=np.int64)
@@ -62,16 +66,24 @@ class ServedTexts:
                 }
             else:
                 good.append(index)
+        ids, notes = self.read([items[index] for index in good])
+        for index, note in zip(good, notes, strict=True):
+            results[index].update(note)
+        return Prepared(results, good, ids)
+
+    def read(self, items: Sequence[Any]) -> tuple[list[list[int]], list[dict[str, Any]]]:
+        """Texts tokenized and truncated as in training, and whether each was truncated."""
+        for item in items:
+            if not isinstance(item, str):
+                raise ValueError(f"this text model takes texts, not {type(item).__name__}")
         encoded = encode(
             self.tokenizer,
-            [items[index] for index in good],
+            items,
             SpecialTokens.from_dict(self.text.special_tokens),
             max_length=self.text.max_length,
             truncation=self.text.truncation,
         )
-        for index, truncated in zip(good, encoded.truncated, strict=True):
-            results[index]["truncated"] = truncated
-        return Prepared(results, good, encoded.ids)
+        return encoded.ids, [{"truncated": truncated} for truncated in encoded.truncated]
 
     def batch_input(self, blocks: list[list[list[int]]]) -> tuple[np.ndarray, np.ndarray]:
         """Token rows padded to the longest of them."""
