@@ -36,7 +36,7 @@ from service.updates.service import (
 )
 from service.webhooks.outbox import UPDATE_READY, emit
 from worker import trials
-from worker.engine import Predictor
+from worker.engine import Plan, Predictor
 from worker.engine.modalities import modality_for
 
 logger = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def _scores(context: AppContext, *, update_id: str, candidate_id: str) -> dict[s
                 session,
                 context,
                 ids=update.holdout,
-                text=modality_for(current.plan.get("modality", "image")).inline_items,
+                text=modality_for(Plan.from_dict(current.plan).modality).inline_items,
                 work=Path(scratch),
             )
             weights_dir = context.settings.resolved_weights_dir

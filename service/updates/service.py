@@ -12,11 +12,8 @@ and the version on the held-out feedback and on the version's own validation ite
 promotes by the update's rule (`worker/updates.py`).
 """
 
-import csv
-import io
 import logging
 import random
-import zipfile
 from collections import defaultdict
 from datetime import datetime, timedelta
 from typing import Any
@@ -48,6 +45,7 @@ from service.tables import (
 from service.updates.schemas import UpdateIn, UpdateOut, UpdateScores
 from service.uploads import ReceivedUpload
 from worker.engine.modalities import modality_for
+from worker.engine.stages import Plan
 
 logger = logging.getLogger(__name__)
 
@@ -114,37 +112,6 @@ def _hold_out(
     return train, held_out
 
 
-def _archive(
-    context: AppContext,
-    *,
-    modality: str,
-    feedback: list[MonitorPrediction],
-    extra: list[tuple[str, Any]],
-) -> tuple[bytes, str]:
-    """The training items as an upload the datasets service ingests: a zip of label folders
-    (images) or a CSV of text,label; `extra` is (label, image file or text) pairs."""
-    buffer = io.BytesIO()
-    if modality_for(modality).upload_format == "csv":
-        text = io.StringIO()
-        writer = csv.writer(text)
-        writer.writerow(["text", "label"])
-        for row in feedback:
-            assert row.input_key is not None
-            writer.writerow([context.store.get_bytes(row.input_key).decode(), row.label])
-        for label, content in extra:
-            writer.writerow([content, label])
-        return text.getvalue().encode(), "feedback.csv"
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for row in feedback:
-            assert row.input_key is not None
-            archive.writestr(
-                f"feedback/{row.label}/{row.id}", context.store.get_bytes(row.input_key)
-            )
-        for index, (label, path) in enumerate(extra):
-            archive.write(path, f"feedback/{label}/dataset-{index}{path.suffix}")
-    return buffer.getvalue(), "feedback.zip"
-
-
 def _extra_items(
     context: AppContext, session: Session, *, tenant: Tenant, dataset_id: str, modality: str
 ) -> list[tuple[str, Any]]:
@@ -169,7 +136,7 @@ def create_update(
     """Hold out part of the labelled feedback, make the rest a dataset, record the update."""
     with context.db.session() as session:
         version = _updated_version(session, model=model, request=request)
-        modality = version.plan.get("modality") or "image"
+        modality = Plan.from_dict(version.plan).modality
         labelled = list(
             session.scalars(
                 select(MonitorPrediction)
@@ -208,7 +175,12 @@ def create_update(
         updates_so_far = session.scalar(
             select(func.count()).select_from(ModelUpdate).where(ModelUpdate.model_id == model.id)
         )
-        data, filename = _archive(context, modality=modality, feedback=train, extra=extra)
+        captured: list[tuple[str, Any]] = []
+        for row in train:
+            assert row.label is not None
+            assert row.input_key is not None
+            captured.append((row.label, context.store.get_bytes(row.input_key)))
+        data, filename = modality_for(modality).upload([*captured, *extra])
         version_id, version_number = version.id, version.version
     dataset_id = new_id("ds")
     key = archive_key(dataset_id)

@@ -272,8 +272,6 @@ class Modality(ABC):
     inline_items: bool = False
     """A dataset item's content is the item itself (a text), not the path of its file: given
     inline to predict, shown as it is."""
-    upload_format: str
-    """The upload a dataset of it comes as (`zip` of label folders, `csv` of rows)."""
     upload_kinds: frozenset[str]
     """What an upload of its datasets may be, as the datasets service recognises an upload
     (`archive`, `csv`, `jsonl`): an upload of a kind only one modality takes is known to hold
@@ -320,6 +318,12 @@ class Modality(ABC):
     @abstractmethod
     def size_text(self, dataset: Any) -> str:
         """A dataset's items in a few words (`12 texts + 3 unlabelled`)."""
+
+    @abstractmethod
+    def upload(self, items: Sequence[tuple[str, Any]]) -> tuple[bytes, str]:
+        """Labelled items as an upload its datasets ingest, and the upload's file name: per
+        item its label and the item as predict captured it (bytes) or as a dataset holds it
+        (`DatasetItem.content`: a file, a text)."""
 
     @abstractmethod
     def sample(self, content: str, label: int) -> Any:

@@ -2,6 +2,8 @@
 backbones), resized and normalized pixels (`data.py`, `pixels.py` for the predictor),
 augmentation (`augment.py`) and test-time augmentation."""
 
+import io
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,7 +50,6 @@ class ImageModality(Modality):
     input_param = "images"
     augments = True
     served_modules = ("exported.py", "pixels.py", "serving.py")
-    upload_format = "zip"
     upload_kinds = frozenset({"archive"})
     packs_files = True
     defaults = ModalityDefaults(lr=1e-3, fine_tune_lr_factor=0.1, lr_decay=2.6)
@@ -66,6 +67,15 @@ class ImageModality(Modality):
 
     def size_text(self, dataset: Any) -> str:
         return f"{dataset.num_images} images"
+
+    def upload(self, items: Sequence[tuple[str, Any]]) -> tuple[bytes, str]:
+        """A zip of label folders."""
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as archive:
+            for index, (label, item) in enumerate(items):
+                data = item if isinstance(item, bytes) else Path(item).read_bytes()
+                archive.writestr(f"feedback/{label}/item-{index}", data)
+        return buffer.getvalue(), "feedback.zip"
 
     def sample(self, content: str, label: int) -> Any:
         from .data import Sample

@@ -2,6 +2,8 @@
 (`zoo.py`, `hf.py`), tokenized once and batched by length (`inputs.py`, `tokens.py`,
 `token_cache.py`); exports carry the tokenizer files."""
 
+import csv
+import io
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -60,7 +62,6 @@ class TextModality(Modality):
     pyfunc_requirements = ("tokenizers",)
     inline_items = True
     served_modules = ("exported.py", "tokens.py", "serving.py")
-    upload_format = "csv"
     # An archive may hold a folder of .txt files per class as well as images.
     upload_kinds = frozenset({"archive", "csv", "jsonl"})
     reads_token_lengths = True
@@ -101,6 +102,15 @@ class TextModality(Modality):
     def size_text(self, dataset: Any) -> str:
         unlabelled = f" + {dataset.num_unlabelled} unlabelled" if dataset.num_unlabelled else ""
         return f"{dataset.num_texts} texts{unlabelled}"
+
+    def upload(self, items: Sequence[tuple[str, Any]]) -> tuple[bytes, str]:
+        """A CSV of `text,label` rows."""
+        rows = io.StringIO()
+        writer = csv.writer(rows)
+        writer.writerow(["text", "label"])
+        for label, item in items:
+            writer.writerow([item.decode() if isinstance(item, bytes) else str(item), label])
+        return rows.getvalue().encode(), "feedback.csv"
 
     def sample(self, content: str, label: int) -> Any:
         from .inputs import TextSample
