@@ -1,3 +1,4 @@
+import io
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -116,6 +117,14 @@ def test_predictor_clips_top_k_and_handles_any_image_mode(
     assert sum(p for _, p in predictions[0]) == pytest.approx(1.0)
     assert predictions[1][0][0] == "red"
     assert predictor.predict([]) == []
+    # Encoded bytes read as the decoded image does; a text is no image.
+    encoded = io.BytesIO()
+    images[1].save(encoded, "PNG")
+    (from_bytes,) = predictor.predict([encoded.getvalue()], top_k=10)
+    assert [label for label, _ in from_bytes] == [label for label, _ in predictions[1]]
+    assert [p for _, p in from_bytes] == pytest.approx([p for _, p in predictions[1]], abs=1e-5)
+    with pytest.raises(ValueError, match="takes images"):
+        predictor.predict(["a red square"])
 
 
 def test_predictor_rejects_unknown_formats(
