@@ -216,16 +216,8 @@ def _load_pyfunc(data_path):
 '''
 
 
-def write_mlflow(folder: Path, config: ModelConfig, out: Path) -> None:
-    """An MLflow model folder: `MLmodel`, the model's files, the pyfunc loader and thaw's
-    preprocessing modules as its code."""
-    import onnx
-
-    out.mkdir(parents=True)
-    for path in folder.iterdir():
-        if path.is_file() and path.name != WEIGHTS_FILE:
-            shutil.copyfile(path, out / path.name)
-    code = out / "code"
+def write_shipped_engine(code: Path) -> None:
+    """thaw's modules the pyfunc reads items with, as the package `code/thaw_engine/`."""
     engine = code / SHIPPED_ENGINE
     engine.mkdir(parents=True)
     (engine / "__init__.py").write_text('"""thaw\'s preprocessing, as predict runs it."""\n')
@@ -236,11 +228,24 @@ def write_mlflow(folder: Path, config: ModelConfig, out: Path) -> None:
     ]
     for module in (*SHIPPED_MODULES, *served):
         target = engine / module
-        # A modality's package ships without its registry: only the module predict reads.
+        # A modality's package ships without its registry: only the modules predict reads.
         for package in target.relative_to(engine).parents[:-1]:
             (engine / package).mkdir(parents=True, exist_ok=True)
             (engine / package / "__init__.py").touch()
         shutil.copyfile(ENGINE_DIR / module, target)
+
+
+def write_mlflow(folder: Path, config: ModelConfig, out: Path) -> None:
+    """An MLflow model folder: `MLmodel`, the model's files, the pyfunc loader and thaw's
+    preprocessing modules as its code."""
+    import onnx
+
+    out.mkdir(parents=True)
+    for path in folder.iterdir():
+        if path.is_file() and path.name != WEIGHTS_FILE:
+            shutil.copyfile(path, out / path.name)
+    code = out / "code"
+    write_shipped_engine(code)
     names = tuple(modality.name for modality in MODALITIES)
     (code / f"{PYFUNC_MODULE}.py").write_text(_PYFUNC.format(modalities=names))
     (out / "MLmodel").write_text(
