@@ -81,7 +81,8 @@ class Dataset(Base):
     seed: Mapped[int] = mapped_column(Integer, default=0)
     classes: Mapped[list[str]] = mapped_column(JSON, default=list)
     class_counts: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    num_images: Mapped[int] = mapped_column(Integer, default=0)
+    num_labelled: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """Labelled items kept, whatever the modality."""
     # The first MAX_LISTED_SKIPPED skipped files or rows; `num_skipped` counts them all.
     skipped: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     num_skipped: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
@@ -91,7 +92,6 @@ class Dataset(Base):
     text_column: Mapped[str | None] = mapped_column(String(200))
     label_column: Mapped[str | None] = mapped_column(String(200))
     keep_unlabelled: Mapped[bool] = mapped_column(Boolean, default=True)
-    num_texts: Mapped[int] = mapped_column(Integer, default=0)
     num_unlabelled: Mapped[int] = mapped_column(Integer, default=0)
     token_lengths: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # Ingest holds a lease as a running job does (`service/datasets/lease.py`): the attempt

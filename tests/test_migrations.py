@@ -162,3 +162,37 @@ def test_skipped_count_migration_counts_what_older_datasets_list(database_url: s
         assert session.get_one(Dataset, "ds_1").num_skipped == 2
     command.downgrade(config, "0007_job_kind")
     engine.dispose()
+
+
+def test_num_labelled_migration_counts_each_modality_under_one_name(database_url: str) -> None:
+    """Before 0014 an image dataset counted its items in `num_images`, a text dataset its
+    labelled texts in `num_texts`; upgrading moves both to `num_labelled`, and back."""
+    engine = make_engine(database_url)
+    config = alembic_config(database_url)
+    command.upgrade(config, "0013_least_confident")
+    rows = {"ds_img": ("image", 40, 0), "ds_txt": ("text", 0, 25), "ds_new": (None, 0, 0)}
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            "INSERT INTO tenants (id, name, created_at) VALUES ('tn_1', 't', CURRENT_TIMESTAMP)"
+        )
+        for dataset_id, (modality, images, texts) in rows.items():
+            connection.exec_driver_sql(
+                "INSERT INTO datasets (id, tenant_id, name, status, progress, upload_bytes, "
+                "val_fraction, seed, classes, class_counts, num_images, skipped, "
+                "keep_unlabelled, num_texts, num_unlabelled, modality, created_at, "
+                f"updated_at) VALUES ('{dataset_id}', 'tn_1', 'd', 'ready', 1, 0, 0.2, 0, "
+                f"'[]', '{{}}', {images}, '[]', TRUE, {texts}, 0, "
+                f"{'NULL' if modality is None else repr(modality)}, CURRENT_TIMESTAMP, "
+                "CURRENT_TIMESTAMP)"
+            )
+    command.upgrade(config, "head")
+    with Session(engine) as session:
+        counted = {key: session.get_one(Dataset, key).num_labelled for key in rows}
+    assert counted == {"ds_img": 40, "ds_txt": 25, "ds_new": 0}
+    command.downgrade(config, "0013_least_confident")
+    with engine.begin() as connection:
+        back = connection.exec_driver_sql(
+            "SELECT id, num_images, num_texts FROM datasets ORDER BY id"
+        ).fetchall()
+    assert [tuple(row) for row in back] == [("ds_img", 40, 0), ("ds_new", 0, 0), ("ds_txt", 0, 25)]
+    engine.dispose()

@@ -66,7 +66,12 @@ def test_an_ingest_whose_worker_vanished_goes_back_to_the_queue_and_finishes(
 
     process_upload(context=context, dataset_id=dataset_id)
     done = row(context, dataset_id)
-    assert (done.status, done.attempt, done.num_images, done.lease_owner) == ("ready", 2, 12, None)
+    assert (done.status, done.attempt, done.num_labelled, done.lease_owner) == (
+        "ready",
+        2,
+        12,
+        None,
+    )
 
 
 @pytest.mark.on_postgres_too

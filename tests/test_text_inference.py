@@ -6,6 +6,7 @@ backend, and a 422 naming the input kind a model takes.
 
 import csv
 import io
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,10 @@ def test_the_published_text_version_has_its_tokenizer_card_and_onnx(
     card = (folder / "card.md").read_text()
     assert "Token lengths" in card
     assert f"| train | {train_texts} |" in card
+    # The data line counts the labelled texts (training and validation), not images.
+    counted = re.search(r"\): (\d+) texts in \d+ classes\.", card)
+    assert counted is not None
+    assert int(counted[1]) > train_texts
 
 
 def test_predict_with_strings_answers_in_order(

@@ -163,7 +163,7 @@ def datasets_ls(
             "name": lambda d: d.name,
             "status": lambda d: d.status,
             "modality": lambda d: d.modality,
-            "samples": lambda d: dataset_modality(d.modality).count(d),
+            "samples": lambda d: d.num_labelled,
             "classes": lambda d: len(d.classes),
             "skipped": lambda d: d.num_skipped,
             "created": lambda d: f"{d.created_at:%Y-%m-%d %H:%M}",

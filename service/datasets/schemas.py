@@ -6,7 +6,7 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, computed_fiel
 from service.bounds import BodySeed, RequestBody
 from service.datasets.imbalance import imbalance_report
 from service.datasets.ingest.results import MAX_LISTED_SKIPPED
-from worker.engine.modalities import MODALITIES
+from worker.engine.modalities import MODALITIES, dataset_modality
 from worker.engine.spec import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 
 ModalityName = Annotated[
@@ -81,11 +81,10 @@ class DatasetOut(BaseModel):
     seed: int
     classes: list[str]
     class_counts: dict[str, ClassCount]
-    num_images: int
+    num_labelled: int = Field(description="Labelled items kept (images, texts).")
     modality: ModalityName | None = Field(
         description="null until an uploaded archive has been read."
     )
-    num_texts: int = Field(description="Labelled texts kept (text datasets).")
     num_unlabelled: int = Field(
         description="Texts kept without a label, for a language-model stage (`ulmfit`)."
     )
@@ -102,6 +101,20 @@ class DatasetOut(BaseModel):
     num_skipped: int = Field(description="Every skipped file or row.")
     created_at: datetime
     updated_at: datetime
+
+    @computed_field(  # type: ignore[prop-decorator]
+        description="An image dataset's `num_labelled` (0 for texts): the name it had first."
+    )
+    @property
+    def num_images(self) -> int:
+        return dataset_modality(self.modality).count_fields(self.num_labelled)["num_images"]
+
+    @computed_field(  # type: ignore[prop-decorator]
+        description="A text dataset's `num_labelled` (0 for images): the name it had first."
+    )
+    @property
+    def num_texts(self) -> int:
+        return dataset_modality(self.modality).count_fields(self.num_labelled)["num_texts"]
 
     @computed_field(  # type: ignore[prop-decorator]
         description="The class balance of the training split, flagged when the largest class "

@@ -440,9 +440,7 @@ def _finish(
             modality=result.modality,
             classes=result.classes,
             class_counts=result.class_counts,
-            **modality_for(result.modality).dataset_counts(
-                items=len(result.samples), labelled=result.num_labelled
-            ),
+            num_labelled=result.num_labelled,
             num_unlabelled=result.unlabelled,
             token_lengths=token_lengths,
             skipped=[skipped_dict(s) for s in result.skipped[:MAX_LISTED_SKIPPED]],

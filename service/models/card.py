@@ -85,7 +85,7 @@ def render_card(
         "",
         "## Data",
         "",
-        f"Dataset `{dataset.get('id')}` ({dataset.get('name')}): {dataset.get('num_images', 0)} "
+        f"Dataset `{dataset.get('id')}` ({dataset.get('name')}): {dataset.get('num_labelled', 0)} "
         f"{items} in {len(classes)} classes.",
         "",
         "| class | train | val | total |",

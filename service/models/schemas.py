@@ -53,7 +53,8 @@ class DatasetRef(BaseModel):
     id: str
     name: str | None = Field(description="Null when the dataset row is gone.")
     classes: list[str]
-    num_images: int
+    num_labelled: int = Field(description="Labelled items kept (images, texts).")
+    num_images: int = Field(description="An image dataset's `num_labelled` (0 for texts).")
 
 
 class JobRef(BaseModel):

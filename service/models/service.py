@@ -40,6 +40,7 @@ from service.tables import (
     VersionMetric,
     VersionTag,
 )
+from worker.engine.modalities import dataset_modality
 from worker.engine.stages import Plan
 
 
@@ -490,7 +491,12 @@ def version_detail(session: Session, *, version: ModelVersion) -> VersionDetail:
             id=version.dataset_id,
             name=dataset.name if dataset else None,
             classes=dataset.classes if dataset else [],
-            num_images=dataset.num_images if dataset else 0,
+            num_labelled=dataset.num_labelled if dataset else 0,
+            num_images=(
+                dataset_modality(dataset.modality).count_fields(dataset.num_labelled)["num_images"]
+                if dataset
+                else 0
+            ),
         ),
         job=JobRef(
             id=version.job_id,

@@ -143,7 +143,7 @@ def _model_card(
             "name": dataset.name,
             "classes": dataset.classes,
             "class_counts": dataset.class_counts,
-            "num_images": dataset.num_images,
+            "num_labelled": dataset.num_labelled,
         },
         spec=job.spec,
         plan=Plan.from_dict(job.plan),

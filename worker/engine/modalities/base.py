@@ -303,13 +303,9 @@ class Modality(ABC):
     # The service, UI and CLI.
 
     @abstractmethod
-    def count(self, dataset: Any) -> int:
-        """A dataset's labelled items (a row or schema with `num_images` and `num_texts`)."""
-
-    @abstractmethod
-    def dataset_counts(self, *, items: int, labelled: int) -> dict[str, int]:
-        """A dataset's `num_images` and `num_texts` after ingesting `items` (`labelled` of
-        them with a label)."""
+    def count_fields(self, labelled: int) -> dict[str, int]:
+        """A dataset's labelled items under the names answers gave them before
+        `num_labelled`: `num_images` and `num_texts` (0 for the other modality's)."""
 
     @abstractmethod
     def sizes(self, dataset: Any) -> list[list[Any]]:

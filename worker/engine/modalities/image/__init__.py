@@ -56,17 +56,14 @@ class ImageModality(Modality):
     preprocessing = ImagePreprocessing
     exported = ExportedImagePreprocessing
 
-    def count(self, dataset: Any) -> int:
-        return int(dataset.num_images)
-
-    def dataset_counts(self, *, items: int, labelled: int) -> dict[str, int]:
-        return {"num_images": items, "num_texts": 0}
+    def count_fields(self, labelled: int) -> dict[str, int]:
+        return {"num_images": labelled, "num_texts": 0}
 
     def sizes(self, dataset: Any) -> list[list[Any]]:
-        return [["images", dataset.num_images]]
+        return [["images", dataset.num_labelled]]
 
     def size_text(self, dataset: Any) -> str:
-        return f"{dataset.num_images} images"
+        return f"{dataset.num_labelled} images"
 
     def upload(self, items: Sequence[tuple[str, Any]]) -> tuple[bytes, str]:
         """A zip of label folders."""

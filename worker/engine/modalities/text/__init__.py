@@ -89,19 +89,15 @@ class TextModality(Modality):
         "ulmfit": PresetDefaults(lm_epochs=0),
     }
 
-    def count(self, dataset: Any) -> int:
-        return int(dataset.num_texts)
-
-    def dataset_counts(self, *, items: int, labelled: int) -> dict[str, int]:
-        # num_images counts every item, as it did before texts had their own count.
-        return {"num_images": items, "num_texts": labelled}
+    def count_fields(self, labelled: int) -> dict[str, int]:
+        return {"num_images": 0, "num_texts": labelled}
 
     def sizes(self, dataset: Any) -> list[list[Any]]:
-        return [["texts", dataset.num_texts], ["unlabelled texts", dataset.num_unlabelled]]
+        return [["texts", dataset.num_labelled], ["unlabelled texts", dataset.num_unlabelled]]
 
     def size_text(self, dataset: Any) -> str:
         unlabelled = f" + {dataset.num_unlabelled} unlabelled" if dataset.num_unlabelled else ""
-        return f"{dataset.num_texts} texts{unlabelled}"
+        return f"{dataset.num_labelled} texts{unlabelled}"
 
     def upload(self, items: Sequence[tuple[str, Any]]) -> tuple[bytes, str]:
         """A CSV of `text,label` rows."""
