@@ -401,6 +401,7 @@ def test_a_plan_shows_its_modalitys_preprocessing_even_when_stored_flat(
     assert preview["plan"]["preprocessing"] == expected
     assert not {"mean", "std", "max_length", "truncation"} & set(preview["plan"])
     assert [stage["image_size"] for stage in preview["stages"]] == [64]
+    assert [stage["reads"] for stage in preview["stages"]] == ["64 px images"]
     assert not {"max_length", "objective"} & set(preview["stages"][0])
     job = client.post("/v1/jobs", headers=auth, json=small_spec(dataset_id)).json()
     assert job["plan"]["preprocessing"] == expected

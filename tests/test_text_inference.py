@@ -114,6 +114,9 @@ def test_the_published_text_version_has_its_tokenizer_card_and_onnx(
     counted = re.search(r"\): (\d+) texts in \d+ classes\.", card)
     assert counted is not None
     assert int(counted[1]) > train_texts
+    # Each stage says what it read in the text modality's words, not an image size.
+    assert "epoch(s) on texts of up to 24 tokens" in card
+    assert " px" not in card
 
 
 def test_predict_with_strings_answers_in_order(

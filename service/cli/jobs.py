@@ -43,12 +43,12 @@ def jobs_plan(
         return
     table(
         f"plan: {plan.base_model}, {plan.num_classes} classes",
-        ["stage", "epochs", "image size", "trains", "trainable params", "steps"],
+        ["stage", "epochs", "reads", "trains", "trainable params", "steps"],
         [
             [
                 s.name,
                 s.epochs,
-                s.image_size,
+                s.reads,
                 ", ".join(str(g.get("name", g)) for g in s.trainable_groups),
                 f"{s.trainable_parameters:,} / {s.total_parameters:,}",
                 s.steps,

@@ -143,6 +143,11 @@ class StagePreview(BaseModel):
         description="Text base models: `classify`, or `masked_lm` (ulmfit's language-model "
         "stage); absent for others.",
     )
+    reads: str = Field(
+        default="",
+        description="What the stage reads, in its modality's words (`64 px images`, `texts of "
+        "up to 128 tokens (head)`).",
+    )
     schedule: str
     bn_mode: str
     cache_features: bool

@@ -109,11 +109,11 @@ def render_card(
     recipes = stage_recipes(plan)
     for stage, recipe in zip(plan.stages, recipes, strict=True):
         lines.append(
-            f"- Stage `{stage.name}`: {stage.epochs} epoch(s) at "
-            f"{stage.image_size} px, trains {', '.join(stage.trainable_groups)}"
+            f"- Stage `{stage.name}`: {stage.epochs} epoch(s) on "
+            f"{recipe['reads']}, trains {', '.join(stage.trainable_groups)}"
             + (
-                f", solved to the optimum (logistic regression by L-BFGS, C chosen on "
-                f"validation from {recipe['solver']['c_grid']})"
+                f", solved to the optimum (logistic regression by L-BFGS, C chosen by "
+                f"{recipe['solver']['chosen_on']} from {recipe['solver']['c_grid']})"
                 if recipe["solver"]
                 else f" at a top rate of {recipe['lr']:.3g}"
             )

@@ -31,6 +31,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional
 
+from .spec import HEAD_CV_MAX_ITEMS
+
 MAX_ITERATIONS = 200
 """L-BFGS iterations per strength (scikit-learn's default is 100; warm-started strengths
 converge in far fewer)."""
@@ -38,9 +40,6 @@ GRADIENT_TOLERANCE = 1e-6
 """Stop once no gradient entry of the mean loss exceeds this: far below what moves a loss by
 1e-3, and reached in tens of iterations where 1e-9 takes hundreds on separable few-shot data."""
 CV_FOLDS = 5
-CV_MAX_ITEMS = 5000
-"""Above this many labelled items one validation split is a reliable judge, and k more solves
-per strength would cost more than they tell: the strength is chosen on the split."""
 
 
 @dataclass(frozen=True)
@@ -220,7 +219,7 @@ def probe(
     best held-out accuracy, ties to the lower held-out cross-entropy, then to the stronger
     regularisation. Held out: `CV_FOLDS`-fold cross-validation over training and validation
     items together (fewer folds where a class has fewer items, none at all where one has a
-    single item or there are over `CV_MAX_ITEMS`), else the validation split. The training
+    single item or there are over `HEAD_CV_MAX_ITEMS`), else the validation split. The training
     rows may be `train_views` augmented views of each item, view after view: an item's views
     share its fold. A one-strength grid (a refit's) is solved without choosing. `after_fit` is
     called after each strength."""
@@ -230,7 +229,7 @@ def probe(
     items = len(train_labels) // train_views
     labelled = torch.cat([train_labels[:items], val_labels])
     smallest_class = int(torch.bincount(labelled).min()) if len(labelled) else 0
-    folds = min(CV_FOLDS, smallest_class) if len(labelled) <= CV_MAX_ITEMS else 0
+    folds = min(CV_FOLDS, smallest_class) if len(labelled) <= HEAD_CV_MAX_ITEMS else 0
     if len(grid) > 1 and folds >= 2:
         scores = cross_validated_scores(
             torch.cat([train_features, val_features]),

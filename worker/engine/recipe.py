@@ -9,7 +9,7 @@ average's decay, and the test-time views of the final validation.
 
 from typing import TYPE_CHECKING, Any
 
-from .spec import HEAD_C_GRID
+from .spec import HEAD_C_GRID, HEAD_CV_MAX_ITEMS
 
 if TYPE_CHECKING:
     # Annotations only: this module is also shipped alone with exported models (it reads no
@@ -74,7 +74,8 @@ def cached_view_count(*, cache_features: bool, augment: str, feature_views: int)
 
 
 def stage_recipes(plan: "Plan") -> list[dict[str, Any]]:
-    """Per stage of `plan`: `lr` (its top group's rate, or
+    """Per stage of `plan`: `reads` (its input in its modality's words), `lr` (its top
+    group's rate, or
     `AUTO_LR_PREVIEW` until the finder has run),
     `augment`, `feature_views` and `passes` (on cached features: the views of each item and
     the passes over them per epoch), `solver` (a solved head stage: how, and the L2
@@ -84,12 +85,14 @@ def stage_recipes(plan: "Plan") -> list[dict[str, Any]]:
     # Imported here: the modalities import the plan types, which import this module.
     from .modalities import modality_for
 
+    modality = modality_for(plan.modality)
     recipes = []
     for index, stage in enumerate(plan.stages):
         last = index == len(plan.stages) - 1
         augment = augment_level(plan.augment, modality=plan.modality, distill=stage.distill)
         recipes.append(
             {
+                "reads": modality.stage_reads(plan, stage),
                 "lr": AUTO_LR_PREVIEW if stage.auto_lr else max(stage.group_lrs.values()),
                 "augment": augment,
                 "feature_views": cached_view_count(
@@ -102,13 +105,15 @@ def stage_recipes(plan: "Plan") -> list[dict[str, Any]]:
                     {
                         "method": "L-BFGS to the optimum (logistic regression)",
                         "c_grid": list(stage.c_grid or HEAD_C_GRID),
-                        "chosen_on": "validation loss",
+                        "chosen_on": "held-out accuracy, cross-validated over the "
+                        "training and validation items (the validation split alone past "
+                        f"{HEAD_CV_MAX_ITEMS} items or with a class of one item)",
                     }
                     if stage.solve
                     else None
                 ),
                 "ema": plan.ema,
-                "tta": modality_for(plan.modality).tta(plan) if last else None,
+                "tta": modality.tta(plan) if last else None,
             }
         )
     return recipes

@@ -99,6 +99,10 @@ head barely trained, while steps on cached features cost almost nothing."""
 HEAD_C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
 """A solved head's L2 strengths, as scikit-learn's C (the optimum at each is fitted, and the
 one with the best cross-validated accuracy kept; see `linear_probe.py`)."""
+HEAD_CV_MAX_ITEMS = 5000
+"""Above this many labelled items one validation split is a reliable judge of a solved head's
+strength, and k more solves per strength would cost more than they tell: the strength is
+chosen on the split."""
 
 _SETTING = "thaw.setting"
 

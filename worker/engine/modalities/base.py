@@ -350,6 +350,10 @@ class Modality(ABC):
         """How a stage reads its inputs, as `describe_plan` shows it."""
 
     @abstractmethod
+    def stage_reads(self, plan: Plan, stage: Stage) -> str:
+        """What a stage reads, in a few words for people (`64 px images`)."""
+
+    @abstractmethod
     def feature_preprocessing(self, plan: Plan, stage: Stage) -> dict[str, Any]:
         """What decides a stage's cached features besides the weights and the items."""
 

@@ -130,6 +130,9 @@ class ImageModality(Modality):
     def stage_inputs(self, plan: Plan, stage: Stage) -> dict[str, Any]:
         return {"image_size": stage.image_size}
 
+    def stage_reads(self, plan: Plan, stage: Stage) -> str:
+        return f"{stage.image_size} px images"
+
     def feature_preprocessing(self, plan: Plan, stage: Stage) -> dict[str, Any]:
         pixels = ImagePreprocessing.of(plan)
         return {"image_size": stage.image_size, "mean": pixels.mean, "std": pixels.std}

@@ -187,6 +187,11 @@ class TextModality(Modality):
     def stage_inputs(self, plan: Plan, stage: Stage) -> dict[str, Any]:
         return {"objective": stage.objective, "max_length": TextPreprocessing.of(plan).max_length}
 
+    def stage_reads(self, plan: Plan, stage: Stage) -> str:
+        tokens = TextPreprocessing.of(plan)
+        task = ", masked" if stage.objective == MASKED_LM else ""
+        return f"texts of up to {tokens.max_length} tokens ({tokens.truncation}{task})"
+
     def feature_preprocessing(self, plan: Plan, stage: Stage) -> dict[str, Any]:
         tokens = TextPreprocessing.of(plan)
         return {"max_length": tokens.max_length, "truncation": tokens.truncation}
