@@ -9,6 +9,17 @@ from service.datasets.ingest.results import MAX_LISTED_SKIPPED
 from worker.engine.modalities import MODALITIES, dataset_modality
 from worker.engine.spec import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 
+
+def legacy_counts(modality: str | None, labelled: int) -> dict[str, int]:
+    """A dataset's `num_labelled` under the names answers gave it first, per modality
+    (`Modality.legacy_count_field`; 0 under the others'), kept for clients written then."""
+    counts = {field: 0 for other in MODALITIES if (field := other.legacy_count_field) is not None}
+    own = dataset_modality(modality).legacy_count_field
+    if own is not None:
+        counts[own] = labelled
+    return counts
+
+
 ModalityName = Annotated[
     str, WithJsonSchema({"enum": [modality.name for modality in MODALITIES], "type": "string"})
 ]
@@ -107,14 +118,14 @@ class DatasetOut(BaseModel):
     )
     @property
     def num_images(self) -> int:
-        return dataset_modality(self.modality).count_fields(self.num_labelled)["num_images"]
+        return legacy_counts(self.modality, self.num_labelled)["num_images"]
 
     @computed_field(  # type: ignore[prop-decorator]
         description="A text dataset's `num_labelled` (0 for images): the name it had first."
     )
     @property
     def num_texts(self) -> int:
-        return dataset_modality(self.modality).count_fields(self.num_labelled)["num_texts"]
+        return legacy_counts(self.modality, self.num_labelled)["num_texts"]
 
     @computed_field(  # type: ignore[prop-decorator]
         description="The class balance of the training split, flagged when the largest class "

@@ -167,7 +167,7 @@ def load_model(
         forward = _onnx_forward(model_dir / ONNX_FILE, threads, inputs)
         nbytes = (model_dir / ONNX_FILE).stat().st_size
     else:
-        forward, nbytes = _torch_forward(model_dir, threads)
+        forward, nbytes = _torch_forward(model_dir, threads, inputs)
     return _warmed_up(
         config,
         inputs,
@@ -185,7 +185,7 @@ def load_in_memory(model_dir: Path, *, model: Any, version_id: str) -> LoadedMod
     weights it holds, still in memory (the worker computing a reference profile at publish)."""
     config = read_model_config(model_dir)
     inputs = modality_for(config.modality).served_inputs(config, model_dir)
-    forward, nbytes = _torch_forward(model_dir, None, model=model)
+    forward, nbytes = _torch_forward(model_dir, None, inputs, model=model)
     return _warmed_up(
         config,
         inputs,
@@ -256,7 +256,7 @@ def onnx_session(path: Path, threads: int) -> Any:
 
 
 def _torch_forward(
-    model_dir: Path, threads: int | None, *, model: Any = None
+    model_dir: Path, threads: int | None, inputs: ServedInputs, *, model: Any = None
 ) -> tuple[Callable[[Any], Outputs], int]:
     """The PyTorch forward pass of a version, and the bytes its weights take. `model`: the
     module whose weights `model_dir` holds, already in memory; `threads` None leaves torch's."""
@@ -267,10 +267,11 @@ def _torch_forward(
     if threads is not None:
         # Process-wide; the API process's other torch work (previews) is light.
         torch.set_num_threads(threads)
-    predictor = engine.Predictor.load(model_dir, model=model)
+    if model is None:
+        model = engine.load_exported(model_dir)
     # Every head is a small layer on shared features: computing all of them lets one batch
     # serve requests for different tasks.
-    run, module = predictor.forward, predictor.model
+    run, module = modality_for(inputs.modality).torch_forward(model.eval(), torch.device("cpu"))
 
     def forward(batch: Any) -> Outputs:
         features, logits = run(batch)

@@ -10,6 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import InstrumentedAttribute, Session, aliased
 
 from service.bounds import INT64_MAX
+from service.datasets.schemas import legacy_counts
 from service.db import utcnow
 from service.errors import ApiError, echo
 from service.jobs import transitions
@@ -40,7 +41,6 @@ from service.tables import (
     VersionMetric,
     VersionTag,
 )
-from worker.engine.modalities import dataset_modality
 from worker.engine.stages import Plan
 
 
@@ -493,7 +493,7 @@ def version_detail(session: Session, *, version: ModelVersion) -> VersionDetail:
             classes=dataset.classes if dataset else [],
             num_labelled=dataset.num_labelled if dataset else 0,
             num_images=(
-                dataset_modality(dataset.modality).count_fields(dataset.num_labelled)["num_images"]
+                legacy_counts(dataset.modality, dataset.num_labelled)["num_images"]
                 if dataset
                 else 0
             ),

@@ -265,6 +265,9 @@ class Modality(ABC):
     pyfunc_requirements: tuple[str, ...] = ()
     """What an MLflow export's pyfunc needs to read its items, besides numpy, pillow,
     onnxruntime and pandas (a tokenizer)."""
+    legacy_count_field: str | None = None
+    """The field a dataset's answer named its labelled items by before `num_labelled`
+    (`num_images`, `num_texts`), still given for clients written then."""
     served_modules: tuple[str, ...] = ("exported.py", "serving.py")
     """The modules of its folder that its `serving.py` imports, itself included (numpy, PIL
     and tokenizers only): an MLflow export ships them, and its pyfunc reads items through
@@ -301,11 +304,6 @@ class Modality(ABC):
         return self.presets.get(strategy, PresetDefaults())
 
     # The service, UI and CLI.
-
-    @abstractmethod
-    def count_fields(self, labelled: int) -> dict[str, int]:
-        """A dataset's labelled items under the names answers gave them before
-        `num_labelled`: `num_images` and `num_texts` (0 for the other modality's)."""
 
     @abstractmethod
     def sizes(self, dataset: Any) -> list[list[Any]]:

@@ -49,15 +49,13 @@ class ImageModality(Modality):
     )
     input_param = "images"
     augments = True
+    legacy_count_field = "num_images"
     served_modules = ("exported.py", "pixels.py", "serving.py")
     upload_kinds = frozenset({"archive"})
     packs_files = True
     defaults = ModalityDefaults(lr=1e-3, fine_tune_lr_factor=0.1, lr_decay=2.6)
     preprocessing = ImagePreprocessing
     exported = ExportedImagePreprocessing
-
-    def count_fields(self, labelled: int) -> dict[str, int]:
-        return {"num_images": labelled, "num_texts": 0}
 
     def sizes(self, dataset: Any) -> list[list[Any]]:
         return [["images", dataset.num_labelled]]

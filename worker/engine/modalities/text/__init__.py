@@ -61,6 +61,7 @@ class TextModality(Modality):
     exports_hf = True
     pyfunc_requirements = ("tokenizers",)
     inline_items = True
+    legacy_count_field = "num_texts"
     served_modules = ("exported.py", "tokens.py", "serving.py")
     # An archive may hold a folder of .txt files per class as well as images.
     upload_kinds = frozenset({"archive", "csv", "jsonl"})
@@ -88,9 +89,6 @@ class TextModality(Modality):
         # more epoch's wall time on bench/text_quality.py; `lm_epochs` brings it back.
         "ulmfit": PresetDefaults(lm_epochs=0),
     }
-
-    def count_fields(self, labelled: int) -> dict[str, int]:
-        return {"num_images": 0, "num_texts": labelled}
 
     def sizes(self, dataset: Any) -> list[list[Any]]:
         return [["texts", dataset.num_labelled], ["unlabelled texts", dataset.num_unlabelled]]
